@@ -1,0 +1,184 @@
+//! The paged KV cache: a fixed pool of blocks, each holding the keys and values of
+//! `block_size` consecutive tokens of one sequence, for every layer.
+//!
+//! [`BlockAllocator`] is the bookkeeping (free list, reference counts) and is pure: the
+//! scheduler uses it to decide what fits. [`KvCache`] is the storage, owned by the
+//! inference thread. Layout per layer: `[block][kv_head][slot][head_dim]`, so one head's
+//! keys within a block are contiguous for the attention kernel.
+
+use crate::error::{ModelError, Result};
+
+/// Tokens per KV block.
+pub const BLOCK_SIZE: usize = 16;
+
+/// Free list and reference counts of the block pool.
+#[derive(Debug, Clone)]
+pub struct BlockAllocator {
+    free: Vec<u32>,
+    refs: Vec<u32>,
+}
+
+impl BlockAllocator {
+    pub fn new(num_blocks: usize) -> Self {
+        Self {
+            // Reversed so that blocks are handed out in ascending order.
+            free: (0..num_blocks as u32).rev().collect(),
+            refs: vec![0; num_blocks],
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.refs.len()
+    }
+
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn used(&self) -> usize {
+        self.total() - self.free_count()
+    }
+
+    pub fn allocate(&mut self) -> Option<u32> {
+        let id = self.free.pop()?;
+        self.refs[id as usize] = 1;
+        Some(id)
+    }
+
+    /// Drops one reference; the block returns to the free list at zero.
+    pub fn release(&mut self, id: u32) {
+        let r = &mut self.refs[id as usize];
+        debug_assert!(*r > 0, "block {id} released more often than held");
+        *r = r.saturating_sub(1);
+        if *r == 0 {
+            self.free.push(id);
+        }
+    }
+
+    pub fn release_all(&mut self, ids: &[u32]) {
+        for &id in ids {
+            self.release(id);
+        }
+    }
+}
+
+/// Number of blocks needed to hold `tokens` tokens.
+pub fn blocks_for(tokens: usize) -> usize {
+    tokens.div_ceil(BLOCK_SIZE)
+}
+
+/// Shape of the per-layer KV storage.
+#[derive(Debug, Clone, Copy)]
+pub struct KvShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvShape {
+    /// f32 values of K (or V) in one block of one layer.
+    pub fn block_len(&self) -> usize {
+        self.kv_heads * BLOCK_SIZE * self.head_dim
+    }
+
+    /// Bytes one block costs across all layers, keys and values.
+    pub fn block_bytes(&self) -> usize {
+        2 * self.layers * self.block_len() * std::mem::size_of::<f32>()
+    }
+
+    /// How many blocks a budget of `bytes` holds.
+    pub fn blocks_in(&self, bytes: usize) -> usize {
+        bytes / self.block_bytes()
+    }
+}
+
+pub struct LayerKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+pub struct KvCache {
+    shape: KvShape,
+    num_blocks: usize,
+    layers: Vec<LayerKv>,
+}
+
+impl KvCache {
+    /// Pages are touched only when written, so resident memory grows with use.
+    pub fn new(shape: KvShape, num_blocks: usize) -> Result<Self> {
+        if num_blocks == 0 {
+            return Err(ModelError::Kv("the KV budget holds no block".into()));
+        }
+        let len = num_blocks * shape.block_len();
+        let layers = (0..shape.layers)
+            .map(|_| LayerKv {
+                k: vec![0.0; len],
+                v: vec![0.0; len],
+            })
+            .collect();
+        Ok(Self {
+            shape,
+            num_blocks,
+            layers,
+        })
+    }
+
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub fn layer(&self, layer: usize) -> &LayerKv {
+        &self.layers[layer]
+    }
+
+    /// Stores one token's keys and values (`[kv_heads * head_dim]` each) at `pos` of a
+    /// sequence whose blocks are `blocks`.
+    pub fn write(&mut self, layer: usize, blocks: &[u32], pos: usize, k: &[f32], v: &[f32]) {
+        let s = self.shape;
+        let block = blocks[pos / BLOCK_SIZE] as usize;
+        let slot = pos % BLOCK_SIZE;
+        let l = &mut self.layers[layer];
+        for h in 0..s.kv_heads {
+            let at = offset(s, block, h, slot);
+            let src = h * s.head_dim..(h + 1) * s.head_dim;
+            l.k[at..at + s.head_dim].copy_from_slice(&k[src.clone()]);
+            l.v[at..at + s.head_dim].copy_from_slice(&v[src]);
+        }
+    }
+}
+
+/// Index of `[block][head][slot][0]` in one layer's storage.
+#[inline]
+pub fn offset(s: KvShape, block: usize, head: usize, slot: usize) -> usize {
+    ((block * s.kv_heads + head) * BLOCK_SIZE + slot) * s.head_dim
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocator_hands_out_and_takes_back() {
+        let mut a = BlockAllocator::new(3);
+        let x = a.allocate().unwrap();
+        let y = a.allocate().unwrap();
+        let z = a.allocate().unwrap();
+        assert_eq!((x, y, z), (0, 1, 2));
+        assert_eq!(a.allocate(), None);
+        a.release_all(&[x, z]);
+        assert_eq!(a.free_count(), 2);
+        assert_eq!(a.used(), 1);
+    }
+
+    #[test]
+    fn blocks_for_rounds_up() {
+        assert_eq!(blocks_for(0), 0);
+        assert_eq!(blocks_for(1), 1);
+        assert_eq!(blocks_for(BLOCK_SIZE), 1);
+        assert_eq!(blocks_for(BLOCK_SIZE + 1), 2);
+    }
+}
