@@ -1,0 +1,98 @@
+//! Command-line configuration: one clap struct, every flag also an environment variable.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "chorus",
+    version,
+    about = "A concurrent, OpenAI-compatible LLM chat inference server"
+)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "CHORUS_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on.
+    #[arg(long, env = "CHORUS_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Model to serve: a catalog name (see models/catalog.json) or a path to a .gguf file.
+    #[arg(long, env = "CHORUS_MODEL", default_value = crate::resolve::DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Where fetched model files are cached.
+    #[arg(long, env = "CHORUS_MODELS_DIR", default_value = crate::resolve::DEFAULT_CACHE_DIR)]
+    pub models_dir: PathBuf,
+
+    /// Name the model is served under; defaults to the catalog name or the file's stem.
+    #[arg(long, env = "CHORUS_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Weight format in memory: f32 (dequantized; exact activations, fastest once steps
+    /// carry several tokens) or quantized (as shipped in the file; least memory).
+    #[arg(long, env = "CHORUS_WEIGHTS", value_enum, default_value_t = Weights::F32)]
+    pub weights: Weights,
+
+    /// Most sequences decoding at once (continuous-batching slots).
+    #[arg(long, env = "CHORUS_MAX_RUNNING", default_value_t = 64)]
+    pub max_running: usize,
+
+    /// Most requests waiting for a slot; beyond it requests get 429 with Retry-After.
+    #[arg(long, env = "CHORUS_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+
+    /// Most tokens in one forward step (decode tokens plus prefill chunks).
+    #[arg(long, env = "CHORUS_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+
+    /// Memory for the KV cache, in MiB; fixes how many tokens can be held at once.
+    #[arg(long, env = "CHORUS_KV_CACHE_MB", default_value_t = 768)]
+    pub kv_cache_mb: usize,
+
+    /// Largest request body accepted, in bytes (413 beyond).
+    #[arg(long, env = "CHORUS_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Most stop strings one request may give.
+    #[arg(long, env = "CHORUS_MAX_STOP", default_value_t = 16)]
+    pub max_stop: usize,
+
+    /// Fetch the model into the cache (if needed) and exit without serving.
+    #[arg(long)]
+    pub download_only: bool,
+
+    /// Log format.
+    #[arg(long, env = "CHORUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Weights {
+    F32,
+    Quantized,
+}
+
+impl From<Weights> for chorus_model::WeightFormat {
+    fn from(w: Weights) -> Self {
+        match w {
+            Weights::F32 => chorus_model::WeightFormat::F32,
+            Weights::Quantized => chorus_model::WeightFormat::Quantized,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// Defaults for everything, as if run with no arguments (used by tests).
+    pub fn defaults() -> Self {
+        Self::parse_from(["chorus"])
+    }
+}

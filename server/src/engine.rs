@@ -1,0 +1,122 @@
+//! The handle the HTTP side holds on the inference thread: submit a validated request,
+//! get back a channel of [`Event`]s. Admission (`--max-queue`) is decided here so that an
+//! overloaded server answers 429 at once without touching the worker.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use chorus_model::{ChatTemplate, SamplingParams, Tokenizer};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::error::ApiError;
+use crate::openai::Usage;
+
+/// A request the worker can run: already tokenized and checked.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// At least 1; prompt plus this fits the context.
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What the worker sends back for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Final text (never half a character, never part of a stop string).
+    Text(String),
+    Done {
+        finish: FinishReason,
+        usage: Usage,
+    },
+    Error(String),
+}
+
+pub(crate) struct Submission {
+    pub req: GenRequest,
+    pub events: UnboundedSender<Event>,
+    pub arrived: Instant,
+}
+
+/// Live figures the worker publishes after every step.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Submitted requests that have not started running yet.
+    pub queued: AtomicUsize,
+    pub running: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    /// False once the inference thread has exited (panicked or stopped).
+    pub alive: AtomicBool,
+}
+
+/// What the HTTP side needs to know about the served model.
+pub struct ModelInfo {
+    pub id: String,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: ChatTemplate,
+    pub context_len: usize,
+    pub created: u64,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) tx: mpsc::Sender<Submission>,
+    pub stats: Arc<Stats>,
+    pub info: Arc<ModelInfo>,
+    pub max_queue: usize,
+}
+
+impl Engine {
+    pub fn submit(&self, req: GenRequest) -> Result<UnboundedReceiver<Event>, ApiError> {
+        if !self.stats.alive.load(Ordering::Acquire) {
+            return Err(ApiError::Unavailable(
+                "the inference thread has stopped".into(),
+            ));
+        }
+        let queued = self.stats.queued.fetch_add(1, Ordering::AcqRel);
+        if queued >= self.max_queue {
+            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(ApiError::Overloaded {
+                queued,
+                retry_after_s: 1,
+            });
+        }
+        let (events, rx) = unbounded_channel();
+        let submission = Submission {
+            req,
+            events,
+            arrived: Instant::now(),
+        };
+        if self.tx.send(submission).is_err() {
+            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(ApiError::Unavailable(
+                "the inference thread has stopped".into(),
+            ));
+        }
+        Ok(rx)
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.stats.alive.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,132 @@
+//! `ApiError`: every failure a client can see, mapped once to an HTTP status and the
+//! OpenAI error envelope `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::extract::rejection::JsonRejection;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ApiError {
+    /// A field is missing, malformed or out of range.
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("{0}")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    RouteNotFound(String),
+    #[error("request body is larger than this server accepts (--max-request-bytes)")]
+    PayloadTooLarge,
+    #[error("the server is at capacity ({queued} requests waiting); retry later")]
+    Overloaded { queued: usize, retry_after_s: u64 },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad(param: &'static str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            message: message.into(),
+            param: Some(param),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The envelope's body, also used for an error event inside a stream.
+    pub fn body(&self) -> ErrorBody {
+        let (kind, code) = match self {
+            ApiError::BadRequest { .. } => ("invalid_request_error", None),
+            ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            ApiError::RouteNotFound(_) => ("invalid_request_error", Some("not_found")),
+            ApiError::PayloadTooLarge => ("invalid_request_error", Some("request_too_large")),
+            ApiError::Overloaded { .. } => ("server_overloaded", Some("overloaded")),
+            ApiError::Unavailable(_) => ("service_unavailable", Some("unavailable")),
+            ApiError::Internal(_) => ("internal_error", Some("internal_error")),
+        };
+        let param = match self {
+            ApiError::BadRequest { param, .. } => *param,
+            ApiError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        };
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind,
+                param,
+                code,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(%status, error = %self, "request failed");
+        } else {
+            tracing::debug!(%status, error = %self, "request rejected");
+        }
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if let ApiError::Overloaded { retry_after_s, .. } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        }
+        response
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::PayloadTooLarge;
+        }
+        let message = match &rejection {
+            JsonRejection::MissingJsonContentType(_) => {
+                "expected a JSON body with `Content-Type: application/json`".to_string()
+            }
+            JsonRejection::JsonSyntaxError(_) => {
+                format!("malformed JSON: {}", rejection.body_text())
+            }
+            JsonRejection::JsonDataError(_) => {
+                format!("invalid request: {}", rejection.body_text())
+            }
+            _ => rejection.body_text(),
+        };
+        ApiError::BadRequest {
+            message,
+            param: None,
+        }
+    }
+}

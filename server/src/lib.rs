@@ -1,0 +1,244 @@
+//! chorus-server: the HTTP face of chorus and the thread that runs the model.
+//!
+//! A request's path through the code, in order:
+//! - [`routes`]: axum handlers; [`routes::ApiJson`] turns bad JSON into our error envelope.
+//! - [`openai`]: the wire types, tolerant of what real clients send.
+//! - [`validate`]: wire request → [`validate::ValidRequest`] (template, tokens, checked fields).
+//! - [`engine`]: the handle that admits a request (or answers 429) and returns its channel.
+//! - [`worker`]: the inference thread, sole owner of the model and KV cache.
+//! - [`scheduler`]: the pure decision of which sequences run each step.
+//! - [`stream`] and [`sse`]: events back to the client as OpenAI chunks over SSE.
+//! - [`error`]: every client-visible failure, mapped once to status + envelope.
+//! - [`config`] and [`resolve`]: flags, and which model file to load.
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod openai;
+pub mod resolve;
+pub mod routes;
+pub mod scheduler;
+pub mod sse;
+pub mod stream;
+pub mod validate;
+mod worker;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, OnceLock};
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use chorus_model::kv::KvCache;
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::engine::{Engine, ModelInfo, Stats};
+use crate::error::ApiError;
+use crate::routes::RequestId;
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::validate::Limits;
+use crate::worker::Worker;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Set once the model has loaded.
+    engine: OnceLock<Engine>,
+    limits: Limits,
+}
+
+impl AppState {
+    fn new(limits: Limits) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                engine: OnceLock::new(),
+                limits,
+            }),
+        }
+    }
+
+    pub fn engine(&self) -> Result<&Engine, ApiError> {
+        self.inner
+            .engine
+            .get()
+            .ok_or_else(|| ApiError::Unavailable("the model is still loading".into()))
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("could not load the model: {0}")]
+    Load(String),
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub fn router(state: AppState, config: &Config) -> Router {
+    Router::new()
+        .route("/", get(routes::web::index))
+        .route("/health", get(routes::health::health))
+        .route("/v1/models", get(routes::models::list))
+        .route("/v1/models/{*id}", get(routes::models::get))
+        .route("/v1/chat/completions", post(routes::chat::chat_completions))
+        .route("/v1/completions", post(routes::chat::completions))
+        .route("/tokenize", post(routes::tokenize::tokenize))
+        .route("/detokenize", post(routes::tokenize::detokenize))
+        .fallback(|req: Request| async move {
+            ApiError::RouteNotFound(format!(
+                "no route for {} {}",
+                req.method(),
+                req.uri().path()
+            ))
+        })
+        .layer(DefaultBodyLimit::max(config.max_request_bytes))
+        .layer(axum::middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// Echoes `x-request-id` (or makes one), puts it in the request's extensions and runs
+/// the request inside a span that carries it.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128)
+        .map_or_else(new_request_id, str::to_string);
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut response = next.run(req).instrument(span).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Serves on `listener` until `shutdown` resolves. The model at `model_path` is loaded on
+/// the inference thread while the server already answers (`/health` is 503 until then).
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    model_path: PathBuf,
+    served_name: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let state = AppState::new(Limits {
+        max_stop: config.max_stop,
+    });
+    let (load_tx, load_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    let loader_state = state.clone();
+    let loader_config = config.clone();
+    std::thread::Builder::new()
+        .name("chorus-inference".into())
+        .spawn(
+            move || match start_engine(&loader_config, &model_path, served_name) {
+                Ok((engine, worker)) => {
+                    let _ = loader_state.inner.engine.set(engine);
+                    let _ = load_tx.send(Ok(()));
+                    drop(loader_state);
+                    worker.run();
+                }
+                Err(e) => {
+                    let _ = load_tx.send(Err(e));
+                }
+            },
+        )?;
+
+    let app = router(state, &config);
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        if let Ok(Err(e)) = load_rx.await {
+            let _ = failed_tx.send(e);
+        }
+    });
+    let failure = Arc::new(OnceLock::<String>::new());
+    let failure_slot = failure.clone();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => {}
+            Ok(e) = failed_rx => { let _ = failure_slot.set(e); }
+        }
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await?;
+    match failure.get() {
+        Some(e) => Err(ServerError::Load(e.clone())),
+        None => Ok(()),
+    }
+}
+
+/// Loads the model and builds the engine handle and its worker (on the calling thread).
+fn start_engine(
+    config: &Config,
+    path: &std::path::Path,
+    served_name: String,
+) -> Result<(Engine, Worker), String> {
+    let started = std::time::Instant::now();
+    tracing::info!(path = %path.display(), "loading model");
+    let loaded =
+        chorus_model::gguf::load(path, config.weights.into()).map_err(|e| e.to_string())?;
+    let cfg = loaded.model.config().clone();
+    let shape = cfg.kv_shape();
+    let num_blocks = shape.blocks_in(config.kv_cache_mb * 1024 * 1024);
+    let kv = KvCache::new(shape, num_blocks)
+        .map_err(|e| format!("{e} (--kv-cache-mb {})", config.kv_cache_mb))?;
+    tracing::info!(
+        model = %served_name,
+        layers = cfg.layers,
+        context = cfg.context_len,
+        kv_blocks = num_blocks,
+        kv_tokens = num_blocks * chorus_model::kv::BLOCK_SIZE,
+        secs = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let stats = Arc::new(Stats::default());
+    stats
+        .alive
+        .store(true, std::sync::atomic::Ordering::Release);
+    let (tx, rx) = mpsc::channel();
+    let engine = Engine {
+        tx,
+        stats: stats.clone(),
+        info: Arc::new(ModelInfo {
+            id: served_name,
+            tokenizer: tokenizer.clone(),
+            template: loaded.template,
+            context_len: cfg.context_len,
+            created: openai::unix_now(),
+        }),
+        max_queue: config.max_queue,
+    };
+    let worker = Worker {
+        model: loaded.model,
+        tokenizer,
+        kv,
+        scheduler: Scheduler::new(SchedulerConfig {
+            max_running: config.max_running.max(1),
+            max_batch_tokens: config.max_batch_tokens.max(1),
+            num_blocks,
+        }),
+        stats,
+        rx,
+    };
+    Ok((engine, worker))
+}

@@ -1,0 +1,69 @@
+//! The `chorus` binary: parse flags, resolve the model, serve until ctrl-c or SIGTERM.
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+use chorus_server::config::{Config, LogFormat};
+use chorus_server::resolve::resolve;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let config = Config::parse();
+    init_logging(config.log_format);
+    match serve(config).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chorus: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let (model, dir) = (config.model.clone(), config.models_dir.clone());
+    let resolved = tokio::task::spawn_blocking(move || resolve(&model, &dir)).await??;
+    if config.download_only {
+        println!("{}", resolved.path.display());
+        return Ok(());
+    }
+    let name = config.served_model_name.clone().unwrap_or(resolved.name);
+    let listener = TcpListener::bind((config.host.as_str(), config.port)).await?;
+    tracing::info!(address = %listener.local_addr()?, model = %name, "chorus listening");
+    chorus_server::run(listener, config, resolved.path, name, shutdown_signal()).await?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,39 @@
+//! `GET /health`: 200 once the model is loaded and the inference thread is alive, 503
+//! before and after.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::AppState;
+
+pub async fn health(State(app): State<AppState>) -> Response {
+    match app.engine() {
+        Ok(engine) if engine.is_alive() => {
+            let s = &engine.stats;
+            let body = json!({
+                "status": "ok",
+                "model": engine.info.id,
+                "running": s.running.load(Ordering::Acquire),
+                "queued": s.queued.load(Ordering::Acquire),
+                "kv_blocks_used": s.kv_blocks_used.load(Ordering::Acquire),
+                "kv_blocks_total": s.kv_blocks_total.load(Ordering::Acquire),
+            });
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        Ok(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "error", "message": "the inference thread has stopped"})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading", "message": e.to_string()})),
+        )
+            .into_response(),
+    }
+}

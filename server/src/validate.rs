@@ -1,0 +1,308 @@
+//! Validation: the only way from a wire request to a [`GenRequest`]. The chat template is
+//! applied, the prompt tokenized, every sampling field checked with a message that names
+//! it, and `max_tokens` clamped to the context that is left.
+
+use chorus_model::{ChatMessage, SamplingParams};
+
+use crate::engine::{GenRequest, ModelInfo};
+use crate::error::ApiError;
+use crate::openai::{
+    ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, StopInput, WireSampling,
+};
+
+/// Limits that come from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_stop: usize,
+}
+
+/// A request that passed every check.
+#[derive(Debug)]
+pub struct ValidRequest {
+    pub gen: GenRequest,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
+
+pub fn chat(
+    info: &ModelInfo,
+    limits: Limits,
+    request_id: String,
+    req: ChatCompletionRequest,
+) -> Result<ValidRequest, ApiError> {
+    check_model(info, req.model.as_deref())?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad(
+            "messages",
+            "`messages` must contain at least one message",
+        ));
+    }
+    if req.logprobs == Some(true) || req.top_logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::bad("logprobs", "`logprobs` is not supported yet"));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.into_iter().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(ApiError::bad(
+                "messages",
+                format!(
+                    "`messages[{i}].role` must be one of {ROLES:?}, got {:?}",
+                    m.role
+                ),
+            ));
+        }
+        let content = match m.content {
+            None => String::new(),
+            Some(MessageContent::Text(t)) => t,
+            Some(MessageContent::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, p) in parts.into_iter().enumerate() {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::bad(
+                                "messages",
+                                format!("`messages[{i}].content[{j}]`: only parts of type \"text\" with a `text` field are supported, got type {kind:?}"),
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        // `developer` is the newer name OpenAI gives the system role.
+        let role = if m.role == "developer" {
+            "system".into()
+        } else {
+            m.role
+        };
+        messages.push(ChatMessage { role, content });
+    }
+    let prompt_text = info.template.render(&messages, true).map_err(|e| {
+        ApiError::bad(
+            "messages",
+            format!("the chat template rejected the conversation: {e}"),
+        )
+    })?;
+    let prompt = tokenize(info, &prompt_text)?;
+    let stream = req.stream.unwrap_or(false);
+    let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
+    let gen = generation(info, limits, request_id, prompt, &req.sampling)?;
+    Ok(ValidRequest {
+        gen,
+        stream,
+        include_usage,
+    })
+}
+
+pub fn completion(
+    info: &ModelInfo,
+    limits: Limits,
+    request_id: String,
+    req: CompletionRequest,
+) -> Result<ValidRequest, ApiError> {
+    check_model(info, req.model.as_deref())?;
+    if req.echo == Some(true) {
+        return Err(ApiError::bad("echo", "`echo` is not supported yet"));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::bad(
+            "suffix",
+            "`suffix` is not supported by this model",
+        ));
+    }
+    if req.logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::bad("logprobs", "`logprobs` is not supported yet"));
+    }
+    let one_prompt =
+        "`prompt` must be one string or one list of token ids (batches are not supported)";
+    let prompt = match req.prompt {
+        PromptInput::Text(t) => tokenize(info, &t)?,
+        PromptInput::Texts(mut v) if v.len() == 1 => tokenize(info, &v.remove(0))?,
+        PromptInput::Tokens(ids) => {
+            let vocab = info.tokenizer.vocab_size() as u32;
+            if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+                return Err(ApiError::bad(
+                    "prompt",
+                    format!("token id {bad} is outside the vocabulary (size {vocab})"),
+                ));
+            }
+            ids
+        }
+        PromptInput::TokenBatches(mut v) if v.len() == 1 => v.remove(0),
+        _ => return Err(ApiError::bad("prompt", one_prompt)),
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::bad("prompt", "`prompt` must not be empty"));
+    }
+    let stream = req.stream.unwrap_or(false);
+    let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
+    let gen = generation(info, limits, request_id, prompt, &req.sampling)?;
+    Ok(ValidRequest {
+        gen,
+        stream,
+        include_usage,
+    })
+}
+
+/// A missing or empty `model` means the served one.
+pub fn check_model(info: &ModelInfo, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        None | Some("") => Ok(()),
+        Some(m) if m == info.id => Ok(()),
+        Some(m) => Err(ApiError::ModelNotFound(format!(
+            "model {m:?} is not served here; available: [{:?}]",
+            info.id
+        ))),
+    }
+}
+
+fn tokenize(info: &ModelInfo, text: &str) -> Result<Vec<u32>, ApiError> {
+    info.tokenizer
+        .encode(text)
+        .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))
+}
+
+fn stream_usage(
+    stream: bool,
+    options: Option<&crate::openai::StreamOptions>,
+) -> Result<bool, ApiError> {
+    let include = options.and_then(|o| o.include_usage).unwrap_or(false);
+    if include && !stream {
+        return Err(ApiError::bad(
+            "stream_options",
+            "`stream_options` is only allowed when `stream` is true",
+        ));
+    }
+    Ok(include)
+}
+
+fn generation(
+    info: &ModelInfo,
+    limits: Limits,
+    request_id: String,
+    prompt: Vec<u32>,
+    s: &WireSampling,
+) -> Result<GenRequest, ApiError> {
+    let context = info.context_len;
+    if prompt.len() >= context {
+        return Err(ApiError::bad(
+            "messages",
+            format!(
+                "the prompt is {} tokens, but this model's context is {context} tokens (at least one must be left to generate)",
+                prompt.len()
+            ),
+        ));
+    }
+    let room = context - prompt.len();
+    let requested: Option<(&'static str, i64)> = match (s.max_completion_tokens, s.max_tokens) {
+        (Some(n), _) => Some(("max_completion_tokens", n)),
+        (None, Some(n)) => Some(("max_tokens", n)),
+        (None, None) => None,
+    };
+    let max_tokens = match requested {
+        Some((field, n)) if n < 1 => {
+            return Err(ApiError::bad(
+                field,
+                format!("`{field}` must be at least 1, got {n}"),
+            ))
+        }
+        Some((_, n)) => (n as u64).min(room as u64) as usize,
+        None => room,
+    };
+
+    let temperature = s.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad(
+            "temperature",
+            format!("`temperature` must be in [0, 2], got {temperature}"),
+        ));
+    }
+    let top_p = s.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad(
+            "top_p",
+            format!("`top_p` must be in (0, 1], got {top_p}"),
+        ));
+    }
+    let top_k = match s.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => {
+            return Err(ApiError::bad(
+                "top_k",
+                format!("`top_k` must be -1 (off) or positive, got {k}"),
+            ))
+        }
+    };
+    let min_p = s.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::bad(
+            "min_p",
+            format!("`min_p` must be in [0, 1], got {min_p}"),
+        ));
+    }
+    match s.n {
+        None | Some(1) => {}
+        Some(n) => {
+            return Err(ApiError::bad(
+                "n",
+                format!("`n` must be 1 (several choices are not supported yet), got {n}"),
+            ))
+        }
+    }
+    let penalties: [(&'static str, Option<f64>); 2] = [
+        ("presence_penalty", s.presence_penalty),
+        ("frequency_penalty", s.frequency_penalty),
+    ];
+    for (field, value) in penalties {
+        match value {
+            None => {}
+            Some(v) if !(-2.0..=2.0).contains(&v) => {
+                return Err(ApiError::bad(
+                    field,
+                    format!("`{field}` must be in [-2, 2], got {v}"),
+                ))
+            }
+            Some(v) if v != 0.0 => {
+                return Err(ApiError::bad(
+                    field,
+                    format!("`{field}` other than 0 is not supported yet"),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    let stop = match &s.stop {
+        None => Vec::new(),
+        Some(StopInput::One(s)) => vec![s.clone()],
+        Some(StopInput::Many(v)) => v.clone(),
+    };
+    if stop.len() > limits.max_stop {
+        return Err(ApiError::bad(
+            "stop",
+            format!(
+                "`stop` may hold at most {} strings, got {}",
+                limits.max_stop,
+                stop.len()
+            ),
+        ));
+    }
+    Ok(GenRequest {
+        request_id,
+        prompt,
+        params: SamplingParams {
+            temperature: temperature as f32,
+            top_k,
+            top_p: top_p as f32,
+            min_p: min_p as f32,
+            // Negative seeds are valid in OpenAI's API; their bits are the seed.
+            seed: s.seed.map(|x| x as u64),
+        },
+        max_tokens,
+        stop,
+        ignore_eos: s.ignore_eos.unwrap_or(false),
+    })
+}

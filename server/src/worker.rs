@@ -1,0 +1,255 @@
+//! The inference thread: the only owner of the model and the KV cache.
+//!
+//! Loop: take new arrivals, drop sequences whose client went away, ask the scheduler for
+//! this step's batch, run one batched forward, sample one token per sequence that samples,
+//! send the text to its channel, retire finished sequences. With nothing to do it blocks
+//! on the arrivals channel.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use chorus_model::{IncrementalDecoder, KvCache, Llama, Sampler, SeqInput, StopMatcher, Tokenizer};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::engine::{Event, FinishReason, Stats, Submission};
+use crate::openai::Usage;
+use crate::scheduler::{Scheduler, SeqId};
+
+/// A sequence's generation state, beside the scheduler's bookkeeping.
+struct Seq {
+    request_id: String,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_tokens: usize,
+    ignore_eos: bool,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    events: UnboundedSender<Event>,
+    arrived: Instant,
+    first_token: Option<Instant>,
+    /// Has left the queue (counts against `queued` until then).
+    started: bool,
+}
+
+impl Seq {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+pub(crate) struct Worker {
+    pub model: Llama,
+    pub tokenizer: Arc<Tokenizer>,
+    pub kv: KvCache,
+    pub scheduler: Scheduler,
+    pub stats: Arc<Stats>,
+    pub rx: mpsc::Receiver<Submission>,
+}
+
+/// Marks the engine dead when the thread ends, however it ends (a panic included).
+struct AliveGuard(Arc<Stats>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Release);
+    }
+}
+
+impl Worker {
+    pub fn run(mut self) {
+        let _alive = AliveGuard(self.stats.clone());
+        self.stats.alive.store(true, Ordering::Release);
+        self.publish();
+        let mut seqs: HashMap<SeqId, Seq> = HashMap::new();
+        let mut next_id: SeqId = 0;
+        loop {
+            // Idle: block until something arrives; the channel closing means shutdown.
+            if seqs.is_empty() {
+                match self.rx.recv() {
+                    Ok(s) => self.admit(s, &mut next_id, &mut seqs),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(s) = self.rx.try_recv() {
+                self.admit(s, &mut next_id, &mut seqs);
+            }
+            self.drop_cancelled(&mut seqs);
+            self.step(&mut seqs);
+            self.publish();
+        }
+    }
+
+    fn admit(&mut self, s: Submission, next_id: &mut SeqId, seqs: &mut HashMap<SeqId, Seq>) {
+        let id = *next_id;
+        *next_id += 1;
+        let req = s.req;
+        let max_len = req.prompt.len() + req.max_tokens;
+        if let Err(e) = self.scheduler.add(id, req.prompt.len(), max_len) {
+            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            let _ = s.events.send(Event::Error(e.to_string()));
+            return;
+        }
+        tracing::debug!(request_id = %req.request_id, seq = id, prompt_tokens = req.prompt.len(), "queued");
+        seqs.insert(
+            id,
+            Seq {
+                request_id: req.request_id,
+                prompt_len: req.prompt.len(),
+                tokens: req.prompt,
+                max_tokens: req.max_tokens,
+                ignore_eos: req.ignore_eos,
+                sampler: Sampler::new(req.params),
+                decoder: IncrementalDecoder::new(),
+                stop: StopMatcher::new(req.stop),
+                events: s.events,
+                arrived: s.arrived,
+                first_token: None,
+                started: false,
+            },
+        );
+    }
+
+    /// A closed channel means the client went away: free the sequence now.
+    fn drop_cancelled(&mut self, seqs: &mut HashMap<SeqId, Seq>) {
+        let gone: Vec<SeqId> = seqs
+            .iter()
+            .filter(|(_, s)| s.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            if let Some(seq) = seqs.remove(&id) {
+                tracing::info!(request_id = %seq.request_id, generated = seq.generated(), "client went away; sequence freed");
+                self.retire(id, &seq);
+            }
+        }
+    }
+
+    fn retire(&mut self, id: SeqId, seq: &Seq) {
+        if !seq.started {
+            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.scheduler.finish(id);
+    }
+
+    fn step(&mut self, seqs: &mut HashMap<SeqId, Seq>) {
+        let plan = self.scheduler.schedule();
+        self.publish();
+        for id in &plan.started {
+            if let Some(seq) = seqs.get_mut(id) {
+                seq.started = true;
+                self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        for id in &plan.preempted {
+            if let Some(seq) = seqs.get(id) {
+                tracing::debug!(request_id = %seq.request_id, "preempted: KV blocks ran out");
+            }
+        }
+        if plan.batch.is_empty() {
+            // Nothing fits right now: wait briefly for a change instead of spinning.
+            std::thread::sleep(Duration::from_millis(1));
+            return;
+        }
+
+        let inputs: Vec<SeqInput> = plan
+            .batch
+            .iter()
+            .map(|s| SeqInput {
+                tokens: &seqs[&s.id].tokens[s.start..s.start + s.len],
+                start_pos: s.start,
+                blocks: self.scheduler.blocks(s.id),
+                wants_logits: s.samples,
+            })
+            .collect();
+        let logits = match self.model.forward(&mut self.kv, &inputs) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "forward pass failed; failing this step's requests");
+                for s in &plan.batch {
+                    if let Some(seq) = seqs.remove(&s.id) {
+                        let _ = seq
+                            .events
+                            .send(Event::Error(format!("inference failed: {e}")));
+                        self.retire(s.id, &seq);
+                    }
+                }
+                return;
+            }
+        };
+
+        let sampling = plan.batch.iter().filter(|s| s.samples);
+        for (s, row) in sampling.zip(&logits) {
+            let Some(seq) = seqs.get_mut(&s.id) else {
+                continue;
+            };
+            let token = seq.sampler.sample(row);
+            match self.accept(seq, token) {
+                None => self.scheduler.append_token(s.id),
+                Some(finish) => {
+                    if let Some(seq) = seqs.remove(&s.id) {
+                        self.complete(s.id, seq, finish);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes one sampled token; returns why the sequence ends, if it does.
+    fn accept(&self, seq: &mut Seq, token: u32) -> Option<FinishReason> {
+        seq.tokens.push(token);
+        seq.first_token.get_or_insert_with(Instant::now);
+        if !seq.ignore_eos && self.tokenizer.is_stop(token) {
+            return Some(FinishReason::Stop);
+        }
+        let text = match seq.decoder.step(&self.tokenizer, token) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(request_id = %seq.request_id, error = %e, "detokenization failed");
+                String::new()
+            }
+        };
+        let out = seq.stop.push(&text);
+        if !out.text.is_empty() {
+            let _ = seq.events.send(Event::Text(out.text));
+        }
+        if out.stopped {
+            return Some(FinishReason::Stop);
+        }
+        (seq.generated() >= seq.max_tokens).then_some(FinishReason::Length)
+    }
+
+    fn complete(&mut self, id: SeqId, mut seq: Seq, finish: FinishReason) {
+        let rest = seq.stop.flush();
+        if !rest.is_empty() {
+            let _ = seq.events.send(Event::Text(rest));
+        }
+        let usage = Usage::new(seq.prompt_len, seq.generated());
+        let _ = seq.events.send(Event::Done { finish, usage });
+        let ttft_ms = seq
+            .first_token
+            .map(|t| t.duration_since(seq.arrived).as_secs_f64() * 1e3);
+        tracing::info!(
+            request_id = %seq.request_id,
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            finish_reason = finish.as_str(),
+            ttft_ms,
+            duration_ms = seq.arrived.elapsed().as_secs_f64() * 1e3,
+            "request finished"
+        );
+        self.retire(id, &seq);
+    }
+
+    fn publish(&self) {
+        let s = &self.stats;
+        s.running.store(self.scheduler.running(), Ordering::Release);
+        s.kv_blocks_used
+            .store(self.scheduler.blocks_used(), Ordering::Release);
+        s.kv_blocks_total
+            .store(self.scheduler.blocks_total(), Ordering::Release);
+    }
+}

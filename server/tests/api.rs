@@ -1,0 +1,354 @@
+//! The HTTP contract, against a real server with the real default model.
+
+mod common;
+
+use common::{base, chat, post, stream_events};
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn chat_non_stream_reports_usage_of_the_reference_prompt() {
+    let url = base().await;
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("x-request-id", "test-request-42")
+        .json(&chat(
+            "What is the capital of France?",
+            json!({"max_tokens": 12, "temperature": 0}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "test-request-42");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "smollm2-135m-instruct");
+    assert_eq!(v["usage"]["prompt_tokens"], 37);
+    let choice = &v["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    let content = choice["message"]["content"].as_str().unwrap();
+    assert!(content.contains("Paris"), "answer: {content:?}");
+    let completion = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=12).contains(&completion));
+    assert_eq!(v["usage"]["total_tokens"], 37 + completion);
+}
+
+#[tokio::test]
+async fn stream_with_usage_follows_the_openai_shape() {
+    let url = base().await;
+    let body = chat(
+        "Count from one to ten.",
+        json!({"stream": true, "max_tokens": 10, "ignore_eos": true, "stream_options": {"include_usage": true}}),
+    );
+    let events = stream_events(&url, "/v1/chat/completions", &body).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert!(
+            c.as_object().unwrap().contains_key("usage"),
+            "usage key missing: {c}"
+        );
+    }
+    // First: the role. Then content only. Then `delta: {}` with the finish reason.
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let (usage_chunk, rest) = chunks.split_last().unwrap();
+    let (finish, content) = rest.split_last().unwrap();
+    assert_eq!(finish["choices"][0]["delta"], json!({}));
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    assert!(finish["usage"].is_null());
+    let mut text = String::new();
+    for c in &content[1..] {
+        assert!(c["choices"][0]["delta"].get("role").is_none());
+        assert!(c["choices"][0]["finish_reason"].is_null());
+        assert!(c["usage"].is_null());
+        text.push_str(c["choices"][0]["delta"]["content"].as_str().unwrap());
+    }
+    assert!(!text.is_empty());
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], 10);
+}
+
+#[tokio::test]
+async fn stream_without_usage_has_no_usage_key() {
+    let url = base().await;
+    let body = chat("Hi!", json!({"stream": true, "max_tokens": 4}));
+    let events = stream_events(&url, "/v1/chat/completions", &body).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        assert!(c.get("usage").is_none(), "unexpected usage: {c}");
+        assert_eq!(c["choices"].as_array().unwrap().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn completions_stop_string_is_not_returned() {
+    let url = base().await;
+    let body =
+        json!({"prompt": "1, 2, 3, 4, 5,", "max_tokens": 20, "temperature": 0, "stop": [" 8"]});
+    let (status, v) = post(&url, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "text: {text:?}");
+    assert!(text.starts_with(" 6, 7,"), "text: {text:?}");
+    assert!(!text.contains('8'), "text: {text:?}");
+}
+
+#[tokio::test]
+async fn same_seed_same_text() {
+    let url = base().await;
+    let body = chat(
+        "Tell me a story.",
+        json!({"max_tokens": 24, "temperature": 1.0, "seed": 1234}),
+    );
+    let (_, a) = post(&url, "/v1/chat/completions", &body).await;
+    let (_, b) = post(&url, "/v1/chat/completions", &body).await;
+    assert_eq!(
+        a["choices"][0]["message"]["content"],
+        b["choices"][0]["message"]["content"]
+    );
+    let other = chat(
+        "Tell me a story.",
+        json!({"max_tokens": 24, "temperature": 1.0, "seed": 99}),
+    );
+    let (_, c) = post(&url, "/v1/chat/completions", &other).await;
+    assert_ne!(
+        a["choices"][0]["message"]["content"],
+        c["choices"][0]["message"]["content"]
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_error_envelope_and_the_server_carries_on() {
+    let url = base().await;
+    let client = reqwest::Client::new();
+    let long = "word ".repeat(9000);
+    // (body, content type, status, param)
+    let cases: Vec<(String, &str, u16, Option<&str>)> = vec![
+        ("{not json".into(), "application/json", 400, None),
+        (
+            r#"{"messages": [{"role": "user", "content": "hi"}]"#.into(),
+            "application/json",
+            400,
+            None,
+        ),
+        (
+            r#"{"model": "smollm2-135m-instruct"}"#.into(),
+            "application/json",
+            400,
+            None,
+        ),
+        (
+            r#"{"messages": "hello"}"#.into(),
+            "application/json",
+            400,
+            None,
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "hi"}]}"#.into(),
+            "text/plain",
+            400,
+            None,
+        ),
+        (
+            r#"{"messages": []}"#.into(),
+            "application/json",
+            400,
+            Some("messages"),
+        ),
+        (
+            r#"{"messages": [{"role": "wizard", "content": "hi"}]}"#.into(),
+            "application/json",
+            400,
+            Some("messages"),
+        ),
+        (
+            chat("hi", json!({"temperature": -1})).to_string(),
+            "application/json",
+            400,
+            Some("temperature"),
+        ),
+        (
+            chat("hi", json!({"temperature": "hot"})).to_string(),
+            "application/json",
+            400,
+            None,
+        ),
+        (
+            chat("hi", json!({"top_p": 1.5})).to_string(),
+            "application/json",
+            400,
+            Some("top_p"),
+        ),
+        (
+            chat("hi", json!({"top_p": 0})).to_string(),
+            "application/json",
+            400,
+            Some("top_p"),
+        ),
+        (
+            chat("hi", json!({"max_tokens": 0})).to_string(),
+            "application/json",
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            chat("hi", json!({"max_tokens": -5})).to_string(),
+            "application/json",
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            chat("hi", json!({"max_completion_tokens": 0})).to_string(),
+            "application/json",
+            400,
+            Some("max_completion_tokens"),
+        ),
+        (
+            chat("hi", json!({"n": 3})).to_string(),
+            "application/json",
+            400,
+            Some("n"),
+        ),
+        (
+            chat("hi", json!({"stop": vec!["x"; 100]})).to_string(),
+            "application/json",
+            400,
+            Some("stop"),
+        ),
+        (
+            chat(&long, json!({})).to_string(),
+            "application/json",
+            400,
+            Some("messages"),
+        ),
+        (
+            chat("hi", json!({"model": "gpt-4"})).to_string(),
+            "application/json",
+            404,
+            Some("model"),
+        ),
+    ];
+    for (body, content_type, status, param) in cases {
+        let r = client
+            .post(format!("{url}/v1/chat/completions"))
+            .header("content-type", content_type)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let got = r.status().as_u16();
+        let v: Value = r
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("non-JSON error for {body:.80}: {e}"));
+        assert_eq!(got, status, "status for {body:.80}: {v}");
+        let err = &v["error"];
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
+        assert!(err["type"].is_string(), "{v}");
+        assert!(
+            err.as_object().unwrap().contains_key("param")
+                && err.as_object().unwrap().contains_key("code")
+        );
+        if let Some(p) = param {
+            assert_eq!(err["param"], p, "param for {body:.80}: {v}");
+        }
+    }
+    // The unknown-model error names what is served.
+    let (_, v) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("hi", json!({"model": "gpt-4"})),
+    )
+    .await;
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("smollm2-135m-instruct"));
+    // Unknown routes get the envelope too.
+    let r = client
+        .get(format!("{url}/v1/nothing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].is_string());
+    // And a good request still works.
+    let (status, v) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("Hello", json!({"max_tokens": 3})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+}
+
+#[tokio::test]
+async fn null_and_unknown_fields_are_tolerated() {
+    let url = base().await;
+    let body = json!({
+        "model": null, "messages": [{"role": "system", "content": null}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        "temperature": null, "top_p": null, "max_tokens": null, "max_completion_tokens": 3, "stop": "\n\n\n",
+        "seed": null, "user": "someone", "n": 1, "logprobs": false, "top_logprobs": null, "presence_penalty": 0,
+        "frequency_penalty": null, "ignore_eos": true, "stream": false, "stream_options": null, "some_future_field": {"x": 1}
+    });
+    let (status, v) = post(&url, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+}
+
+#[tokio::test]
+async fn models_tokenize_and_health() {
+    let url = base().await;
+    let v: Value = reqwest::get(format!("{url}/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "smollm2-135m-instruct");
+    let r = reqwest::get(format!("{url}/v1/models/smollm2-135m-instruct"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = reqwest::get(format!("{url}/v1/models/nope")).await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    let (status, v) = post(&url, "/tokenize", &json!({"prompt": "Hello, world!"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["tokens"], json!([19556, 28, 905, 17]));
+    assert_eq!(v["count"], 4);
+    let (_, v) = post(
+        &url,
+        "/tokenize",
+        &json!({"messages": [{"role": "user", "content": "What is the capital of France?"}]}),
+    )
+    .await;
+    assert_eq!(v["count"], 37);
+    let (status, v) = post(
+        &url,
+        "/detokenize",
+        &json!({"tokens": [19556, 28, 905, 17]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["prompt"], "Hello, world!");
+    let (status, _) = post(&url, "/detokenize", &json!({"tokens": [99999999]})).await;
+    assert_eq!(status, 400);
+
+    let h = common::health(&url).await;
+    assert_eq!(h["status"], "ok");
+    let page = reqwest::get(format!("{url}/")).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("<html"));
+}

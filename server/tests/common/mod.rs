@@ -1,0 +1,140 @@
+//! A real chorus server with the real default model, on a free loopback port, shared by
+//! the tests of one test binary.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use chorus_server::config::Config;
+use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
+use serde_json::{json, Value};
+
+static SERVER: OnceLock<String> = OnceLock::new();
+
+/// Base URL of the shared server, once it answers `/health` with 200.
+pub async fn base() -> String {
+    let url = SERVER.get_or_init(|| start(Config::defaults())).clone();
+    wait_ready(&url).await;
+    url
+}
+
+/// Starts a server with `config` on its own thread and runtime; returns its base URL.
+pub fn start(config: Config) -> String {
+    let resolved =
+        resolve(DEFAULT_MODEL, Path::new(DEFAULT_CACHE_DIR)).expect("default model resolves");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            tx.send(listener.local_addr().expect("addr"))
+                .expect("send addr");
+            chorus_server::run(
+                listener,
+                config,
+                resolved.path,
+                resolved.name,
+                std::future::pending(),
+            )
+            .await
+            .expect("server runs");
+        });
+    });
+    let addr = rx.recv().expect("server thread started");
+    format!("http://{addr}")
+}
+
+pub async fn wait_ready(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(r) = reqwest::get(format!("{url}/health")).await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server at {url} did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn health(url: &str) -> Value {
+    reqwest::get(format!("{url}/health"))
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json")
+}
+
+pub async fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("body");
+    let value =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, value)
+}
+
+/// The SSE events (without the `data: ` prefix) of a complete streamed response.
+pub async fn stream_events(url: &str, path: &str, body: &Value) -> Vec<String> {
+    let r = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.expect("body");
+    parse_sse(&text)
+}
+
+/// Splits an SSE body into event payloads, asserting the framing on the way.
+pub fn parse_sse(text: &str) -> Vec<String> {
+    assert!(
+        text.ends_with("\n\n"),
+        "stream does not end with a blank line"
+    );
+    text.strip_suffix("\n\n")
+        .unwrap_or(text)
+        .split("\n\n")
+        .map(|event| {
+            assert!(
+                !event.contains('\n'),
+                "event spans several lines: {event:?}"
+            );
+            event
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("event without `data: ` prefix: {event:?}"))
+                .to_string()
+        })
+        .collect()
+}
+
+pub fn chat(content: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": DEFAULT_MODEL,
+        "messages": [{"role": "user", "content": content}],
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    body
+}

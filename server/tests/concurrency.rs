@@ -1,0 +1,103 @@
+//! Continuous batching and cancellation, against a real server with the real model.
+//! These tests watch the server's running count, so they take turns.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{base, chat, health};
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::sync::Mutex;
+
+static TURN: Mutex<()> = Mutex::const_new(());
+
+#[tokio::test]
+async fn short_request_started_later_finishes_first() {
+    let _turn = TURN.lock().await;
+    let url = base().await;
+    let client = reqwest::Client::new();
+    let long_body = chat(
+        "Write a long essay about the ocean.",
+        json!({"stream": true, "max_tokens": 300, "ignore_eos": true}),
+    );
+    let long = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&long_body)
+        .send()
+        .await
+        .unwrap();
+    let mut long_stream = long.bytes_stream();
+    // Wait until the long one is decoding.
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"") || seen.matches("data: ").count() < 3 {
+        let chunk = long_stream
+            .next()
+            .await
+            .expect("long stream alive")
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let long_task = tokio::spawn(async move {
+        while let Some(chunk) = long_stream.next().await {
+            chunk.unwrap();
+        }
+        Instant::now()
+    });
+    let short_body = chat("Say hi.", json!({"max_tokens": 5, "ignore_eos": true}));
+    let short = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&short_body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(short.status(), 200);
+    let short_done = Instant::now();
+    let long_done = long_task.await.unwrap();
+    assert!(
+        short_done < long_done,
+        "the short request waited for the long one"
+    );
+}
+
+#[tokio::test]
+async fn dropped_streams_are_freed_within_a_second() {
+    let _turn = TURN.lock().await;
+    let url = base().await;
+    let client = reqwest::Client::new();
+    let mut streams = Vec::new();
+    for i in 0..16 {
+        let body = chat(
+            &format!("Story number {i}:"),
+            json!({"stream": true, "max_tokens": 2000, "ignore_eos": true}),
+        );
+        let r = client
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        streams.push(r.bytes_stream());
+    }
+    // Every stream has produced something, so every sequence is in the engine.
+    for s in &mut streams {
+        s.next().await.expect("first chunk").unwrap();
+    }
+    let h = health(&url).await;
+    let busy = h["running"].as_u64().unwrap() + h["queued"].as_u64().unwrap();
+    assert_eq!(busy, 16, "{h}");
+    drop(streams);
+    let dropped = Instant::now();
+    loop {
+        let h = health(&url).await;
+        if h["running"] == 0 && h["queued"] == 0 && h["kv_blocks_used"] == 0 {
+            break;
+        }
+        assert!(
+            dropped.elapsed() < Duration::from_secs(1),
+            "still busy after 1 s: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
