@@ -1,0 +1,123 @@
+//! Engine microbenchmarks on the real default model: one decode step at several batch
+//! sizes, prefill of one long prompt, and sampling over the full vocabulary. These are
+//! the numbers the kernel work is steered by (`cargo bench -p chorus-bench`).
+//!
+//! The model comes from `CHORUS_TEST_MODEL` or the workspace cache (run
+//! `cargo run --release -- --download-only` once).
+
+use std::hint::black_box;
+use std::path::PathBuf;
+
+use chorus_model::kv::{blocks_for, BlockAllocator};
+use chorus_model::{gguf, KvCache, LoadedModel, Sampler, SamplingParams, SeqInput, WeightFormat};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rand::{Rng, SeedableRng};
+
+/// Tokens already in each decoding sequence's KV cache.
+const CONTEXT: usize = 128;
+
+fn model_path() -> PathBuf {
+    std::env::var_os("CHORUS_TEST_MODEL").map_or_else(
+        || {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
+        },
+        PathBuf::from,
+    )
+}
+
+fn load() -> LoadedModel {
+    let path = model_path();
+    gguf::load(&path, WeightFormat::default()).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run `cargo run --release -- --download-only` first)",
+            path.display()
+        )
+    })
+}
+
+/// Block tables for `seqs` sequences of up to `len` tokens, and a cache holding them.
+fn cache(m: &LoadedModel, seqs: usize, len: usize) -> (KvCache, Vec<Vec<u32>>) {
+    let per_seq = blocks_for(len);
+    let mut alloc = BlockAllocator::new(per_seq * seqs);
+    let tables = (0..seqs)
+        .map(|_| (0..per_seq).filter_map(|_| alloc.allocate()).collect())
+        .collect();
+    let kv = KvCache::new(m.model.config().kv_shape(), alloc.total()).expect("kv cache");
+    (kv, tables)
+}
+
+fn decode_step(c: &mut Criterion) {
+    let m = load();
+    let mut group = c.benchmark_group("decode_step");
+    group.sample_size(10);
+    for seqs in [1, 8, 32, 64] {
+        // The KV contents do not change the work, only the context length does, so the
+        // cache is left as allocated rather than prefilled.
+        let (mut kv, tables) = cache(&m, seqs, CONTEXT + 1);
+        let tokens: Vec<[u32; 1]> = (0..seqs).map(|i| [100 + i as u32]).collect();
+        let batch: Vec<SeqInput> = (0..seqs)
+            .map(|i| SeqInput {
+                tokens: &tokens[i],
+                start_pos: CONTEXT,
+                blocks: &tables[i],
+                wants_logits: true,
+            })
+            .collect();
+        group.throughput(Throughput::Elements(seqs as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(seqs), &batch, |b, batch| {
+            b.iter(|| black_box(m.model.forward(&mut kv, batch).expect("forward")))
+        });
+    }
+    group.finish();
+}
+
+fn prefill(c: &mut Criterion) {
+    let m = load();
+    let mut group = c.benchmark_group("prefill");
+    group.sample_size(10);
+    for len in [128, 512] {
+        let (mut kv, tables) = cache(&m, 1, len);
+        let tokens: Vec<u32> = (0..len as u32).map(|i| 200 + i % 1000).collect();
+        let batch = [SeqInput {
+            tokens: &tokens,
+            start_pos: 0,
+            blocks: &tables[0],
+            wants_logits: true,
+        }];
+        group.throughput(Throughput::Elements(len as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(len), &batch, |b, batch| {
+            b.iter(|| black_box(m.model.forward(&mut kv, batch).expect("forward")))
+        });
+    }
+    group.finish();
+}
+
+fn sampling(c: &mut Criterion) {
+    let vocab = 49152;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let logits: Vec<Vec<f32>> = (0..64)
+        .map(|_| (0..vocab).map(|_| rng.random_range(-10.0..10.0)).collect())
+        .collect();
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        top_k: 0,
+        min_p: 0.0,
+        seed: Some(1),
+    };
+    let mut samplers: Vec<Sampler> = (0..64).map(|_| Sampler::new(params.clone())).collect();
+    let mut group = c.benchmark_group("sampling");
+    group.throughput(Throughput::Elements(64));
+    group.bench_function("64_seqs_full_vocab", |b| {
+        b.iter(|| {
+            for (s, l) in samplers.iter_mut().zip(&logits) {
+                black_box(s.sample(l));
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decode_step, prefill, sampling);
+criterion_main!(benches);

@@ -1,0 +1,133 @@
+//! One streamed chat completion, timed from the client's side.
+
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::sse::SseParser;
+use crate::stats::RequestRecord;
+
+/// What every request of a run asks for.
+#[derive(Debug, Clone)]
+pub struct RequestShape {
+    pub model: String,
+    pub max_tokens: usize,
+    pub ignore_eos: bool,
+    pub temperature: f64,
+}
+
+/// The outcome of one request: its timings and, for multi-turn runs, the reply text.
+pub struct Reply {
+    pub record: RequestRecord,
+    pub text: String,
+}
+
+/// Sends `messages` to `{base}/v1/chat/completions` with streaming and usage on.
+pub async fn chat(
+    http: &reqwest::Client,
+    base: &str,
+    shape: &RequestShape,
+    messages: &[Value],
+) -> Reply {
+    let body = json!({
+        "model": shape.model,
+        "messages": messages,
+        "max_tokens": shape.max_tokens,
+        "temperature": shape.temperature,
+        "ignore_eos": shape.ignore_eos,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let started = Instant::now();
+    let mut record = RequestRecord::default();
+    let mut text = String::new();
+    let result = stream(http, base, &body, started, &mut record, &mut text).await;
+    record.e2e = started.elapsed().as_secs_f64();
+    if let Err(e) = result {
+        record.error = Some(e);
+    } else if record.output_tokens == 0 {
+        record.error = Some("the stream ended without a usage chunk".into());
+    }
+    Reply { record, text }
+}
+
+async fn stream(
+    http: &reqwest::Client,
+    base: &str,
+    body: &Value,
+    started: Instant,
+    record: &mut RequestRecord,
+    text: &mut String,
+) -> Result<(), String> {
+    let response = http
+        .post(format!(
+            "{}/v1/chat/completions",
+            base.trim_end_matches('/')
+        ))
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    record.status = Some(status.as_u16());
+    if !status.is_success() {
+        let detail = response.text().await.unwrap_or_default();
+        return Err(format!("HTTP {status}: {}", detail.trim()));
+    }
+    let mut parser = SseParser::new();
+    let mut bytes = response.bytes_stream();
+    let mut done = false;
+    while let Some(piece) = bytes.next().await {
+        let piece = piece.map_err(|e| e.to_string())?;
+        let at = started.elapsed().as_secs_f64();
+        for data in parser.push(&piece) {
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let chunk: Value =
+                serde_json::from_str(&data).map_err(|e| format!("bad chunk: {e}"))?;
+            if let Some(err) = chunk.get("error") {
+                return Err(format!("error event: {err}"));
+            }
+            if let Some(content) = chunk["choices"][0]["delta"]["content"].as_str() {
+                if !content.is_empty() {
+                    record.chunk_times.push(at);
+                    text.push_str(content);
+                }
+            }
+            if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
+                let count = |v: &Value| v.as_u64().unwrap_or(0) as usize;
+                record.output_tokens = count(&usage["completion_tokens"]);
+                record.prompt_tokens = count(&usage["prompt_tokens"]);
+                record.cached_tokens = count(&usage["prompt_tokens_details"]["cached_tokens"]);
+            }
+        }
+    }
+    if done {
+        Ok(())
+    } else {
+        Err("the stream ended before [DONE]".into())
+    }
+}
+
+/// The served model ids of `{base}/v1/models`.
+pub async fn models(http: &reqwest::Client, base: &str) -> Result<Vec<String>, String> {
+    let url = format!("{}/v1/models", base.trim_end_matches('/'));
+    let list: Value = http
+        .get(&url)
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| format!("{url}: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    Ok(list["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["id"].as_str().map(str::to_string))
+        .collect())
+}

@@ -1,0 +1,97 @@
+//! The run's figures as a table for people and as JSON for tools.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::runner::LevelResult;
+
+/// Everything a run measured, with the settings that produced it.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The command line, so a JSON file says how to reproduce it.
+    pub command: String,
+    /// Seconds since the Unix epoch when the run started.
+    pub started_unix: u64,
+    pub settings: serde_json::Value,
+    pub levels: Vec<LevelResult>,
+}
+
+/// One row per level and target: throughput, then latency percentiles in ms.
+pub fn table(levels: &[LevelResult]) -> String {
+    let multi = levels
+        .iter()
+        .map(|l| &l.target.url)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        > 1;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<10} {}{:>5} {:>5} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "load",
+        if multi {
+            format!("{:<28} ", "target")
+        } else {
+            String::new()
+        },
+        "ok",
+        "fail",
+        "out tok/s",
+        "req/s",
+        "TTFT p50",
+        "TTFT p99",
+        "ITL p50",
+        "ITL p99",
+        "TPOT p50",
+        "E2E p50",
+        "E2E p99",
+    );
+    for l in levels {
+        let s = &l.summary;
+        let target = if multi {
+            format!("{:<28} ", truncate(&l.target.url, 28))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "{:<10} {target}{:>5} {:>5} {:>9.1} {:>7.2} {:>8.0} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>8.0} {:>8.0}",
+            l.load.label(),
+            s.completed,
+            s.failed,
+            s.output_tokens_per_s,
+            s.requests_per_s,
+            s.ttft_ms.p50,
+            s.ttft_ms.p99,
+            s.itl_ms.p50,
+            s.itl_ms.p99,
+            s.tpot_ms.p50,
+            s.e2e_ms.p50,
+            s.e2e_ms.p99,
+        );
+        for (status, n) in &s.failures {
+            let _ = writeln!(out, "           {n} failed with {status}");
+        }
+        for t in l.turns.iter().flatten() {
+            let _ = writeln!(
+                out,
+                "           turn {:>2}: {:>3} req, prompt {:>6.0} tok ({:>6.0} cached), TTFT p50 {:>7.0} ms p99 {:>7.0} ms",
+                t.turn + 1,
+                t.requests,
+                t.prompt_tokens_mean,
+                t.cached_tokens_mean,
+                t.ttft_ms.p50,
+                t.ttft_ms.p99,
+            );
+        }
+    }
+    out
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
