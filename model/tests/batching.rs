@@ -1,7 +1,7 @@
 //! Engine invariants on the real model: a sequence's greedy tokens do not depend on what
 //! else shares its batch, nor on how its prompt was split into prefill chunks.
-#![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
 
+#![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
 
 mod common;
 
