@@ -93,6 +93,51 @@ fn prefill(c: &mut Criterion) {
     group.finish();
 }
 
+/// One `[3072, 576]` projection (SmolLM2's stacked gate/up) from a Q4_1 weight, by each
+/// kernel path, at several row counts.
+fn matmul(c: &mut Criterion) {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+    use chorus_model::packed::PackedLinear;
+
+    let (n, k) = (3072, 576);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.1..0.1)).collect();
+    let w = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("tensor");
+    let q = QTensor::quantize(&w, GgmlDType::Q4_1).expect("quantize");
+    let packed = PackedLinear::from_parts(std::slice::from_ref(&q)).expect("pack");
+    let dense = QMatMul::Tensor(q.dequantize(&Device::Cpu).expect("dequantize"));
+    let quant = QMatMul::from_qtensor(q).expect("qmatmul");
+
+    let mut group = c.benchmark_group("matmul_3072x576");
+    group.sample_size(10);
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    group.measurement_time(std::time::Duration::from_secs(2));
+    for rows in [1, 8, 32, 64, 256] {
+        if std::env::var_os("CHORUS_BENCH_PACKED_ONLY").is_some() {
+            let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            group.throughput(Throughput::Elements(rows as u64));
+            group.bench_with_input(BenchmarkId::new("packed_q4_1", rows), &x, |b, x| {
+                b.iter(|| black_box(packed.forward(x, rows)))
+            });
+            continue;
+        }
+        let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let t = Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu).expect("tensor");
+        group.throughput(Throughput::Elements(rows as u64));
+        group.bench_with_input(BenchmarkId::new("packed_q4_1", rows), &x, |b, x| {
+            b.iter(|| black_box(packed.forward(x, rows)))
+        });
+        group.bench_with_input(BenchmarkId::new("candle_f32", rows), &t, |b, t| {
+            b.iter(|| black_box(dense.forward(t).expect("matmul")))
+        });
+        group.bench_with_input(BenchmarkId::new("candle_q4_1", rows), &t, |b, t| {
+            b.iter(|| black_box(quant.forward(t).expect("matmul")))
+        });
+    }
+    group.finish();
+}
+
 fn sampling(c: &mut Criterion) {
     let vocab = 49152;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
@@ -119,5 +164,5 @@ fn sampling(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode_step, prefill, sampling);
+criterion_group!(benches, matmul, decode_step, prefill, sampling);
 criterion_main!(benches);

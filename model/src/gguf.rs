@@ -1,5 +1,5 @@
 //! Loading a llama-family model from one GGUF file: hyper-parameters and tokenizer from
-//! the metadata, quantized weights kept quantized (candle's `QMatMul`).
+//! the metadata, projection weights in the format `--weights` asks for ([`crate::linear`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -7,11 +7,12 @@ use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::Device;
 
 use crate::error::{ModelError, Result};
-use crate::llama::{stack_rows, LayerWeights, Llama, LlamaConfig};
+use crate::linear::{Linear, WeightFormat};
+use crate::llama::{LayerWeights, Llama, LlamaConfig};
 use crate::template::ChatTemplate;
 use crate::tokenizer::{GgufVocab, Tokenizer};
 
@@ -26,18 +27,6 @@ pub struct LoadedModel {
 
 /// Used when a GGUF carries no `tokenizer.chat_template` (ChatML, as most chat models use).
 const FALLBACK_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-/// How projection weights are held in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WeightFormat {
-    /// Dequantized to f32 and multiplied with f32 gemm: exact activations (candle's
-    /// quantized kernels round activations to 8 bits), and far faster per row once a step
-    /// carries several rows. Costs 4 bytes per parameter.
-    #[default]
-    F32,
-    /// Kept as shipped in the file (Q4_1, Q8_0, ...): least memory.
-    Quantized,
-}
 
 pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
     let io = |source| ModelError::Io {
@@ -115,12 +104,12 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
         true => "output.weight",
         false => "token_embd.weight",
     };
-    let lm_head = linear(vec![tensor(head_name)?], format)?;
+    let lm_head = Linear::new(vec![tensor(head_name)?], format)?;
     let norm = dense(tensor("output_norm.weight")?)?;
     let mut layers = Vec::with_capacity(cfg.layers);
     for i in 0..cfg.layers {
         let p = format!("blk.{i}");
-        let qkv = linear(
+        let qkv = Linear::new(
             vec![
                 tensor(&format!("{p}.attn_q.weight"))?,
                 tensor(&format!("{p}.attn_k.weight"))?,
@@ -128,7 +117,7 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
             ],
             format,
         )?;
-        let gate_up = linear(
+        let gate_up = Linear::new(
             vec![
                 tensor(&format!("{p}.ffn_gate.weight"))?,
                 tensor(&format!("{p}.ffn_up.weight"))?,
@@ -138,10 +127,10 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
         layers.push(LayerWeights {
             attn_norm: dense(tensor(&format!("{p}.attn_norm.weight"))?)?,
             qkv,
-            out: linear(vec![tensor(&format!("{p}.attn_output.weight"))?], format)?,
+            out: Linear::new(vec![tensor(&format!("{p}.attn_output.weight"))?], format)?,
             ffn_norm: dense(tensor(&format!("{p}.ffn_norm.weight"))?)?,
             gate_up,
-            down: linear(vec![tensor(&format!("{p}.ffn_down.weight"))?], format)?,
+            down: Linear::new(vec![tensor(&format!("{p}.ffn_down.weight"))?], format)?,
         });
     }
     Ok(LoadedModel {
@@ -150,20 +139,6 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
         template,
         name,
     })
-}
-
-/// One projection from the row-wise stack of `parts` (q/k/v, gate/up), in `format`.
-fn linear(parts: Vec<QTensor>, format: WeightFormat) -> Result<QMatMul> {
-    match format {
-        WeightFormat::Quantized => stack_rows(parts),
-        WeightFormat::F32 => {
-            let dense = parts
-                .iter()
-                .map(|p| p.dequantize(&Device::Cpu))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Ok(QMatMul::Tensor(Tensor::cat(&dense, 0)?.contiguous()?))
-        }
-    }
 }
 
 /// Typed access to GGUF metadata with errors that name the key.

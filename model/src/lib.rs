@@ -9,6 +9,8 @@
 //! - [`sampling`]: temperature / top-k / top-p / min-p sampling with a per-request RNG.
 //! - [`kv`]: the paged KV cache (block pool) and its allocator.
 //! - [`attention`]: attention over a ragged batch that reads each sequence's KV blocks in place.
+//! - [`linear`]: a projection in the chosen weight format (`--weights`).
+//! - [`packed`]: projection weights in their 4/8-bit blocks, multiplied with f32 activations.
 //! - [`llama`]: the llama-family transformer and its batched forward pass.
 
 pub mod attention;
@@ -16,7 +18,9 @@ pub mod detok;
 pub mod error;
 pub mod gguf;
 pub mod kv;
+pub mod linear;
 pub mod llama;
+pub mod packed;
 pub mod sampling;
 pub mod stop;
 pub mod template;
@@ -24,8 +28,9 @@ pub mod tokenizer;
 
 pub use detok::IncrementalDecoder;
 pub use error::{ModelError, Result};
-pub use gguf::{LoadedModel, WeightFormat};
+pub use gguf::LoadedModel;
 pub use kv::{BlockAllocator, KvCache};
+pub use linear::WeightFormat;
 pub use llama::{Llama, LlamaConfig, SeqInput};
 pub use sampling::{Sampler, SamplingParams};
 pub use stop::StopMatcher;

@@ -3,12 +3,10 @@
 //! one `[T, hidden]` matrix, so each projection is one matmul for the whole step, while
 //! positions, KV writes and attention are per token over each sequence's own blocks.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{Device, Module, Tensor};
-
 use crate::attention::{dot, paged_attention, AttnShape, RowSpan};
 use crate::error::{ModelError, Result};
 use crate::kv::{KvCache, KvShape};
+use crate::linear::Linear;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -46,12 +44,12 @@ impl LlamaConfig {
 pub struct LayerWeights {
     pub attn_norm: Vec<f32>,
     /// q, k and v projections stacked into one `[q_dim + 2 * kv_dim, hidden]` matrix.
-    pub qkv: QMatMul,
-    pub out: QMatMul,
+    pub qkv: Linear,
+    pub out: Linear,
     pub ffn_norm: Vec<f32>,
     /// gate and up projections stacked into one `[2 * ffn, hidden]` matrix.
-    pub gate_up: QMatMul,
-    pub down: QMatMul,
+    pub gate_up: Linear,
+    pub down: Linear,
 }
 
 pub struct Llama {
@@ -60,7 +58,7 @@ pub struct Llama {
     embed: Vec<f32>,
     layers: Vec<LayerWeights>,
     norm: Vec<f32>,
-    lm_head: QMatMul,
+    lm_head: Linear,
     /// `[context_len, head_dim / 2]` rope tables.
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -85,7 +83,7 @@ impl Llama {
         embed: Vec<f32>,
         layers: Vec<LayerWeights>,
         norm: Vec<f32>,
-        lm_head: QMatMul,
+        lm_head: Linear,
     ) -> Self {
         let half = cfg.head_dim / 2;
         let mut cos = Vec::with_capacity(cfg.context_len * half);
@@ -167,7 +165,7 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps);
             // [rows, q_dim + 2 * kv_dim]
-            let qkv = matmul(&layer.qkv, h, rows, hidden)?;
+            let qkv = layer.qkv.forward(h, rows)?;
             let width = q_dim + 2 * kv_dim;
             let mut q = Vec::with_capacity(rows * q_dim);
             for span in &spans {
@@ -186,18 +184,18 @@ impl Llama {
             }
             // [rows, q_dim]
             let attn = paged_attention(&attn_shape, &q, kv.layer(li), &spans);
-            let o = matmul(&layer.out, attn, rows, q_dim)?;
+            let o = layer.out.forward(attn, rows)?;
             add_into(&mut x, &o);
 
             let h = rms_norm(&x, &layer.ffn_norm, cfg.rms_eps);
             // [rows, 2 * ffn]
-            let gu = matmul(&layer.gate_up, h, rows, hidden)?;
+            let gu = layer.gate_up.forward(h, rows)?;
             let mut act = Vec::with_capacity(rows * cfg.ffn);
             for line in gu.chunks_exact(2 * cfg.ffn) {
                 let (g, u) = line.split_at(cfg.ffn);
                 act.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
             }
-            let d = matmul(&layer.down, act, rows, cfg.ffn)?;
+            let d = layer.down.forward(act, rows)?;
             add_into(&mut x, &d);
         }
 
@@ -214,7 +212,7 @@ impl Llama {
             return Ok(Vec::new());
         }
         let h = rms_norm(&last, &self.norm, cfg.rms_eps);
-        let logits = matmul(&self.lm_head, h, n, hidden)?;
+        let logits = self.lm_head.forward(h, n)?;
         Ok(logits
             .chunks_exact(cfg.vocab)
             .map(<[f32]>::to_vec)
@@ -238,24 +236,6 @@ impl Llama {
     }
 }
 
-/// `x · wᵀ` for `x`: `[rows, cols]`.
-///
-/// gemm computes a single row on another path than several rows (results differ in the
-/// last bits), so a lone row is padded to two: a row's result then never depends on how
-/// many rows share the step, and a request's output not on what else is running.
-fn matmul(w: &QMatMul, mut x: Vec<f32>, rows: usize, cols: usize) -> Result<Vec<f32>> {
-    let pad = rows == 1 && matches!(w, QMatMul::Tensor(_));
-    if pad {
-        x.extend_from_within(..cols);
-    }
-    let t = Tensor::from_vec(x, (rows + usize::from(pad), cols), &Device::Cpu)?;
-    let mut out = w.forward(&t)?.flatten_all()?.to_vec1::<f32>()?;
-    if pad {
-        out.truncate(out.len() / 2);
-    }
-    Ok(out)
-}
-
 /// RMS norm of each row of `x` (rows of `weight.len()`).
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
@@ -271,41 +251,4 @@ fn add_into(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
-}
-
-/// Stacks quantized matrices of one type by rows (`[n_i, k]` → `[Σ n_i, k]`). Quantized
-/// blocks run along rows, so the stacked bytes are the parts' bytes one after another.
-pub fn stack_rows(mut parts: Vec<QTensor>) -> Result<QMatMul> {
-    if parts.len() == 1 {
-        return Ok(QMatMul::from_qtensor(parts.remove(0))?);
-    }
-    let first = parts
-        .first()
-        .ok_or_else(|| ModelError::Unsupported("nothing to stack".into()))?;
-    let (dtype, k) = (first.dtype(), first.shape().dims2()?.1);
-    let mut bytes = Vec::new();
-    let mut n = 0;
-    for p in &parts {
-        let (pn, pk) = p.shape().dims2()?;
-        if p.dtype() != dtype || pk != k {
-            // Mixed types cannot share one matmul: fall back to a dense f32 stack.
-            return stack_dense(&parts);
-        }
-        bytes.extend_from_slice(&p.data()?);
-        n += pn;
-    }
-    let storage = QStorage::from_data(bytes.into(), &Device::Cpu, dtype)?;
-    Ok(QMatMul::from_qtensor(QTensor::new(storage, (n, k))?)?)
-}
-
-fn stack_dense(parts: &[QTensor]) -> Result<QMatMul> {
-    let dense = parts
-        .iter()
-        .map(|p| p.dequantize(&Device::Cpu))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let t = Tensor::cat(&dense, 0)?;
-    Ok(QMatMul::from_qtensor(QTensor::quantize(
-        &t,
-        GgmlDType::F32,
-    )?)?)
 }

@@ -31,14 +31,15 @@ impl Default for SamplingParams {
     }
 }
 
-/// Candidates examined before a full sort is needed for top-p: the nucleus almost always
-/// fits in far fewer tokens than a 49k vocabulary.
-const PARTIAL_SORT: usize = 256;
+/// Below this many candidates the nucleus search just sorts.
+const SORT_BELOW: usize = 64;
 
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
-    /// Scratch buffer reused across steps: (token, probability).
+    /// Scratch buffers reused across steps: unnormalised probabilities, and the
+    /// (token, probability) candidates still in the running.
+    weights: Vec<f32>,
     candidates: Vec<(u32, f32)>,
 }
 
@@ -51,6 +52,7 @@ impl Sampler {
         Self {
             params,
             rng,
+            weights: Vec::new(),
             candidates: Vec::new(),
         }
     }
@@ -67,21 +69,21 @@ impl Sampler {
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let inv_t = 1.0 / p.temperature;
+        self.weights.clear();
+        self.weights
+            .extend(logits.iter().map(|&l| exp((l - max) * inv_t)));
         self.candidates.clear();
         self.candidates.extend(
-            logits
+            self.weights
                 .iter()
                 .enumerate()
-                .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp()))
+                .map(|(i, &w)| (i as u32, w))
                 .filter(|&(_, w)| w > 0.0),
         );
         let c = &mut self.candidates;
         if c.is_empty() {
             return argmax(logits);
         }
-        let by_weight_desc =
-            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-
         if p.top_k > 0 && p.top_k < c.len() {
             c.select_nth_unstable_by(p.top_k - 1, by_weight_desc);
             c.truncate(p.top_k);
@@ -93,26 +95,7 @@ impl Sampler {
         }
         if p.top_p < 1.0 {
             let total: f32 = c.iter().map(|x| x.1).sum();
-            let target = p.top_p * total;
-            // Sort only the head when it already holds the nucleus.
-            if c.len() > PARTIAL_SORT {
-                c.select_nth_unstable_by(PARTIAL_SORT - 1, by_weight_desc);
-                let head: f32 = c[..PARTIAL_SORT].iter().map(|x| x.1).sum();
-                if head >= target {
-                    c.truncate(PARTIAL_SORT);
-                }
-            }
-            c.sort_unstable_by(by_weight_desc);
-            let mut cum = 0.0;
-            let mut keep = c.len();
-            for (i, x) in c.iter().enumerate() {
-                cum += x.1;
-                if cum >= target {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            c.truncate(keep);
+            nucleus(c, p.top_p * total);
         }
         let total: f32 = c.iter().map(|x| x.1).sum();
         let mut draw = self.rng.random::<f32>() * total;
@@ -125,6 +108,67 @@ impl Sampler {
         // Rounding left a sliver past the end: the last candidate takes it.
         c.last().map_or_else(|| argmax(logits), |x| x.0)
     }
+}
+
+/// Keeps the smallest set of the heaviest candidates whose weights reach `target`
+/// (top-p), in an order fixed by the weights alone. Halves the range with linear-time selection instead of
+/// sorting the vocabulary, so a flat distribution costs O(n), not O(n log n).
+fn nucleus(c: &mut Vec<(u32, f32)>, target: f32) {
+    let (mut lo, mut hi, mut need) = (0, c.len(), target);
+    // Invariant: c[..lo] is kept and outweighs all of c[lo..hi]; c[hi..] is dropped.
+    while hi - lo > SORT_BELOW {
+        let mid = lo + (hi - lo) / 2;
+        c[lo..hi].select_nth_unstable_by(mid - lo, by_weight_desc);
+        let upper: f32 = c[lo..mid].iter().map(|x| x.1).sum();
+        if upper >= need {
+            hi = mid;
+        } else {
+            need -= upper;
+            lo = mid;
+        }
+    }
+    c[lo..hi].sort_unstable_by(by_weight_desc);
+    let mut cum = 0.0;
+    let mut end = hi;
+    for (i, x) in c[lo..hi].iter().enumerate() {
+        cum += x.1;
+        if cum >= need {
+            end = lo + i + 1;
+            break;
+        }
+    }
+    c.truncate(end);
+}
+
+/// `e^x` for `x <= 0` to about 2 ulp, in a form the compiler vectorizes (no branches,
+/// no libm call): `x = n·ln2 + r`, a degree-6 polynomial for `e^r`, `2^n` from the
+/// exponent bits. Below -87 the result is 0, as the true value is below f32's normal range.
+#[inline]
+fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p: f32 = 1.0 / 720.0;
+    let p = p.mul_add(r, 1.0 / 120.0);
+    let p = p.mul_add(r, 1.0 / 24.0);
+    let p = p.mul_add(r, 1.0 / 6.0);
+    let p = p.mul_add(r, 0.5);
+    let p = p.mul_add(r, 1.0);
+    let p = p.mul_add(r, 1.0);
+    let scale = f32::from_bits(((n as i32 + 127).max(0) as u32) << 23);
+    let y = p * scale;
+    if x > -87.0 {
+        y
+    } else {
+        0.0
+    }
+}
+
+/// Heaviest first; the lower token id first among equals, so the order is total.
+fn by_weight_desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
 /// Index of the largest logit; the lowest index wins ties, NaN never wins.
@@ -213,6 +257,57 @@ mod tests {
         logits[10] = 4.5;
         let h = histogram(params(1.0, 0, 0.5, 0.0, 3), &logits, 500);
         assert_eq!(h[4000], 500);
+    }
+
+    #[test]
+    fn exp_matches_libm() {
+        for i in 0..=100_000 {
+            let x = -90.0 * i as f32 / 100_000.0;
+            let (got, want) = (exp(x), x.exp());
+            if x <= -87.0 {
+                assert_eq!(got, 0.0);
+            } else {
+                assert!(
+                    (got - want).abs() <= 4e-7 * want,
+                    "exp({x}) = {got}, want {want}"
+                );
+            }
+        }
+    }
+
+    /// The selection-based nucleus holds the same tokens a full sort finds, on a flat
+    /// distribution where the nucleus is most of the vocabulary.
+    #[test]
+    fn nucleus_equals_sorted_prefix() {
+        let mut rng = StdRng::seed_from_u64(4);
+        for n in [1, 10, 63, 64, 65, 1000, 49152] {
+            let c: Vec<(u32, f32)> = (0..n).map(|i| (i, rng.random_range(0.01..1.0))).collect();
+            let total: f32 = c.iter().map(|x| x.1).sum();
+            for top_p in [0.05, 0.5, 0.95, 0.999] {
+                let target = top_p * total;
+                let mut sorted = c.clone();
+                sorted.sort_by(by_weight_desc);
+                let mut cum = 0.0;
+                let keep = sorted
+                    .iter()
+                    .position(|x| {
+                        cum += x.1;
+                        cum >= target
+                    })
+                    .map_or(n as usize, |i| i + 1);
+                let mut got = c.clone();
+                nucleus(&mut got, target);
+                got.sort_by(by_weight_desc);
+                // Sums in another order may round across the boundary by one token.
+                assert!(
+                    got.len().abs_diff(keep) <= 1,
+                    "n {n}, top_p {top_p}: {} vs {keep}",
+                    got.len()
+                );
+                let common = got.len().min(keep);
+                assert_eq!(got[..common], sorted[..common], "n {n}, top_p {top_p}");
+            }
+        }
     }
 
     #[test]

@@ -86,6 +86,11 @@ fn generate(m: &LoadedModel, prompts: &[Vec<u32>], chunk: usize) -> Vec<Vec<u32>
 }
 
 #[test]
+fn batched_greedy_equals_one_at_a_time_packed() {
+    check_batch_invariance(WeightFormat::Packed);
+}
+
+#[test]
 fn batched_greedy_equals_one_at_a_time_f32() {
     check_batch_invariance(WeightFormat::F32);
 }

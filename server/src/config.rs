@@ -31,9 +31,10 @@ pub struct Config {
     #[arg(long, env = "CHORUS_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
 
-    /// Weight format in memory: f32 (dequantized; exact activations, fastest once steps
-    /// carry several tokens) or quantized (as shipped in the file; least memory).
-    #[arg(long, env = "CHORUS_WEIGHTS", value_enum, default_value_t = Weights::F32)]
+    /// How projection weights are held and multiplied: packed (the file's 4/8-bit blocks,
+    /// dequantized on the fly with f32 activations; fastest), f32 (dequantized, candle's
+    /// gemm) or quantized (candle's kernels, 8-bit activations; least accurate).
+    #[arg(long, env = "CHORUS_WEIGHTS", value_enum, default_value_t = Weights::Packed)]
     pub weights: Weights,
 
     /// Most sequences decoding at once (continuous-batching slots).
@@ -71,6 +72,7 @@ pub struct Config {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Weights {
+    Packed,
     F32,
     Quantized,
 }
@@ -78,6 +80,7 @@ pub enum Weights {
 impl From<Weights> for chorus_model::WeightFormat {
     fn from(w: Weights) -> Self {
         match w {
+            Weights::Packed => chorus_model::WeightFormat::Packed,
             Weights::F32 => chorus_model::WeightFormat::F32,
             Weights::Quantized => chorus_model::WeightFormat::Quantized,
         }

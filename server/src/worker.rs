@@ -11,6 +11,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use chorus_model::{IncrementalDecoder, KvCache, Llama, Sampler, SeqInput, StopMatcher, Tokenizer};
+use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::engine::{Event, FinishReason, Stats, Submission};
@@ -181,17 +182,21 @@ impl Worker {
             }
         };
 
-        let sampling = plan.batch.iter().filter(|s| s.samples);
-        for (s, row) in sampling.zip(&logits) {
-            let Some(seq) = seqs.get_mut(&s.id) else {
+        let sampling: Vec<SeqId> = plan
+            .batch
+            .iter()
+            .filter(|s| s.samples)
+            .map(|s| s.id)
+            .collect();
+        for (id, token) in sample_all(seqs, &sampling, &logits) {
+            let Some(seq) = seqs.get_mut(&id) else {
                 continue;
             };
-            let token = seq.sampler.sample(row);
             match self.accept(seq, token) {
-                None => self.scheduler.append_token(s.id),
+                None => self.scheduler.append_token(id),
                 Some(finish) => {
-                    if let Some(seq) = seqs.remove(&s.id) {
-                        self.complete(s.id, seq, finish);
+                    if let Some(seq) = seqs.remove(&id) {
+                        self.complete(id, seq, finish);
                     }
                 }
             }
@@ -252,4 +257,32 @@ impl Worker {
         s.kv_blocks_total
             .store(self.scheduler.blocks_total(), Ordering::Release);
     }
+}
+
+/// Draws the next token of every sampling sequence (`ids[i]` owns `logits[i]`), spread
+/// over the cores: each sequence has its own sampler and RNG, so the draws are
+/// independent of each other and of the order they run in. Returns `(id, token)` in `ids`
+/// order.
+fn sample_all(
+    seqs: &mut HashMap<SeqId, Seq>,
+    ids: &[SeqId],
+    logits: &[Vec<f32>],
+) -> Vec<(SeqId, u32)> {
+    let rows: HashMap<SeqId, (usize, &[f32])> = ids
+        .iter()
+        .zip(logits)
+        .enumerate()
+        .map(|(i, (&id, row))| (id, (i, row.as_slice())))
+        .collect();
+    let mut work: Vec<(usize, SeqId, &mut Sampler, &[f32])> = seqs
+        .iter_mut()
+        .filter_map(|(&id, seq)| {
+            rows.get(&id)
+                .map(|&(i, row)| (i, id, &mut seq.sampler, row))
+        })
+        .collect();
+    work.sort_unstable_by_key(|w| w.0);
+    work.par_iter_mut()
+        .map(|(_, id, sampler, row)| (*id, sampler.sample(row)))
+        .collect()
 }
