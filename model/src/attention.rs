@@ -8,6 +8,7 @@
 use rayon::prelude::*;
 
 use crate::kv::{offset, KvShape, LayerKv, BLOCK_SIZE};
+use crate::math::{exp, lanes_max, lanes_sum};
 
 /// Where one sequence's rows sit in the batch.
 #[derive(Debug, Clone, Copy)]
@@ -29,8 +30,8 @@ pub struct AttnShape {
 /// The KV of every row's position must already be written.
 pub fn paged_attention(shape: &AttnShape, q: &[f32], kv: &LayerKv, spans: &[RowSpan]) -> Vec<f32> {
     let hd = shape.kv.head_dim;
-    let heads = shape.heads;
-    let group = heads / shape.kv.kv_heads;
+    let (heads, kv_heads) = (shape.heads, shape.kv.kv_heads);
+    let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let total_rows: usize = spans.iter().map(|s| s.rows).sum();
     // (span index, position) of every row.
@@ -39,93 +40,129 @@ pub fn paged_attention(shape: &AttnShape, q: &[f32], kv: &LayerKv, spans: &[RowS
         debug_assert_eq!(s.first_row, row_info.len());
         row_info.extend((0..s.rows).map(|r| (i, s.start_pos + r)));
     }
+    // One task per (row, KV head): the query heads sharing a KV head read it once.
     let mut out = vec![0.0f32; total_rows * heads * hd];
-    out.par_chunks_mut(hd)
+    out.par_chunks_mut(group * hd)
         .enumerate()
-        .with_min_len(4)
+        .with_min_len(2)
         .for_each_init(Vec::new, |scores, (i, o)| {
-            let (row, head) = (i / heads, i % heads);
+            let (row, kv_head) = (i / kv_heads, i % kv_heads);
             let (span, pos) = row_info[row];
-            let q_row = &q[(row * heads + head) * hd..][..hd];
-            attend(
-                shape.kv,
+            let q_rows = &q[(row * heads + kv_head * group) * hd..][..group * hd];
+            let task = Task {
+                s: shape.kv,
                 kv,
-                spans[span].blocks,
-                head / group,
-                pos,
-                q_row,
+                blocks: spans[span].blocks,
+                kv_head,
+                n: pos + 1,
                 scale,
-                scores,
-                o,
-            );
+            };
+            task.attend(q_rows, scores, o);
         });
     out
 }
 
-/// One query vector against positions `0..=pos` of one KV head.
-#[allow(clippy::too_many_arguments)]
-fn attend(
+/// The query heads of one row that share `kv_head`, against positions `0..n`.
+struct Task<'a> {
     s: KvShape,
-    kv: &LayerKv,
-    blocks: &[u32],
+    kv: &'a LayerKv,
+    blocks: &'a [u32],
     kv_head: usize,
-    pos: usize,
-    q: &[f32],
+    n: usize,
     scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let hd = s.head_dim;
-    let n = pos + 1;
-    scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for (b, &block) in blocks.iter().enumerate().take(n.div_ceil(BLOCK_SIZE)) {
-        let base = offset(s, block as usize, kv_head, 0);
-        let in_block = (n - b * BLOCK_SIZE).min(BLOCK_SIZE);
-        for slot in 0..in_block {
-            let k = &kv.k[base + slot * hd..][..hd];
-            let x = dot(q, k) * scale;
-            max = max.max(x);
-            scores.push(x);
+}
+
+impl Task<'_> {
+    /// `q`: `[group][head_dim]`; `out` the same shape. `scores` is scratch.
+    fn attend(&self, q: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
+        let hd = self.s.head_dim;
+        let group = q.len() / hd;
+        let blocks = self.n.div_ceil(BLOCK_SIZE);
+        let stride = blocks * BLOCK_SIZE;
+        // [group][stride]: raw scores, then probabilities. Slots past `n` in the last
+        // block hold whatever was there; they are computed and then ignored.
+        scores.clear();
+        scores.resize(group * stride, 0.0);
+        for (b, &block) in self.blocks.iter().enumerate().take(blocks) {
+            let base = offset(self.s, block as usize, self.kv_head, 0);
+            // Keys are stored `[head_dim][slot]`: one pass gives all 16 slots' scores.
+            let k = &self.kv.k[base..][..hd * BLOCK_SIZE];
+            for (h, qh) in q.chunks_exact(hd).enumerate() {
+                let s = block_scores(qh, k);
+                scores[h * stride + b * BLOCK_SIZE..][..BLOCK_SIZE].copy_from_slice(&s);
+            }
+        }
+        for row in scores.chunks_exact_mut(stride) {
+            let valid = &mut row[..self.n];
+            let max = lanes_max(valid);
+            for x in valid.iter_mut() {
+                *x = exp((*x - max) * self.scale);
+            }
+            let inv = 1.0 / lanes_sum(valid);
+            valid.iter_mut().for_each(|x| *x *= inv);
+        }
+        for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+            let p = &scores[h * stride..][..stride];
+            match hd {
+                64 => self.weighted_values::<64>(p, o),
+                128 => self.weighted_values::<128>(p, o),
+                _ => self.weighted_values_any(p, o),
+            }
         }
     }
-    let mut sum = 0.0;
-    for x in scores.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
+
+    /// `out = Σ_slot p[slot] · v[slot]`, accumulating in registers for a known head size.
+    fn weighted_values<const D: usize>(&self, p: &[f32], out: &mut [f32]) {
+        let mut acc = [0.0f32; D];
+        self.for_each_value(|slot, v| {
+            if let Ok(v) = <&[f32; D]>::try_from(v) {
+                for (a, &v) in acc.iter_mut().zip(v) {
+                    *a = p[slot].mul_add(v, *a);
+                }
+            }
+        });
+        out.copy_from_slice(&acc);
     }
-    let inv = 1.0 / sum;
-    out.fill(0.0);
-    for (b, &block) in blocks.iter().enumerate().take(n.div_ceil(BLOCK_SIZE)) {
-        let base = offset(s, block as usize, kv_head, 0);
-        let in_block = (n - b * BLOCK_SIZE).min(BLOCK_SIZE);
-        for slot in 0..in_block {
-            let p = scores[b * BLOCK_SIZE + slot] * inv;
-            let v = &kv.v[base + slot * hd..][..hd];
-            for (o, &vv) in out.iter_mut().zip(v) {
-                *o += p * vv;
+
+    fn weighted_values_any(&self, p: &[f32], out: &mut [f32]) {
+        out.fill(0.0);
+        self.for_each_value(|slot, v| {
+            for (o, &v) in out.iter_mut().zip(v) {
+                *o = p[slot].mul_add(v, *o);
+            }
+        });
+    }
+
+    /// Calls `f(position, value row)` for positions `0..n` in order.
+    #[inline(always)]
+    fn for_each_value(&self, mut f: impl FnMut(usize, &[f32])) {
+        let hd = self.s.head_dim;
+        for (b, &block) in self
+            .blocks
+            .iter()
+            .enumerate()
+            .take(self.n.div_ceil(BLOCK_SIZE))
+        {
+            let base = offset(self.s, block as usize, self.kv_head, 0);
+            let in_block = (self.n - b * BLOCK_SIZE).min(BLOCK_SIZE);
+            for slot in 0..in_block {
+                f(b * BLOCK_SIZE + slot, &self.kv.v[base + slot * hd..][..hd]);
             }
         }
     }
 }
 
-/// Dot product with 16 independent accumulators, so the compiler vectorizes it while the
-/// summation order stays fixed.
+/// `q · k[:, slot]` for the 16 slots of a key block stored `[head_dim][slot]`: one
+/// 16-lane multiply-add per head dimension, no horizontal sums.
 #[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let chunks = a.len() / 16;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 16..][..16], &b[c * 16..][..16]);
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
+fn block_scores(q: &[f32], k: &[f32]) -> [f32; BLOCK_SIZE] {
+    let mut acc = [0.0f32; BLOCK_SIZE];
+    for (row, &qd) in k.chunks_exact(BLOCK_SIZE).zip(q) {
+        for (a, &k) in acc.iter_mut().zip(row) {
+            *a = qd.mul_add(k, *a);
         }
     }
-    let mut tail = 0.0;
-    for i in chunks * 16..a.len() {
-        tail += a[i] * b[i];
-    }
-    acc.iter().sum::<f32>() + tail
+    acc
 }
 
 #[cfg(test)]

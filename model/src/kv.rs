@@ -3,8 +3,8 @@
 //!
 //! [`BlockAllocator`] is the bookkeeping (free list, reference counts) and is pure: the
 //! scheduler uses it to decide what fits. [`KvCache`] is the storage, owned by the
-//! inference thread. Layout per layer: `[block][kv_head][slot][head_dim]`, so one head's
-//! keys within a block are contiguous for the attention kernel.
+//! inference thread. Layout per layer: keys `[block][kv_head][head_dim][slot]` (one pass
+//! over a block scores all its slots), values `[block][kv_head][slot][head_dim]`.
 
 use crate::error::{ModelError, Result};
 
@@ -143,15 +143,21 @@ impl KvCache {
         let slot = pos % BLOCK_SIZE;
         let l = &mut self.layers[layer];
         for h in 0..s.kv_heads {
-            let at = offset(s, block, h, slot);
             let src = h * s.head_dim..(h + 1) * s.head_dim;
-            l.k[at..at + s.head_dim].copy_from_slice(&k[src.clone()]);
+            // Keys `[head_dim][slot]` (attention scores a whole block per pass), values
+            // `[slot][head_dim]` (weighted sums run along the head dimension).
+            let base = offset(s, block, h, 0);
+            for (d, &x) in k[src.clone()].iter().enumerate() {
+                l.k[base + d * BLOCK_SIZE + slot] = x;
+            }
+            let at = offset(s, block, h, slot);
             l.v[at..at + s.head_dim].copy_from_slice(&v[src]);
         }
     }
 }
 
-/// Index of `[block][head][slot][0]` in one layer's storage.
+/// Index of `[block][head][slot][0]` in one layer's value storage; with `slot = 0`, also
+/// where the block's keys for `head` start.
 #[inline]
 pub fn offset(s: KvShape, block: usize, head: usize, slot: usize) -> usize {
     ((block * s.kv_heads + head) * BLOCK_SIZE + slot) * s.head_dim

@@ -11,6 +11,7 @@
 //! - [`attention`]: attention over a ragged batch that reads each sequence's KV blocks in place.
 //! - [`linear`]: a projection in the chosen weight format (`--weights`).
 //! - [`packed`]: projection weights in their 4/8-bit blocks, multiplied with f32 activations.
+//! - [`math`]: vectorizable `dot` and `exp`.
 //! - [`llama`]: the llama-family transformer and its batched forward pass.
 
 pub mod attention;
@@ -20,6 +21,7 @@ pub mod gguf;
 pub mod kv;
 pub mod linear;
 pub mod llama;
+pub mod math;
 pub mod packed;
 pub mod sampling;
 pub mod stop;

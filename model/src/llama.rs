@@ -3,10 +3,11 @@
 //! one `[T, hidden]` matrix, so each projection is one matmul for the whole step, while
 //! positions, KV writes and attention are per token over each sequence's own blocks.
 
-use crate::attention::{dot, paged_attention, AttnShape, RowSpan};
+use crate::attention::{paged_attention, AttnShape, RowSpan};
 use crate::error::{ModelError, Result};
 use crate::kv::{KvCache, KvShape};
 use crate::linear::Linear;
+use crate::math::{dot, exp};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -193,7 +194,7 @@ impl Llama {
             let mut act = Vec::with_capacity(rows * cfg.ffn);
             for line in gu.chunks_exact(2 * cfg.ffn) {
                 let (g, u) = line.split_at(cfg.ffn);
-                act.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+                act.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + exp(-g)) * u));
             }
             let d = layer.down.forward(act, rows)?;
             add_into(&mut x, &d);

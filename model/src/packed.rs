@@ -239,15 +239,15 @@ impl PackedLinear {
     }
 }
 
-/// One `k` row of a Q4_1 strip: `d * q + m` per column (as candle dequantizes).
+/// One `k` row of a Q4_1 strip: `d * q + m` per column, fused.
 #[inline]
 fn dequant_q4_row(row: &mut [f32], q: &[u8], d: &[f32], m: &[f32]) {
     let (lo, hi) = row.split_at_mut(32);
     let (dlo, dhi) = d.split_at(32);
     let (mlo, mhi) = m.split_at(32);
     for i in 0..32 {
-        lo[i] = f32::from(q[i] & 0xF) * dlo[i] + mlo[i];
-        hi[i] = f32::from(q[i] >> 4) * dhi[i] + mhi[i];
+        lo[i] = f32::from(q[i] & 0xF).mul_add(dlo[i], mlo[i]);
+        hi[i] = f32::from(q[i] >> 4).mul_add(dhi[i], mhi[i]);
     }
 }
 

@@ -5,6 +5,8 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::math::exp;
+
 /// Sampling parameters, already validated by the caller.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -140,32 +142,6 @@ fn nucleus(c: &mut Vec<(u32, f32)>, target: f32) {
     c.truncate(end);
 }
 
-/// `e^x` for `x <= 0` to about 2 ulp, in a form the compiler vectorizes (no branches,
-/// no libm call): `x = n·ln2 + r`, a degree-6 polynomial for `e^r`, `2^n` from the
-/// exponent bits. Below -87 the result is 0, as the true value is below f32's normal range.
-#[inline]
-fn exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p: f32 = 1.0 / 720.0;
-    let p = p.mul_add(r, 1.0 / 120.0);
-    let p = p.mul_add(r, 1.0 / 24.0);
-    let p = p.mul_add(r, 1.0 / 6.0);
-    let p = p.mul_add(r, 0.5);
-    let p = p.mul_add(r, 1.0);
-    let p = p.mul_add(r, 1.0);
-    let scale = f32::from_bits(((n as i32 + 127).max(0) as u32) << 23);
-    let y = p * scale;
-    if x > -87.0 {
-        y
-    } else {
-        0.0
-    }
-}
-
 /// Heaviest first; the lower token id first among equals, so the order is total.
 fn by_weight_desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
@@ -257,22 +233,6 @@ mod tests {
         logits[10] = 4.5;
         let h = histogram(params(1.0, 0, 0.5, 0.0, 3), &logits, 500);
         assert_eq!(h[4000], 500);
-    }
-
-    #[test]
-    fn exp_matches_libm() {
-        for i in 0..=100_000 {
-            let x = -90.0 * i as f32 / 100_000.0;
-            let (got, want) = (exp(x), x.exp());
-            if x <= -87.0 {
-                assert_eq!(got, 0.0);
-            } else {
-                assert!(
-                    (got - want).abs() <= 4e-7 * want,
-                    "exp({x}) = {got}, want {want}"
-                );
-            }
-        }
     }
 
     /// The selection-based nucleus holds the same tokens a full sort finds, on a flat
