@@ -6,16 +6,38 @@
 //! inference thread. Layout per layer: keys `[block][kv_head][head_dim][slot]` (one pass
 //! over a block scores all its slots), values `[block][kv_head][slot][head_dim]`.
 
+use std::collections::{BTreeMap, HashMap};
+
+use sha2::{Digest, Sha256};
+
 use crate::error::{ModelError, Result};
 
 /// Tokens per KV block.
 pub const BLOCK_SIZE: usize = 16;
 
-/// Free list and reference counts of the block pool.
+/// Identity of a full block's contents: a SHA-256 over every token from the start of the
+/// sequence to the block's end (so equal keys mean equal keys and values in the block).
+/// A cryptographic hash, because a collision would hand one client's cached prompt to
+/// another.
+pub type BlockHash = [u8; 32];
+
+/// Free list, reference counts and prefix cache of the block pool.
+///
+/// A block is in use (referenced by sequences), cached (no references, but its contents
+/// are registered under a [`BlockHash`] and can be picked up by a later sequence with the
+/// same prefix), or free. Allocation takes free blocks first, then evicts the least
+/// recently released cached block.
 #[derive(Debug, Clone)]
 pub struct BlockAllocator {
     free: Vec<u32>,
     refs: Vec<u32>,
+    /// Registered contents of each block, if any.
+    hash: Vec<Option<BlockHash>>,
+    by_hash: HashMap<BlockHash, u32>,
+    /// Cached blocks with no references, by release time (oldest first).
+    evictable: BTreeMap<u64, u32>,
+    released_at: Vec<u64>,
+    clock: u64,
 }
 
 impl BlockAllocator {
@@ -24,6 +46,11 @@ impl BlockAllocator {
             // Reversed so that blocks are handed out in ascending order.
             free: (0..num_blocks as u32).rev().collect(),
             refs: vec![0; num_blocks],
+            hash: vec![None; num_blocks],
+            by_hash: HashMap::new(),
+            evictable: BTreeMap::new(),
+            released_at: vec![0; num_blocks],
+            clock: 0,
         }
     }
 
@@ -31,27 +58,51 @@ impl BlockAllocator {
         self.refs.len()
     }
 
+    /// Blocks that can be allocated now (free or evictable).
     pub fn free_count(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.evictable.len()
     }
 
+    /// Blocks referenced by sequences.
     pub fn used(&self) -> usize {
         self.total() - self.free_count()
     }
 
+    /// Blocks holding reusable contents that no sequence references.
+    pub fn cached(&self) -> usize {
+        self.evictable.len()
+    }
+
     pub fn allocate(&mut self) -> Option<u32> {
-        let id = self.free.pop()?;
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                let (_, id) = self.evictable.pop_first()?;
+                if let Some(h) = self.hash[id as usize].take() {
+                    self.by_hash.remove(&h);
+                }
+                id
+            }
+        };
         self.refs[id as usize] = 1;
         Some(id)
     }
 
-    /// Drops one reference; the block returns to the free list at zero.
+    /// Drops one reference; at zero the block becomes evictable if its contents are
+    /// registered, free otherwise.
     pub fn release(&mut self, id: u32) {
-        let r = &mut self.refs[id as usize];
+        let i = id as usize;
+        let r = &mut self.refs[i];
         debug_assert!(*r > 0, "block {id} released more often than held");
         *r = r.saturating_sub(1);
         if *r == 0 {
-            self.free.push(id);
+            if self.hash[i].is_some() {
+                self.clock += 1;
+                self.released_at[i] = self.clock;
+                self.evictable.insert(self.clock, id);
+            } else {
+                self.free.push(id);
+            }
         }
     }
 
@@ -60,6 +111,39 @@ impl BlockAllocator {
             self.release(id);
         }
     }
+
+    /// Records that block `id` (held, full, computed) holds the contents `hash`. If
+    /// another block already holds them, nothing changes.
+    pub fn register(&mut self, id: u32, hash: BlockHash) {
+        let i = id as usize;
+        if self.hash[i].is_none() && !self.by_hash.contains_key(&hash) {
+            self.hash[i] = Some(hash);
+            self.by_hash.insert(hash, id);
+        }
+    }
+
+    /// Takes a reference to the block holding `hash`, if one does.
+    pub fn lookup(&mut self, hash: &BlockHash) -> Option<u32> {
+        let id = *self.by_hash.get(hash)?;
+        let i = id as usize;
+        if self.refs[i] == 0 {
+            self.evictable.remove(&self.released_at[i]);
+        }
+        self.refs[i] += 1;
+        Some(id)
+    }
+}
+
+/// The hash of a full block of `tokens`, chained on the hash of the blocks before it.
+pub fn block_hash(prev: Option<&BlockHash>, tokens: &[u32]) -> BlockHash {
+    let mut h = Sha256::new();
+    if let Some(p) = prev {
+        h.update(p);
+    }
+    for t in tokens {
+        h.update(t.to_le_bytes());
+    }
+    h.finalize().into()
 }
 
 /// Number of blocks needed to hold `tokens` tokens.
@@ -178,6 +262,40 @@ mod tests {
         a.release_all(&[x, z]);
         assert_eq!(a.free_count(), 2);
         assert_eq!(a.used(), 1);
+    }
+
+    #[test]
+    fn cached_blocks_are_reused_then_evicted_oldest_first() {
+        let mut a = BlockAllocator::new(3);
+        let (x, y) = (a.allocate().unwrap(), a.allocate().unwrap());
+        let hx = block_hash(None, &[1; BLOCK_SIZE]);
+        let hy = block_hash(Some(&hx), &[2; BLOCK_SIZE]);
+        a.register(x, hx);
+        a.register(y, hy);
+        a.release_all(&[x, y]);
+        assert_eq!((a.cached(), a.free_count(), a.used()), (2, 3, 0));
+        // A new sequence with the same first block picks x up again.
+        assert_eq!(a.lookup(&hx), Some(x));
+        assert_eq!((a.cached(), a.used()), (1, 1));
+        // The free block goes first, then the oldest cached one (y), whose hash is gone.
+        assert_eq!(a.allocate(), Some(2));
+        assert_eq!(a.allocate(), Some(y));
+        assert_eq!(a.lookup(&hy), None);
+        assert_eq!(a.allocate(), None);
+        // x is still shared: a second reference, two releases.
+        assert_eq!(a.lookup(&hx), Some(x));
+        a.release(x);
+        assert_eq!(a.cached(), 0);
+        a.release(x);
+        assert_eq!(a.cached(), 1);
+    }
+
+    #[test]
+    fn block_hash_depends_on_the_whole_prefix() {
+        let a = block_hash(None, &[1, 2, 3]);
+        assert_ne!(block_hash(Some(&a), &[4]), block_hash(None, &[4]));
+        assert_ne!(block_hash(None, &[1, 2, 3]), block_hash(None, &[1, 2, 4]));
+        assert_eq!(block_hash(Some(&a), &[4]), block_hash(Some(&a), &[4]));
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub struct Config {
     pub max_queue: usize,
 
     /// Most tokens in one forward step (decode tokens plus prefill chunks).
-    #[arg(long, env = "CHORUS_MAX_BATCH_TOKENS", default_value_t = 512)]
+    #[arg(long, env = "CHORUS_MAX_BATCH_TOKENS", default_value_t = 128)]
     pub max_batch_tokens: usize,
 
     /// Memory for the KV cache, in MiB; fixes how many tokens can be held at once.

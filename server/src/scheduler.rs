@@ -11,10 +11,16 @@
 //! When a running sequence needs a block and none is free, the newest running sequence is
 //! preempted: its blocks are freed and it goes back to the head of the queue, to be
 //! recomputed from its tokens later. Nothing is dropped.
+//!
+//! Prefix caching: every full, computed block is registered under the hash of all tokens
+//! up to its end. A sequence being admitted first takes every leading block of its
+//! tokens that is registered (shared, reference-counted) and computes only the rest; a
+//! finished conversation's blocks stay cached until their space is needed (LRU), so the
+//! next turn, which resends the whole history, recomputes only the new message.
 
 use std::collections::{HashMap, VecDeque};
 
-use chorus_model::kv::{blocks_for, BlockAllocator};
+use chorus_model::kv::{block_hash, blocks_for, BlockAllocator, BlockHash, BLOCK_SIZE};
 
 pub type SeqId = u64;
 
@@ -48,10 +54,14 @@ pub struct Plan {
 #[derive(Debug)]
 struct Entry {
     /// Tokens known: prompt plus generated.
-    tokens: usize,
+    ids: Vec<u32>,
     /// Tokens whose keys and values are in the cache.
     computed: usize,
     blocks: Vec<u32>,
+    /// Hashes of `blocks[..hashes.len()]`, the full blocks registered in the prefix cache.
+    hashes: Vec<BlockHash>,
+    /// Prompt tokens found in the prefix cache at the first admission.
+    cached: usize,
     /// Has run at least once (a preempted sequence is not "new" again).
     started: bool,
 }
@@ -83,8 +93,8 @@ impl Scheduler {
         }
     }
 
-    /// Queues a sequence of `prompt_len` tokens that may grow to `max_len`.
-    pub fn add(&mut self, id: SeqId, prompt_len: usize, max_len: usize) -> Result<(), AddError> {
+    /// Queues a sequence with `prompt` tokens that may grow to `max_len`.
+    pub fn add(&mut self, id: SeqId, prompt: &[u32], max_len: usize) -> Result<(), AddError> {
         let needed = blocks_for(max_len);
         if needed > self.alloc.total() {
             return Err(AddError::TooLarge {
@@ -95,9 +105,11 @@ impl Scheduler {
         self.entries.insert(
             id,
             Entry {
-                tokens: prompt_len,
+                ids: prompt.to_vec(),
                 computed: 0,
                 blocks: Vec::new(),
+                hashes: Vec::new(),
+                cached: 0,
                 started: false,
             },
         );
@@ -106,14 +118,31 @@ impl Scheduler {
     }
 
     /// Records a sampled token: the sequence now knows one more token.
-    pub fn append_token(&mut self, id: SeqId) {
+    pub fn append_token(&mut self, id: SeqId, token: u32) {
         if let Some(e) = self.entries.get_mut(&id) {
-            e.tokens += 1;
+            e.ids.push(token);
         }
     }
 
-    /// Removes a finished or cancelled sequence and frees its blocks.
+    /// Prompt tokens of `id` whose keys and values came from the prefix cache.
+    pub fn cached_tokens(&self, id: SeqId) -> usize {
+        self.entries.get(&id).map_or(0, |e| e.cached)
+    }
+
+    /// Blocks holding reusable prefixes that no sequence references.
+    pub fn blocks_cached(&self) -> usize {
+        self.alloc.cached()
+    }
+
+    /// Removes a finished or cancelled sequence and frees its blocks; its computed full
+    /// blocks stay in the prefix cache.
     pub fn finish(&mut self, id: SeqId) {
+        self.register_full_blocks(id);
+        self.discard(id);
+    }
+
+    /// Removes a sequence whose last step failed: nothing it computed is trusted.
+    pub fn discard(&mut self, id: SeqId) {
         if let Some(e) = self.entries.remove(&id) {
             self.alloc.release_all(&e.blocks);
             self.running.retain(|&r| r != id);
@@ -149,13 +178,17 @@ impl Scheduler {
     pub fn schedule(&mut self) -> Plan {
         let mut plan = Plan::default();
         let mut budget = self.cfg.max_batch_tokens;
+        // Last step's tokens are computed now: offer its newly full blocks for reuse.
+        for id in self.running.clone() {
+            self.register_full_blocks(id);
+        }
 
         // 1 and 2: running sequences, decoders before prefill chunks, oldest first.
         let order: Vec<SeqId> = {
             let (decoding, prefilling): (Vec<SeqId>, Vec<SeqId>) = self
                 .running
                 .iter()
-                .partition(|id| self.entries[id].tokens - self.entries[id].computed == 1);
+                .partition(|id| self.entries[id].ids.len() - self.entries[id].computed == 1);
             decoding.into_iter().chain(prefilling).collect()
         };
         for id in order {
@@ -167,7 +200,7 @@ impl Scheduler {
                 continue;
             }
             let e = &self.entries[&id];
-            let len = (e.tokens - e.computed).min(budget);
+            let len = (e.ids.len() - e.computed).min(budget);
             if !self.reserve(id, len, &mut plan.preempted) {
                 continue;
             }
@@ -180,8 +213,9 @@ impl Scheduler {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
+            self.reuse_prefix(id);
             let e = &self.entries[&id];
-            let len = (e.tokens - e.computed).min(budget);
+            let len = (e.ids.len() - e.computed).min(budget);
             let needed = blocks_for(e.computed + len).saturating_sub(e.blocks.len());
             if needed > self.alloc.free_count() {
                 break;
@@ -242,9 +276,51 @@ impl Scheduler {
         if let Some(e) = self.entries.get_mut(&id) {
             self.alloc.release_all(&e.blocks);
             e.blocks.clear();
+            e.hashes.clear();
             e.computed = 0;
         }
         self.waiting.push_front(id);
+    }
+
+    /// A sequence about to be admitted with nothing computed takes the registered blocks
+    /// matching its leading tokens. At least one token is left to compute, so the step
+    /// still yields its logits.
+    fn reuse_prefix(&mut self, id: SeqId) {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        if e.computed > 0 || !e.blocks.is_empty() {
+            return;
+        }
+        let reusable = e.ids.len().saturating_sub(1) / BLOCK_SIZE;
+        for chunk in e.ids.chunks_exact(BLOCK_SIZE).take(reusable) {
+            let hash = block_hash(e.hashes.last(), chunk);
+            let Some(block) = self.alloc.lookup(&hash) else {
+                break;
+            };
+            e.blocks.push(block);
+            e.hashes.push(hash);
+        }
+        e.computed = e.blocks.len() * BLOCK_SIZE;
+        if !e.started {
+            e.cached = e.computed;
+        }
+    }
+
+    /// Registers the blocks of `id` that are full of computed tokens.
+    fn register_full_blocks(&mut self, id: SeqId) {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        while (e.hashes.len() + 1) * BLOCK_SIZE <= e.computed {
+            let i = e.hashes.len();
+            let hash = block_hash(
+                e.hashes.last(),
+                &e.ids[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE],
+            );
+            self.alloc.register(e.blocks[i], hash);
+            e.hashes.push(hash);
+        }
     }
 
     fn advance(&mut self, id: SeqId, len: usize) -> Scheduled {
@@ -258,7 +334,7 @@ impl Scheduler {
             id,
             start,
             len,
-            samples: e.computed == e.tokens,
+            samples: e.computed == e.ids.len(),
         }
     }
 }
@@ -267,6 +343,12 @@ impl Scheduler {
 mod tests {
     use super::*;
     use chorus_model::kv::BLOCK_SIZE;
+
+    /// `n` prompt tokens unique to sequence `id`, so no two tests' sequences share a prefix
+    /// unless they ask to.
+    fn toks(id: SeqId, n: usize) -> Vec<u32> {
+        (0..n as u32).map(|i| id as u32 * 10_000 + i).collect()
+    }
 
     fn sched(max_running: usize, max_batch_tokens: usize, num_blocks: usize) -> Scheduler {
         Scheduler::new(SchedulerConfig {
@@ -285,7 +367,7 @@ mod tests {
         let plan = s.schedule();
         for x in &plan.batch {
             if x.samples {
-                s.append_token(x.id);
+                s.append_token(x.id, 0);
             }
         }
         plan
@@ -295,7 +377,7 @@ mod tests {
     fn admits_fcfs_up_to_max_running() {
         let mut s = sched(2, 1000, 100);
         for id in 1..=3 {
-            s.add(id, 10, 50).unwrap();
+            s.add(id, &toks(id, 10), 50).unwrap();
         }
         let plan = step(&mut s);
         assert_eq!(lens(&plan), vec![(1, 10), (2, 10)]);
@@ -307,9 +389,9 @@ mod tests {
     #[test]
     fn long_prompt_is_chunked_and_decoders_go_first() {
         let mut s = sched(8, 16, 100);
-        s.add(1, 4, 100).unwrap();
+        s.add(1, &toks(1, 4), 100).unwrap();
         step(&mut s); // 1 prefilled, sampled its first token
-        s.add(2, 40, 100).unwrap();
+        s.add(2, &toks(2, 40), 100).unwrap();
         let plan = step(&mut s);
         // 1 decodes; 2 gets the rest of the budget as its first chunk.
         assert_eq!(lens(&plan), vec![(1, 1), (2, 15)]);
@@ -325,10 +407,10 @@ mod tests {
     #[test]
     fn arrival_joins_a_running_batch_at_the_next_step() {
         let mut s = sched(8, 512, 100);
-        s.add(1, 5, 100).unwrap();
+        s.add(1, &toks(1, 5), 100).unwrap();
         step(&mut s);
         step(&mut s);
-        s.add(2, 7, 100).unwrap();
+        s.add(2, &toks(2, 7), 100).unwrap();
         let plan = step(&mut s);
         assert_eq!(lens(&plan), vec![(1, 1), (2, 7)]);
     }
@@ -336,8 +418,8 @@ mod tests {
     #[test]
     fn budget_limits_admission() {
         let mut s = sched(8, 10, 100);
-        s.add(1, 6, 100).unwrap();
-        s.add(2, 6, 100).unwrap();
+        s.add(1, &toks(1, 6), 100).unwrap();
+        s.add(2, &toks(2, 6), 100).unwrap();
         let plan = step(&mut s);
         assert_eq!(lens(&plan), vec![(1, 6), (2, 4)]);
         let plan = step(&mut s);
@@ -347,8 +429,8 @@ mod tests {
     #[test]
     fn finish_frees_blocks_and_slot() {
         let mut s = sched(1, 512, 10);
-        s.add(1, 40, 64).unwrap();
-        s.add(2, 10, 64).unwrap();
+        s.add(1, &toks(1, 40), 64).unwrap();
+        s.add(2, &toks(2, 10), 64).unwrap();
         step(&mut s);
         assert_eq!(s.blocks_used(), blocks_for(40));
         s.finish(1); // e.g. the client went away
@@ -360,8 +442,8 @@ mod tests {
     #[test]
     fn cancelling_a_waiting_sequence_removes_it() {
         let mut s = sched(1, 512, 10);
-        s.add(1, 4, 64).unwrap();
-        s.add(2, 4, 64).unwrap();
+        s.add(1, &toks(1, 4), 64).unwrap();
+        s.add(2, &toks(2, 4), 64).unwrap();
         step(&mut s);
         s.finish(2);
         assert_eq!(s.waiting(), 0);
@@ -374,8 +456,8 @@ mod tests {
     fn out_of_blocks_preempts_the_newest_and_recomputes_it() {
         // 4 blocks: two sequences of exactly 2 blocks each.
         let mut s = sched(8, 512, 4);
-        s.add(1, 2 * BLOCK_SIZE, 4 * BLOCK_SIZE).unwrap();
-        s.add(2, 2 * BLOCK_SIZE, 4 * BLOCK_SIZE).unwrap();
+        s.add(1, &toks(1, 2 * BLOCK_SIZE), 4 * BLOCK_SIZE).unwrap();
+        s.add(2, &toks(2, 2 * BLOCK_SIZE), 4 * BLOCK_SIZE).unwrap();
         step(&mut s);
         assert_eq!(s.blocks_used(), 4);
         // Both now need a third block: 2 is newest and gives way.
@@ -395,7 +477,7 @@ mod tests {
     fn request_larger_than_the_cache_is_refused() {
         let mut s = sched(8, 512, 2);
         assert_eq!(
-            s.add(1, 10, 3 * BLOCK_SIZE),
+            s.add(1, &toks(1, 10), 3 * BLOCK_SIZE),
             Err(AddError::TooLarge {
                 needed: 3,
                 total: 2
@@ -407,10 +489,104 @@ mod tests {
     #[test]
     fn no_admission_without_blocks() {
         let mut s = sched(8, 512, 2);
-        s.add(1, 2 * BLOCK_SIZE, 2 * BLOCK_SIZE).unwrap();
-        s.add(2, 4, 2 * BLOCK_SIZE).unwrap();
+        s.add(1, &toks(1, 2 * BLOCK_SIZE), 2 * BLOCK_SIZE).unwrap();
+        s.add(2, &toks(2, 4), 2 * BLOCK_SIZE).unwrap();
         let plan = step(&mut s);
         assert_eq!(lens(&plan), vec![(1, 2 * BLOCK_SIZE)]);
         assert_eq!(s.waiting(), 1);
+    }
+
+    /// Runs `s` until `id` has computed every known token, appending one sampled token.
+    fn run_to_first_token(s: &mut Scheduler, id: SeqId) {
+        loop {
+            let plan = s.schedule();
+            let mine = plan.batch.iter().find(|x| x.id == id).copied();
+            if let Some(x) = mine.filter(|x| x.samples) {
+                s.append_token(x.id, 7);
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn a_finished_prompt_is_reused_by_the_next_turn() {
+        let mut s = sched(4, 512, 16);
+        let turn1 = toks(1, 40);
+        s.add(1, &turn1, 64).unwrap();
+        run_to_first_token(&mut s, 1);
+        assert_eq!(s.cached_tokens(1), 0);
+        s.finish(1);
+        assert_eq!(
+            s.blocks_cached(),
+            2,
+            "the two full blocks of the prompt stay cached"
+        );
+
+        // The next turn resends the history plus a new message.
+        let mut turn2 = turn1.clone();
+        turn2.extend([7, 8, 9, 10]);
+        s.add(2, &turn2, 64).unwrap();
+        let plan = s.schedule();
+        assert_eq!(plan.batch[0].start, 2 * BLOCK_SIZE);
+        assert_eq!(plan.batch[0].len, turn2.len() - 2 * BLOCK_SIZE);
+        assert_eq!(s.cached_tokens(2), 2 * BLOCK_SIZE);
+        assert_eq!(s.blocks_cached(), 0);
+    }
+
+    #[test]
+    fn at_least_one_token_is_always_computed() {
+        let mut s = sched(4, 512, 16);
+        let p = toks(1, 2 * BLOCK_SIZE);
+        s.add(1, &p, 64).unwrap();
+        run_to_first_token(&mut s, 1);
+        s.finish(1);
+        s.add(2, &p, 64).unwrap();
+        let plan = s.schedule();
+        // Both blocks are cached, but the second is recomputed to get logits.
+        assert_eq!(
+            (plan.batch[0].start, plan.batch[0].len),
+            (BLOCK_SIZE, BLOCK_SIZE)
+        );
+        assert!(plan.batch[0].samples);
+    }
+
+    #[test]
+    fn running_sequences_share_a_common_prefix() {
+        let mut s = sched(4, 512, 16);
+        let system = toks(9, 2 * BLOCK_SIZE);
+        let (mut a, mut b) = (system.clone(), system.clone());
+        a.extend(toks(1, 5));
+        b.extend(toks(2, 5));
+        s.add(1, &a, 64).unwrap();
+        run_to_first_token(&mut s, 1);
+        let used = s.blocks_used();
+        s.add(2, &b, 64).unwrap();
+        let plan = s.schedule();
+        let x = plan.batch.iter().find(|x| x.id == 2).unwrap();
+        assert_eq!(x.start, 2 * BLOCK_SIZE);
+        assert_eq!(s.blocks_used(), used + 1, "only b's own last block is new");
+        assert_eq!(s.blocks(1)[..2], s.blocks(2)[..2]);
+    }
+
+    #[test]
+    fn a_different_prefix_is_not_reused() {
+        let mut s = sched(4, 512, 16);
+        s.add(1, &toks(1, 40), 64).unwrap();
+        run_to_first_token(&mut s, 1);
+        s.finish(1);
+        let mut other = toks(1, 40);
+        other[3] += 1;
+        s.add(2, &other, 64).unwrap();
+        assert_eq!(s.schedule().batch[0].start, 0);
+        assert_eq!(s.cached_tokens(2), 0);
+    }
+
+    #[test]
+    fn discarded_sequences_leave_nothing_cached() {
+        let mut s = sched(4, 512, 16);
+        s.add(1, &toks(1, 40), 64).unwrap();
+        s.schedule();
+        s.discard(1);
+        assert_eq!((s.blocks_cached(), s.blocks_used()), (0, 0));
     }
 }

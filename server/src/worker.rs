@@ -89,7 +89,7 @@ impl Worker {
         *next_id += 1;
         let req = s.req;
         let max_len = req.prompt.len() + req.max_tokens;
-        if let Err(e) = self.scheduler.add(id, req.prompt.len(), max_len) {
+        if let Err(e) = self.scheduler.add(id, &req.prompt, max_len) {
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
             let _ = s.events.send(Event::Error(e.to_string()));
             return;
@@ -175,7 +175,10 @@ impl Worker {
                         let _ = seq
                             .events
                             .send(Event::Error(format!("inference failed: {e}")));
-                        self.retire(s.id, &seq);
+                        if !seq.started {
+                            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+                        }
+                        self.scheduler.discard(s.id);
                     }
                 }
                 return;
@@ -193,7 +196,7 @@ impl Worker {
                 continue;
             };
             match self.accept(seq, token) {
-                None => self.scheduler.append_token(id),
+                None => self.scheduler.append_token(id, token),
                 Some(finish) => {
                     if let Some(seq) = seqs.remove(&id) {
                         self.complete(id, seq, finish);
@@ -232,7 +235,8 @@ impl Worker {
         if !rest.is_empty() {
             let _ = seq.events.send(Event::Text(rest));
         }
-        let usage = Usage::new(seq.prompt_len, seq.generated());
+        let cached = self.scheduler.cached_tokens(id);
+        let usage = Usage::new(seq.prompt_len, seq.generated(), cached);
         let _ = seq.events.send(Event::Done { finish, usage });
         let ttft_ms = seq
             .first_token
@@ -241,6 +245,7 @@ impl Worker {
             request_id = %seq.request_id,
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,
+            cached_tokens = cached,
             finish_reason = finish.as_str(),
             ttft_ms,
             duration_ms = seq.arrived.elapsed().as_secs_f64() * 1e3,

@@ -352,3 +352,38 @@ async fn models_tokenize_and_health() {
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("<html"));
 }
+
+/// The second turn of a conversation resends the first: its prefix comes from the cache,
+/// usage says how much, and the answer is the one computed from scratch.
+#[tokio::test]
+async fn a_resent_prefix_is_served_from_the_cache() {
+    let url = base().await;
+    let long_system = "You are a careful assistant. ".repeat(12);
+    let body = json!({
+        "model": "smollm2-135m-instruct",
+        "messages": [
+            {"role": "system", "content": long_system},
+            {"role": "user", "content": "Name three colours of the rainbow."}
+        ],
+        "max_tokens": 12,
+        "temperature": 0,
+    });
+    let (status, first) = post(&url, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, second) = post(&url, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{second}");
+    let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(prompt > 64, "the prompt spans several blocks: {prompt}");
+    // Everything but the last (partial) block is reused.
+    assert!(
+        cached >= prompt - 16 && cached < prompt,
+        "{cached} of {prompt}"
+    );
+    assert_eq!(
+        first["choices"][0]["message"]["content"],
+        second["choices"][0]["message"]["content"]
+    );
+}

@@ -101,3 +101,40 @@ async fn dropped_streams_are_freed_within_a_second() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A seeded, sampled request gives the same text alone and among 31 other streams: each
+/// request has its own RNG and every kernel computes a row the same way at any batch size.
+#[tokio::test]
+async fn seeded_sample_is_the_same_alone_and_under_load() {
+    let _turn = TURN.lock().await;
+    let url = base().await;
+    let probe = chat(
+        "Tell me a short story about a lighthouse.",
+        json!({"max_tokens": 40, "temperature": 0.9, "top_p": 0.95, "seed": 1234}),
+    );
+    let (status, alone) = common::post(&url, "/v1/chat/completions", &probe).await;
+    assert_eq!(status, 200, "{alone}");
+
+    let mut others = Vec::new();
+    for i in 0..31 {
+        let body = chat(
+            &format!("Count from {i} to {}.", i + 40),
+            json!({"max_tokens": 60, "temperature": 0.7, "ignore_eos": true}),
+        );
+        let url = url.clone();
+        others.push(tokio::spawn(async move {
+            common::post(&url, "/v1/chat/completions", &body).await
+        }));
+    }
+    // Let the others start decoding, so the probe joins a full batch mid-flight.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, loaded) = common::post(&url, "/v1/chat/completions", &probe).await;
+    assert_eq!(status, 200, "{loaded}");
+    for o in others {
+        assert_eq!(o.await.unwrap().0, 200);
+    }
+    assert_eq!(
+        loaded["choices"][0]["message"]["content"],
+        alone["choices"][0]["message"]["content"]
+    );
+}
