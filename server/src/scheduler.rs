@@ -218,6 +218,8 @@ impl Scheduler {
             let len = (e.ids.len() - e.computed).min(budget);
             let needed = blocks_for(e.computed + len).saturating_sub(e.blocks.len());
             if needed > self.alloc.free_count() {
+                // A waiting sequence holds no blocks, or waiting ones could hold them all.
+                self.release_blocks(id);
                 break;
             }
             self.waiting.pop_front();
@@ -273,13 +275,18 @@ impl Scheduler {
 
     fn preempt(&mut self, id: SeqId) {
         self.running.retain(|&r| r != id);
+        self.release_blocks(id);
+        self.waiting.push_front(id);
+    }
+
+    /// Gives back every block of `id` (registered ones stay cached); it will start over.
+    fn release_blocks(&mut self, id: SeqId) {
         if let Some(e) = self.entries.get_mut(&id) {
             self.alloc.release_all(&e.blocks);
             e.blocks.clear();
             e.hashes.clear();
             e.computed = 0;
         }
-        self.waiting.push_front(id);
     }
 
     /// A sequence about to be admitted with nothing computed takes the registered blocks
@@ -588,5 +595,78 @@ mod tests {
         s.schedule();
         s.discard(1);
         assert_eq!((s.blocks_cached(), s.blocks_used()), (0, 0));
+    }
+
+    /// Many conversations sharing prefixes, in a cache too small for all of them: every
+    /// request finishes, steps never stall while work is left, and at the end no block is
+    /// referenced.
+    #[test]
+    fn shared_prefixes_under_pressure_always_make_progress() {
+        let mut s = sched(4, 48, 24);
+        let system = toks(99, 40);
+        let mut next = 1;
+        let mut live: HashMap<SeqId, usize> = HashMap::new();
+        let mut history = system.clone();
+        for step in 0..5000 {
+            if live.len() < 6 && step % 7 == 0 && next < 40 {
+                // Alternate between a growing conversation and fresh prompts.
+                let prompt = if next % 2 == 0 {
+                    history.extend(toks(next, 9));
+                    history.clone()
+                } else {
+                    let mut p = system.clone();
+                    p.extend(toks(next, 20));
+                    p
+                };
+                if prompt.len() + 8 <= 24 * BLOCK_SIZE {
+                    s.add(next, &prompt, prompt.len() + 8).unwrap();
+                    live.insert(next, 0);
+                }
+                next += 1;
+            }
+            let plan = s.schedule();
+            assert!(
+                !plan.batch.is_empty() || s.is_empty(),
+                "step {step}: stalled with {} waiting",
+                s.waiting()
+            );
+            for x in plan.batch.iter().filter(|x| x.samples) {
+                s.append_token(x.id, 5);
+                let made = live.get_mut(&x.id).unwrap();
+                *made += 1;
+                if *made == 8 {
+                    s.finish(x.id);
+                    live.remove(&x.id);
+                }
+            }
+            if next >= 40 && live.is_empty() {
+                break;
+            }
+        }
+        assert!(live.is_empty(), "unfinished: {live:?}");
+        assert_eq!(s.blocks_used(), 0);
+        assert!(s.blocks_cached() > 0);
+    }
+
+    /// A sequence that picks up cached blocks but then does not fit gives them back:
+    /// waiting sequences holding blocks could hold them all, with nothing running.
+    #[test]
+    fn a_waiting_sequence_holds_no_blocks() {
+        let mut s = sched(4, 512, 8);
+        let a = toks(1, 3 * BLOCK_SIZE);
+        s.add(1, &a, 3 * BLOCK_SIZE + 4).unwrap();
+        run_to_first_token(&mut s, 1);
+        s.finish(1);
+        assert_eq!(s.blocks_cached(), 3);
+
+        s.add(2, &toks(2, 40), 48).unwrap();
+        let mut x = a.clone();
+        x.extend(toks(3, 40));
+        s.add(3, &x, x.len() + 8).unwrap();
+        let plan = s.schedule();
+        assert_eq!(lens(&plan), vec![(2, 40)], "x does not fit yet");
+        assert!(s.blocks(3).is_empty());
+        assert_eq!(s.blocks_used(), 3, "only the running sequence holds blocks");
+        assert_eq!(s.blocks_cached(), 3, "x's prefix is still cached for later");
     }
 }
