@@ -17,7 +17,8 @@ pub struct Report {
     pub levels: Vec<LevelResult>,
 }
 
-/// One row per level and target: throughput, then latency percentiles in ms.
+/// One row per level and target: requests, mean prompt tokens, throughput, then latency
+/// percentiles in ms.
 pub fn table(levels: &[LevelResult]) -> String {
     let multi = levels
         .iter()
@@ -56,10 +57,11 @@ pub fn table(levels: &[LevelResult]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<10} {target}{:>5} {:>5} {:>9.1} {:>7.2} {:>8.0} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>8.0} {:>8.0}",
+            "{:<10} {target}{:>5} {:>5} {:>7.0} {:>9.1} {:>7.2} {:>8.0} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>8.0} {:>8.0}",
             l.load.label(),
             s.completed,
             s.failed,
+            s.prompt_tokens as f64 / s.completed.max(1) as f64,
             s.output_tokens_per_s,
             s.requests_per_s,
             s.ttft_ms.p50,
