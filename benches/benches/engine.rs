@@ -7,6 +7,7 @@
 
 use std::hint::black_box;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use chorus_model::kv::{blocks_for, BlockAllocator};
 use chorus_model::{gguf, KvCache, LoadedModel, Sampler, SamplingParams, SeqInput, WeightFormat};
@@ -15,6 +16,15 @@ use rand::{Rng, SeedableRng};
 
 /// Tokens already in each decoding sequence's KV cache.
 const CONTEXT: usize = 128;
+
+/// The compute threads, with the benchmark's thread as one of them, as in the server.
+fn pool() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        chorus_model::threads::compute_pool(chorus_model::threads::default_threads())
+            .expect("compute threads")
+    })
+}
 
 fn model_path() -> PathBuf {
     std::env::var_os("CHORUS_TEST_MODEL").map_or_else(
@@ -66,7 +76,8 @@ fn decode_step(c: &mut Criterion) {
             .collect();
         group.throughput(Throughput::Elements(seqs as u64));
         group.bench_with_input(BenchmarkId::from_parameter(seqs), &batch, |b, batch| {
-            b.iter(|| black_box(m.model.forward(&mut kv, batch).expect("forward")))
+            pool()
+                .install(|| b.iter(|| black_box(m.model.forward(&mut kv, batch).expect("forward"))))
         });
     }
     group.finish();
@@ -87,7 +98,8 @@ fn prefill(c: &mut Criterion) {
         }];
         group.throughput(Throughput::Elements(len as u64));
         group.bench_with_input(BenchmarkId::from_parameter(len), &batch, |b, batch| {
-            b.iter(|| black_box(m.model.forward(&mut kv, batch).expect("forward")))
+            pool()
+                .install(|| b.iter(|| black_box(m.model.forward(&mut kv, batch).expect("forward"))))
         });
     }
     group.finish();
@@ -118,7 +130,7 @@ fn matmul(c: &mut Criterion) {
             let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             group.throughput(Throughput::Elements(rows as u64));
             group.bench_with_input(BenchmarkId::new("packed_q4_1", rows), &x, |b, x| {
-                b.iter(|| black_box(packed.forward(x, rows)))
+                pool().install(|| b.iter(|| black_box(packed.forward(x, rows))))
             });
             continue;
         }
@@ -126,7 +138,7 @@ fn matmul(c: &mut Criterion) {
         let t = Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu).expect("tensor");
         group.throughput(Throughput::Elements(rows as u64));
         group.bench_with_input(BenchmarkId::new("packed_q4_1", rows), &x, |b, x| {
-            b.iter(|| black_box(packed.forward(x, rows)))
+            pool().install(|| b.iter(|| black_box(packed.forward(x, rows))))
         });
         group.bench_with_input(BenchmarkId::new("candle_f32", rows), &t, |b, t| {
             b.iter(|| black_box(dense.forward(t).expect("matmul")))

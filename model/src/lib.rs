@@ -12,6 +12,7 @@
 //! - [`linear`]: a projection in the chosen weight format (`--weights`).
 //! - [`packed`]: projection weights in their 4/8-bit blocks, multiplied with f32 activations.
 //! - [`math`]: vectorizable `dot` and `exp`.
+//! - [`threads`]: the compute thread pool the driving thread belongs to.
 //! - [`llama`]: the llama-family transformer and its batched forward pass.
 
 pub mod attention;
@@ -26,6 +27,7 @@ pub mod packed;
 pub mod sampling;
 pub mod stop;
 pub mod template;
+pub mod threads;
 pub mod tokenizer;
 
 pub use detok::IncrementalDecoder;

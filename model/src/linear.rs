@@ -11,7 +11,7 @@ use crate::packed::PackedLinear;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightFormat {
     /// The file's 4/8-bit blocks, repacked, dequantized on the fly, f32 activations
-    /// ([`crate::packed`]): f32 accuracy at ~0.75 bytes per weight, fastest at every batch
+    /// ([`crate::packed`]): f32 accuracy at ~0.63 bytes per weight, fastest at every batch
     /// size measured here.
     #[default]
     Packed,

@@ -5,16 +5,19 @@
 //! Why: candle's quantized matmul rounds activations to 8 bits (enough to derail a 135M
 //! model's answers) and costs the same per row at any batch size, while its f32 gemm
 //! needs 4 bytes per weight and repacks the weight on every call. Here the weights stay
-//! at ~0.75 bytes each, activations stay f32, and a dequantized strip is reused by every
+//! at ~0.63 bytes each, activations stay f32, and a dequantized strip is reused by every
 //! row of the step.
 //!
 //! Row independence: every output element is one fused multiply-add chain over `k` in
 //! the same order, whatever the row count and however rows are tiled, so a row's result
 //! is bit-identical alone and in any batch (tests below check it).
 
+use std::cell::RefCell;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
@@ -30,17 +33,24 @@ const QK: usize = 32;
 /// lanes) 6 rows × 16 columns = 12.
 const TILE_ROWS: usize = 6;
 
+thread_local! {
+    /// Each compute thread's dequantized strip, kept between calls so that it is neither
+    /// allocated nor zeroed per task.
+    static STRIP_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
 /// The weight bytes, strip by strip. `kb = k / 32` blocks per column.
 enum Blocks {
     /// Per (strip, block): 32 rows of 32 bytes (byte `c` holds column `c` in its low
-    /// nibble and column `c + 32` in its high nibble); scales `d` and mins `m` per column.
+    /// nibble and column `c + 32` in its high nibble); scales `d` and mins `m` per column,
+    /// f16 as in the file (0.625 bytes per weight in all).
     Q4_1 {
         q: Vec<u8>,
-        d: Vec<f32>,
-        m: Vec<f32>,
+        d: Vec<f16>,
+        m: Vec<f16>,
     },
     /// Per (strip, block): 32 rows of 64 signed bytes; scales `d` per column.
-    Q8_0 { q: Vec<i8>, d: Vec<f32> },
+    Q8_0 { q: Vec<i8>, d: Vec<f16> },
     /// Any other type, dequantized once: per strip, `k` rows of 64 floats.
     F32 { w: Vec<f32> },
 }
@@ -111,14 +121,14 @@ impl PackedLinear {
     fn from_blocks(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Self {
         let (kb, strips) = (k / QK, n.div_ceil(STRIP));
         let groups = strips * kb;
-        let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
         let blocks = match dtype {
             GgmlDType::Q4_1 => {
                 const SIZE: usize = 20;
                 let (mut q, mut d, mut m) = (
                     vec![0u8; groups * QK * 32],
-                    vec![0.0; groups * STRIP],
-                    vec![0.0; groups * STRIP],
+                    vec![f16::ZERO; groups * STRIP],
+                    vec![f16::ZERO; groups * STRIP],
                 );
                 for (col, row) in bytes.chunks_exact(kb * SIZE).enumerate().take(n) {
                     let (s, c) = (col / STRIP, col % STRIP);
@@ -138,7 +148,10 @@ impl PackedLinear {
             }
             _ => {
                 const SIZE: usize = 34;
-                let (mut q, mut d) = (vec![0i8; groups * QK * STRIP], vec![0.0; groups * STRIP]);
+                let (mut q, mut d) = (
+                    vec![0i8; groups * QK * STRIP],
+                    vec![f16::ZERO; groups * STRIP],
+                );
                 for (col, row) in bytes.chunks_exact(kb * SIZE).enumerate().take(n) {
                     let (s, c) = (col / STRIP, col % STRIP);
                     for (b, block) in row.chunks_exact(SIZE).enumerate() {
@@ -185,13 +198,15 @@ impl PackedLinear {
         by_strip
             .par_chunks_mut(rows * STRIP * per_task)
             .enumerate()
-            .for_each_init(Vec::new, |wbuf, (task, out)| {
-                for (i, out) in out.chunks_exact_mut(rows * STRIP).enumerate() {
-                    let w = self.strip(task * per_task + i, wbuf);
-                    for t in &tiles {
-                        run_tile(t.rows, &t.x, w, &mut out[t.first * STRIP..]);
+            .for_each(|(task, out)| {
+                STRIP_BUF.with_borrow_mut(|wbuf| {
+                    for (i, out) in out.chunks_exact_mut(rows * STRIP).enumerate() {
+                        let w = self.strip(task * per_task + i, wbuf);
+                        for t in &tiles {
+                            run_tile(t.rows, &t.x, w, &mut out[t.first * STRIP..]);
+                        }
                     }
-                }
+                })
             });
         let mut y = vec![0.0f32; rows * self.n];
         for (s, strip) in by_strip.chunks_exact(rows * STRIP).enumerate() {
@@ -213,7 +228,10 @@ impl PackedLinear {
                 buf.resize(k * STRIP, 0.0);
                 for (b, rows) in buf.chunks_exact_mut(QK * STRIP).enumerate() {
                     let g = s * kb + b;
-                    let (d, m) = (&d[g * STRIP..][..STRIP], &m[g * STRIP..][..STRIP]);
+                    let (mut df, mut mf) = ([0.0f32; STRIP], [0.0f32; STRIP]);
+                    d[g * STRIP..][..STRIP].convert_to_f32_slice(&mut df);
+                    m[g * STRIP..][..STRIP].convert_to_f32_slice(&mut mf);
+                    let (d, m) = (&df, &mf);
                     let q = &q[g * QK * 32..][..QK * 32];
                     for (row, qrow) in rows.chunks_exact_mut(STRIP).zip(q.chunks_exact(32)) {
                         dequant_q4_row(row, qrow, d, m);
@@ -225,7 +243,9 @@ impl PackedLinear {
                 buf.resize(k * STRIP, 0.0);
                 for (b, rows) in buf.chunks_exact_mut(QK * STRIP).enumerate() {
                     let g = s * kb + b;
-                    let d = &d[g * STRIP..][..STRIP];
+                    let mut df = [0.0f32; STRIP];
+                    d[g * STRIP..][..STRIP].convert_to_f32_slice(&mut df);
+                    let d = &df;
                     let q = &q[g * QK * STRIP..][..QK * STRIP];
                     for (row, qrow) in rows.chunks_exact_mut(STRIP).zip(q.chunks_exact(STRIP)) {
                         for ((w, &q), &d) in row.iter_mut().zip(qrow).zip(d) {

@@ -53,6 +53,11 @@ pub struct Config {
     #[arg(long, env = "CHORUS_KV_CACHE_MB", default_value_t = 768)]
     pub kv_cache_mb: usize,
 
+    /// Compute threads for the forward pass (default: one per core). The inference
+    /// thread is one of them.
+    #[arg(long, env = "CHORUS_THREADS")]
+    pub threads: Option<usize>,
+
     /// Largest request body accepted, in bytes (413 beyond).
     #[arg(long, env = "CHORUS_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_request_bytes: usize,

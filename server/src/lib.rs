@@ -148,19 +148,33 @@ pub async fn run(
     let loader_config = config.clone();
     std::thread::Builder::new()
         .name("chorus-inference".into())
-        .spawn(
-            move || match start_engine(&loader_config, &model_path, served_name) {
-                Ok((engine, worker)) => {
-                    let _ = loader_state.inner.engine.set(engine);
-                    let _ = load_tx.send(Ok(()));
-                    drop(loader_state);
-                    worker.run();
-                }
+        .spawn(move || {
+            let threads = loader_config
+                .threads
+                .unwrap_or_else(chorus_model::threads::default_threads);
+            let pool = match chorus_model::threads::compute_pool(threads) {
+                Ok(pool) => pool,
                 Err(e) => {
-                    let _ = load_tx.send(Err(e));
+                    let _ = load_tx.send(Err(e.to_string()));
+                    return;
                 }
-            },
-        )?;
+            };
+            // This thread is one of the pool's: the model's parallel sections share the
+            // cores with it instead of competing for them.
+            pool.install(
+                move || match start_engine(&loader_config, &model_path, served_name) {
+                    Ok((engine, worker)) => {
+                        let _ = loader_state.inner.engine.set(engine);
+                        let _ = load_tx.send(Ok(()));
+                        drop(loader_state);
+                        worker.run();
+                    }
+                    Err(e) => {
+                        let _ = load_tx.send(Err(e));
+                    }
+                },
+            )
+        })?;
 
     let app = router(state, &config);
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
