@@ -8,12 +8,14 @@
 //! - [`worker`]: the inference thread, sole owner of the model and KV cache.
 //! - [`scheduler`]: the pure decision of which sequences run each step.
 //! - [`stream`] and [`sse`]: events back to the client as OpenAI chunks over SSE.
+//! - [`metrics`]: Prometheus counters, gauges and histograms for `/metrics`.
 //! - [`error`]: every client-visible failure, mapped once to status + envelope.
 //! - [`config`] and [`resolve`]: flags, and which model file to load.
 
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod openai;
 pub mod resolve;
 pub mod routes;
@@ -27,7 +29,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, OnceLock};
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
@@ -40,6 +42,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::engine::{Engine, ModelInfo, Stats};
 use crate::error::ApiError;
+use crate::metrics::{Metrics, RequestLabels};
 use crate::routes::RequestId;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::validate::Limits;
@@ -55,6 +58,7 @@ struct Inner {
     /// Set once the model has loaded.
     engine: OnceLock<Engine>,
     limits: Limits,
+    metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -63,8 +67,13 @@ impl AppState {
             inner: Arc::new(Inner {
                 engine: OnceLock::new(),
                 limits,
+                metrics: Arc::new(Metrics::new()),
             }),
         }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     pub fn engine(&self) -> Result<&Engine, ApiError> {
@@ -91,6 +100,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
     Router::new()
         .route("/", get(routes::web::index))
         .route("/health", get(routes::health::health))
+        .route("/metrics", get(routes::health::metrics))
         .route("/v1/models", get(routes::models::list))
         .route("/v1/models/{*id}", get(routes::models::get))
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
@@ -105,13 +115,21 @@ pub fn router(state: AppState, config: &Config) -> Router {
             ))
         })
         .layer(DefaultBodyLimit::max(config.max_request_bytes))
-        .layer(axum::middleware::from_fn(request_id))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_id,
+        ))
         .with_state(state)
 }
 
-/// Echoes `x-request-id` (or makes one), puts it in the request's extensions and runs
-/// the request inside a span that carries it.
-async fn request_id(mut req: Request, next: Next) -> Response {
+/// Echoes `x-request-id` (or makes one), puts it in the request's extensions, runs the
+/// request inside a span that carries it, and counts it by endpoint and status.
+async fn request_id(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("other", MatchedPath::as_str)
+        .to_string();
     let id = req
         .headers()
         .get("x-request-id")
@@ -124,6 +142,12 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", v);
     }
+    let status = response.status().as_u16();
+    state
+        .metrics()
+        .requests
+        .get_or_create(&RequestLabels { endpoint, status })
+        .inc();
     response
 }
 
@@ -145,6 +169,7 @@ pub async fn run(
     });
     let (load_tx, load_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let loader_state = state.clone();
+    let metrics = state.inner.metrics.clone();
     let loader_config = config.clone();
     std::thread::Builder::new()
         .name("chorus-inference".into())
@@ -161,8 +186,8 @@ pub async fn run(
             };
             // This thread is one of the pool's: the model's parallel sections share the
             // cores with it instead of competing for them.
-            pool.install(
-                move || match start_engine(&loader_config, &model_path, served_name) {
+            pool.install(move || {
+                match start_engine(&loader_config, &model_path, served_name, metrics) {
                     Ok((engine, worker)) => {
                         let _ = loader_state.inner.engine.set(engine);
                         let _ = load_tx.send(Ok(()));
@@ -172,8 +197,8 @@ pub async fn run(
                     Err(e) => {
                         let _ = load_tx.send(Err(e));
                     }
-                },
-            )
+                }
+            })
         })?;
 
     let app = router(state, &config);
@@ -205,6 +230,7 @@ fn start_engine(
     config: &Config,
     path: &std::path::Path,
     served_name: String,
+    metrics: Arc<Metrics>,
 ) -> Result<(Engine, Worker), String> {
     let started = std::time::Instant::now();
     tracing::info!(path = %path.display(), "loading model");
@@ -243,6 +269,7 @@ fn start_engine(
         max_queue: config.max_queue,
     };
     let worker = Worker {
+        metrics,
         model: loaded.model,
         tokenizer,
         kv,

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::engine::{Event, FinishReason, Stats, Submission};
+use crate::metrics::Metrics;
 use crate::openai::Usage;
 use crate::scheduler::{Scheduler, SeqId};
 
@@ -32,6 +33,7 @@ struct Seq {
     events: UnboundedSender<Event>,
     arrived: Instant,
     first_token: Option<Instant>,
+    last_token: Option<Instant>,
     /// Has left the queue (counts against `queued` until then).
     started: bool,
 }
@@ -43,6 +45,7 @@ impl Seq {
 }
 
 pub(crate) struct Worker {
+    pub metrics: Arc<Metrics>,
     pub model: Llama,
     pub tokenizer: Arc<Tokenizer>,
     pub kv: KvCache,
@@ -109,6 +112,7 @@ impl Worker {
                 events: s.events,
                 arrived: s.arrived,
                 first_token: None,
+                last_token: None,
                 started: false,
             },
         );
@@ -143,12 +147,20 @@ impl Worker {
             if let Some(seq) = seqs.get_mut(id) {
                 seq.started = true;
                 self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+                self.metrics.prompt_tokens.inc_by(seq.prompt_len as u64);
+                let cached = self.scheduler.cached_tokens(*id);
+                self.metrics.prefix_cache_hits.inc_by(cached as u64);
             }
         }
         for id in &plan.preempted {
+            self.metrics.preemptions.inc();
             if let Some(seq) = seqs.get(id) {
                 tracing::debug!(request_id = %seq.request_id, "preempted: KV blocks ran out");
             }
+        }
+        let tokens: usize = plan.batch.iter().map(|s| s.len).sum();
+        if tokens > 0 {
+            self.metrics.batch_tokens.observe(tokens as f64);
         }
         if plan.batch.is_empty() {
             // Nothing fits right now: wait briefly for a change instead of spinning.
@@ -209,7 +221,13 @@ impl Worker {
     /// Takes one sampled token; returns why the sequence ends, if it does.
     fn accept(&self, seq: &mut Seq, token: u32) -> Option<FinishReason> {
         seq.tokens.push(token);
-        seq.first_token.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        match seq.last_token.replace(now) {
+            Some(last) => self.metrics.inter_token.observe((now - last).as_secs_f64()),
+            None => self.metrics.ttft.observe((now - seq.arrived).as_secs_f64()),
+        }
+        seq.first_token.get_or_insert(now);
+        self.metrics.generation_tokens.inc();
         if !seq.ignore_eos && self.tokenizer.is_stop(token) {
             return Some(FinishReason::Stop);
         }
@@ -237,6 +255,9 @@ impl Worker {
         }
         let cached = self.scheduler.cached_tokens(id);
         let usage = Usage::new(seq.prompt_len, seq.generated(), cached);
+        self.metrics
+            .request_duration
+            .observe(seq.arrived.elapsed().as_secs_f64());
         let _ = seq.events.send(Event::Done { finish, usage });
         let ttft_ms = seq
             .first_token

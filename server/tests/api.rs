@@ -387,3 +387,52 @@ async fn a_resent_prefix_is_served_from_the_cache() {
         second["choices"][0]["message"]["content"]
     );
 }
+
+/// `/metrics` speaks Prometheus' text format with every metric DESIGN.md names, and
+/// counts what just happened.
+#[tokio::test]
+async fn metrics_expose_the_designed_names_and_count_requests() {
+    let url = base().await;
+    let (status, _) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("Say hi.", json!({"max_tokens": 3})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let r = reqwest::get(format!("{url}/metrics")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let ctype = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    let text = r.text().await.unwrap();
+    for name in [
+        "chorus_requests_total",
+        "chorus_request_queue_depth",
+        "chorus_running_sequences",
+        "chorus_kv_blocks_used",
+        "chorus_kv_blocks_total",
+        "chorus_prompt_tokens_total",
+        "chorus_generation_tokens_total",
+        "chorus_prefix_cache_hits_total",
+        "chorus_preemptions_total",
+        "chorus_time_to_first_token_seconds_bucket",
+        "chorus_inter_token_latency_seconds_bucket",
+        "chorus_request_duration_seconds_bucket",
+        "chorus_batch_tokens_bucket",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no sample {prefix} in:\n{text}"))
+    };
+    assert!(
+        value("chorus_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}") >= 1.0
+    );
+    assert!(value("chorus_generation_tokens_total") >= 3.0);
+    assert!(value("chorus_time_to_first_token_seconds_count") >= 1.0);
+    assert!(value("chorus_kv_blocks_total") > 0.0);
+}

@@ -1,5 +1,5 @@
 //! `GET /health`: 200 once the model is loaded and the inference thread is alive, 503
-//! before and after.
+//! before and after. `GET /metrics`: Prometheus exposition.
 
 use std::sync::atomic::Ordering;
 
@@ -36,4 +36,16 @@ pub async fn health(State(app): State<AppState>) -> Response {
         )
             .into_response(),
     }
+}
+
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    let stats = app.engine().ok().map(|e| e.stats.as_ref());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics().render(stats),
+    )
+        .into_response()
 }
