@@ -58,6 +58,23 @@ pub struct Config {
     #[arg(long, env = "CHORUS_THREADS")]
     pub threads: Option<usize>,
 
+    /// Seconds a request may wait in the queue for a slot before it is refused (503).
+    #[arg(long, env = "CHORUS_REQUEST_TIMEOUT", default_value_t = 300)]
+    pub request_timeout: u64,
+
+    /// On SIGTERM or ctrl-c: seconds running streams may take to finish before they are
+    /// ended with an error event.
+    #[arg(long, env = "CHORUS_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace: u64,
+
+    /// Require `Authorization: Bearer <key>` on /v1/* and /tokenize, /detokenize.
+    #[arg(long, env = "CHORUS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Allow browsers on this origin to call the API (CORS); `*` for any. Off by default.
+    #[arg(long, env = "CHORUS_CORS_ORIGIN")]
+    pub cors_origin: Option<String>,
+
     /// Largest request body accepted, in bytes (413 beyond).
     #[arg(long, env = "CHORUS_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_request_bytes: usize,

@@ -48,7 +48,25 @@ pub enum Event {
         finish: FinishReason,
         usage: Usage,
     },
-    Error(String),
+    Error(Failure),
+}
+
+/// Why the engine ended a request early.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// The engine failed on this request (500).
+    Internal(String),
+    /// Not the request's fault: shutting down, waited too long (503, retry later).
+    Unavailable(String),
+}
+
+impl From<Failure> for ApiError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Internal(m) => ApiError::Internal(m),
+            Failure::Unavailable(m) => ApiError::Unavailable(m),
+        }
+    }
 }
 
 pub(crate) struct Submission {
@@ -67,6 +85,10 @@ pub struct Stats {
     pub kv_blocks_total: AtomicUsize,
     /// False once the inference thread has exited (panicked or stopped).
     pub alive: AtomicBool,
+    /// Shutting down: new requests are refused.
+    pub draining: AtomicBool,
+    /// The shutdown grace period is over: the worker ends every request still running.
+    pub abort: AtomicBool,
 }
 
 /// What the HTTP side needs to know about the served model.
@@ -92,6 +114,9 @@ impl Engine {
             return Err(ApiError::Unavailable(
                 "the inference thread has stopped".into(),
             ));
+        }
+        if self.stats.draining.load(Ordering::Acquire) {
+            return Err(ApiError::Unavailable("the server is shutting down".into()));
         }
         let queued = self.stats.queued.fetch_add(1, Ordering::AcqRel);
         if queued >= self.max_queue {

@@ -19,6 +19,10 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("{0}")]
     RouteNotFound(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("request body is larger than this server accepts (--max-request-bytes)")]
     PayloadTooLarge,
     #[error("the server is at capacity ({queued} requests waiting); retry later")]
@@ -41,6 +45,8 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -54,6 +60,8 @@ impl ApiError {
             ApiError::BadRequest { .. } => ("invalid_request_error", None),
             ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             ApiError::RouteNotFound(_) => ("invalid_request_error", Some("not_found")),
+            ApiError::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
+            ApiError::MethodNotAllowed(_) => ("invalid_request_error", Some("method_not_allowed")),
             ApiError::PayloadTooLarge => ("invalid_request_error", Some("request_too_large")),
             ApiError::Overloaded { .. } => ("server_overloaded", Some("overloaded")),
             ApiError::Unavailable(_) => ("service_unavailable", Some("unavailable")),
@@ -98,10 +106,18 @@ impl IntoResponse for ApiError {
             tracing::debug!(%status, error = %self, "request rejected");
         }
         let mut response = (status, axum::Json(self.body())).into_response();
-        if let ApiError::Overloaded { retry_after_s, .. } = self {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        match self {
+            ApiError::Overloaded { retry_after_s, .. } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+            }
+            ApiError::Unauthorized(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         response
     }

@@ -10,8 +10,10 @@
 //! - [`stream`] and [`sse`]: events back to the client as OpenAI chunks over SSE.
 //! - [`metrics`]: Prometheus counters, gauges and histograms for `/metrics`.
 //! - [`error`]: every client-visible failure, mapped once to status + envelope.
+//! - [`auth`]: `--api-key` and CORS.
 //! - [`config`] and [`resolve`]: flags, and which model file to load.
 
+pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -59,17 +61,24 @@ struct Inner {
     engine: OnceLock<Engine>,
     limits: Limits,
     metrics: Arc<Metrics>,
+    /// SHA-256 of `--api-key`, when one is required.
+    api_key: Option<[u8; 32]>,
 }
 
 impl AppState {
-    fn new(limits: Limits) -> Self {
+    fn new(limits: Limits, api_key: Option<&str>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 engine: OnceLock::new(),
                 limits,
                 metrics: Arc::new(Metrics::new()),
+                api_key: api_key.map(auth::digest),
             }),
         }
+    }
+
+    pub fn api_key_digest(&self) -> Option<&[u8; 32]> {
+        self.inner.api_key.as_ref()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -97,19 +106,33 @@ pub enum ServerError {
 }
 
 pub fn router(state: AppState, config: &Config) -> Router {
-    Router::new()
-        .route("/", get(routes::web::index))
-        .route("/health", get(routes::health::health))
-        .route("/metrics", get(routes::health::metrics))
+    // The API proper: behind `--api-key` when one is set.
+    let api = Router::new()
         .route("/v1/models", get(routes::models::list))
         .route("/v1/models/{*id}", get(routes::models::get))
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
         .route("/v1/completions", post(routes::chat::completions))
         .route("/tokenize", post(routes::tokenize::tokenize))
         .route("/detokenize", post(routes::tokenize::detokenize))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
+    let app = Router::new()
+        .route("/", get(routes::web::index))
+        .route("/health", get(routes::health::health))
+        .route("/metrics", get(routes::health::metrics))
+        .merge(api)
         .fallback(|req: Request| async move {
             ApiError::RouteNotFound(format!(
                 "no route for {} {}",
+                req.method(),
+                req.uri().path()
+            ))
+        })
+        .method_not_allowed_fallback(|req: Request| async move {
+            ApiError::MethodNotAllowed(format!(
+                "{} is not allowed on {}",
                 req.method(),
                 req.uri().path()
             ))
@@ -118,8 +141,12 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             request_id,
-        ))
-        .with_state(state)
+        ));
+    let app = match auth::cors(config.cors_origin.as_deref()) {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
+    app.with_state(state)
 }
 
 /// Echoes `x-request-id` (or makes one), puts it in the request's extensions, runs the
@@ -164,9 +191,12 @@ pub async fn run(
     served_name: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let state = AppState::new(Limits {
-        max_stop: config.max_stop,
-    });
+    let state = AppState::new(
+        Limits {
+            max_stop: config.max_stop,
+        },
+        config.api_key.as_deref().filter(|k| !k.is_empty()),
+    );
     let (load_tx, load_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let loader_state = state.clone();
     let metrics = state.inner.metrics.clone();
@@ -201,6 +231,7 @@ pub async fn run(
             })
         })?;
 
+    let drain_state = state.clone();
     let app = router(state, &config);
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
     tokio::spawn(async move {
@@ -210,9 +241,22 @@ pub async fn run(
     });
     let failure = Arc::new(OnceLock::<String>::new());
     let failure_slot = failure.clone();
+    let grace = std::time::Duration::from_secs(config.shutdown_grace);
     let stop = async move {
         tokio::select! {
-            () = shutdown => {}
+            () = shutdown => {
+                // Refuse new requests now; end the running ones after the grace period.
+                // axum stops accepting and waits for open connections to finish.
+                if let Ok(engine) = drain_state.engine() {
+                    tracing::info!(grace_s = grace.as_secs(), "shutting down: draining");
+                    let stats = engine.stats.clone();
+                    stats.draining.store(true, std::sync::atomic::Ordering::Release);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(grace).await;
+                        stats.abort.store(true, std::sync::atomic::Ordering::Release);
+                    });
+                }
+            }
             Ok(e) = failed_rx => { let _ = failure_slot.set(e); }
         }
     };
@@ -270,6 +314,7 @@ fn start_engine(
     };
     let worker = Worker {
         metrics,
+        queue_timeout: std::time::Duration::from_secs(config.request_timeout),
         model: loaded.model,
         tokenizer,
         kv,

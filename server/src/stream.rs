@@ -135,7 +135,7 @@ async fn next_event(
             out.push_str(DONE);
             out
         }
-        Some(Event::Error(message)) => frame(&ApiError::Internal(message).body()),
+        Some(Event::Error(failure)) => frame(&ApiError::from(failure).body()),
         None => frame(&ApiError::Unavailable("the inference thread stopped".into()).body()),
     };
     Some((out, (meta, rx, Phase::Ended)))
@@ -160,7 +160,7 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiE
                     usage,
                 })
             }
-            Some(Event::Error(e)) => return Err(ApiError::Internal(e)),
+            Some(Event::Error(failure)) => return Err(failure.into()),
             None => return Err(ApiError::Unavailable("the inference thread stopped".into())),
         }
     }

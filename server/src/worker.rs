@@ -14,7 +14,7 @@ use chorus_model::{IncrementalDecoder, KvCache, Llama, Sampler, SeqInput, StopMa
 use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::engine::{Event, FinishReason, Stats, Submission};
+use crate::engine::{Event, Failure, FinishReason, Stats, Submission};
 use crate::metrics::Metrics;
 use crate::openai::Usage;
 use crate::scheduler::{Scheduler, SeqId};
@@ -46,6 +46,8 @@ impl Seq {
 
 pub(crate) struct Worker {
     pub metrics: Arc<Metrics>,
+    /// How long a request may wait in the queue before it is refused.
+    pub queue_timeout: Duration,
     pub model: Llama,
     pub tokenizer: Arc<Tokenizer>,
     pub kv: KvCache,
@@ -82,6 +84,10 @@ impl Worker {
                 self.admit(s, &mut next_id, &mut seqs);
             }
             self.drop_cancelled(&mut seqs);
+            self.drop_expired(&mut seqs);
+            if self.stats.abort.load(Ordering::Acquire) {
+                self.end_all(&mut seqs, "the server is shutting down");
+            }
             self.step(&mut seqs);
             self.publish();
         }
@@ -94,7 +100,9 @@ impl Worker {
         let max_len = req.prompt.len() + req.max_tokens;
         if let Err(e) = self.scheduler.add(id, &req.prompt, max_len) {
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
-            let _ = s.events.send(Event::Error(e.to_string()));
+            let _ = s
+                .events
+                .send(Event::Error(Failure::Internal(e.to_string())));
             return;
         }
         tracing::debug!(request_id = %req.request_id, seq = id, prompt_tokens = req.prompt.len(), "queued");
@@ -138,6 +146,37 @@ impl Worker {
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
         }
         self.scheduler.finish(id);
+    }
+
+    /// Ends requests that waited in the queue longer than `--request-timeout`.
+    fn drop_expired(&mut self, seqs: &mut HashMap<SeqId, Seq>) {
+        let limit = self.queue_timeout;
+        let expired: Vec<SeqId> = seqs
+            .iter()
+            .filter(|(_, s)| !s.started && s.arrived.elapsed() > limit)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            if let Some(seq) = seqs.remove(&id) {
+                let message = format!(
+                    "the request waited longer than --request-timeout ({} s) for a slot; retry later",
+                    limit.as_secs()
+                );
+                let _ = seq.events.send(Event::Error(Failure::Unavailable(message)));
+                tracing::warn!(request_id = %seq.request_id, "queue timeout");
+                self.retire(id, &seq);
+            }
+        }
+    }
+
+    /// Ends every request with an error event (shutdown after the grace period).
+    fn end_all(&mut self, seqs: &mut HashMap<SeqId, Seq>, why: &str) {
+        for (id, seq) in std::mem::take(seqs) {
+            let _ = seq
+                .events
+                .send(Event::Error(Failure::Unavailable(why.into())));
+            self.retire(id, &seq);
+        }
     }
 
     fn step(&mut self, seqs: &mut HashMap<SeqId, Seq>) {
@@ -184,9 +223,9 @@ impl Worker {
                 tracing::error!(error = %e, "forward pass failed; failing this step's requests");
                 for s in &plan.batch {
                     if let Some(seq) = seqs.remove(&s.id) {
-                        let _ = seq
-                            .events
-                            .send(Event::Error(format!("inference failed: {e}")));
+                        let _ = seq.events.send(Event::Error(Failure::Internal(format!(
+                            "inference failed: {e}"
+                        ))));
                         if !seq.started {
                             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
                         }
