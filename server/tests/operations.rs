@@ -1,0 +1,287 @@
+//! Operating the server: access control, queue limits and timeouts, disconnect storms,
+//! overload and shutdown, each on its own real server with the real default model.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chorus_server::config::Config;
+use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
+use common::{chat, health, post, start, wait_ready};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+/// These tests measure the process (memory) and load the machine: they take turns.
+static TURN: Mutex<()> = Mutex::const_new(());
+
+fn config(args: &[&str]) -> Config {
+    use clap::Parser;
+    Config::parse_from(std::iter::once("chorus").chain(args.iter().copied()))
+}
+
+#[tokio::test]
+async fn api_key_guards_the_api_but_not_health_or_metrics() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--api-key", "sekrit"]));
+    wait_ready(&url).await;
+    let client = reqwest::Client::new();
+    let models = format!("{url}/v1/models");
+
+    let r = client.get(&models).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+
+    let r = client
+        .get(&models)
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client
+        .get(&models)
+        .bearer_auth("sekrit")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .post(format!("{url}/tokenize"))
+        .json(&json!({"prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    for open in ["/health", "/metrics", "/"] {
+        let r = client.get(format!("{url}{open}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{open}");
+    }
+}
+
+/// With one slot taken by a long request, a second one waits in the queue; past
+/// `--request-timeout` it is refused with a 503 instead of running late.
+#[tokio::test]
+async fn a_request_that_waits_too_long_is_refused() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--max-running", "1", "--request-timeout", "1"]));
+    wait_ready(&url).await;
+    let long = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let body = chat(
+                "Write a long story.",
+                json!({"max_tokens": 300, "ignore_eos": true}),
+            );
+            post(&url, "/v1/chat/completions", &body).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let (status, v) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("Hi", json!({"max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(status, 503, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--request-timeout"),
+        "{v}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        long.await.unwrap().0,
+        200,
+        "the running request is unaffected"
+    );
+}
+
+/// 200 clients connect, read a few tokens and vanish: nothing stays behind.
+#[tokio::test]
+async fn a_disconnect_storm_leaves_nothing_running() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&[]));
+    wait_ready(&url).await;
+    let mut clients = Vec::new();
+    for i in 0..200 {
+        let url = url.clone();
+        clients.push(tokio::spawn(async move {
+            let body = chat(
+                &format!("Client {i}, tell me a story."),
+                json!({"stream": true, "max_tokens": 500, "ignore_eos": true}),
+            );
+            let r = reqwest::Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            if status == 200 {
+                let mut s = r.bytes_stream();
+                // Two pieces: the role chunk and the first text.
+                for _ in 0..2 {
+                    let _ = tokio::time::timeout(Duration::from_secs(60), s.next()).await;
+                }
+            }
+            status
+        }));
+    }
+    for c in clients {
+        let status = c.await.unwrap();
+        assert!(status == 200 || status == 429, "{status}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = health(&url).await;
+        if h["running"] == 0 && h["queued"] == 0 && h["kv_blocks_used"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still busy: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// 256 concurrent streams against `--max-queue 64`: each gets a complete stream or a 429,
+/// none hangs, none gets a 5xx, and memory comes back to where it was.
+#[tokio::test]
+async fn overload_answers_429_and_never_hangs() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--max-queue", "64", "--max-running", "32"]));
+    wait_ready(&url).await;
+    // Warm up once, so allocations that stay (pools, caches) happen before the baseline.
+    let wave = |n: usize| {
+        let url = url.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for i in 0..n {
+                let url = url.clone();
+                tasks.push(tokio::spawn(async move {
+                    let body = chat(
+                        &format!("Request {i}: count to ten."),
+                        json!({"stream": true, "max_tokens": 16, "ignore_eos": true}),
+                    );
+                    let r = reqwest::Client::new()
+                        .post(format!("{url}/v1/chat/completions"))
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = r.status().as_u16();
+                    let text = r.text().await.unwrap();
+                    (status, text)
+                }));
+            }
+            let mut ok = 0;
+            let mut refused = 0;
+            for t in tasks {
+                let (status, text) = tokio::time::timeout(Duration::from_secs(300), t)
+                    .await
+                    .expect("a request hung")
+                    .unwrap();
+                match status {
+                    200 => {
+                        assert!(text.ends_with("data: [DONE]\n\n"), "incomplete: {text}");
+                        assert!(!text.contains("\"error\""), "{text}");
+                        ok += 1;
+                    }
+                    429 => refused += 1,
+                    other => panic!("status {other}: {text}"),
+                }
+            }
+            (ok, refused)
+        }
+    };
+    let (ok, _) = wave(64).await;
+    assert_eq!(ok, 64);
+    let before = rss_kib();
+    let (ok, refused) = wave(256).await;
+    assert_eq!(ok + refused, 256);
+    assert!(refused > 0, "256 at once should overflow a queue of 64");
+    assert!(ok >= 64, "{ok} served");
+    let after = rss_kib();
+    assert!(
+        after <= before + before / 10,
+        "memory grew from {before} KiB to {after} KiB"
+    );
+}
+
+/// SIGTERM/ctrl-c: new requests are refused, a running stream may finish within the
+/// grace period, and one that does not is ended with an error event; `run` returns.
+#[tokio::test]
+async fn shutdown_drains_then_ends_streams_with_an_error_event() {
+    let _turn = TURN.lock().await;
+    let resolved =
+        resolve(DEFAULT_MODEL, Path::new(DEFAULT_CACHE_DIR)).expect("default model resolves");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(chorus_server::run(
+        listener,
+        config(&["--shutdown-grace", "1"]),
+        resolved.path,
+        resolved.name,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    wait_ready(&url).await;
+
+    let body = chat(
+        "Write a very long story.",
+        json!({"stream": true, "max_tokens": 4000, "ignore_eos": true}),
+    );
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    let mut text = String::new();
+    while !text.contains("\"content\":\"") {
+        let piece = stream.next().await.expect("stream alive").unwrap();
+        text.push_str(&String::from_utf8_lossy(&piece));
+    }
+
+    let stopped = Instant::now();
+    stop_tx.send(()).unwrap();
+    while let Some(piece) = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("the stream ended after the grace period")
+    {
+        text.push_str(&String::from_utf8_lossy(&piece.unwrap()));
+    }
+    let waited = stopped.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "ended before the grace period: {waited:?}"
+    );
+    assert!(text.contains("shutting down"), "no error event: {text}");
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("run returned")
+        .unwrap()
+        .expect("clean exit");
+}
