@@ -79,6 +79,10 @@ pub struct Config {
     #[arg(long, env = "CHORUS_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_request_bytes: usize,
 
+    /// Most prompt tokens one request may send (default: the model's context).
+    #[arg(long, env = "CHORUS_MAX_PROMPT_TOKENS")]
+    pub max_prompt_tokens: Option<usize>,
+
     /// Most stop strings one request may give.
     #[arg(long, env = "CHORUS_MAX_STOP", default_value_t = 16)]
     pub max_stop: usize,

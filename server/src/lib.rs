@@ -194,6 +194,7 @@ pub async fn run(
     let state = AppState::new(
         Limits {
             max_stop: config.max_stop,
+            max_prompt_tokens: config.max_prompt_tokens,
         },
         config.api_key.as_deref().filter(|k| !k.is_empty()),
     );

@@ -14,6 +14,8 @@ use crate::openai::{
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_stop: usize,
+    /// `--max-prompt-tokens`; the model's context always bounds it too.
+    pub max_prompt_tokens: Option<usize>,
 }
 
 /// A request that passed every check.
@@ -192,6 +194,15 @@ fn generation(
             "messages",
             format!(
                 "the prompt is {} tokens, but this model's context is {context} tokens (at least one must be left to generate)",
+                prompt.len()
+            ),
+        ));
+    }
+    if let Some(limit) = limits.max_prompt_tokens.filter(|&l| prompt.len() > l) {
+        return Err(ApiError::bad(
+            "messages",
+            format!(
+                "the prompt is {} tokens, more than this server accepts (--max-prompt-tokens {limit})",
                 prompt.len()
             ),
         ));

@@ -28,7 +28,10 @@ fn info() -> &'static ModelInfo {
     })
 }
 
-const LIMITS: Limits = Limits { max_stop: 16 };
+const LIMITS: Limits = Limits {
+    max_stop: 16,
+    max_prompt_tokens: Some(4096),
+};
 
 fn check(body: &str) {
     if let Ok(req) = serde_json::from_str::<ChatCompletionRequest>(body) {

@@ -22,6 +22,31 @@ fn config(args: &[&str]) -> Config {
 }
 
 #[tokio::test]
+async fn max_prompt_tokens_is_a_400_naming_the_limit() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--max-prompt-tokens", "50"]));
+    wait_ready(&url).await;
+    let (status, v) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat(&"word ".repeat(100), json!({"max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--max-prompt-tokens 50"));
+    let (status, _) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("Hi", json!({"max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
 async fn api_key_guards_the_api_but_not_health_or_metrics() {
     let _turn = TURN.lock().await;
     let url = start(config(&["--api-key", "sekrit"]));
