@@ -3,7 +3,9 @@
 #   1. fetches the default model into models/cache/ (once; cached afterwards),
 #   2. cargo test: unit tests, fidelity and engine tests, HTTP integration tests (real model),
 #   3. the official `openai` Python SDK against a real chorus on a free loopback port
-#      (installed into .venv/ from tests/sdk/requirements.txt when absent).
+#      (installed into .venv/ from tests/sdk/requirements.txt when absent),
+#   4. the chat page in headless Chromium against the same server (Debian's chromium and
+#      playwright-core from npm, installed when absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,3 +35,15 @@ for _ in $(seq 1 300); do
   sleep 0.2
 done
 CHORUS_URL="http://127.0.0.1:$port" .venv/bin/python -m pytest -q tests/sdk
+
+echo "== browser test"
+if [ ! -x /usr/bin/chromium ]; then
+  sudo_=""
+  [ "$(id -u)" -ne 0 ] && sudo_="sudo"
+  $sudo_ apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -q chromium
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund)
+fi
+CHORUS_URL="http://127.0.0.1:$port" node tests/browser/chat.test.mjs

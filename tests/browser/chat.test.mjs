@@ -1,0 +1,179 @@
+// The chat page in a real headless Chromium against a real chorus (CHORUS_URL):
+// streaming, stats, Stop, persistence across reloads, safe rendering, keyboard use.
+// SCREENSHOT_DIR, when set, receives desktop and phone screenshots.
+
+import assert from "node:assert/strict";
+import { chromium } from "playwright-core";
+
+const BASE = process.env.CHORUS_URL ?? "http://127.0.0.1:8080";
+const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const SHOTS = process.env.SCREENSHOT_DIR;
+
+const browser = await chromium.launch({
+  executablePath: CHROMIUM,
+  args: [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ],
+});
+
+const steps = [];
+async function step(name, fn) {
+  const t = Date.now();
+  await fn();
+  steps.push(name);
+  console.log(`ok - ${name} (${Date.now() - t} ms)`);
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const lastAnswer = (page) => page.locator(".msg.assistant .content").last();
+const lastStats = (page) => page.locator(".msg.assistant .stats").last();
+
+async function health() {
+  return (await fetch(`${BASE}/health`)).json();
+}
+
+async function setField(page, id, value) {
+  if (await page.locator("#settings").isHidden()) await page.click("#toggle-settings");
+  await page.fill(`#${id}`, String(value));
+  await page.dispatchEvent(`#${id}`, "change");
+}
+
+try {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const page = await context.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+
+  await step("the page loads and names the served model", async () => {
+    await page.goto(BASE);
+    await page.waitForFunction(() => document.getElementById("model").textContent.length > 0);
+    assert.equal(await page.textContent("#model"), "smollm2-135m-instruct");
+  });
+
+  await step("Shift+Enter makes a new line, Enter sends", async () => {
+    await page.focus("#input");
+    await page.keyboard.type("Hello");
+    await page.keyboard.press("Shift+Enter");
+    await page.keyboard.type("there");
+    assert.equal(await page.inputValue("#input"), "Hello\nthere");
+    assert.equal(await page.locator(".msg.user").count(), 0, "Shift+Enter must not send");
+    await page.fill("#input", "");
+  });
+
+  await step("an answer streams in over several updates and ends with a stats line", async () => {
+    await setField(page, "set-max-tokens", 48);
+    await setField(page, "set-temperature", 0);
+    await page.fill("#input", "Write a short poem about the sea.");
+    await page.press("#input", "Enter");
+    const seen = new Set();
+    const deadline = Date.now() + 120_000;
+    while (Date.now() < deadline) {
+      const text = (await lastAnswer(page).textContent()) ?? "";
+      if (text) seen.add(text);
+      if ((await lastStats(page).textContent())?.includes("finish:")) break;
+      await sleep(10);
+    }
+    const stats = await lastStats(page).textContent();
+    assert.match(stats, /\d+ tokens · TTFT \d+ ms · [\d.]+ tok\/s · finish: (stop|length)/);
+    assert.ok(seen.size >= 2, `text arrived in ${seen.size} update(s)`);
+    assert.equal(await page.isEnabled("#send"), true);
+  });
+
+  await step("Stop ends a long answer and the server frees the sequence", async () => {
+    await setField(page, "set-max-tokens", 3000);
+    await page.fill("#input", "Write a very long story about dragons and castles.");
+    await page.click("#send");
+    await page.waitForFunction(
+      () => (document.querySelector(".msg.assistant:last-child .content")?.textContent ?? "").length > 20,
+      null, { timeout: 120_000 },
+    );
+    assert.equal(await page.isEnabled("#stop"), true);
+    await page.click("#stop");
+    await page.waitForFunction(
+      () => document.querySelector(".msg.assistant:last-child .stats")?.textContent.includes("finish: stopped"),
+    );
+    const text = await lastAnswer(page).textContent();
+    await sleep(500);
+    assert.equal(await lastAnswer(page).textContent(), text, "text kept growing after Stop");
+    assert.equal(await page.isEnabled("#send"), true);
+    const deadline = Date.now() + 5000;
+    let h = await health();
+    while (h.running !== 0 && Date.now() < deadline) { await sleep(50); h = await health(); }
+    assert.equal(h.running, 0, `server still running: ${JSON.stringify(h)}`);
+  });
+
+  await step("after a reload the conversation is in the sidebar and shown again", async () => {
+    await page.reload();
+    const item = page.locator("#conversations button", { hasText: "Write a short poem about the sea." });
+    await item.waitFor();
+    await item.click();
+    assert.ok((await page.locator(".msg.user").count()) >= 2);
+    assert.ok((await lastAnswer(page).textContent()).length > 0);
+  });
+
+  if (SHOTS) {
+    await step("desktop screenshot", async () => {
+      await page.screenshot({ path: `${SHOTS}/screenshot-desktop.png` });
+    });
+  }
+
+  await step("a reply containing HTML is shown as text, never run", async () => {
+    const payload = 'Here: <img src=x onerror="window.__xss=1"> and <script>window.__xss=2</script> ```\n<b>code</b>\n```';
+    await page.evaluate((content) => {
+      const convs = JSON.parse(localStorage.getItem("chorus.conversations") || "[]");
+      convs.unshift({
+        id: "xss", title: "html reply",
+        messages: [{ role: "user", content: "show me html" }, { role: "assistant", content, stats: null }],
+      });
+      localStorage.setItem("chorus.conversations", JSON.stringify(convs));
+      localStorage.setItem("chorus.current", JSON.stringify("xss"));
+    }, payload);
+    await page.reload();
+    await page.locator(".msg.assistant .content").first().waitFor();
+    const shown = await page.locator("#messages").textContent();
+    assert.ok(shown.includes('<img src=x onerror="window.__xss=1">'), shown);
+    assert.ok(shown.includes("<b>code</b>"));
+    assert.equal(await page.locator("#messages img, #messages script, #messages b").count(), 0);
+    await sleep(200);
+    assert.equal(await page.evaluate(() => window.__xss), undefined);
+  });
+
+  await step("keyboard only: Tab reaches the controls with a visible focus ring", async () => {
+    await page.focus("#input");
+    await page.keyboard.press("Tab");
+    const focused = await page.evaluate(() => document.activeElement.id);
+    assert.equal(focused, "send");
+    const outline = await page.evaluate(() => getComputedStyle(document.activeElement).outlineStyle);
+    assert.notEqual(outline, "none");
+  });
+
+  await step("works at 360 px wide", async () => {
+    const phone = await browser.newContext({ viewport: { width: 360, height: 740 }, isMobile: true });
+    const p = await phone.newPage();
+    await p.goto(BASE);
+    await p.waitForFunction(() => document.getElementById("model").textContent.length > 0);
+    for (const id of ["new-chat", "toggle-settings", "input", "send", "stop"]) {
+      const box = await p.locator(`#${id}`).boundingBox();
+      assert.ok(box && box.x >= 0 && box.x + box.width <= 360, `#${id} is off screen: ${JSON.stringify(box)}`);
+    }
+    const composer = await p.locator("#composer").boundingBox();
+    assert.ok(composer.y + composer.height >= 740 - 2, `the composer is not at the bottom: ${JSON.stringify(composer)}`);
+    await p.fill("#input", "Hi!");
+    await p.press("#input", "Enter");
+    await p.waitForFunction(
+      () => document.querySelector(".msg.assistant:last-child .stats")?.textContent.includes("finish:"),
+      null, { timeout: 120_000 },
+    );
+    if (SHOTS) await p.screenshot({ path: `${SHOTS}/screenshot-phone.png` });
+    await phone.close();
+  });
+
+  assert.deepEqual(errors, [], "errors on the page");
+  console.log(`all ${steps.length} browser checks passed`);
+} catch (e) {
+  console.error(`not ok - ${e.stack || e}`);
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
