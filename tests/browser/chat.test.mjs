@@ -103,6 +103,22 @@ try {
     assert.equal(h.running, 0, `server still running: ${JSON.stringify(h)}`);
   });
 
+  await step("a refused request is shown in the conversation with a Retry that works", async () => {
+    await setField(page, "set-max-tokens", 0);
+    await page.fill("#input", "Say hello.");
+    await page.press("#input", "Enter");
+    const error = page.locator(".msg.error .content");
+    await error.waitFor();
+    assert.match(await error.textContent(), /max_tokens/);
+    await setField(page, "set-max-tokens", 8);
+    await page.locator(".msg.error button", { hasText: "Retry" }).click();
+    await page.waitForFunction(
+      () => document.querySelector(".msg.assistant:last-child .stats")?.textContent.includes("finish:"),
+      null, { timeout: 120_000 },
+    );
+    assert.equal(await page.locator(".msg.error").count(), 0);
+  });
+
   await step("after a reload the conversation is in the sidebar and shown again", async () => {
     await page.reload();
     const item = page.locator("#conversations button", { hasText: "Write a short poem about the sea." });
