@@ -34,7 +34,7 @@ use std::sync::{mpsc, Arc, OnceLock};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use chorus_model::kv::KvCache;
@@ -139,6 +139,10 @@ pub fn router(state: AppState, config: &Config) -> Router {
         })
         .layer(DefaultBodyLimit::max(config.max_request_bytes))
         .layer(axum::middleware::from_fn_with_state(
+            config.max_request_bytes,
+            refuse_oversized,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             request_id,
         ));
@@ -176,6 +180,20 @@ async fn request_id(State(state): State<AppState>, mut req: Request, next: Next)
         .get_or_create(&RequestLabels { endpoint, status })
         .inc();
     response
+}
+
+/// A body whose declared length is over `--max-request-bytes` is refused before it is
+/// read (the body limit still catches bodies without a length).
+async fn refuse_oversized(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => ApiError::PayloadTooLarge.into_response(),
+        _ => next.run(req).await,
+    }
 }
 
 fn new_request_id() -> String {
