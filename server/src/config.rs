@@ -62,6 +62,11 @@ pub struct Config {
     #[arg(long, env = "CHORUS_REQUEST_TIMEOUT", default_value_t = 300)]
     pub request_timeout: u64,
 
+    /// Seconds a client connection may stay without sending a complete request's headers
+    /// (idle keep-alive included) before it is closed.
+    #[arg(long, env = "CHORUS_IDLE_TIMEOUT", default_value_t = 30)]
+    pub idle_timeout: u64,
+
     /// On SIGTERM or ctrl-c: seconds running streams may take to finish before they are
     /// ended with an error event.
     #[arg(long, env = "CHORUS_SHUTDOWN_GRACE", default_value_t = 30)]

@@ -9,6 +9,7 @@
 //! - [`scheduler`]: the pure decision of which sequences run each step.
 //! - [`stream`] and [`sse`]: events back to the client as OpenAI chunks over SSE.
 //! - [`metrics`]: Prometheus counters, gauges and histograms for `/metrics`.
+//! - `serve`: the accept loop (idle-connection timeout, graceful shutdown).
 //! - [`error`]: every client-visible failure, mapped once to status + envelope.
 //! - [`auth`]: `--api-key` and CORS.
 //! - [`config`] and [`resolve`]: flags, and which model file to load.
@@ -22,6 +23,7 @@ pub mod openai;
 pub mod resolve;
 pub mod routes;
 pub mod scheduler;
+mod serve;
 pub mod sse;
 pub mod stream;
 pub mod validate;
@@ -279,9 +281,8 @@ pub async fn run(
             Ok(e) = failed_rx => { let _ = failure_slot.set(e); }
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await?;
+    let idle = std::time::Duration::from_secs(config.idle_timeout.max(1));
+    serve::serve(listener, app, idle, stop).await;
     match failure.get() {
         Some(e) => Err(ServerError::Load(e.clone())),
         None => Ok(()),

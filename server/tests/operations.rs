@@ -46,6 +46,52 @@ async fn max_prompt_tokens_is_a_400_naming_the_limit() {
     assert_eq!(status, 200);
 }
 
+/// A connection that sends nothing is closed after `--idle-timeout`; a request that
+/// takes longer than that to answer is not cut.
+#[tokio::test]
+async fn idle_connections_are_dropped_but_slow_answers_are_not() {
+    use std::io::Read;
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--idle-timeout", "1"]));
+    wait_ready(&url).await;
+    let addr = url.trim_start_matches("http://").to_string();
+    let closed_after = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        (n, started.elapsed())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        closed_after.0, 0,
+        "the server sent something to an idle client"
+    );
+    assert!(
+        closed_after.1 < Duration::from_secs(10),
+        "an idle connection stayed open {:?}",
+        closed_after.1
+    );
+
+    let started = Instant::now();
+    let (status, v) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat(
+            "Tell me a story.",
+            json!({"max_tokens": 200, "ignore_eos": true}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        started.elapsed() > Duration::from_secs(1),
+        "the answer was too quick to show anything"
+    );
+}
+
 #[tokio::test]
 async fn api_key_guards_the_api_but_not_health_or_metrics() {
     let _turn = TURN.lock().await;
