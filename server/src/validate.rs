@@ -123,19 +123,17 @@ pub fn completion(
     let prompt = match req.prompt {
         PromptInput::Text(t) => tokenize(info, &t)?,
         PromptInput::Texts(mut v) if v.len() == 1 => tokenize(info, &v.remove(0))?,
-        PromptInput::Tokens(ids) => {
-            let vocab = info.tokenizer.vocab_size() as u32;
-            if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
-                return Err(ApiError::bad(
-                    "prompt",
-                    format!("token id {bad} is outside the vocabulary (size {vocab})"),
-                ));
-            }
-            ids
-        }
+        PromptInput::Tokens(ids) => ids,
         PromptInput::TokenBatches(mut v) if v.len() == 1 => v.remove(0),
         _ => return Err(ApiError::bad("prompt", one_prompt)),
     };
+    let vocab = info.tokenizer.vocab_size() as u32;
+    if let Some(bad) = prompt.iter().find(|&&id| id >= vocab) {
+        return Err(ApiError::bad(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary (size {vocab})"),
+        ));
+    }
     if prompt.is_empty() {
         return Err(ApiError::bad("prompt", "`prompt` must not be empty"));
     }

@@ -217,31 +217,51 @@ impl Worker {
                 wants_logits: s.samples,
             })
             .collect();
-        let logits = match self.model.forward(&mut self.kv, &inputs) {
-            Ok(l) => l,
+        let (sampling, logits, failed) = match self.model.forward(&mut self.kv, &inputs) {
+            Ok(logits) => {
+                let sampling: Vec<SeqId> = plan
+                    .batch
+                    .iter()
+                    .filter(|s| s.samples)
+                    .map(|s| s.id)
+                    .collect();
+                (sampling, logits, Vec::new())
+            }
             Err(e) => {
-                tracing::error!(error = %e, "forward pass failed; failing this step's requests");
-                for s in &plan.batch {
-                    if let Some(seq) = seqs.remove(&s.id) {
-                        let _ = seq.events.send(Event::Error(Failure::Internal(format!(
-                            "inference failed: {e}"
-                        ))));
-                        if !seq.started {
-                            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+                // One sequence's failure must not end its neighbours': run each alone (this
+                // rewrites the same KV positions), keep the ones that succeed.
+                tracing::warn!(error = %e, "batched forward failed; isolating the failing sequences");
+                let (mut sampling, mut logits, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+                for (s, input) in plan.batch.iter().zip(&inputs) {
+                    match self
+                        .model
+                        .forward(&mut self.kv, std::slice::from_ref(input))
+                    {
+                        Ok(mut rows) => {
+                            if let Some(row) = rows.pop().filter(|_| s.samples) {
+                                sampling.push(s.id);
+                                logits.push(row);
+                            }
                         }
-                        self.scheduler.discard(s.id);
+                        Err(e) => failed.push((s.id, e.to_string())),
                     }
                 }
-                return;
+                (sampling, logits, failed)
             }
         };
+        drop(inputs);
+        for (id, error) in failed {
+            if let Some(seq) = seqs.remove(&id) {
+                tracing::error!(request_id = %seq.request_id, %error, "inference failed");
+                let message = format!("inference failed: {error}");
+                let _ = seq.events.send(Event::Error(Failure::Internal(message)));
+                if !seq.started {
+                    self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+                }
+                self.scheduler.discard(id);
+            }
+        }
 
-        let sampling: Vec<SeqId> = plan
-            .batch
-            .iter()
-            .filter(|s| s.samples)
-            .map(|s| s.id)
-            .collect();
         for (id, token) in sample_all(seqs, &sampling, &logits) {
             let Some(seq) = seqs.get_mut(&id) else {
                 continue;

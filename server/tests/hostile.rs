@@ -283,6 +283,20 @@ fn cases() -> Vec<Case> {
             400,
         ),
         (
+            "completions token ids outside the vocabulary",
+            "/v1/completions",
+            JSON,
+            j(json!({"prompt": [1, 2, 1_000_000_000u32]})),
+            400,
+        ),
+        (
+            "completions nested token ids outside the vocabulary",
+            "/v1/completions",
+            JSON,
+            j(json!({"prompt": [[1_000_000_000u32]]})),
+            400,
+        ),
+        (
             "completions prompt a number",
             "/v1/completions",
             JSON,
