@@ -145,3 +145,98 @@ impl Engine {
         self.stats.alive.load(Ordering::Acquire)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chorus_model::tokenizer::GgufVocab;
+
+    /// An engine handle over a tiny tokenizer; the worker side is the returned receiver.
+    fn engine() -> (Engine, mpsc::Receiver<Submission>) {
+        let tokenizer = Tokenizer::from_gguf_vocab(GgufVocab {
+            model: "gpt2".into(),
+            tokens: vec!["<|im_end|>".into(), "a".into(), "b".into()],
+            merges: Vec::new(),
+            token_types: vec![3, 1, 1],
+            bos_id: None,
+            eos_id: 0,
+        })
+        .expect("tiny tokenizer");
+        let template =
+            ChatTemplate::new("{{ messages }}".into(), "", "<|im_end|>").expect("template");
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Stats::default());
+        stats.alive.store(true, Ordering::Release);
+        let engine = Engine {
+            tx,
+            stats,
+            info: Arc::new(ModelInfo {
+                id: "tiny".into(),
+                tokenizer: Arc::new(tokenizer),
+                template,
+                context_len: 16,
+                created: 0,
+            }),
+            max_queue: 2,
+        };
+        (engine, rx)
+    }
+
+    fn request() -> GenRequest {
+        GenRequest {
+            request_id: "r".into(),
+            prompt: vec![1, 2],
+            params: SamplingParams::default(),
+            max_tokens: 4,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+
+    fn unavailable(r: Result<UnboundedReceiver<Event>, ApiError>) -> bool {
+        matches!(r, Err(ApiError::Unavailable(_)))
+    }
+
+    #[test]
+    fn a_dead_inference_thread_is_a_503_not_a_hang() {
+        let (engine, rx) = engine();
+        // The thread has exited (its guard cleared `alive`).
+        engine.stats.alive.store(false, Ordering::Release);
+        assert!(unavailable(engine.submit(request())));
+        // Or it is gone without a word: its end of the channel is closed.
+        engine.stats.alive.store(true, Ordering::Release);
+        drop(rx);
+        assert!(unavailable(engine.submit(request())));
+        assert_eq!(engine.stats.queued.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn the_queue_bound_is_a_429_and_shutdown_a_503() {
+        let (engine, _rx) = engine();
+        assert!(engine.submit(request()).is_ok());
+        assert!(engine.submit(request()).is_ok());
+        assert!(matches!(
+            engine.submit(request()),
+            Err(ApiError::Overloaded { .. })
+        ));
+        engine.stats.draining.store(true, Ordering::Release);
+        assert!(unavailable(engine.submit(request())));
+    }
+
+    /// A request whose worker dies mid-way ends with an error instead of waiting forever.
+    #[tokio::test]
+    async fn a_request_whose_worker_dies_ends_with_an_error() {
+        let (engine, rx) = engine();
+        let events = engine.submit(request()).expect("admitted");
+        let submission = rx.recv().expect("submitted");
+        submission
+            .events
+            .send(Event::Text("a".into()))
+            .expect("open");
+        drop(submission);
+        assert!(matches!(
+            crate::stream::collect(events).await,
+            Err(ApiError::Unavailable(_))
+        ));
+    }
+}
