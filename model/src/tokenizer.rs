@@ -1,5 +1,5 @@
 //! The tokenizer, rebuilt from GGUF metadata so that it gives exactly the ids the
-//! reference implementation gives (checked against `shared/reference/tokenize.json`).
+//! reference implementation gives (checked against `model/tests/reference/tokenize.json`).
 //!
 //! For `tokenizer.ggml.model = "gpt2"` vocabularies (SmolLM2, Llama 3, Qwen2): a byte-level
 //! BPE over `tokenizer.ggml.tokens` + `merges`, pre-tokenized by individual digits then the

@@ -20,9 +20,11 @@ pub fn model_path() -> PathBuf {
     p
 }
 
+/// A file of the reference data (copied into `tests/reference/` from the project's
+/// `shared/reference/`, so the test does not depend on anything outside the repository).
 pub fn reference(name: &str) -> serde_json::Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/reference")
+        .join("tests/reference")
         .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("reference file is JSON")

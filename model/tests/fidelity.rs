@@ -1,5 +1,5 @@
 //! The tokenizer and chat template against the reference implementation's own output
-//! (`shared/reference/`).
+//! (`tests/reference/`, from the project's `shared/reference/`).
 
 mod common;
 

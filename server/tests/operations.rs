@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chorus_server::config::Config;
 use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
-use common::{chat, health, post, start, wait_ready};
+use common::{chat, health, post, send_chat, start, wait_ready};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
@@ -189,12 +189,7 @@ async fn a_disconnect_storm_leaves_nothing_running() {
                 &format!("Client {i}, tell me a story."),
                 json!({"stream": true, "max_tokens": 500, "ignore_eos": true}),
             );
-            let r = reqwest::Client::new()
-                .post(format!("{url}/v1/chat/completions"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
+            let r = send_chat(&url, &body).await;
             let status = r.status().as_u16();
             if status == 200 {
                 let mut s = r.bytes_stream();
@@ -252,12 +247,7 @@ async fn overload_answers_429_and_never_hangs() {
                         &format!("Request {i}: count to ten."),
                         json!({"stream": true, "max_tokens": 16, "ignore_eos": true}),
                     );
-                    let r = reqwest::Client::new()
-                        .post(format!("{url}/v1/chat/completions"))
-                        .json(&body)
-                        .send()
-                        .await
-                        .unwrap();
+                    let r = send_chat(&url, &body).await;
                     let status = r.status().as_u16();
                     let text = r.text().await.unwrap();
                     (status, text)
@@ -322,12 +312,7 @@ async fn shutdown_drains_then_ends_streams_with_an_error_event() {
         "Write a very long story.",
         json!({"stream": true, "max_tokens": 4000, "ignore_eos": true}),
     );
-    let r = reqwest::Client::new()
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = send_chat(&url, &body).await;
     assert_eq!(r.status(), 200);
     let mut stream = r.bytes_stream();
     let mut text = String::new();

@@ -91,6 +91,16 @@ pub async fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
     (status, value)
 }
 
+/// Sends a chat request and returns the response as it starts (for reading a stream).
+pub async fn send_chat(url: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
 /// The SSE events (without the `data: ` prefix) of a complete streamed response.
 pub async fn stream_events(url: &str, path: &str, body: &Value) -> Vec<String> {
     let r = reqwest::Client::new()
