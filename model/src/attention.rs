@@ -40,52 +40,27 @@ pub fn paged_attention(shape: &AttnShape, q: &[f32], kv: &LayerKv, spans: &[RowS
         debug_assert_eq!(s.first_row, row_info.len());
         row_info.extend((0..s.rows).map(|r| (i, s.start_pos + r)));
     }
-    // Rows of one sequence are taken in tiles, so that a prefill chunk reads each KV
-    // block once per tile instead of once per row; one task per (tile, KV head), whose
-    // query heads share that KV head.
-    let mut tiles = Vec::new();
-    for (i, s) in spans.iter().enumerate() {
-        for r0 in (0..s.rows).step_by(TILE_ROWS) {
-            tiles.push((i, s.first_row + r0, TILE_ROWS.min(s.rows - r0)));
-        }
-    }
-    let results: Vec<(usize, usize, usize, Vec<f32>)> = (0..tiles.len() * kv_heads)
-        .into_par_iter()
+    // One task per (row, KV head): the query heads sharing a KV head read it once.
+    let mut out = vec![0.0f32; total_rows * heads * hd];
+    out.par_chunks_mut(group * hd)
+        .enumerate()
         .with_min_len(2)
-        .map_init(Vec::new, |scores, i| {
-            let ((span, first, rows), kv_head) = (tiles[i / kv_heads], i % kv_heads);
+        .for_each_init(Vec::new, |scores, (i, o)| {
+            let (row, kv_head) = (i / kv_heads, i % kv_heads);
+            let (span, pos) = row_info[row];
+            let q_rows = &q[(row * heads + kv_head * group) * hd..][..group * hd];
             let task = Task {
                 s: shape.kv,
                 kv,
                 blocks: spans[span].blocks,
                 kv_head,
-                // Up to the tile's last row's position.
-                n: row_info[first + rows - 1].1 + 1,
+                n: pos + 1,
                 scale,
             };
-            // [rows][group][head_dim]
-            let mut o = vec![0.0f32; rows * group * hd];
-            let q_row = |r: usize| &q[((first + r) * heads + kv_head * group) * hd..][..group * hd];
-            if rows == 1 {
-                task.attend(q_row(0), scores, &mut o);
-            } else {
-                let qs: Vec<&[f32]> = (0..rows).map(q_row).collect();
-                task.attend_tile(&qs, scores, &mut o);
-            }
-            (first, rows, kv_head, o)
-        })
-        .collect();
-    let mut out = vec![0.0f32; total_rows * heads * hd];
-    for (first, rows, kv_head, o) in results {
-        for (r, part) in o.chunks_exact(group * hd).enumerate().take(rows) {
-            out[((first + r) * heads + kv_head * group) * hd..][..group * hd].copy_from_slice(part);
-        }
-    }
+            task.attend(q_rows, scores, o);
+        });
     out
 }
-
-/// Query rows of one sequence attended together (prefill chunks).
-const TILE_ROWS: usize = 8;
 
 /// The query heads of one row that share `kv_head`, against positions `0..n`.
 struct Task<'a> {
@@ -134,57 +109,6 @@ impl Task<'_> {
                 _ => self.weighted_values_any(p, o),
             }
         }
-    }
-
-    /// Consecutive rows of one sequence (row `r` at position `n - rows + r`), each with
-    /// its query heads sharing `kv_head`: `qs[r]` and `out[r]` are `[group][head_dim]`.
-    /// Each KV block is read once for all rows; every row gets exactly the arithmetic
-    /// [`Task::attend`] would give it alone (same score, softmax and accumulation order),
-    /// so tiling never changes a result.
-    fn attend_tile(&self, qs: &[&[f32]], scores: &mut Vec<f32>, out: &mut [f32]) {
-        let hd = self.s.head_dim;
-        let rows = qs.len();
-        let group = qs.first().map_or(0, |q| q.len() / hd);
-        let blocks = self.n.div_ceil(BLOCK_SIZE);
-        let stride = blocks * BLOCK_SIZE;
-        // Row r sees positions 0..lens[r].
-        let lens: Vec<usize> = (0..rows).map(|r| self.n - rows + r + 1).collect();
-        scores.clear();
-        scores.resize(rows * group * stride, 0.0);
-        for (b, &block) in self.blocks.iter().enumerate().take(blocks) {
-            let base = offset(self.s, block as usize, self.kv_head, 0);
-            let k = &self.kv.k[base..][..hd * BLOCK_SIZE];
-            for (r, q) in qs.iter().enumerate() {
-                if b * BLOCK_SIZE >= lens[r] {
-                    continue;
-                }
-                for (h, qh) in q.chunks_exact(hd).enumerate() {
-                    let s = block_scores(qh, k);
-                    let at = (r * group + h) * stride + b * BLOCK_SIZE;
-                    scores[at..][..BLOCK_SIZE].copy_from_slice(&s);
-                }
-            }
-        }
-        for (i, row) in scores.chunks_exact_mut(stride).enumerate() {
-            let valid = &mut row[..lens[i / group]];
-            let max = lanes_max(valid);
-            for x in valid.iter_mut() {
-                *x = exp((*x - max) * self.scale);
-            }
-            let inv = 1.0 / lanes_sum(valid);
-            valid.iter_mut().for_each(|x| *x *= inv);
-        }
-        out.fill(0.0);
-        self.for_each_value(|pos, v| {
-            for (i, o) in out.chunks_exact_mut(hd).enumerate() {
-                if pos < lens[i / group] {
-                    let p = scores[i * stride + pos];
-                    for (o, &v) in o.iter_mut().zip(v) {
-                        *o = p.mul_add(v, *o);
-                    }
-                }
-            }
-        });
     }
 
     /// `out = Σ_slot p[slot] · v[slot]`, accumulating in registers for a known head size.
