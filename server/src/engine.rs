@@ -97,6 +97,9 @@ pub struct ModelInfo {
     pub tokenizer: Arc<Tokenizer>,
     pub template: ChatTemplate,
     pub context_len: usize,
+    /// Most tokens one sequence can hold: the context, or less when `--kv-cache-mb` is
+    /// smaller than one full context.
+    pub max_seq_tokens: usize,
     pub created: u64,
 }
 
@@ -175,6 +178,7 @@ mod tests {
                 tokenizer: Arc::new(tokenizer),
                 template,
                 context_len: 16,
+                max_seq_tokens: 16,
                 created: 0,
             }),
             max_queue: 2,

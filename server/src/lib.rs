@@ -328,6 +328,9 @@ fn start_engine(
             tokenizer: tokenizer.clone(),
             template: loaded.template,
             context_len: cfg.context_len,
+            max_seq_tokens: cfg
+                .context_len
+                .min(num_blocks * chorus_model::kv::BLOCK_SIZE),
             created: openai::unix_now(),
         }),
         max_queue: config.max_queue,

@@ -186,12 +186,17 @@ fn generation(
     prompt: Vec<u32>,
     s: &WireSampling,
 ) -> Result<GenRequest, ApiError> {
-    let context = info.context_len;
+    let context = info.max_seq_tokens;
     if prompt.len() >= context {
+        let limit = if context < info.context_len {
+            format!("this server holds at most {context} tokens per sequence (--kv-cache-mb)")
+        } else {
+            format!("this model's context is {context} tokens")
+        };
         return Err(ApiError::bad(
             "messages",
             format!(
-                "the prompt is {} tokens, but this model's context is {context} tokens (at least one must be left to generate)",
+                "the prompt is {} tokens, but {limit} (at least one must be left to generate)",
                 prompt.len()
             ),
         ));

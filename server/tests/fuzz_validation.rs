@@ -23,6 +23,7 @@ fn info() -> &'static ModelInfo {
             tokenizer: Arc::new(m.tokenizer),
             template: m.template,
             context_len: m.model.config().context_len,
+            max_seq_tokens: m.model.config().context_len,
             created: 0,
         }
     })

@@ -92,6 +92,37 @@ async fn idle_connections_are_dropped_but_slow_answers_are_not() {
     );
 }
 
+/// With a KV cache smaller than one context, a prompt that cannot fit is a 400 naming
+/// the flag, and `max_tokens` is clamped to what fits instead of failing.
+#[tokio::test]
+async fn a_small_kv_cache_bounds_requests_with_a_clear_error() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--kv-cache-mb", "4"]));
+    wait_ready(&url).await;
+    let (status, v) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat(&"word ".repeat(200), json!({})),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--kv-cache-mb"),
+        "{v}"
+    );
+    let (status, v) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("Hi", json!({"ignore_eos": true})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+}
+
 #[tokio::test]
 async fn api_key_guards_the_api_but_not_health_or_metrics() {
     let _turn = TURN.lock().await;
