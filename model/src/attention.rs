@@ -5,6 +5,7 @@
 //! is in the batch and however a prompt was split into chunks, so a sequence's result
 //! never depends on its neighbours. Work is spread over the cores by rayon.
 
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::kv::{offset, KvShape, LayerKv, BLOCK_SIZE};
@@ -83,12 +84,13 @@ impl Task<'_> {
         // block hold whatever was there; they are computed and then ignored.
         scores.clear();
         scores.resize(group * stride, 0.0);
+        let mut k = vec![0.0f32; hd * BLOCK_SIZE];
         for (b, &block) in self.blocks.iter().enumerate().take(blocks) {
             let base = offset(self.s, block as usize, self.kv_head, 0);
             // Keys are stored `[head_dim][slot]`: one pass gives all 16 slots' scores.
-            let k = &self.kv.k[base..][..hd * BLOCK_SIZE];
+            self.kv.k[base..][..hd * BLOCK_SIZE].convert_to_f32_slice(&mut k);
             for (h, qh) in q.chunks_exact(hd).enumerate() {
-                let s = block_scores(qh, k);
+                let s = block_scores(qh, &k);
                 scores[h * stride + b * BLOCK_SIZE..][..BLOCK_SIZE].copy_from_slice(&s);
             }
         }
@@ -133,10 +135,12 @@ impl Task<'_> {
         });
     }
 
-    /// Calls `f(position, value row)` for positions `0..n` in order.
+    /// Calls `f(position, value row)` for positions `0..n` in order (each block's
+    /// values converted from f16 in one pass).
     #[inline(always)]
     fn for_each_value(&self, mut f: impl FnMut(usize, &[f32])) {
         let hd = self.s.head_dim;
+        let mut rows = vec![0.0f32; hd * BLOCK_SIZE];
         for (b, &block) in self
             .blocks
             .iter()
@@ -145,8 +149,10 @@ impl Task<'_> {
         {
             let base = offset(self.s, block as usize, self.kv_head, 0);
             let in_block = (self.n - b * BLOCK_SIZE).min(BLOCK_SIZE);
-            for slot in 0..in_block {
-                f(b * BLOCK_SIZE + slot, &self.kv.v[base + slot * hd..][..hd]);
+            let rows = &mut rows[..in_block * hd];
+            self.kv.v[base..][..in_block * hd].convert_to_f32_slice(rows);
+            for (slot, row) in rows.chunks_exact(hd).enumerate() {
+                f(b * BLOCK_SIZE + slot, row);
             }
         }
     }
@@ -260,6 +266,13 @@ mod tests {
             },
         ];
         let out = paged_attention(&AttnShape { heads, kv: shape }, &q, cache.layer(0), &spans);
+        // The cache stores f16: the reference gets the same rounded keys and values.
+        let round = |rows: &[Vec<f32>]| -> Vec<Vec<f32>> {
+            rows.iter()
+                .map(|r| r.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect())
+                .collect()
+        };
+        let (ka, va, kb, vb) = (round(&ka), round(&va), round(&kb), round(&vb));
         let want_a = reference(&qa, &ka, &va, heads, kv_heads, hd);
         let want_b = reference(&qb, &kb, &vb, heads, kv_heads, hd);
         let want: Vec<f32> = want_a.iter().chain(&want_b).copied().collect();

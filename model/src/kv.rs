@@ -4,10 +4,13 @@
 //! [`BlockAllocator`] is the bookkeeping (free list, reference counts) and is pure: the
 //! scheduler uses it to decide what fits. [`KvCache`] is the storage, owned by the
 //! inference thread. Layout per layer: keys `[block][kv_head][head_dim][slot]` (one pass
-//! over a block scores all its slots), values `[block][kv_head][slot][head_dim]`.
+//! over a block scores all its slots), values `[block][kv_head][slot][head_dim]`, both
+//! f16.
 
 use std::collections::{BTreeMap, HashMap};
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
@@ -160,14 +163,14 @@ pub struct KvShape {
 }
 
 impl KvShape {
-    /// f32 values of K (or V) in one block of one layer.
+    /// Values of K (or V) in one block of one layer.
     pub fn block_len(&self) -> usize {
         self.kv_heads * BLOCK_SIZE * self.head_dim
     }
 
     /// Bytes one block costs across all layers, keys and values.
     pub fn block_bytes(&self) -> usize {
-        2 * self.layers * self.block_len() * std::mem::size_of::<f32>()
+        2 * self.layers * self.block_len() * std::mem::size_of::<f16>()
     }
 
     /// How many blocks a budget of `bytes` holds.
@@ -176,9 +179,11 @@ impl KvShape {
     }
 }
 
+/// One layer's keys and values, stored as f16: half the memory and half the traffic of
+/// f32, which long-context decode is bound by; attention computes in f32.
 pub struct LayerKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: Vec<f16>,
+    pub v: Vec<f16>,
 }
 
 pub struct KvCache {
@@ -196,8 +201,8 @@ impl KvCache {
         let len = num_blocks * shape.block_len();
         let layers = (0..shape.layers)
             .map(|_| LayerKv {
-                k: vec![0.0; len],
-                v: vec![0.0; len],
+                k: vec![f16::ZERO; len],
+                v: vec![f16::ZERO; len],
             })
             .collect();
         Ok(Self {
@@ -232,10 +237,10 @@ impl KvCache {
             // `[slot][head_dim]` (weighted sums run along the head dimension).
             let base = offset(s, block, h, 0);
             for (d, &x) in k[src.clone()].iter().enumerate() {
-                l.k[base + d * BLOCK_SIZE + slot] = x;
+                l.k[base + d * BLOCK_SIZE + slot] = f16::from_f32(x);
             }
             let at = offset(s, block, h, slot);
-            l.v[at..at + s.head_dim].copy_from_slice(&v[src]);
+            l.v[at..at + s.head_dim].convert_from_f32_slice(&v[src]);
         }
     }
 }
