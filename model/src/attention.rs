@@ -46,7 +46,7 @@ pub fn paged_attention(shape: &AttnShape, q: &[f32], kv: &LayerKv, spans: &[RowS
     out.par_chunks_mut(group * hd)
         .enumerate()
         .with_min_len(2)
-        .for_each_init(Vec::new, |scores, (i, o)| {
+        .for_each_init(Scratch::default, |scratch, (i, o)| {
             let (row, kv_head) = (i / kv_heads, i % kv_heads);
             let (span, pos) = row_info[row];
             let q_rows = &q[(row * heads + kv_head * group) * hd..][..group * hd];
@@ -58,9 +58,18 @@ pub fn paged_attention(shape: &AttnShape, q: &[f32], kv: &LayerKv, spans: &[RowS
                 n: pos + 1,
                 scale,
             };
-            task.attend(q_rows, scores, o);
+            task.attend(q_rows, scratch, o);
         });
     out
+}
+
+/// A compute thread's buffers, reused across tasks: scores, one key block and one value
+/// block in f32.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
 }
 
 /// The query heads of one row that share `kv_head`, against positions `0..n`.
@@ -74,9 +83,14 @@ struct Task<'a> {
 }
 
 impl Task<'_> {
-    /// `q`: `[group][head_dim]`; `out` the same shape. `scores` is scratch.
-    fn attend(&self, q: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
+    /// `q`: `[group][head_dim]`; `out` the same shape.
+    fn attend(&self, q: &[f32], scratch: &mut Scratch, out: &mut [f32]) {
         let hd = self.s.head_dim;
+        let Scratch {
+            scores,
+            keys: k,
+            values,
+        } = scratch;
         let group = q.len() / hd;
         let blocks = self.n.div_ceil(BLOCK_SIZE);
         let stride = blocks * BLOCK_SIZE;
@@ -84,13 +98,13 @@ impl Task<'_> {
         // block hold whatever was there; they are computed and then ignored.
         scores.clear();
         scores.resize(group * stride, 0.0);
-        let mut k = vec![0.0f32; hd * BLOCK_SIZE];
+        k.resize(hd * BLOCK_SIZE, 0.0);
         for (b, &block) in self.blocks.iter().enumerate().take(blocks) {
             let base = offset(self.s, block as usize, self.kv_head, 0);
             // Keys are stored `[head_dim][slot]`: one pass gives all 16 slots' scores.
-            self.kv.k[base..][..hd * BLOCK_SIZE].convert_to_f32_slice(&mut k);
+            self.kv.k[base..][..hd * BLOCK_SIZE].convert_to_f32_slice(k);
             for (h, qh) in q.chunks_exact(hd).enumerate() {
-                let s = block_scores(qh, &k);
+                let s = block_scores(qh, k);
                 scores[h * stride + b * BLOCK_SIZE..][..BLOCK_SIZE].copy_from_slice(&s);
             }
         }
@@ -106,17 +120,17 @@ impl Task<'_> {
         for (h, o) in out.chunks_exact_mut(hd).enumerate() {
             let p = &scores[h * stride..][..stride];
             match hd {
-                64 => self.weighted_values::<64>(p, o),
-                128 => self.weighted_values::<128>(p, o),
-                _ => self.weighted_values_any(p, o),
+                64 => self.weighted_values::<64>(p, values, o),
+                128 => self.weighted_values::<128>(p, values, o),
+                _ => self.weighted_values_any(p, values, o),
             }
         }
     }
 
     /// `out = Σ_slot p[slot] · v[slot]`, accumulating in registers for a known head size.
-    fn weighted_values<const D: usize>(&self, p: &[f32], out: &mut [f32]) {
+    fn weighted_values<const D: usize>(&self, p: &[f32], buf: &mut Vec<f32>, out: &mut [f32]) {
         let mut acc = [0.0f32; D];
-        self.for_each_value(|slot, v| {
+        self.for_each_value(buf, |slot, v| {
             if let Ok(v) = <&[f32; D]>::try_from(v) {
                 for (a, &v) in acc.iter_mut().zip(v) {
                     *a = p[slot].mul_add(v, *a);
@@ -126,9 +140,9 @@ impl Task<'_> {
         out.copy_from_slice(&acc);
     }
 
-    fn weighted_values_any(&self, p: &[f32], out: &mut [f32]) {
+    fn weighted_values_any(&self, p: &[f32], buf: &mut Vec<f32>, out: &mut [f32]) {
         out.fill(0.0);
-        self.for_each_value(|slot, v| {
+        self.for_each_value(buf, |slot, v| {
             for (o, &v) in out.iter_mut().zip(v) {
                 *o = p[slot].mul_add(v, *o);
             }
@@ -136,11 +150,11 @@ impl Task<'_> {
     }
 
     /// Calls `f(position, value row)` for positions `0..n` in order (each block's
-    /// values converted from f16 in one pass).
+    /// values converted from f16 into `rows` in one pass).
     #[inline(always)]
-    fn for_each_value(&self, mut f: impl FnMut(usize, &[f32])) {
+    fn for_each_value(&self, rows: &mut Vec<f32>, mut f: impl FnMut(usize, &[f32])) {
         let hd = self.s.head_dim;
-        let mut rows = vec![0.0f32; hd * BLOCK_SIZE];
+        rows.resize(hd * BLOCK_SIZE, 0.0);
         for (b, &block) in self
             .blocks
             .iter()

@@ -150,6 +150,11 @@ impl Scheduler {
         }
     }
 
+    /// Every token `id` knows: its prompt, then what it generated.
+    pub fn tokens(&self, id: SeqId) -> &[u32] {
+        self.entries.get(&id).map_or(&[], |e| &e.ids)
+    }
+
     pub fn blocks(&self, id: SeqId) -> &[u32] {
         self.entries.get(&id).map_or(&[], |e| &e.blocks)
     }

@@ -22,8 +22,8 @@ use crate::scheduler::{Scheduler, SeqId};
 /// A sequence's generation state, beside the scheduler's bookkeeping.
 struct Seq {
     request_id: String,
-    /// Prompt then generated tokens.
-    tokens: Vec<u32>,
+    /// Tokens generated so far (the token ids themselves live in the scheduler).
+    generated: usize,
     prompt_len: usize,
     max_tokens: usize,
     ignore_eos: bool,
@@ -36,12 +36,6 @@ struct Seq {
     last_token: Option<Instant>,
     /// Has left the queue (counts against `queued` until then).
     started: bool,
-}
-
-impl Seq {
-    fn generated(&self) -> usize {
-        self.tokens.len() - self.prompt_len
-    }
 }
 
 pub(crate) struct Worker {
@@ -111,7 +105,7 @@ impl Worker {
             Seq {
                 request_id: req.request_id,
                 prompt_len: req.prompt.len(),
-                tokens: req.prompt,
+                generated: 0,
                 max_tokens: req.max_tokens,
                 ignore_eos: req.ignore_eos,
                 sampler: Sampler::new(req.params),
@@ -135,7 +129,7 @@ impl Worker {
             .collect();
         for id in gone {
             if let Some(seq) = seqs.remove(&id) {
-                tracing::info!(request_id = %seq.request_id, generated = seq.generated(), "client went away; sequence freed");
+                tracing::info!(request_id = %seq.request_id, generated = seq.generated, "client went away; sequence freed");
                 self.retire(id, &seq);
             }
         }
@@ -211,7 +205,7 @@ impl Worker {
             .batch
             .iter()
             .map(|s| SeqInput {
-                tokens: &seqs[&s.id].tokens[s.start..s.start + s.len],
+                tokens: &self.scheduler.tokens(s.id)[s.start..s.start + s.len],
                 start_pos: s.start,
                 blocks: self.scheduler.blocks(s.id),
                 wants_logits: s.samples,
@@ -279,7 +273,7 @@ impl Worker {
 
     /// Takes one sampled token; returns why the sequence ends, if it does.
     fn accept(&self, seq: &mut Seq, token: u32) -> Option<FinishReason> {
-        seq.tokens.push(token);
+        seq.generated += 1;
         let now = Instant::now();
         match seq.last_token.replace(now) {
             Some(last) => self.metrics.inter_token.observe((now - last).as_secs_f64()),
@@ -304,7 +298,7 @@ impl Worker {
         if out.stopped {
             return Some(FinishReason::Stop);
         }
-        (seq.generated() >= seq.max_tokens).then_some(FinishReason::Length)
+        (seq.generated >= seq.max_tokens).then_some(FinishReason::Length)
     }
 
     fn complete(&mut self, id: SeqId, mut seq: Seq, finish: FinishReason) {
@@ -313,7 +307,7 @@ impl Worker {
             let _ = seq.events.send(Event::Text(rest));
         }
         let cached = self.scheduler.cached_tokens(id);
-        let usage = Usage::new(seq.prompt_len, seq.generated(), cached);
+        let usage = Usage::new(seq.prompt_len, seq.generated, cached);
         self.metrics
             .request_duration
             .observe(seq.arrived.elapsed().as_secs_f64());

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{base, chat, health};
+use common::{base, chat, health, send_chat};
 use futures_util::StreamExt;
 use serde_json::json;
 use tokio::sync::Mutex;
@@ -16,17 +16,11 @@ static TURN: Mutex<()> = Mutex::const_new(());
 async fn short_request_started_later_finishes_first() {
     let _turn = TURN.lock().await;
     let url = base().await;
-    let client = reqwest::Client::new();
     let long_body = chat(
         "Write a long essay about the ocean.",
         json!({"stream": true, "max_tokens": 300, "ignore_eos": true}),
     );
-    let long = client
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&long_body)
-        .send()
-        .await
-        .unwrap();
+    let long = send_chat(&url, &long_body).await;
     let mut long_stream = long.bytes_stream();
     // Wait until the long one is decoding.
     let mut seen = String::new();
@@ -45,12 +39,7 @@ async fn short_request_started_later_finishes_first() {
         Instant::now()
     });
     let short_body = chat("Say hi.", json!({"max_tokens": 5, "ignore_eos": true}));
-    let short = client
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&short_body)
-        .send()
-        .await
-        .unwrap();
+    let short = send_chat(&url, &short_body).await;
     assert_eq!(short.status(), 200);
     let short_done = Instant::now();
     let long_done = long_task.await.unwrap();
@@ -64,19 +53,13 @@ async fn short_request_started_later_finishes_first() {
 async fn dropped_streams_are_freed_within_a_second() {
     let _turn = TURN.lock().await;
     let url = base().await;
-    let client = reqwest::Client::new();
     let mut streams = Vec::new();
     for i in 0..16 {
         let body = chat(
             &format!("Story number {i}:"),
             json!({"stream": true, "max_tokens": 2000, "ignore_eos": true}),
         );
-        let r = client
-            .post(format!("{url}/v1/chat/completions"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = send_chat(&url, &body).await;
         assert_eq!(r.status(), 200);
         streams.push(r.bytes_stream());
     }

@@ -78,12 +78,7 @@ pub async fn health(url: &str) -> Value {
 }
 
 pub async fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{url}{path}"))
-        .json(body)
-        .send()
-        .await
-        .expect("request sent");
+    let r = send(url, path, body).await;
     let status = r.status().as_u16();
     let text = r.text().await.expect("body");
     let value =
@@ -91,24 +86,24 @@ pub async fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
     (status, value)
 }
 
-/// Sends a chat request and returns the response as it starts (for reading a stream).
-pub async fn send_chat(url: &str, body: &Value) -> reqwest::Response {
+/// POSTs `body` as JSON and returns the response as it starts (for reading a stream).
+pub async fn send(url: &str, path: &str, body: &Value) -> reqwest::Response {
     reqwest::Client::new()
-        .post(format!("{url}/v1/chat/completions"))
+        .post(format!("{url}{path}"))
         .json(body)
         .send()
         .await
         .expect("request sent")
 }
 
+/// [`send`] to the chat endpoint.
+pub async fn send_chat(url: &str, body: &Value) -> reqwest::Response {
+    send(url, "/v1/chat/completions", body).await
+}
+
 /// The SSE events (without the `data: ` prefix) of a complete streamed response.
 pub async fn stream_events(url: &str, path: &str, body: &Value) -> Vec<String> {
-    let r = reqwest::Client::new()
-        .post(format!("{url}{path}"))
-        .json(body)
-        .send()
-        .await
-        .expect("request sent");
+    let r = send(url, path, body).await;
     assert_eq!(r.status(), 200);
     let text = r.text().await.expect("body");
     parse_sse(&text)
