@@ -25,6 +25,10 @@ pub struct RowSpan<'a> {
 pub struct AttnShape {
     pub heads: usize,
     pub kv: KvShape,
+    /// Multiplies `q · k` before the softmax.
+    pub scale: f32,
+    /// Attend only to the last `window` positions (sliding-window layers).
+    pub window: Option<usize>,
 }
 
 /// `q`: `[rows, heads * head_dim]` (rope applied). Returns `[rows, heads * head_dim]`.
@@ -33,7 +37,6 @@ pub fn paged_attention(shape: &AttnShape, q: &[f32], kv: &LayerKv, spans: &[RowS
     let hd = shape.kv.head_dim;
     let (heads, kv_heads) = (shape.heads, shape.kv.kv_heads);
     let group = heads / kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let total_rows: usize = spans.iter().map(|s| s.rows).sum();
     // (span index, position) of every row.
     let mut row_info = Vec::with_capacity(total_rows);
@@ -55,8 +58,9 @@ pub fn paged_attention(shape: &AttnShape, q: &[f32], kv: &LayerKv, spans: &[RowS
                 kv,
                 blocks: spans[span].blocks,
                 kv_head,
+                lo: shape.window.map_or(0, |w| (pos + 1).saturating_sub(w)),
                 n: pos + 1,
-                scale,
+                scale: shape.scale,
             };
             task.attend(q_rows, scratch, o);
         });
@@ -72,12 +76,13 @@ struct Scratch {
     values: Vec<f32>,
 }
 
-/// The query heads of one row that share `kv_head`, against positions `0..n`.
+/// The query heads of one row that share `kv_head`, against positions `lo..n`.
 struct Task<'a> {
     s: KvShape,
     kv: &'a LayerKv,
     blocks: &'a [u32],
     kv_head: usize,
+    lo: usize,
     n: usize,
     scale: f32,
 }
@@ -92,14 +97,16 @@ impl Task<'_> {
             values,
         } = scratch;
         let group = q.len() / hd;
-        let blocks = self.n.div_ceil(BLOCK_SIZE);
-        let stride = blocks * BLOCK_SIZE;
-        // [group][stride]: raw scores, then probabilities. Slots past `n` in the last
-        // block hold whatever was there; they are computed and then ignored.
+        let (first, last) = self.block_range();
+        let stride = (last - first) * BLOCK_SIZE;
+        // Score slots count from the first block read.
+        let (lo, n) = (self.lo - first * BLOCK_SIZE, self.n - first * BLOCK_SIZE);
+        // [group][stride]: raw scores, then probabilities. Slots outside `lo..n` in the
+        // first and last blocks hold whatever was there; they end up with probability 0.
         scores.clear();
         scores.resize(group * stride, 0.0);
         k.resize(hd * BLOCK_SIZE, 0.0);
-        for (b, &block) in self.blocks.iter().enumerate().take(blocks) {
+        for (b, &block) in self.blocks[first..last].iter().enumerate() {
             let base = offset(self.s, block as usize, self.kv_head, 0);
             // Keys are stored `[head_dim][slot]`: one pass gives all 16 slots' scores.
             self.kv.k[base..][..hd * BLOCK_SIZE].convert_to_f32_slice(k);
@@ -109,7 +116,8 @@ impl Task<'_> {
             }
         }
         for row in scores.chunks_exact_mut(stride) {
-            let valid = &mut row[..self.n];
+            row[..lo].fill(0.0);
+            let valid = &mut row[lo..n];
             let max = lanes_max(valid);
             for x in valid.iter_mut() {
                 *x = exp((*x - max) * self.scale);
@@ -122,6 +130,7 @@ impl Task<'_> {
             match hd {
                 64 => self.weighted_values::<64>(p, values, o),
                 128 => self.weighted_values::<128>(p, values, o),
+                256 => self.weighted_values::<256>(p, values, o),
                 _ => self.weighted_values_any(p, values, o),
             }
         }
@@ -149,20 +158,22 @@ impl Task<'_> {
         });
     }
 
-    /// Calls `f(position, value row)` for positions `0..n` in order (each block's
-    /// values converted from f16 into `rows` in one pass).
+    /// The blocks holding positions `lo..n`: `first..last` of the block table.
+    fn block_range(&self) -> (usize, usize) {
+        (self.lo / BLOCK_SIZE, self.n.div_ceil(BLOCK_SIZE))
+    }
+
+    /// Calls `f(slot, value row)` for the slots of the blocks holding `lo..n` (slots
+    /// counted from the first of those blocks, ending at `n`), in order, each block's
+    /// values converted from f16 into `rows` in one pass.
     #[inline(always)]
     fn for_each_value(&self, rows: &mut Vec<f32>, mut f: impl FnMut(usize, &[f32])) {
         let hd = self.s.head_dim;
+        let (first, last) = self.block_range();
         rows.resize(hd * BLOCK_SIZE, 0.0);
-        for (b, &block) in self
-            .blocks
-            .iter()
-            .enumerate()
-            .take(self.n.div_ceil(BLOCK_SIZE))
-        {
+        for (b, &block) in self.blocks[first..last].iter().enumerate() {
             let base = offset(self.s, block as usize, self.kv_head, 0);
-            let in_block = (self.n - b * BLOCK_SIZE).min(BLOCK_SIZE);
+            let in_block = (self.n - (first + b) * BLOCK_SIZE).min(BLOCK_SIZE);
             let rows = &mut rows[..in_block * hd];
             self.kv.v[base..][..in_block * hd].convert_to_f32_slice(rows);
             for (slot, row) in rows.chunks_exact(hd).enumerate() {
@@ -198,16 +209,18 @@ mod tests {
         heads: usize,
         kv_heads: usize,
         hd: usize,
+        window: Option<usize>,
     ) -> Vec<f32> {
         let rows = q.len() / (heads * hd);
         let start = k.len() - rows;
         let mut out = vec![0.0; q.len()];
         for r in 0..rows {
             let pos = start + r;
+            let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
             for h in 0..heads {
                 let g = h / (heads / kv_heads);
                 let qv = &q[(r * heads + h) * hd..][..hd];
-                let s: Vec<f32> = (0..=pos)
+                let s: Vec<f32> = (lo..=pos)
                     .map(|j| {
                         qv.iter()
                             .zip(&k[j][g * hd..][..hd])
@@ -221,7 +234,7 @@ mod tests {
                 let z: f32 = e.iter().sum();
                 for d in 0..hd {
                     out[(r * heads + h) * hd + d] =
-                        (0..=pos).map(|j| e[j] / z * v[j][g * hd + d]).sum();
+                        (lo..=pos).map(|j| e[j - lo] / z * v[j][g * hd + d]).sum();
                 }
             }
         }
@@ -240,6 +253,18 @@ mod tests {
 
     #[test]
     fn matches_reference_across_scattered_blocks() {
+        check_against_reference(None);
+    }
+
+    #[test]
+    fn sliding_window_matches_reference() {
+        // 7 starts inside a block; 16 and 33 span whole blocks and a partial one.
+        for w in [1, 7, 16, 33] {
+            check_against_reference(Some(w));
+        }
+    }
+
+    fn check_against_reference(window: Option<usize>) {
         let (heads, kv_heads, hd) = (4, 2, 16);
         let shape = KvShape {
             layers: 1,
@@ -279,7 +304,13 @@ mod tests {
                 blocks: &blocks_b,
             },
         ];
-        let out = paged_attention(&AttnShape { heads, kv: shape }, &q, cache.layer(0), &spans);
+        let attn = AttnShape {
+            heads,
+            kv: shape,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window,
+        };
+        let out = paged_attention(&attn, &q, cache.layer(0), &spans);
         // The cache stores f16: the reference gets the same rounded keys and values.
         let round = |rows: &[Vec<f32>]| -> Vec<Vec<f32>> {
             rows.iter()
@@ -287,11 +318,14 @@ mod tests {
                 .collect()
         };
         let (ka, va, kb, vb) = (round(&ka), round(&va), round(&kb), round(&vb));
-        let want_a = reference(&qa, &ka, &va, heads, kv_heads, hd);
-        let want_b = reference(&qb, &kb, &vb, heads, kv_heads, hd);
+        let want_a = reference(&qa, &ka, &va, heads, kv_heads, hd, window);
+        let want_b = reference(&qb, &kb, &vb, heads, kv_heads, hd, window);
         let want: Vec<f32> = want_a.iter().chain(&want_b).copied().collect();
         for (i, (g, w)) in out.iter().zip(&want).enumerate() {
-            assert!((g - w).abs() < 1e-5, "element {i}: {g} vs {w}");
+            assert!(
+                (g - w).abs() < 1e-5,
+                "window {window:?}, element {i}: {g} vs {w}"
+            );
         }
     }
 }

@@ -14,6 +14,10 @@ pub enum ModelError {
     },
     #[error("GGUF metadata key `{0}` is missing or has the wrong type")]
     Metadata(String),
+    #[error("config.json: {0}")]
+    Config(String),
+    #[error("model files: {0}")]
+    Files(String),
     #[error("unsupported model: {0}")]
     Unsupported(String),
     #[error("tensor error: {0}")]

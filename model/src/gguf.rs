@@ -1,5 +1,6 @@
-//! Loading a llama-family model from one GGUF file: hyper-parameters and tokenizer from
-//! the metadata, projection weights in the format `--weights` asks for ([`crate::linear`]).
+//! Loading a model from one GGUF file: hyper-parameters and tokenizer from the metadata
+//! ([`crate::arch`] reads each family's keys), projection weights in the format
+//! `--weights` asks for ([`crate::linear`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -10,23 +11,12 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::QTensor;
 use candle_core::Device;
 
+use crate::arch;
 use crate::error::{ModelError, Result};
 use crate::linear::{Linear, WeightFormat};
-use crate::llama::{LayerWeights, Llama, LlamaConfig};
-use crate::template::ChatTemplate;
+use crate::load::{build, LoadedModel, WeightSource};
+use crate::template::{fallback_template, ChatTemplate};
 use crate::tokenizer::{GgufVocab, Tokenizer};
-
-/// Everything a server needs from a model file.
-pub struct LoadedModel {
-    pub model: Llama,
-    pub tokenizer: Tokenizer,
-    pub template: ChatTemplate,
-    /// `general.name` from the metadata, if any.
-    pub name: Option<String>,
-}
-
-/// Used when a GGUF carries no `tokenizer.chat_template` (ChatML, as most chat models use).
-const FALLBACK_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
     let io = |source| ModelError::Io {
@@ -37,45 +27,19 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
     let content = Content::read(&mut reader)?;
     let meta = Meta(&content.metadata);
 
-    let arch = meta.string("general.architecture")?;
-    if arch != "llama" {
-        return Err(ModelError::Unsupported(format!(
-            "architecture `{arch}` (this build serves `llama`)"
-        )));
-    }
-    let heads = meta.usize("llama.attention.head_count")?;
-    let hidden = meta.usize("llama.embedding_length")?;
-    let head_dim = meta
-        .usize("llama.rope.dimension_count")
-        .unwrap_or(hidden / heads);
-    let cfg = LlamaConfig {
-        layers: meta.usize("llama.block_count")?,
-        hidden,
-        heads,
-        kv_heads: meta.usize("llama.attention.head_count_kv").unwrap_or(heads),
-        head_dim,
-        ffn: meta.usize("llama.feed_forward_length")?,
-        vocab: meta.array("tokenizer.ggml.tokens")?.len(),
-        rope_theta: meta.f32("llama.rope.freq_base").unwrap_or(10_000.0),
-        rms_eps: meta.f32("llama.attention.layer_norm_rms_epsilon")?,
-        context_len: meta.usize("llama.context_length")?,
-    };
-    if meta.0.contains_key("llama.rope.scaling.type") {
-        return Err(ModelError::Unsupported(
-            "rope scaling (`llama.rope.scaling.type`) is not implemented".into(),
-        ));
-    }
-    if !cfg.heads.is_multiple_of(cfg.kv_heads) || cfg.head_dim * cfg.heads != cfg.hidden {
-        return Err(ModelError::Unsupported(format!(
-            "attention shape: {} heads, {} kv heads, head dim {}, hidden {}",
-            cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.hidden
-        )));
-    }
-
+    let tokens = meta.strings("tokenizer.ggml.tokens")?;
+    let mut cfg = arch::from_gguf(&meta, tokens.len())?;
     let tokenizer = Tokenizer::from_gguf_vocab(GgufVocab {
         model: meta.string("tokenizer.ggml.model")?,
-        tokens: meta.strings("tokenizer.ggml.tokens")?,
-        merges: meta.strings("tokenizer.ggml.merges")?,
+        merges: meta.strings("tokenizer.ggml.merges").unwrap_or_default(),
+        scores: match meta.array("tokenizer.ggml.scores") {
+            Ok(scores) => scores
+                .iter()
+                .map(|v| v.to_f32().map_err(ModelError::from))
+                .collect::<Result<_>>()?,
+            Err(_) => Vec::new(),
+        },
+        tokens,
         token_types: meta
             .array("tokenizer.ggml.token_type")?
             .iter()
@@ -83,75 +47,87 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
             .collect::<Result<_>>()?,
         bos_id: meta.u32("tokenizer.ggml.bos_token_id").ok(),
         eos_id: meta.u32("tokenizer.ggml.eos_token_id")?,
+        add_bos: meta
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().map_err(ModelError::from))
+            .unwrap_or(false),
+        add_space_prefix: meta
+            .get("tokenizer.ggml.add_space_prefix")
+            .and_then(|v| v.to_bool().map_err(ModelError::from))
+            .unwrap_or(true),
     })?;
     let template_src = meta
         .string("tokenizer.chat_template")
-        .unwrap_or_else(|_| FALLBACK_TEMPLATE.to_string());
+        .unwrap_or_else(|_| fallback_template(cfg.arch).to_string());
     let template = ChatTemplate::new(template_src, tokenizer.bos_token(), tokenizer.eos_token())?;
     let name = meta.string("general.name").ok();
 
-    let mut tensor =
-        |name: &str| -> Result<QTensor> { Ok(content.tensor(&mut reader, name, &Device::Cpu)?) };
-    let dense = |t: QTensor| -> Result<Vec<f32>> {
-        Ok(t.dequantize(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?)
+    let mut weights = GgufWeights {
+        content: &content,
+        reader,
+        format,
     };
-
-    let embed = dense(tensor("token_embd.weight")?)?;
-    // Tied embeddings (SmolLM2): the head is the embedding matrix.
-    let head_name = match content.tensor_infos.contains_key("output.weight") {
-        true => "output.weight",
-        false => "token_embd.weight",
-    };
-    let lm_head = Linear::new(vec![tensor(head_name)?], format)?;
-    let norm = dense(tensor("output_norm.weight")?)?;
-    let mut layers = Vec::with_capacity(cfg.layers);
-    for i in 0..cfg.layers {
-        let p = format!("blk.{i}");
-        let qkv = Linear::new(
-            vec![
-                tensor(&format!("{p}.attn_q.weight"))?,
-                tensor(&format!("{p}.attn_k.weight"))?,
-                tensor(&format!("{p}.attn_v.weight"))?,
-            ],
-            format,
-        )?;
-        let gate_up = Linear::new(
-            vec![
-                tensor(&format!("{p}.ffn_gate.weight"))?,
-                tensor(&format!("{p}.ffn_up.weight"))?,
-            ],
-            format,
-        )?;
-        layers.push(LayerWeights {
-            attn_norm: dense(tensor(&format!("{p}.attn_norm.weight"))?)?,
-            qkv,
-            out: Linear::new(vec![tensor(&format!("{p}.attn_output.weight"))?], format)?,
-            ffn_norm: dense(tensor(&format!("{p}.ffn_norm.weight"))?)?,
-            gate_up,
-            down: Linear::new(vec![tensor(&format!("{p}.ffn_down.weight"))?], format)?,
-        });
+    // Llama 3.1+ files carry their rope scaling as per-frequency divisors.
+    if weights.contains("rope_freqs.weight") {
+        cfg.rope.freq_divisors = weights.vector("rope_freqs.weight")?;
     }
+    let model = build(cfg, &mut weights)?;
     Ok(LoadedModel {
-        model: Llama::new(cfg, embed, layers, norm, lm_head),
+        model,
         tokenizer,
         template,
         name,
     })
 }
 
+struct GgufWeights<'a> {
+    content: &'a Content,
+    reader: BufReader<File>,
+    format: WeightFormat,
+}
+
+impl GgufWeights<'_> {
+    fn tensor(&mut self, name: &str) -> Result<QTensor> {
+        if !self.contains(name) {
+            return Err(ModelError::Files(format!("tensor `{name}` is missing")));
+        }
+        Ok(self.content.tensor(&mut self.reader, name, &Device::Cpu)?)
+    }
+}
+
+impl WeightSource for GgufWeights<'_> {
+    fn contains(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn vector(&mut self, name: &str) -> Result<Vec<f32>> {
+        Ok(self
+            .tensor(name)?
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+
+    fn linear(&mut self, names: &[String]) -> Result<Linear> {
+        let parts = names
+            .iter()
+            .map(|n| self.tensor(n))
+            .collect::<Result<Vec<_>>>()?;
+        Linear::new(parts, self.format)
+    }
+}
+
 /// Typed access to GGUF metadata with errors that name the key.
-struct Meta<'a>(&'a HashMap<String, Value>);
+pub(crate) struct Meta<'a>(&'a HashMap<String, Value>);
 
 impl Meta<'_> {
-    fn get(&self, key: &str) -> Result<&Value> {
+    pub(crate) fn get(&self, key: &str) -> Result<&Value> {
         self.0
             .get(key)
             .ok_or_else(|| ModelError::Metadata(key.into()))
     }
 
-    fn usize(&self, key: &str) -> Result<usize> {
+    pub(crate) fn usize(&self, key: &str) -> Result<usize> {
         let v = self.get(key)?;
         v.to_u32()
             .map(|x| x as usize)
@@ -159,32 +135,32 @@ impl Meta<'_> {
             .map_err(|_| ModelError::Metadata(key.into()))
     }
 
-    fn u32(&self, key: &str) -> Result<u32> {
+    pub(crate) fn u32(&self, key: &str) -> Result<u32> {
         self.get(key)?
             .to_u32()
             .map_err(|_| ModelError::Metadata(key.into()))
     }
 
-    fn f32(&self, key: &str) -> Result<f32> {
+    pub(crate) fn f32(&self, key: &str) -> Result<f32> {
         self.get(key)?
             .to_f32()
             .map_err(|_| ModelError::Metadata(key.into()))
     }
 
-    fn string(&self, key: &str) -> Result<String> {
+    pub(crate) fn string(&self, key: &str) -> Result<String> {
         self.get(key)?
             .to_string()
             .cloned()
             .map_err(|_| ModelError::Metadata(key.into()))
     }
 
-    fn array(&self, key: &str) -> Result<&Vec<Value>> {
+    pub(crate) fn array(&self, key: &str) -> Result<&Vec<Value>> {
         self.get(key)?
             .to_vec()
             .map_err(|_| ModelError::Metadata(key.into()))
     }
 
-    fn strings(&self, key: &str) -> Result<Vec<String>> {
+    pub(crate) fn strings(&self, key: &str) -> Result<Vec<String>> {
         self.array(key)?
             .iter()
             .map(|v| {

@@ -2,7 +2,10 @@
 //! synchronous API and no knowledge of HTTP or async runtimes.
 //!
 //! - [`gguf`]: read a GGUF file into a [`LoadedModel`] (config, weights, tokenizer, template).
-//! - [`tokenizer`]: a `tokenizers::Tokenizer` rebuilt from GGUF metadata.
+//! - [`hf`]: read an HF-layout directory (safetensors, `config.json`, `tokenizer.json`).
+//! - [`arch`]: the supported architectures, each a small module that fills a [`ModelConfig`].
+//! - [`load`]: build the [`Transformer`] from either source, checking every tensor's shape.
+//! - [`tokenizer`]: a `tokenizers::Tokenizer` rebuilt from GGUF metadata or read from HF files.
 //! - [`template`]: the model's own chat template, rendered with minijinja.
 //! - [`detok`]: incremental detokenization that never splits a UTF-8 character.
 //! - [`stop`]: stop-string matching on streamed text.
@@ -13,15 +16,19 @@
 //! - [`packed`]: projection weights in their 4/8-bit blocks, multiplied with f32 activations.
 //! - [`math`]: vectorizable `dot` and `exp`.
 //! - [`threads`]: the compute thread pool the driving thread belongs to.
-//! - [`llama`]: the llama-family transformer and its batched forward pass.
+//! - [`config`]: what the transformer needs to know about an architecture.
+//! - [`transformer`]: the shared decoder and its batched forward pass.
 
+pub mod arch;
 pub mod attention;
+pub mod config;
 pub mod detok;
 pub mod error;
 pub mod gguf;
+pub mod hf;
 pub mod kv;
 pub mod linear;
-pub mod llama;
+pub mod load;
 pub mod math;
 pub mod packed;
 pub mod sampling;
@@ -29,14 +36,16 @@ pub mod stop;
 pub mod template;
 pub mod threads;
 pub mod tokenizer;
+pub mod transformer;
 
+pub use config::{Arch, ModelConfig};
 pub use detok::IncrementalDecoder;
 pub use error::{ModelError, Result};
-pub use gguf::LoadedModel;
 pub use kv::{BlockAllocator, KvCache};
-pub use linear::WeightFormat;
-pub use llama::{Llama, LlamaConfig, SeqInput};
+pub use linear::{Dtype, WeightFormat};
+pub use load::LoadedModel;
 pub use sampling::{Sampler, SamplingParams};
 pub use stop::StopMatcher;
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::Tokenizer;
+pub use transformer::{SeqInput, Transformer};

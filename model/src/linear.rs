@@ -2,7 +2,7 @@
 //! `--weights`, behind one `forward`.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::packed::PackedLinear;
@@ -20,6 +20,26 @@ pub enum WeightFormat {
     /// As shipped, multiplied by candle's quantized kernels, which round activations to
     /// 8 bits (visibly worse answers from small models).
     Quantized,
+}
+
+/// How safetensors projection weights are held (`--dtype`); activations stay f32 and are
+/// cast to this type for each matmul.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    fn candle(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
 }
 
 pub enum Linear {
@@ -40,6 +60,26 @@ impl Linear {
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Self::Candle(QMatMul::Tensor(Tensor::cat(&dense, 0)?.contiguous()?))
             }
+        })
+    }
+
+    /// The row-wise stack of dense `parts` (`[n_i, k]` each), held as `dtype`.
+    pub fn dense(parts: &[Tensor], dtype: Dtype) -> Result<Self> {
+        let parts = parts
+            .iter()
+            .map(|p| p.to_dtype(dtype.candle()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self::Candle(QMatMul::Tensor(
+            Tensor::cat(&parts, 0)?.contiguous()?,
+        )))
+    }
+
+    /// `(n, k)`: output and input widths.
+    pub fn shape(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Self::Packed(p) => p.shape(),
+            Self::Candle(QMatMul::QTensor(t)) => t.shape().dims2()?,
+            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.shape().dims2()?,
         })
     }
 
@@ -64,7 +104,14 @@ fn candle_matmul(w: &QMatMul, mut x: Vec<f32>, rows: usize) -> Result<Vec<f32>> 
         x.extend_from_within(..cols);
     }
     let t = Tensor::from_vec(x, (rows + usize::from(pad), cols), &Device::Cpu)?;
-    let mut out = w.forward(&t)?.flatten_all()?.to_vec1::<f32>()?;
+    let y = match w {
+        QMatMul::Tensor(w) if w.dtype() != DType::F32 => t
+            .to_dtype(w.dtype())?
+            .matmul(&w.t()?)?
+            .to_dtype(DType::F32)?,
+        _ => w.forward(&t)?,
+    };
+    let mut out = y.flatten_all()?.to_vec1::<f32>()?;
     if pad {
         out.truncate(out.len() / 2);
     }

@@ -96,7 +96,29 @@ impl PackedLinear {
                     .to_vec1::<f32>()?,
             );
         }
+        // Other block formats (k-quants, Q5_0…) are re-blocked as Q8_0: within 1/254 of
+        // each block's largest weight of the file's values, at a quarter of f32's bytes.
+        let reblock = parts.iter().any(|p| {
+            !matches!(
+                p.dtype(),
+                GgmlDType::Q4_1
+                    | GgmlDType::Q8_0
+                    | GgmlDType::F32
+                    | GgmlDType::F16
+                    | GgmlDType::BF16
+            )
+        });
+        if reblock && k % QK == 0 {
+            let t = candle_core::Tensor::from_vec(dense, (n, k), &Device::Cpu)?;
+            let q8 = QTensor::quantize(&t, GgmlDType::Q8_0)?;
+            return Ok(Self::from_blocks(GgmlDType::Q8_0, &q8.data()?, n, k));
+        }
         Ok(Self::from_dense(&dense, n, k))
+    }
+
+    /// `(n, k)`: output and input widths.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
     }
 
     /// Packs a row-major `[n, k]` f32 matrix.
@@ -401,7 +423,11 @@ mod tests {
             GgmlDType::Q4_0,
             GgmlDType::F32,
         ] {
-            let (q, dense) = quantized(&w, n, k, dtype);
+            let (q, mut dense) = quantized(&w, n, k, dtype);
+            if dtype == GgmlDType::Q4_0 {
+                // Other block formats are re-blocked as Q8_0 of their values.
+                dense = quantized(&dense, n, k, GgmlDType::Q8_0).1;
+            }
             let packed = PackedLinear::from_parts(&[q]).unwrap();
             let got = packed.forward(&x, rows);
             let want = reference(&x, &dense, rows, n, k);

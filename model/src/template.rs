@@ -7,7 +7,24 @@ use serde::Serialize;
 
 use crate::error::Result;
 
+use crate::config::Arch;
+
 const TEMPLATE_NAME: &str = "chat";
+
+/// ChatML, for models that ship no template (most chat models use it).
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Gemma's turn format: roles `user` and `model`, system text folded into the next user
+/// turn.
+const GEMMA: &str = "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = ns.system + (m['content'] | trim) + '\\n\\n' %}{% else %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + ns.system + (m['content'] | trim) + '<end_of_turn>\\n' }}{% set ns.system = '' %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}";
+
+/// The template to use when a model file carries none.
+pub fn fallback_template(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Gemma3 => GEMMA,
+        _ => CHATML,
+    }
+}
 
 /// One message as the template sees it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

@@ -1,13 +1,26 @@
-//! The tokenizer, rebuilt from GGUF metadata so that it gives exactly the ids the
-//! reference implementation gives (checked against `model/tests/reference/tokenize.json`).
+//! The tokenizer: rebuilt from GGUF metadata, or read from an HF `tokenizer.json`.
 //!
-//! For `tokenizer.ggml.model = "gpt2"` vocabularies (SmolLM2, Llama 3, Qwen2): a byte-level
-//! BPE over `tokenizer.ggml.tokens` + `merges`, pre-tokenized by individual digits then the
-//! GPT-2 byte-level regex, decoded by the byte-level decoder; every token whose
-//! `token_type` is 3 (control) is an added special token, so `<|im_start|>` is one id.
+//! From GGUF, for `tokenizer.ggml.model = "gpt2"` vocabularies (SmolLM2, Llama 3, Qwen):
+//! a byte-level BPE over `tokenizer.ggml.tokens` + `merges`, pre-tokenized by individual
+//! digits then the GPT-2 byte-level regex, decoded by the byte-level decoder; this gives
+//! exactly the reference implementation's ids (`model/tests/reference/tokenize.json`).
+//! For `"llama"` vocabularies (SentencePiece BPE: Gemma, Llama 2): a BPE whose merges are
+//! derived from the piece scores, spaces written as `▁`, and byte fallback for characters
+//! outside the vocabulary. Either way, control tokens (`token_type` 3) are special added
+//! tokens, so `<|im_start|>` is one id.
 
+use std::path::Path;
+
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::models::bpe::Vocab;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::NormalizerWrapper;
+use tokenizers::normalizers::{Prepend, Replace};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -15,18 +28,31 @@ use tokenizers::{AddedToken, PreTokenizerWrapper};
 
 use crate::error::{ModelError, Result};
 
-/// GGUF `token_type` of control tokens.
+/// GGUF `token_type` values.
+const TOKEN_TYPE_NORMAL: i32 = 1;
 const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// End-of-turn tokens of the chat formats in use; each present as a special token also
+/// ends generation.
+const END_OF_TURN: [&str; 4] = ["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>"];
 
 /// The vocabulary part of GGUF metadata.
 pub struct GgufVocab {
     /// `tokenizer.ggml.model`
     pub model: String,
     pub tokens: Vec<String>,
+    /// BPE merges (`gpt2` vocabularies).
     pub merges: Vec<String>,
+    /// Piece scores (`llama` vocabularies).
+    pub scores: Vec<f32>,
     pub token_types: Vec<i32>,
     pub bos_id: Option<u32>,
     pub eos_id: u32,
+    /// `tokenizer.ggml.add_bos_token`.
+    pub add_bos: bool,
+    /// `tokenizer.ggml.add_space_prefix` (SentencePiece: a `▁` before the text).
+    pub add_space_prefix: bool,
 }
 
 pub struct Tokenizer {
@@ -35,80 +61,146 @@ pub struct Tokenizer {
     stop_ids: Vec<u32>,
     bos_token: String,
     eos_token: String,
+    /// Prepend BOS to raw prompts (`tokenizer.ggml.add_bos_token`, or what an HF
+    /// tokenizer's post-processor does).
+    add_bos: Option<u32>,
 }
 
 impl Tokenizer {
     pub fn from_gguf_vocab(vocab: GgufVocab) -> Result<Self> {
-        if vocab.model != "gpt2" {
-            return Err(ModelError::Unsupported(format!(
-                "tokenizer model `{}` (only byte-level BPE, `gpt2`, is supported)",
-                vocab.model
-            )));
-        }
-        let ids: tokenizers::models::bpe::Vocab = vocab
-            .tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let merges = vocab
-            .merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge `{m}`")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(ids, merges)
-            .build()
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = Sequence::new(vec![
-            PreTokenizerWrapper::Digits(Digits::new(true)),
-            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, true)),
-        ]);
-        inner.with_pre_tokenizer(Some(pre));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-
-        let specials: Vec<AddedToken> = vocab
-            .tokens
-            .iter()
-            .zip(&vocab.token_types)
-            .filter(|(_, &ty)| ty == TOKEN_TYPE_CONTROL)
-            .map(|(t, _)| AddedToken::from(t.clone(), true))
+        let mut inner = match vocab.model.as_str() {
+            "gpt2" => byte_level_bpe(&vocab)?,
+            "llama" => sentencepiece_bpe(&vocab)?,
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "tokenizer model `{other}` (supported: `gpt2` byte-level BPE, `llama` SentencePiece BPE)"
+                )))
+            }
+        };
+        let of_type = |ty: i32| {
+            vocab
+                .tokens
+                .iter()
+                .zip(&vocab.token_types)
+                .filter(move |(_, &t)| t == ty)
+                .map(|(t, _)| t.clone())
+        };
+        let specials: Vec<AddedToken> = of_type(TOKEN_TYPE_CONTROL)
+            .map(|t| AddedToken::from(t, true))
             .collect();
         inner.add_special_tokens(&specials);
+        // User-defined pieces (runs of spaces or newlines, markup) match verbatim.
+        let user: Vec<AddedToken> = of_type(TOKEN_TYPE_USER_DEFINED)
+            .map(|t| AddedToken::from(t, false).normalized(false))
+            .collect();
+        inner.add_tokens(&user);
 
         let token = |id: u32| vocab.tokens.get(id as usize).cloned();
         let eos_token = token(vocab.eos_id).ok_or_else(|| {
             ModelError::Tokenizer(format!("eos id {} is outside the vocabulary", vocab.eos_id))
         })?;
         let bos_token = vocab.bos_id.and_then(token).unwrap_or_default();
+        let is_control = |id: u32| vocab.token_types.get(id as usize) == Some(&TOKEN_TYPE_CONTROL);
+        let mut tokenizer = Self::finish(inner, bos_token, eos_token, &[vocab.eos_id], is_control);
+        tokenizer.add_bos = vocab.bos_id.filter(|_| vocab.add_bos);
+        Ok(tokenizer)
+    }
 
-        let mut stop_ids = vec![vocab.eos_id];
-        for name in ["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>"] {
-            if let Some(id) = inner.token_to_id(name) {
-                let is_control = vocab.token_types.get(id as usize) == Some(&TOKEN_TYPE_CONTROL);
-                if is_control && !stop_ids.contains(&id) {
-                    stop_ids.push(id);
-                }
+    /// An HF tokenizer: `tokenizer.json`, with the BOS/EOS tokens named in
+    /// `tokenizer_config.json` and the EOS ids of `generation_config.json`.
+    pub fn from_hf_files(
+        tokenizer_json: &Path,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        eos_ids: &[u32],
+    ) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tokenizer_json.display())))?;
+        let mut stops = eos_ids.to_vec();
+        let eos_token = match eos_token {
+            Some(t) => t,
+            None => eos_ids
+                .first()
+                .and_then(|&id| inner.id_to_token(id))
+                .ok_or_else(|| {
+                    ModelError::Tokenizer(
+                        "no EOS token: neither tokenizer_config.json nor generation_config.json names one".into(),
+                    )
+                })?,
+        };
+        match inner.token_to_id(&eos_token) {
+            Some(id) => stops.insert(0, id),
+            None => {
+                return Err(ModelError::Tokenizer(format!(
+                    "EOS token `{eos_token}` is not in the vocabulary"
+                )))
             }
         }
-        Ok(Self {
+        let specials = inner.get_added_tokens_decoder();
+        let is_special = |id: u32| specials.get(&id).is_some_and(|t| t.special);
+        let bos_id = bos_token.as_deref().and_then(|t| inner.token_to_id(t));
+        // Whether the post-processor puts BOS in front of a plain encode.
+        let adds_bos = inner
+            .encode_fast("a", true)
+            .is_ok_and(|e| e.get_ids().first().copied() == bos_id && bos_id.is_some());
+        let mut tokenizer = Self::finish(
+            inner.clone(),
+            bos_token.unwrap_or_default(),
+            eos_token,
+            &stops,
+            is_special,
+        );
+        tokenizer.add_bos = bos_id.filter(|_| adds_bos);
+        Ok(tokenizer)
+    }
+
+    fn finish(
+        inner: tokenizers::Tokenizer,
+        bos_token: String,
+        eos_token: String,
+        eos_ids: &[u32],
+        is_special: impl Fn(u32) -> bool,
+    ) -> Self {
+        let mut stop_ids = Vec::new();
+        let end_of_turn = END_OF_TURN
+            .iter()
+            .filter_map(|name| inner.token_to_id(name))
+            .filter(|&id| is_special(id));
+        for id in eos_ids.iter().copied().chain(end_of_turn) {
+            if !stop_ids.contains(&id) {
+                stop_ids.push(id);
+            }
+        }
+        Self {
             inner,
             stop_ids,
             bos_token,
             eos_token,
-        })
+            add_bos: None,
+        }
+    }
+
+    /// The `tokenizer.json` equivalent of this tokenizer (what an HF checkpoint ships).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        Ok(self.inner.save(path, false)?)
     }
 
     /// Token ids of `text`; special tokens written in the text are parsed as single ids,
     /// nothing is added at the start or end.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.inner.encode_fast(text, false)?.get_ids().to_vec())
+    }
+
+    /// A raw prompt's ids: as [`Self::encode`], with BOS in front where the model wants
+    /// one and the text does not already start with it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if let Some(bos) = self.add_bos {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
@@ -143,4 +235,97 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+}
+
+/// Byte-level BPE over the GGUF merges.
+fn byte_level_bpe(vocab: &GgufVocab) -> Result<tokenizers::Tokenizer> {
+    let merges = vocab
+        .merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge `{m}`")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(ids(&vocab.tokens), merges)
+        .build()
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let pre = Sequence::new(vec![
+        PreTokenizerWrapper::Digits(Digits::new(true)),
+        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, true)),
+    ]);
+    inner.with_pre_tokenizer(Some(pre));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(inner)
+}
+
+/// SentencePiece BPE: the merges are every split of a normal piece into two pieces of
+/// the vocabulary, ranked by the merged piece's score (SentencePiece merges the
+/// highest-scoring pair first); spaces are `▁`; unknown characters fall back to bytes.
+fn sentencepiece_bpe(vocab: &GgufVocab) -> Result<tokenizers::Tokenizer> {
+    let ids = ids(&vocab.tokens);
+    let mut ranked = Vec::new();
+    for (id, piece) in vocab.tokens.iter().enumerate() {
+        if vocab.token_types.get(id) != Some(&TOKEN_TYPE_NORMAL) {
+            continue;
+        }
+        let score = vocab.scores.get(id).copied().unwrap_or(0.0);
+        for (at, _) in piece.char_indices().skip(1) {
+            let (a, b) = piece.split_at(at);
+            if let (Some(&ia), Some(&ib)) = (ids.get(a), ids.get(b)) {
+                ranked.push((score, ia, ib));
+            }
+        }
+    }
+    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+    let piece = |id: u32| vocab.tokens[id as usize].clone();
+    let merges = ranked
+        .iter()
+        .map(|&(_, a, b)| (piece(a), piece(b)))
+        .collect();
+    let unk = vocab
+        .tokens
+        .iter()
+        .find(|t| *t == "<unk>")
+        .cloned()
+        .unwrap_or_else(|| "<unk>".into());
+    let bpe = BPE::builder()
+        .vocab_and_merges(ids, merges)
+        .unk_token(unk)
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let space = Replace::new(" ", "▁").map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let unspace = DecoderWrapper::Replace(
+        Replace::new("▁", " ").map_err(|e| ModelError::Tokenizer(e.to_string()))?,
+    );
+    let mut decoders = vec![
+        unspace,
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+    ];
+    if vocab.add_space_prefix {
+        inner.with_normalizer(Some(tokenizers::normalizers::Sequence::new(vec![
+            NormalizerWrapper::Prepend(Prepend::new("▁".into())),
+            NormalizerWrapper::Replace(space),
+        ])));
+        decoders.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+    } else {
+        inner.with_normalizer(Some(space));
+    }
+    inner.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(inner)
+}
+
+fn ids(tokens: &[String]) -> Vocab {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect()
 }

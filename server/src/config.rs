@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -11,6 +11,9 @@ use clap::{Parser, ValueEnum};
     about = "A concurrent, OpenAI-compatible LLM chat inference server"
 )]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address to listen on.
     #[arg(long, env = "CHORUS_HOST", default_value = "127.0.0.1")]
     pub host: String,
@@ -19,9 +22,20 @@ pub struct Config {
     #[arg(long, env = "CHORUS_PORT", default_value_t = 8080)]
     pub port: u16,
 
-    /// Model to serve: a catalog name (see models/catalog.json) or a path to a .gguf file.
+    /// Model to serve: a catalog name (`chorus models` lists them), a .gguf file, an
+    /// HF-layout directory, `hf:ORG/REPO` (safetensors) or `hf:ORG/REPO:FILE.gguf`.
+    /// HF downloads honour HF_HOME, HF_TOKEN and HF_HUB_OFFLINE.
     #[arg(long, env = "CHORUS_MODEL", default_value = crate::resolve::DEFAULT_MODEL)]
     pub model: String,
+
+    /// Branch, tag or commit of an `hf:` model.
+    #[arg(long, env = "CHORUS_REVISION", default_value = "main")]
+    pub revision: String,
+
+    /// How safetensors weights are held: auto (f32 on CPU, the fastest there), f32, bf16
+    /// or f16. GGUF weights follow --weights instead.
+    #[arg(long, env = "CHORUS_DTYPE", value_enum, default_value_t = DtypeArg::Auto)]
+    pub dtype: DtypeArg,
 
     /// Where fetched model files are cached.
     #[arg(long, env = "CHORUS_MODELS_DIR", default_value = crate::resolve::DEFAULT_CACHE_DIR)]
@@ -116,6 +130,42 @@ impl From<Weights> for chorus_model::WeightFormat {
             Weights::Quantized => chorus_model::WeightFormat::Quantized,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<DtypeArg> for chorus_model::Dtype {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            // candle's CPU gemm is fastest in f32; bf16/f16 halve memory at a speed cost.
+            DtypeArg::Auto | DtypeArg::F32 => chorus_model::Dtype::F32,
+            DtypeArg::Bf16 => chorus_model::Dtype::Bf16,
+            DtypeArg::F16 => chorus_model::Dtype::F16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// List the model catalog and what is cached, or fetch a catalog model.
+    Models {
+        #[command(subcommand)]
+        action: Option<ModelsAction>,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ModelsAction {
+    /// List the catalog (the default).
+    List,
+    /// Fetch a catalog model (or any --model form) into the cache, with progress.
+    Pull { name: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

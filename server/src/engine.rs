@@ -160,9 +160,12 @@ mod tests {
             model: "gpt2".into(),
             tokens: vec!["<|im_end|>".into(), "a".into(), "b".into()],
             merges: Vec::new(),
+            scores: Vec::new(),
             token_types: vec![3, 1, 1],
             bos_id: None,
             eos_id: 0,
+            add_bos: false,
+            add_space_prefix: false,
         })
         .expect("tiny tokenizer");
         let template =

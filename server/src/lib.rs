@@ -12,13 +12,16 @@
 //! - `serve`: the accept loop (idle-connection timeout, graceful shutdown).
 //! - [`error`]: every client-visible failure, mapped once to status + envelope.
 //! - [`auth`]: `--api-key` and CORS.
-//! - [`config`] and [`resolve`]: flags, and which model file to load.
+//! - [`config`] and [`resolve`]: flags, and which model file to load; [`hub`] fetches
+//!   `hf:` models, [`models_cmd`] is `chorus models [pull]`.
 
 pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod hub;
 pub mod metrics;
+pub mod models_cmd;
 pub mod openai;
 pub mod resolve;
 pub mod routes;
@@ -298,8 +301,11 @@ fn start_engine(
 ) -> Result<(Engine, Worker), String> {
     let started = std::time::Instant::now();
     tracing::info!(path = %path.display(), "loading model");
-    let loaded =
-        chorus_model::gguf::load(path, config.weights.into()).map_err(|e| e.to_string())?;
+    let loaded = match path.is_dir() {
+        true => chorus_model::hf::load_dir(path, config.dtype.into()),
+        false => chorus_model::gguf::load(path, config.weights.into()),
+    }
+    .map_err(|e| e.to_string())?;
     let cfg = loaded.model.config().clone();
     let shape = cfg.kv_shape();
     let num_blocks = shape.blocks_in(config.kv_cache_mb * 1024 * 1024);
@@ -307,6 +313,7 @@ fn start_engine(
         .map_err(|e| format!("{e} (--kv-cache-mb {})", config.kv_cache_mb))?;
     tracing::info!(
         model = %served_name,
+        arch = cfg.arch.name(),
         layers = cfg.layers,
         context = cfg.context_len,
         kv_blocks = num_blocks,

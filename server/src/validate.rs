@@ -121,8 +121,8 @@ pub fn completion(
     let one_prompt =
         "`prompt` must be one string or one list of token ids (batches are not supported)";
     let prompt = match req.prompt {
-        PromptInput::Text(t) => tokenize(info, &t)?,
-        PromptInput::Texts(mut v) if v.len() == 1 => tokenize(info, &v.remove(0))?,
+        PromptInput::Text(t) => tokenize_prompt(info, &t)?,
+        PromptInput::Texts(mut v) if v.len() == 1 => tokenize_prompt(info, &v.remove(0))?,
         PromptInput::Tokens(ids) => ids,
         PromptInput::TokenBatches(mut v) if v.len() == 1 => v.remove(0),
         _ => return Err(ApiError::bad("prompt", one_prompt)),
@@ -162,6 +162,13 @@ pub fn check_model(info: &ModelInfo, model: Option<&str>) -> Result<(), ApiError
 fn tokenize(info: &ModelInfo, text: &str) -> Result<Vec<u32>, ApiError> {
     info.tokenizer
         .encode(text)
+        .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))
+}
+
+/// A raw completion prompt: with the BOS token the model expects at the start.
+fn tokenize_prompt(info: &ModelInfo, text: &str) -> Result<Vec<u32>, ApiError> {
+    info.tokenizer
+        .encode_prompt(text)
         .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))
 }
 

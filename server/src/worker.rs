@@ -10,7 +10,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use chorus_model::{IncrementalDecoder, KvCache, Llama, Sampler, SeqInput, StopMatcher, Tokenizer};
+use chorus_model::{
+    IncrementalDecoder, KvCache, Sampler, SeqInput, StopMatcher, Tokenizer, Transformer,
+};
 use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -42,7 +44,7 @@ pub(crate) struct Worker {
     pub metrics: Arc<Metrics>,
     /// How long a request may wait in the queue before it is refused.
     pub queue_timeout: Duration,
-    pub model: Llama,
+    pub model: Transformer,
     pub tokenizer: Arc<Tokenizer>,
     pub kv: KvCache,
     pub scheduler: Scheduler,

@@ -38,8 +38,10 @@ pub async fn tokenize(
     let engine = app.engine()?;
     let info = &engine.info;
     check_model(info, req.model.as_deref())?;
-    let text = match (req.prompt, req.messages) {
-        (Some(p), None) => p,
+    // A raw prompt is tokenized as /v1/completions does (BOS added where the model
+    // wants it); a conversation as its rendered template, which writes its own.
+    let (text, raw) = match (req.prompt, req.messages) {
+        (Some(p), None) => (p, true),
         (None, Some(messages)) => {
             let messages: Vec<ChatMessage> = messages
                 .into_iter()
@@ -54,14 +56,16 @@ pub async fn tokenize(
                     },
                 })
                 .collect();
-            info.template
+            let text = info
+                .template
                 .render(&messages, req.add_generation_prompt.unwrap_or(true))
                 .map_err(|e| {
                     ApiError::bad(
                         "messages",
                         format!("the chat template rejected the conversation: {e}"),
                     )
-                })?
+                })?;
+            (text, false)
         }
         _ => {
             return Err(ApiError::bad(
@@ -70,10 +74,11 @@ pub async fn tokenize(
             ))
         }
     };
-    let tokens = info
-        .tokenizer
-        .encode(&text)
-        .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))?;
+    let tokens = match raw {
+        true => info.tokenizer.encode_prompt(&text),
+        false => info.tokenizer.encode(&text),
+    }
+    .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))?;
     Ok(Json(TokenizeResponse {
         count: tokens.len(),
         max_model_len: info.context_len,

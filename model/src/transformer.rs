@@ -1,68 +1,47 @@
-//! The llama-family transformer (SmolLM2, Llama, and relatives) with a batched forward
-//! pass over a ragged batch: the scheduled tokens of every sequence are concatenated into
-//! one `[T, hidden]` matrix, so each projection is one matmul for the whole step, while
+//! The decoder-only transformer every supported architecture shares (llama, qwen2,
+//! qwen3, gemma3: [`crate::arch`] says how each differs), with a batched forward pass
+//! over a ragged batch: the scheduled tokens of every sequence are concatenated into one
+//! `[T, hidden]` matrix, so each projection is one matmul for the whole step, while
 //! positions, KV writes and attention are per token over each sequence's own blocks.
 
 use crate::attention::{paged_attention, AttnShape, RowSpan};
+use crate::config::{Activation, ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
-use crate::kv::{KvCache, KvShape};
+use crate::kv::KvCache;
 use crate::linear::Linear;
 use crate::math::{dot, exp};
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct LlamaConfig {
-    pub layers: usize,
-    pub hidden: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub ffn: usize,
-    pub vocab: usize,
-    pub rope_theta: f32,
-    pub rms_eps: f32,
-    pub context_len: usize,
-}
-
-impl LlamaConfig {
-    pub fn kv_shape(&self) -> KvShape {
-        KvShape {
-            layers: self.layers,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-        }
-    }
-
-    fn q_dim(&self) -> usize {
-        self.heads * self.head_dim
-    }
-
-    fn kv_dim(&self) -> usize {
-        self.kv_heads * self.head_dim
-    }
-}
-
-/// Weights of one decoder layer.
+/// Weights of one decoder layer; the optional parts exist where the config asks for them.
 pub struct LayerWeights {
     pub attn_norm: Vec<f32>,
     /// q, k and v projections stacked into one `[q_dim + 2 * kv_dim, hidden]` matrix.
     pub qkv: Linear,
+    /// `[q_dim + 2 * kv_dim]` (`qkv_bias`).
+    pub qkv_bias: Option<Vec<f32>>,
+    /// `[head_dim]` each (`qk_norm`).
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
     pub out: Linear,
+    /// After attention, before the residual add (`sandwich_norms`).
+    pub post_attn_norm: Option<Vec<f32>>,
     pub ffn_norm: Vec<f32>,
     /// gate and up projections stacked into one `[2 * ffn, hidden]` matrix.
     pub gate_up: Linear,
     pub down: Linear,
+    /// After the MLP, before the residual add (`sandwich_norms`).
+    pub post_ffn_norm: Option<Vec<f32>>,
 }
 
-pub struct Llama {
-    cfg: LlamaConfig,
+pub struct Transformer {
+    cfg: ModelConfig,
     /// `[vocab, hidden]`, dequantized for row lookup.
     embed: Vec<f32>,
     layers: Vec<LayerWeights>,
     norm: Vec<f32>,
     lm_head: Linear,
-    /// `[context_len, head_dim / 2]` rope tables.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// `[head_dim / 2]` inverse rope frequencies of full-attention and sliding layers.
+    inv_freq: Vec<f32>,
+    inv_freq_local: Vec<f32>,
 }
 
 /// One sequence's part of a step.
@@ -78,37 +57,28 @@ pub struct SeqInput<'a> {
     pub wants_logits: bool,
 }
 
-impl Llama {
+impl Transformer {
     pub fn new(
-        cfg: LlamaConfig,
+        cfg: ModelConfig,
         embed: Vec<f32>,
         layers: Vec<LayerWeights>,
         norm: Vec<f32>,
         lm_head: Linear,
     ) -> Self {
-        let half = cfg.head_dim / 2;
-        let mut cos = Vec::with_capacity(cfg.context_len * half);
-        let mut sin = Vec::with_capacity(cfg.context_len * half);
-        for pos in 0..cfg.context_len {
-            for i in 0..half {
-                let freq = 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32);
-                let angle = pos as f32 * freq;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
+        let inv_freq = cfg.rope.inv_freqs(cfg.head_dim);
+        let inv_freq_local = cfg.rope_local.inv_freqs(cfg.head_dim);
         Self {
             cfg,
             embed,
             layers,
             norm,
             lm_head,
-            cos,
-            sin,
+            inv_freq,
+            inv_freq_local,
         }
     }
 
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
@@ -118,7 +88,7 @@ impl Llama {
         let cfg = &self.cfg;
         let (hidden, q_dim, kv_dim) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
         let mut spans = Vec::with_capacity(batch.len());
-        let mut rows = 0;
+        let mut positions = Vec::new();
         for s in batch {
             let end = s.start_pos + s.tokens.len();
             if end > cfg.context_len {
@@ -134,13 +104,14 @@ impl Llama {
                 )));
             }
             spans.push(RowSpan {
-                first_row: rows,
+                first_row: positions.len(),
                 rows: s.tokens.len(),
                 start_pos: s.start_pos,
                 blocks: s.blocks,
             });
-            rows += s.tokens.len();
+            positions.extend(s.start_pos..end);
         }
+        let rows = positions.len();
         if rows == 0 {
             return Ok(Vec::new());
         }
@@ -155,37 +126,57 @@ impl Llama {
                 let row = row.ok_or_else(|| {
                     ModelError::Tokenizer(format!("token id {t} is outside the vocabulary"))
                 })?;
-                x.extend_from_slice(row);
+                x.extend(row.iter().map(|&v| v * cfg.embed_scale));
             }
         }
-        let attn_shape = AttnShape {
-            heads: cfg.heads,
-            kv: cfg.kv_shape(),
+        let rope = RopeRows::new(&self.inv_freq, &positions);
+        let rope_local = match cfg.windows.iter().any(Option::is_some) {
+            true => RopeRows::new(&self.inv_freq_local, &positions),
+            false => RopeRows::default(),
         };
 
         for (li, layer) in self.layers.iter().enumerate() {
+            let window = cfg.window(li);
+            let rope = if window.is_some() { &rope_local } else { &rope };
             let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps);
             // [rows, q_dim + 2 * kv_dim]
-            let qkv = layer.qkv.forward(h, rows)?;
+            let mut qkv = layer.qkv.forward(h, rows)?;
+            if let Some(bias) = &layer.qkv_bias {
+                for line in qkv.chunks_exact_mut(bias.len()) {
+                    add_into(line, bias);
+                }
+            }
             let width = q_dim + 2 * kv_dim;
             let mut q = Vec::with_capacity(rows * q_dim);
             for span in &spans {
                 for r in 0..span.rows {
                     let row = span.first_row + r;
-                    let pos = span.start_pos + r;
                     let line = &qkv[row * width..(row + 1) * width];
                     let mut qr = line[..q_dim].to_vec();
                     let mut kr = line[q_dim..q_dim + kv_dim].to_vec();
                     let vr = &line[q_dim + kv_dim..];
-                    self.rope(&mut qr, pos);
-                    self.rope(&mut kr, pos);
-                    kv.write(li, span.blocks, pos, &kr, vr);
+                    if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                        qr = rms_norm(&qr, qn, cfg.rms_eps);
+                        kr = rms_norm(&kr, kn, cfg.rms_eps);
+                    }
+                    rope.apply(cfg.rope_style, &mut qr, cfg.head_dim, row);
+                    rope.apply(cfg.rope_style, &mut kr, cfg.head_dim, row);
+                    kv.write(li, span.blocks, span.start_pos + r, &kr, vr);
                     q.extend_from_slice(&qr);
                 }
             }
+            let attn_shape = AttnShape {
+                heads: cfg.heads,
+                kv: cfg.kv_shape(),
+                scale: cfg.attn_scale,
+                window,
+            };
             // [rows, q_dim]
             let attn = paged_attention(&attn_shape, &q, kv.layer(li), &spans);
-            let o = layer.out.forward(attn, rows)?;
+            let mut o = layer.out.forward(attn, rows)?;
+            if let Some(norm) = &layer.post_attn_norm {
+                o = rms_norm(&o, norm, cfg.rms_eps);
+            }
             add_into(&mut x, &o);
 
             let h = rms_norm(&x, &layer.ffn_norm, cfg.rms_eps);
@@ -194,9 +185,19 @@ impl Llama {
             let mut act = Vec::with_capacity(rows * cfg.ffn);
             for line in gu.chunks_exact(2 * cfg.ffn) {
                 let (g, u) = line.split_at(cfg.ffn);
-                act.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + exp(-g)) * u));
+                match cfg.activation {
+                    Activation::Silu => {
+                        act.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + exp(-g)) * u))
+                    }
+                    Activation::GeluTanh => {
+                        act.extend(g.iter().zip(u).map(|(&g, &u)| gelu_tanh(g) * u))
+                    }
+                }
             }
-            let d = layer.down.forward(act, rows)?;
+            let mut d = layer.down.forward(act, rows)?;
+            if let Some(norm) = &layer.post_ffn_norm {
+                d = rms_norm(&d, norm, cfg.rms_eps);
+            }
             add_into(&mut x, &d);
         }
 
@@ -219,22 +220,57 @@ impl Llama {
             .map(<[f32]>::to_vec)
             .collect())
     }
+}
 
-    /// Rotary embedding, interleaved pairs (GGUF's llama layout), in place on `[heads * head_dim]`.
-    fn rope(&self, x: &mut [f32], pos: usize) {
-        let half = self.cfg.head_dim / 2;
+/// Rotary cos/sin for every row of a step (`[rows][head_dim / 2]`), computed once and
+/// used by every layer of that kind.
+#[derive(Default)]
+struct RopeRows {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl RopeRows {
+    fn new(inv_freq: &[f32], positions: &[usize]) -> Self {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &pos in positions {
+            for &f in inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { cos, sin, half }
+    }
+
+    /// Rotates every head of `x` (`[heads * head_dim]`) for batch row `row`.
+    fn apply(&self, style: RopeStyle, x: &mut [f32], head_dim: usize, row: usize) {
+        let half = self.half;
         let (cos, sin) = (
-            &self.cos[pos * half..][..half],
-            &self.sin[pos * half..][..half],
+            &self.cos[row * half..][..half],
+            &self.sin[row * half..][..half],
         );
-        for head in x.chunks_exact_mut(self.cfg.head_dim) {
+        for head in x.chunks_exact_mut(head_dim) {
             for i in 0..half {
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * cos[i] - b * sin[i];
-                head[2 * i + 1] = a * sin[i] + b * cos[i];
+                let (ia, ib) = match style {
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    RopeStyle::Half => (i, i + half),
+                };
+                let (a, b) = (head[ia], head[ib]);
+                head[ia] = a * cos[i] - b * sin[i];
+                head[ib] = a * sin[i] + b * cos[i];
             }
         }
     }
+}
+
+/// GELU, tanh approximation (`gelu_pytorch_tanh`).
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }
 
 /// RMS norm of each row of `x` (rows of `weight.len()`).
