@@ -63,15 +63,25 @@ impl Linear {
         })
     }
 
-    /// The row-wise stack of dense `parts` (`[n_i, k]` each), held as `dtype`.
+    /// The row-wise stack of dense `parts` (`[n_i, k]` each), held as `dtype`. f32 goes
+    /// to the packed kernels (row-invariant, fastest here); bf16/f16 to candle's gemm.
     pub fn dense(parts: &[Tensor], dtype: Dtype) -> Result<Self> {
         let parts = parts
             .iter()
             .map(|p| p.to_dtype(dtype.candle()))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self::Candle(QMatMul::Tensor(
-            Tensor::cat(&parts, 0)?.contiguous()?,
-        )))
+        let w = Tensor::cat(&parts, 0)?.contiguous()?;
+        Ok(match dtype {
+            Dtype::F32 => {
+                let (n, k) = w.dims2()?;
+                Self::Packed(PackedLinear::from_dense(
+                    &w.flatten_all()?.to_vec1::<f32>()?,
+                    n,
+                    k,
+                ))
+            }
+            Dtype::Bf16 | Dtype::F16 => Self::Candle(QMatMul::Tensor(w)),
+        })
     }
 
     /// `(n, k)`: output and input widths.

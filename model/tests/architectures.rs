@@ -1,0 +1,313 @@
+//! Each architecture on a tiny random model read through its HF `config.json`: a
+//! sequence's logits are the same whether it runs alone or batched with others (and
+//! prefilled in chunks), which exercises every per-family switch (bias, q/k norms,
+//! sandwich norms, sliding windows, rope variants) under ragged batching. Plus the
+//! load-time errors for settings chorus does not implement.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use chorus_model::arch::{self, hf_tensor_name};
+use chorus_model::hf::HfWeights;
+use chorus_model::kv::{blocks_for, BlockAllocator};
+use chorus_model::{load, Dtype, KvCache, ModelConfig, SeqInput, Transformer};
+use serde_json::{json, Value};
+
+const VOCAB: usize = 97;
+
+fn config(model_type: &str) -> Value {
+    let mut c = json!({
+        "model_type": model_type,
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 48,
+        "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 256,
+        "rope_theta": 10000.0,
+    });
+    let extra = match model_type {
+        "llama" => json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}}),
+        "gemma3_text" => json!({"sliding_window": 5, "layer_types":
+            ["sliding_attention", "sliding_attention", "full_attention"],
+            "query_pre_attn_scalar": 24, "rope_local_base_freq": 500.0,
+            "hidden_activation": "gelu_pytorch_tanh"}),
+        _ => json!({}),
+    };
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
+/// Deterministic values in [-0.5, 0.5).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+/// Random weights under the HF names of `cfg`'s architecture.
+fn weights(cfg: &ModelConfig) -> HashMap<String, Tensor> {
+    let (h, q, kv, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("token_embd.weight".into(), vec![VOCAB, h]),
+        ("output_norm.weight".into(), vec![h]),
+    ];
+    for i in 0..cfg.layers {
+        let n = |s: &str| format!("blk.{i}.{s}");
+        shapes.extend([
+            (n("attn_norm.weight"), vec![h]),
+            (n("attn_q.weight"), vec![q, h]),
+            (n("attn_k.weight"), vec![kv, h]),
+            (n("attn_v.weight"), vec![kv, h]),
+            (n("attn_output.weight"), vec![h, q]),
+            (n("ffn_norm.weight"), vec![h]),
+            (n("ffn_gate.weight"), vec![f, h]),
+            (n("ffn_up.weight"), vec![f, h]),
+            (n("ffn_down.weight"), vec![h, f]),
+        ]);
+        if cfg.qkv_bias {
+            shapes.extend([
+                (n("attn_q.bias"), vec![q]),
+                (n("attn_k.bias"), vec![kv]),
+                (n("attn_v.bias"), vec![kv]),
+            ]);
+        }
+        if cfg.qk_norm {
+            shapes.extend([
+                (n("attn_q_norm.weight"), vec![cfg.head_dim]),
+                (n("attn_k_norm.weight"), vec![cfg.head_dim]),
+            ]);
+        }
+        if cfg.sandwich_norms {
+            shapes.extend([
+                (n("post_attention_norm.weight"), vec![h]),
+                (n("post_ffw_norm.weight"), vec![h]),
+            ]);
+        }
+    }
+    shapes
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let n = shape.iter().product();
+            let mut v = values(n, i as u64 + 1);
+            if name.ends_with("norm.weight") {
+                v.iter_mut().for_each(|x| *x += 1.0);
+            }
+            let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+            (hf_tensor_name(cfg.arch, &name), t)
+        })
+        .collect()
+}
+
+fn tiny(model_type: &str) -> Transformer {
+    let cfg = arch::from_hf(&config(model_type)).unwrap();
+    let tensors = weights(&cfg);
+    let mut source = HfWeights {
+        tensors,
+        arch: cfg.arch,
+        dtype: Dtype::F32,
+    };
+    load::build(cfg, &mut source).unwrap()
+}
+
+/// Runs `prompts` (prefill in chunks of `chunk`, then `steps` greedy decode steps, all
+/// sequences in every step) and returns every logits vector each sequence produced.
+fn run(m: &Transformer, prompts: &[Vec<u32>], chunk: usize, steps: usize) -> Vec<Vec<Vec<f32>>> {
+    let cfg = m.config();
+    let max_len = prompts.iter().map(Vec::len).max().unwrap() + steps;
+    let each = blocks_for(max_len);
+    let mut alloc = BlockAllocator::new(each * prompts.len() + 1);
+    let _skip = alloc.allocate();
+    let mut kv = KvCache::new(cfg.kv_shape(), alloc.total()).unwrap();
+    let blocks: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|_| (0..each).map(|_| alloc.allocate().unwrap()).collect())
+        .collect();
+    let mut tokens: Vec<Vec<u32>> = prompts.to_vec();
+    let mut done = vec![0usize; prompts.len()];
+    let mut out = vec![Vec::new(); prompts.len()];
+    while (0..prompts.len()).any(|i| out[i].len() < steps) {
+        let mut plan = Vec::new();
+        for i in 0..prompts.len() {
+            if out[i].len() >= steps {
+                continue;
+            }
+            let len = (tokens[i].len() - done[i]).min(chunk);
+            plan.push((i, done[i], len, done[i] + len == tokens[i].len()));
+        }
+        let batch: Vec<SeqInput> = plan
+            .iter()
+            .map(|&(i, start, len, wants)| SeqInput {
+                tokens: &tokens[i][start..start + len],
+                start_pos: start,
+                blocks: &blocks[i],
+                wants_logits: wants,
+            })
+            .collect();
+        let logits = m.forward(&mut kv, &batch).unwrap();
+        let mut next = logits.into_iter();
+        for &(i, start, len, wants) in &plan {
+            done[i] = start + len;
+            if wants {
+                let l = next.next().unwrap();
+                let best = chorus_model::sampling::argmax(&l);
+                out[i].push(l);
+                tokens[i].push(best);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_architecture_gives_the_same_logits_alone_and_batched() {
+    let prompts: Vec<Vec<u32>> = vec![
+        (1..12).collect(),
+        vec![5, 9, 3],
+        (20..45).map(|t| t % VOCAB as u32).collect(),
+        vec![42],
+    ];
+    for model_type in ["llama", "qwen2", "qwen3", "gemma3_text"] {
+        let m = tiny(model_type);
+        let together = run(&m, &prompts, 7, 6);
+        for (i, p) in prompts.iter().enumerate() {
+            let alone = run(&m, std::slice::from_ref(p), 64, 6);
+            assert_eq!(alone[0], together[i], "{model_type}: prompt {i}");
+        }
+        // The logits are a real distribution, not a constant.
+        let first = &together[0][0];
+        assert!(first.iter().all(|x| x.is_finite()), "{model_type}");
+        assert!(first.iter().any(|&x| x != first[0]), "{model_type}");
+    }
+}
+
+#[test]
+fn sliding_window_changes_what_far_tokens_see() {
+    // The same weights with and without the window (and one rope base throughout):
+    // equal while a sequence fits in the window, different once it does not.
+    let build = |layer_type: &str| {
+        let mut c = config("gemma3_text");
+        c["rope_local_base_freq"] = json!(10000.0);
+        c["layer_types"] = json!([layer_type, layer_type, "full_attention"]);
+        let cfg = arch::from_hf(&c).unwrap();
+        let tensors = weights(&cfg);
+        load::build(
+            cfg.clone(),
+            &mut HfWeights {
+                tensors,
+                arch: cfg.arch,
+                dtype: Dtype::F32,
+            },
+        )
+        .unwrap()
+    };
+    let (windowed, full) = (build("sliding_attention"), build("full_attention"));
+    let short = vec![(1..6).collect::<Vec<u32>>()];
+    assert_eq!(run(&windowed, &short, 64, 1), run(&full, &short, 64, 1));
+    let long = vec![(1..30).collect::<Vec<u32>>()];
+    assert_ne!(run(&windowed, &long, 64, 1), run(&full, &long, 64, 1));
+}
+
+#[test]
+fn bf16_weights_track_f32() {
+    let cfg = arch::from_hf(&config("qwen3")).unwrap();
+    let build = |dtype| {
+        load::build(
+            cfg.clone(),
+            &mut HfWeights {
+                tensors: weights(&cfg),
+                arch: cfg.arch,
+                dtype,
+            },
+        )
+        .unwrap()
+    };
+    let prompt = vec![(1..20).collect::<Vec<u32>>()];
+    let a = run(&build(Dtype::F32), &prompt, 64, 1);
+    let b = run(&build(Dtype::Bf16), &prompt, 64, 1);
+    let diff = a[0][0]
+        .iter()
+        .zip(&b[0][0])
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 0.05, "bf16 logits differ by {diff}");
+    assert!(diff > 0.0, "bf16 weights were not used");
+}
+
+fn load_error(c: Value) -> String {
+    match arch::from_hf(&c) {
+        Ok(_) => panic!("config loaded: {c}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn unknown_settings_are_load_errors_that_name_them() {
+    let msg = load_error(config("mamba"));
+    assert!(msg.contains("`mamba`"), "{msg}");
+
+    let mut c = config("llama");
+    c["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+    let msg = load_error(c);
+    assert!(
+        msg.contains("yarn") && msg.contains("rope_scaling"),
+        "{msg}"
+    );
+
+    let mut c = config("qwen2");
+    c["use_sliding_window"] = json!(true);
+    assert!(load_error(c).contains("use_sliding_window"));
+
+    let mut c = config("gemma3_text");
+    c["final_logit_softcapping"] = json!(30.0);
+    assert!(load_error(c).contains("final_logit_softcapping"));
+
+    let mut c = config("llama");
+    c["hidden_act"] = json!("gelu");
+    assert!(load_error(c).contains("hidden_act"));
+
+    let mut c = config("qwen3");
+    c.as_object_mut().unwrap().remove("hidden_size");
+    assert!(load_error(c).contains("hidden_size"));
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_is_named() {
+    let cfg = arch::from_hf(&config("llama")).unwrap();
+    let mut tensors = weights(&cfg);
+    let name = hf_tensor_name(cfg.arch, "blk.1.ffn_down.weight");
+    tensors.insert(
+        name.clone(),
+        Tensor::zeros((32, 40), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    let err = load::build(
+        cfg.clone(),
+        &mut HfWeights {
+            tensors,
+            arch: cfg.arch,
+            dtype: Dtype::F32,
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("ffn_down"), "{err}");
+}
