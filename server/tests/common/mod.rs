@@ -3,12 +3,11 @@
 
 #![allow(dead_code)]
 
-use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use chorus_server::config::Config;
-use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
+use chorus_server::resolve::{resolve_at, DEFAULT_MODEL};
 use serde_json::{json, Value};
 
 static SERVER: OnceLock<String> = OnceLock::new();
@@ -20,10 +19,12 @@ pub async fn base() -> String {
     url
 }
 
-/// Starts a server with `config` on its own thread and runtime; returns its base URL.
+/// Starts a server with `config` (its `--model`, the default one unless set) on its own
+/// thread and runtime; returns its base URL.
 pub fn start(config: Config) -> String {
-    let resolved =
-        resolve(DEFAULT_MODEL, Path::new(DEFAULT_CACHE_DIR)).expect("default model resolves");
+    let resolved = resolve_at(&config.model, &config.models_dir, &config.revision)
+        .expect("the model resolves");
+    let name = config.served_model_name.clone().unwrap_or(resolved.name);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -41,7 +42,7 @@ pub fn start(config: Config) -> String {
                 listener,
                 config,
                 resolved.path,
-                resolved.name,
+                name,
                 std::future::pending(),
             )
             .await
