@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace:
-#   1. fetches the default model into models/cache/ (once; cached afterwards),
+#   1. fetches the default model and gemma3-270m into models/cache/ (once; cached
+#      afterwards),
 #   2. cargo test: unit tests, fidelity and engine tests, HTTP integration tests (real model),
 #   3. the official `openai` Python SDK against a real chorus on a free loopback port
 #      (installed into .venv/ from tests/sdk/requirements.txt when absent),
@@ -9,8 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== default model"
+echo "== models"
 cargo run --release --quiet -p chorus-server -- --download-only
+target/release/chorus models pull gemma3-270m
 
 echo "== cargo test"
 cargo test --release --workspace

@@ -6,13 +6,15 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use chorus_model::arch::{self, hf_tensor_name};
 use chorus_model::hf::HfWeights;
-use chorus_model::kv::{blocks_for, BlockAllocator};
-use chorus_model::{load, Dtype, KvCache, ModelConfig, SeqInput, Transformer};
+use chorus_model::{load, Dtype, ModelConfig, Transformer};
+use common::run;
 use serde_json::{json, Value};
 
 const VOCAB: usize = 97;
@@ -126,55 +128,6 @@ fn tiny(model_type: &str) -> Transformer {
         dtype: Dtype::F32,
     };
     load::build(cfg, &mut source).unwrap()
-}
-
-/// Runs `prompts` (prefill in chunks of `chunk`, then `steps` greedy decode steps, all
-/// sequences in every step) and returns every logits vector each sequence produced.
-fn run(m: &Transformer, prompts: &[Vec<u32>], chunk: usize, steps: usize) -> Vec<Vec<Vec<f32>>> {
-    let cfg = m.config();
-    let max_len = prompts.iter().map(Vec::len).max().unwrap() + steps;
-    let each = blocks_for(max_len);
-    let mut alloc = BlockAllocator::new(each * prompts.len() + 1);
-    let _skip = alloc.allocate();
-    let mut kv = KvCache::new(cfg.kv_shape(), alloc.total()).unwrap();
-    let blocks: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|_| (0..each).map(|_| alloc.allocate().unwrap()).collect())
-        .collect();
-    let mut tokens: Vec<Vec<u32>> = prompts.to_vec();
-    let mut done = vec![0usize; prompts.len()];
-    let mut out = vec![Vec::new(); prompts.len()];
-    while (0..prompts.len()).any(|i| out[i].len() < steps) {
-        let mut plan = Vec::new();
-        for i in 0..prompts.len() {
-            if out[i].len() >= steps {
-                continue;
-            }
-            let len = (tokens[i].len() - done[i]).min(chunk);
-            plan.push((i, done[i], len, done[i] + len == tokens[i].len()));
-        }
-        let batch: Vec<SeqInput> = plan
-            .iter()
-            .map(|&(i, start, len, wants)| SeqInput {
-                tokens: &tokens[i][start..start + len],
-                start_pos: start,
-                blocks: &blocks[i],
-                wants_logits: wants,
-            })
-            .collect();
-        let logits = m.forward(&mut kv, &batch).unwrap();
-        let mut next = logits.into_iter();
-        for &(i, start, len, wants) in &plan {
-            done[i] = start + len;
-            if wants {
-                let l = next.next().unwrap();
-                let best = chorus_model::sampling::argmax(&l);
-                out[i].push(l);
-                tokens[i].push(best);
-            }
-        }
-    }
-    out
 }
 
 #[test]
