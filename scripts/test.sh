@@ -3,9 +3,10 @@
 #   1. fetches the default model and gemma3-270m into models/cache/ (once; cached
 #      afterwards),
 #   2. cargo test: unit tests, fidelity and engine tests, HTTP integration tests (real model),
-#   3. the official `openai` Python SDK against a real chorus on a free loopback port
-#      (installed into .venv/ from tests/sdk/requirements.txt when absent),
-#   4. the chat page in headless Chromium against the same server (Debian's chromium and
+#   3. the official `openai` Python SDK against real chorus servers on free loopback ports,
+#      one on the default model and one on gemma3-270m (installed into .venv/ from
+#      tests/sdk/requirements.txt when absent),
+#   4. the chat page in headless Chromium against both servers (Debian's chromium and
 #      playwright-core from npm, installed when absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,21 +23,35 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest' 2>
   python3 -m venv .venv
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 fi
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-log=$(mktemp)
-target/release/chorus --port "$port" >"$log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true; rm -f "$log"' EXIT
-for _ in $(seq 1 300); do
-  if python3 -c "import urllib.request, sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$port/health').status == 200 else 1)" 2>/dev/null; then
-    break
-  fi
-  if ! kill -0 $server 2>/dev/null; then
-    echo "chorus exited before it was ready:"; cat "$log"; exit 1
-  fi
-  sleep 0.2
-done
-CHORUS_URL="http://127.0.0.1:$port" .venv/bin/python -m pytest -q tests/sdk
+# start_server VAR ARGS...: runs chorus on a free port with ARGS, waits until it is
+# ready, and sets VAR to its base URL. Servers are stopped on exit.
+pids=()
+logs=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -f "${logs[@]}"' EXIT
+start_server() {
+  local var=$1; shift
+  local port log pid
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  log=$(mktemp)
+  target/release/chorus --port "$port" "$@" >"$log" 2>&1 &
+  pid=$!
+  pids+=("$pid")
+  logs+=("$log")
+  for _ in $(seq 1 300); do
+    if python3 -c "import urllib.request, sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$port/health').status == 200 else 1)" 2>/dev/null; then
+      printf -v "$var" 'http://127.0.0.1:%s' "$port"
+      return
+    fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "chorus $* exited before it was ready:"; cat "$log"; exit 1
+    fi
+    sleep 0.2
+  done
+  echo "chorus $* was not ready after 60 s:"; cat "$log"; exit 1
+}
+start_server url
+start_server gemma_url --model gemma3-270m
+CHORUS_URL="$url" CHORUS_GEMMA_URL="$gemma_url" .venv/bin/python -m pytest -q tests/sdk
 
 echo "== browser test"
 if [ ! -x /usr/bin/chromium ]; then
@@ -48,4 +63,5 @@ fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
   (cd tests/browser && npm ci --no-audit --no-fund)
 fi
-CHORUS_URL="http://127.0.0.1:$port" node tests/browser/chat.test.mjs
+CHORUS_URL="$url" node tests/browser/chat.test.mjs
+CHORUS_URL="$gemma_url" CHORUS_MODEL=gemma3-270m SCREENSHOT_DIR= node tests/browser/chat.test.mjs

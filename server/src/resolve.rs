@@ -308,6 +308,24 @@ mod tests {
     }
 
     #[test]
+    fn every_catalog_entry_is_complete() {
+        for (name, e) in catalog().unwrap().models {
+            assert_eq!(e.sha256.len(), 64, "{name}");
+            assert!(e.size > 0 && !e.file.is_empty(), "{name}");
+            match e.source {
+                Source::Pypi(parts) => assert!(!parts.is_empty(), "{name}"),
+                Source::Hf { repo, .. } => assert!(repo.contains('/'), "{name}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_malformed_hub_name_is_refused_before_any_network() {
+        let err = resolve("hf:just-a-name", Path::new("/nonexistent")).unwrap_err();
+        assert!(err.to_string().contains("ORG/REPO"), "{err}");
+    }
+
+    #[test]
     fn unknown_name_lists_the_catalog() {
         let err = resolve("no-such-model", Path::new("/nonexistent")).unwrap_err();
         let msg = err.to_string();

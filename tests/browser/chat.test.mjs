@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
 
 const BASE = process.env.CHORUS_URL ?? "http://127.0.0.1:8080";
+const MODEL = process.env.CHORUS_MODEL ?? "smollm2-135m-instruct";
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const SHOTS = process.env.SCREENSHOT_DIR;
 
@@ -48,7 +49,7 @@ try {
   await step("the page loads and names the served model", async () => {
     await page.goto(BASE);
     await page.waitForFunction(() => document.getElementById("model").textContent.length > 0);
-    assert.equal(await page.textContent("#model"), "smollm2-135m-instruct");
+    assert.equal(await page.textContent("#model"), MODEL);
   });
 
   await step("Shift+Enter makes a new line, Enter sends", async () => {
