@@ -150,6 +150,39 @@ fn matmul(c: &mut Criterion) {
     group.finish();
 }
 
+/// The same `[3072, 576]` projection from dense (safetensors) weights in each `--dtype`:
+/// f32 on the packed kernels' f32 strips, bf16 and f16 on candle's gemm.
+fn dtype(c: &mut Criterion) {
+    use candle_core::{Device, Tensor};
+    use chorus_model::linear::{Dtype, Linear};
+
+    let (n, k) = (3072, 576);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.1..0.1)).collect();
+    let w = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("tensor");
+    let mut group = c.benchmark_group("dtype_3072x576");
+    group.sample_size(10);
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    group.measurement_time(std::time::Duration::from_secs(2));
+    for (name, dtype) in [
+        ("f32", Dtype::F32),
+        ("bf16", Dtype::Bf16),
+        ("f16", Dtype::F16),
+    ] {
+        let linear = Linear::dense(std::slice::from_ref(&w), dtype).expect("linear");
+        for rows in [1, 8, 64] {
+            let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            group.throughput(Throughput::Elements(rows as u64));
+            group.bench_with_input(BenchmarkId::new(name, rows), &x, |b, x| {
+                pool().install(|| {
+                    b.iter(|| black_box(linear.forward(x.clone(), rows).expect("matmul")))
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 fn sampling(c: &mut Criterion) {
     let vocab = 49152;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
@@ -176,5 +209,5 @@ fn sampling(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matmul, decode_step, prefill, sampling);
+criterion_group!(benches, matmul, dtype, decode_step, prefill, sampling);
 criterion_main!(benches);

@@ -100,7 +100,11 @@ pub fn resolve(model: &str, cache_dir: &Path) -> Result<Resolved, ResolveError> 
 pub fn resolve_at(model: &str, cache_dir: &Path, revision: &str) -> Result<Resolved, ResolveError> {
     let as_path = Path::new(model);
     if as_path.is_file() || as_path.is_dir() {
-        let stem = as_path.file_stem().or(as_path.file_name());
+        // A directory's whole name (`Llama-3.2-1B-Instruct` has no extension to drop).
+        let stem = match as_path.is_dir() {
+            true => as_path.file_name(),
+            false => as_path.file_stem(),
+        };
         let name = stem.map_or_else(|| model.to_string(), |s| s.to_string_lossy().to_lowercase());
         return Ok(Resolved {
             path: as_path.to_path_buf(),
