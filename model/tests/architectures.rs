@@ -1,7 +1,9 @@
 //! Each architecture on a tiny random model read through its HF `config.json`: a
 //! sequence's logits are the same whether it runs alone or batched with others (and
 //! prefilled in chunks), which exercises every per-family switch (bias, q/k norms,
-//! sandwich norms, sliding windows, rope variants) under ragged batching. Plus the
+//! sandwich norms, sliding windows, rope variants) under ragged batching. The same
+//! weights written as a GGUF file the way llama.cpp's converter writes them load to the
+//! same config and the same logits, so both readers of every family agree. Plus the
 //! load-time errors for settings chorus does not implement.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
@@ -263,4 +265,163 @@ fn a_tensor_of_the_wrong_shape_is_named() {
     .unwrap()
     .to_string();
     assert!(err.contains("ffn_down"), "{err}");
+}
+
+/// The tiny model of `model_type` written as a GGUF file the way llama.cpp's converter
+/// writes one (GGUF names, llama's q/k rows permuted for interleaved rope, Gemma's norms
+/// with the 1 added), next to the same weights read as an HF checkpoint.
+fn gguf_twin(model_type: &str, hf: &Value, path: &std::path::Path) {
+    use candle_core::quantized::gguf_file::{self, Value as G};
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    let cfg = arch::from_hf(hf).unwrap();
+    let tensors = weights(&cfg);
+    let arch_name = match model_type {
+        "gemma3_text" => "gemma3",
+        other => other,
+    };
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let u = |v: usize| G::U32(v as u32);
+    let mut tokens = vec![G::String("<eos>".into())];
+    tokens.extend((1..VOCAB).map(|i| G::String(format!("t{i}"))));
+    let mut types = vec![G::I32(3)];
+    types.extend((1..VOCAB).map(|_| G::I32(1)));
+    let mut meta: Vec<(String, G)> = vec![
+        ("general.architecture".into(), G::String(arch_name.into())),
+        (key("block_count"), u(cfg.layers)),
+        (key("embedding_length"), u(cfg.hidden)),
+        (key("feed_forward_length"), u(cfg.ffn)),
+        (key("attention.head_count"), u(cfg.heads)),
+        (key("attention.head_count_kv"), u(cfg.kv_heads)),
+        (key("attention.key_length"), u(cfg.head_dim)),
+        (key("attention.layer_norm_rms_epsilon"), G::F32(cfg.rms_eps)),
+        (key("context_length"), u(cfg.context_len)),
+        (key("rope.freq_base"), G::F32(cfg.rope.theta)),
+        ("tokenizer.ggml.model".into(), G::String("gpt2".into())),
+        ("tokenizer.ggml.tokens".into(), G::Array(tokens)),
+        ("tokenizer.ggml.token_type".into(), G::Array(types)),
+        ("tokenizer.ggml.eos_token_id".into(), G::U32(0)),
+    ];
+    if let Some(w) = cfg.window(0) {
+        meta.push((key("attention.sliding_window"), u(w)));
+    }
+    let offset = arch::hf_norm_offset(cfg.arch);
+    let mut qtensors = Vec::new();
+    for (hf_name, t) in &tensors {
+        let name = gguf_name(cfg.arch, hf_name, cfg.layers);
+        let t = match name.as_str() {
+            n if cfg.arch == chorus_model::Arch::Llama && n.ends_with("attn_q.weight") => {
+                permute(t, cfg.heads)
+            }
+            n if cfg.arch == chorus_model::Arch::Llama && n.ends_with("attn_k.weight") => {
+                permute(t, cfg.kv_heads)
+            }
+            n if n.ends_with("norm.weight") => (t + f64::from(offset)).unwrap(),
+            _ => t.clone(),
+        };
+        qtensors.push((name, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+    }
+    let meta_refs: Vec<(&str, &G)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> =
+        qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut file, &meta_refs, &tensor_refs).unwrap();
+}
+
+/// The GGUF name whose HF name is `hf_name`.
+fn gguf_name(arch: chorus_model::Arch, hf_name: &str, layers: usize) -> String {
+    let mut candidates = vec![
+        "token_embd.weight".to_string(),
+        "output.weight".into(),
+        "output_norm.weight".into(),
+    ];
+    for i in 0..layers {
+        for part in [
+            "attn_norm.weight",
+            "attn_q.weight",
+            "attn_k.weight",
+            "attn_v.weight",
+            "attn_output.weight",
+            "attn_q.bias",
+            "attn_k.bias",
+            "attn_v.bias",
+            "attn_q_norm.weight",
+            "attn_k_norm.weight",
+            "post_attention_norm.weight",
+            "ffn_norm.weight",
+            "ffn_gate.weight",
+            "ffn_up.weight",
+            "ffn_down.weight",
+            "post_ffw_norm.weight",
+        ] {
+            candidates.push(format!("blk.{i}.{part}"));
+        }
+    }
+    candidates
+        .into_iter()
+        .find(|c| hf_tensor_name(arch, c) == hf_name)
+        .unwrap_or_else(|| panic!("no GGUF name for {hf_name}"))
+}
+
+/// llama.cpp's permutation of llama q/k rows (HF order → GGUF order).
+fn permute(t: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = t.dims2().unwrap();
+    t.reshape((heads, 2, rows / heads / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+}
+
+#[test]
+fn gguf_and_hf_files_of_the_same_weights_agree() {
+    let dir = std::env::temp_dir().join(format!("chorus-twins-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![(1..12).collect(), vec![5, 9, 3]];
+    for model_type in ["llama", "qwen2", "qwen3", "gemma3_text"] {
+        let mut hf = config(model_type);
+        let obj = hf.as_object_mut().unwrap();
+        // What GGUF files do not record: llama's scaling comes as a tensor there, and
+        // Gemma's layer pattern, local rope base and attention scale are fixed.
+        obj.remove("rope_scaling");
+        obj.remove("layer_types");
+        if model_type == "gemma3_text" {
+            obj.insert("rope_local_base_freq".into(), json!(10000.0));
+            obj.insert("query_pre_attn_scalar".into(), json!(16));
+        }
+        let path = dir.join(format!("{model_type}.gguf"));
+        gguf_twin(model_type, &hf, &path);
+        let from_gguf =
+            chorus_model::gguf::load(&path, chorus_model::WeightFormat::Packed).unwrap();
+        let cfg = arch::from_hf(&hf).unwrap();
+        let mut source = HfWeights {
+            tensors: weights(&cfg),
+            arch: cfg.arch,
+            dtype: Dtype::F32,
+        };
+        let from_hf = load::build(cfg.clone(), &mut source).unwrap();
+        let mut gguf_cfg = from_gguf.model.config().clone();
+        gguf_cfg.rope_style = cfg.rope_style;
+        assert_eq!(gguf_cfg, cfg, "{model_type}: configs differ");
+        let a = run(&from_gguf.model, &prompts, 64, 3);
+        let b = run(&from_hf, &prompts, 64, 3);
+        // Identical arithmetic except for llama, whose permuted head dimensions are
+        // summed in another order in attention (and then rounded to f16 in the KV cache).
+        let tolerance = match model_type {
+            "llama" => 1e-3,
+            _ => 0.0,
+        };
+        for (sa, sb) in a.iter().flatten().zip(b.iter().flatten()) {
+            let d = sa
+                .iter()
+                .zip(sb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(d <= tolerance, "{model_type}: logits differ by {d}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
