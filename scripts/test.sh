@@ -19,7 +19,7 @@ echo "== cargo test"
 cargo test --release --workspace
 
 echo "== openai SDK tests"
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest, jsonschema' 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 fi

@@ -195,6 +195,7 @@ fn sampling(c: &mut Criterion) {
         top_k: 0,
         min_p: 0.0,
         seed: Some(1),
+        ..SamplingParams::default()
     };
     let mut samplers: Vec<Sampler> = (0..64).map(|_| Sampler::new(params.clone())).collect();
     let mut group = c.benchmark_group("sampling");

@@ -109,6 +109,12 @@ impl BlockAllocator {
         }
     }
 
+    /// Takes one more reference to a block in use (a forked sequence sharing it).
+    pub fn share(&mut self, id: u32) {
+        debug_assert!(self.refs[id as usize] > 0, "block {id} shared while free");
+        self.refs[id as usize] += 1;
+    }
+
     pub fn release_all(&mut self, ids: &[u32]) {
         for &id in ids {
             self.release(id);
@@ -222,6 +228,16 @@ impl KvCache {
 
     pub fn layer(&self, layer: usize) -> &LayerKv {
         &self.layers[layer]
+    }
+
+    /// Copies every layer's keys and values of block `src` into block `dst`.
+    pub fn copy_block(&mut self, src: u32, dst: u32) {
+        let len = self.shape.block_len();
+        let (src, dst) = (src as usize * len, dst as usize * len);
+        for l in &mut self.layers {
+            l.k.copy_within(src..src + len, dst);
+            l.v.copy_within(src..src + len, dst);
+        }
     }
 
     /// Stores one token's keys and values (`[kv_heads * head_dim]` each) at `pos` of a

@@ -9,6 +9,7 @@
 //! - [`template`]: the model's own chat template, rendered with minijinja.
 //! - [`detok`]: incremental detokenization that never splits a UTF-8 character.
 //! - [`stop`]: stop-string matching on streamed text.
+//! - [`logits`]: logit bias, repetition penalties and log-probabilities.
 //! - [`sampling`]: temperature / top-k / top-p / min-p sampling with a per-request RNG.
 //! - [`kv`]: the paged KV cache (block pool) and its allocator.
 //! - [`attention`]: attention over a ragged batch that reads each sequence's KV blocks in place.
@@ -29,6 +30,7 @@ pub mod hf;
 pub mod kv;
 pub mod linear;
 pub mod load;
+pub mod logits;
 pub mod math;
 pub mod packed;
 pub mod sampling;

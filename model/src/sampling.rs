@@ -19,6 +19,13 @@ pub struct SamplingParams {
     /// In [0, 1]; 0 means no min-p filter.
     pub min_p: f32,
     pub seed: Option<u64>,
+    /// OpenAI's penalties over generated tokens, in [-2, 2]; 0 is off.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// vLLM's penalty over prompt and generated tokens, > 0; 1 is off.
+    pub repetition_penalty: f32,
+    /// Added to the named tokens' logits.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -29,6 +36,10 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -171,6 +182,7 @@ mod tests {
             top_p,
             min_p,
             seed: Some(seed),
+            ..SamplingParams::default()
         }
     }
 

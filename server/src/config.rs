@@ -106,6 +106,10 @@ pub struct Config {
     #[arg(long, env = "CHORUS_MAX_STOP", default_value_t = 16)]
     pub max_stop: usize,
 
+    /// Most choices (`n`) one request may ask for.
+    #[arg(long, env = "CHORUS_MAX_N", default_value_t = 8)]
+    pub max_n: usize,
+
     /// Fetch the model into the cache (if needed) and exit without serving.
     #[arg(long)]
     pub download_only: bool,

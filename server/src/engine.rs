@@ -10,10 +10,11 @@ use chorus_model::{ChatTemplate, SamplingParams, Tokenizer};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::ApiError;
+use crate::grammar::{Constraint, Grammars};
 use crate::openai::Usage;
 
 /// A request the worker can run: already tokenized and checked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Default)]
 pub struct GenRequest {
     pub request_id: String,
     pub prompt: Vec<u32>,
@@ -22,6 +23,24 @@ pub struct GenRequest {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Choices to generate from the one prompt (at least 1).
+    pub n: usize,
+    /// Report each token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
+    /// End-of-sequence and `stop_token_ids` cannot be drawn before this many tokens.
+    pub min_tokens: usize,
+    /// Tokens that end the choice (besides the model's own end tokens).
+    pub stop_token_ids: Vec<u32>,
+    /// Structured output: what the tokens must spell.
+    pub constraint: Option<Constraint>,
+}
+
+/// One generated token's log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,15 +58,23 @@ impl FinishReason {
     }
 }
 
-/// What the worker sends back for one request.
+/// What the worker sends back for one request; `index` is the choice.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// Final text (never half a character, never part of a stop string).
-    Text(String),
+    /// Final text (never half a character, never part of a stop string), with the
+    /// log-probabilities of the tokens since the last event when they were asked for.
+    Text {
+        index: usize,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// One choice ended; its usage counts the prompt and this choice's tokens.
     Done {
+        index: usize,
         finish: FinishReason,
         usage: Usage,
     },
+    /// The whole request ended.
     Error(Failure),
 }
 
@@ -101,6 +128,8 @@ pub struct ModelInfo {
     /// smaller than one full context.
     pub max_seq_tokens: usize,
     pub created: u64,
+    /// Structured output for this vocabulary, or why it is unavailable.
+    pub grammars: Result<Arc<Grammars>, String>,
 }
 
 #[derive(Clone)]
@@ -183,6 +212,7 @@ mod tests {
                 context_len: 16,
                 max_seq_tokens: 16,
                 created: 0,
+                grammars: Err("not in this test".into()),
             }),
             max_queue: 2,
         };
@@ -193,10 +223,9 @@ mod tests {
         GenRequest {
             request_id: "r".into(),
             prompt: vec![1, 2],
-            params: SamplingParams::default(),
             max_tokens: 4,
-            stop: Vec::new(),
-            ignore_eos: false,
+            n: 1,
+            ..GenRequest::default()
         }
     }
 
@@ -238,11 +267,15 @@ mod tests {
         let submission = rx.recv().expect("submitted");
         submission
             .events
-            .send(Event::Text("a".into()))
+            .send(Event::Text {
+                index: 0,
+                text: "a".into(),
+                logprobs: Vec::new(),
+            })
             .expect("open");
         drop(submission);
         assert!(matches!(
-            crate::stream::collect(events).await,
+            crate::stream::collect(events, 1).await,
             Err(ApiError::Unavailable(_))
         ));
     }

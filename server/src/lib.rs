@@ -7,7 +7,9 @@
 //! - [`engine`]: the handle that admits a request (or answers 429) and returns its channel.
 //! - [`worker`]: the inference thread, sole owner of the model and KV cache.
 //! - [`scheduler`]: the pure decision of which sequences run each step.
-//! - [`stream`] and [`sse`]: events back to the client as OpenAI chunks over SSE.
+//! - [`stream`] and [`sse`]: events back to the client as OpenAI chunks over SSE;
+//!   [`logprobs`] writes log-probabilities in both endpoints' shapes.
+//! - [`grammar`]: structured output (`response_format`) through llguidance.
 //! - [`metrics`]: Prometheus counters, gauges and histograms for `/metrics`.
 //! - `serve`: the accept loop (idle-connection timeout, graceful shutdown).
 //! - [`error`]: every client-visible failure, mapped once to status + envelope.
@@ -19,7 +21,9 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod grammar;
 pub mod hub;
+pub mod logprobs;
 pub mod metrics;
 pub mod models_cmd;
 pub mod openai;
@@ -218,6 +222,7 @@ pub async fn run(
         Limits {
             max_stop: config.max_stop,
             max_prompt_tokens: config.max_prompt_tokens,
+            max_n: config.max_n.max(1),
         },
         config.api_key.as_deref().filter(|k| !k.is_empty()),
     );
@@ -322,6 +327,10 @@ fn start_engine(
         "model loaded"
     );
     let tokenizer = Arc::new(loaded.tokenizer);
+    let grammars = grammar::Grammars::new(tokenizer.clone(), cfg.vocab).map(Arc::new);
+    if let Err(e) = &grammars {
+        tracing::warn!(error = %e, "structured output is unavailable for this tokenizer");
+    }
     let stats = Arc::new(Stats::default());
     stats
         .alive
@@ -339,6 +348,7 @@ fn start_engine(
                 .context_len
                 .min(num_blocks * chorus_model::kv::BLOCK_SIZE),
             created: openai::unix_now(),
+            grammars,
         }),
         max_queue: config.max_queue,
     };
@@ -355,6 +365,7 @@ fn start_engine(
         }),
         stats,
         rx,
+        next_id: 0,
     };
     Ok((engine, worker))
 }

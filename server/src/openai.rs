@@ -18,7 +18,10 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub logprobs: Option<bool>,
     #[serde(default)]
-    pub top_logprobs: Option<u32>,
+    pub top_logprobs: Option<i64>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
+    #[serde(default)]
+    pub response_format: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -33,7 +36,7 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
-    pub logprobs: Option<u32>,
+    pub logprobs: Option<i64>,
     #[serde(default)]
     pub echo: Option<bool>,
     #[serde(default)]
@@ -65,6 +68,15 @@ pub struct WireSampling {
     pub presence_penalty: Option<f64>,
     #[serde(default)]
     pub frequency_penalty: Option<f64>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
+    /// Token id (as a string) → bias in [-100, 100].
+    #[serde(default)]
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    pub min_tokens: Option<i64>,
+    #[serde(default)]
+    pub stop_token_ids: Option<Vec<i64>>,
     #[serde(default)]
     pub ignore_eos: Option<bool>,
     #[serde(default)]
@@ -210,6 +222,36 @@ pub struct CompletionChoice {
     pub text: String,
     pub logprobs: Option<Value>,
     pub finish_reason: Option<&'static str>,
+}
+
+/// `choices[].logprobs` of a chat completion (or chunk).
+#[derive(Debug, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// `choices[].logprobs` of a (legacy) completion.
+#[derive(Debug, Serialize)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<serde_json::Map<String, Value>>,
+    pub text_offset: Vec<usize>,
 }
 
 #[derive(Debug, Serialize)]

@@ -117,6 +117,46 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Starts `child` as a copy of `parent`, whose known tokens must all be computed (it
+    /// just finished its prefill): the child shares the parent's full blocks and gets a
+    /// copy of the partly filled last one, so a prompt is prefilled once for several
+    /// choices. Returns the `(from, to)` block whose keys and values the caller copies,
+    /// if any; `None` (nothing changed) when the parent is not in that state or no block
+    /// is free for the copy. The child runs at once, beside its parent.
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Option<Option<(u32, u32)>> {
+        let p = self.entries.get(&parent)?;
+        if p.computed != p.ids.len() || !self.running.contains(&parent) {
+            return None;
+        }
+        let full = p.computed / BLOCK_SIZE;
+        let partial = p
+            .blocks
+            .get(full)
+            .copied()
+            .filter(|_| p.computed % BLOCK_SIZE != 0);
+        let copy = match partial {
+            Some(from) => Some((from, self.alloc.allocate()?)),
+            None => None,
+        };
+        let p = &self.entries[&parent];
+        let mut blocks = p.blocks[..full].to_vec();
+        let entry = Entry {
+            ids: p.ids.clone(),
+            computed: p.computed,
+            blocks: Vec::new(),
+            hashes: p.hashes.iter().take(full).copied().collect(),
+            cached: p.cached,
+            started: true,
+        };
+        for &b in &blocks {
+            self.alloc.share(b);
+        }
+        blocks.extend(copy.map(|(_, to)| to));
+        self.entries.insert(child, Entry { blocks, ..entry });
+        self.running.push(child);
+        Some(copy)
+    }
+
     /// Records a sampled token: the sequence now knows one more token.
     pub fn append_token(&mut self, id: SeqId, token: u32) {
         if let Some(e) = self.entries.get_mut(&id) {
@@ -355,6 +395,42 @@ impl Scheduler {
 mod tests {
     use super::*;
     use chorus_model::kv::BLOCK_SIZE;
+
+    #[test]
+    fn a_fork_shares_full_blocks_and_copies_the_partial_one() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_running: 4,
+            max_batch_tokens: 64,
+            num_blocks: 8,
+        });
+        let prompt: Vec<u32> = (0..20).collect();
+        s.add(1, &prompt, 40).unwrap();
+        // Not computed yet: nothing to fork from.
+        assert_eq!(s.fork(1, 2), None);
+        let plan = s.schedule();
+        assert_eq!(plan.batch[0].len, 20);
+        assert_eq!(s.blocks_used(), 2);
+        let copy = s
+            .fork(1, 2)
+            .expect("forks")
+            .expect("copies the partial block");
+        assert_eq!(copy.0, s.blocks(1)[1]);
+        assert_eq!(s.blocks(2), [s.blocks(1)[0], copy.1]);
+        assert_eq!(s.blocks_used(), 3, "the full block is shared, not copied");
+        assert_eq!(s.tokens(2), prompt.as_slice());
+        // Both decode on: each appends its own token and runs one position.
+        s.append_token(1, 100);
+        s.append_token(2, 200);
+        let plan = s.schedule();
+        let runs: Vec<(SeqId, usize, usize)> =
+            plan.batch.iter().map(|b| (b.id, b.start, b.len)).collect();
+        assert_eq!(runs, [(1, 20, 1), (2, 20, 1)]);
+        // Finishing one keeps the shared block for the other.
+        s.finish(1);
+        assert_eq!(s.blocks_used(), 2);
+        s.finish(2);
+        assert_eq!(s.blocks_used(), 0);
+    }
 
     /// `n` prompt tokens unique to sequence `id`, so no two tests' sequences share a prefix
     /// unless they ask to.

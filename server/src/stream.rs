@@ -1,11 +1,16 @@
 //! Turns a request's event channel into OpenAI's streamed chunks (chat or completion
-//! shape), or collects it into one reply.
+//! shape), or collects it into one reply. A request with `n` choices ends when every
+//! choice has; its usage counts the prompt once and every choice's tokens.
+
+use std::sync::Arc;
 
 use futures_util::Stream;
+use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::engine::{Event, FinishReason};
+use crate::engine::{Event, FinishReason, ModelInfo, TokenLogprob};
 use crate::error::ApiError;
+use crate::logprobs;
 use crate::openai::{ChatChunk, ChunkChoice, Completion, CompletionChoice, Delta, Usage};
 use crate::sse::{frame, DONE};
 
@@ -23,6 +28,13 @@ pub struct ChunkMeta {
     pub model: String,
     pub created: u64,
     pub include_usage: bool,
+    /// Choices in the response.
+    pub n: usize,
+    /// Log-probabilities were asked for.
+    pub logprobs: bool,
+    /// Completions with `echo`: the prompt, sent first in each choice.
+    pub echo: Option<String>,
+    pub info: Arc<ModelInfo>,
 }
 
 impl ChunkMeta {
@@ -31,7 +43,14 @@ impl ChunkMeta {
     }
 
     /// A chunk with one choice.
-    fn chunk(&self, role: bool, text: Option<&str>, finish: Option<FinishReason>) -> String {
+    fn chunk(
+        &self,
+        index: usize,
+        role: bool,
+        text: Option<&str>,
+        logprobs: Option<Value>,
+        finish: Option<FinishReason>,
+    ) -> String {
         let finish_reason = finish.map(FinishReason::as_str);
         match self.shape {
             Shape::Chat => frame(&ChatChunk {
@@ -40,12 +59,12 @@ impl ChunkMeta {
                 created: self.created,
                 model: &self.model,
                 choices: vec![ChunkChoice {
-                    index: 0,
+                    index: index as u32,
                     delta: Delta {
                         role: role.then_some("assistant"),
                         content: text,
                     },
-                    logprobs: None,
+                    logprobs,
                     finish_reason,
                 }],
                 usage: self.usage_field(None),
@@ -56,9 +75,9 @@ impl ChunkMeta {
                 created: self.created,
                 model: self.model.clone(),
                 choices: vec![CompletionChoice {
-                    index: 0,
+                    index: index as u32,
                     text: text.unwrap_or_default().to_string(),
-                    logprobs: None,
+                    logprobs,
                     finish_reason,
                 }],
                 usage: self.usage_field(None),
@@ -87,81 +106,195 @@ impl ChunkMeta {
             }),
         }
     }
+
+    /// The wire form of `entries` (chat: `{content: [...]}`; completions: the arrays,
+    /// with offsets counted from `offset` characters).
+    fn logprobs_value(&self, entries: &[TokenLogprob], offset: usize) -> Option<Value> {
+        if !self.logprobs {
+            return None;
+        }
+        Some(match self.shape {
+            Shape::Chat => logprobs::chat(&self.info, entries),
+            Shape::Completion => logprobs::completion(&self.info, entries, offset),
+        })
+    }
 }
 
-enum Phase {
-    Start,
-    Streaming,
-    Ended,
+/// Usage of a whole request from its choices': the prompt once, every choice's tokens.
+#[derive(Debug, Default, Clone, Copy)]
+struct UsageSum(Option<Usage>);
+
+impl UsageSum {
+    fn add(&mut self, index: usize, u: Usage) {
+        self.0 = Some(match self.0 {
+            None => u,
+            Some(sum) => {
+                let cached = match index {
+                    0 => u.prompt_tokens_details.cached_tokens,
+                    _ => sum.prompt_tokens_details.cached_tokens,
+                };
+                Usage::new(
+                    sum.prompt_tokens,
+                    sum.completion_tokens + u.completion_tokens,
+                    cached,
+                )
+            }
+        });
+    }
+
+    fn total(self) -> Usage {
+        self.0.unwrap_or_else(|| Usage::new(0, 0, 0))
+    }
+}
+
+struct State {
+    meta: ChunkMeta,
+    rx: UnboundedReceiver<Event>,
+    started: bool,
+    ended: bool,
+    done: usize,
+    usage: UsageSum,
+    /// Characters sent so far per choice (completion log-probability offsets).
+    sent: Vec<usize>,
 }
 
 /// The SSE events of one streamed response, ending with `[DONE]` (or one error event).
 pub fn events(meta: ChunkMeta, rx: UnboundedReceiver<Event>) -> impl Stream<Item = String> {
-    futures_util::stream::unfold((meta, rx, Phase::Start), |(meta, rx, phase)| async move {
-        match phase {
-            Phase::Ended => None,
-            Phase::Start => {
-                let first = match meta.shape {
-                    Shape::Chat => meta.chunk(true, Some(""), None),
-                    Shape::Completion => {
-                        // Completions have no role chunk: go straight to the first event.
-                        return next_event(meta, rx).await;
-                    }
-                };
-                Some((first, (meta, rx, Phase::Streaming)))
-            }
-            Phase::Streaming => next_event(meta, rx).await,
+    let state = State {
+        sent: vec![0; meta.n],
+        meta,
+        rx,
+        started: false,
+        ended: false,
+        done: 0,
+        usage: UsageSum::default(),
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        if st.ended {
+            return None;
         }
+        if !st.started {
+            st.started = true;
+            let first = opening(&mut st);
+            if !first.is_empty() {
+                return Some((first, st));
+            }
+        }
+        let out = next_event(&mut st).await;
+        Some((out, st))
     })
 }
 
-async fn next_event(
-    meta: ChunkMeta,
-    mut rx: UnboundedReceiver<Event>,
-) -> Option<(String, (ChunkMeta, UnboundedReceiver<Event>, Phase))> {
-    let out = match rx.recv().await {
-        Some(Event::Text(t)) => {
-            let c = meta.chunk(false, Some(&t), None);
-            return Some((c, (meta, rx, Phase::Streaming)));
-        }
-        Some(Event::Done { finish, usage }) => {
-            let mut out = match meta.shape {
-                Shape::Chat => meta.chunk(false, None, Some(finish)),
-                Shape::Completion => meta.chunk(false, Some(""), Some(finish)),
-            };
-            if meta.include_usage {
-                out.push_str(&meta.usage_chunk(usage));
+/// Chat: each choice's role chunk. Completions with `echo`: each choice's prompt.
+fn opening(st: &mut State) -> String {
+    let meta = &st.meta;
+    let mut out = String::new();
+    for index in 0..meta.n {
+        match (meta.shape, &meta.echo) {
+            (Shape::Chat, _) => out.push_str(&meta.chunk(index, true, Some(""), None, None)),
+            (Shape::Completion, Some(prompt)) => {
+                out.push_str(&meta.chunk(index, false, Some(prompt), None, None));
+                st.sent[index] = prompt.chars().count();
             }
-            out.push_str(DONE);
+            (Shape::Completion, None) => {}
+        }
+    }
+    out
+}
+
+async fn next_event(st: &mut State) -> String {
+    let meta = &st.meta;
+    match st.rx.recv().await {
+        Some(Event::Text {
+            index,
+            text,
+            logprobs,
+        }) => {
+            let offset = st.sent.get(index).copied().unwrap_or(0);
+            let lp = meta.logprobs_value(&logprobs, offset);
+            if let Some(sent) = st.sent.get_mut(index) {
+                *sent += text.chars().count();
+            }
+            meta.chunk(index, false, Some(&text), lp, None)
+        }
+        Some(Event::Done {
+            index,
+            finish,
+            usage,
+        }) => {
+            st.usage.add(index, usage);
+            st.done += 1;
+            let mut out = match meta.shape {
+                Shape::Chat => meta.chunk(index, false, None, None, Some(finish)),
+                Shape::Completion => meta.chunk(index, false, Some(""), None, Some(finish)),
+            };
+            if st.done >= meta.n {
+                if meta.include_usage {
+                    out.push_str(&meta.usage_chunk(st.usage.total()));
+                }
+                out.push_str(DONE);
+                st.ended = true;
+            }
             out
         }
-        Some(Event::Error(failure)) => frame(&ApiError::from(failure).body()),
-        None => frame(&ApiError::Unavailable("the inference thread stopped".into()).body()),
-    };
-    Some((out, (meta, rx, Phase::Ended)))
+        Some(Event::Error(failure)) => {
+            st.ended = true;
+            frame(&ApiError::from(failure).body())
+        }
+        None => {
+            st.ended = true;
+            frame(&ApiError::Unavailable("the inference thread stopped".into()).body())
+        }
+    }
+}
+
+/// One choice of a non-streamed reply.
+#[derive(Debug, Default)]
+pub struct ChoiceOut {
+    pub text: String,
+    pub finish: Option<FinishReason>,
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// The whole reply of a non-streamed request.
 pub struct Collected {
-    pub text: String,
-    pub finish: FinishReason,
+    pub choices: Vec<ChoiceOut>,
     pub usage: Usage,
 }
 
-pub async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiError> {
-    let mut text = String::new();
-    loop {
+pub async fn collect(mut rx: UnboundedReceiver<Event>, n: usize) -> Result<Collected, ApiError> {
+    let mut choices: Vec<ChoiceOut> = (0..n).map(|_| ChoiceOut::default()).collect();
+    let mut usage = UsageSum::default();
+    let mut done = 0;
+    while done < n {
         match rx.recv().await {
-            Some(Event::Text(t)) => text.push_str(&t),
-            Some(Event::Done { finish, usage }) => {
-                return Ok(Collected {
-                    text,
-                    finish,
-                    usage,
-                })
+            Some(Event::Text {
+                index,
+                text,
+                logprobs,
+            }) => {
+                if let Some(c) = choices.get_mut(index) {
+                    c.text.push_str(&text);
+                    c.logprobs.extend(logprobs);
+                }
+            }
+            Some(Event::Done {
+                index,
+                finish,
+                usage: u,
+            }) => {
+                usage.add(index, u);
+                if let Some(c) = choices.get_mut(index) {
+                    c.finish = Some(finish);
+                }
+                done += 1;
             }
             Some(Event::Error(failure)) => return Err(failure.into()),
             None => return Err(ApiError::Unavailable("the inference thread stopped".into())),
         }
     }
+    Ok(Collected {
+        choices,
+        usage: usage.total(),
+    })
 }

@@ -3,12 +3,17 @@
 //! it, and `max_tokens` clamped to the context that is left.
 
 use chorus_model::{ChatMessage, SamplingParams};
+use serde_json::{json, Value};
 
 use crate::engine::{GenRequest, ModelInfo};
 use crate::error::ApiError;
+use crate::grammar::Constraint;
 use crate::openai::{
     ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, StopInput, WireSampling,
 };
+
+/// Most alternatives `top_logprobs` (chat) or `logprobs` (completions) may ask for.
+pub const MAX_TOP_LOGPROBS: i64 = 20;
 
 /// Limits that come from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -16,6 +21,8 @@ pub struct Limits {
     pub max_stop: usize,
     /// `--max-prompt-tokens`; the model's context always bounds it too.
     pub max_prompt_tokens: Option<usize>,
+    /// `--max-n`: most choices per request.
+    pub max_n: usize,
 }
 
 /// A request that passed every check.
@@ -24,6 +31,10 @@ pub struct ValidRequest {
     pub gen: GenRequest,
     pub stream: bool,
     pub include_usage: bool,
+    /// Log-probabilities go into the response.
+    pub logprobs: bool,
+    /// Completions with `echo`: the prompt text, which the response repeats first.
+    pub echo: Option<String>,
 }
 
 const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
@@ -41,9 +52,23 @@ pub fn chat(
             "`messages` must contain at least one message",
         ));
     }
-    if req.logprobs == Some(true) || req.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::bad("logprobs", "`logprobs` is not supported yet"));
-    }
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS).contains(&k) => {
+            return Err(ApiError::bad(
+                "top_logprobs",
+                format!("`top_logprobs` must be in [0, {MAX_TOP_LOGPROBS}], got {k}"),
+            ))
+        }
+        (Some(true), k) => Some(k.unwrap_or(0) as usize),
+        (_, Some(k)) if k > 0 => {
+            return Err(ApiError::bad(
+                "top_logprobs",
+                "`top_logprobs` requires `logprobs: true`",
+            ))
+        }
+        _ => None,
+    };
+    let constraint = response_format(info, req.response_format.as_ref())?;
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.into_iter().enumerate() {
         if !ROLES.contains(&m.role.as_str()) {
@@ -91,11 +116,15 @@ pub fn chat(
     let prompt = tokenize(info, &prompt_text)?;
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
-    let gen = generation(info, limits, request_id, prompt, &req.sampling)?;
+    let mut gen = generation(info, limits, request_id, prompt, &req.sampling)?;
+    gen.logprobs = logprobs;
+    gen.constraint = constraint;
     Ok(ValidRequest {
         gen,
         stream,
         include_usage,
+        logprobs: logprobs.is_some(),
+        echo: None,
     })
 }
 
@@ -106,25 +135,39 @@ pub fn completion(
     req: CompletionRequest,
 ) -> Result<ValidRequest, ApiError> {
     check_model(info, req.model.as_deref())?;
-    if req.echo == Some(true) {
-        return Err(ApiError::bad("echo", "`echo` is not supported yet"));
-    }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad(
             "suffix",
-            "`suffix` is not supported by this model",
+            "`suffix` (fill-in-the-middle) is not supported by this model",
         ));
     }
-    if req.logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::bad("logprobs", "`logprobs` is not supported yet"));
+    let logprobs = match req.logprobs {
+        None => None,
+        Some(k) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Some(k as usize),
+        Some(k) => {
+            return Err(ApiError::bad(
+                "logprobs",
+                format!("`logprobs` must be in [0, {MAX_TOP_LOGPROBS}], got {k}"),
+            ))
+        }
+    };
+    let echo = req.echo.unwrap_or(false);
+    if echo && logprobs.is_some() {
+        return Err(ApiError::bad(
+            "echo",
+            "`echo` with `logprobs` is not supported: prompt log-probabilities are not computed",
+        ));
     }
     let one_prompt =
         "`prompt` must be one string or one list of token ids (batches are not supported)";
-    let prompt = match req.prompt {
-        PromptInput::Text(t) => tokenize_prompt(info, &t)?,
-        PromptInput::Texts(mut v) if v.len() == 1 => tokenize_prompt(info, &v.remove(0))?,
-        PromptInput::Tokens(ids) => ids,
-        PromptInput::TokenBatches(mut v) if v.len() == 1 => v.remove(0),
+    let (prompt, prompt_text) = match req.prompt {
+        PromptInput::Text(t) => (tokenize_prompt(info, &t)?, Some(t)),
+        PromptInput::Texts(mut v) if v.len() == 1 => {
+            let t = v.remove(0);
+            (tokenize_prompt(info, &t)?, Some(t))
+        }
+        PromptInput::Tokens(ids) => (ids, None),
+        PromptInput::TokenBatches(mut v) if v.len() == 1 => (v.remove(0), None),
         _ => return Err(ApiError::bad("prompt", one_prompt)),
     };
     let vocab = info.tokenizer.vocab_size() as u32;
@@ -139,12 +182,59 @@ pub fn completion(
     }
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
-    let gen = generation(info, limits, request_id, prompt, &req.sampling)?;
+    // `echo` repeats the prompt as sent (token prompts as their text).
+    let echo = match (echo, prompt_text) {
+        (false, _) => None,
+        (true, Some(t)) => Some(t),
+        (true, None) => Some(
+            info.tokenizer
+                .decode(&prompt, false)
+                .map_err(|e| ApiError::Internal(format!("detokenization failed: {e}")))?,
+        ),
+    };
+    let mut gen = generation(info, limits, request_id, prompt, &req.sampling)?;
+    gen.logprobs = logprobs;
     Ok(ValidRequest {
         gen,
         stream,
         include_usage,
+        logprobs: logprobs.is_some(),
+        echo,
     })
+}
+
+/// `response_format`: `text` (no constraint), `json_object` (any JSON object) or
+/// `json_schema` (`{"json_schema": {"schema": {...}}}`), compiled for this vocabulary.
+fn response_format(info: &ModelInfo, rf: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
+    let Some(rf) = rf.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let bad = |msg: String| ApiError::bad("response_format", msg);
+    let schema = match rf.get("type").and_then(Value::as_str) {
+        Some("text") => return Ok(None),
+        Some("json_object") => json!({"type": "object"}),
+        Some("json_schema") => match rf.get("json_schema").and_then(|j| j.get("schema")) {
+            Some(schema) if schema.is_object() => schema.clone(),
+            _ => {
+                return Err(bad(
+                    "`response_format.json_schema.schema` must be a JSON schema object".into(),
+                ))
+            }
+        },
+        other => return Err(bad(format!(
+            "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\", got {}",
+            other.map_or_else(|| "nothing".to_string(), |t| format!("{t:?}"))
+        ))),
+    };
+    let grammars = info.grammars.as_ref().map_err(|e| {
+        bad(format!(
+            "structured output is unavailable for this model: {e}"
+        ))
+    })?;
+    grammars
+        .json_schema(schema)
+        .map(Some)
+        .map_err(|e| bad(format!("the schema cannot be enforced: {e}")))
 }
 
 /// A missing or empty `model` means the served one.
@@ -265,37 +355,74 @@ fn generation(
             format!("`min_p` must be in [0, 1], got {min_p}"),
         ));
     }
-    match s.n {
-        None | Some(1) => {}
+    let n = match s.n {
+        None => 1,
+        Some(n) if n >= 1 && n as u64 <= limits.max_n as u64 => n as usize,
         Some(n) => {
             return Err(ApiError::bad(
                 "n",
-                format!("`n` must be 1 (several choices are not supported yet), got {n}"),
+                format!("`n` must be in [1, {}] (--max-n), got {n}", limits.max_n),
             ))
         }
-    }
+    };
     let penalties: [(&'static str, Option<f64>); 2] = [
         ("presence_penalty", s.presence_penalty),
         ("frequency_penalty", s.frequency_penalty),
     ];
     for (field, value) in penalties {
-        match value {
-            None => {}
-            Some(v) if !(-2.0..=2.0).contains(&v) => {
-                return Err(ApiError::bad(
-                    field,
-                    format!("`{field}` must be in [-2, 2], got {v}"),
-                ))
-            }
-            Some(v) if v != 0.0 => {
-                return Err(ApiError::bad(
-                    field,
-                    format!("`{field}` other than 0 is not supported yet"),
-                ))
-            }
-            Some(_) => {}
+        if let Some(v) = value.filter(|v| !(-2.0..=2.0).contains(v)) {
+            return Err(ApiError::bad(
+                field,
+                format!("`{field}` must be in [-2, 2], got {v}"),
+            ));
         }
     }
+    let repetition_penalty = s.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0 && repetition_penalty.is_finite()) {
+        return Err(ApiError::bad(
+            "repetition_penalty",
+            format!("`repetition_penalty` must be greater than 0, got {repetition_penalty}"),
+        ));
+    }
+    let vocab = info.tokenizer.vocab_size();
+    let token_id = |field: &'static str, raw: &str| -> Result<u32, ApiError> {
+        match raw.parse::<u32>() {
+            Ok(id) if (id as usize) < vocab => Ok(id),
+            _ => Err(ApiError::bad(
+                field,
+                format!(
+                    "`{field}`: {raw:?} is not a token id of this model's vocabulary (0..{vocab})"
+                ),
+            )),
+        }
+    };
+    let mut logit_bias = Vec::new();
+    for (key, value) in s.logit_bias.iter().flatten() {
+        let id = token_id("logit_bias", key)?;
+        match value.as_f64() {
+            Some(b) if (-100.0..=100.0).contains(&b) => logit_bias.push((id, b as f32)),
+            _ => {
+                return Err(ApiError::bad(
+                    "logit_bias",
+                    format!("`logit_bias[{key:?}]` must be a number in [-100, 100], got {value}"),
+                ))
+            }
+        }
+    }
+    let mut stop_token_ids = Vec::new();
+    for id in s.stop_token_ids.iter().flatten() {
+        stop_token_ids.push(token_id("stop_token_ids", &id.to_string())?);
+    }
+    let min_tokens = match s.min_tokens {
+        None => 0,
+        Some(m) if m >= 0 && m as u64 <= max_tokens as u64 => m as usize,
+        Some(m) => {
+            return Err(ApiError::bad(
+                "min_tokens",
+                format!("`min_tokens` must be in [0, max_tokens = {max_tokens}], got {m}"),
+            ))
+        }
+    };
     let stop = match &s.stop {
         None => Vec::new(),
         Some(StopInput::One(s)) => vec![s.clone()],
@@ -321,9 +448,18 @@ fn generation(
             min_p: min_p as f32,
             // Negative seeds are valid in OpenAI's API; their bits are the seed.
             seed: s.seed.map(|x| x as u64),
+            presence_penalty: s.presence_penalty.unwrap_or(0.0) as f32,
+            frequency_penalty: s.frequency_penalty.unwrap_or(0.0) as f32,
+            repetition_penalty: repetition_penalty as f32,
+            logit_bias,
         },
         max_tokens,
         stop,
         ignore_eos: s.ignore_eos.unwrap_or(false),
+        n,
+        logprobs: None,
+        min_tokens,
+        stop_token_ids,
+        constraint: None,
     })
 }

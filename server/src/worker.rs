@@ -10,34 +10,90 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use chorus_model::logits::{self, TokenHistory};
 use chorus_model::{
-    IncrementalDecoder, KvCache, Sampler, SeqInput, StopMatcher, Tokenizer, Transformer,
+    IncrementalDecoder, KvCache, Sampler, SamplingParams, SeqInput, StopMatcher, Tokenizer,
+    Transformer,
 };
 use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::engine::{Event, Failure, FinishReason, Stats, Submission};
+use crate::engine::{Event, Failure, FinishReason, Stats, Submission, TokenLogprob};
+use crate::grammar::Constraint;
 use crate::metrics::Metrics;
 use crate::openai::Usage;
 use crate::scheduler::{Scheduler, SeqId};
 
-/// A sequence's generation state, beside the scheduler's bookkeeping.
+/// A sequence's generation state, beside the scheduler's bookkeeping. Each choice of a
+/// request is one sequence; they share the request's event channel.
 struct Seq {
     request_id: String,
+    /// Which choice of its request this is.
+    index: usize,
+    /// Choices still to fork from this one when its prompt is computed (the first).
+    unforked: usize,
     /// Tokens generated so far (the token ids themselves live in the scheduler).
     generated: usize,
     prompt_len: usize,
     max_tokens: usize,
     ignore_eos: bool,
+    min_tokens: usize,
+    stop_token_ids: Vec<u32>,
+    stop_strings: Vec<String>,
+    logprobs: Option<usize>,
     sampler: Sampler,
+    /// Present when the sampling parameters penalise or bias tokens.
+    history: Option<TokenHistory>,
+    constraint: Option<Constraint>,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
+    /// Log-probabilities of tokens whose text has not been sent yet.
+    unsent_logprobs: Vec<TokenLogprob>,
     events: UnboundedSender<Event>,
     arrived: Instant,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     /// Has left the queue (counts against `queued` until then).
     started: bool,
+}
+
+impl Seq {
+    /// Choice `index` of the same request, in the state this one is in before its first
+    /// token: its own sampler (seeded `seed + index` when the request is seeded).
+    fn choice(&self, index: usize) -> Seq {
+        let mut params = self.sampler.params().clone();
+        params.seed = params.seed.map(|s| s.wrapping_add(index as u64));
+        Seq {
+            request_id: self.request_id.clone(),
+            index,
+            unforked: 0,
+            generated: 0,
+            prompt_len: self.prompt_len,
+            max_tokens: self.max_tokens,
+            ignore_eos: self.ignore_eos,
+            min_tokens: self.min_tokens,
+            stop_token_ids: self.stop_token_ids.clone(),
+            stop_strings: self.stop_strings.clone(),
+            logprobs: self.logprobs,
+            sampler: Sampler::new(params),
+            history: self.history.clone(),
+            constraint: self.constraint.as_ref().map(Constraint::fork),
+            decoder: IncrementalDecoder::new(),
+            stop: StopMatcher::new(self.stop_strings.clone()),
+            unsent_logprobs: Vec::new(),
+            events: self.events.clone(),
+            arrived: self.arrived,
+            first_token: None,
+            last_token: None,
+            started: true,
+        }
+    }
+}
+
+/// One sequence's draw.
+struct Pick {
+    token: u32,
+    logprob: Option<TokenLogprob>,
 }
 
 pub(crate) struct Worker {
@@ -50,6 +106,7 @@ pub(crate) struct Worker {
     pub scheduler: Scheduler,
     pub stats: Arc<Stats>,
     pub rx: mpsc::Receiver<Submission>,
+    pub next_id: SeqId,
 }
 
 /// Marks the engine dead when the thread ends, however it ends (a panic included).
@@ -67,17 +124,16 @@ impl Worker {
         self.stats.alive.store(true, Ordering::Release);
         self.publish();
         let mut seqs: HashMap<SeqId, Seq> = HashMap::new();
-        let mut next_id: SeqId = 0;
         loop {
             // Idle: block until something arrives; the channel closing means shutdown.
             if seqs.is_empty() {
                 match self.rx.recv() {
-                    Ok(s) => self.admit(s, &mut next_id, &mut seqs),
+                    Ok(s) => self.admit(s, &mut seqs),
                     Err(_) => return,
                 }
             }
             while let Ok(s) = self.rx.try_recv() {
-                self.admit(s, &mut next_id, &mut seqs);
+                self.admit(s, &mut seqs);
             }
             self.drop_cancelled(&mut seqs);
             self.drop_expired(&mut seqs);
@@ -89,9 +145,9 @@ impl Worker {
         }
     }
 
-    fn admit(&mut self, s: Submission, next_id: &mut SeqId, seqs: &mut HashMap<SeqId, Seq>) {
-        let id = *next_id;
-        *next_id += 1;
+    fn admit(&mut self, s: Submission, seqs: &mut HashMap<SeqId, Seq>) {
+        let id = self.next_id;
+        self.next_id += 1;
         let req = s.req;
         let max_len = req.prompt.len() + req.max_tokens;
         if let Err(e) = self.scheduler.add(id, &req.prompt, max_len) {
@@ -102,17 +158,28 @@ impl Worker {
             return;
         }
         tracing::debug!(request_id = %req.request_id, seq = id, prompt_tokens = req.prompt.len(), "queued");
+        let history =
+            logits::adjusts(&req.params).then(|| TokenHistory::new(&req.prompt, &req.params));
         seqs.insert(
             id,
             Seq {
                 request_id: req.request_id,
+                index: 0,
+                unforked: req.n.saturating_sub(1),
                 prompt_len: req.prompt.len(),
                 generated: 0,
                 max_tokens: req.max_tokens,
                 ignore_eos: req.ignore_eos,
+                min_tokens: req.min_tokens,
+                stop_token_ids: req.stop_token_ids,
+                stop_strings: req.stop.clone(),
+                logprobs: req.logprobs,
                 sampler: Sampler::new(req.params),
+                history,
+                constraint: req.constraint,
                 decoder: IncrementalDecoder::new(),
                 stop: StopMatcher::new(req.stop),
+                unsent_logprobs: Vec::new(),
                 events: s.events,
                 arrived: s.arrived,
                 first_token: None,
@@ -179,7 +246,8 @@ impl Worker {
         let plan = self.scheduler.schedule();
         self.publish();
         for id in &plan.started {
-            if let Some(seq) = seqs.get_mut(id) {
+            // A choice forked from its first sequence has started already.
+            if let Some(seq) = seqs.get_mut(id).filter(|s| !s.started) {
                 seq.started = true;
                 self.stats.queued.fetch_sub(1, Ordering::AcqRel);
                 self.metrics.prompt_tokens.inc_by(seq.prompt_len as u64);
@@ -258,11 +326,14 @@ impl Worker {
             }
         }
 
-        for (id, token) in sample_all(seqs, &sampling, &logits) {
+        let (mut sampling, mut logits) = (sampling, logits);
+        self.fork_choices(seqs, &mut sampling, &mut logits);
+        for (id, pick) in sample_all(seqs, &sampling, logits, &self.tokenizer) {
             let Some(seq) = seqs.get_mut(&id) else {
                 continue;
             };
-            match self.accept(seq, token) {
+            let token = pick.token;
+            match self.accept(seq, pick) {
                 None => self.scheduler.append_token(id, token),
                 Some(finish) => {
                     if let Some(seq) = seqs.remove(&id) {
@@ -273,8 +344,55 @@ impl Worker {
         }
     }
 
+    /// A request for several choices prefills its prompt once: when its first sequence
+    /// is about to draw its first token, the other choices are forked from it (sharing
+    /// its KV blocks) and draw from the same logits. Should no block be free for the
+    /// copy, a choice is queued on its own instead (and finds the prompt's full blocks in
+    /// the prefix cache).
+    fn fork_choices(
+        &mut self,
+        seqs: &mut HashMap<SeqId, Seq>,
+        sampling: &mut Vec<SeqId>,
+        logits: &mut Vec<Vec<f32>>,
+    ) {
+        for i in 0..sampling.len() {
+            let parent = sampling[i];
+            let Some(seq) = seqs.get_mut(&parent).filter(|s| s.unforked > 0) else {
+                continue;
+            };
+            let choices = std::mem::take(&mut seq.unforked);
+            for index in 1..=choices {
+                let child = self.next_id;
+                self.next_id += 1;
+                let Some(seq) = seqs.get(&parent) else { break };
+                let choice = seq.choice(index);
+                match self.scheduler.fork(parent, child) {
+                    Some(copy) => {
+                        if let Some((from, to)) = copy {
+                            self.kv.copy_block(from, to);
+                        }
+                        sampling.push(child);
+                        logits.push(logits[i].clone());
+                    }
+                    None => {
+                        let prompt = self.scheduler.tokens(parent).to_vec();
+                        let max_len = prompt.len() + choice.max_tokens;
+                        if let Err(e) = self.scheduler.add(child, &prompt, max_len) {
+                            let _ = choice
+                                .events
+                                .send(Event::Error(Failure::Internal(e.to_string())));
+                            continue;
+                        }
+                    }
+                }
+                seqs.insert(child, choice);
+            }
+        }
+    }
+
     /// Takes one sampled token; returns why the sequence ends, if it does.
-    fn accept(&self, seq: &mut Seq, token: u32) -> Option<FinishReason> {
+    fn accept(&self, seq: &mut Seq, pick: Pick) -> Option<FinishReason> {
+        let token = pick.token;
         seq.generated += 1;
         let now = Instant::now();
         match seq.last_token.replace(now) {
@@ -283,7 +401,20 @@ impl Worker {
         }
         seq.first_token.get_or_insert(now);
         self.metrics.generation_tokens.inc();
-        if !seq.ignore_eos && self.tokenizer.is_stop(token) {
+        if let Some(h) = &mut seq.history {
+            h.push(token);
+        }
+        seq.unsent_logprobs.extend(pick.logprob);
+        let mut grammar_done = false;
+        if let Some(c) = &mut seq.constraint {
+            if let Err(e) = c.consume(token) {
+                tracing::warn!(request_id = %seq.request_id, error = %e, "structured output: token rejected");
+            }
+            grammar_done = c.is_done();
+        }
+        let stop_token = seq.stop_token_ids.contains(&token)
+            || (!seq.ignore_eos && self.tokenizer.is_stop(token));
+        if stop_token {
             return Some(FinishReason::Stop);
         }
         let text = match seq.decoder.step(&self.tokenizer, token) {
@@ -295,9 +426,13 @@ impl Worker {
         };
         let out = seq.stop.push(&text);
         if !out.text.is_empty() {
-            let _ = seq.events.send(Event::Text(out.text));
+            let _ = seq.events.send(Event::Text {
+                index: seq.index,
+                text: out.text,
+                logprobs: std::mem::take(&mut seq.unsent_logprobs),
+            });
         }
-        if out.stopped {
+        if out.stopped || grammar_done {
             return Some(FinishReason::Stop);
         }
         (seq.generated >= seq.max_tokens).then_some(FinishReason::Length)
@@ -305,15 +440,23 @@ impl Worker {
 
     fn complete(&mut self, id: SeqId, mut seq: Seq, finish: FinishReason) {
         let rest = seq.stop.flush();
-        if !rest.is_empty() {
-            let _ = seq.events.send(Event::Text(rest));
+        if !rest.is_empty() || !seq.unsent_logprobs.is_empty() {
+            let _ = seq.events.send(Event::Text {
+                index: seq.index,
+                text: rest,
+                logprobs: std::mem::take(&mut seq.unsent_logprobs),
+            });
         }
         let cached = self.scheduler.cached_tokens(id);
         let usage = Usage::new(seq.prompt_len, seq.generated, cached);
         self.metrics
             .request_duration
             .observe(seq.arrived.elapsed().as_secs_f64());
-        let _ = seq.events.send(Event::Done { finish, usage });
+        let _ = seq.events.send(Event::Done {
+            index: seq.index,
+            finish,
+            usage,
+        });
         let ttft_ms = seq
             .first_token
             .map(|t| t.duration_since(seq.arrived).as_secs_f64() * 1e3);
@@ -342,28 +485,55 @@ impl Worker {
 
 /// Draws the next token of every sampling sequence (`ids[i]` owns `logits[i]`), spread
 /// over the cores: each sequence has its own sampler and RNG, so the draws are
-/// independent of each other and of the order they run in. Returns `(id, token)` in `ids`
+/// independent of each other and of the order they run in. Returns `(id, pick)` in `ids`
 /// order.
 fn sample_all(
     seqs: &mut HashMap<SeqId, Seq>,
     ids: &[SeqId],
-    logits: &[Vec<f32>],
-) -> Vec<(SeqId, u32)> {
-    let rows: HashMap<SeqId, (usize, &[f32])> = ids
+    logits: Vec<Vec<f32>>,
+    tokenizer: &Tokenizer,
+) -> Vec<(SeqId, Pick)> {
+    let mut rows: HashMap<SeqId, (usize, Vec<f32>)> = ids
         .iter()
         .zip(logits)
         .enumerate()
-        .map(|(i, (&id, row))| (id, (i, row.as_slice())))
+        .map(|(i, (&id, row))| (id, (i, row)))
         .collect();
-    let mut work: Vec<(usize, SeqId, &mut Sampler, &[f32])> = seqs
+    let mut work: Vec<(usize, SeqId, &mut Seq, Vec<f32>)> = seqs
         .iter_mut()
-        .filter_map(|(&id, seq)| {
-            rows.get(&id)
-                .map(|&(i, row)| (i, id, &mut seq.sampler, row))
-        })
+        .filter_map(|(&id, seq)| rows.remove(&id).map(|(i, row)| (i, id, seq, row)))
         .collect();
     work.sort_unstable_by_key(|w| w.0);
     work.par_iter_mut()
-        .map(|(_, id, sampler, row)| (*id, sampler.sample(row)))
+        .map(|(_, id, seq, row)| (*id, pick(seq, row, tokenizer)))
         .collect()
+}
+
+/// Adjusts `row` for the request (bias, penalties, `min_tokens`, structured output),
+/// draws a token, and measures its log-probability when asked.
+fn pick(seq: &mut Seq, row: &mut [f32], tokenizer: &Tokenizer) -> Pick {
+    let params: &SamplingParams = seq.sampler.params();
+    let temperature = params.temperature;
+    if let Some(h) = &seq.history {
+        logits::adjust(row, params, h);
+    }
+    if seq.generated < seq.min_tokens {
+        logits::ban(row, tokenizer.stop_ids());
+        logits::ban(row, &seq.stop_token_ids);
+    }
+    if let Some(c) = &mut seq.constraint {
+        if let Err(e) = c.mask(row) {
+            tracing::warn!(request_id = %seq.request_id, error = %e, "structured output: no mask");
+        }
+    }
+    let token = seq.sampler.sample(row);
+    let logprob = seq.logprobs.map(|top| {
+        let (logprob, top) = logits::logprobs(row, temperature, token, top);
+        TokenLogprob {
+            token,
+            logprob,
+            top,
+        }
+    });
+    Pick { token, logprob }
 }

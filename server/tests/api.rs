@@ -209,7 +209,7 @@ async fn bad_requests_get_the_error_envelope_and_the_server_carries_on() {
             Some("max_completion_tokens"),
         ),
         (
-            chat("hi", json!({"n": 3})).to_string(),
+            chat("hi", json!({"n": 99})).to_string(),
             "application/json",
             400,
             Some("n"),

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use chorus_server::engine::ModelInfo;
+use chorus_server::grammar::Grammars;
 use chorus_server::openai::{ChatCompletionRequest, CompletionRequest};
 use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
 use chorus_server::validate::{self, Limits};
@@ -18,13 +19,16 @@ fn info() -> &'static ModelInfo {
             resolve(DEFAULT_MODEL, Path::new(DEFAULT_CACHE_DIR)).expect("default model resolves");
         let m = chorus_model::gguf::load(&resolved.path, chorus_model::WeightFormat::Quantized)
             .expect("model loads");
+        let tokenizer = Arc::new(m.tokenizer);
+        let vocab = m.model.config().vocab;
         ModelInfo {
             id: DEFAULT_MODEL.into(),
-            tokenizer: Arc::new(m.tokenizer),
+            tokenizer: tokenizer.clone(),
             template: m.template,
             context_len: m.model.config().context_len,
             max_seq_tokens: m.model.config().context_len,
             created: 0,
+            grammars: Grammars::new(tokenizer, vocab).map(Arc::new),
         }
     })
 }
@@ -32,6 +36,7 @@ fn info() -> &'static ModelInfo {
 const LIMITS: Limits = Limits {
     max_stop: 16,
     max_prompt_tokens: Some(4096),
+    max_n: 8,
 };
 
 fn check(body: &str) {
@@ -69,7 +74,7 @@ fn scalar() -> impl Strategy<Value = Value> {
     ]
 }
 
-const KEYS: [&str; 22] = [
+const KEYS: [&str; 38] = [
     "model",
     "messages",
     "role",
@@ -91,6 +96,22 @@ const KEYS: [&str; 22] = [
     "include_usage",
     "ignore_eos",
     "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "min_tokens",
+    "stop_token_ids",
+    "response_format",
+    "json_schema",
+    "schema",
+    "properties",
+    "items",
+    "enum",
+    "required",
+    "echo",
+    "suffix",
     "user",
 ];
 

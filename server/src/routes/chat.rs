@@ -4,13 +4,15 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
+use crate::engine::FinishReason;
 use crate::error::ApiError;
+use crate::logprobs;
 use crate::openai::{
     unix_now, AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
     CompletionChoice, CompletionRequest,
 };
 use crate::routes::{ApiJson, RequestId};
-use crate::stream::{self, ChunkMeta, Shape};
+use crate::stream::{self, ChoiceOut, ChunkMeta, Shape};
 use crate::validate::{self, ValidRequest};
 use crate::{sse, AppState};
 
@@ -41,8 +43,10 @@ async fn respond(
     valid: ValidRequest,
 ) -> Result<Response, ApiError> {
     let engine = app.engine()?;
-    let model = engine.info.id.clone();
+    let info = engine.info.clone();
+    let model = info.id.clone();
     let created = unix_now();
+    let n = valid.gen.n;
     let rx = engine.submit(valid.gen)?;
     if valid.stream {
         let meta = ChunkMeta {
@@ -51,42 +55,62 @@ async fn respond(
             model,
             created,
             include_usage: valid.include_usage,
+            n,
+            logprobs: valid.logprobs,
+            echo: valid.echo,
+            info,
         };
         return Ok(sse::response(stream::events(meta, rx)));
     }
-    let done = stream::collect(rx).await?;
-    let finish_reason = done.finish.as_str();
+    let done = stream::collect(rx, n).await?;
+    let finish = |c: &ChoiceOut| c.finish.map_or("stop", FinishReason::as_str);
     Ok(match shape {
         Shape::Chat => Json(ChatCompletion {
             id,
             object: "chat.completion",
             created,
             model,
-            choices: vec![ChatChoice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: done.text,
-                },
-                logprobs: None,
-                finish_reason,
-            }],
+            choices: done
+                .choices
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| ChatChoice {
+                    index: i as u32,
+                    finish_reason: finish(&c),
+                    logprobs: valid.logprobs.then(|| logprobs::chat(&info, &c.logprobs)),
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content: c.text,
+                    },
+                })
+                .collect(),
             usage: done.usage,
         })
         .into_response(),
-        Shape::Completion => Json(Completion {
-            id,
-            object: "text_completion",
-            created,
-            model,
-            choices: vec![CompletionChoice {
-                index: 0,
-                text: done.text,
-                logprobs: None,
-                finish_reason: Some(finish_reason),
-            }],
-            usage: Some(Some(done.usage)),
-        })
-        .into_response(),
+        Shape::Completion => {
+            let echo = valid.echo.unwrap_or_default();
+            let offset = echo.chars().count();
+            Json(Completion {
+                id,
+                object: "text_completion",
+                created,
+                model,
+                choices: done
+                    .choices
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| CompletionChoice {
+                        index: i as u32,
+                        finish_reason: Some(finish(&c)),
+                        logprobs: valid
+                            .logprobs
+                            .then(|| logprobs::completion(&info, &c.logprobs, offset)),
+                        text: format!("{echo}{}", c.text),
+                    })
+                    .collect(),
+                usage: Some(Some(done.usage)),
+            })
+            .into_response()
+        }
     })
 }

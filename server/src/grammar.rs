@@ -1,0 +1,142 @@
+//! Structured output: `response_format` compiled by llguidance into a token-level
+//! constraint. The worker masks each step's logits with it and feeds it the chosen token,
+//! so the output always parses (and follows the schema). Also the byte string of every
+//! token, which log-probabilities report.
+
+use std::sync::Arc;
+
+use chorus_model::Tokenizer;
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+use serde_json::Value;
+
+/// A request's constraint, advanced token by token on the inference thread.
+pub struct Constraint(Matcher);
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Constraint")
+    }
+}
+
+impl Constraint {
+    /// Sets every token the grammar does not allow next to minus infinity. An error in
+    /// the grammar engine leaves the logits alone (and is returned).
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        let allowed = self.0.compute_mask().map_err(|e| e.to_string())?;
+        for (id, l) in logits.iter_mut().enumerate() {
+            if !allowed.is_allowed(id as TokenId) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn consume(&mut self, token: u32) -> Result<(), String> {
+        self.0.consume_token(token).map_err(|e| e.to_string())
+    }
+
+    /// The grammar is complete and allows nothing more.
+    pub fn is_done(&self) -> bool {
+        self.0.is_stopped()
+    }
+
+    /// A copy in the same state, for another choice of the same request.
+    pub fn fork(&self) -> Self {
+        Self(self.0.deep_clone())
+    }
+}
+
+/// The model's vocabulary as llguidance sees it, built once per model.
+pub struct Grammars {
+    factory: ParserFactory,
+    /// The bytes of every token (special tokens: their text).
+    token_bytes: Vec<Vec<u8>>,
+}
+
+struct Env {
+    trie: TokTrie,
+    tokenizer: Arc<Tokenizer>,
+}
+
+impl TokenizerEnv for Env {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        self.trie
+            .tokenize_with_greedy_fallback(s, |s| self.tokenizer.encode(s).unwrap_or_default())
+    }
+}
+
+impl Grammars {
+    /// `vocab` is the model's (its logits' width), which may exceed the tokenizer's.
+    pub fn new(tokenizer: Arc<Tokenizer>, vocab: usize) -> Result<Self, String> {
+        let json: Value = serde_json::from_str(
+            &tokenizer
+                .inner()
+                .to_string(false)
+                .map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        let mut words =
+            llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| e.to_string())?;
+        while words.len() < vocab {
+            let mut name = format!(".<[{}]>", words.len()).into_bytes();
+            name[0] = TokTrie::SPECIAL_TOKEN_MARKER;
+            words.push(name);
+        }
+        let stops = tokenizer.stop_ids();
+        let info = TokRxInfo::new(words.len() as u32, stops.first().copied().unwrap_or(0));
+        let mut trie = TokTrie::from(&info, &words);
+        if stops.len() > 1 {
+            trie = trie.with_eos_tokens(stops);
+        }
+        let token_bytes = words
+            .into_iter()
+            .map(|w| match w.first() {
+                Some(&TokTrie::SPECIAL_TOKEN_MARKER) => w[1..].to_vec(),
+                _ => w,
+            })
+            .collect();
+        let env: TokEnv = Arc::new(Env { trie, tokenizer });
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+        factory.quiet();
+        Ok(Self {
+            factory,
+            token_bytes,
+        })
+    }
+
+    /// A constraint that admits exactly the JSON documents `schema` describes. A schema
+    /// llguidance cannot compile (or a feature it does not support) is an error naming it.
+    pub fn json_schema(&self, mut schema: Value) -> Result<Constraint, String> {
+        // Compact JSON (`, ` and `: `, no free whitespace) unless the schema says
+        // otherwise: a small model left free to indent can spend its tokens on spaces.
+        if let Some(obj) = schema.as_object_mut() {
+            obj.entry("x-guidance").or_insert_with(|| {
+                serde_json::json!({
+                    "whitespace_flexible": false,
+                    "item_separator": ", ",
+                    "key_separator": ": ",
+                })
+            });
+        }
+        let grammar = TopLevelGrammar::from_json_schema(schema);
+        let parser = self
+            .factory
+            .create_parser(grammar)
+            .map_err(|e| e.to_string())?;
+        let matcher = Matcher::new(Ok(parser));
+        match matcher.get_error() {
+            Some(e) => Err(e),
+            None => Ok(Constraint(matcher)),
+        }
+    }
+
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.token_bytes.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+}

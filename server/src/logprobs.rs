@@ -1,0 +1,71 @@
+//! Log-probabilities in the two response shapes: chat's `logprobs.content[]` (token,
+//! logprob, UTF-8 bytes, top alternatives) and completions' parallel arrays.
+
+use serde_json::{Map, Value};
+
+use crate::engine::{ModelInfo, TokenLogprob};
+use crate::openai::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob};
+
+/// The bytes of a token, and its text (invalid UTF-8, a piece of a character, shown
+/// with replacement characters as OpenAI does).
+fn token(info: &ModelInfo, id: u32) -> (String, Vec<u8>) {
+    let bytes = match &info.grammars {
+        Ok(g) => g.token_bytes(id).to_vec(),
+        Err(_) => info
+            .tokenizer
+            .decode(&[id], false)
+            .unwrap_or_default()
+            .into_bytes(),
+    };
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+pub fn chat(info: &ModelInfo, entries: &[TokenLogprob]) -> Value {
+    let content = entries
+        .iter()
+        .map(|e| {
+            let (token_text, bytes) = token(info, e.token);
+            ChatTokenLogprob {
+                token: token_text,
+                logprob: e.logprob,
+                bytes,
+                top_logprobs: e
+                    .top
+                    .iter()
+                    .map(|&(id, logprob)| {
+                        let (token, bytes) = token(info, id);
+                        TopLogprob {
+                            token,
+                            logprob,
+                            bytes,
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    serde_json::to_value(ChatLogprobs { content }).unwrap_or(Value::Null)
+}
+
+/// `offset`: characters of text before the first of `entries` (in this response).
+pub fn completion(info: &ModelInfo, entries: &[TokenLogprob], mut offset: usize) -> Value {
+    let mut out = CompletionLogprobs {
+        tokens: Vec::new(),
+        token_logprobs: Vec::new(),
+        top_logprobs: Vec::new(),
+        text_offset: Vec::new(),
+    };
+    for e in entries {
+        let (text, _) = token(info, e.token);
+        out.text_offset.push(offset);
+        offset += text.chars().count();
+        out.tokens.push(text);
+        out.token_logprobs.push(e.logprob);
+        let mut top = Map::new();
+        for &(id, lp) in &e.top {
+            top.insert(token(info, id).0, Value::from(lp));
+        }
+        out.top_logprobs.push(top);
+    }
+    serde_json::to_value(out).unwrap_or(Value::Null)
+}

@@ -1,0 +1,274 @@
+"""The rest of the OpenAI surface through the official SDK against a running chorus
+(CHORUS_URL): log-probabilities, several choices, penalties and biases, min_tokens,
+stop_token_ids, structured output, echo, and a 400 naming the field for each bad value."""
+
+import json
+import math
+import os
+import re
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import openai
+import pytest
+
+BASE = os.environ.get("CHORUS_URL", "http://127.0.0.1:8080")
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def client():
+    return openai.OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(client, content, **kw):
+    kw.setdefault("max_tokens", 16)
+    return client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], **kw
+    )
+
+
+def metric(name):
+    text = urllib.request.urlopen(f"{BASE}/metrics").read().decode()
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1))
+
+
+def token_id(text):
+    req = urllib.request.Request(
+        f"{BASE}/tokenize",
+        data=json.dumps({"prompt": text}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    ids = json.load(urllib.request.urlopen(req))["tokens"]
+    assert len(ids) == 1, ids
+    return ids[0]
+
+
+def test_chat_logprobs_shape_and_distribution(client):
+    r = chat(client, "Tell me about the sea.", max_tokens=24, temperature=1, seed=11,
+             logprobs=True, top_logprobs=5)
+    choice = r.choices[0]
+    entries = choice.logprobs.content
+    assert len(entries) == r.usage.completion_tokens
+    assert "".join(e.token for e in entries) == choice.message.content
+    seen_in_top = 0
+    for e in entries:
+        assert e.logprob <= 0
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+        assert len(e.top_logprobs) == 5
+        probs = [math.exp(t.logprob) for t in e.top_logprobs]
+        assert sum(probs) <= 1 + 1e-4
+        assert probs == sorted(probs, reverse=True)
+        for t in e.top_logprobs:
+            if t.token == e.token:
+                assert abs(t.logprob - e.logprob) < 1e-6
+                seen_in_top += 1
+    # At temperature 1 the drawn token is almost always among the 5 most likely.
+    assert seen_in_top >= len(entries) // 2
+
+
+def test_chat_logprobs_stream(client):
+    stream = chat(client, "Count to five.", max_tokens=12, temperature=0, logprobs=True,
+                  top_logprobs=2, stream=True, stream_options={"include_usage": True})
+    text, tokens, usage = "", [], None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            if c.logprobs and c.logprobs.content:
+                tokens.extend(c.logprobs.content)
+    assert len(tokens) == usage.completion_tokens
+    assert "".join(t.token for t in tokens) == text
+    # Greedy: every drawn token is the most likely one.
+    assert all(t.top_logprobs[0].token == t.token for t in tokens)
+
+
+def test_completion_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
+                                  temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    n = r.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset[0] == 0
+    for tok, top in zip(lp.tokens, lp.top_logprobs):
+        assert len(top) <= 3 and max(top, key=top.get) == tok
+
+
+def test_n_choices_share_one_prefill(client):
+    before = metric("chorus_prompt_tokens_total")
+    r = chat(client, "Name an animal.", n=4, temperature=1, seed=5, max_tokens=10)
+    after = metric("chorus_prompt_tokens_total")
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) == 4, texts
+    assert after - before == r.usage.prompt_tokens
+    # Each choice's tokens are counted; the prompt once.
+    single = chat(client, "Name an animal.", temperature=1, seed=5, max_tokens=10)
+    assert r.usage.prompt_tokens == single.usage.prompt_tokens
+    assert r.usage.completion_tokens >= 4
+
+
+def test_choice_i_is_the_request_seeded_seed_plus_i(client):
+    # The forked choices start from the shared KV blocks: they must decode exactly as a
+    # request of their own with their seed.
+    r = chat(client, "Write a short line about rain.", n=3, temperature=1, seed=40, max_tokens=16)
+    for i, c in enumerate(r.choices):
+        alone = chat(client, "Write a short line about rain.", temperature=1, seed=40 + i, max_tokens=16)
+        assert c.message.content == alone.choices[0].message.content
+
+
+def test_n_choices_stream(client):
+    stream = chat(client, "Say hello.", n=3, temperature=1, seed=2, max_tokens=8, stream=True,
+                  stream_options={"include_usage": True})
+    texts, finished, usage = ["", "", ""], set(), None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1, 2}
+    assert all(texts)
+    assert usage.completion_tokens >= 3
+
+
+def test_penalties_reduce_repetition(client):
+    prompt = "banana banana banana banana banana banana banana banana"
+
+    def count(**kw):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, **kw)
+        return r.choices[0].text.count("banana")
+
+    plain = count()
+    assert plain >= 20
+    assert count(frequency_penalty=1.0) < plain / 2
+    assert count(presence_penalty=1.5) < plain
+    assert count(extra_body={"repetition_penalty": 1.3}) < plain / 2
+
+
+def test_logit_bias(client):
+    greedy = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                       max_tokens=1, temperature=0, logprobs=0)
+    first = greedy.choices[0].logprobs.tokens[0]
+    banned = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                       max_tokens=1, temperature=0, logprobs=0,
+                                       logit_bias={str(token_id(first)): -100})
+    assert banned.choices[0].logprobs.tokens[0] != first
+    forced = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                       max_tokens=3, temperature=0,
+                                       logit_bias={str(token_id(" banana")): 100})
+    assert forced.choices[0].text == " banana banana banana"
+
+
+def test_min_tokens_and_stop_token_ids(client):
+    short = chat(client, "Reply with just the word OK.", max_tokens=60, temperature=0)
+    assert short.choices[0].finish_reason == "stop"
+    n = short.usage.completion_tokens
+    longer = chat(client, "Reply with just the word OK.", max_tokens=60, temperature=0,
+                  extra_body={"min_tokens": n + 10})
+    assert longer.usage.completion_tokens >= n + 10
+
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
+                                  temperature=0)
+    assert " Paris" in r.choices[0].text
+    stopped = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                        max_tokens=8, temperature=0,
+                                        extra_body={"stop_token_ids": [token_id(" Paris")]})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == r.choices[0].text.split(" Paris")[0]
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "height_m": {"type": "number"},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "address": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
+    },
+    "required": ["name", "age", "height_m", "role", "address", "tags"],
+    "additionalProperties": False,
+}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "user", "schema": SCHEMA, "strict": True}}
+
+
+def test_fifty_json_schema_replies_all_validate(client):
+    def one(seed):
+        r = chat(client, "Describe a user account as JSON.", max_tokens=200, temperature=1,
+                 seed=seed, response_format=FORMAT)
+        return r.choices[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        choices = list(pool.map(one, range(50)))
+    for c in choices:
+        assert c.finish_reason == "stop", c.message.content
+        jsonschema.validate(json.loads(c.message.content), SCHEMA)
+
+
+def test_streamed_structured_output_is_valid_json(client):
+    stream = chat(client, "Describe a user account as JSON.", max_tokens=200, temperature=0.8,
+                  seed=3, response_format=FORMAT, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_json_object_mode(client):
+    r = chat(client, "Give me a JSON object about a cat.", max_tokens=120, temperature=0,
+             response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_echo(client):
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5,
+                                  temperature=0, echo=True)
+    assert r.choices[0].text.startswith("Once upon a time")
+    assert len(r.choices[0].text) > len("Once upon a time")
+
+
+@pytest.mark.parametrize(
+    "field,kw",
+    [
+        ("top_logprobs", {"logprobs": True, "top_logprobs": 21}),
+        ("n", {"n": 0}),
+        ("n", {"n": 9}),
+        ("presence_penalty", {"presence_penalty": 3}),
+        ("frequency_penalty", {"frequency_penalty": -2.5}),
+        ("repetition_penalty", {"extra_body": {"repetition_penalty": 0}}),
+        ("logit_bias", {"logit_bias": {"99999999": 1}}),
+        ("logit_bias", {"logit_bias": {"5": 150}}),
+        ("min_tokens", {"max_tokens": 5, "extra_body": {"min_tokens": 6}}),
+        ("stop_token_ids", {"extra_body": {"stop_token_ids": [-1]}}),
+        ("response_format", {"response_format": {"type": "json_schema",
+                                                 "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}),
+        ("response_format", {"response_format": {"type": "yaml"}}),
+    ],
+)
+def test_bad_values_are_400s_naming_the_field(client, field, kw):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, "hi", **kw)
+    assert e.value.body["param"] == field, e.value.body
+    assert field in e.value.body["message"] or field == "response_format"
+
+
+def test_echo_with_logprobs_and_suffix_are_clear_400s(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, echo=True, logprobs=1)
+    assert e.value.body["param"] == "echo"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, suffix="end")
+    assert e.value.body["param"] == "suffix"
