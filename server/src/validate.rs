@@ -221,10 +221,12 @@ fn response_format(info: &ModelInfo, rf: Option<&Value>) -> Result<Option<Constr
                 ))
             }
         },
-        other => return Err(bad(format!(
+        other => {
+            return Err(bad(format!(
             "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\", got {}",
             other.map_or_else(|| "nothing".to_string(), |t| format!("{t:?}"))
-        ))),
+        )))
+        }
     };
     let grammars = info.grammars.as_ref().map_err(|e| {
         bad(format!(
