@@ -95,6 +95,22 @@ impl Scheduler {
 
     /// Queues a sequence with `prompt` tokens that may grow to `max_len`.
     pub fn add(&mut self, id: SeqId, prompt: &[u32], max_len: usize) -> Result<(), AddError> {
+        self.enqueue(id, prompt, max_len, false)
+    }
+
+    /// As [`Self::add`], at the head of the queue: a choice of a request that is
+    /// already running, which could not be forked.
+    pub fn add_first(&mut self, id: SeqId, prompt: &[u32], max_len: usize) -> Result<(), AddError> {
+        self.enqueue(id, prompt, max_len, true)
+    }
+
+    fn enqueue(
+        &mut self,
+        id: SeqId,
+        prompt: &[u32],
+        max_len: usize,
+        first: bool,
+    ) -> Result<(), AddError> {
         let needed = blocks_for(max_len);
         if needed > self.alloc.total() {
             return Err(AddError::TooLarge {
@@ -113,7 +129,10 @@ impl Scheduler {
                 started: false,
             },
         );
-        self.waiting.push_back(id);
+        match first {
+            true => self.waiting.push_front(id),
+            false => self.waiting.push_back(id),
+        }
         Ok(())
     }
 
@@ -121,11 +140,13 @@ impl Scheduler {
     /// just finished its prefill): the child shares the parent's full blocks and gets a
     /// copy of the partly filled last one, so a prompt is prefilled once for several
     /// choices. Returns the `(from, to)` block whose keys and values the caller copies,
-    /// if any; `None` (nothing changed) when the parent is not in that state or no block
-    /// is free for the copy. The child runs at once, beside its parent.
+    /// if any; `None` (nothing changed) when the parent is not in that state, all
+    /// `max_running` slots are taken, or no block is free for the copy. The child runs at
+    /// once, right after its parent (as old as it, for preemption).
     pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Option<Option<(u32, u32)>> {
         let p = self.entries.get(&parent)?;
-        if p.computed != p.ids.len() || !self.running.contains(&parent) {
+        let at = self.running.iter().position(|&r| r == parent)?;
+        if p.computed != p.ids.len() || self.running.len() >= self.cfg.max_running {
             return None;
         }
         let full = p.computed / BLOCK_SIZE;
@@ -153,7 +174,7 @@ impl Scheduler {
         }
         blocks.extend(copy.map(|(_, to)| to));
         self.entries.insert(child, Entry { blocks, ..entry });
-        self.running.push(child);
+        self.running.insert(at + 1, child);
         Some(copy)
     }
 
@@ -246,7 +267,15 @@ impl Scheduler {
             }
             let e = &self.entries[&id];
             let len = (e.ids.len() - e.computed).min(budget);
-            if !self.reserve(id, len, &mut plan.preempted) {
+            let before = plan.preempted.len();
+            let reserved = self.reserve(id, len, &mut plan.preempted);
+            // A sequence preempted after it was scheduled this step leaves the batch.
+            for &victim in &plan.preempted[before..] {
+                if let Some(pos) = plan.batch.iter().position(|b| b.id == victim) {
+                    budget += plan.batch.remove(pos).len;
+                }
+            }
+            if !reserved {
                 continue;
             }
             budget -= len;
@@ -395,6 +424,92 @@ impl Scheduler {
 mod tests {
     use super::*;
     use chorus_model::kv::BLOCK_SIZE;
+
+    impl Scheduler {
+        /// `schedule`, asserting that every scheduled sequence holds its blocks.
+        fn schedule_checked(&mut self) -> Vec<Scheduled> {
+            let plan = self.schedule();
+            assert_batch_has_blocks(self, &plan);
+            plan.batch
+        }
+    }
+
+    /// Every scheduled sequence holds the blocks for the positions it runs.
+    fn assert_batch_has_blocks(s: &Scheduler, plan: &Plan) {
+        for b in &plan.batch {
+            assert!(
+                s.blocks(b.id).len() * BLOCK_SIZE >= b.start + b.len,
+                "{b:?} has {} blocks",
+                s.blocks(b.id).len()
+            );
+        }
+    }
+
+    #[test]
+    fn forks_stay_beside_their_parent_and_a_preempted_sequence_leaves_the_batch() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_running: 8,
+            max_batch_tokens: 32,
+            num_blocks: 5,
+        });
+        let p: Vec<u32> = (0..20).collect();
+        let q: Vec<u32> = (1000..1060).collect();
+        s.add(1, &p, 40).unwrap();
+        s.add(2, &q, 70).unwrap();
+        let plan = s.schedule();
+        assert_eq!(plan.batch.len(), 2, "{plan:?}");
+        s.fork(1, 3).expect("forks").expect("copies");
+        s.append_token(1, 7);
+        s.append_token(3, 8);
+        // 4 of 5 blocks held; the prefilling request needs 2 more: it is the newest, so
+        // it gives way (and starts over), while the forked choice, as old as its parent,
+        // keeps decoding.
+        let plan = s.schedule();
+        assert_batch_has_blocks(&s, &plan);
+        let ids: Vec<SeqId> = plan.batch.iter().map(|b| b.id).collect();
+        assert_eq!(ids[..2], [1, 3], "{plan:?}");
+        assert_eq!(plan.preempted, [2]);
+        // No slot left: a fork is refused.
+        let mut full = Scheduler::new(SchedulerConfig {
+            max_running: 1,
+            max_batch_tokens: 32,
+            num_blocks: 5,
+        });
+        full.add(1, &p, 40).unwrap();
+        full.schedule();
+        assert_eq!(full.fork(1, 2), None);
+    }
+
+    #[test]
+    fn a_sequence_preempted_after_it_was_scheduled_is_not_run() {
+        // Decoders are scheduled before prefill chunks. Should a later reservation have
+        // to preempt one already scheduled (which admission order prevents today), it
+        // leaves the batch rather than run without blocks.
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_running: 8,
+            max_batch_tokens: 9,
+            num_blocks: 3,
+        });
+        s.add(1, &(0..16).collect::<Vec<u32>>(), 24).unwrap();
+        s.schedule();
+        s.schedule();
+        s.append_token(1, 5);
+        s.add(2, &(100..140).collect::<Vec<u32>>(), 48).unwrap();
+        s.schedule();
+        s.append_token(1, 6);
+        // Make the decoder the newest running sequence.
+        s.running = vec![2, 1];
+        let mut saw = false;
+        for _ in 0..4 {
+            for b in s.schedule_checked() {
+                if b.samples {
+                    s.append_token(b.id, 1);
+                }
+            }
+            saw |= s.waiting.contains(&1);
+        }
+        assert!(saw, "the decoder was never preempted");
+    }
 
     #[test]
     fn a_fork_shares_full_blocks_and_copies_the_partial_one() {

@@ -45,6 +45,8 @@ struct Seq {
     /// Present when the sampling parameters penalise or bias tokens.
     history: Option<TokenHistory>,
     constraint: Option<Constraint>,
+    /// The grammar engine failed on this sequence's last step.
+    constraint_error: Option<String>,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     /// Log-probabilities of tokens whose text has not been sent yet.
@@ -78,6 +80,7 @@ impl Seq {
             sampler: Sampler::new(params),
             history: self.history.clone(),
             constraint: self.constraint.as_ref().map(Constraint::fork),
+            constraint_error: None,
             decoder: IncrementalDecoder::new(),
             stop: StopMatcher::new(self.stop_strings.clone()),
             unsent_logprobs: Vec::new(),
@@ -177,6 +180,7 @@ impl Worker {
                 sampler: Sampler::new(req.params),
                 history,
                 constraint: req.constraint,
+                constraint_error: None,
                 decoder: IncrementalDecoder::new(),
                 stop: StopMatcher::new(req.stop),
                 unsent_logprobs: Vec::new(),
@@ -334,10 +338,17 @@ impl Worker {
             };
             let token = pick.token;
             match self.accept(seq, pick) {
-                None => self.scheduler.append_token(id, token),
-                Some(finish) => {
+                Ok(None) => self.scheduler.append_token(id, token),
+                Ok(Some(finish)) => {
                     if let Some(seq) = seqs.remove(&id) {
                         self.complete(id, seq, finish);
+                    }
+                }
+                Err(message) => {
+                    if let Some(seq) = seqs.remove(&id) {
+                        tracing::error!(request_id = %seq.request_id, %message, "structured output failed");
+                        let _ = seq.events.send(Event::Error(Failure::Internal(message)));
+                        self.retire(id, &seq);
                     }
                 }
             }
@@ -377,7 +388,7 @@ impl Worker {
                     None => {
                         let prompt = self.scheduler.tokens(parent).to_vec();
                         let max_len = prompt.len() + choice.max_tokens;
-                        if let Err(e) = self.scheduler.add(child, &prompt, max_len) {
+                        if let Err(e) = self.scheduler.add_first(child, &prompt, max_len) {
                             let _ = choice
                                 .events
                                 .send(Event::Error(Failure::Internal(e.to_string())));
@@ -390,8 +401,9 @@ impl Worker {
         }
     }
 
-    /// Takes one sampled token; returns why the sequence ends, if it does.
-    fn accept(&self, seq: &mut Seq, pick: Pick) -> Option<FinishReason> {
+    /// Takes one sampled token; returns why the sequence ends, if it does, or why it
+    /// cannot go on (the structured-output engine failed).
+    fn accept(&self, seq: &mut Seq, pick: Pick) -> Result<Option<FinishReason>, String> {
         let token = pick.token;
         seq.generated += 1;
         let now = Instant::now();
@@ -404,19 +416,22 @@ impl Worker {
         if let Some(h) = &mut seq.history {
             h.push(token);
         }
-        seq.unsent_logprobs.extend(pick.logprob);
+        if let Some(e) = seq.constraint_error.take() {
+            return Err(format!("structured output: {e}"));
+        }
         let mut grammar_done = false;
         if let Some(c) = &mut seq.constraint {
-            if let Err(e) = c.consume(token) {
-                tracing::warn!(request_id = %seq.request_id, error = %e, "structured output: token rejected");
-            }
+            c.consume(token)
+                .map_err(|e| format!("structured output rejected a token: {e}"))?;
             grammar_done = c.is_done();
         }
         let stop_token = seq.stop_token_ids.contains(&token)
             || (!seq.ignore_eos && self.tokenizer.is_stop(token));
         if stop_token {
-            return Some(FinishReason::Stop);
+            // Its text is not returned, so neither is its log-probability.
+            return Ok(Some(FinishReason::Stop));
         }
+        seq.unsent_logprobs.extend(pick.logprob);
         let text = match seq.decoder.step(&self.tokenizer, token) {
             Ok(t) => t,
             Err(e) => {
@@ -424,7 +439,14 @@ impl Worker {
                 String::new()
             }
         };
-        let out = seq.stop.push(&text);
+        // Before `min_tokens`, stop strings do not apply (as in vLLM).
+        let out = match seq.generated < seq.min_tokens {
+            true => chorus_model::stop::StopOutcome {
+                text,
+                stopped: false,
+            },
+            false => seq.stop.push(&text),
+        };
         if !out.text.is_empty() {
             let _ = seq.events.send(Event::Text {
                 index: seq.index,
@@ -433,9 +455,9 @@ impl Worker {
             });
         }
         if out.stopped || grammar_done {
-            return Some(FinishReason::Stop);
+            return Ok(Some(FinishReason::Stop));
         }
-        (seq.generated >= seq.max_tokens).then_some(FinishReason::Length)
+        Ok((seq.generated >= seq.max_tokens).then_some(FinishReason::Length))
     }
 
     fn complete(&mut self, id: SeqId, mut seq: Seq, finish: FinishReason) {
@@ -517,13 +539,28 @@ fn pick(seq: &mut Seq, row: &mut [f32], tokenizer: &Tokenizer) -> Pick {
     if let Some(h) = &seq.history {
         logits::adjust(row, params, h);
     }
-    if seq.generated < seq.min_tokens {
-        logits::ban(row, tokenizer.stop_ids());
-        logits::ban(row, &seq.stop_token_ids);
-    }
     if let Some(c) = &mut seq.constraint {
         if let Err(e) = c.mask(row) {
-            tracing::warn!(request_id = %seq.request_id, error = %e, "structured output: no mask");
+            seq.constraint_error = Some(e);
+        }
+    }
+    if seq.generated < seq.min_tokens {
+        // Unless that bans everything the grammar still allows (it is complete).
+        let banned: Vec<u32> = tokenizer
+            .stop_ids()
+            .iter()
+            .chain(&seq.stop_token_ids)
+            .copied()
+            .collect();
+        let kept: Vec<(u32, f32)> = banned
+            .iter()
+            .filter_map(|&t| row.get(t as usize).map(|&l| (t, l)))
+            .collect();
+        logits::ban(row, &banned);
+        if row.iter().all(|l| *l == f32::NEG_INFINITY) {
+            for (t, l) in kept {
+                row[t as usize] = l;
+            }
         }
     }
     let token = seq.sampler.sample(row);

@@ -172,6 +172,10 @@ def test_min_tokens_and_stop_token_ids(client):
     longer = chat(client, "Reply with just the word OK.", max_tokens=60, temperature=0,
                   extra_body={"min_tokens": n + 10})
     assert longer.usage.completion_tokens >= n + 10
+    # Stop strings, too, wait for min_tokens (as in vLLM).
+    with_stop = chat(client, "Reply with just the word OK.", max_tokens=60, temperature=0,
+                     stop=["OK", "."], extra_body={"min_tokens": n + 10})
+    assert with_stop.usage.completion_tokens >= n + 10
 
     r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
                                   temperature=0)
