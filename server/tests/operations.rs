@@ -216,10 +216,21 @@ async fn a_disconnect_storm_leaves_nothing_running() {
     for i in 0..200 {
         let url = url.clone();
         clients.push(tokio::spawn(async move {
-            let body = chat(
+            // Some ask for several choices, structured output, or log-probabilities
+            // and penalties: every kind of sequence must be freed.
+            let extra = match i % 4 {
+                0 => json!({"n": 4, "seed": i}),
+                1 => json!({"response_format": {"type": "json_object"}}),
+                2 => json!({"logprobs": true, "top_logprobs": 5, "frequency_penalty": 0.5}),
+                _ => json!({}),
+            };
+            let mut body = chat(
                 &format!("Client {i}, tell me a story."),
                 json!({"stream": true, "max_tokens": 500, "ignore_eos": true}),
             );
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
             let r = send_chat(&url, &body).await;
             let status = r.status().as_u16();
             if status == 200 {
@@ -245,6 +256,59 @@ async fn a_disconnect_storm_leaves_nothing_running() {
         assert!(Instant::now() < deadline, "still busy: {h}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Requests for several choices under a KV cache too small for all of them: forked
+/// choices are preempted and recomputed, every request still ends with all its choices,
+/// and every block comes back.
+#[tokio::test]
+async fn forked_choices_under_kv_pressure_all_complete() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--kv-cache-mb", "8"]));
+    wait_ready(&url).await;
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        let url = url.clone();
+        clients.push(tokio::spawn(async move {
+            let body = chat(
+                &format!("Request {i}: describe the weather."),
+                json!({"n": 4, "max_tokens": 48, "ignore_eos": true, "seed": i}),
+            );
+            post(&url, "/v1/chat/completions", &body).await
+        }));
+    }
+    for c in clients {
+        let (status, v) = tokio::time::timeout(Duration::from_secs(300), c)
+            .await
+            .expect("a request hung")
+            .unwrap();
+        assert_eq!(status, 200, "{v}");
+        let choices = v["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 4, "{v}");
+        assert!(
+            choices.iter().all(|c| c["finish_reason"] == "length"),
+            "{v}"
+        );
+        assert_eq!(v["usage"]["completion_tokens"], 4 * 48, "{v}");
+    }
+    let h = health(&url).await;
+    assert_eq!(h["running"], 0, "{h}");
+    assert_eq!(h["kv_blocks_used"], 0, "{h}");
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let preemptions = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("chorus_preemptions_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        preemptions > 0.0,
+        "the cache was never short: {preemptions}"
+    );
 }
 
 fn rss_kib() -> u64 {
