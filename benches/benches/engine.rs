@@ -72,6 +72,7 @@ fn decode_step(c: &mut Criterion) {
                 start_pos: CONTEXT,
                 blocks: &tables[i],
                 wants_logits: true,
+                all_logits: false,
             })
             .collect();
         group.throughput(Throughput::Elements(seqs as u64));
@@ -95,6 +96,7 @@ fn prefill(c: &mut Criterion) {
             start_pos: 0,
             blocks: &tables[0],
             wants_logits: true,
+            all_logits: false,
         }];
         group.throughput(Throughput::Elements(len as u64));
         group.bench_with_input(BenchmarkId::from_parameter(len), &batch, |b, batch| {

@@ -55,6 +55,8 @@ pub struct SeqInput<'a> {
     pub blocks: &'a [u32],
     /// Whether the logits after the last token are wanted (it samples this step).
     pub wants_logits: bool,
+    /// The logits after every token of this step are wanted (prompt log-probabilities).
+    pub all_logits: bool,
 }
 
 impl Transformer {
@@ -82,8 +84,8 @@ impl Transformer {
         &self.cfg
     }
 
-    /// Runs one step. Returns the logits (`[vocab]` each) of the sequences with
-    /// `wants_logits`, in batch order.
+    /// Runs one step. Returns the logits (`[vocab]` each), in batch order: every row of
+    /// a sequence with `all_logits`, else the last row of one with `wants_logits`.
     pub fn forward(&self, kv: &mut KvCache, batch: &[SeqInput]) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let (hidden, q_dim, kv_dim) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
@@ -204,10 +206,14 @@ impl Transformer {
         // Only the last row of each sampling sequence reaches the head.
         let mut last = Vec::new();
         for (s, span) in batch.iter().zip(&spans) {
-            if s.wants_logits && span.rows > 0 {
-                let row = span.first_row + span.rows - 1;
-                last.extend_from_slice(&x[row * hidden..(row + 1) * hidden]);
-            }
+            let rows = match (s.all_logits, s.wants_logits) {
+                (true, _) => span.first_row..span.first_row + span.rows,
+                (false, true) if span.rows > 0 => {
+                    span.first_row + span.rows - 1..span.first_row + span.rows
+                }
+                _ => 0..0,
+            };
+            last.extend_from_slice(&x[rows.start * hidden..rows.end * hidden]);
         }
         let n = last.len() / hidden;
         if n == 0 {

@@ -425,3 +425,28 @@ fn gguf_and_hf_files_of_the_same_weights_agree() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn all_logits_gives_every_position_what_decoding_gives_the_last() {
+    let m = tiny("qwen3");
+    let prompt: Vec<u32> = (3..14).collect();
+    let blocks: Vec<u32> = (0..4).collect();
+    let mut kv = chorus_model::KvCache::new(m.config().kv_shape(), 4).unwrap();
+    let all = m
+        .forward(
+            &mut kv,
+            &[chorus_model::SeqInput {
+                tokens: &prompt,
+                start_pos: 0,
+                blocks: &blocks,
+                wants_logits: true,
+                all_logits: true,
+            }],
+        )
+        .unwrap();
+    assert_eq!(all.len(), prompt.len());
+    for (i, row) in all.iter().enumerate() {
+        let alone = run(&m, &[prompt[..=i].to_vec()], 64, 1);
+        assert_eq!(&alone[0][0], row, "position {i}");
+    }
+}

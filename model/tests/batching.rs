@@ -67,6 +67,7 @@ fn generate(m: &LoadedModel, prompts: &[Vec<u32>], chunk: usize) -> Vec<Vec<u32>
                 start_pos: start,
                 blocks: &seqs[i].blocks,
                 wants_logits: wants,
+                all_logits: false,
             })
             .collect();
         let logits = m.model.forward(&mut kv, &inputs).unwrap();

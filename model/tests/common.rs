@@ -87,6 +87,7 @@ pub fn run(
                 start_pos: start,
                 blocks: &blocks[i],
                 wants_logits: wants,
+                all_logits: false,
             })
             .collect();
         let logits = m.forward(&mut kv, &batch).unwrap();

@@ -27,6 +27,9 @@ pub struct GenRequest {
     pub n: usize,
     /// Report each token's log-probability and this many alternatives.
     pub logprobs: Option<usize>,
+    /// Also score the prompt's tokens (completions with `echo`), with this many
+    /// alternatives each.
+    pub prompt_logprobs: Option<usize>,
     /// End-of-sequence and `stop_token_ids` cannot be drawn before this many tokens.
     pub min_tokens: usize,
     /// Tokens that end the choice (besides the model's own end tokens).
@@ -66,6 +69,13 @@ pub enum Event {
     Text {
         index: usize,
         text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// The prompt's log-probabilities (asked for with `prompt_logprobs`), before the
+    /// choice's first text: `tokens` is the prompt, `logprobs` scores `tokens[1..]`.
+    Prompt {
+        index: usize,
+        tokens: Vec<u32>,
         logprobs: Vec<TokenLogprob>,
     },
     /// One choice ended; its usage counts the prompt and this choice's tokens.

@@ -48,24 +48,43 @@ pub fn chat(info: &ModelInfo, entries: &[TokenLogprob]) -> Value {
 }
 
 /// `offset`: characters of text before the first of `entries` (in this response).
-pub fn completion(info: &ModelInfo, entries: &[TokenLogprob], mut offset: usize) -> Value {
+pub fn completion(info: &ModelInfo, entries: &[TokenLogprob], offset: usize) -> Value {
+    completion_with_prompt(info, None, entries, offset)
+}
+
+/// As [`completion`], led by an echoed prompt: its first token (which has no
+/// log-probability: nothing precedes it) and the scores of the rest.
+pub fn completion_with_prompt(
+    info: &ModelInfo,
+    first: Option<u32>,
+    entries: &[TokenLogprob],
+    mut offset: usize,
+) -> Value {
     let mut out = CompletionLogprobs {
         tokens: Vec::new(),
         token_logprobs: Vec::new(),
         top_logprobs: Vec::new(),
         text_offset: Vec::new(),
     };
+    if let Some(id) = first {
+        let (text, _) = token(info, id);
+        out.text_offset.push(offset);
+        offset += text.chars().count();
+        out.tokens.push(text);
+        out.token_logprobs.push(None);
+        out.top_logprobs.push(None);
+    }
     for e in entries {
         let (text, _) = token(info, e.token);
         out.text_offset.push(offset);
         offset += text.chars().count();
         out.tokens.push(text);
-        out.token_logprobs.push(e.logprob);
+        out.token_logprobs.push(Some(e.logprob));
         let mut top = Map::new();
         for &(id, lp) in &e.top {
             top.insert(token(info, id).0, Value::from(lp));
         }
-        out.top_logprobs.push(top);
+        out.top_logprobs.push(Some(top));
     }
     serde_json::to_value(out).unwrap_or(Value::Null)
 }

@@ -64,6 +64,9 @@ struct Entry {
     cached: usize,
     /// Has run at least once (a preempted sequence is not "new" again).
     started: bool,
+    /// May take its prefix from the prefix cache (not when every prompt position's
+    /// logits are wanted).
+    reuse: bool,
 }
 
 #[derive(Debug)]
@@ -98,6 +101,21 @@ impl Scheduler {
         self.enqueue(id, prompt, max_len, false)
     }
 
+    /// As [`Self::add`], computing every prompt position even where the prefix cache
+    /// holds it (the caller wants the logits of each).
+    pub fn add_uncached(
+        &mut self,
+        id: SeqId,
+        prompt: &[u32],
+        max_len: usize,
+    ) -> Result<(), AddError> {
+        self.enqueue(id, prompt, max_len, false)?;
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.reuse = false;
+        }
+        Ok(())
+    }
+
     /// As [`Self::add`], at the head of the queue: a choice of a request that is
     /// already running, which could not be forked.
     pub fn add_first(&mut self, id: SeqId, prompt: &[u32], max_len: usize) -> Result<(), AddError> {
@@ -127,6 +145,7 @@ impl Scheduler {
                 hashes: Vec::new(),
                 cached: 0,
                 started: false,
+                reuse: true,
             },
         );
         match first {
@@ -168,6 +187,7 @@ impl Scheduler {
             hashes: p.hashes.iter().take(full).copied().collect(),
             cached: p.cached,
             started: true,
+            reuse: p.reuse,
         };
         for &b in &blocks {
             self.alloc.share(b);
@@ -370,7 +390,7 @@ impl Scheduler {
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
-        if e.computed > 0 || !e.blocks.is_empty() {
+        if e.computed > 0 || !e.blocks.is_empty() || !e.reuse {
             return;
         }
         let reusable = e.ids.len().saturating_sub(1) / BLOCK_SIZE;

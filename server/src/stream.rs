@@ -192,10 +192,12 @@ fn opening(st: &mut State) -> String {
     for index in 0..meta.n {
         match (meta.shape, &meta.echo) {
             (Shape::Chat, _) => out.push_str(&meta.chunk(index, true, Some(""), None, None)),
-            (Shape::Completion, Some(prompt)) => {
+            // With log-probabilities the prompt waits for its scores (`Event::Prompt`).
+            (Shape::Completion, Some(prompt)) if !meta.logprobs => {
                 out.push_str(&meta.chunk(index, false, Some(prompt), None, None));
                 st.sent[index] = prompt.chars().count();
             }
+            (Shape::Completion, Some(_)) => {}
             (Shape::Completion, None) => {}
         }
     }
@@ -217,6 +219,25 @@ async fn next_event(st: &mut State) -> String {
             }
             meta.chunk(index, false, Some(&text), lp, None)
         }
+        Some(Event::Prompt {
+            index,
+            tokens,
+            logprobs,
+        }) => match &meta.echo {
+            Some(prompt) if meta.logprobs => {
+                let lp = logprobs::completion_with_prompt(
+                    &meta.info,
+                    tokens.first().copied(),
+                    &logprobs,
+                    0,
+                );
+                if let Some(sent) = st.sent.get_mut(index) {
+                    *sent = prompt.chars().count();
+                }
+                meta.chunk(index, false, Some(prompt), Some(lp), None)
+            }
+            _ => String::new(),
+        },
         Some(Event::Done {
             index,
             finish,
@@ -254,6 +275,8 @@ pub struct ChoiceOut {
     pub text: String,
     pub finish: Option<FinishReason>,
     pub logprobs: Vec<TokenLogprob>,
+    /// The prompt's first token and the scores of the rest, when asked for.
+    pub prompt: Option<(Option<u32>, Vec<TokenLogprob>)>,
 }
 
 /// The whole reply of a non-streamed request.
@@ -276,6 +299,15 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, n: usize) -> Result<Colle
                 if let Some(c) = choices.get_mut(index) {
                     c.text.push_str(&text);
                     c.logprobs.extend(logprobs);
+                }
+            }
+            Some(Event::Prompt {
+                index,
+                tokens,
+                logprobs,
+            }) => {
+                if let Some(c) = choices.get_mut(index) {
+                    c.prompt = Some((tokens.first().copied(), logprobs));
                 }
             }
             Some(Event::Done {

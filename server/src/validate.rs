@@ -152,12 +152,6 @@ pub fn completion(
         }
     };
     let echo = req.echo.unwrap_or(false);
-    if echo && logprobs.is_some() {
-        return Err(ApiError::bad(
-            "echo",
-            "`echo` with `logprobs` is not supported: prompt log-probabilities are not computed",
-        ));
-    }
     let one_prompt =
         "`prompt` must be one string or one list of token ids (batches are not supported)";
     let (prompt, prompt_text) = match req.prompt {
@@ -194,6 +188,8 @@ pub fn completion(
     };
     let mut gen = generation(info, limits, request_id, prompt, &req.sampling)?;
     gen.logprobs = logprobs;
+    // Echoed prompts carry their tokens' log-probabilities too.
+    gen.prompt_logprobs = logprobs.filter(|_| echo.is_some());
     Ok(ValidRequest {
         gen,
         stream,
@@ -462,6 +458,7 @@ fn generation(
         logprobs: None,
         min_tokens,
         stop_token_ids,
+        prompt_logprobs: None,
         constraint: None,
     })
 }

@@ -22,7 +22,7 @@ use crate::engine::{Event, Failure, FinishReason, Stats, Submission, TokenLogpro
 use crate::grammar::Constraint;
 use crate::metrics::Metrics;
 use crate::openai::Usage;
-use crate::scheduler::{Scheduler, SeqId};
+use crate::scheduler::{Scheduled, Scheduler, SeqId};
 
 /// A sequence's generation state, beside the scheduler's bookkeeping. Each choice of a
 /// request is one sequence; they share the request's event channel.
@@ -41,6 +41,9 @@ struct Seq {
     stop_token_ids: Vec<u32>,
     stop_strings: Vec<String>,
     logprobs: Option<usize>,
+    /// Scoring the prompt: alternatives per token, the scores so far (position `p`
+    /// scores token `p`; position 0 has none), and whether they were sent.
+    prompt_scores: Option<PromptScores>,
     sampler: Sampler,
     /// Present when the sampling parameters penalise or bias tokens.
     history: Option<TokenHistory>,
@@ -77,6 +80,10 @@ impl Seq {
             stop_token_ids: self.stop_token_ids.clone(),
             stop_strings: self.stop_strings.clone(),
             logprobs: self.logprobs,
+            prompt_scores: self
+                .prompt_scores
+                .clone()
+                .map(|p| PromptScores { sent: false, ..p }),
             sampler: Sampler::new(params),
             history: self.history.clone(),
             constraint: self.constraint.as_ref().map(Constraint::fork),
@@ -91,6 +98,14 @@ impl Seq {
             started: true,
         }
     }
+}
+
+/// The prompt's log-probabilities, filled in as its positions are computed.
+#[derive(Clone)]
+struct PromptScores {
+    top: usize,
+    scores: Vec<Option<TokenLogprob>>,
+    sent: bool,
 }
 
 /// One sequence's draw.
@@ -153,7 +168,11 @@ impl Worker {
         self.next_id += 1;
         let req = s.req;
         let max_len = req.prompt.len() + req.max_tokens;
-        if let Err(e) = self.scheduler.add(id, &req.prompt, max_len) {
+        let added = match req.prompt_logprobs {
+            Some(_) => self.scheduler.add_uncached(id, &req.prompt, max_len),
+            None => self.scheduler.add(id, &req.prompt, max_len),
+        };
+        if let Err(e) = added {
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
             let _ = s
                 .events
@@ -177,6 +196,11 @@ impl Worker {
                 stop_token_ids: req.stop_token_ids,
                 stop_strings: req.stop.clone(),
                 logprobs: req.logprobs,
+                prompt_scores: req.prompt_logprobs.map(|top| PromptScores {
+                    top,
+                    scores: vec![None; req.prompt.len()],
+                    sent: false,
+                }),
                 sampler: Sampler::new(req.params),
                 history,
                 constraint: req.constraint,
@@ -275,49 +299,72 @@ impl Worker {
             return;
         }
 
+        // Sequences scoring their prompt want every prompt position's logits.
+        let scoring: Vec<bool> = plan
+            .batch
+            .iter()
+            .map(|s| {
+                seqs.get(&s.id)
+                    .is_some_and(|q| q.prompt_scores.is_some() && s.start < q.prompt_len)
+            })
+            .collect();
         let inputs: Vec<SeqInput> = plan
             .batch
             .iter()
-            .map(|s| SeqInput {
+            .zip(&scoring)
+            .map(|(s, &all)| SeqInput {
                 tokens: &self.scheduler.tokens(s.id)[s.start..s.start + s.len],
                 start_pos: s.start,
                 blocks: self.scheduler.blocks(s.id),
                 wants_logits: s.samples,
+                all_logits: all,
             })
             .collect();
-        let (sampling, logits, failed) = match self.model.forward(&mut self.kv, &inputs) {
+        let rows_of = |s: &Scheduled, all: bool| match (all, s.samples) {
+            (true, _) => s.len,
+            (false, true) => 1,
+            (false, false) => 0,
+        };
+        // The rows each scheduled sequence got back, or why it failed.
+        let mut per_seq: Vec<Result<Vec<Vec<f32>>, String>> = Vec::new();
+        match self.model.forward(&mut self.kv, &inputs) {
             Ok(logits) => {
-                let sampling: Vec<SeqId> = plan
-                    .batch
-                    .iter()
-                    .filter(|s| s.samples)
-                    .map(|s| s.id)
-                    .collect();
-                (sampling, logits, Vec::new())
+                let mut rows = logits.into_iter();
+                for (s, &all) in plan.batch.iter().zip(&scoring) {
+                    per_seq.push(Ok(rows.by_ref().take(rows_of(s, all)).collect()));
+                }
             }
             Err(e) => {
                 // One sequence's failure must not end its neighbours': run each alone (this
                 // rewrites the same KV positions), keep the ones that succeed.
                 tracing::warn!(error = %e, "batched forward failed; isolating the failing sequences");
-                let (mut sampling, mut logits, mut failed) = (Vec::new(), Vec::new(), Vec::new());
-                for (s, input) in plan.batch.iter().zip(&inputs) {
-                    match self
-                        .model
-                        .forward(&mut self.kv, std::slice::from_ref(input))
-                    {
-                        Ok(mut rows) => {
-                            if let Some(row) = rows.pop().filter(|_| s.samples) {
-                                sampling.push(s.id);
-                                logits.push(row);
-                            }
+                for input in &inputs {
+                    per_seq.push(
+                        self.model
+                            .forward(&mut self.kv, std::slice::from_ref(input))
+                            .map_err(|e| e.to_string()),
+                    );
+                }
+            }
+        }
+        drop(inputs);
+        let (mut sampling, mut logits, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+        for ((s, &all), rows) in plan.batch.iter().zip(&scoring).zip(per_seq) {
+            match rows {
+                Ok(mut rows) => {
+                    if all {
+                        if let Some(seq) = seqs.get_mut(&s.id) {
+                            score_prompt(seq, s, &rows, self.scheduler.tokens(s.id));
                         }
-                        Err(e) => failed.push((s.id, e.to_string())),
+                    }
+                    if let Some(row) = rows.pop().filter(|_| s.samples) {
+                        sampling.push(s.id);
+                        logits.push(row);
                     }
                 }
-                (sampling, logits, failed)
+                Err(e) => failed.push((s.id, e)),
             }
-        };
-        drop(inputs);
+        }
         for (id, error) in failed {
             if let Some(seq) = seqs.remove(&id) {
                 tracing::error!(request_id = %seq.request_id, %error, "inference failed");
@@ -330,8 +377,12 @@ impl Worker {
             }
         }
 
-        let (mut sampling, mut logits) = (sampling, logits);
         self.fork_choices(seqs, &mut sampling, &mut logits);
+        for id in &sampling {
+            if let Some(seq) = seqs.get_mut(id) {
+                send_prompt_scores(seq, self.scheduler.tokens(*id));
+            }
+        }
         for (id, pick) in sample_all(seqs, &sampling, logits, &self.tokenizer) {
             let Some(seq) = seqs.get_mut(&id) else {
                 continue;
@@ -503,6 +554,45 @@ impl Worker {
         s.kv_blocks_total
             .store(self.scheduler.blocks_total(), Ordering::Release);
     }
+}
+
+/// Scores the prompt tokens whose preceding position this step computed: the logits at
+/// position `p` give token `p + 1` its log-probability.
+fn score_prompt(seq: &mut Seq, s: &Scheduled, rows: &[Vec<f32>], tokens: &[u32]) {
+    let temperature = seq.sampler.params().temperature;
+    let Some(p) = &mut seq.prompt_scores else {
+        return;
+    };
+    for (r, row) in rows.iter().enumerate() {
+        let next = s.start + r + 1;
+        if next < seq.prompt_len {
+            if let Some(&token) = tokens.get(next) {
+                let (logprob, top) = logits::logprobs(row, temperature, token, p.top);
+                p.scores[next] = Some(TokenLogprob {
+                    token,
+                    logprob,
+                    top,
+                });
+            }
+        }
+    }
+}
+
+/// Once the prompt is computed (the sequence draws its first token), its scores go to
+/// the client ahead of any text.
+fn send_prompt_scores(seq: &mut Seq, tokens: &[u32]) {
+    let Some(p) = &mut seq.prompt_scores else {
+        return;
+    };
+    if p.sent || seq.generated > 0 {
+        return;
+    }
+    p.sent = true;
+    let _ = seq.events.send(Event::Prompt {
+        index: seq.index,
+        tokens: tokens[..seq.prompt_len.min(tokens.len())].to_vec(),
+        logprobs: p.scores.iter().skip(1).flatten().cloned().collect(),
+    });
 }
 
 /// Draws the next token of every sampling sequence (`ids[i]` owns `logits[i]`), spread

@@ -188,6 +188,7 @@ fn greedy(m: &LoadedModel, question: &str, max: usize) -> (Vec<u32>, Vec<u32>) {
                     start_pos: start,
                     blocks: &blocks,
                     wants_logits: true,
+                    all_logits: false,
                 }],
             )
             .unwrap();

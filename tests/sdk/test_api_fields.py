@@ -269,10 +269,47 @@ def test_bad_values_are_400s_naming_the_field(client, field, kw):
     assert field in e.value.body["message"] or field == "response_format"
 
 
-def test_echo_with_logprobs_and_suffix_are_clear_400s(client):
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, echo=True, logprobs=1)
-    assert e.value.body["param"] == "echo"
+def test_echo_with_logprobs_scores_the_prompt(client):
+    prompt = "The capital of France is Paris"
+
+    def echoed():
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0,
+                                         echo=True, logprobs=2)
+
+    r = echoed()
+    c = r.choices[0]
+    lp = c.logprobs
+    assert c.text.startswith(prompt)
+    assert len(lp.tokens) == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert "".join(lp.tokens) == c.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+    # The prompt's " Paris" is scored exactly as generation scores it after the same text.
+    paris = r.usage.prompt_tokens - 1
+    assert lp.tokens[paris] == " Paris"
+    gen = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=1,
+                                    temperature=0, logprobs=2)
+    assert gen.choices[0].logprobs.tokens[0] == " Paris"
+    assert abs(gen.choices[0].logprobs.token_logprobs[0] - lp.token_logprobs[paris]) < 1e-5
+    # Scored again although the prefix cache now holds the prompt.
+    assert echoed().choices[0].logprobs.token_logprobs == lp.token_logprobs
+
+
+def test_echo_with_logprobs_streamed(client):
+    prompt = "Once upon a time"
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                            echo=True, logprobs=1, stream=True))
+    first = chunks[0].choices[0]
+    assert first.text == prompt
+    assert first.logprobs.token_logprobs[0] is None
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    tokens = [t for ch in chunks if ch.choices and ch.choices[0].logprobs
+              for t in ch.choices[0].logprobs.tokens]
+    assert "".join(tokens) == text
+
+
+def test_suffix_is_a_clear_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="hi", max_tokens=2, suffix="end")
     assert e.value.body["param"] == "suffix"

@@ -102,9 +102,15 @@ async fn respond(
                     .map(|(i, c)| CompletionChoice {
                         index: i as u32,
                         finish_reason: Some(finish(&c)),
-                        logprobs: valid
-                            .logprobs
-                            .then(|| logprobs::completion(&info, &c.logprobs, offset)),
+                        logprobs: valid.logprobs.then(|| match &c.prompt {
+                            // Echoed: the prompt's tokens lead, then the completion's.
+                            Some((first, scores)) => {
+                                let all: Vec<_> =
+                                    scores.iter().chain(&c.logprobs).cloned().collect();
+                                logprobs::completion_with_prompt(&info, *first, &all, 0)
+                            }
+                            None => logprobs::completion(&info, &c.logprobs, offset),
+                        }),
                         text: format!("{echo}{}", c.text),
                     })
                     .collect(),
