@@ -116,7 +116,7 @@ pub fn chat(
     let prompt = tokenize(info, &prompt_text)?;
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
-    let mut gen = generation(info, limits, request_id, prompt, &req.sampling)?;
+    let mut gen = generation(info, limits, request_id, prompt, &req.sampling, false)?;
     gen.logprobs = logprobs;
     gen.constraint = constraint;
     Ok(ValidRequest {
@@ -186,7 +186,14 @@ pub fn completion(
                 .map_err(|e| ApiError::Internal(format!("detokenization failed: {e}")))?,
         ),
     };
-    let mut gen = generation(info, limits, request_id, prompt, &req.sampling)?;
+    let mut gen = generation(
+        info,
+        limits,
+        request_id,
+        prompt,
+        &req.sampling,
+        echo.is_some() && logprobs.is_some(),
+    )?;
     gen.logprobs = logprobs;
     // Echoed prompts carry their tokens' log-probabilities too.
     gen.prompt_logprobs = logprobs.filter(|_| echo.is_some());
@@ -274,12 +281,15 @@ fn stream_usage(
     Ok(include)
 }
 
+/// `score_only`: the request echoes its prompt with log-probabilities, so it may ask for
+/// no new tokens at all.
 fn generation(
     info: &ModelInfo,
     limits: Limits,
     request_id: String,
     prompt: Vec<u32>,
     s: &WireSampling,
+    score_only: bool,
 ) -> Result<GenRequest, ApiError> {
     let context = info.max_seq_tokens;
     if prompt.len() >= context {
@@ -312,6 +322,8 @@ fn generation(
         (None, None) => None,
     };
     let max_tokens = match requested {
+        // Scoring an echoed prompt alone (`echo`, `logprobs`, `max_tokens: 0`).
+        Some((_, 0)) if score_only => 0,
         Some((field, n)) if n < 1 => {
             return Err(ApiError::bad(
                 field,

@@ -383,6 +383,21 @@ impl Worker {
                 send_prompt_scores(seq, self.scheduler.tokens(*id));
             }
         }
+        // Scoring a prompt alone (`max_tokens: 0`): the choice ends before any draw.
+        let mut i = 0;
+        while i < sampling.len() {
+            let id = sampling[i];
+            match seqs.get(&id).is_some_and(|s| s.max_tokens == 0) {
+                true => {
+                    sampling.remove(i);
+                    logits.remove(i);
+                    if let Some(seq) = seqs.remove(&id) {
+                        self.complete(id, seq, FinishReason::Length);
+                    }
+                }
+                false => i += 1,
+            }
+        }
         for (id, pick) in sample_all(seqs, &sampling, logits, &self.tokenizer) {
             let Some(seq) = seqs.get_mut(&id) else {
                 continue;

@@ -296,6 +296,21 @@ def test_echo_with_logprobs_scores_the_prompt(client):
     assert echoed().choices[0].logprobs.token_logprobs == lp.token_logprobs
 
 
+def test_scoring_a_prompt_alone(client):
+    # What evaluation harnesses send: echo, logprobs, and no new tokens.
+    prompt = "The capital of France is Paris"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, temperature=0,
+                                  echo=True, logprobs=1)
+    c = r.choices[0]
+    assert c.text == prompt and c.finish_reason == "length"
+    assert r.usage.completion_tokens == 0
+    assert len(c.logprobs.tokens) == r.usage.prompt_tokens
+    assert c.logprobs.token_logprobs[0] is None
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"
+
+
 def test_echo_with_logprobs_streamed(client):
     prompt = "Once upon a time"
     chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
