@@ -109,17 +109,8 @@ impl WeightSource for HfWeights {
 fn read_safetensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<String> = if index.is_file() {
-        let index = read_json(&index)?;
-        let mut shards: Vec<String> = index
-            .get("weight_map")
-            .and_then(Value::as_object)
+        index_shards(&read_json(&index)?)
             .ok_or_else(|| ModelError::Files("the safetensors index has no `weight_map`".into()))?
-            .values()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect();
-        shards.sort();
-        shards.dedup();
-        shards
     } else {
         vec!["model.safetensors".to_string()]
     };
@@ -132,6 +123,20 @@ fn read_safetensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
         tensors.extend(candle_core::safetensors::load(&path, &Device::Cpu)?);
     }
     Ok(tensors)
+}
+
+/// The shard files a `model.safetensors.index.json` names (each once, sorted), if it
+/// has a `weight_map`.
+pub fn index_shards(index: &Value) -> Option<Vec<String>> {
+    let mut shards: Vec<String> = index
+        .get("weight_map")?
+        .as_object()?
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    shards.sort();
+    shards.dedup();
+    Some(shards)
 }
 
 /// `chat_template` of `tokenizer_config.json`: a string, or named templates of which

@@ -144,7 +144,7 @@ impl Tokenizer {
             .encode_fast("a", true)
             .is_ok_and(|e| e.get_ids().first().copied() == bos_id && bos_id.is_some());
         let mut tokenizer = Self::finish(
-            inner.clone(),
+            inner,
             bos_token.unwrap_or_default(),
             eos_token,
             &stops,

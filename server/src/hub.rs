@@ -43,15 +43,8 @@ pub fn fetch_checkpoint(repo: &str, revision: &str) -> Result<PathBuf, ResolveEr
                 std::fs::read_to_string(&index).map_err(|e| ResolveError::Io(index.clone(), e))?;
             let index: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| ResolveError::Hub(format!("{repo}/{INDEX}: {e}")))?;
-            let mut shards: Vec<&str> = index
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .map(|m| m.values().filter_map(|v| v.as_str()).collect())
-                .unwrap_or_default();
-            shards.sort_unstable();
-            shards.dedup();
-            for shard in shards {
-                hub.get(shard)?;
+            for shard in chorus_model::hf::index_shards(&index).unwrap_or_default() {
+                hub.get(&shard)?;
             }
         }
         Err(_) => {

@@ -261,7 +261,8 @@ fn fetch(
     Ok(())
 }
 
-fn copy_hashing(from: &Path, to: &mut File, hasher: &mut Sha256) -> std::io::Result<()> {
+/// Copies `from` into `to`, feeding every byte to `hasher` on the way.
+fn copy_hashing(from: &Path, to: &mut impl Write, hasher: &mut Sha256) -> std::io::Result<()> {
     let mut file = File::open(from)?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -279,16 +280,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = File::open(path)?;
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
+    copy_hashing(path, &mut std::io::sink(), &mut hasher)?;
     Ok(hex(&hasher.finalize()))
 }
 

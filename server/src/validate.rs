@@ -419,10 +419,18 @@ fn generation(
             }
         }
     }
-    let mut stop_token_ids = Vec::new();
-    for id in s.stop_token_ids.iter().flatten() {
-        stop_token_ids.push(token_id("stop_token_ids", &id.to_string())?);
-    }
+    let stop_token_ids = s
+        .stop_token_ids
+        .iter()
+        .flatten()
+        .map(|&id| match u32::try_from(id) {
+            Ok(id) if (id as usize) < vocab => Ok(id),
+            _ => Err(ApiError::bad(
+                "stop_token_ids",
+                format!("`stop_token_ids`: {id} is not a token id of this model's vocabulary (0..{vocab})"),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let min_tokens = match s.min_tokens {
         None => 0,
         Some(m) if m >= 0 && m as u64 <= max_tokens as u64 => m as usize,
