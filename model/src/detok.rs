@@ -3,18 +3,33 @@
 //! Byte-level BPE tokens can end inside a multi-byte UTF-8 character, and decoding a
 //! single token can lose the space a neighbour implies. [`IncrementalDecoder`] keeps a
 //! short window of ids and emits only text that is final: never half a character, never
-//! a dropped space. It uses the tokenizers crate's decode-stream step.
-
-use tokenizers::tokenizer::step_decode_stream;
+//! a dropped space.
+//!
+//! The window is bounded: ids that still decode to an incomplete character after
+//! [`MAX_HELD`] tokens can never complete one (a UTF-8 character is at most four bytes),
+//! so they are released as replacement characters, and ids that decode to nothing
+//! (special tokens, which are skipped) are let go at once. Each step therefore decodes
+//! a handful of ids whatever was generated before, and [`IncrementalDecoder::flush`]
+//! returns whatever is still held when generation ends.
 
 use crate::error::{ModelError, Result};
 use crate::tokenizer::Tokenizer;
 
+/// Most ids held back waiting for a character to complete.
+pub const MAX_HELD: usize = 4;
+
+/// Ids kept before the held ones, so a token's leading space decodes as it would in
+/// context.
+const CONTEXT: usize = 2;
+
 #[derive(Debug, Default, Clone)]
 pub struct IncrementalDecoder {
+    /// `CONTEXT` ids already emitted, then the held ones.
     ids: Vec<u32>,
+    /// How many of `ids` were already emitted.
+    emitted: usize,
+    /// The text of `ids[..emitted]`.
     prefix: String,
-    prefix_index: usize,
 }
 
 impl IncrementalDecoder {
@@ -24,15 +39,154 @@ impl IncrementalDecoder {
 
     /// Feed one generated id; returns the text it completes (possibly empty).
     pub fn step(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
-        let text = step_decode_stream(
-            tokenizer.inner(),
-            vec![id],
-            true,
-            &mut self.ids,
-            &mut self.prefix,
-            &mut self.prefix_index,
-        )
-        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        Ok(text.unwrap_or_default())
+        self.ids.push(id);
+        let text = decode(tokenizer, &self.ids)?;
+        let held = self.ids.len() - self.emitted;
+        let complete = !text.ends_with('\u{fffd}');
+        if complete && text.len() > self.prefix.len() || held > MAX_HELD || text == self.prefix {
+            return self.release(tokenizer, text);
+        }
+        Ok(String::new())
+    }
+
+    /// The text of every id still held (generation ended): incomplete characters become
+    /// replacement characters.
+    pub fn flush(&mut self, tokenizer: &Tokenizer) -> Result<String> {
+        if self.ids.len() == self.emitted {
+            return Ok(String::new());
+        }
+        let text = decode(tokenizer, &self.ids)?;
+        self.release(tokenizer, text)
+    }
+
+    /// Ids not yet emitted (bounded by [`MAX_HELD`]).
+    pub fn held(&self) -> usize {
+        self.ids.len() - self.emitted
+    }
+
+    /// Emits `text` (the decoding of all of `ids`) past the prefix, and keeps the last
+    /// ids as the next step's context.
+    fn release(&mut self, tokenizer: &Tokenizer, text: String) -> Result<String> {
+        let new = match text.strip_prefix(self.prefix.as_str()) {
+            Some(new) => new.to_string(),
+            None => {
+                // Context changed how earlier ids decode (rare): emit the new ids' own text.
+                let own = &self.ids[self.emitted..];
+                decode(tokenizer, own)?
+            }
+        };
+        let keep = self.ids.len().min(CONTEXT);
+        self.ids.drain(..self.ids.len() - keep);
+        self.emitted = self.ids.len();
+        self.prefix = decode(tokenizer, &self.ids)?;
+        Ok(new)
+    }
+}
+
+fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
+    tokenizer
+        .inner()
+        .decode(ids, true)
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::GgufVocab;
+
+    /// A byte-level vocabulary: every byte (as GPT-2's printable stand-ins), a few
+    /// multi-byte tokens and one control token.
+    fn tokenizer() -> Tokenizer {
+        let mut tokens: Vec<String> = byte_chars().into_iter().map(String::from).collect();
+        tokens.extend(["<|im_start|>", "Ġhello", "Ġworld"].map(String::from));
+        let mut token_types = vec![1; tokens.len()];
+        token_types[256] = 3;
+        Tokenizer::from_gguf_vocab(GgufVocab {
+            model: "gpt2".into(),
+            tokens,
+            merges: Vec::new(),
+            scores: Vec::new(),
+            token_types,
+            bos_id: None,
+            eos_id: 256,
+            add_bos: false,
+            add_space_prefix: false,
+        })
+        .expect("tiny tokenizer")
+    }
+
+    /// GPT-2's byte-to-character table, in byte order.
+    fn byte_chars() -> Vec<char> {
+        let printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+            .chain(0xA1..=0xAC)
+            .chain(0xAE..=0xFF)
+            .collect();
+        let mut chars = vec!['\0'; 256];
+        for &b in &printable {
+            chars[b as usize] = char::from_u32(b).expect("latin-1");
+        }
+        let mut extra = 0;
+        for b in 0..256u32 {
+            if !printable.contains(&b) {
+                chars[b as usize] = char::from_u32(256 + extra).expect("shifted");
+                extra += 1;
+            }
+        }
+        chars
+    }
+
+    fn run(t: &Tokenizer, ids: &[u32]) -> (String, usize) {
+        let mut d = IncrementalDecoder::new();
+        let mut out = String::new();
+        let mut most_held = 0;
+        for &id in ids {
+            out.push_str(&d.step(t, id).expect("step"));
+            most_held = most_held.max(d.held());
+        }
+        out.push_str(&d.flush(t).expect("flush"));
+        (out, most_held)
+    }
+
+    #[test]
+    fn multi_byte_characters_wait_for_their_last_byte() {
+        let t = tokenizer();
+        // "é" is C3 A9; "日" is E6 97 A5.
+        let ids = [0xC3, 0xA9, 257, 0xE6, 0x97, 0xA5];
+        let mut d = IncrementalDecoder::new();
+        assert_eq!(d.step(&t, ids[0]).unwrap(), "");
+        assert_eq!(d.step(&t, ids[1]).unwrap(), "é");
+        assert_eq!(d.step(&t, ids[2]).unwrap(), " hello");
+        assert_eq!(d.step(&t, ids[3]).unwrap(), "");
+        assert_eq!(d.step(&t, ids[4]).unwrap(), "");
+        assert_eq!(d.step(&t, ids[5]).unwrap(), "日");
+    }
+
+    /// Bytes that never form a character (as `logit_bias` can force) are released as
+    /// replacement characters instead of growing the window: each step decodes a few
+    /// ids, and no byte is lost.
+    #[test]
+    fn bytes_that_never_complete_a_character_are_released() {
+        let t = tokenizer();
+        let (text, most_held) = run(&t, &[0xFF; 4000]);
+        assert!(most_held <= MAX_HELD + 1, "held {most_held}");
+        assert_eq!(text.chars().count(), 4000);
+        assert!(text.chars().all(|c| c == '\u{fffd}'));
+    }
+
+    #[test]
+    fn skipped_special_tokens_are_let_go() {
+        let t = tokenizer();
+        let mut ids = vec![256; 3000];
+        ids.push(258);
+        let (text, most_held) = run(&t, &ids);
+        assert!(most_held <= 1, "held {most_held}");
+        assert_eq!(text, " world");
+    }
+
+    #[test]
+    fn a_character_cut_by_the_end_is_flushed() {
+        let t = tokenizer();
+        assert_eq!(run(&t, &[257, 0xE6, 0x97]).0, " hello\u{fffd}");
     }
 }

@@ -1,4 +1,7 @@
-//! Stop strings matched on decoded text, across token boundaries.
+//! Stop strings matched on decoded text, across token boundaries, in time linear in the
+//! text: each stop string keeps the length of its longest prefix that the text ends with
+//! (a Knuth–Morris–Pratt automaton), so every byte is looked at once per stop string
+//! however long the strings are.
 //!
 //! Text that could still become the start of a stop string is held back until it either
 //! completes a stop string (then it is dropped, with everything after it) or cannot any more
@@ -6,9 +9,61 @@
 
 #[derive(Debug, Clone, Default)]
 pub struct StopMatcher {
-    stops: Vec<String>,
-    /// Text received but not yet released.
+    stops: Vec<Pattern>,
+    /// Text received but not yet released: the longest suffix of the text that is a
+    /// proper prefix of some stop string.
     pending: String,
+}
+
+/// One stop string and its matching state.
+#[derive(Debug, Clone)]
+struct Pattern {
+    bytes: Vec<u8>,
+    /// `fail[i]`: length of the longest proper prefix of `bytes[..=i]` that is also its
+    /// suffix.
+    fail: Vec<usize>,
+    /// Bytes of this string matched by the end of the text so far.
+    matched: usize,
+}
+
+impl Pattern {
+    fn new(stop: String) -> Self {
+        let bytes = stop.into_bytes();
+        let mut fail = vec![0; bytes.len()];
+        let mut k = 0;
+        for i in 1..bytes.len() {
+            while k > 0 && bytes[i] != bytes[k] {
+                k = fail[k - 1];
+            }
+            if bytes[i] == bytes[k] {
+                k += 1;
+            }
+            fail[i] = k;
+        }
+        Self {
+            bytes,
+            fail,
+            matched: 0,
+        }
+    }
+
+    /// Takes one byte of text; true when the whole string has just been matched.
+    fn feed(&mut self, b: u8) -> bool {
+        let mut k = self.matched;
+        while k > 0 && self.bytes[k] != b {
+            k = self.fail[k - 1];
+        }
+        if self.bytes[k] == b {
+            k += 1;
+        }
+        if k == self.bytes.len() {
+            // Matched; what stays matched for an overlapping next occurrence.
+            self.matched = self.fail[k - 1];
+            return true;
+        }
+        self.matched = k;
+        false
+    }
 }
 
 /// What one push released.
@@ -22,7 +77,11 @@ pub struct StopOutcome {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
+        let stops = stops
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .map(Pattern::new)
+            .collect();
         Self {
             stops,
             pending: String::new(),
@@ -30,57 +89,54 @@ impl StopMatcher {
     }
 
     pub fn push(&mut self, text: &str) -> StopOutcome {
-        self.pending.push_str(text);
         if self.stops.is_empty() {
             return StopOutcome {
-                text: std::mem::take(&mut self.pending),
+                text: text.to_string(),
                 stopped: false,
             };
         }
-        // The earliest stop string found wins.
-        let first_match = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min();
-        if let Some(at) = first_match {
-            let text = self.pending[..at].to_string();
-            self.pending.clear();
-            return StopOutcome {
-                text,
-                stopped: true,
-            };
+        let held = self.pending.len();
+        for (i, &b) in text.as_bytes().iter().enumerate() {
+            // The first stop string to complete ends the text; of those completing on
+            // the same byte, the one that started earliest wins.
+            let end = held + i + 1;
+            let start = self
+                .stops
+                .iter_mut()
+                .filter_map(|p| p.feed(b).then(|| end - p.bytes.len()))
+                .min();
+            if let Some(start) = start {
+                self.pending.push_str(&text[..i + 1]);
+                let text = self.pending[..start].to_string();
+                self.pending.clear();
+                for p in &mut self.stops {
+                    p.matched = 0;
+                }
+                return StopOutcome {
+                    text,
+                    stopped: true,
+                };
+            }
         }
-        let keep = self.held_suffix_len();
-        let split = self.pending.len() - keep;
-        let text = self.pending[..split].to_string();
+        self.pending.push_str(text);
+        // Hold the longest suffix that may still grow into a stop string. A stop string
+        // starts on a character boundary, so its matched prefix does too.
+        let keep = self.stops.iter().map(|p| p.matched).max().unwrap_or(0);
+        let split = self.pending.len() - keep.min(self.pending.len());
+        let released = self.pending[..split].to_string();
         self.pending.drain(..split);
         StopOutcome {
-            text,
+            text: released,
             stopped: false,
         }
     }
 
     /// Releases what is still held back (generation ended for another reason).
     pub fn flush(&mut self) -> String {
-        std::mem::take(&mut self.pending)
-    }
-
-    /// Length of the longest suffix of `pending` that is a proper prefix of a stop string.
-    fn held_suffix_len(&self) -> usize {
-        let pending = self.pending.as_str();
-        let mut best = 0;
-        for stop in &self.stops {
-            let max = (stop.len() - 1).min(pending.len());
-            for len in (best + 1..=max).rev() {
-                let start = pending.len() - len;
-                if pending.is_char_boundary(start) && stop.starts_with(&pending[start..]) {
-                    best = len;
-                    break;
-                }
-            }
+        for p in &mut self.stops {
+            p.matched = 0;
         }
-        best
+        std::mem::take(&mut self.pending)
     }
 }
 
@@ -142,5 +198,84 @@ mod tests {
             run(&["日本"], &["こんにちは日", "本"]),
             ("こんにちは".into(), true)
         );
+    }
+
+    #[test]
+    fn overlapping_prefixes_are_followed() {
+        // KMP must fall back inside the string, not restart: "aab" in "aaab".
+        assert_eq!(
+            run(&["aab"], &["a", "a", "a", "b", "z"]),
+            ("a".into(), true)
+        );
+        assert_eq!(run(&["abab"], &["ababab"]), ("".into(), true));
+        assert_eq!(run(&["abac"], &["ababac"]), ("ab".into(), true));
+    }
+
+    #[test]
+    fn earliest_start_wins_among_strings_completing_together() {
+        assert_eq!(run(&["bc", "abc"], &["xabc"]), ("x".into(), true));
+    }
+
+    /// A long stop string costs time linear in the text: a megabyte of text that keeps
+    /// almost matching a megabyte-long stop string is processed in one pass (the old
+    /// matcher re-searched every held suffix per token: quadratic).
+    #[test]
+    fn a_long_stop_string_holds_only_what_may_still_match() {
+        let stop = format!("{}!", "a".repeat(1 << 20));
+        let mut m = StopMatcher::new(vec![stop]);
+        let mut released = 0;
+        for _ in 0..(1 << 12) {
+            released += m.push(&"a".repeat(256)).text.len();
+        }
+        // Every `a` may still be the start of the stop string except the overflow.
+        assert_eq!(released, 0);
+        assert_eq!(m.pending.len(), 1 << 20);
+        let out = m.push("ab");
+        assert_eq!(out.text.len(), (1 << 20) + 2);
+        assert!(!out.stopped);
+        assert!(m.pending.is_empty());
+    }
+
+    /// The matcher agrees with a plain search of the whole text on random inputs.
+    #[test]
+    fn agrees_with_searching_the_whole_text() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..2000 {
+            let letter = |n: u64| ["a", "b", "é"][(n % 3) as usize];
+            let stops: Vec<String> = (0..1 + next() % 3)
+                .map(|_| (0..1 + next() % 4).map(|_| letter(next())).collect())
+                .collect();
+            let pieces: Vec<String> = (0..next() % 8)
+                .map(|_| (0..next() % 4).map(|_| letter(next())).collect())
+                .collect();
+            let whole: String = pieces.concat();
+            // The first stop string to end wins; of those ending together, the earliest
+            // to start.
+            let end = stops
+                .iter()
+                .filter_map(|s| whole.find(s.as_str()).map(|at| at + s.len()))
+                .min();
+            let expected = match end {
+                Some(end) => {
+                    let start = stops
+                        .iter()
+                        .filter(|s| whole[..end].ends_with(s.as_str()))
+                        .map(|s| end - s.len())
+                        .min()
+                        .unwrap_or(end);
+                    (whole[..start].to_string(), true)
+                }
+                None => (whole.clone(), false),
+            };
+            let refs: Vec<&str> = stops.iter().map(String::as_str).collect();
+            let pieces: Vec<&str> = pieces.iter().map(String::as_str).collect();
+            assert_eq!(run(&refs, &pieces), expected, "{stops:?} {pieces:?}");
+        }
     }
 }
