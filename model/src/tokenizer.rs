@@ -8,9 +8,16 @@
 //! derived from the piece scores, spaces written as `▁`, and byte fallback for characters
 //! outside the vocabulary. Either way, control tokens (`token_type` 3) are special added
 //! tokens, so `<|im_start|>` is one id.
+//!
+//! Two ways to encode: [`Tokenizer::encode`] parses special tokens written in the text
+//! (raw prompts, where they are the caller's intent), while a rendered chat goes through
+//! [`Tokenizer::escape_content`] and [`Tokenizer::encode_chat`]: what a client wrote in a
+//! message is always plain text, and only the template's own markers become control
+//! tokens, so no message can forge a turn.
 
 use std::path::Path;
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::fuse::Fuse;
@@ -55,8 +62,30 @@ pub struct GgufVocab {
     pub add_space_prefix: bool,
 }
 
+/// Starts an escape in message content: the next character says what it stands for
+/// (a private-use character, which no vocabulary gives a meaning and no template filter
+/// changes).
+const ESCAPE: char = '\u{F0000}';
+/// After [`ESCAPE`]: the escape character itself.
+const ESCAPED_ESCAPE: u32 = 0xF0001;
+/// After [`ESCAPE`]: special token `k` of [`Specials`] written as text, as this + `k`.
+const ESCAPED_SPECIAL: u32 = 0xF0002;
+
+/// The special (control) tokens of a vocabulary and a matcher that finds them.
+struct Specials {
+    texts: Vec<String>,
+    ids: Vec<u32>,
+    /// Leftmost-longest, as the tokenizer's own added-token matcher.
+    matcher: AhoCorasick,
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner`, reading special tokens' text as plain text.
+    plain: tokenizers::Tokenizer,
+    specials: Specials,
+    /// Most bytes of text one token can stand for (an upper bound).
+    max_token_bytes: usize,
     /// Ids that end generation (the model's EOS plus end-of-turn/end-of-text controls).
     stop_ids: Vec<u32>,
     bos_token: String,
@@ -101,7 +130,8 @@ impl Tokenizer {
         })?;
         let bos_token = vocab.bos_id.and_then(token).unwrap_or_default();
         let is_control = |id: u32| vocab.token_types.get(id as usize) == Some(&TOKEN_TYPE_CONTROL);
-        let mut tokenizer = Self::finish(inner, bos_token, eos_token, &[vocab.eos_id], is_control);
+        let mut tokenizer =
+            Self::finish(inner, bos_token, eos_token, &[vocab.eos_id], is_control, 1)?;
         tokenizer.add_bos = vocab.bos_id.filter(|_| vocab.add_bos);
         Ok(tokenizer)
     }
@@ -143,13 +173,21 @@ impl Tokenizer {
         let adds_bos = inner
             .encode_fast("a", true)
             .is_ok_and(|e| e.get_ids().first().copied() == bos_id && bos_id.is_some());
+        // A normalizer (NFKC and the like) may shrink text up to threefold before it is
+        // split into tokens.
+        let shrink = if inner.get_normalizer().is_some() {
+            3
+        } else {
+            1
+        };
         let mut tokenizer = Self::finish(
             inner,
             bos_token.unwrap_or_default(),
             eos_token,
             &stops,
             is_special,
-        );
+            shrink,
+        )?;
         tokenizer.add_bos = bos_id.filter(|_| adds_bos);
         Ok(tokenizer)
     }
@@ -160,7 +198,8 @@ impl Tokenizer {
         eos_token: String,
         eos_ids: &[u32],
         is_special: impl Fn(u32) -> bool,
-    ) -> Self {
+        shrink: usize,
+    ) -> Result<Self> {
         let mut stop_ids = Vec::new();
         let end_of_turn = END_OF_TURN
             .iter()
@@ -171,13 +210,42 @@ impl Tokenizer {
                 stop_ids.push(id);
             }
         }
-        Self {
+        let mut specials: Vec<(String, u32)> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        specials.sort_by_key(|s| s.1);
+        let (texts, ids): (Vec<String>, Vec<u32>) = specials.into_iter().unzip();
+        let matcher = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&texts)
+            .map_err(|e| ModelError::Tokenizer(format!("special tokens: {e}")))?;
+        // Stored pieces are at least as long as the bytes they stand for (byte-level
+        // characters, `▁`, `<0xNN>`).
+        let longest = inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1);
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        Ok(Self {
             inner,
+            plain,
+            specials: Specials {
+                texts,
+                ids,
+                matcher,
+            },
+            max_token_bytes: longest * shrink,
             stop_ids,
             bos_token,
             eos_token,
             add_bos: None,
-        }
+        })
     }
 
     /// The `tokenizer.json` equivalent of this tokenizer (what an HF checkpoint ships).
@@ -194,13 +262,102 @@ impl Tokenizer {
     /// A raw prompt's ids: as [`Self::encode`], with BOS in front where the model wants
     /// one and the text does not already start with it.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode_prompt_marked(text)?.0)
+    }
+
+    /// As [`Self::encode_prompt`], and whether BOS was put in front (it is not part of
+    /// the text).
+    pub fn encode_prompt_marked(&self, text: &str) -> Result<(Vec<u32>, bool)> {
         let mut ids = self.encode(text)?;
+        let mut added = false;
         if let Some(bos) = self.add_bos {
             if ids.first() != Some(&bos) {
                 ids.insert(0, bos);
+                added = true;
             }
         }
+        Ok((ids, added))
+    }
+
+    /// Text a client wrote, made safe to place in a chat template: special tokens' text
+    /// in it is escaped, so that [`Self::encode_chat`] reads it as plain text.
+    pub fn escape_content(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut last = 0;
+        for m in self.specials.matcher.find_iter(text) {
+            push_escaping(&mut out, &text[last..m.start()]);
+            out.push(ESCAPE);
+            out.push(escaped(ESCAPED_SPECIAL + m.pattern().as_u32()));
+            last = m.end();
+        }
+        push_escaping(&mut out, &text[last..]);
+        out
+    }
+
+    /// Ids of a chat rendered from [`Self::escape_content`]ed messages: the special
+    /// tokens the template wrote are control tokens; everything else, escaped special
+    /// tokens included, is plain text.
+    pub fn encode_chat(&self, rendered: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        let mut last = 0;
+        for m in self.specials.matcher.find_iter(rendered) {
+            self.encode_plain(&rendered[last..m.start()], &mut ids)?;
+            ids.push(self.specials.ids[m.pattern().as_usize()]);
+            last = m.end();
+        }
+        self.encode_plain(&rendered[last..], &mut ids)?;
         Ok(ids)
+    }
+
+    /// Fewest tokens `bytes` of text can become: prompts that are provably too long are
+    /// refused without tokenizing them.
+    pub fn min_tokens(&self, bytes: usize) -> usize {
+        // An escape (8 bytes) or a special token may be longer than any vocabulary piece.
+        bytes / self.max_token_bytes.max(2 * ESCAPE.len_utf8())
+    }
+
+    /// Appends the plain-text ids of `text`, undoing [`Self::escape_content`].
+    fn encode_plain(&self, text: &str, ids: &mut Vec<u32>) -> Result<()> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        let unescaped = match text.contains(ESCAPE) {
+            true => self.unescape(text),
+            false => text.to_string(),
+        };
+        ids.extend_from_slice(self.plain.encode_fast(unescaped, false)?.get_ids());
+        Ok(())
+    }
+
+    fn unescape(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c != ESCAPE {
+                out.push(c);
+                continue;
+            }
+            // A template that cut an escape in two leaves the escape character as it is.
+            let meaning = chars.peek().map(|&n| n as u32);
+            match meaning {
+                Some(ESCAPED_ESCAPE) => out.push(ESCAPE),
+                Some(n) if n >= ESCAPED_SPECIAL => {
+                    match self.specials.texts.get((n - ESCAPED_SPECIAL) as usize) {
+                        Some(t) => out.push_str(t),
+                        None => {
+                            out.push(ESCAPE);
+                            continue;
+                        }
+                    }
+                }
+                _ => {
+                    out.push(ESCAPE);
+                    continue;
+                }
+            }
+            chars.next();
+        }
+        out
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
@@ -235,6 +392,21 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+}
+
+fn push_escaping(out: &mut String, text: &str) {
+    for c in text.chars() {
+        out.push(c);
+        if c == ESCAPE {
+            out.push(escaped(ESCAPED_ESCAPE));
+        }
+    }
+}
+
+fn escaped(code: u32) -> char {
+    // Supplementary Private Use Area-A and -B hold 130k code points; vocabularies have far
+    // fewer special tokens.
+    char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER)
 }
 
 /// Byte-level BPE over the GGUF merges.

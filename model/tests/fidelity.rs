@@ -40,6 +40,20 @@ fn tokenizer_and_template_match_the_reference() {
             .collect();
         let prompt = loaded.template.render(&messages, true).expect("render");
         assert_eq!(prompt, case["prompt"].as_str().expect("prompt"));
+        // The chat path (message text escaped, then only the template's markers read as
+        // control tokens) gives the same ids for text without control tokens in it.
+        let escaped: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: m.role.clone(),
+                content: loaded.tokenizer.escape_content(&m.content),
+            })
+            .collect();
+        let rendered = loaded.template.render(&escaped, true).expect("render");
+        assert_eq!(
+            loaded.tokenizer.encode_chat(&rendered).expect("encode"),
+            loaded.tokenizer.encode(&prompt).expect("encode")
+        );
         if messages.len() == 1 && messages[0].content == "What is the capital of France?" {
             assert_eq!(loaded.tokenizer.encode(&prompt).expect("encode").len(), 37);
         }
