@@ -3,6 +3,7 @@
 //!
 //! - [`sse`]: server-sent-events parsing over arbitrary network pieces.
 //! - [`client`]: one streamed chat completion, timed.
+//! - [`idle`]: idle keep-alive connections held beside the load.
 //! - [`workload`]: seeded synthetic prompts and conversations.
 //! - [`runner`]: closed-loop and Poisson open-loop levels, targets interleaved.
 //! - [`stats`]: TTFT / ITL / TPOT / E2E with vLLM's definitions, percentiles, goodput.
@@ -10,6 +11,7 @@
 
 pub mod chart;
 pub mod client;
+pub mod idle;
 pub mod report;
 pub mod runner;
 pub mod sse;

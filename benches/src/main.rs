@@ -95,6 +95,12 @@ struct Args {
     /// Write a chart (tokens/s and TTFT against load) here.
     #[arg(long)]
     svg: Option<PathBuf>,
+
+    /// Hold this many idle keep-alive connections open to each target during the run
+    /// (each after one answered `GET /health`). The server's idle timeout must outlast
+    /// the run for them to stay open.
+    #[arg(long, default_value_t = 0)]
+    idle_connections: usize,
 }
 
 fn main() -> ExitCode {
@@ -175,6 +181,13 @@ async fn run(args: Args) -> Result<(), String> {
     for target in &targets {
         warm_up(&http, target, &plan, args.warmup).await?;
     }
+    let mut idle = Vec::new();
+    for target in &targets {
+        idle.extend(chorus_bench::idle::open(&target.url, args.idle_connections).await?);
+    }
+    if !idle.is_empty() {
+        eprintln!("holding {} idle connections", idle.len());
+    }
     let started_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -197,6 +210,7 @@ async fn run(args: Args) -> Result<(), String> {
         }
     }
     eprintln!("done in {:.0} s", begun.elapsed().as_secs_f64());
+    drop(idle);
     print!("{}", table(&levels));
 
     if let Some(path) = &args.json {

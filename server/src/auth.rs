@@ -6,10 +6,16 @@ use axum::http::{header, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::error::ApiError;
 use crate::AppState;
+
+/// The key `--api-key` sets, without surrounding whitespace (a key read from a file
+/// often ends with a newline; presented keys are trimmed too); none when it is empty.
+pub fn configured_key(key: Option<&str>) -> Option<&str> {
+    key.map(str::trim).filter(|k| !k.is_empty())
+}
 
 pub fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
@@ -53,8 +59,12 @@ pub fn cors(origin: Option<&str>) -> Option<CorsLayer> {
     Some(
         CorsLayer::new()
             .allow_origin(allow)
-            .allow_methods([Method::GET, Method::POST])
-            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            // Browser OpenAI clients send their own headers (the official SDK's
+            // `x-stainless-*`, `openai-organization`…): whatever an allowed origin asks
+            // to send is allowed; the key check still applies to the request itself.
+            .allow_headers(AllowHeaders::mirror_request())
+            .max_age(std::time::Duration::from_secs(600))
             .expose_headers([header::HeaderName::from_static("x-request-id")]),
     )
 }
@@ -68,6 +78,14 @@ mod tests {
         assert!(same(&digest("secret"), &digest("secret")));
         assert!(!same(&digest("secret"), &digest("secreT")));
         assert!(!same(&digest("secret"), &digest("")));
+    }
+
+    #[test]
+    fn a_key_with_surrounding_whitespace_is_the_key_without_it() {
+        assert_eq!(configured_key(Some("secret\n")), Some("secret"));
+        assert_eq!(configured_key(Some("  secret \r\n")), Some("secret"));
+        assert_eq!(configured_key(Some(" \n")), None);
+        assert_eq!(configured_key(None), None);
     }
 
     #[test]

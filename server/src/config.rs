@@ -81,6 +81,21 @@ pub struct Config {
     #[arg(long, env = "CHORUS_IDLE_TIMEOUT", default_value_t = 30)]
     pub idle_timeout: u64,
 
+    /// Seconds a client may take to send a whole request body once its headers arrived
+    /// (408 beyond): a trickled or withheld body cannot hold a connection open.
+    #[arg(long, env = "CHORUS_BODY_TIMEOUT", default_value_t = 30)]
+    pub body_timeout: u64,
+
+    /// Most client connections open at once; one more is answered 503 and closed.
+    #[arg(long, env = "CHORUS_MAX_CONNECTIONS", default_value_t = 2048)]
+    pub max_connections: usize,
+
+    /// Threads that render chat templates, tokenize prompts and compile grammars
+    /// (default: one per core but one, left to the inference thread; at least 1). Requests
+    /// beyond --max-queue waiting for one get 429.
+    #[arg(long, env = "CHORUS_PREPROCESS_THREADS")]
+    pub preprocess_threads: Option<usize>,
+
     /// On SIGTERM or ctrl-c: seconds running streams may take to finish before they are
     /// ended with an error event.
     #[arg(long, env = "CHORUS_SHUTDOWN_GRACE", default_value_t = 30)]
@@ -105,6 +120,10 @@ pub struct Config {
     /// Most stop strings one request may give.
     #[arg(long, env = "CHORUS_MAX_STOP", default_value_t = 16)]
     pub max_stop: usize,
+
+    /// Longest stop string, in bytes.
+    #[arg(long, env = "CHORUS_MAX_STOP_BYTES", default_value_t = 256)]
+    pub max_stop_bytes: usize,
 
     /// Most choices (`n`) one request may ask for.
     #[arg(long, env = "CHORUS_MAX_N", default_value_t = 8)]
@@ -179,8 +198,35 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// Settings that cannot work together.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_batch_tokens < self.max_running {
+            // Each running sequence needs its decode token every step (vLLM refuses the
+            // same).
+            return Err(format!(
+                "--max-batch-tokens ({}) must be at least --max-running ({})",
+                self.max_batch_tokens, self.max_running
+            ));
+        }
+        Ok(())
+    }
+
     /// Defaults for everything, as if run with no arguments (used by tests).
     pub fn defaults() -> Self {
         Self::parse_from(["chorus"])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_budget_below_the_running_limit_is_refused() {
+        let config =
+            Config::parse_from(["chorus", "--max-running", "8", "--max-batch-tokens", "4"]);
+        let e = config.check().expect_err("refused");
+        assert!(e.contains("--max-batch-tokens (4)"), "{e}");
+        assert!(Config::defaults().check().is_ok());
     }
 }

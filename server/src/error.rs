@@ -25,6 +25,8 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("request body is larger than this server accepts (--max-request-bytes)")]
     PayloadTooLarge,
+    #[error("the request body did not arrive within {0} s (--body-timeout)")]
+    BodyTimeout(u64),
     #[error("the server is at capacity ({queued} requests waiting); retry later")]
     Overloaded { queued: usize, retry_after_s: u64 },
     #[error("{0}")]
@@ -48,6 +50,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -63,6 +66,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
             ApiError::MethodNotAllowed(_) => ("invalid_request_error", Some("method_not_allowed")),
             ApiError::PayloadTooLarge => ("invalid_request_error", Some("request_too_large")),
+            ApiError::BodyTimeout(_) => ("invalid_request_error", Some("request_timeout")),
             ApiError::Overloaded { .. } => ("server_overloaded", Some("overloaded")),
             ApiError::Unavailable(_) => ("service_unavailable", Some("unavailable")),
             ApiError::Internal(_) => ("internal_error", Some("internal_error")),

@@ -1,7 +1,9 @@
 //! chorus-server: the HTTP face of chorus and the thread that runs the model.
 //!
 //! A request's path through the code, in order:
-//! - [`routes`]: axum handlers; [`routes::ApiJson`] turns bad JSON into our error envelope.
+//! - [`routes`]: axum handlers; [`routes::JsonBody`] reads a body within its deadline, and
+//!   bad JSON gets our error envelope.
+//! - [`prep`]: the preprocessing pool, where parsing, templating and tokenizing run.
 //! - [`openai`]: the wire types, tolerant of what real clients send.
 //! - [`validate`]: wire request → [`validate::ValidRequest`] (template, tokens, checked fields).
 //! - [`engine`]: the handle that admits a request (or answers 429) and returns its channel.
@@ -27,6 +29,7 @@ pub mod logprobs;
 pub mod metrics;
 pub mod models_cmd;
 pub mod openai;
+pub mod prep;
 pub mod resolve;
 pub mod routes;
 pub mod scheduler;
@@ -54,6 +57,7 @@ use crate::config::Config;
 use crate::engine::{Engine, ModelInfo, Stats};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RequestLabels};
+use crate::prep::Prep;
 use crate::routes::RequestId;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::validate::Limits;
@@ -69,21 +73,53 @@ struct Inner {
     /// Set once the model has loaded.
     engine: OnceLock<Engine>,
     limits: Limits,
+    http: HttpLimits,
+    prep: Prep,
     metrics: Arc<Metrics>,
     /// SHA-256 of `--api-key`, when one is required.
     api_key: Option<[u8; 32]>,
 }
 
+/// How much a client may send, and how slowly.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    pub max_request_bytes: usize,
+    pub body_timeout: std::time::Duration,
+}
+
 impl AppState {
-    fn new(limits: Limits, api_key: Option<&str>) -> Self {
+    fn new(config: &Config) -> Self {
+        let limits = Limits {
+            max_stop: config.max_stop,
+            max_stop_bytes: config.max_stop_bytes,
+            max_prompt_tokens: config.max_prompt_tokens,
+            max_n: config.max_n.max(1),
+        };
+        let threads = config
+            .preprocess_threads
+            .unwrap_or_else(Prep::default_threads);
         Self {
             inner: Arc::new(Inner {
                 engine: OnceLock::new(),
                 limits,
+                http: HttpLimits {
+                    max_request_bytes: config.max_request_bytes,
+                    body_timeout: std::time::Duration::from_secs(config.body_timeout.max(1)),
+                },
+                prep: Prep::new(threads, config.max_queue),
                 metrics: Arc::new(Metrics::new()),
-                api_key: api_key.map(auth::digest),
+                api_key: auth::configured_key(config.api_key.as_deref()).map(auth::digest),
             }),
         }
+    }
+
+    pub fn http_limits(&self) -> HttpLimits {
+        self.inner.http
+    }
+
+    /// Where a request's CPU-heavy preprocessing runs.
+    pub fn prep(&self) -> &Prep {
+        &self.inner.prep
     }
 
     pub fn api_key_digest(&self) -> Option<&[u8; 32]> {
@@ -108,6 +144,8 @@ impl AppState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("could not load the model: {0}")]
     Load(String),
     #[error("server error: {0}")]
@@ -218,14 +256,8 @@ pub async fn run(
     served_name: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let state = AppState::new(
-        Limits {
-            max_stop: config.max_stop,
-            max_prompt_tokens: config.max_prompt_tokens,
-            max_n: config.max_n.max(1),
-        },
-        config.api_key.as_deref().filter(|k| !k.is_empty()),
-    );
+    config.check().map_err(ServerError::Config)?;
+    let state = AppState::new(&config);
     let (load_tx, load_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let loader_state = state.clone();
     let metrics = state.inner.metrics.clone();
@@ -289,8 +321,14 @@ pub async fn run(
             Ok(e) = failed_rx => { let _ = failure_slot.set(e); }
         }
     };
-    let idle = std::time::Duration::from_secs(config.idle_timeout.max(1));
-    serve::serve(listener, app, idle, stop).await;
+    let limits = serve::ConnLimits {
+        idle: std::time::Duration::from_secs(config.idle_timeout.max(1)),
+        max_connections: config.max_connections.max(1),
+        // Streams end with an error event at the end of the grace period; a connection
+        // still open a few seconds later (a client not reading) is dropped.
+        drain: grace + std::time::Duration::from_secs(5),
+    };
+    serve::serve(listener, app, limits, stop).await;
     match failure.get() {
         Some(e) => Err(ServerError::Load(e.clone())),
         None => Ok(()),

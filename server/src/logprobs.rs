@@ -49,16 +49,20 @@ pub fn chat(info: &ModelInfo, entries: &[TokenLogprob]) -> Value {
 
 /// `offset`: characters of text before the first of `entries` (in this response).
 pub fn completion(info: &ModelInfo, entries: &[TokenLogprob], offset: usize) -> Value {
-    completion_with_prompt(info, None, entries, offset)
+    completion_with_prompt(info, None, &[], entries, offset)
 }
 
-/// As [`completion`], led by an echoed prompt: its first token (which has no
-/// log-probability: nothing precedes it) and the scores of the rest.
+/// As [`completion`], led by an echoed prompt whose text starts at offset 0: its first
+/// token (which has no log-probability: nothing precedes it; `None` when the first
+/// scored token is the first of the text, after a BOS the server added) and the scores
+/// of the rest. `entries`, the completion's, start at character `offset`, where the
+/// echoed text ends.
 pub fn completion_with_prompt(
     info: &ModelInfo,
     first: Option<u32>,
+    prompt: &[TokenLogprob],
     entries: &[TokenLogprob],
-    mut offset: usize,
+    offset: usize,
 ) -> Value {
     let mut out = CompletionLogprobs {
         tokens: Vec::new(),
@@ -66,18 +70,22 @@ pub fn completion_with_prompt(
         top_logprobs: Vec::new(),
         text_offset: Vec::new(),
     };
+    let mut at = 0;
     if let Some(id) = first {
         let (text, _) = token(info, id);
-        out.text_offset.push(offset);
-        offset += text.chars().count();
+        out.text_offset.push(at);
+        at += text.chars().count();
         out.tokens.push(text);
         out.token_logprobs.push(None);
         out.top_logprobs.push(None);
     }
-    for e in entries {
+    for (i, e) in prompt.iter().chain(entries).enumerate() {
+        if i == prompt.len() {
+            at = offset;
+        }
         let (text, _) = token(info, e.token);
-        out.text_offset.push(offset);
-        offset += text.chars().count();
+        out.text_offset.push(at);
+        at += text.chars().count();
         out.tokens.push(text);
         out.token_logprobs.push(Some(e.logprob));
         let mut top = Map::new();

@@ -34,6 +34,9 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         }
         return Ok(());
     }
+    if !config.download_only {
+        config.check()?;
+    }
     let resolved =
         tokio::task::spawn_blocking(move || resolve_at(&model, &dir, &revision)).await??;
     if config.download_only {

@@ -3,7 +3,8 @@
 //! tables), so every decision is unit-tested without a model.
 //!
 //! Each step, in this order, within `max_batch_tokens`:
-//! 1. every running sequence that is decoding gets its one token;
+//! 1. every running sequence that is decoding gets its one token (even beyond the budget:
+//!    no running stream is ever starved);
 //! 2. running sequences still prefilling get a chunk of their prompt (chunked prefill);
 //! 3. waiting sequences are admitted first-come-first-served while there are slots
 //!    (`max_running`), budget and KV blocks, and get a prefill chunk.
@@ -23,6 +24,9 @@ use std::collections::{HashMap, VecDeque};
 use chorus_model::kv::{block_hash, blocks_for, BlockAllocator, BlockHash, BLOCK_SIZE};
 
 pub type SeqId = u64;
+
+/// Step budget taken by one prompt position whose logits are scored.
+pub const SCORED_TOKEN_COST: usize = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
@@ -278,27 +282,34 @@ impl Scheduler {
             decoding.into_iter().chain(prefilling).collect()
         };
         for id in order {
-            if budget == 0 {
-                break;
-            }
             // It may have been preempted to make room for an older one.
             if !self.running.contains(&id) {
                 continue;
             }
-            let e = &self.entries[&id];
-            let len = (e.ids.len() - e.computed).min(budget);
+            // Every decoding sequence gets its token, whatever the budget (a budget below
+            // the running count must not starve the newest streams); prefill chunks share
+            // what is left.
+            let (remaining, cost) = self.remaining_and_cost(id);
+            let len = match remaining {
+                1 => 1,
+                _ => remaining.min(budget / cost),
+            };
+            if len == 0 {
+                continue;
+            }
             let before = plan.preempted.len();
             let reserved = self.reserve(id, len, &mut plan.preempted);
             // A sequence preempted after it was scheduled this step leaves the batch.
             for &victim in &plan.preempted[before..] {
                 if let Some(pos) = plan.batch.iter().position(|b| b.id == victim) {
-                    budget += plan.batch.remove(pos).len;
+                    let removed = plan.batch.remove(pos).len;
+                    budget += removed * self.remaining_and_cost(victim).1;
                 }
             }
             if !reserved {
                 continue;
             }
-            budget -= len;
+            budget = budget.saturating_sub(len * cost);
             plan.batch.push(self.advance(id, len));
         }
 
@@ -308,8 +319,13 @@ impl Scheduler {
                 break;
             };
             self.reuse_prefix(id);
+            let (remaining, cost) = self.remaining_and_cost(id);
+            let len = remaining.min(budget / cost);
+            if len == 0 {
+                self.release_blocks(id);
+                break;
+            }
             let e = &self.entries[&id];
-            let len = (e.ids.len() - e.computed).min(budget);
             let needed = blocks_for(e.computed + len).saturating_sub(e.blocks.len());
             if needed > self.alloc.free_count() {
                 // A waiting sequence holds no blocks, or waiting ones could hold them all.
@@ -327,10 +343,20 @@ impl Scheduler {
                 e.started = true;
                 plan.started.push(id);
             }
-            budget -= len;
+            budget -= len * cost;
             plan.batch.push(self.advance(id, len));
         }
         plan
+    }
+
+    /// Tokens `id` has left to compute, and what each costs of the step budget: a
+    /// prompt position whose logits are scored (`add_uncached`) also runs the
+    /// full-vocabulary projection, log-softmax and top-k, about a token's work again.
+    fn remaining_and_cost(&self, id: SeqId) -> (usize, usize) {
+        let e = &self.entries[&id];
+        let remaining = e.ids.len() - e.computed;
+        let scoring = !e.reuse && remaining > 1;
+        (remaining, if scoring { SCORED_TOKEN_COST } else { 1 })
     }
 
     /// Makes sure `id` has blocks for `len` more tokens, preempting the newest running
@@ -647,6 +673,47 @@ mod tests {
         assert_eq!(lens(&plan), vec![(1, 6), (2, 4)]);
         let plan = step(&mut s);
         assert_eq!(lens(&plan), vec![(1, 1), (2, 2)]);
+    }
+
+    /// A budget below the number of running streams starves none of them: every
+    /// decoder gets its token each step (failed before: with a request's four choices
+    /// forked under a budget of 2, the two newest got none). The server also refuses
+    /// such a budget at start, as vLLM does; forks are how it arises here.
+    #[test]
+    fn every_decoder_gets_its_token_when_the_budget_is_smaller_than_the_batch() {
+        let mut s = sched(8, 2, 100);
+        s.add(1, &toks(1, 2), 100).unwrap();
+        let plan = s.schedule();
+        assert!(plan.batch[0].samples);
+        for child in 2..=4 {
+            s.fork(1, child).expect("a free slot");
+        }
+        for id in 1..=4 {
+            s.append_token(id, 0);
+        }
+        for _ in 0..5 {
+            let plan = step(&mut s);
+            let mut ids: Vec<SeqId> = plan.batch.iter().map(|x| x.id).collect();
+            ids.sort_unstable();
+            assert_eq!(ids, vec![1, 2, 3, 4], "{plan:?}");
+            assert!(plan.batch.iter().all(|x| x.len == 1 && x.samples));
+        }
+    }
+
+    /// A prompt whose positions are all scored (echo with log-probabilities) takes two
+    /// budget tokens per position: its chunks are half as long.
+    #[test]
+    fn scored_prompt_positions_count_double_in_the_budget() {
+        let mut s = sched(8, 16, 100);
+        s.add_uncached(1, &toks(1, 40), 100).unwrap();
+        s.add(2, &toks(2, 40), 100).unwrap();
+        let plan = step(&mut s);
+        assert_eq!(lens(&plan), vec![(1, 8)]);
+        let plan = step(&mut s);
+        assert_eq!(lens(&plan), vec![(1, 8)]);
+        let mut s = sched(8, 16, 100);
+        s.add(2, &toks(2, 40), 100).unwrap();
+        assert_eq!(lens(&step(&mut s)), vec![(2, 16)]);
     }
 
     #[test]

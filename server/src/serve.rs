@@ -3,7 +3,11 @@
 //! response body still being streamed counts as in flight) and nothing was read or
 //! written for `--idle-timeout`; idle connections are closed, whether the client never
 //! sent a byte, trickles its headers, or keeps an unused keep-alive connection open.
-//! A request that takes long to answer is never cut by it.
+//! A request that takes long to answer is never cut by it; a request body that takes
+//! long to arrive is (`--body-timeout`, in [`crate::routes::JsonBody`]).
+//!
+//! At most `--max-connections` connections are served at once: one more is answered 503
+//! and closed at once. Shutdown waits for open connections for the drain time at most.
 
 use std::future::Future;
 use std::io;
@@ -21,17 +25,31 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
+/// Bounds on connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// `--idle-timeout`.
+    pub idle: Duration,
+    /// `--max-connections`.
+    pub max_connections: usize,
+    /// After shutdown: how long open connections may take to finish.
+    pub drain: Duration,
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits
-/// for the open requests to finish.
+/// for the open requests to finish (for `limits.drain` at most).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    idle_timeout: Duration,
+    limits: ConnLimits,
     shutdown: impl Future<Output = ()>,
 ) {
+    let idle_timeout = limits.idle;
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
@@ -52,6 +70,10 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tokio::spawn(refuse(stream, limits.max_connections));
+                    continue;
+                };
                 let requests = Arc::new(AtomicUsize::new(0));
                 let io = IdleIo::new(stream, requests.clone(), idle_timeout);
                 let app = app.clone();
@@ -70,6 +92,7 @@ pub async fn serve(
                     .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection closed");
                     }
@@ -79,7 +102,40 @@ pub async fn serve(
         }
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(limits.drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            drain_s = limits.drain.as_secs(),
+            "connections still open after the drain time; closing them"
+        );
+    }
+}
+
+/// Answers a connection over `--max-connections` with a 503 in the error envelope, and
+/// closes it.
+async fn refuse(mut stream: TcpStream, max: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let error = crate::error::ApiError::Unavailable(format!(
+        "too many open connections (--max-connections {max}); retry later"
+    ));
+    let body = serde_json::to_string(&error.body()).unwrap_or_default();
+    let reply = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Written, then what the client sent is read off briefly: closing with its request
+    // unread would reset the connection before the client reads the answer.
+    let answer = async {
+        stream.write_all(reply.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+    tracing::debug!(max, "connection refused: --max-connections reached");
 }
 
 /// Counts a request as in flight on its connection until its response body is dropped.

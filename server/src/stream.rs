@@ -34,6 +34,8 @@ pub struct ChunkMeta {
     pub logprobs: bool,
     /// Completions with `echo`: the prompt, sent first in each choice.
     pub echo: Option<String>,
+    /// The prompt's log-probabilities start after a BOS the server added.
+    pub echo_skips_bos: bool,
     pub info: Arc<ModelInfo>,
 }
 
@@ -149,6 +151,8 @@ impl UsageSum {
 
 struct State {
     meta: ChunkMeta,
+    /// The event that opened the response (read before its headers were sent).
+    first: Option<Event>,
     rx: UnboundedReceiver<Event>,
     started: bool,
     ended: bool,
@@ -158,11 +162,17 @@ struct State {
     sent: Vec<usize>,
 }
 
-/// The SSE events of one streamed response, ending with `[DONE]` (or one error event).
-pub fn events(meta: ChunkMeta, rx: UnboundedReceiver<Event>) -> impl Stream<Item = String> {
+/// The SSE events of one streamed response, starting with `first`, ending with `[DONE]`
+/// (or one error event).
+pub fn events(
+    meta: ChunkMeta,
+    first: Event,
+    rx: UnboundedReceiver<Event>,
+) -> impl Stream<Item = String> {
     let state = State {
         sent: vec![0; meta.n],
         meta,
+        first: Some(first),
         rx,
         started: false,
         ended: false,
@@ -205,8 +215,12 @@ fn opening(st: &mut State) -> String {
 }
 
 async fn next_event(st: &mut State) -> String {
+    let event = match st.first.take() {
+        Some(event) => Some(event),
+        None => st.rx.recv().await,
+    };
     let meta = &st.meta;
-    match st.rx.recv().await {
+    match event {
         Some(Event::Text {
             index,
             text,
@@ -225,12 +239,8 @@ async fn next_event(st: &mut State) -> String {
             logprobs,
         }) => match &meta.echo {
             Some(prompt) if meta.logprobs => {
-                let lp = logprobs::completion_with_prompt(
-                    &meta.info,
-                    tokens.first().copied(),
-                    &logprobs,
-                    0,
-                );
+                let first = tokens.first().copied().filter(|_| !meta.echo_skips_bos);
+                let lp = logprobs::completion_with_prompt(&meta.info, first, &logprobs, &[], 0);
                 if let Some(sent) = st.sent.get_mut(index) {
                     *sent = prompt.chars().count();
                 }

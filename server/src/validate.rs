@@ -19,6 +19,8 @@ pub const MAX_TOP_LOGPROBS: i64 = 20;
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_stop: usize,
+    /// `--max-stop-bytes`: longest stop string.
+    pub max_stop_bytes: usize,
     /// `--max-prompt-tokens`; the model's context always bounds it too.
     pub max_prompt_tokens: Option<usize>,
     /// `--max-n`: most choices per request.
@@ -35,6 +37,9 @@ pub struct ValidRequest {
     pub logprobs: bool,
     /// Completions with `echo`: the prompt text, which the response repeats first.
     pub echo: Option<String>,
+    /// The prompt's first token is a BOS the server put in front of the text: its
+    /// log-probabilities start after it.
+    pub echo_skips_bos: bool,
 }
 
 const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
@@ -107,16 +112,18 @@ pub fn chat(
         };
         messages.push(ChatMessage { role, content });
     }
-    let prompt_text = info.template.render(&messages, true).map_err(|e| {
-        ApiError::bad(
-            "messages",
-            format!("the chat template rejected the conversation: {e}"),
-        )
-    })?;
-    let prompt = tokenize(info, &prompt_text)?;
+    let prompt = encode_chat(info, limits, &messages, true)?;
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
-    let mut gen = generation(info, limits, request_id, prompt, &req.sampling, false)?;
+    let mut gen = generation(
+        info,
+        limits,
+        request_id,
+        prompt,
+        &req.sampling,
+        false,
+        "messages",
+    )?;
     gen.logprobs = logprobs;
     gen.constraint = constraint;
     Ok(ValidRequest {
@@ -125,7 +132,78 @@ pub fn chat(
         include_usage,
         logprobs: logprobs.is_some(),
         echo: None,
+        echo_skips_bos: false,
     })
+}
+
+/// The ids of a conversation as the model's template renders it: what clients wrote is
+/// plain text (special tokens in it are escaped), only the template's markers are control
+/// tokens. A rendering provably too long for the context is refused before tokenizing.
+pub fn encode_chat(
+    info: &ModelInfo,
+    limits: Limits,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<Vec<u32>, ApiError> {
+    let escaped: Vec<ChatMessage> = messages
+        .iter()
+        .map(|m| ChatMessage {
+            role: m.role.clone(),
+            content: info.tokenizer.escape_content(&m.content),
+        })
+        .collect();
+    let rendered = info
+        .template
+        .render(&escaped, add_generation_prompt)
+        .map_err(|e| {
+            ApiError::bad(
+                "messages",
+                format!("the chat template rejected the conversation: {e}"),
+            )
+        })?;
+    check_prompt_bytes(info, limits, "messages", rendered.len())?;
+    info.tokenizer
+        .encode_chat(&rendered)
+        .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))
+}
+
+/// The most prompt tokens a request may have, and what sets that bound.
+fn prompt_bound(info: &ModelInfo, limits: Limits) -> (usize, String) {
+    let context = info.max_seq_tokens;
+    // At least one token must be left to generate.
+    let mut bound = (
+        context.saturating_sub(1),
+        match context < info.context_len {
+            true => format!("this server holds at most {context} tokens per sequence (--kv-cache-mb), and at least one must be left to generate"),
+            false => format!("this model's context is {context} tokens, and at least one must be left to generate"),
+        },
+    );
+    if let Some(limit) = limits.max_prompt_tokens.filter(|&l| l < bound.0) {
+        bound = (
+            limit,
+            format!("this server accepts at most {limit} (--max-prompt-tokens {limit})"),
+        );
+    }
+    bound
+}
+
+/// Refuses a prompt of `bytes` bytes that cannot fit however it tokenizes, without
+/// tokenizing it (a few megabytes of text take seconds to tokenize).
+fn check_prompt_bytes(
+    info: &ModelInfo,
+    limits: Limits,
+    param: &'static str,
+    bytes: usize,
+) -> Result<(), ApiError> {
+    let (bound, why) = prompt_bound(info, limits);
+    let fewest = info.tokenizer.min_tokens(bytes);
+    if fewest > bound {
+        return Err(ApiError::bad(
+            param,
+            format!("the prompt is {bytes} bytes, so at least {fewest} tokens, but {why}"),
+        ));
+    }
+    Ok(())
 }
 
 pub fn completion(
@@ -154,15 +232,19 @@ pub fn completion(
     let echo = req.echo.unwrap_or(false);
     let one_prompt =
         "`prompt` must be one string or one list of token ids (batches are not supported)";
-    let (prompt, prompt_text) = match req.prompt {
-        PromptInput::Text(t) => (tokenize_prompt(info, &t)?, Some(t)),
-        PromptInput::Texts(mut v) if v.len() == 1 => {
-            let t = v.remove(0);
-            (tokenize_prompt(info, &t)?, Some(t))
-        }
-        PromptInput::Tokens(ids) => (ids, None),
-        PromptInput::TokenBatches(mut v) if v.len() == 1 => (v.remove(0), None),
+    let text = match req.prompt {
+        PromptInput::Text(t) => Ok(t),
+        PromptInput::Texts(mut v) if v.len() == 1 => Ok(v.remove(0)),
+        PromptInput::Tokens(ids) => Err(ids),
+        PromptInput::TokenBatches(mut v) if v.len() == 1 => Err(v.remove(0)),
         _ => return Err(ApiError::bad("prompt", one_prompt)),
+    };
+    let (prompt, prompt_text, added_bos) = match text {
+        Ok(t) => {
+            let (ids, added_bos) = tokenize_prompt(info, limits, &t)?;
+            (ids, Some(t), added_bos)
+        }
+        Err(ids) => (ids, None, false),
     };
     let vocab = info.tokenizer.vocab_size() as u32;
     if let Some(bad) = prompt.iter().find(|&&id| id >= vocab) {
@@ -193,6 +275,7 @@ pub fn completion(
         prompt,
         &req.sampling,
         echo.is_some() && logprobs.is_some(),
+        "prompt",
     )?;
     gen.logprobs = logprobs;
     // Echoed prompts carry their tokens' log-probabilities too.
@@ -202,6 +285,7 @@ pub fn completion(
         stream,
         include_usage,
         logprobs: logprobs.is_some(),
+        echo_skips_bos: added_bos && echo.is_some(),
         echo,
     })
 }
@@ -254,16 +338,17 @@ pub fn check_model(info: &ModelInfo, model: Option<&str>) -> Result<(), ApiError
     }
 }
 
-fn tokenize(info: &ModelInfo, text: &str) -> Result<Vec<u32>, ApiError> {
+/// A raw completion prompt: with the BOS token the model expects at the start (and
+/// whether it was added). Special tokens written in it are parsed: in a raw prompt they
+/// are the caller's intent.
+fn tokenize_prompt(
+    info: &ModelInfo,
+    limits: Limits,
+    text: &str,
+) -> Result<(Vec<u32>, bool), ApiError> {
+    check_prompt_bytes(info, limits, "prompt", text.len())?;
     info.tokenizer
-        .encode(text)
-        .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))
-}
-
-/// A raw completion prompt: with the BOS token the model expects at the start.
-fn tokenize_prompt(info: &ModelInfo, text: &str) -> Result<Vec<u32>, ApiError> {
-    info.tokenizer
-        .encode_prompt(text)
+        .encode_prompt_marked(text)
         .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))
 }
 
@@ -290,29 +375,14 @@ fn generation(
     prompt: Vec<u32>,
     s: &WireSampling,
     score_only: bool,
+    prompt_param: &'static str,
 ) -> Result<GenRequest, ApiError> {
     let context = info.max_seq_tokens;
-    if prompt.len() >= context {
-        let limit = if context < info.context_len {
-            format!("this server holds at most {context} tokens per sequence (--kv-cache-mb)")
-        } else {
-            format!("this model's context is {context} tokens")
-        };
+    let (bound, why) = prompt_bound(info, limits);
+    if prompt.len() > bound {
         return Err(ApiError::bad(
-            "messages",
-            format!(
-                "the prompt is {} tokens, but {limit} (at least one must be left to generate)",
-                prompt.len()
-            ),
-        ));
-    }
-    if let Some(limit) = limits.max_prompt_tokens.filter(|&l| prompt.len() > l) {
-        return Err(ApiError::bad(
-            "messages",
-            format!(
-                "the prompt is {} tokens, more than this server accepts (--max-prompt-tokens {limit})",
-                prompt.len()
-            ),
+            prompt_param,
+            format!("the prompt is {} tokens, but {why}", prompt.len()),
         ));
     }
     let room = context - prompt.len();
@@ -334,14 +404,15 @@ fn generation(
         None => room,
     };
 
-    let temperature = s.temperature.unwrap_or(1.0);
+    // Checked as the f32 the sampler uses: 1e-300 is 0 there, and 1e39 infinite.
+    let temperature = s.temperature.unwrap_or(1.0) as f32;
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::bad(
             "temperature",
             format!("`temperature` must be in [0, 2], got {temperature}"),
         ));
     }
-    let top_p = s.top_p.unwrap_or(1.0);
+    let top_p = s.top_p.unwrap_or(1.0) as f32;
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::bad(
             "top_p",
@@ -358,7 +429,7 @@ fn generation(
             ))
         }
     };
-    let min_p = s.min_p.unwrap_or(0.0);
+    let min_p = s.min_p.unwrap_or(0.0) as f32;
     if !(0.0..=1.0).contains(&min_p) {
         return Err(ApiError::bad(
             "min_p",
@@ -387,7 +458,7 @@ fn generation(
             ));
         }
     }
-    let repetition_penalty = s.repetition_penalty.unwrap_or(1.0);
+    let repetition_penalty = s.repetition_penalty.unwrap_or(1.0) as f32;
     if !(repetition_penalty > 0.0 && repetition_penalty.is_finite()) {
         return Err(ApiError::bad(
             "repetition_penalty",
@@ -456,19 +527,29 @@ fn generation(
             ),
         ));
     }
+    if let Some(long) = stop.iter().find(|s| s.len() > limits.max_stop_bytes) {
+        return Err(ApiError::bad(
+            "stop",
+            format!(
+                "each stop string may be at most {} bytes (--max-stop-bytes), got one of {}",
+                limits.max_stop_bytes,
+                long.len()
+            ),
+        ));
+    }
     Ok(GenRequest {
         request_id,
         prompt,
         params: SamplingParams {
-            temperature: temperature as f32,
+            temperature,
             top_k,
-            top_p: top_p as f32,
-            min_p: min_p as f32,
+            top_p,
+            min_p,
             // Negative seeds are valid in OpenAI's API; their bits are the seed.
             seed: s.seed.map(|x| x as u64),
             presence_penalty: s.presence_penalty.unwrap_or(0.0) as f32,
             frequency_penalty: s.frequency_penalty.unwrap_or(0.0) as f32,
-            repetition_penalty: repetition_penalty as f32,
+            repetition_penalty,
             logit_bias,
         },
         max_tokens,

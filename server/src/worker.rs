@@ -527,7 +527,20 @@ impl Worker {
     }
 
     fn complete(&mut self, id: SeqId, mut seq: Seq, finish: FinishReason) {
-        let rest = seq.stop.flush();
+        // Ids the decoder still holds (a character cut by the end) are text too.
+        let held = match seq.decoder.flush(&self.tokenizer) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(request_id = %seq.request_id, error = %e, "detokenization failed");
+                String::new()
+            }
+        };
+        let mut rest = String::new();
+        if !held.is_empty() {
+            let out = seq.stop.push(&held);
+            rest = out.text;
+        }
+        rest.push_str(&seq.stop.flush());
         if !rest.is_empty() || !seq.unsent_logprobs.is_empty() {
             let _ = seq.events.send(Event::Text {
                 index: seq.index,
@@ -573,23 +586,34 @@ impl Worker {
 
 /// Scores the prompt tokens whose preceding position this step computed: the logits at
 /// position `p` give token `p + 1` its log-probability.
+/// Each row is a full-vocabulary log-softmax and top-k, so the rows are spread over the
+/// cores as sampling is.
 fn score_prompt(seq: &mut Seq, s: &Scheduled, rows: &[Vec<f32>], tokens: &[u32]) {
     let temperature = seq.sampler.params().temperature;
+    let prompt_len = seq.prompt_len;
     let Some(p) = &mut seq.prompt_scores else {
         return;
     };
-    for (r, row) in rows.iter().enumerate() {
-        let next = s.start + r + 1;
-        if next < seq.prompt_len {
-            if let Some(&token) = tokens.get(next) {
-                let (logprob, top) = logits::logprobs(row, temperature, token, p.top);
-                p.scores[next] = Some(TokenLogprob {
+    let top = p.top;
+    let scored: Vec<(usize, TokenLogprob)> = rows
+        .par_iter()
+        .enumerate()
+        .filter_map(|(r, row)| {
+            let next = s.start + r + 1;
+            let token = *tokens.get(next).filter(|_| next < prompt_len)?;
+            let (logprob, top) = logits::logprobs(row, temperature, token, top);
+            Some((
+                next,
+                TokenLogprob {
                     token,
                     logprob,
                     top,
-                });
-            }
-        }
+                },
+            ))
+        })
+        .collect();
+    for (next, score) in scored {
+        p.scores[next] = Some(score);
     }
 }
 

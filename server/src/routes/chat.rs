@@ -3,39 +3,56 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use serde::de::DeserializeOwned;
 
-use crate::engine::FinishReason;
+use crate::engine::{Event, FinishReason, ModelInfo};
 use crate::error::ApiError;
 use crate::logprobs;
 use crate::openai::{
-    unix_now, AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
-    CompletionChoice, CompletionRequest,
+    unix_now, AssistantMessage, ChatChoice, ChatCompletion, Completion, CompletionChoice,
 };
-use crate::routes::{ApiJson, RequestId};
+use crate::routes::{JsonBody, RequestId};
 use crate::stream::{self, ChoiceOut, ChunkMeta, Shape};
-use crate::validate::{self, ValidRequest};
+use crate::validate::{self, Limits, ValidRequest};
 use crate::{sse, AppState};
 
 pub async fn chat_completions(
     State(app): State<AppState>,
     Extension(RequestId(rid)): Extension<RequestId>,
-    ApiJson(req): ApiJson<ChatCompletionRequest>,
+    body: JsonBody,
 ) -> Result<Response, ApiError> {
-    let engine = app.engine()?;
-    let valid = validate::chat(&engine.info, app.limits(), rid.clone(), req)?;
+    let valid = prepare(&app, &rid, body, validate::chat).await?;
     respond(app, Shape::Chat, format!("chatcmpl-{rid}"), valid).await
 }
 
 pub async fn completions(
     State(app): State<AppState>,
     Extension(RequestId(rid)): Extension<RequestId>,
-    ApiJson(req): ApiJson<CompletionRequest>,
+    body: JsonBody,
 ) -> Result<Response, ApiError> {
-    let engine = app.engine()?;
-    let valid = validate::completion(&engine.info, app.limits(), rid.clone(), req)?;
+    let valid = prepare(&app, &rid, body, validate::completion).await?;
     respond(app, Shape::Completion, format!("cmpl-{rid}"), valid).await
 }
 
+/// Parses and validates the body on the preprocessing pool (template, tokenizer,
+/// grammar: never on the async runtime).
+async fn prepare<R: DeserializeOwned + 'static>(
+    app: &AppState,
+    rid: &str,
+    body: JsonBody,
+    validate: fn(&ModelInfo, Limits, String, R) -> Result<ValidRequest, ApiError>,
+) -> Result<ValidRequest, ApiError> {
+    let info = app.engine()?.info.clone();
+    let (limits, request_id) = (app.limits(), rid.to_string());
+    app.prep()
+        .run(move || validate(&info, limits, request_id, body.parse()?))
+        .await
+}
+
+/// Submits the request and answers it. A stream's headers wait for its first event, so
+/// that an error known before the first token (a queue timeout, a request that cannot
+/// fit, a stopped inference thread) is an HTTP status that clients can retry on; only
+/// errors after it are events in the stream.
 async fn respond(
     app: AppState,
     shape: Shape,
@@ -47,8 +64,13 @@ async fn respond(
     let model = info.id.clone();
     let created = unix_now();
     let n = valid.gen.n;
-    let rx = engine.submit(valid.gen)?;
+    let mut rx = engine.submit(valid.gen)?;
     if valid.stream {
+        let first = match rx.recv().await {
+            Some(Event::Error(failure)) => return Err(failure.into()),
+            Some(event) => event,
+            None => return Err(ApiError::Unavailable("the inference thread stopped".into())),
+        };
         let meta = ChunkMeta {
             shape,
             id,
@@ -58,9 +80,10 @@ async fn respond(
             n,
             logprobs: valid.logprobs,
             echo: valid.echo,
+            echo_skips_bos: valid.echo_skips_bos,
             info,
         };
-        return Ok(sse::response(stream::events(meta, rx)));
+        return Ok(sse::response(stream::events(meta, first, rx)));
     }
     let done = stream::collect(rx, n).await?;
     let finish = |c: &ChoiceOut| c.finish.map_or("stop", FinishReason::as_str);
@@ -105,9 +128,14 @@ async fn respond(
                         logprobs: valid.logprobs.then(|| match &c.prompt {
                             // Echoed: the prompt's tokens lead, then the completion's.
                             Some((first, scores)) => {
-                                let all: Vec<_> =
-                                    scores.iter().chain(&c.logprobs).cloned().collect();
-                                logprobs::completion_with_prompt(&info, *first, &all, 0)
+                                let first = first.filter(|_| !valid.echo_skips_bos);
+                                logprobs::completion_with_prompt(
+                                    &info,
+                                    first,
+                                    scores,
+                                    &c.logprobs,
+                                    offset,
+                                )
                             }
                             None => logprobs::completion(&info, &c.logprobs, offset),
                         }),

@@ -6,26 +6,76 @@ pub mod models;
 pub mod tokenize;
 pub mod web;
 
+use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
+use axum::http::header;
 use axum::Json;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
+use crate::AppState;
 
-/// `Json<T>` whose rejection is our [`ApiError`], so malformed bodies get the OpenAI
-/// envelope instead of axum's plain-text default.
-pub struct ApiJson<T>(pub T);
+/// A JSON request body, read whole within `--body-timeout` and `--max-request-bytes`
+/// but not parsed: parsing a large body is CPU work, done with the rest of the
+/// request's preprocessing off the async runtime ([`crate::prep`]).
+pub struct JsonBody(Bytes);
 
-impl<S, T> FromRequest<S> for ApiJson<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
+impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let Json(value) = Json::<T>::from_request(req, state).await?;
-        Ok(ApiJson(value))
+    async fn from_request(req: Request, app: &AppState) -> Result<Self, Self::Rejection> {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(is_json);
+        if !json {
+            return Err(ApiError::BadRequest {
+                message: "expected a JSON body with `Content-Type: application/json`".into(),
+                param: None,
+            });
+        }
+        let limits = app.http_limits();
+        let read = axum::body::to_bytes(req.into_body(), limits.max_request_bytes);
+        match tokio::time::timeout(limits.body_timeout, read).await {
+            Err(_) => Err(ApiError::BodyTimeout(limits.body_timeout.as_secs())),
+            Ok(Err(e)) if is_length_limit(&e) => Err(ApiError::PayloadTooLarge),
+            Ok(Err(e)) => Err(ApiError::BadRequest {
+                message: format!("could not read the request body: {e}"),
+                param: None,
+            }),
+            Ok(Ok(bytes)) => Ok(JsonBody(bytes)),
+        }
+    }
+}
+
+impl JsonBody {
+    /// Parses the body (call it off the runtime); errors name what is wrong as axum's
+    /// JSON extractor does.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        let Json(value) = Json::<T>::from_bytes(&self.0)?;
+        Ok(value)
+    }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// `application/json` or any `application/*+json` type, parameters aside.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    let essence = essence.to_ascii_lowercase();
+    match essence.split_once('/') {
+        Some(("application", sub)) => sub == "json" || sub.ends_with("+json"),
+        _ => false,
     }
 }
 

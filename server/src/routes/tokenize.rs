@@ -1,15 +1,19 @@
 //! `POST /tokenize` and `POST /detokenize` (vLLM's shapes): the model's own tokenizer
-//! and chat template, for clients that count or inspect tokens.
+//! and chat template, for clients that count or inspect tokens. A `prompt` is tokenized
+//! as `/v1/completions` does (special tokens written in it are parsed); `messages` as
+//! `/v1/chat/completions` does (what the messages say is plain text), so the ids are
+//! exactly what the model would see.
 
 use axum::extract::State;
 use axum::Json;
 use chorus_model::ChatMessage;
 use serde::{Deserialize, Serialize};
 
+use crate::engine::ModelInfo;
 use crate::error::ApiError;
 use crate::openai::{MessageContent, WireMessage};
-use crate::routes::ApiJson;
-use crate::validate::check_model;
+use crate::routes::JsonBody;
+use crate::validate::{self, check_model};
 use crate::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -33,56 +37,51 @@ pub struct TokenizeResponse {
 
 pub async fn tokenize(
     State(app): State<AppState>,
-    ApiJson(req): ApiJson<TokenizeRequest>,
+    body: JsonBody,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let engine = app.engine()?;
-    let info = &engine.info;
-    check_model(info, req.model.as_deref())?;
-    // A raw prompt is tokenized as /v1/completions does (BOS added where the model
-    // wants it); a conversation as its rendered template, which writes its own.
-    let (text, raw) = match (req.prompt, req.messages) {
-        (Some(p), None) => (p, true),
-        (None, Some(messages)) => {
-            let messages: Vec<ChatMessage> = messages
-                .into_iter()
-                .map(|m| ChatMessage {
-                    role: m.role,
-                    content: match m.content {
-                        Some(MessageContent::Text(t)) => t,
-                        Some(MessageContent::Parts(parts)) => {
-                            parts.into_iter().filter_map(|p| p.text).collect()
-                        }
-                        None => String::new(),
-                    },
-                })
-                .collect();
-            let text = info
-                .template
-                .render(&messages, req.add_generation_prompt.unwrap_or(true))
-                .map_err(|e| {
-                    ApiError::bad(
-                        "messages",
-                        format!("the chat template rejected the conversation: {e}"),
-                    )
-                })?;
-            (text, false)
-        }
-        _ => {
-            return Err(ApiError::bad(
-                "prompt",
-                "give exactly one of `prompt` or `messages`",
-            ))
-        }
-    };
-    let tokens = match raw {
-        true => info.tokenizer.encode_prompt(&text),
-        false => info.tokenizer.encode(&text),
-    }
-    .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))?;
+    let info = app.engine()?.info.clone();
+    let limits = app.limits();
+    let tokens = app
+        .prep()
+        .run(move || {
+            let req: TokenizeRequest = body.parse()?;
+            check_model(&info, req.model.as_deref())?;
+            let tokens = match (req.prompt, req.messages) {
+                (Some(p), None) => info
+                    .tokenizer
+                    .encode_prompt(&p)
+                    .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))?,
+                (None, Some(messages)) => {
+                    let messages: Vec<ChatMessage> = messages
+                        .into_iter()
+                        .map(|m| ChatMessage {
+                            role: m.role,
+                            content: match m.content {
+                                Some(MessageContent::Text(t)) => t,
+                                Some(MessageContent::Parts(parts)) => {
+                                    parts.into_iter().filter_map(|p| p.text).collect()
+                                }
+                                None => String::new(),
+                            },
+                        })
+                        .collect();
+                    let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
+                    validate::encode_chat(&info, limits, &messages, add_generation_prompt)?
+                }
+                _ => {
+                    return Err(ApiError::bad(
+                        "prompt",
+                        "give exactly one of `prompt` or `messages`",
+                    ))
+                }
+            };
+            Ok((tokens, info.context_len))
+        })
+        .await?;
     Ok(Json(TokenizeResponse {
-        count: tokens.len(),
-        max_model_len: info.context_len,
-        tokens,
+        count: tokens.0.len(),
+        max_model_len: tokens.1,
+        tokens: tokens.0,
     }))
 }
 
@@ -100,10 +99,17 @@ pub struct DetokenizeResponse {
 
 pub async fn detokenize(
     State(app): State<AppState>,
-    ApiJson(req): ApiJson<DetokenizeRequest>,
+    body: JsonBody,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    let engine = app.engine()?;
-    let info = &engine.info;
+    let info = app.engine()?.info.clone();
+    let prompt = app
+        .prep()
+        .run(move || detokenize_ids(&info, body.parse()?))
+        .await?;
+    Ok(Json(DetokenizeResponse { prompt }))
+}
+
+fn detokenize_ids(info: &ModelInfo, req: DetokenizeRequest) -> Result<String, ApiError> {
     check_model(info, req.model.as_deref())?;
     let vocab = info.tokenizer.vocab_size() as u32;
     if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
@@ -112,9 +118,7 @@ pub async fn detokenize(
             format!("token id {bad} is outside the vocabulary (size {vocab})"),
         ));
     }
-    let prompt = info
-        .tokenizer
+    info.tokenizer
         .decode(&req.tokens, false)
-        .map_err(|e| ApiError::Internal(format!("detokenization failed: {e}")))?;
-    Ok(Json(DetokenizeResponse { prompt }))
+        .map_err(|e| ApiError::Internal(format!("detokenization failed: {e}")))
 }

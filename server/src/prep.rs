@@ -1,0 +1,155 @@
+//! The preprocessing pool: CPU-heavy work a request causes before it reaches the
+//! inference thread (parsing a large JSON body, rendering the chat template, tokenizing,
+//! compiling a grammar, checking `logit_bias` and stop strings) runs here, on tokio's
+//! blocking threads behind a semaphore, never on the async runtime's workers, so one
+//! client's big prompt cannot freeze the other clients' streams.
+//!
+//! At most `threads` jobs run at once (by default one per core but one, which is left to
+//! the inference thread); at most `max_waiting` requests wait for a thread, beyond that
+//! they get the same 429 as a full `--max-queue`. A request whose client goes away while
+//! it waits leaves the line (its future is dropped with the semaphore's queue entry).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+
+use crate::error::ApiError;
+
+pub struct Prep {
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+}
+
+/// Counts a request as waiting until it has a thread (or its client left).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Prep {
+    pub fn new(threads: usize, max_waiting: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(threads.max(1))),
+            waiting: AtomicUsize::new(0),
+            max_waiting,
+        }
+    }
+
+    /// The default size: every core but the inference thread's, at least one.
+    pub fn default_threads() -> usize {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .saturating_sub(1)
+            .max(1)
+    }
+
+    /// Runs `job` on a pool thread once one is free.
+    pub async fn run<T, F>(&self, job: F) -> Result<T, ApiError>
+    where
+        F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let waiting = Waiting(&self.waiting);
+        if queued >= self.max_waiting {
+            return Err(ApiError::Overloaded {
+                queued,
+                retry_after_s: 1,
+            });
+        }
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
+        drop(waiting);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            job()
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("request preprocessing failed: {e}")))?
+    }
+
+    /// Requests waiting for a thread now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn at_most_threads_jobs_run_and_the_line_is_bounded() {
+        let prep = Arc::new(Prep::new(1, 2));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let busy = {
+            let prep = prep.clone();
+            tokio::spawn(async move {
+                prep.run(move || {
+                    let _ = release_rx.recv();
+                    Ok(1)
+                })
+                .await
+            })
+        };
+        // The one thread is taken: two wait, the third is turned away.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let waiters: Vec<_> = (0..2)
+            .map(|i| {
+                let prep = prep.clone();
+                tokio::spawn(async move { prep.run(move || Ok(10 + i)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(prep.waiting(), 2);
+        assert!(matches!(
+            prep.run(|| Ok(0)).await,
+            Err(ApiError::Overloaded { .. })
+        ));
+        release_tx.send(()).expect("job waits");
+        assert_eq!(busy.await.expect("joined").expect("ran"), 1);
+        for (i, w) in waiters.into_iter().enumerate() {
+            assert_eq!(w.await.expect("joined").expect("ran"), 10 + i);
+        }
+        assert_eq!(prep.waiting(), 0);
+    }
+
+    /// A request whose client left while it waited does not count any more.
+    #[tokio::test]
+    async fn a_cancelled_wait_leaves_the_line() {
+        let prep = Arc::new(Prep::new(1, 8));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let busy = {
+            let prep = prep.clone();
+            tokio::spawn(async move {
+                prep.run(move || {
+                    let _ = release_rx.recv();
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let waiter = {
+            let prep = prep.clone();
+            tokio::spawn(async move { prep.run(|| Ok(())).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(prep.waiting(), 1);
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(prep.waiting(), 0);
+        release_tx.send(()).expect("job waits");
+        busy.await.expect("joined").expect("ran");
+    }
+}
