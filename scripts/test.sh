@@ -6,8 +6,10 @@
 #   3. the official `openai` Python SDK against real chorus servers on free loopback ports,
 #      one on the default model and one on gemma3-270m (installed into .venv/ from
 #      tests/sdk/requirements.txt when absent),
-#   4. the chat page in headless Chromium against both servers (Debian's chromium and
-#      playwright-core from npm, installed when absent).
+#   4. the chat page in headless Chromium against both servers, and against a third one
+#      with --api-key and --cors-origin (the key prompt, and the official openai JS SDK
+#      from another origin) (Debian's chromium, playwright-core and openai from npm,
+#      installed when absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +33,7 @@ trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/
 start_server() {
   local var=$1; shift
   local port log pid
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  port=$(free_port)
   log=$(mktemp)
   target/release/chorus --port "$port" "$@" >"$log" 2>&1 &
   pid=$!
@@ -49,8 +51,13 @@ start_server() {
   done
   echo "chorus $* was not ready after 60 s:"; cat "$log"; exit 1
 }
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+page_port=$(free_port)
 start_server url
 start_server gemma_url --model gemma3-270m
+start_server key_url --api-key test-key --cors-origin "http://127.0.0.1:$page_port"
 CHORUS_URL="$url" CHORUS_GEMMA_URL="$gemma_url" .venv/bin/python -m pytest -q tests/sdk
 
 echo "== browser test"
@@ -60,8 +67,9 @@ if [ ! -x /usr/bin/chromium ]; then
   $sudo_ apt-get update -q
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -q chromium
 fi
-if [ ! -d tests/browser/node_modules/playwright-core ]; then
+if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/node_modules/openai ]; then
   (cd tests/browser && npm ci --no-audit --no-fund)
 fi
 CHORUS_URL="$url" node tests/browser/chat.test.mjs
 CHORUS_URL="$gemma_url" CHORUS_MODEL=gemma3-270m SCREENSHOT_DIR= node tests/browser/chat.test.mjs
+CHORUS_URL="$key_url" CHORUS_KEY=test-key PAGE_PORT="$page_port" node tests/browser/key-and-cors.test.mjs

@@ -1,5 +1,7 @@
 //! Property test over what a client controls: any body goes through JSON parsing,
-//! validation, template rendering and tokenization without a panic (an error is fine).
+//! validation, template rendering and tokenization without a panic (an error is fine),
+//! and what is accepted is usable as the engine holds it (the f32 sampling values are
+//! finite and in range, whatever the f64 on the wire was).
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -35,17 +37,39 @@ fn info() -> &'static ModelInfo {
 
 const LIMITS: Limits = Limits {
     max_stop: 16,
+    max_stop_bytes: 256,
     max_prompt_tokens: Some(4096),
     max_n: 8,
 };
 
 fn check(body: &str) {
     if let Ok(req) = serde_json::from_str::<ChatCompletionRequest>(body) {
-        let _ = validate::chat(info(), LIMITS, "fuzz".into(), req);
+        if let Ok(valid) = validate::chat(info(), LIMITS, "fuzz".into(), req) {
+            usable(&valid, body);
+        }
     }
     if let Ok(req) = serde_json::from_str::<CompletionRequest>(body) {
-        let _ = validate::completion(info(), LIMITS, "fuzz".into(), req);
+        if let Ok(valid) = validate::completion(info(), LIMITS, "fuzz".into(), req) {
+            usable(&valid, body);
+        }
     }
+}
+
+/// An accepted request's sampling values, as f32, are what the sampler can use (before
+/// the fix `repetition_penalty: 1e-300` passed as f64 and became 0 as f32: NaN logits).
+fn usable(valid: &validate::ValidRequest, body: &str) {
+    let p = &valid.gen.params;
+    assert!((0.0..=2.0).contains(&p.temperature), "{body}");
+    assert!(p.top_p > 0.0 && p.top_p <= 1.0, "{body}");
+    assert!((0.0..=1.0).contains(&p.min_p), "{body}");
+    assert!(
+        p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite(),
+        "{body}"
+    );
+    for v in [p.presence_penalty, p.frequency_penalty] {
+        assert!(v.is_finite(), "{body}");
+    }
+    assert!(p.logit_bias.iter().all(|(_, b)| b.is_finite()), "{body}");
 }
 
 /// Strings a template or tokenizer might choke on.
@@ -70,6 +94,16 @@ fn scalar() -> impl Strategy<Value = Value> {
             .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
             .prop_map(Value::from),
         (-3.0f64..3.0).prop_map(Value::from),
+        // Values that are fine as f64 but 0 or infinite as f32.
+        prop::sample::select(vec![
+            1e-300,
+            -1e-300,
+            1e-46,
+            1e39,
+            3.5e38,
+            f64::MIN_POSITIVE
+        ])
+        .prop_map(Value::from),
         tricky_text().prop_map(Value::String),
     ]
 }

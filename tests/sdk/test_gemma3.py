@@ -65,3 +65,34 @@ def test_chat_stream_with_usage(client):
             usage = chunk.usage
     assert usage is not None and 1 <= usage.completion_tokens <= 10
     assert len(text) > 0
+
+
+def _offsets_point_at_tokens(text, lp):
+    for token, offset in zip(lp.tokens, lp.text_offset):
+        assert text[offset:].startswith(token), (offset, token, text)
+
+
+def test_echo_offsets_point_at_their_tokens_streamed_or_not(client):
+    # Gemma wants a BOS in front of raw prompts; the server adds it, so it is not part of
+    # the echoed text and not among the reported tokens (before the fix every offset was
+    # shifted by the BOS token's text, and the two modes disagreed).
+    prompt = "The Eiffel Tower is located in the city of"
+    args = dict(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=1)
+    c = client.completions.create(**args).choices[0]
+    assert c.text.startswith(prompt)
+    assert c.logprobs.tokens[0] == "The"
+    assert c.logprobs.text_offset[0] == 0
+    # Every echoed token is scored: it follows the BOS.
+    assert all(x is not None and x <= 0 for x in c.logprobs.token_logprobs)
+    _offsets_point_at_tokens(c.text, c.logprobs)
+
+    chunks = [ch.choices[0] for ch in client.completions.create(stream=True, **args) if ch.choices]
+    text = "".join(ch.text for ch in chunks)
+    assert text == c.text
+    tokens, offsets = [], []
+    for ch in chunks:
+        if ch.logprobs:
+            tokens += ch.logprobs.tokens
+            offsets += ch.logprobs.text_offset
+    assert tokens == c.logprobs.tokens
+    assert offsets == c.logprobs.text_offset

@@ -1,0 +1,231 @@
+//! What a client can do with a connection: trickle or withhold a body, open too many,
+//! hold one through a shutdown, preflight from a browser, present a key. Each test on
+//! its own real server with the real default model, over raw sockets where the HTTP
+//! client would hide what is being tested.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chorus_server::config::Config;
+use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
+use common::{chat, post, start, wait_ready};
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+/// One server at a time: these tests time what the server does.
+static TURN: Mutex<()> = Mutex::const_new(());
+
+fn config(args: &[&str]) -> Config {
+    use clap::Parser;
+    Config::parse_from(std::iter::once("chorus").chain(args.iter().copied()))
+}
+
+fn addr(url: &str) -> String {
+    url.trim_start_matches("http://").to_string()
+}
+
+/// Sends a POST whose headers promise `declared` body bytes and then only `sent` of
+/// them; returns the stream, still open on our side.
+fn withhold_body(addr: &str, declared: usize, sent: usize) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).expect("headers");
+    s.write_all(&vec![b' '; sent]).expect("some body");
+    s
+}
+
+/// A body that never completes is answered 408 after `--body-timeout`, and the
+/// connection is closed (before the fix it stayed open: the request in flight kept
+/// resetting the idle deadline).
+#[tokio::test]
+async fn a_withheld_body_is_cut_by_the_body_timeout() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--body-timeout", "2", "--idle-timeout", "2"]));
+    wait_ready(&url).await;
+    let addr = addr(&url);
+    let (reply, took) = tokio::task::spawn_blocking(move || {
+        let mut s = withhold_body(&addr, 100, 6);
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let started = Instant::now();
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        (
+            String::from_utf8_lossy(&reply).into_owned(),
+            started.elapsed(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.1 408"),
+        "{reply:?} after {took:?}"
+    );
+    assert!(reply.contains("--body-timeout"), "{reply}");
+    assert!(took < Duration::from_secs(10), "closed after {took:?}");
+}
+
+/// One connection over `--max-connections` is answered 503 in the error envelope; once
+/// a connection closes, a new one is served.
+#[tokio::test]
+async fn the_connection_over_the_limit_is_refused_with_503() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--max-connections", "2"]));
+    wait_ready(&url).await;
+    // `wait_ready` used pooled connections of its own: let them go.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let addr = addr(&url);
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = reqwest::Client::new()
+        .get(format!("{url}/v1/models"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: Value = r.json().await.expect("envelope");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--max-connections 2"), "{v}");
+
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = reqwest::Client::new()
+            .get(format!("{url}/v1/models"))
+            .send()
+            .await
+            .expect("answered");
+        if r.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slots were not given back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SIGTERM with a client withholding its body: `run` still returns, within the grace
+/// period and the drain margin (before the fix it waited for that client forever).
+#[tokio::test]
+async fn shutdown_is_bounded_even_with_a_withheld_body() {
+    let _turn = TURN.lock().await;
+    let resolved =
+        resolve(DEFAULT_MODEL, Path::new(DEFAULT_CACHE_DIR)).expect("default model resolves");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(chorus_server::run(
+        listener,
+        config(&["--shutdown-grace", "1", "--body-timeout", "600"]),
+        resolved.path,
+        resolved.name,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    wait_ready(&url).await;
+    let addr = addr(&url);
+    let stuck = tokio::task::spawn_blocking(move || withhold_body(&addr, 1000, 10))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = Instant::now();
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("run returned despite the withheld body")
+        .unwrap()
+        .expect("clean exit");
+    assert!(stopped.elapsed() < Duration::from_secs(15));
+    drop(stuck);
+}
+
+/// A browser's preflight for the official JS SDK, which sends `x-stainless-*` headers,
+/// is allowed for the configured origin (before the fix only `content-type` and
+/// `authorization` were).
+#[tokio::test]
+async fn cors_preflight_allows_the_headers_browser_sdks_send() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--cors-origin", "http://app.example"]));
+    wait_ready(&url).await;
+    let asked =
+        "authorization, content-type, x-stainless-os, x-stainless-lang, x-stainless-retry-count";
+    let r = reqwest::Client::new()
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{url}/v1/chat/completions"),
+        )
+        .header("origin", "http://app.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", asked)
+        .send()
+        .await
+        .expect("preflight answered");
+    assert!(r.status().is_success(), "{}", r.status());
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "http://app.example");
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for name in asked.split(", ") {
+        assert!(allowed.contains(name), "{name} not in {allowed}");
+    }
+}
+
+/// A key configured with a trailing newline (read from a file) is the key without it
+/// (before the fix every request was a 401).
+#[tokio::test]
+async fn an_api_key_with_a_trailing_newline_still_opens_the_api() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--api-key", "sekrit\n"]));
+    wait_ready(&url).await;
+    let client = reqwest::Client::new();
+    for (key, want) in [("sekrit", 200), ("wrong", 401)] {
+        let r = client
+            .get(format!("{url}/v1/models"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want, "{key:?}");
+    }
+}
+
+/// A streamed request refused before its first token gets an HTTP status, not a 200
+/// with an error event: here one that waited past `--request-timeout` in the queue.
+#[tokio::test]
+async fn a_stream_refused_before_its_first_token_is_an_http_error() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--max-running", "1", "--request-timeout", "1"]));
+    wait_ready(&url).await;
+    let long = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let body = chat(
+                "Write a long story.",
+                json!({"max_tokens": 300, "ignore_eos": true}),
+            );
+            post(&url, "/v1/chat/completions", &body).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&chat("Hi", json!({"max_tokens": 2, "stream": true})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.expect("the error envelope, not a stream");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--request-timeout"), "{v}");
+    assert_eq!(long.await.unwrap().0, 200);
+}
