@@ -125,16 +125,29 @@ async fn refuse(mut stream: TcpStream, max: usize) {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    // Written, then what the client sent is read off briefly: closing with its request
-    // unread would reset the connection before the client reads the answer.
+    // The request's head is read first (a client that has not sent its request yet would
+    // take an early answer for a protocol error), then the answer is written, and what
+    // else the client sent is read off briefly: closing with it unread would reset the
+    // connection before the client reads the answer.
     let answer = async {
+        let mut head = Vec::new();
+        let mut piece = [0u8; 4096];
+        let until_head = async {
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+                match stream.read(&mut piece).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&piece[..n]),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), until_head).await;
         stream.write_all(reply.as_bytes()).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 4096];
         while stream.read(&mut sink).await? > 0 {}
         Ok::<_, io::Error>(())
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), answer).await;
     tracing::debug!(max, "connection refused: --max-connections reached");
 }
 

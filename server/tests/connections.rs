@@ -101,9 +101,8 @@ async fn the_connection_over_the_limit_is_refused_with_503() {
         let r = reqwest::Client::new()
             .get(format!("{url}/v1/models"))
             .send()
-            .await
-            .expect("answered");
-        if r.status() == 200 {
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
             break;
         }
         assert!(Instant::now() < deadline, "slots were not given back");
