@@ -4,8 +4,9 @@
 #      afterwards),
 #   2. cargo test: unit tests, fidelity and engine tests, HTTP integration tests (real model),
 #   3. the official `openai` Python SDK against real chorus servers on free loopback ports,
-#      one on the default model and one on gemma3-270m (installed into .venv/ from
-#      tests/sdk/requirements.txt when absent),
+#      one on the default model, one on gemma3-270m and one on the default model with a
+#      Hermes tool-calling template, and the OpenAI Agents SDK and LangChain running tool
+#      loops (installed into .venv/ from tests/sdk/requirements.txt when absent),
 #   4. the chat page in headless Chromium against both servers, and against a third one
 #      with --api-key and --cors-origin (the key prompt, and the official openai JS SDK
 #      from another origin) (Debian's chromium, playwright-core and openai from npm,
@@ -21,7 +22,7 @@ echo "== cargo test"
 cargo test --release --workspace
 
 echo "== openai SDK tests"
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest, jsonschema' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest, jsonschema, jinja2, agents, langchain_openai' 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 fi
@@ -58,7 +59,8 @@ page_port=$(free_port)
 start_server url
 start_server gemma_url --model gemma3-270m
 start_server key_url --api-key test-key --cors-origin "http://127.0.0.1:$page_port"
-CHORUS_URL="$url" CHORUS_GEMMA_URL="$gemma_url" .venv/bin/python -m pytest -q tests/sdk
+start_server hermes_url --chat-template tests/sdk/templates/hermes-tools.jinja --served-model-name smollm2-hermes
+CHORUS_URL="$url" CHORUS_GEMMA_URL="$gemma_url" CHORUS_HERMES_URL="$hermes_url" .venv/bin/python -m pytest -q tests/sdk
 
 echo "== browser test"
 if [ ! -x /usr/bin/chromium ]; then

@@ -15,6 +15,24 @@ pub struct RequestShape {
     pub max_tokens: usize,
     pub ignore_eos: bool,
     pub temperature: f64,
+    /// Offer a weather-lookup function and require a call (`--tool-call`).
+    pub tool_call: bool,
+}
+
+/// The function `--tool-call` offers.
+pub fn weather_tool() -> Value {
+    json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+        },
+    }}])
 }
 
 /// The outcome of one request: its timings and, for multi-turn runs, the reply text.
@@ -30,7 +48,7 @@ pub async fn chat(
     shape: &RequestShape,
     messages: &[Value],
 ) -> Reply {
-    let body = json!({
+    let mut body = json!({
         "model": shape.model,
         "messages": messages,
         "max_tokens": shape.max_tokens,
@@ -39,6 +57,11 @@ pub async fn chat(
         "stream": true,
         "stream_options": {"include_usage": true},
     });
+    if shape.tool_call {
+        body["tools"] = weather_tool();
+        body["tool_choice"] = json!("required");
+        body["parallel_tool_calls"] = json!(false);
+    }
     let started = Instant::now();
     let mut record = RequestRecord::default();
     let mut text = String::new();
@@ -91,11 +114,19 @@ async fn stream(
             if let Some(err) = chunk.get("error") {
                 return Err(format!("error event: {err}"));
             }
-            if let Some(content) = chunk["choices"][0]["delta"]["content"].as_str() {
+            let delta = &chunk["choices"][0]["delta"];
+            if let Some(content) = delta["content"].as_str() {
                 if !content.is_empty() {
                     record.chunk_times.push(at);
                     text.push_str(content);
                 }
+            }
+            // A function call's deltas count as output arriving too.
+            if delta["tool_calls"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty())
+            {
+                record.chunk_times.push(at);
             }
             if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
                 let count = |v: &Value| v.as_u64().unwrap_or(0) as usize;

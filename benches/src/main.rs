@@ -96,6 +96,12 @@ struct Args {
     #[arg(long)]
     svg: Option<PathBuf>,
 
+    /// Offer a weather-lookup function with every request and require a call (measures
+    /// constrained function calling; a call ends when its JSON closes, whatever
+    /// --max-tokens).
+    #[arg(long)]
+    tool_call: bool,
+
     /// Hold this many idle keep-alive connections open to each target during the run
     /// (each after one answered `GET /health`). The server's idle timeout must outlast
     /// the run for them to stay open.
@@ -152,6 +158,7 @@ async fn run(args: Args) -> Result<(), String> {
         max_tokens: args.max_tokens,
         ignore_eos: args.ignore_eos,
         temperature: args.temperature,
+        tool_call: args.tool_call,
         turns: args.multi_turn,
         requests: args.requests_per_level,
         duration: args.duration.map(Duration::from_secs_f64),
@@ -254,6 +261,7 @@ async fn warm_up(
         max_tokens: plan.max_tokens.min(8),
         ignore_eos: plan.ignore_eos,
         temperature: plan.temperature,
+        tool_call: plan.tool_call,
     };
     for i in 0..n {
         let messages =

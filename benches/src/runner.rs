@@ -58,6 +58,8 @@ pub struct Plan {
     pub max_tokens: usize,
     pub ignore_eos: bool,
     pub temperature: f64,
+    /// Every request requires a function call (`--tool-call`).
+    pub tool_call: bool,
     /// Turns per conversation (1: every request is a fresh conversation).
     pub turns: usize,
     /// Requests per level; `None` derives it from the load (see [`Plan::requests_for`]).
@@ -121,6 +123,7 @@ fn shape(target: &Target, plan: &Plan) -> RequestShape {
         max_tokens: plan.max_tokens,
         ignore_eos: plan.ignore_eos,
         temperature: plan.temperature,
+        tool_call: plan.tool_call,
     }
 }
 

@@ -26,17 +26,104 @@ pub fn fallback_template(arch: Arch) -> &'static str {
     }
 }
 
-/// One message as the template sees it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// `tojson` as transformers defines it for chat templates (Python's `json.dumps` with
+/// `ensure_ascii=False`): `", "` and `": "` between items, or `indent` spaces per level,
+/// keys in their order, nothing HTML-escaped (minijinja's own escapes `<`, `>`, `&`, `'`).
+fn tojson(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<minijinja::Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = Vec::new();
+    let written = match indent {
+        Some(n) => {
+            let spaces = vec![b' '; n];
+            let formatter = serde_json::ser::PrettyFormatter::with_indent(&spaces);
+            json.serialize(&mut serde_json::Serializer::with_formatter(
+                &mut out, formatter,
+            ))
+        }
+        None => json.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out,
+            PythonFormatter,
+        )),
+    };
+    written.map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let text = String::from_utf8(out)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    Ok(minijinja::Value::from_safe_string(text))
+}
+
+/// `json.dumps`' default separators.
+struct PythonFormatter;
+
+impl serde_json::ser::Formatter for PythonFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if !first {
+            writer.write_all(b", ")?;
+        }
+        Ok(())
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if !first {
+            writer.write_all(b", ")?;
+        }
+        Ok(())
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+}
+
+/// One message as the template sees it (the fields Hugging Face chat templates read).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's function calls in OpenAI's shape
+    /// (`[{id, type, function: {name, arguments}}]`, `arguments` an object).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool turn: the call it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A tool turn: the function's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Self::default()
+        }
+    }
 }
 
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// The template's own text (which tool-call format it speaks is read from it).
+    source: String,
 }
 
 impl ChatTemplate {
@@ -53,23 +140,73 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
             },
         );
-        env.add_template_owned(TEMPLATE_NAME, source)?;
+        env.add_filter("tojson", tojson);
+        env.add_template_owned(TEMPLATE_NAME, source.clone())?;
         Ok(Self {
             env,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            source,
         })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the template renders a `tools` list itself (as `apply_chat_template`
+    /// passes it).
+    pub fn knows_tools(&self) -> bool {
+        self.source.contains("tools")
     }
 
     /// Renders the conversation; with `add_generation_prompt` the text ends where the
     /// assistant's reply begins.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, add_generation_prompt, None)
+    }
+
+    /// As [`Self::render`], with the functions the model may call (OpenAI's
+    /// `[{type: "function", function: {name, description, parameters}}]`) in the
+    /// template's `tools` variable, as `apply_chat_template(tools=...)` passes them.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String> {
         let template = self.env.get_template(TEMPLATE_NAME)?;
         Ok(template.render(context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         })?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(source: &str, tools: serde_json::Value) -> String {
+        let t = ChatTemplate::new(source.into(), "", "").expect("template");
+        t.render_with_tools(&[ChatMessage::new("user", "hi")], false, Some(&tools))
+            .expect("render")
+    }
+
+    /// As transformers' `tojson`: Python's separators, keys in order, no HTML escapes.
+    #[test]
+    fn tojson_writes_what_python_json_dumps_writes() {
+        let tools = serde_json::json!([{"name": "f<b>", "b": [1, 2.5, true, null], "a": {}}]);
+        assert_eq!(
+            render("{{ tools[0] | tojson }}", tools.clone()),
+            r#"{"name": "f<b>", "b": [1, 2.5, true, null], "a": {}}"#
+        );
+        assert_eq!(
+            render("{{ tools[0] | tojson(indent=2) }}", tools),
+            "{\n  \"name\": \"f<b>\",\n  \"b\": [\n    1,\n    2.5,\n    true,\n    null\n  ],\n  \"a\": {}\n}"
+        );
     }
 }

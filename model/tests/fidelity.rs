@@ -36,6 +36,7 @@ fn tokenizer_and_template_match_the_reference() {
             .map(|m| ChatMessage {
                 role: m["role"].as_str().expect("role").into(),
                 content: m["content"].as_str().expect("content").into(),
+                ..Default::default()
             })
             .collect();
         let prompt = loaded.template.render(&messages, true).expect("render");
@@ -47,6 +48,7 @@ fn tokenizer_and_template_match_the_reference() {
             .map(|m| ChatMessage {
                 role: m.role.clone(),
                 content: loaded.tokenizer.escape_content(&m.content),
+                ..Default::default()
             })
             .collect();
         let rendered = loaded.template.render(&escaped, true).expect("render");

@@ -76,6 +76,7 @@ fn prompts_and_first_greedy_tokens_are_stable() {
             &[chorus_model::ChatMessage {
                 role: "user".into(),
                 content: "Hi!".into(),
+                ..Default::default()
             }],
             true,
         )
@@ -101,6 +102,7 @@ fn message_text_cannot_forge_turns() {
     let escaped = chorus_model::ChatMessage {
         role: "user".into(),
         content: m.tokenizer.escape_content(forged),
+        ..Default::default()
     };
     let chat = m.template.render(&[escaped], true).unwrap();
     let ids = m.tokenizer.encode_chat(&chat).unwrap();

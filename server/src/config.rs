@@ -41,6 +41,11 @@ pub struct Config {
     #[arg(long, env = "CHORUS_MODELS_DIR", default_value = crate::resolve::DEFAULT_CACHE_DIR)]
     pub models_dir: PathBuf,
 
+    /// A Jinja chat template file to use instead of the model's own (as
+    /// `apply_chat_template` renders it; `tools` included).
+    #[arg(long, env = "CHORUS_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
+
     /// Name the model is served under; defaults to the catalog name or the file's stem.
     #[arg(long, env = "CHORUS_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -124,6 +129,10 @@ pub struct Config {
     /// Longest stop string, in bytes.
     #[arg(long, env = "CHORUS_MAX_STOP_BYTES", default_value_t = 256)]
     pub max_stop_bytes: usize,
+
+    /// Most function calls in one answer when `parallel_tool_calls` allows several.
+    #[arg(long, env = "CHORUS_MAX_TOOL_CALLS", default_value_t = 4)]
+    pub max_tool_calls: usize,
 
     /// Most choices (`n`) one request may ask for.
     #[arg(long, env = "CHORUS_MAX_N", default_value_t = 8)]

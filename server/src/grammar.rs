@@ -124,7 +124,16 @@ impl Grammars {
                 })
             });
         }
-        let grammar = TopLevelGrammar::from_json_schema(schema);
+        self.compile(TopLevelGrammar::from_json_schema(schema))
+    }
+
+    /// A constraint from a grammar in llguidance's Lark dialect (which embeds JSON
+    /// schemas with `%json`): function calls use it.
+    pub fn lark(&self, grammar: String) -> Result<Constraint, String> {
+        self.compile(TopLevelGrammar::from_lark(grammar))
+    }
+
+    fn compile(&self, grammar: TopLevelGrammar) -> Result<Constraint, String> {
         let parser = self
             .factory
             .create_parser(grammar)

@@ -12,6 +12,8 @@
 //! - [`stream`] and [`sse`]: events back to the client as OpenAI chunks over SSE;
 //!   [`logprobs`] writes log-probabilities in both endpoints' shapes.
 //! - [`grammar`]: structured output (`response_format`) through llguidance.
+//! - [`tools`]: function calling (what is offered, how it is prompted, the constraint that
+//!   holds calls to their schemas, reading calls back), shared by every endpoint.
 //! - [`metrics`]: Prometheus counters, gauges and histograms for `/metrics`.
 //! - `serve`: the accept loop (idle-connection timeout, graceful shutdown).
 //! - [`error`]: every client-visible failure, mapped once to status + envelope.
@@ -36,6 +38,7 @@ pub mod scheduler;
 mod serve;
 pub mod sse;
 pub mod stream;
+pub mod tools;
 pub mod validate;
 mod worker;
 
@@ -94,6 +97,7 @@ impl AppState {
             max_stop_bytes: config.max_stop_bytes,
             max_prompt_tokens: config.max_prompt_tokens,
             max_n: config.max_n.max(1),
+            max_tool_calls: config.max_tool_calls.max(1),
         };
         let threads = config
             .preprocess_threads
@@ -128,6 +132,11 @@ impl AppState {
 
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// The metrics, for work that outlives the handler (a streamed response).
+    pub fn metrics_handle(&self) -> Arc<Metrics> {
+        self.inner.metrics.clone()
     }
 
     pub fn engine(&self) -> Result<&Engine, ApiError> {
@@ -349,6 +358,17 @@ fn start_engine(
         false => chorus_model::gguf::load(path, config.weights.into()),
     }
     .map_err(|e| e.to_string())?;
+    let mut loaded = loaded;
+    if let Some(file) = &config.chat_template {
+        let source = std::fs::read_to_string(file)
+            .map_err(|e| format!("--chat-template {}: {e}", file.display()))?;
+        loaded.template = chorus_model::ChatTemplate::new(
+            source,
+            loaded.tokenizer.bos_token(),
+            loaded.tokenizer.eos_token(),
+        )
+        .map_err(|e| format!("--chat-template {}: {e}", file.display()))?;
+    }
     let cfg = loaded.model.config().clone();
     let shape = cfg.kv_shape();
     let num_blocks = shape.blocks_in(config.kv_cache_mb * 1024 * 1024);

@@ -33,6 +33,8 @@ pub struct Metrics {
     /// Prompt tokens whose keys and values came from the prefix cache.
     pub prefix_cache_hits: Counter,
     pub preemptions: Counter,
+    /// Function calls returned to clients.
+    pub tool_calls: Counter,
     pub ttft: Histogram,
     pub inter_token: Histogram,
     pub request_duration: Histogram,
@@ -90,6 +92,11 @@ impl Metrics {
             "preemptions",
             "Sequences preempted for lack of KV blocks (recomputed later)",
         );
+        let tool_calls = counter(
+            &mut registry,
+            "tool_calls",
+            "Function calls returned to clients",
+        );
         let histogram = |registry: &mut Registry, name: &str, help: &str, start: f64| {
             let h = Histogram::new(exponential_buckets(start, 2.0, 16));
             registry.register(name, help, h.clone());
@@ -128,6 +135,7 @@ impl Metrics {
             kv_blocks_total,
             prompt_tokens,
             generation_tokens,
+            tool_calls,
             prefix_cache_hits,
             preemptions,
             ttft,

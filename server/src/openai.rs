@@ -22,6 +22,52 @@ pub struct ChatCompletionRequest {
     /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
     #[serde(default)]
     pub response_format: Option<Value>,
+    #[serde(default)]
+    pub tools: Option<Vec<WireTool>>,
+    /// `"none" | "auto" | "required" | {"type": "function", "function": {"name"}}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+}
+
+/// `{"type": "function", "function": {name, description, parameters, strict}}`.
+#[derive(Debug, Deserialize)]
+pub struct WireTool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub function: Option<WireFunction>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireFunction {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<Value>,
+    /// Always enforced here: every call follows its schema.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// A call in an assistant message of the history.
+#[derive(Debug, Deserialize)]
+pub struct WireToolCall {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    pub function: WireCalledFunction,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireCalledFunction {
+    pub name: String,
+    /// The arguments as JSON text (an object is taken as it is).
+    #[serde(default)]
+    pub arguments: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +156,14 @@ pub struct WireMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<MessageContent>,
+    /// Assistant turns: the calls they made.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    /// Tool turns: the call they answer.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,7 +227,58 @@ pub struct ChatChoice {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the answer is only calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+/// A call in a response.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionOut,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionOut {
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
+}
+
+impl From<crate::tools::ToolCall> for ToolCallOut {
+    fn from(c: crate::tools::ToolCall) -> Self {
+        Self {
+            id: c.id,
+            kind: "function",
+            function: FunctionOut {
+                name: c.name,
+                arguments: c.arguments,
+            },
+        }
+    }
+}
+
+/// One call's part of a streamed chunk: the first carries `id`, `type`, the name and
+/// empty arguments; later ones only argument text.
+#[derive(Debug, Serialize)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// One streamed chunk of `/v1/chat/completions`.
@@ -203,6 +308,8 @@ pub struct Delta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Serialize)]

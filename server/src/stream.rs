@@ -11,8 +11,13 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::engine::{Event, FinishReason, ModelInfo, TokenLogprob};
 use crate::error::ApiError;
 use crate::logprobs;
-use crate::openai::{ChatChunk, ChunkChoice, Completion, CompletionChoice, Delta, Usage};
+use crate::metrics::Metrics;
+use crate::openai::{
+    ChatChunk, ChunkChoice, Completion, CompletionChoice, Delta, FunctionDelta, ToolCallDelta,
+    Usage,
+};
 use crate::sse::{frame, DONE};
+use crate::tools::{CallReader, Decision, ToolCall};
 
 /// Which endpoint's chunk shape to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +41,9 @@ pub struct ChunkMeta {
     pub echo: Option<String>,
     /// The prompt's log-probabilities start after a BOS the server added.
     pub echo_skips_bos: bool,
+    /// Chat with functions to call: how answers are read.
+    pub tools: Option<CallReader>,
+    pub metrics: Arc<Metrics>,
     pub info: Arc<ModelInfo>,
 }
 
@@ -51,9 +59,8 @@ impl ChunkMeta {
         role: bool,
         text: Option<&str>,
         logprobs: Option<Value>,
-        finish: Option<FinishReason>,
+        finish_reason: Option<&'static str>,
     ) -> String {
-        let finish_reason = finish.map(FinishReason::as_str);
         match self.shape {
             Shape::Chat => frame(&ChatChunk {
                 id: &self.id,
@@ -65,6 +72,7 @@ impl ChunkMeta {
                     delta: Delta {
                         role: role.then_some("assistant"),
                         content: text,
+                        tool_calls: None,
                     },
                     logprobs,
                     finish_reason,
@@ -85,6 +93,26 @@ impl ChunkMeta {
                 usage: self.usage_field(None),
             }),
         }
+    }
+
+    /// A chat chunk with one choice's call deltas.
+    fn tool_chunk(&self, index: usize, delta: ToolCallDelta) -> String {
+        frame(&ChatChunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices: vec![ChunkChoice {
+                index: index as u32,
+                delta: Delta {
+                    tool_calls: Some(vec![delta]),
+                    ..Delta::default()
+                },
+                logprobs: None,
+                finish_reason: None,
+            }],
+            usage: self.usage_field(None),
+        })
     }
 
     /// The extra chunk with no choices and the usage.
@@ -160,6 +188,16 @@ struct State {
     usage: UsageSum,
     /// Characters sent so far per choice (completion log-probability offsets).
     sent: Vec<usize>,
+    /// Per choice, with functions to call: the answer held back until it is known to be
+    /// text (then sent as it comes) or calls (sent as call deltas when complete).
+    held: Vec<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    decision: Option<Decision>,
+    text: String,
+    logprobs: Vec<TokenLogprob>,
 }
 
 /// The SSE events of one streamed response, starting with `first`, ending with `[DONE]`
@@ -171,6 +209,7 @@ pub fn events(
 ) -> impl Stream<Item = String> {
     let state = State {
         sent: vec![0; meta.n],
+        held: (0..meta.n).map(|_| Held::default()).collect(),
         meta,
         first: Some(first),
         rx,
@@ -226,6 +265,22 @@ async fn next_event(st: &mut State) -> String {
             text,
             logprobs,
         }) => {
+            let (text, logprobs) = match (&meta.tools, st.held.get_mut(index)) {
+                (Some(reader), Some(held)) if held.decision != Some(Decision::Text) => {
+                    held.text.push_str(&text);
+                    held.logprobs.extend(logprobs);
+                    let decision = reader.decide(&held.text);
+                    held.decision = Some(decision);
+                    if decision != Decision::Text {
+                        return String::new();
+                    }
+                    (
+                        std::mem::take(&mut held.text),
+                        std::mem::take(&mut held.logprobs),
+                    )
+                }
+                _ => (text, logprobs),
+            };
             let offset = st.sent.get(index).copied().unwrap_or(0);
             let lp = meta.logprobs_value(&logprobs, offset);
             if let Some(sent) = st.sent.get_mut(index) {
@@ -255,10 +310,31 @@ async fn next_event(st: &mut State) -> String {
         }) => {
             st.usage.add(index, usage);
             st.done += 1;
-            let mut out = match meta.shape {
+            let mut out = String::new();
+            let mut finish = finish.as_str();
+            if let (Some(reader), Some(held)) = (&meta.tools, st.held.get_mut(index)) {
+                let text = std::mem::take(&mut held.text);
+                match reader.calls(&text) {
+                    Some(calls) => {
+                        meta.metrics.tool_calls.inc_by(calls.len() as u64);
+                        for (i, call) in calls.into_iter().enumerate() {
+                            for delta in call_deltas(i, call) {
+                                out.push_str(&meta.tool_chunk(index, delta));
+                            }
+                        }
+                        finish = reader.finish_reason();
+                    }
+                    None if !text.is_empty() => {
+                        let lp = meta.logprobs_value(&std::mem::take(&mut held.logprobs), 0);
+                        out.push_str(&meta.chunk(index, false, Some(&text), lp, None));
+                    }
+                    None => {}
+                }
+            }
+            out.push_str(&match meta.shape {
                 Shape::Chat => meta.chunk(index, false, None, None, Some(finish)),
                 Shape::Completion => meta.chunk(index, false, Some(""), None, Some(finish)),
-            };
+            });
             if st.done >= meta.n {
                 if meta.include_usage {
                     out.push_str(&meta.usage_chunk(st.usage.total()));
@@ -277,6 +353,32 @@ async fn next_event(st: &mut State) -> String {
             frame(&ApiError::Unavailable("the inference thread stopped".into()).body())
         }
     }
+}
+
+/// A call as two deltas, each sent in a chunk of its own: its name (with `id`, `type` and
+/// empty arguments), then its arguments.
+fn call_deltas(index: usize, call: ToolCall) -> [ToolCallDelta; 2] {
+    let index = index as u32;
+    [
+        ToolCallDelta {
+            index,
+            id: Some(call.id),
+            kind: Some("function"),
+            function: FunctionDelta {
+                name: Some(call.name),
+                arguments: String::new(),
+            },
+        },
+        ToolCallDelta {
+            index,
+            id: None,
+            kind: None,
+            function: FunctionDelta {
+                name: None,
+                arguments: call.arguments,
+            },
+        },
+    ]
 }
 
 /// One choice of a non-streamed reply.

@@ -9,8 +9,10 @@ use crate::engine::{GenRequest, ModelInfo};
 use crate::error::ApiError;
 use crate::grammar::Constraint;
 use crate::openai::{
-    ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, StopInput, WireSampling,
+    ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, StopInput, WireMessage,
+    WireSampling, WireTool,
 };
+use crate::tools::{self, CallReader, FunctionSpec, ToolRequest};
 
 /// Most alternatives `top_logprobs` (chat) or `logprobs` (completions) may ask for.
 pub const MAX_TOP_LOGPROBS: i64 = 20;
@@ -25,6 +27,8 @@ pub struct Limits {
     pub max_prompt_tokens: Option<usize>,
     /// `--max-n`: most choices per request.
     pub max_n: usize,
+    /// `--max-tool-calls`: most function calls in one answer.
+    pub max_tool_calls: usize,
 }
 
 /// A request that passed every check.
@@ -40,6 +44,8 @@ pub struct ValidRequest {
     /// The prompt's first token is a BOS the server put in front of the text: its
     /// log-probabilities start after it.
     pub echo_skips_bos: bool,
+    /// The request offers functions to call: how its answers are read back.
+    pub tools: Option<CallReader>,
 }
 
 const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
@@ -73,9 +79,107 @@ pub fn chat(
         }
         _ => None,
     };
-    let constraint = response_format(info, req.response_format.as_ref())?;
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for (i, m) in req.messages.into_iter().enumerate() {
+    let tools = tool_request(
+        req.tools,
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+        limits.max_tool_calls,
+    )?;
+    let mut constraint = response_format(info, req.response_format.as_ref())?;
+    if constraint.is_some() && tools.as_ref().is_some_and(ToolRequest::active) {
+        return Err(ApiError::bad(
+            "response_format",
+            "`response_format` cannot be combined with `tools` (calls are already held to their schemas); use one or the other",
+        ));
+    }
+    let messages = chat_messages(info, req.messages)?;
+    let knows_tools = info.template.knows_tools();
+    let format = tools::prompt::format_for(knows_tools, info.template.source());
+    let (messages, tools_value) = tools::prompt::prepare(knows_tools, tools.as_ref(), messages);
+    let prompt = encode_chat(info, limits, &messages, tools_value.as_ref(), true)?;
+    let mut reader = None;
+    if let Some(t) = tools.as_ref().filter(|t| t.active()) {
+        let grammars = info.grammars.as_ref().map_err(|e| {
+            ApiError::bad(
+                "tools",
+                format!("function calling is unavailable for this model: {e}"),
+            )
+        })?;
+        constraint = Some(grammars.lark(format.grammar(t)).map_err(|e| {
+            ApiError::bad(
+                "tools",
+                format!("a function's `parameters` cannot be enforced: {e}"),
+            )
+        })?);
+        reader = Some(CallReader {
+            format,
+            choice: t.choice.clone(),
+        });
+    }
+    let stream = req.stream.unwrap_or(false);
+    let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
+    let mut gen = generation(
+        info,
+        limits,
+        request_id,
+        prompt,
+        &req.sampling,
+        false,
+        "messages",
+    )?;
+    gen.logprobs = logprobs;
+    gen.constraint = constraint;
+    Ok(ValidRequest {
+        gen,
+        stream,
+        include_usage,
+        logprobs: logprobs.is_some(),
+        echo: None,
+        echo_skips_bos: false,
+        tools: reader,
+    })
+}
+
+/// `tools` as the functions they offer, with `tool_choice` and `parallel_tool_calls`.
+pub fn tool_request(
+    wire: Option<Vec<WireTool>>,
+    tool_choice: Option<&Value>,
+    parallel: Option<bool>,
+    max_calls: usize,
+) -> Result<Option<ToolRequest>, ApiError> {
+    let mut functions = Vec::new();
+    for (i, t) in wire.into_iter().flatten().enumerate() {
+        let f = match (t.kind.as_str(), t.function) {
+            ("function", Some(f)) => f,
+            (kind, _) => {
+                return Err(ApiError::bad(
+                    "tools",
+                    format!("`tools[{i}]` must be {{\"type\": \"function\", \"function\": {{...}}}}, got type {kind:?}"),
+                ))
+            }
+        };
+        functions.push(FunctionSpec {
+            name: f.name,
+            description: f.description,
+            parameters: f
+                .parameters
+                .filter(|p| !p.is_null())
+                .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+        });
+    }
+    ToolRequest::new(functions, tool_choice, parallel, max_calls)
+}
+
+/// The conversation as the template sees it: roles checked, text parts joined, earlier
+/// calls with their arguments as objects, and every result answering an earlier call.
+pub fn chat_messages(
+    info: &ModelInfo,
+    wire: Vec<WireMessage>,
+) -> Result<Vec<ChatMessage>, ApiError> {
+    let mut messages: Vec<ChatMessage> = Vec::with_capacity(wire.len());
+    // Ids and names of the calls made so far.
+    let mut calls: Vec<(String, String)> = Vec::new();
+    for (i, m) in wire.into_iter().enumerate() {
         if !ROLES.contains(&m.role.as_str()) {
             return Err(ApiError::bad(
                 "messages",
@@ -106,34 +210,67 @@ pub fn chat(
         };
         // `developer` is the newer name OpenAI gives the system role.
         let role = if m.role == "developer" {
-            "system".into()
+            "system".to_string()
         } else {
             m.role
         };
-        messages.push(ChatMessage { role, content });
+        let mut message = ChatMessage::new(role, content);
+        if let Some(wire_calls) = m.tool_calls.filter(|c| !c.is_empty()) {
+            if message.role != "assistant" {
+                return Err(ApiError::bad(
+                    "messages",
+                    format!("`messages[{i}].tool_calls`: only assistant messages make calls"),
+                ));
+            }
+            let mut written = Vec::new();
+            for (j, c) in wire_calls.into_iter().enumerate() {
+                let arguments = match c.function.arguments {
+                    Some(Value::String(s)) if s.trim().is_empty() => json!({}),
+                    Some(Value::String(s)) => serde_json::from_str(&s).map_err(|e| {
+                        ApiError::bad(
+                            "messages",
+                            format!("`messages[{i}].tool_calls[{j}].function.arguments` is not JSON: {e}"),
+                        )
+                    })?,
+                    Some(v) if !v.is_null() => v,
+                    _ => json!({}),
+                };
+                let id = c.id.unwrap_or_else(tools::call_id);
+                calls.push((id.clone(), c.function.name.clone()));
+                let mut call = json!({
+                    "id": id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": arguments},
+                });
+                escape_strings(info, &mut call);
+                written.push(call);
+            }
+            message.tool_calls = Some(Value::Array(written));
+        }
+        if message.role == "tool" {
+            let id = m.tool_call_id.unwrap_or_default();
+            let Some((_, name)) = calls.iter().find(|(c, _)| *c == id) else {
+                return Err(ApiError::bad(
+                    "messages",
+                    format!("`messages[{i}].tool_call_id` {id:?} answers no earlier call"),
+                ));
+            };
+            message.name = Some(m.name.unwrap_or_else(|| name.clone()));
+            message.tool_call_id = Some(id);
+        }
+        messages.push(message);
     }
-    let prompt = encode_chat(info, limits, &messages, true)?;
-    let stream = req.stream.unwrap_or(false);
-    let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
-    let mut gen = generation(
-        info,
-        limits,
-        request_id,
-        prompt,
-        &req.sampling,
-        false,
-        "messages",
-    )?;
-    gen.logprobs = logprobs;
-    gen.constraint = constraint;
-    Ok(ValidRequest {
-        gen,
-        stream,
-        include_usage,
-        logprobs: logprobs.is_some(),
-        echo: None,
-        echo_skips_bos: false,
-    })
+    Ok(messages)
+}
+
+/// Escapes every string in a client-written JSON value, as message text is.
+fn escape_strings(info: &ModelInfo, value: &mut Value) {
+    match value {
+        Value::String(s) => *s = info.tokenizer.escape_content(s),
+        Value::Array(items) => items.iter_mut().for_each(|v| escape_strings(info, v)),
+        Value::Object(map) => map.values_mut().for_each(|v| escape_strings(info, v)),
+        _ => {}
+    }
 }
 
 /// The ids of a conversation as the model's template renders it: what clients wrote is
@@ -143,18 +280,23 @@ pub fn encode_chat(
     info: &ModelInfo,
     limits: Limits,
     messages: &[ChatMessage],
+    tools: Option<&Value>,
     add_generation_prompt: bool,
 ) -> Result<Vec<u32>, ApiError> {
     let escaped: Vec<ChatMessage> = messages
         .iter()
         .map(|m| ChatMessage {
-            role: m.role.clone(),
             content: info.tokenizer.escape_content(&m.content),
+            ..m.clone()
         })
         .collect();
+    let tools = tools.cloned().map(|mut t| {
+        escape_strings(info, &mut t);
+        t
+    });
     let rendered = info
         .template
-        .render(&escaped, add_generation_prompt)
+        .render_with_tools(&escaped, add_generation_prompt, tools.as_ref())
         .map_err(|e| {
             ApiError::bad(
                 "messages",
@@ -287,6 +429,7 @@ pub fn completion(
         logprobs: logprobs.is_some(),
         echo_skips_bos: added_bos && echo.is_some(),
         echo,
+        tools: None,
     })
 }
 

@@ -40,6 +40,7 @@ const LIMITS: Limits = Limits {
     max_stop_bytes: 256,
     max_prompt_tokens: Some(4096),
     max_n: 8,
+    max_tool_calls: 4,
 };
 
 fn check(body: &str) {

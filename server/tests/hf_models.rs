@@ -165,6 +165,7 @@ fn greedy(m: &LoadedModel, question: &str, max: usize) -> (Vec<u32>, Vec<u32>) {
             &[ChatMessage {
                 role: "user".into(),
                 content: question.into(),
+                ..Default::default()
             }],
             true,
         )

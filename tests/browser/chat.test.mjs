@@ -156,6 +156,28 @@ try {
     assert.equal(await page.evaluate(() => window.__xss), undefined);
   });
 
+  await step("a function call in a reply is a labelled block of text", async () => {
+    await page.evaluate(() => {
+      const convs = JSON.parse(localStorage.getItem("chorus.conversations") || "[]");
+      convs.unshift({
+        id: "tool", title: "tool reply",
+        messages: [
+          { role: "user", content: "weather?" },
+          { role: "assistant", content: "", stats: null,
+            toolCalls: [{ name: "get_weather", arguments: '{"city": "<b>Paris</b>"}' }] },
+        ],
+      });
+      localStorage.setItem("chorus.conversations", JSON.stringify(convs));
+      localStorage.setItem("chorus.current", JSON.stringify("tool"));
+    });
+    await page.reload();
+    const block = page.locator(".msg.assistant .tool-call").first();
+    await block.waitFor();
+    assert.equal(await block.locator(".label").textContent(), "Tool call: get_weather");
+    assert.equal(await block.locator("code").textContent(), '{"city": "<b>Paris</b>"}');
+    assert.equal(await page.locator("#messages b").count(), 0);
+  });
+
   await step("keyboard only: Tab reaches the controls with a visible focus ring", async () => {
     await page.focus("#input");
     await page.keyboard.press("Tab");

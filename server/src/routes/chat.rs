@@ -81,6 +81,8 @@ async fn respond(
             logprobs: valid.logprobs,
             echo: valid.echo,
             echo_skips_bos: valid.echo_skips_bos,
+            tools: valid.tools.clone(),
+            metrics: app.metrics_handle(),
             info,
         };
         return Ok(sse::response(stream::events(meta, first, rx)));
@@ -97,14 +99,37 @@ async fn respond(
                 .choices
                 .into_iter()
                 .enumerate()
-                .map(|(i, c)| ChatChoice {
-                    index: i as u32,
-                    finish_reason: finish(&c),
-                    logprobs: valid.logprobs.then(|| logprobs::chat(&info, &c.logprobs)),
-                    message: AssistantMessage {
-                        role: "assistant",
-                        content: c.text,
-                    },
+                .map(|(i, c)| {
+                    let logprobs = valid.logprobs.then(|| logprobs::chat(&info, &c.logprobs));
+                    let calls = valid
+                        .tools
+                        .as_ref()
+                        .and_then(|r| Some((r, r.calls(&c.text)?)));
+                    let (finish_reason, message) = match calls {
+                        Some((reader, calls)) => {
+                            app.metrics().tool_calls.inc_by(calls.len() as u64);
+                            let message = AssistantMessage {
+                                role: "assistant",
+                                content: None,
+                                tool_calls: calls.into_iter().map(Into::into).collect(),
+                            };
+                            (reader.finish_reason(), message)
+                        }
+                        None => (
+                            finish(&c),
+                            AssistantMessage {
+                                role: "assistant",
+                                content: Some(c.text),
+                                tool_calls: Vec::new(),
+                            },
+                        ),
+                    };
+                    ChatChoice {
+                        index: i as u32,
+                        finish_reason,
+                        logprobs,
+                        message,
+                    }
                 })
                 .collect(),
             usage: done.usage,

@@ -6,13 +6,13 @@
 
 use axum::extract::State;
 use axum::Json;
-use chorus_model::ChatMessage;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::ModelInfo;
 use crate::error::ApiError;
-use crate::openai::{MessageContent, WireMessage};
+use crate::openai::{WireMessage, WireTool};
 use crate::routes::JsonBody;
+use crate::tools;
 use crate::validate::{self, check_model};
 use crate::AppState;
 
@@ -26,6 +26,9 @@ pub struct TokenizeRequest {
     messages: Option<Vec<WireMessage>>,
     #[serde(default)]
     add_generation_prompt: Option<bool>,
+    /// Functions offered (as chat takes them): rendered as the chat would render them.
+    #[serde(default)]
+    tools: Option<Vec<WireTool>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -52,21 +55,20 @@ pub async fn tokenize(
                     .encode_prompt(&p)
                     .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))?,
                 (None, Some(messages)) => {
-                    let messages: Vec<ChatMessage> = messages
-                        .into_iter()
-                        .map(|m| ChatMessage {
-                            role: m.role,
-                            content: match m.content {
-                                Some(MessageContent::Text(t)) => t,
-                                Some(MessageContent::Parts(parts)) => {
-                                    parts.into_iter().filter_map(|p| p.text).collect()
-                                }
-                                None => String::new(),
-                            },
-                        })
-                        .collect();
+                    let messages = validate::chat_messages(&info, messages)?;
                     let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
-                    validate::encode_chat(&info, limits, &messages, add_generation_prompt)?
+                    let tools =
+                        validate::tool_request(req.tools, None, None, limits.max_tool_calls)?;
+                    let knows_tools = info.template.knows_tools();
+                    let (messages, tools) =
+                        tools::prompt::prepare(knows_tools, tools.as_ref(), messages);
+                    validate::encode_chat(
+                        &info,
+                        limits,
+                        &messages,
+                        tools.as_ref(),
+                        add_generation_prompt,
+                    )?
                 }
                 _ => {
                     return Err(ApiError::bad(

@@ -1,0 +1,210 @@
+//! The call syntaxes, and the grammar that holds the model to one: a call's `name` is
+//! one of the offered functions' (the named one's, with a named `tool_choice`) and its
+//! arguments follow that function's `parameters` schema, enforced token by token by
+//! llguidance. With `tool_choice: "auto"` the answer is either free text (which does not
+//! start like a call) or calls; once a call starts, it is held to the schema.
+
+use serde_json::{json, Value};
+
+use super::{Choice, ToolRequest};
+
+/// How a model writes its calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallFormat {
+    /// `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, one block per call
+    /// (Hermes; Qwen2.5, Qwen3).
+    Hermes,
+    /// `{"name": ..., "parameters": {...}}`, one call (Llama 3.1-3.3).
+    Llama3Json,
+    /// `{"tool_calls": [{"name": ..., "arguments": {...}}, ...]}`: every other model, told
+    /// so in its system turn.
+    Generic,
+}
+
+impl CallFormat {
+    /// The format a chat template speaks, read from the template itself (not from the
+    /// model's name): `<tool_call>` tags, or Llama 3's `"parameters"` JSON with its
+    /// `ipython` role. Templates that do not render tools get the generic form.
+    pub fn detect(template_source: &str) -> Self {
+        if !template_source.contains("tools") {
+            return CallFormat::Generic;
+        }
+        if template_source.contains("<tool_call>") {
+            return CallFormat::Hermes;
+        }
+        let llama3 =
+            template_source.contains("ipython") || template_source.contains("<|python_tag|>");
+        if llama3 && template_source.contains("parameters") {
+            return CallFormat::Llama3Json;
+        }
+        CallFormat::Generic
+    }
+
+    /// The key of a call's arguments in this format.
+    pub fn arguments_key(self) -> &'static str {
+        match self {
+            CallFormat::Llama3Json => "parameters",
+            _ => "arguments",
+        }
+    }
+
+    /// Whether text that starts with `trimmed` (leading whitespace removed) can be a call:
+    /// `Some(true)` it is one, `Some(false)` it is not, `None` not known yet.
+    pub fn starts_call(self, trimmed: &str) -> Option<bool> {
+        let opener = match self {
+            CallFormat::Hermes => "<tool_call>",
+            CallFormat::Llama3Json | CallFormat::Generic => "{",
+        };
+        if trimmed.len() >= opener.len() {
+            Some(trimmed.starts_with(opener))
+        } else if opener.starts_with(trimmed) {
+            None
+        } else {
+            Some(false)
+        }
+    }
+
+    /// The grammar (llguidance's Lark) of an answer to `tools` in this format.
+    pub fn grammar(self, tools: &ToolRequest) -> String {
+        let call = self.call_schema(tools);
+        let calls = match self {
+            CallFormat::Generic => {
+                let array = json!({
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": tools.most_calls(),
+                    "items": call,
+                });
+                compact(json!({
+                    "type": "object",
+                    "properties": {"tool_calls": array},
+                    "required": ["tool_calls"],
+                    "additionalProperties": false,
+                }))
+            }
+            _ => compact(call),
+        };
+        let (calls_rule, opener) = match self {
+            CallFormat::Hermes => {
+                let block = format!("\"<tool_call>\\n\" %json {calls} \"\\n</tool_call>\"");
+                // One call, then up to `most_calls - 1` more, each after a newline.
+                let mut more = String::new();
+                for _ in 1..tools.most_calls() {
+                    more = format!("(\"\\n\" call {more})?");
+                }
+                let rule = format!("calls: call {more}\ncall: {block}\n");
+                (rule, "<tool_call>")
+            }
+            CallFormat::Llama3Json | CallFormat::Generic => {
+                (format!("calls: %json {calls}\n"), "\\{")
+            }
+        };
+        match tools.choice {
+            Choice::Auto => format!(
+                "start: calls | text\n{calls_rule}text: TEXT\nTEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{opener}.*)/\n"
+            ),
+            _ => format!("start: calls\n{calls_rule}"),
+        }
+    }
+
+    /// One call: `{"name": <one of the callable functions>, <arguments key>: <its schema>}`.
+    fn call_schema(self, tools: &ToolRequest) -> Value {
+        let key = self.arguments_key();
+        let options: Vec<Value> = tools
+            .callable()
+            .map(|f| {
+                // Only the declared properties, as OpenAI's strict mode has it, unless the
+                // schema says otherwise (left free, a small model invents keys forever).
+                let mut parameters = f.parameters.clone();
+                if let Some(obj) = parameters.as_object_mut() {
+                    obj.entry("additionalProperties").or_insert(json!(false));
+                }
+                json!({
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": f.name},
+                        key: parameters,
+                    },
+                    "required": ["name", key],
+                    "additionalProperties": false,
+                })
+            })
+            .collect();
+        match options.len() {
+            1 => options.into_iter().next().unwrap_or_default(),
+            _ => json!({"anyOf": options}),
+        }
+    }
+}
+
+/// JSON written compactly (`, ` and `: `), as structured output is: a small model left
+/// free to indent can spend its tokens on spaces.
+fn compact(mut schema: Value) -> Value {
+    if let Some(obj) = schema.as_object_mut() {
+        obj.insert(
+            "x-guidance".into(),
+            json!({
+                "whitespace_flexible": false,
+                "item_separator": ", ",
+                "key_separator": ": ",
+            }),
+        );
+    }
+    schema
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tools::FunctionSpec;
+
+    #[test]
+    fn the_format_comes_from_the_template() {
+        let qwen = "{%- if tools %}<tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools> <tool_call>{% endif %}";
+        assert_eq!(CallFormat::detect(qwen), CallFormat::Hermes);
+        let llama = "{%- if tools %}{{- '<|start_header_id|>ipython' }} {\"name\": function name, \"parameters\": dictionary}{% endif %}";
+        assert_eq!(CallFormat::detect(llama), CallFormat::Llama3Json);
+        let chatml = "{% for message in messages %}<|im_start|>{{ message['role'] }}{% endfor %}";
+        assert_eq!(CallFormat::detect(chatml), CallFormat::Generic);
+    }
+
+    #[test]
+    fn a_call_is_recognised_by_its_start() {
+        assert_eq!(CallFormat::Hermes.starts_call("<tool"), None);
+        assert_eq!(CallFormat::Hermes.starts_call("<tool_call>\n{"), Some(true));
+        assert_eq!(CallFormat::Hermes.starts_call("<b>"), Some(false));
+        assert_eq!(CallFormat::Hermes.starts_call("Hello"), Some(false));
+        assert_eq!(CallFormat::Generic.starts_call("{\"tool"), Some(true));
+        assert_eq!(CallFormat::Generic.starts_call("Sure"), Some(false));
+        assert_eq!(CallFormat::Generic.starts_call(""), None);
+    }
+
+    #[test]
+    fn grammars_per_choice() {
+        let f = FunctionSpec {
+            name: "f".into(),
+            description: None,
+            parameters: json!({"type": "object"}),
+        };
+        let tools = |choice| ToolRequest {
+            functions: vec![f.clone()],
+            choice,
+            parallel: true,
+            max_calls: 3,
+        };
+        let auto = CallFormat::Hermes.grammar(&tools(Choice::Auto));
+        assert!(auto.starts_with("start: calls | text\n"), "{auto}");
+        assert!(
+            auto.contains("calls: call (\"\\n\" call (\"\\n\" call )?)?\n"),
+            "{auto}"
+        );
+        let named = CallFormat::Hermes.grammar(&tools(Choice::Named("f".into())));
+        assert!(named.starts_with("start: calls\ncalls: call \n"), "{named}");
+        let generic = CallFormat::Generic.grammar(&tools(Choice::Required));
+        assert!(
+            generic.starts_with("start: calls\ncalls: %json {"),
+            "{generic}"
+        );
+        assert!(generic.contains("\"maxItems\":3"), "{generic}");
+    }
+}

@@ -1,0 +1,166 @@
+//! How the offered functions, earlier calls and their results reach the model.
+//!
+//! A template that renders `tools` gets them as `apply_chat_template(tools=...)` passes
+//! them, and the conversation as it is (assistant turns with `tool_calls`, `tool` turns
+//! with `tool_call_id`). Any other template gets the documented fallback: the functions
+//! and the generic call form described at the end of the system turn, earlier calls
+//! written in that form as the assistant's text, and each result as a user turn that
+//! names the call it answers.
+
+use chorus_model::ChatMessage;
+use serde_json::{json, Value};
+
+use super::{CallFormat, Choice, ToolRequest};
+
+/// The messages and `tools` value to render the conversation with.
+pub fn prepare(
+    knows_tools: bool,
+    tools: Option<&ToolRequest>,
+    messages: Vec<ChatMessage>,
+) -> (Vec<ChatMessage>, Option<Value>) {
+    let offered = tools.filter(|t| t.active());
+    if knows_tools {
+        let value = offered.map(|t| Value::Array(t.callable().map(|f| f.to_openai()).collect()));
+        return (messages, value);
+    }
+    let mut messages: Vec<ChatMessage> = messages.into_iter().map(fallback_turn).collect();
+    if let Some(t) = offered {
+        let text = describe(t);
+        match messages.first_mut().filter(|m| m.role == "system") {
+            Some(system) => {
+                system.content.push_str("\n\n");
+                system.content.push_str(&text);
+            }
+            None => messages.insert(0, ChatMessage::new("system", text)),
+        }
+    }
+    (messages, None)
+}
+
+/// The system text that tells a model without native tools what it may call and how.
+fn describe(tools: &ToolRequest) -> String {
+    let mut text = String::from("You can call these functions:\n");
+    for f in tools.callable() {
+        let entry = json!({
+            "name": f.name,
+            "description": f.description.clone().unwrap_or_default(),
+            "parameters": f.parameters,
+        });
+        text.push_str(&entry.to_string());
+        text.push('\n');
+    }
+    text.push_str(
+        "To call functions, reply with only this JSON: {\"tool_calls\": [{\"name\": \"<function name>\", \"arguments\": {<arguments>}}]}",
+    );
+    if tools.choice == Choice::Auto {
+        text.push_str(
+            "\nOtherwise, answer in plain text. Once a function's result is given, answer the user with it in plain text.",
+        );
+    }
+    text
+}
+
+/// A turn as a template without tools can show it.
+fn fallback_turn(mut m: ChatMessage) -> ChatMessage {
+    if let Some(calls) = m.tool_calls.take() {
+        let calls: Vec<Value> = calls
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let f = &c["function"];
+                json!({"name": f["name"], "arguments": f["arguments"]})
+            })
+            .collect();
+        let written = json!({ "tool_calls": calls }).to_string();
+        m.content = match m.content.is_empty() {
+            true => written,
+            false => format!("{}\n{written}", m.content),
+        };
+    }
+    if m.role == "tool" {
+        let name = m.name.take().unwrap_or_else(|| "the function".into());
+        let id = m.tool_call_id.take().unwrap_or_default();
+        m.role = "user".into();
+        m.content = format!("Result of {name} (call {id}):\n{}", m.content);
+    }
+    m
+}
+
+/// The call syntax the model will be held to.
+pub fn format_for(knows_tools: bool, template_source: &str) -> CallFormat {
+    match knows_tools {
+        true => CallFormat::detect(template_source),
+        false => CallFormat::Generic,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tools::FunctionSpec;
+
+    fn tools(choice: Choice) -> ToolRequest {
+        ToolRequest {
+            functions: vec![FunctionSpec {
+                name: "get_weather".into(),
+                description: Some("Weather in a city".into()),
+                parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+            }],
+            choice,
+            parallel: true,
+            max_calls: 8,
+        }
+    }
+
+    fn history() -> Vec<ChatMessage> {
+        vec![
+            ChatMessage::new("user", "Weather in Paris?"),
+            ChatMessage {
+                tool_calls: Some(json!([{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                }])),
+                ..ChatMessage::new("assistant", "")
+            },
+            ChatMessage {
+                tool_call_id: Some("call_1".into()),
+                name: Some("get_weather".into()),
+                ..ChatMessage::new("tool", "sunny, 21 C")
+            },
+        ]
+    }
+
+    #[test]
+    fn a_template_with_tools_gets_them_and_the_history_as_it_is() {
+        let (messages, value) = prepare(true, Some(&tools(Choice::Auto)), history());
+        assert_eq!(messages, history());
+        let value = value.expect("tools passed");
+        assert_eq!(value[0]["function"]["name"], "get_weather");
+        assert_eq!(value[0]["type"], "function");
+        // `none`: the model is not shown the tools.
+        assert!(prepare(true, Some(&tools(Choice::None)), history())
+            .1
+            .is_none());
+    }
+
+    #[test]
+    fn the_fallback_writes_calls_and_results_as_text() {
+        let (messages, value) = prepare(false, Some(&tools(Choice::Required)), history());
+        assert!(value.is_none());
+        assert_eq!(messages[0].role, "system");
+        assert!(messages[0].content.contains("\"name\":\"get_weather\""));
+        assert!(messages[0].content.contains("{\"tool_calls\": ["));
+        let written: Value = serde_json::from_str(&messages[2].content).expect("JSON");
+        assert_eq!(
+            written,
+            json!({"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]})
+        );
+        assert!(messages[2].tool_calls.is_none());
+        assert_eq!(messages[3].role, "user");
+        assert_eq!(
+            messages[3].content,
+            "Result of get_weather (call call_1):\nsunny, 21 C"
+        );
+    }
+}

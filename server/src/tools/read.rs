@@ -1,0 +1,145 @@
+//! Reading an answer back: is it text or calls, and which calls. The constraint made
+//! every call parse, so reading is exact; an answer cut short by `max_tokens` is returned
+//! as the text it is.
+
+use serde_json::Value;
+
+use super::{call_id, CallFormat, Choice};
+
+/// One call the model made, as the API returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments object as JSON text (`"{}"` when the function takes none).
+    pub arguments: String,
+}
+
+/// How to read a request's answers.
+#[derive(Debug, Clone)]
+pub struct CallReader {
+    pub format: CallFormat,
+    pub choice: Choice,
+}
+
+/// What the start of an answer says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Undecided,
+    Text,
+    Calls,
+}
+
+impl CallReader {
+    /// Whether the answer that starts with `text` is text or calls.
+    pub fn decide(&self, text: &str) -> Decision {
+        if matches!(self.choice, Choice::Required | Choice::Named(_)) {
+            return Decision::Calls;
+        }
+        match self.format.starts_call(text.trim_start()) {
+            Some(true) => Decision::Calls,
+            Some(false) => Decision::Text,
+            None => Decision::Undecided,
+        }
+    }
+
+    /// The calls in a whole answer, or `None` when it is text (or did not finish).
+    pub fn calls(&self, text: &str) -> Option<Vec<ToolCall>> {
+        if self.decide(text) == Decision::Text {
+            return None;
+        }
+        let key = self.format.arguments_key();
+        let body = match self.format {
+            CallFormat::Hermes => text.replace("<tool_call>", "").replace("</tool_call>", ""),
+            _ => text.replace("<|python_tag|>", ""),
+        };
+        let mut calls = Vec::new();
+        for value in serde_json::Deserializer::from_str(&body).into_iter::<Value>() {
+            let value = value.ok()?;
+            let items = match self.format {
+                CallFormat::Generic => value.get("tool_calls")?.as_array()?.clone(),
+                _ => vec![value],
+            };
+            for item in items {
+                let name = item.get("name")?.as_str()?.to_string();
+                let arguments = match item.get(key) {
+                    Some(Value::Object(args)) => Value::Object(args.clone()).to_string(),
+                    None | Some(Value::Null) => "{}".to_string(),
+                    Some(_) => return None,
+                };
+                calls.push(ToolCall {
+                    id: call_id(),
+                    name,
+                    arguments,
+                });
+            }
+        }
+        (!calls.is_empty()).then_some(calls)
+    }
+
+    /// `finish_reason` of an answer that made calls (OpenAI: `tool_calls`, but `stop`
+    /// when the function was named in `tool_choice`).
+    pub fn finish_reason(&self) -> &'static str {
+        match self.choice {
+            Choice::Named(_) => "stop",
+            _ => "tool_calls",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(format: CallFormat, choice: Choice) -> CallReader {
+        CallReader { format, choice }
+    }
+
+    #[test]
+    fn generic_calls_and_text() {
+        let r = reader(CallFormat::Generic, Choice::Auto);
+        let text = r#"{"tool_calls": [{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]}"#;
+        let calls = r.calls(text).expect("calls");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(
+            (calls[0].name.as_str(), calls[0].arguments.as_str()),
+            ("a", r#"{"x":1}"#)
+        );
+        assert_eq!(calls[1].arguments, "{}");
+        assert_ne!(calls[0].id, calls[1].id);
+        assert_eq!(r.calls("It is sunny."), None);
+        assert_eq!(r.decide("  "), Decision::Undecided);
+        assert_eq!(r.decide(" Sure"), Decision::Text);
+        // Cut short by max_tokens: not calls.
+        assert_eq!(r.calls(r#"{"tool_calls": [{"name": "a", "argu"#), None);
+    }
+
+    #[test]
+    fn hermes_blocks() {
+        let r = reader(CallFormat::Hermes, Choice::Required);
+        let text = "<tool_call>\n{\"name\": \"a\", \"arguments\": {\"x\": \"y\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"b\", \"arguments\": {}}\n</tool_call>";
+        let calls = r.calls(text).expect("calls");
+        assert_eq!(
+            calls.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        // The tags may be special tokens the decoder skips: the JSON alone reads the same.
+        let bare = "\n{\"name\": \"a\", \"arguments\": {\"x\": \"y\"}}\n";
+        assert_eq!(r.calls(bare).expect("calls")[0].arguments, r#"{"x":"y"}"#);
+        assert_eq!(r.decide("anything"), Decision::Calls);
+    }
+
+    #[test]
+    fn llama3_json() {
+        let r = reader(CallFormat::Llama3Json, Choice::Named("a".into()));
+        let calls = r
+            .calls(r#"{"name": "a", "parameters": {"q": 2}}"#)
+            .expect("calls");
+        assert_eq!(calls[0].arguments, r#"{"q":2}"#);
+        assert_eq!(r.finish_reason(), "stop");
+        assert_eq!(
+            reader(CallFormat::Generic, Choice::Auto).finish_reason(),
+            "tool_calls"
+        );
+    }
+}

@@ -1,0 +1,249 @@
+"""Function calling through the official `openai` SDK against chorus (CHORUS_URL, the
+default model, whose template knows nothing of tools: the generic JSON form). Every call
+the server returns must parse and validate against its function's schema."""
+
+import json
+import os
+
+import jsonschema
+import openai
+import pytest
+
+BASE = os.environ.get("CHORUS_URL", "http://127.0.0.1:8080")
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def client():
+    return openai.OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Current time in a time zone",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 40}},
+            "required": ["zone"],
+        },
+    },
+}
+NO_ARGS = {"type": "function", "function": {"name": "roll_die", "description": "Roll a die"}}
+
+# Schemas with nested objects, enums, arrays and bounded integers.
+SCHEMAS = [
+    WEATHER,
+    {"type": "function", "function": {"name": "book", "parameters": {
+        "type": "object",
+        "properties": {
+            "guest": {"type": "object", "properties": {
+                "name": {"type": "string", "maxLength": 30},
+                "age": {"type": "integer", "minimum": 18, "maximum": 120},
+            }, "required": ["name", "age"], "additionalProperties": False},
+            "nights": {"type": "integer", "minimum": 1, "maximum": 14},
+            "room": {"type": "string", "enum": ["single", "double", "suite"]},
+        },
+        "required": ["guest", "nights", "room"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "tag", "parameters": {
+        "type": "object",
+        "properties": {
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                     "minItems": 1, "maxItems": 4},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "urgent": {"type": "boolean"},
+        },
+        "required": ["tags", "score", "urgent"], "additionalProperties": False}}},
+]
+
+
+def ask(content="What is the weather in Paris?"):
+    return [{"role": "user", "content": content}]
+
+
+def params(tool):
+    return tool["function"].get("parameters", {"type": "object", "properties": {}})
+
+
+def check_calls(message, tools):
+    assert message.tool_calls, message
+    by_name = {t["function"]["name"]: t for t in tools}
+    for call in message.tool_calls:
+        assert call.type == "function"
+        assert call.id.startswith("call_")
+        assert call.function.name in by_name
+        args = json.loads(call.function.arguments)
+        jsonschema.validate(args, params(by_name[call.function.name]))
+    return message.tool_calls
+
+
+def test_required_calls_a_function_with_valid_arguments(client):
+    r = client.chat.completions.create(model=MODEL, messages=ask(), tools=[WEATHER, TIME],
+                                       tool_choice="required", max_tokens=100, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    check_calls(choice.message, [WEATHER, TIME])
+
+
+def test_named_function_is_the_one_called(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ask(), tools=[WEATHER, TIME], max_tokens=100, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_time"}})
+    calls = check_calls(r.choices[0].message, [WEATHER, TIME])
+    assert [c.function.name for c in calls] == ["get_time"]
+    # OpenAI ends a named call with "stop".
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_none_answers_in_text(client):
+    r = client.chat.completions.create(model=MODEL, messages=ask(), tools=[WEATHER],
+                                       tool_choice="none", max_tokens=16, temperature=0)
+    assert r.choices[0].message.tool_calls is None
+    assert r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_auto_is_text_or_valid_calls(client):
+    for i, q in enumerate(["Hello! How are you?", "What is the weather in Paris?",
+                           "Call get_weather for Tokyo in celsius."]):
+        r = client.chat.completions.create(model=MODEL, messages=ask(q), tools=[WEATHER],
+                                           max_tokens=60, temperature=0.8, seed=i)
+        m = r.choices[0].message
+        if m.tool_calls:
+            check_calls(m, [WEATHER])
+            assert r.choices[0].finish_reason == "tool_calls"
+        else:
+            assert m.content is not None
+
+
+def test_a_function_without_parameters_gets_empty_object_arguments(client):
+    r = client.chat.completions.create(model=MODEL, messages=ask("Roll a die."), tools=[NO_ARGS],
+                                       tool_choice="required", parallel_tool_calls=False,
+                                       max_tokens=40, temperature=0)
+    assert r.choices[0].message.tool_calls[0].function.arguments == "{}"
+
+
+def test_parallel_off_gives_at_most_one_call(client):
+    for seed in range(5):
+        r = client.chat.completions.create(
+            model=MODEL, messages=ask("Weather in Paris and the time in Tokyo?"),
+            tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False,
+            max_tokens=120, temperature=1.0, seed=seed)
+        assert len(check_calls(r.choices[0].message, [WEATHER, TIME])) == 1
+
+
+def test_parallel_on_allows_several_calls(client):
+    most = 0
+    for seed in range(8):
+        r = client.chat.completions.create(
+            model=MODEL, messages=ask("Weather in Paris and the time in Tokyo?"),
+            tools=[WEATHER, TIME], tool_choice="required", max_tokens=160,
+            temperature=1.0, seed=seed)
+        if r.choices[0].finish_reason == "length":
+            continue
+        most = max(most, len(check_calls(r.choices[0].message, [WEATHER, TIME])))
+    assert most >= 1
+    # Never more than --max-tool-calls (4) in one answer.
+    assert most <= 4
+
+
+def test_fifty_required_calls_all_validate(client):
+    for i in range(50):
+        tool = SCHEMAS[i % len(SCHEMAS)]
+        r = client.chat.completions.create(
+            model=MODEL, messages=ask(f"Request {i}: please use the tool."), tools=[tool],
+            tool_choice="required", parallel_tool_calls=False, max_tokens=200, temperature=1.0,
+            seed=i)
+        assert r.choices[0].finish_reason == "tool_calls", r
+        check_calls(r.choices[0].message, [tool])
+
+
+def test_streamed_deltas_reassemble_to_the_same_call(client):
+    kwargs = dict(model=MODEL, messages=ask(), tools=[WEATHER], tool_choice="required",
+                  max_tokens=100, temperature=0, seed=7)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
+    with client.chat.completions.stream(**kwargs) as stream:
+        deltas = []
+        for event in stream:
+            if event.type == "chunk" and event.chunk.choices:
+                d = event.chunk.choices[0].delta
+                if d.tool_calls is not None:
+                    assert d.tool_calls, "an empty tool_calls array"
+                    deltas.extend(d.tool_calls)
+        final = stream.get_final_completion()
+    first = deltas[0]
+    assert first.index == 0 and first.id and first.type == "function"
+    assert first.function.name == "get_weather" and first.function.arguments == ""
+    assert all(d.id is None and d.function.name is None for d in deltas[1:])
+    call = final.choices[0].message.tool_calls[0]
+    assert call.function.name == whole.function.name
+    assert call.function.arguments == whole.function.arguments
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_a_second_turn_with_the_result_is_answered(client):
+    first = client.chat.completions.create(model=MODEL, messages=ask(), tools=[WEATHER],
+                                           tool_choice="required", max_tokens=100, temperature=0)
+    call = first.choices[0].message.tool_calls[0]
+    messages = ask() + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 degrees celsius."},
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER],
+                                       tool_choice="none", max_tokens=30, temperature=0)
+    assert r.choices[0].message.content
+    # Rendered: the call and its result are in the prompt.
+    alone = client.chat.completions.create(model=MODEL, messages=ask(), max_tokens=1)
+    assert r.usage.prompt_tokens > alone.usage.prompt_tokens + 20
+
+
+def bad(client, field, **kwargs):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, max_tokens=4, **kwargs)
+    assert e.value.body["param"] == field, e.value.body
+    return e.value.body["message"]
+
+
+def test_bad_tool_requests_name_the_field(client):
+    bad(client, "tool_choice", messages=ask(), tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "nope"}})
+    bad(client, "tool_choice", messages=ask(), tool_choice="required")
+    unenforceable = {"type": "function", "function": {"name": "x", "parameters": {
+        "type": "object", "if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]}}}}
+    bad(client, "tools", messages=ask(), tools=[unenforceable], tool_choice="required")
+    bad(client, "messages", tools=[WEATHER], messages=ask() + [
+        {"role": "tool", "tool_call_id": "call_unknown", "content": "x"}])
+    bad(client, "response_format", messages=ask(), tools=[WEATHER],
+        response_format={"type": "json_object"})
+
+
+def test_tool_calls_are_counted_in_metrics(client):
+    import urllib.request
+
+    def count():
+        text = urllib.request.urlopen(f"{BASE}/metrics").read().decode()
+        lines = [l for l in text.splitlines() if l.startswith("chorus_tool_calls_total")]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    before = count()
+    client.chat.completions.create(model=MODEL, messages=ask(), tools=[WEATHER],
+                                   tool_choice="required", max_tokens=100, temperature=0)
+    assert count() >= before + 1
