@@ -75,3 +75,4 @@ fi
 CHORUS_URL="$url" node tests/browser/chat.test.mjs
 CHORUS_URL="$gemma_url" CHORUS_MODEL=gemma3-270m SCREENSHOT_DIR= node tests/browser/chat.test.mjs
 CHORUS_URL="$key_url" CHORUS_KEY=test-key PAGE_PORT="$page_port" node tests/browser/key-and-cors.test.mjs
+CHORUS_URL="$url" node tests/browser/scheduler.test.mjs

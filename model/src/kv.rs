@@ -76,6 +76,24 @@ impl BlockAllocator {
         self.evictable.len()
     }
 
+    /// Sequences referencing block `id`.
+    pub fn refs(&self, id: u32) -> u32 {
+        self.refs.get(id as usize).copied().unwrap_or(0)
+    }
+
+    /// Each block's state in pool order, one character each: `u` in use by one
+    /// sequence, `s` shared by several, `c` cached (reusable, no references), `f` free.
+    pub fn map(&self) -> String {
+        (0..self.total())
+            .map(|i| match (self.refs[i], self.hash[i].is_some()) {
+                (0, true) => 'c',
+                (0, false) => 'f',
+                (1, _) => 'u',
+                _ => 's',
+            })
+            .collect()
+    }
+
     pub fn allocate(&mut self) -> Option<u32> {
         let id = match self.free.pop() {
             Some(id) => id,

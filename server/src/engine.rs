@@ -145,6 +145,8 @@ pub struct ModelInfo {
 #[derive(Clone)]
 pub struct Engine {
     pub(crate) tx: mpsc::Sender<Submission>,
+    /// The live scheduler view.
+    pub live: Arc<crate::live::Live>,
     pub stats: Arc<Stats>,
     pub info: Arc<ModelInfo>,
     pub max_queue: usize,
@@ -214,6 +216,7 @@ mod tests {
         stats.alive.store(true, Ordering::Release);
         let engine = Engine {
             tx,
+            live: Arc::default(),
             stats,
             info: Arc::new(ModelInfo {
                 id: "tiny".into(),

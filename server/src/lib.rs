@@ -15,6 +15,7 @@
 //! - [`tools`]: function calling (what is offered, how it is prompted, the constraint that
 //!   holds calls to their schemas, reading calls back), shared by every endpoint.
 //! - [`metrics`]: Prometheus counters, gauges and histograms for `/metrics`.
+//! - [`live`]: the live scheduler view's snapshots (`/scheduler/stream`, `/scheduler`).
 //! - `serve`: the accept loop (idle-connection timeout, graceful shutdown).
 //! - [`error`]: every client-visible failure, mapped once to status + envelope.
 //! - [`auth`]: `--api-key` and CORS.
@@ -27,6 +28,7 @@ pub mod engine;
 pub mod error;
 pub mod grammar;
 pub mod hub;
+pub mod live;
 pub mod logprobs;
 pub mod metrics;
 pub mod models_cmd;
@@ -170,12 +172,14 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/completions", post(routes::chat::completions))
         .route("/tokenize", post(routes::tokenize::tokenize))
         .route("/detokenize", post(routes::tokenize::detokenize))
+        .route("/scheduler/stream", get(routes::scheduler::stream))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
         ));
     let app = Router::new()
         .route("/", get(routes::web::index))
+        .route("/scheduler", get(routes::web::scheduler))
         .route("/health", get(routes::health::health))
         .route("/metrics", get(routes::health::metrics))
         .merge(api)
@@ -394,8 +398,10 @@ fn start_engine(
         .alive
         .store(true, std::sync::atomic::Ordering::Release);
     let (tx, rx) = mpsc::channel();
+    let stats_live = Arc::new(live::Live::default());
     let engine = Engine {
         tx,
+        live: stats_live.clone(),
         stats: stats.clone(),
         info: Arc::new(ModelInfo {
             id: served_name,
@@ -412,6 +418,10 @@ fn start_engine(
     };
     let worker = Worker {
         metrics,
+        live: stats_live.clone(),
+        step_log: live::StepLog::default(),
+        last_publish: std::time::Instant::now(),
+        started_at: std::time::Instant::now(),
         queue_timeout: std::time::Duration::from_secs(config.request_timeout),
         model: loaded.model,
         tokenizer,

@@ -46,6 +46,46 @@ pub struct Scheduled {
     pub samples: bool,
 }
 
+/// Where a sequence is, for the live view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeqState {
+    /// Running, computing its prompt (or recomputing after preemption).
+    Prefill,
+    /// Running, one token per step.
+    Decode,
+    /// Pushed back to the queue for lack of KV blocks; will be recomputed.
+    Preempted,
+    /// Queued, not started yet.
+    Waiting,
+}
+
+/// One sequence's share of the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqView {
+    pub id: SeqId,
+    pub state: SeqState,
+    /// Tokens whose keys and values are in the cache.
+    pub computed: usize,
+    /// Tokens known (prompt and generated).
+    pub tokens: usize,
+    pub blocks: usize,
+    /// Blocks also held by another sequence (the prefix cache, `n` forks).
+    pub shared_blocks: usize,
+}
+
+/// The KV block pool.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PoolView {
+    pub total: usize,
+    pub used: usize,
+    /// Holding a finished prompt's blocks for reuse; taken when space is needed.
+    pub cached_free: usize,
+    pub free: usize,
+    /// One character per block: `u` used, `s` shared, `c` cached, `f` free.
+    pub map: String,
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub batch: Vec<Scheduled>,
@@ -265,6 +305,39 @@ impl Scheduler {
     }
 
     /// Decides this step's batch and advances every scheduled sequence's progress.
+    /// What the live view shows: every running and waiting sequence's progress and
+    /// blocks, and the pool's state. Read-only, and computed only when asked for.
+    pub fn view(&self) -> (Vec<SeqView>, PoolView) {
+        let seq = |id: SeqId, running: bool| {
+            let e = &self.entries[&id];
+            let state = match (running, e.started, e.ids.len() - e.computed) {
+                // 0: its token of this step is being drawn.
+                (true, _, 0 | 1) => SeqState::Decode,
+                (true, _, _) => SeqState::Prefill,
+                (false, true, _) => SeqState::Preempted,
+                (false, false, _) => SeqState::Waiting,
+            };
+            SeqView {
+                id,
+                state,
+                computed: e.computed,
+                tokens: e.ids.len(),
+                blocks: e.blocks.len(),
+                shared_blocks: e.blocks.iter().filter(|&&b| self.alloc.refs(b) > 1).count(),
+            }
+        };
+        let mut seqs: Vec<SeqView> = self.running.iter().map(|&id| seq(id, true)).collect();
+        seqs.extend(self.waiting.iter().map(|&id| seq(id, false)));
+        let pool = PoolView {
+            total: self.alloc.total(),
+            used: self.alloc.used(),
+            cached_free: self.alloc.cached(),
+            free: self.alloc.free_count() - self.alloc.cached(),
+            map: self.alloc.map(),
+        };
+        (seqs, pool)
+    }
+
     pub fn schedule(&mut self) -> Plan {
         let mut plan = Plan::default();
         let mut budget = self.cfg.max_batch_tokens;
@@ -714,6 +787,48 @@ mod tests {
         let mut s = sched(8, 16, 100);
         s.add(2, &toks(2, 40), 100).unwrap();
         assert_eq!(lens(&step(&mut s)), vec![(2, 16)]);
+    }
+
+    /// The view reports what the scheduler holds: states, progress, blocks, sharing.
+    #[test]
+    fn the_view_agrees_with_the_scheduler() {
+        let mut s = sched(4, 64, 20);
+        s.add(1, &toks(1, 40), 100).unwrap();
+        s.add(2, &toks(2, 10), 100).unwrap();
+        s.add(3, &toks(3, 10), 100).unwrap();
+        s.schedule();
+        // A fork shares its parent's full blocks (and copies the partly filled one).
+        s.fork(1, 4).expect("a free slot");
+        for id in 1..=4 {
+            s.append_token(id, 0);
+        }
+        s.add(9, &toks(9, 10), 100).unwrap();
+        let (seqs, pool) = s.view();
+        let find = |seqs: &[SeqView], id| seqs.iter().find(|v| v.id == id).cloned();
+        let one = find(&seqs, 1).expect("listed");
+        assert_eq!(one.state, SeqState::Decode);
+        assert_eq!(
+            (one.computed, one.tokens, one.blocks),
+            (40, 41, blocks_for(40))
+        );
+        assert_eq!(one.shared_blocks, 2);
+        assert_eq!(find(&seqs, 4).expect("listed").shared_blocks, 2);
+        assert_eq!(find(&seqs, 2).expect("listed").shared_blocks, 0);
+        assert_eq!(find(&seqs, 9).expect("listed").state, SeqState::Waiting);
+        assert_eq!(pool.used, blocks_for(40) + 1 + 2 * blocks_for(10));
+        assert_eq!(pool.free + pool.cached_free + pool.used, pool.total);
+        assert_eq!(pool.map.len(), 20);
+        assert_eq!(pool.map.matches('s').count(), 2);
+        assert_eq!(pool.map.matches('u').count(), pool.used - 2);
+
+        // Finished prompts' registered blocks stay cached for reuse.
+        step(&mut s);
+        s.finish(1);
+        s.finish(4);
+        let (seqs, pool) = s.view();
+        assert!(pool.cached_free >= 2, "{pool:?}");
+        assert_eq!(pool.map.matches('c').count(), pool.cached_free);
+        assert!(find(&seqs, 1).is_none());
     }
 
     #[test]

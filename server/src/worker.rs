@@ -20,9 +20,15 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::engine::{Event, Failure, FinishReason, Stats, Submission, TokenLogprob};
 use crate::grammar::Constraint;
+use crate::live::{
+    self, Live, QueueSnapshot, SeqSnapshot, Snapshot, StepLog, StepSnapshot, Totals,
+};
 use crate::metrics::Metrics;
 use crate::openai::Usage;
-use crate::scheduler::{Scheduled, Scheduler, SeqId};
+use crate::scheduler::{Scheduled, Scheduler, SeqId, SeqState};
+
+/// How often an idle worker wakes to refresh the live view (when someone watches).
+const IDLE_WAKE: Duration = Duration::from_millis(250);
 
 /// A sequence's generation state, beside the scheduler's bookkeeping. Each choice of a
 /// request is one sequence; they share the request's event channel.
@@ -116,6 +122,11 @@ struct Pick {
 
 pub(crate) struct Worker {
     pub metrics: Arc<Metrics>,
+    /// The live scheduler view: snapshots while someone watches.
+    pub live: Arc<Live>,
+    pub step_log: StepLog,
+    pub last_publish: Instant,
+    pub started_at: Instant,
     /// How long a request may wait in the queue before it is refused.
     pub queue_timeout: Duration,
     pub model: Transformer,
@@ -143,11 +154,13 @@ impl Worker {
         self.publish();
         let mut seqs: HashMap<SeqId, Seq> = HashMap::new();
         loop {
-            // Idle: block until something arrives; the channel closing means shutdown.
-            if seqs.is_empty() {
-                match self.rx.recv() {
+            // Idle: block until something arrives (waking now and then to show a watcher
+            // the idle engine); the channel closing means shutdown.
+            while seqs.is_empty() {
+                match self.rx.recv_timeout(IDLE_WAKE) {
                     Ok(s) => self.admit(s, &mut seqs),
-                    Err(_) => return,
+                    Err(mpsc::RecvTimeoutError::Timeout) => self.publish_view(&seqs),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
             while let Ok(s) = self.rx.try_recv() {
@@ -160,7 +173,64 @@ impl Worker {
             }
             self.step(&mut seqs);
             self.publish();
+            self.publish_view(&seqs);
         }
+    }
+
+    /// Publishes the live view's snapshot if someone watches and the last one is old
+    /// enough. Built from state the worker holds; costs nothing when nobody watches.
+    fn publish_view(&mut self, seqs: &HashMap<SeqId, Seq>) {
+        if !self.live.watched() || self.last_publish.elapsed() < live::PUBLISH_EVERY {
+            return;
+        }
+        self.last_publish = Instant::now();
+        let (views, kv) = self.scheduler.view();
+        let mut oldest_wait = Duration::ZERO;
+        let mut queued = 0;
+        let sequences = views
+            .into_iter()
+            .filter_map(|v| {
+                let seq = seqs.get(&v.id)?;
+                if v.state == SeqState::Waiting {
+                    queued += 1;
+                    oldest_wait = oldest_wait.max(seq.arrived.elapsed());
+                }
+                Some(SeqSnapshot {
+                    request_id: seq.request_id.clone(),
+                    choice: seq.index,
+                    state: v.state,
+                    prompt_computed: v.computed.min(seq.prompt_len),
+                    prompt_tokens: seq.prompt_len,
+                    generated: seq.generated,
+                    max_tokens: seq.max_tokens,
+                    blocks: v.blocks,
+                    shared_blocks: v.shared_blocks,
+                })
+            })
+            .collect();
+        let (tokens_in_per_s, tokens_out_per_s) = self.step_log.rates();
+        let prompt = self.metrics.prompt_tokens.get();
+        let hits = self.metrics.prefix_cache_hits.get();
+        self.live.publish(Snapshot {
+            at_ms: self.started_at.elapsed().as_millis() as u64,
+            sequences,
+            queue: QueueSnapshot {
+                length: queued,
+                oldest_wait_ms: oldest_wait.as_millis() as u64,
+            },
+            kv,
+            steps: self.step_log.steps(),
+            totals: Totals {
+                tokens_in_per_s,
+                tokens_out_per_s,
+                preemptions: self.metrics.preemptions.get(),
+                cache_hit_rate: if prompt == 0 {
+                    0.0
+                } else {
+                    hits as f64 / prompt as f64
+                },
+            },
+        });
     }
 
     fn admit(&mut self, s: Submission, seqs: &mut HashMap<SeqId, Seq>) {
@@ -298,6 +368,18 @@ impl Worker {
             std::thread::sleep(Duration::from_millis(1));
             return;
         }
+        let began = Instant::now();
+        let decode_tokens = plan
+            .batch
+            .iter()
+            .filter(|b| b.len == 1 && b.samples)
+            .count();
+        let step = StepSnapshot {
+            ms: 0.0,
+            decode_tokens,
+            prefill_tokens: tokens - decode_tokens,
+            sequences: plan.batch.len(),
+        };
 
         // Sequences scoring their prompt want every prompt position's logits.
         let scoring: Vec<bool> = plan
@@ -418,6 +500,12 @@ impl Worker {
                     }
                 }
             }
+        }
+        if self.live.watched() {
+            self.step_log.push(StepSnapshot {
+                ms: began.elapsed().as_secs_f64() * 1e3,
+                ..step
+            });
         }
     }
 
