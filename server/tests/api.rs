@@ -436,3 +436,56 @@ async fn metrics_expose_the_designed_names_and_count_requests() {
     assert!(value("chorus_time_to_first_token_seconds_count") >= 1.0);
     assert!(value("chorus_kv_blocks_total") > 0.0);
 }
+
+/// Tokens that never form a character (a lone invalid byte, forced with logit_bias) are
+/// returned as replacement characters, one per byte, none lost at the end (before the
+/// fix the decoder held them all, re-decoding its growing window every token, and
+/// dropped them when generation ended).
+#[tokio::test]
+async fn forced_invalid_bytes_come_back_whole() {
+    let url = base().await;
+    let mut byte = None;
+    for id in 0..400u32 {
+        let (_, v) = post(&url, "/detokenize", &json!({"tokens": [id, id]})).await;
+        if v["prompt"] == "\u{fffd}\u{fffd}" {
+            byte = Some(id);
+            break;
+        }
+    }
+    let byte = byte.expect("a token for a lone invalid byte");
+    let n = 300;
+    let body = chat(
+        "Hi",
+        json!({"max_tokens": n, "ignore_eos": true, "temperature": 0,
+               "logit_bias": {byte.to_string(): 100}}),
+    );
+    let (status, v) = post(&url, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    assert_eq!(text.chars().count(), n, "{text:?}");
+    assert!(text.chars().all(|c| c == '\u{fffd}'));
+    // Streamed, the same text.
+    let events = common::stream_events(
+        &url,
+        "/v1/chat/completions",
+        &chat(
+            "Hi",
+            json!({"max_tokens": n, "ignore_eos": true, "temperature": 0, "stream": true,
+                   "logit_bias": {byte.to_string(): 100}}),
+        ),
+    )
+    .await;
+    let streamed: String = events
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]")
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|e| {
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(streamed, text);
+}
