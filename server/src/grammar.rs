@@ -3,7 +3,8 @@
 //! so the output always parses (and follows the schema). Also the byte string of every
 //! token, which log-probabilities report.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use chorus_model::Tokenizer;
 use llguidance::api::TopLevelGrammar;
@@ -53,7 +54,13 @@ pub struct Grammars {
     factory: ParserFactory,
     /// The bytes of every token (special tokens: their text).
     token_bytes: Vec<Vec<u8>>,
+    /// Recently compiled grammars, most recent last: agents send the same tools every
+    /// turn, and compiling one can take a second; a hit is a copy of the compiled state.
+    compiled: Mutex<VecDeque<(String, Matcher)>>,
 }
+
+/// Compiled grammars kept.
+const COMPILED_KEPT: usize = 64;
 
 struct Env {
     trie: TokTrie,
@@ -107,6 +114,7 @@ impl Grammars {
         Ok(Self {
             factory,
             token_bytes,
+            compiled: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -124,25 +132,49 @@ impl Grammars {
                 })
             });
         }
-        self.compile(TopLevelGrammar::from_json_schema(schema))
+        let key = format!("json:{schema}");
+        self.compile(key, || TopLevelGrammar::from_json_schema(schema))
     }
 
     /// A constraint from a grammar in llguidance's Lark dialect (which embeds JSON
     /// schemas with `%json`): function calls use it.
     pub fn lark(&self, grammar: String) -> Result<Constraint, String> {
-        self.compile(TopLevelGrammar::from_lark(grammar))
+        let key = format!("lark:{grammar}");
+        self.compile(key, || TopLevelGrammar::from_lark(grammar))
     }
 
-    fn compile(&self, grammar: TopLevelGrammar) -> Result<Constraint, String> {
+    /// Compiles the grammar, or copies the compiled one kept under `key`.
+    fn compile(
+        &self,
+        key: String,
+        grammar: impl FnOnce() -> TopLevelGrammar,
+    ) -> Result<Constraint, String> {
+        if let Ok(mut kept) = self.compiled.lock() {
+            let hit = kept
+                .iter()
+                .position(|(k, _)| *k == key)
+                .and_then(|i| kept.remove(i));
+            if let Some(hit) = hit {
+                let copy = hit.1.deep_clone();
+                kept.push_back(hit);
+                return Ok(Constraint(copy));
+            }
+        }
         let parser = self
             .factory
-            .create_parser(grammar)
+            .create_parser(grammar())
             .map_err(|e| e.to_string())?;
         let matcher = Matcher::new(Ok(parser));
-        match matcher.get_error() {
-            Some(e) => Err(e),
-            None => Ok(Constraint(matcher)),
+        if let Some(e) = matcher.get_error() {
+            return Err(e);
         }
+        if let Ok(mut kept) = self.compiled.lock() {
+            if kept.len() == COMPILED_KEPT {
+                kept.pop_front();
+            }
+            kept.push_back((key, matcher.deep_clone()));
+        }
+        Ok(Constraint(matcher))
     }
 
     pub fn token_bytes(&self, id: u32) -> &[u8] {
