@@ -68,6 +68,14 @@ pub struct Config {
     #[arg(long, env = "CHORUS_MAX_BATCH_TOKENS", default_value_t = 128)]
     pub max_batch_tokens: usize,
 
+    /// Context positions whose attention costs as much as computing one token: a step's
+    /// --max-batch-tokens budget counts a token at position p as 1 + p / this, so a long
+    /// conversation's new turn is prefilled in smaller chunks and decoding streams keep
+    /// their pace, at the cost of later first tokens (0, the default: every token counts
+    /// 1; 1024 halved the p99 inter-token latency of a 10-turn chat, benches/RESULTS.md).
+    #[arg(long, env = "CHORUS_CONTEXT_COST", default_value_t = 0)]
+    pub context_cost: usize,
+
     /// Memory for the KV cache, in MiB; fixes how many tokens can be held at once.
     #[arg(long, env = "CHORUS_KV_CACHE_MB", default_value_t = 768)]
     pub kv_cache_mb: usize,

@@ -430,6 +430,7 @@ fn start_engine(
             max_running: config.max_running.max(1),
             max_batch_tokens: config.max_batch_tokens.max(1),
             num_blocks,
+            context_cost: config.context_cost,
         }),
         stats,
         rx,

@@ -31,8 +31,12 @@ pub const SCORED_TOKEN_COST: usize = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
     pub max_running: usize,
+    /// The step budget, in tokens of a fresh prompt.
     pub max_batch_tokens: usize,
     pub num_blocks: usize,
+    /// Context positions whose attention costs as much as computing one token (0: a
+    /// token costs 1 wherever it is).
+    pub context_cost: usize,
 }
 
 /// One sequence's share of a step.
@@ -44,6 +48,17 @@ pub struct Scheduled {
     pub len: usize,
     /// After this step every known token is in the cache: the sequence samples.
     pub samples: bool,
+}
+
+/// The attention part of the cost of positions `start..start + len`: each position `p`
+/// costs `p / per_token` (rounded up over the chunk); nothing when `per_token` is 0.
+fn context_cost(start: usize, len: usize, per_token: usize) -> usize {
+    if per_token == 0 || len == 0 {
+        return 0;
+    }
+    // Sum of start..start+len.
+    let positions = len * start + len * (len - 1) / 2;
+    positions.div_ceil(per_token)
 }
 
 /// Where a sequence is, for the live view.
@@ -354,6 +369,8 @@ impl Scheduler {
                 .partition(|id| self.entries[id].ids.len() - self.entries[id].computed == 1);
             decoding.into_iter().chain(prefilling).collect()
         };
+        // What each scheduled sequence took of the budget (given back if it is preempted).
+        let mut taken: Vec<(SeqId, usize)> = Vec::new();
         for id in order {
             // It may have been preempted to make room for an older one.
             if !self.running.contains(&id) {
@@ -362,11 +379,7 @@ impl Scheduler {
             // Every decoding sequence gets its token, whatever the budget (a budget below
             // the running count must not starve the newest streams); prefill chunks share
             // what is left.
-            let (remaining, cost) = self.remaining_and_cost(id);
-            let len = match remaining {
-                1 => 1,
-                _ => remaining.min(budget / cost),
-            };
+            let (len, cost) = self.chunk(id, budget);
             if len == 0 {
                 continue;
             }
@@ -375,14 +388,17 @@ impl Scheduler {
             // A sequence preempted after it was scheduled this step leaves the batch.
             for &victim in &plan.preempted[before..] {
                 if let Some(pos) = plan.batch.iter().position(|b| b.id == victim) {
-                    let removed = plan.batch.remove(pos).len;
-                    budget += removed * self.remaining_and_cost(victim).1;
+                    plan.batch.remove(pos);
+                    if let Some(t) = taken.iter().position(|t| t.0 == victim) {
+                        budget += taken.remove(t).1;
+                    }
                 }
             }
             if !reserved {
                 continue;
             }
-            budget = budget.saturating_sub(len * cost);
+            budget = budget.saturating_sub(cost);
+            taken.push((id, cost));
             plan.batch.push(self.advance(id, len));
         }
 
@@ -392,8 +408,7 @@ impl Scheduler {
                 break;
             };
             self.reuse_prefix(id);
-            let (remaining, cost) = self.remaining_and_cost(id);
-            let len = remaining.min(budget / cost);
+            let (len, cost) = self.chunk(id, budget);
             if len == 0 {
                 self.release_blocks(id);
                 break;
@@ -416,20 +431,39 @@ impl Scheduler {
                 e.started = true;
                 plan.started.push(id);
             }
-            budget -= len * cost;
+            budget = budget.saturating_sub(cost);
             plan.batch.push(self.advance(id, len));
         }
         plan
     }
 
-    /// Tokens `id` has left to compute, and what each costs of the step budget: a
-    /// prompt position whose logits are scored (`add_uncached`) also runs the
-    /// full-vocabulary projection, log-softmax and top-k, about a token's work again.
-    fn remaining_and_cost(&self, id: SeqId) -> (usize, usize) {
+    /// How many of `id`'s tokens run this step within `budget`, and what they cost of it.
+    /// A decoding sequence always gets its one token. A token's cost is 1, plus its
+    /// position over `context_cost` (attention over a long history is work too: a chunk
+    /// of a long conversation's new turn costs more than the same chunk of a fresh
+    /// prompt), times [`SCORED_TOKEN_COST`] for a prompt position whose logits are
+    /// scored (`add_uncached`: the full-vocabulary projection, log-softmax and top-k).
+    fn chunk(&self, id: SeqId, budget: usize) -> (usize, usize) {
         let e = &self.entries[&id];
         let remaining = e.ids.len() - e.computed;
-        let scoring = !e.reuse && remaining > 1;
-        (remaining, if scoring { SCORED_TOKEN_COST } else { 1 })
+        let weight = match !e.reuse && remaining > 1 {
+            true => SCORED_TOKEN_COST,
+            false => 1,
+        };
+        let cost = |len: usize| weight * len + context_cost(e.computed, len, self.cfg.context_cost);
+        if remaining <= 1 {
+            return (remaining, cost(remaining));
+        }
+        // The longest chunk that fits: cost grows with length.
+        let (mut lo, mut hi) = (0, remaining);
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            match cost(mid) <= budget {
+                true => lo = mid,
+                false => hi = mid - 1,
+            }
+        }
+        (lo, cost(lo))
     }
 
     /// Makes sure `id` has blocks for `len` more tokens, preempting the newest running
@@ -570,6 +604,7 @@ mod tests {
             max_running: 8,
             max_batch_tokens: 32,
             num_blocks: 5,
+            context_cost: 0,
         });
         let p: Vec<u32> = (0..20).collect();
         let q: Vec<u32> = (1000..1060).collect();
@@ -593,6 +628,7 @@ mod tests {
             max_running: 1,
             max_batch_tokens: 32,
             num_blocks: 5,
+            context_cost: 0,
         });
         full.add(1, &p, 40).unwrap();
         full.schedule();
@@ -608,6 +644,7 @@ mod tests {
             max_running: 8,
             max_batch_tokens: 9,
             num_blocks: 3,
+            context_cost: 0,
         });
         s.add(1, &(0..16).collect::<Vec<u32>>(), 24).unwrap();
         s.schedule();
@@ -636,6 +673,7 @@ mod tests {
             max_running: 4,
             max_batch_tokens: 64,
             num_blocks: 8,
+            context_cost: 0,
         });
         let prompt: Vec<u32> = (0..20).collect();
         s.add(1, &prompt, 40).unwrap();
@@ -677,6 +715,7 @@ mod tests {
             max_running,
             max_batch_tokens,
             num_blocks,
+            context_cost: 0,
         })
     }
 
@@ -829,6 +868,51 @@ mod tests {
         assert!(pool.cached_free >= 2, "{pool:?}");
         assert_eq!(pool.map.matches('c').count(), pool.cached_free);
         assert!(find(&seqs, 1).is_none());
+    }
+
+    /// With a context cost, a new turn after a long history is prefilled in smaller
+    /// chunks than a fresh prompt of the same length, within the same budget.
+    #[test]
+    fn chunks_shrink_with_the_history_they_attend_to() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_running: 8,
+            max_batch_tokens: 128,
+            num_blocks: 400,
+            context_cost: 1024,
+        });
+        // A 2,048-token history, all computed: the next turn's 100 tokens start there.
+        let history = toks(1, 2048);
+        s.add(1, &history, 4096).unwrap();
+        while s.entries[&1].computed < 2048 {
+            s.schedule();
+        }
+        s.schedule(); // registers the last blocks for reuse
+        s.finish(1);
+        let mut turn = history.clone();
+        turn.extend(toks(3, 100));
+        s.add(2, &turn, 4096).unwrap();
+        s.add(4, &toks(4, 100), 4096).unwrap();
+        let plan = s.schedule();
+        let by_id = |id| plan.batch.iter().find(|b| b.id == id).map(|b| b.len);
+        // The turn found its history in the prefix cache and pays ~3 per token there.
+        let long = by_id(2).expect("scheduled");
+        assert_eq!(s.cached_tokens(2), 2048);
+        assert!((38..=44).contains(&long), "chunk of {long}");
+        assert!(by_id(4).unwrap_or(0) <= 1, "the budget was spent: {plan:?}");
+        // Alone, a fresh prompt gets the whole budget minus its small context cost.
+        let mut fresh = sched(8, 128, 400);
+        fresh.cfg.context_cost = 1024;
+        fresh.add(5, &toks(5, 200), 4096).unwrap();
+        let plan = fresh.schedule();
+        assert!(plan.batch[0].len >= 118, "{plan:?}");
+    }
+
+    #[test]
+    fn context_cost_sums_positions() {
+        assert_eq!(context_cost(0, 10, 0), 0);
+        assert_eq!(context_cost(0, 4, 2), 3); // (0 + 1 + 2 + 3) / 2
+        assert_eq!(context_cost(2048, 1, 1024), 2);
+        assert_eq!(context_cost(1000, 10, 1024), 10); // 10045 / 1024, rounded up
     }
 
     #[test]
