@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use chorus_server::config::Config;
 use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
-use common::{chat, post, start, wait_ready};
-use serde_json::{json, Value};
+use common::{start, wait_ready};
+use serde_json::Value;
 use tokio::sync::Mutex;
 
 /// One server at a time: these tests time what the server does.
@@ -196,35 +196,4 @@ async fn an_api_key_with_a_trailing_newline_still_opens_the_api() {
             .unwrap();
         assert_eq!(r.status(), want, "{key:?}");
     }
-}
-
-/// A streamed request refused before its first token gets an HTTP status, not a 200
-/// with an error event: here one that waited past `--request-timeout` in the queue.
-#[tokio::test]
-async fn a_stream_refused_before_its_first_token_is_an_http_error() {
-    let _turn = TURN.lock().await;
-    let url = start(config(&["--max-running", "1", "--request-timeout", "1"]));
-    wait_ready(&url).await;
-    let long = {
-        let url = url.clone();
-        tokio::spawn(async move {
-            let body = chat(
-                "Write a long story.",
-                json!({"max_tokens": 300, "ignore_eos": true}),
-            );
-            post(&url, "/v1/chat/completions", &body).await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = reqwest::Client::new()
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&chat("Hi", json!({"max_tokens": 2, "stream": true})))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
-    let v: Value = r.json().await.expect("the error envelope, not a stream");
-    let message = v["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("--request-timeout"), "{v}");
-    assert_eq!(long.await.unwrap().0, 200);
 }

@@ -199,6 +199,18 @@ async fn a_request_that_waits_too_long_is_refused() {
         "{v}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+    // Streamed, the same refusal is an HTTP 503 too, not a 200 with an error event:
+    // nothing was sent before the first token.
+    let r = send_chat(&url, &chat("Hi", json!({"max_tokens": 2, "stream": true}))).await;
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.expect("the error envelope, not a stream");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--request-timeout"),
+        "{v}"
+    );
     assert_eq!(
         long.await.unwrap().0,
         200,

@@ -3,30 +3,17 @@
 // SCREENSHOT_DIR, when set, receives desktop and phone screenshots.
 
 import assert from "node:assert/strict";
-import { chromium } from "playwright-core";
+import { launch, sleep, stepper } from "./harness.mjs";
 
 const BASE = process.env.CHORUS_URL ?? "http://127.0.0.1:8080";
 const MODEL = process.env.CHORUS_MODEL ?? "smollm2-135m-instruct";
-const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const SHOTS = process.env.SCREENSHOT_DIR;
 
-const browser = await chromium.launch({
-  executablePath: CHROMIUM,
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 
 const steps = [];
-async function step(name, fn) {
-  const t = Date.now();
-  await fn();
-  steps.push(name);
-  console.log(`ok - ${name} (${Date.now() - t} ms)`);
-}
+const step = stepper(steps);
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const lastAnswer = (page) => page.locator(".msg.assistant .content").last();
 const lastStats = (page) => page.locator(".msg.assistant .stats").last();
 

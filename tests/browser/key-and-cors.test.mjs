@@ -9,12 +9,11 @@ import { readFile } from "node:fs/promises";
 import http from "node:http";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { launch, sleep, stepper } from "./harness.mjs";
 
 const BASE = process.env.CHORUS_URL ?? "http://127.0.0.1:8080";
 const KEY = process.env.CHORUS_KEY ?? "test-key";
 const PAGE_PORT = Number(process.env.PAGE_PORT ?? 8099);
-const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const SDK_DIR = path.join(HERE, "node_modules", "openai");
 
@@ -43,22 +42,10 @@ const server = http.createServer(async (req, res) => {
 });
 await new Promise((resolve) => server.listen(PAGE_PORT, "127.0.0.1", resolve));
 
-const browser = await chromium.launch({
-  executablePath: CHROMIUM,
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 
 const steps = [];
-async function step(name, fn) {
-  const t = Date.now();
-  await fn();
-  steps.push(name);
-  console.log(`ok - ${name} (${Date.now() - t} ms)`);
-}
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const step = stepper(steps);
 
 async function running() {
   return (await (await fetch(`${BASE}/health`)).json()).running;

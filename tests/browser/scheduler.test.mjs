@@ -4,26 +4,15 @@
 // screenshot of it mid-run.
 
 import assert from "node:assert/strict";
-import { chromium } from "playwright-core";
+import { launch, sleep, stepper } from "./harness.mjs";
 
 const BASE = process.env.CHORUS_URL ?? "http://127.0.0.1:8080";
-const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const SHOTS = process.env.SCREENSHOT_DIR;
 const STREAMS = 16;
 
-const browser = await chromium.launch({
-  executablePath: CHROMIUM,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const browser = await launch();
 const steps = [];
-async function step(name, fn) {
-  const t = Date.now();
-  await fn();
-  steps.push(name);
-  console.log(`ok - ${name} (${Date.now() - t} ms)`);
-}
+const step = stepper(steps);
 
 /** One streamed request, read to its end. */
 async function stream(i) {
