@@ -146,6 +146,25 @@ pub struct Config {
     #[arg(long, env = "CHORUS_MAX_N", default_value_t = 8)]
     pub max_n: usize,
 
+    /// Directory of the server's state: stored responses (`chorus.sqlite3`). Default:
+    /// $XDG_STATE_HOME/chorus, else ~/.local/state/chorus, else ./chorus-state.
+    #[arg(long, env = "CHORUS_STATE_DIR", default_value_os_t = default_state_dir())]
+    pub state_dir: PathBuf,
+
+    /// Store no responses: `store: true` is ignored (responses say `store: false`) and
+    /// `previous_response_id` is refused.
+    #[arg(long, env = "CHORUS_NO_STORE")]
+    pub no_store: bool,
+
+    /// Hours a stored response is kept after it was created or last continued (0: no
+    /// age limit).
+    #[arg(long, env = "CHORUS_STORE_MAX_AGE", default_value_t = 30 * 24)]
+    pub store_max_age: u64,
+
+    /// Most stored responses; beyond it the least recently used are deleted.
+    #[arg(long, env = "CHORUS_STORE_MAX_RESPONSES", default_value_t = 100_000)]
+    pub store_max_responses: usize,
+
     /// Fetch the model into the cache (if needed) and exit without serving.
     #[arg(long)]
     pub download_only: bool,
@@ -153,6 +172,20 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "CHORUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// $XDG_STATE_HOME/chorus, else ~/.local/state/chorus, else ./chorus-state.
+fn default_state_dir() -> PathBuf {
+    let from = |var: &str| {
+        std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    match (from("XDG_STATE_HOME"), from("HOME")) {
+        (Some(state), _) => state.join("chorus"),
+        (None, Some(home)) => home.join(".local/state/chorus"),
+        (None, None) => PathBuf::from("chorus-state"),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -19,6 +19,13 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("{0}")]
     RouteNotFound(String),
+    /// Something the request names (a stored response) does not exist.
+    #[error("{message}")]
+    NotFound {
+        message: String,
+        param: Option<&'static str>,
+        code: &'static str,
+    },
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -46,7 +53,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) | ApiError::NotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -63,6 +72,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => ("invalid_request_error", None),
             ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             ApiError::RouteNotFound(_) => ("invalid_request_error", Some("not_found")),
+            ApiError::NotFound { code, .. } => ("invalid_request_error", Some(*code)),
             ApiError::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
             ApiError::MethodNotAllowed(_) => ("invalid_request_error", Some("method_not_allowed")),
             ApiError::PayloadTooLarge => ("invalid_request_error", Some("request_too_large")),
@@ -72,7 +82,7 @@ impl ApiError {
             ApiError::Internal(_) => ("internal_error", Some("internal_error")),
         };
         let param = match self {
-            ApiError::BadRequest { param, .. } => *param,
+            ApiError::BadRequest { param, .. } | ApiError::NotFound { param, .. } => *param,
             ApiError::ModelNotFound(_) => Some("model"),
             _ => None,
         };
@@ -124,6 +134,19 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::NotFound(id) => ApiError::NotFound {
+                message: format!("Response with id {id:?} not found."),
+                param: None,
+                code: "not_found",
+            },
+            e => ApiError::Internal(e.to_string()),
+        }
     }
 }
 

@@ -14,6 +14,9 @@
 //! - [`grammar`]: structured output (`response_format`) through llguidance.
 //! - [`tools`]: function calling (what is offered, how it is prompted, the constraint that
 //!   holds calls to their schemas, reading calls back), shared by every endpoint.
+//! - [`responses`]: the Responses API (`/v1/responses`): items in, typed events out,
+//!   conversations continued by `previous_response_id` from the [`store`] (SQLite, with
+//!   its migrations).
 //! - [`metrics`]: Prometheus counters, gauges and histograms for `/metrics`.
 //! - [`live`]: the live scheduler view's snapshots (`/scheduler/stream`, `/scheduler`).
 //! - `serve`: the accept loop (idle-connection timeout, graceful shutdown).
@@ -35,10 +38,12 @@ pub mod models_cmd;
 pub mod openai;
 pub mod prep;
 pub mod resolve;
+pub mod responses;
 pub mod routes;
 pub mod scheduler;
 mod serve;
 pub mod sse;
+pub mod store;
 pub mod stream;
 pub mod tools;
 pub mod validate;
@@ -83,6 +88,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// SHA-256 of `--api-key`, when one is required.
     api_key: Option<[u8; 32]>,
+    /// Stored responses (`None` with `--no-store`).
+    store: Option<Arc<store::Store>>,
 }
 
 /// How much a client may send, and how slowly.
@@ -93,7 +100,7 @@ pub struct HttpLimits {
 }
 
 impl AppState {
-    fn new(config: &Config) -> Self {
+    fn new(config: &Config) -> Result<Self, ServerError> {
         let limits = Limits {
             max_stop: config.max_stop,
             max_stop_bytes: config.max_stop_bytes,
@@ -104,7 +111,21 @@ impl AppState {
         let threads = config
             .preprocess_threads
             .unwrap_or_else(Prep::default_threads);
-        Self {
+        let store = match config.no_store {
+            true => None,
+            false => {
+                let retention = store::Retention {
+                    max_age: (config.store_max_age > 0)
+                        .then(|| std::time::Duration::from_secs(config.store_max_age * 3600)),
+                    max_rows: config.store_max_responses.max(1),
+                };
+                let store = store::Store::open(&config.state_dir, retention)
+                    .map_err(|e| ServerError::Config(format!("--state-dir: {e}")))?;
+                tracing::info!(path = %store.path().display(), "stored responses");
+                Some(Arc::new(store))
+            }
+        };
+        Ok(Self {
             inner: Arc::new(Inner {
                 engine: OnceLock::new(),
                 limits,
@@ -115,8 +136,23 @@ impl AppState {
                 prep: Prep::new(threads, config.max_queue),
                 metrics: Arc::new(Metrics::new()),
                 api_key: auth::configured_key(config.api_key.as_deref()).map(auth::digest),
+                store,
             }),
-        }
+        })
+    }
+
+    /// Stored responses, unless `--no-store`.
+    pub fn store(&self) -> Option<Arc<store::Store>> {
+        self.inner.store.clone()
+    }
+
+    /// The store, or the 404 a lookup gets when nothing is stored.
+    pub fn store_or_404(&self) -> Result<Arc<store::Store>, ApiError> {
+        self.store().ok_or_else(|| ApiError::NotFound {
+            message: "responses are not stored on this server (--no-store)".into(),
+            param: None,
+            code: "not_found",
+        })
     }
 
     pub fn http_limits(&self) -> HttpLimits {
@@ -170,6 +206,15 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/models/{*id}", get(routes::models::get))
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
         .route("/v1/completions", post(routes::chat::completions))
+        .route("/v1/responses", post(routes::responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(routes::responses::get).delete(routes::responses::delete),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(routes::responses::input_items),
+        )
         .route("/tokenize", post(routes::tokenize::tokenize))
         .route("/detokenize", post(routes::tokenize::detokenize))
         .route("/scheduler/stream", get(routes::scheduler::stream))
@@ -270,7 +315,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     config.check().map_err(ServerError::Config)?;
-    let state = AppState::new(&config);
+    let state = AppState::new(&config)?;
     let (load_tx, load_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let loader_state = state.clone();
     let metrics = state.inner.metrics.clone();

@@ -1,6 +1,7 @@
-//! Server-sent events exactly as OpenAI clients parse them: every event is
-//! `data: <one-line JSON>\n\n`, the stream ends with `data: [DONE]\n\n`, and there are no
-//! `event:`, `id:` or comment lines (several clients strip a fixed `data: ` prefix).
+//! Server-sent events exactly as OpenAI clients parse them. Chat and completions: every
+//! event is `data: <one-line JSON>\n\n`, the stream ends with `data: [DONE]\n\n`, and
+//! there are no `event:`, `id:` or comment lines (several clients strip a fixed `data: `
+//! prefix). Responses: each event is also named (`event: <type>\n`), with no `[DONE]`.
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -17,6 +18,11 @@ pub fn frame<T: Serialize>(value: &T) -> String {
         format!(r#"{{"error":{{"message":"serialization failed: {e}","type":"internal_error","param":null,"code":null}}}}"#)
     });
     format!("data: {json}\n\n")
+}
+
+/// One named event (`event: <name>` then its data line), as the Responses API sends them.
+pub fn named_frame<T: Serialize>(name: &str, value: &T) -> String {
+    format!("event: {name}\n{}", frame(value))
 }
 
 /// A streaming response over already framed events.
@@ -49,6 +55,12 @@ mod tests {
         assert_eq!(f, "data: {\"a\":\"line\\nbreak\",\"b\":1}\n\n");
         assert!(f.starts_with("data: "));
         assert_eq!(f.matches('\n').count(), 2);
+    }
+
+    #[test]
+    fn named_frames_carry_their_name_first() {
+        let f = named_frame("response.created", &serde_json::json!({"a": 1}));
+        assert_eq!(f, "event: response.created\ndata: {\"a\":1}\n\n");
     }
 
     #[test]

@@ -85,20 +85,59 @@ pub fn chat(
         req.parallel_tool_calls,
         limits.max_tool_calls,
     )?;
-    let mut constraint = response_format(info, req.response_format.as_ref())?;
+    let constraint = response_format(info, req.response_format.as_ref())?;
     if constraint.is_some() && tools.as_ref().is_some_and(ToolRequest::active) {
         return Err(ApiError::bad(
             "response_format",
             "`response_format` cannot be combined with `tools` (calls are already held to their schemas); use one or the other",
         ));
     }
-    let messages = chat_messages(info, req.messages)?;
+    let stream = req.stream.unwrap_or(false);
+    let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
+    let (mut gen, reader) = conversation(
+        info,
+        limits,
+        request_id,
+        req.messages,
+        tools.as_ref(),
+        constraint,
+        &req.sampling,
+        "messages",
+    )?;
+    gen.logprobs = logprobs;
+    Ok(ValidRequest {
+        gen,
+        stream,
+        include_usage,
+        logprobs: logprobs.is_some(),
+        echo: None,
+        echo_skips_bos: false,
+        tools: reader,
+    })
+}
+
+/// A chat-shaped request once its endpoint's own fields are read (`/v1/chat/completions`
+/// and `/v1/responses` share it): the conversation rendered with the offered tools and
+/// tokenized, the constraint that holds calls to their schemas (or the structured-output
+/// one), and how the answer is read back.
+#[allow(clippy::too_many_arguments)]
+pub fn conversation(
+    info: &ModelInfo,
+    limits: Limits,
+    request_id: String,
+    wire: Vec<WireMessage>,
+    tools: Option<&ToolRequest>,
+    mut constraint: Option<Constraint>,
+    sampling: &WireSampling,
+    param: &'static str,
+) -> Result<(GenRequest, Option<CallReader>), ApiError> {
+    let messages = chat_messages(info, wire)?;
     let knows_tools = info.template.knows_tools();
     let format = tools::prompt::format_for(knows_tools, info.template.source());
-    let (messages, tools_value) = tools::prompt::prepare(knows_tools, tools.as_ref(), messages);
+    let (messages, tools_value) = tools::prompt::prepare(knows_tools, tools, messages);
     let prompt = encode_chat(info, limits, &messages, tools_value.as_ref(), true)?;
     let mut reader = None;
-    if let Some(t) = tools.as_ref().filter(|t| t.active()) {
+    if let Some(t) = tools.filter(|t| t.active()) {
         let grammars = info.grammars.as_ref().map_err(|e| {
             ApiError::bad(
                 "tools",
@@ -116,28 +155,9 @@ pub fn chat(
             choice: t.choice.clone(),
         });
     }
-    let stream = req.stream.unwrap_or(false);
-    let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
-    let mut gen = generation(
-        info,
-        limits,
-        request_id,
-        prompt,
-        &req.sampling,
-        false,
-        "messages",
-    )?;
-    gen.logprobs = logprobs;
+    let mut gen = generation(info, limits, request_id, prompt, sampling, false, param)?;
     gen.constraint = constraint;
-    Ok(ValidRequest {
-        gen,
-        stream,
-        include_usage,
-        logprobs: logprobs.is_some(),
-        echo: None,
-        echo_skips_bos: false,
-        tools: reader,
-    })
+    Ok((gen, reader))
 }
 
 /// `tools` as the functions they offer, with `tool_choice` and `parallel_tool_calls`.
@@ -458,15 +478,24 @@ fn response_format(info: &ModelInfo, rf: Option<&Value>) -> Result<Option<Constr
         )))
         }
     };
+    json_constraint(info, "response_format", schema).map(Some)
+}
+
+/// A JSON schema compiled into a constraint for this vocabulary; errors name `param`.
+pub fn json_constraint(
+    info: &ModelInfo,
+    param: &'static str,
+    schema: Value,
+) -> Result<Constraint, ApiError> {
     let grammars = info.grammars.as_ref().map_err(|e| {
-        bad(format!(
-            "structured output is unavailable for this model: {e}"
-        ))
+        ApiError::bad(
+            param,
+            format!("structured output is unavailable for this model: {e}"),
+        )
     })?;
     grammars
         .json_schema(schema)
-        .map(Some)
-        .map_err(|e| bad(format!("the schema cannot be enforced: {e}")))
+        .map_err(|e| ApiError::bad(param, format!("the schema cannot be enforced: {e}")))
 }
 
 /// A missing or empty `model` means the served one.

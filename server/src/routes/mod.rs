@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod health;
 pub mod models;
+pub mod responses;
 pub mod scheduler;
 pub mod tokenize;
 pub mod web;

@@ -21,7 +21,15 @@ pub async fn base() -> String {
 
 /// Starts a server with `config` (its `--model`, the default one unless set) on its own
 /// thread and runtime; returns its base URL.
-pub fn start(config: Config) -> String {
+pub fn start(mut config: Config) -> String {
+    // Stored responses go to a directory of this test run, not the user's state.
+    if config.state_dir == Config::defaults().state_dir {
+        config.state_dir = std::env::temp_dir().join(format!(
+            "chorus-test-state-{}-{:x}",
+            std::process::id(),
+            rand_suffix()
+        ));
+    }
     let resolved = resolve_at(&config.model, &config.models_dir, &config.revision)
         .expect("the model resolves");
     let name = config.served_model_name.clone().unwrap_or(resolved.name);
@@ -51,6 +59,13 @@ pub fn start(config: Config) -> String {
     });
     let addr = rx.recv().expect("server thread started");
     format!("http://{addr}")
+}
+
+fn rand_suffix() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    u128::from(h.finish())
 }
 
 pub async fn wait_ready(url: &str) {

@@ -1,0 +1,256 @@
+//! A streamed response as OpenAI's typed events, each numbered by `sequence_number`:
+//!
+//! `response.created`, `response.in_progress`; per output item `response.output_item.added`,
+//! for a message `response.content_part.added`, `response.output_text.delta`...,
+//! `response.output_text.done`, `response.content_part.done`, for a call
+//! `response.function_call_arguments.delta` and `.done`, then `response.output_item.done`;
+//! last `response.completed` (or `response.incomplete`), or `response.failed`.
+//!
+//! Text is sent as it comes once it is known not to be a call; calls are sent whole when
+//! the answer ends (the constraint held them to their schemas). A stored response is
+//! written before its last event, so a client that saw `response.completed` can chain on
+//! it at once; a stream cut short (client gone, server killed) is never stored.
+
+use std::sync::Arc;
+
+use futures_util::Stream;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::wire::{Item, Part, ResponseError, ResponseObject};
+use super::{finish, keep, output, Keep};
+use crate::engine::Event;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::sse::named_frame;
+use crate::tools::{CallReader, Decision};
+
+/// What a stream needs besides the engine's events.
+pub struct Streamed {
+    pub response: ResponseObject,
+    pub reader: Option<CallReader>,
+    pub keep: Option<Keep>,
+    pub metrics: Arc<Metrics>,
+}
+
+struct State {
+    s: Streamed,
+    first: Option<Event>,
+    rx: UnboundedReceiver<Event>,
+    sequence: u64,
+    started: bool,
+    ended: bool,
+    /// The whole answer so far.
+    text: String,
+    /// Bytes of `text` already sent as deltas.
+    sent: usize,
+    decision: Option<Decision>,
+    /// The message item, once opened.
+    message_id: Option<String>,
+}
+
+impl State {
+    /// One event of `kind` with `body`'s fields, numbered.
+    fn event(&mut self, kind: &str, body: Value) -> String {
+        let mut map = serde_json::Map::new();
+        map.insert("type".into(), json!(kind));
+        map.insert("sequence_number".into(), json!(self.sequence));
+        if let Value::Object(fields) = body {
+            map.extend(fields);
+        }
+        self.sequence += 1;
+        named_frame(kind, &map)
+    }
+
+    fn response_event(&mut self, kind: &str) -> String {
+        let response = serde_json::to_value(&self.s.response).unwrap_or(Value::Null);
+        self.event(kind, json!({"response": response}))
+    }
+
+    /// Opens the message item (once) and sends the text not sent yet.
+    fn send_text(&mut self) -> String {
+        let mut out = String::new();
+        let id = match &self.message_id {
+            Some(id) => id.clone(),
+            None => {
+                let id = super::wire::new_id("msg");
+                self.message_id = Some(id.clone());
+                let item = json!({"id": id, "type": "message", "status": "in_progress", "role": "assistant", "content": []});
+                out.push_str(&self.event(
+                    "response.output_item.added",
+                    json!({"output_index": 0, "item": item}),
+                ));
+                out.push_str(&self.event(
+                    "response.content_part.added",
+                    json!({"item_id": id, "output_index": 0, "content_index": 0,
+                           "part": Part::output_text(String::new())}),
+                ));
+                id
+            }
+        };
+        if self.sent < self.text.len() {
+            let delta = self.text[self.sent..].to_string();
+            self.sent = self.text.len();
+            out.push_str(&self.event(
+                "response.output_text.delta",
+                json!({"item_id": id, "output_index": 0, "content_index": 0,
+                       "delta": delta, "logprobs": []}),
+            ));
+        }
+        out
+    }
+
+    /// The closing events of each output item.
+    fn close_items(&mut self, items: &[Item]) -> String {
+        let mut out = String::new();
+        for (index, item) in items.iter().enumerate() {
+            match item {
+                Item::Message { id, content, .. } => {
+                    out.push_str(&self.send_text());
+                    let text = content.first().map_or("", Part::text);
+                    out.push_str(&self.event(
+                        "response.output_text.done",
+                        json!({"item_id": id, "output_index": index, "content_index": 0,
+                               "text": text, "logprobs": []}),
+                    ));
+                    out.push_str(&self.event(
+                        "response.content_part.done",
+                        json!({"item_id": id, "output_index": index, "content_index": 0,
+                               "part": content.first()}),
+                    ));
+                }
+                Item::FunctionCall {
+                    id,
+                    call_id,
+                    name,
+                    arguments,
+                    ..
+                } => {
+                    let opened = json!({"id": id, "type": "function_call", "status": "in_progress",
+                                        "call_id": call_id, "name": name, "arguments": ""});
+                    out.push_str(&self.event(
+                        "response.output_item.added",
+                        json!({"output_index": index, "item": opened}),
+                    ));
+                    out.push_str(&self.event(
+                        "response.function_call_arguments.delta",
+                        json!({"item_id": id, "output_index": index, "delta": arguments}),
+                    ));
+                    out.push_str(&self.event(
+                        "response.function_call_arguments.done",
+                        json!({"item_id": id, "output_index": index, "name": name,
+                               "arguments": arguments}),
+                    ));
+                }
+                Item::FunctionCallOutput { .. } => {}
+            }
+            out.push_str(&self.event(
+                "response.output_item.done",
+                json!({"output_index": index, "item": item}),
+            ));
+        }
+        out
+    }
+
+    fn fail(&mut self, e: ApiError) -> String {
+        self.ended = true;
+        self.s.response.status = "failed".into();
+        self.s.response.error = Some(ResponseError {
+            code: match e {
+                ApiError::Unavailable(_) | ApiError::Overloaded { .. } => "server_unavailable",
+                _ => "server_error",
+            }
+            .into(),
+            message: e.to_string(),
+        });
+        self.response_event("response.failed")
+    }
+}
+
+/// The events of one streamed response; `first` is the engine's first event, read
+/// before the headers were sent.
+pub fn stream(
+    streamed: Streamed,
+    first: Event,
+    rx: UnboundedReceiver<Event>,
+) -> impl Stream<Item = String> {
+    let state = State {
+        s: streamed,
+        first: Some(first),
+        rx,
+        sequence: 0,
+        started: false,
+        ended: false,
+        text: String::new(),
+        sent: 0,
+        decision: None,
+        message_id: None,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        if st.ended {
+            return None;
+        }
+        if !st.started {
+            st.started = true;
+            let mut out = st.response_event("response.created");
+            out.push_str(&st.response_event("response.in_progress"));
+            return Some((out, st));
+        }
+        let out = next(&mut st).await;
+        Some((out, st))
+    })
+}
+
+async fn next(st: &mut State) -> String {
+    let event = match st.first.take() {
+        Some(event) => Some(event),
+        None => st.rx.recv().await,
+    };
+    match event {
+        Some(Event::Text { text, .. }) => {
+            st.text.push_str(&text);
+            if let Some(reader) = &st.s.reader {
+                if st.decision != Some(Decision::Text) {
+                    st.decision = Some(reader.decide(&st.text));
+                }
+                if st.decision != Some(Decision::Text) {
+                    return String::new();
+                }
+            }
+            st.send_text()
+        }
+        Some(Event::Prompt { .. }) => String::new(),
+        Some(Event::Done {
+            finish: f, usage, ..
+        }) => {
+            let items = output(
+                st.s.reader.as_ref(),
+                st.text.clone(),
+                f,
+                st.message_id.clone(),
+            );
+            let calls = items
+                .iter()
+                .filter(|i| matches!(i, Item::FunctionCall { .. }))
+                .count();
+            st.s.metrics.tool_calls.inc_by(calls as u64);
+            let mut out = st.close_items(&items);
+            finish(&mut st.s.response, items, f, usage);
+            if let Some(k) = &st.s.keep {
+                if let Err(e) = keep(k, &st.s.response).await {
+                    out.push_str(&st.fail(e));
+                    return out;
+                }
+            }
+            st.ended = true;
+            let last = match st.s.response.status.as_str() {
+                "incomplete" => "response.incomplete",
+                _ => "response.completed",
+            };
+            out.push_str(&st.response_event(last));
+            out
+        }
+        Some(Event::Error(failure)) => st.fail(failure.into()),
+        None => st.fail(ApiError::Unavailable("the inference thread stopped".into())),
+    }
+}

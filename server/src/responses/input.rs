@@ -1,0 +1,267 @@
+//! `input` read into items, and a conversation's items turned into the chat messages the
+//! template renders (the same path `/v1/chat/completions` takes from there).
+
+use serde_json::Value;
+
+use super::wire::{new_id, Item, Part};
+use crate::error::ApiError;
+use crate::openai::{MessageContent, WireCalledFunction, WireMessage, WireToolCall};
+
+const ROLES: [&str; 4] = ["user", "system", "developer", "assistant"];
+
+/// `input` as items, each with an id (given ones kept), in the order given.
+pub fn read(input: Option<Value>) -> Result<Vec<Item>, ApiError> {
+    match input {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(text)) => Ok(vec![message("user", vec![Part::InputText { text }])]),
+        Some(Value::Array(values)) => values
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| item(i, v))
+            .collect(),
+        Some(_) => Err(bad("`input` must be a string or a list of items".into())),
+    }
+}
+
+fn bad(message: String) -> ApiError {
+    ApiError::bad("input", message)
+}
+
+fn message(role: &str, content: Vec<Part>) -> Item {
+    Item::Message {
+        id: new_id("msg"),
+        status: "completed".into(),
+        role: role.into(),
+        content,
+    }
+}
+
+fn item(i: usize, v: Value) -> Result<Item, ApiError> {
+    let Value::Object(map) = v else {
+        return Err(bad(format!("`input[{i}]` must be an object")));
+    };
+    let str_field = |key: &str| map.get(key).and_then(Value::as_str).map(str::to_string);
+    let kind = str_field("type");
+    let id = |prefix: &str| str_field("id").unwrap_or_else(|| new_id(prefix));
+    let required = |key: &str| {
+        str_field(key).ok_or_else(|| bad(format!("`input[{i}].{key}` is required (a string)")))
+    };
+    match kind.as_deref() {
+        None | Some("message") => {
+            let role = required("role")?;
+            if !ROLES.contains(&role.as_str()) {
+                return Err(bad(format!(
+                    "`input[{i}].role` must be one of {ROLES:?}, got {role:?}"
+                )));
+            }
+            let content = match map.get("content") {
+                Some(Value::String(text)) if role == "assistant" => {
+                    vec![Part::output_text(text.clone())]
+                }
+                Some(Value::String(text)) => vec![Part::InputText { text: text.clone() }],
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .enumerate()
+                    .map(|(j, p)| text_part(&format!("input[{i}].content[{j}]"), p))
+                    .collect::<Result<_, _>>()?,
+                _ => {
+                    return Err(bad(format!(
+                        "`input[{i}].content` must be a string or a list of text parts"
+                    )))
+                }
+            };
+            Ok(Item::Message {
+                id: id("msg"),
+                status: "completed".into(),
+                role,
+                content,
+            })
+        }
+        Some("function_call") => {
+            let arguments = match map.get("arguments") {
+                Some(Value::String(s)) => s.clone(),
+                None | Some(Value::Null) => "{}".into(),
+                Some(v) => v.to_string(),
+            };
+            Ok(Item::FunctionCall {
+                id: id("fc"),
+                call_id: required("call_id")?,
+                name: required("name")?,
+                arguments,
+                status: "completed".into(),
+            })
+        }
+        Some("function_call_output") => {
+            let output = match map.get("output") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        text.push_str(
+                            text_part(&format!("input[{i}].output[{j}]"), p)?.text(),
+                        );
+                    }
+                    text
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "`input[{i}].output` must be a string or a list of text parts"
+                    )))
+                }
+            };
+            Ok(Item::FunctionCallOutput {
+                id: id("fco"),
+                call_id: required("call_id")?,
+                output,
+                status: "completed".into(),
+            })
+        }
+        Some(other) => Err(bad(format!(
+            "`input[{i}]` has type {other:?}; this server takes \"message\", \"function_call\" and \"function_call_output\" items"
+        ))),
+    }
+}
+
+/// A text content part (`input_text`, `output_text` or `text`).
+fn text_part(at: &str, p: &Value) -> Result<Part, ApiError> {
+    let kind = p.get("type").and_then(Value::as_str);
+    let text = p.get("text").and_then(Value::as_str).map(str::to_string);
+    match (kind, text) {
+        (Some("input_text" | "text"), Some(text)) => Ok(Part::InputText { text }),
+        (Some("output_text"), Some(text)) => Ok(Part::output_text(text)),
+        (kind, _) => Err(bad(format!(
+            "`{at}`: only text parts (\"input_text\", \"output_text\") with a `text` field are supported, got type {}",
+            kind.map_or_else(|| "nothing".to_string(), |k| format!("{k:?}"))
+        ))),
+    }
+}
+
+/// The conversation as chat messages: `instructions` first as the system turn, then every
+/// item in order. A run of function calls is one assistant turn; each output a tool turn.
+pub fn messages<'a>(
+    instructions: Option<&str>,
+    items: impl IntoIterator<Item = &'a Item>,
+) -> Vec<WireMessage> {
+    let mut out: Vec<WireMessage> = Vec::new();
+    if let Some(text) = instructions.filter(|t| !t.is_empty()) {
+        out.push(wire_message("system", text.to_string()));
+    }
+    for item in items {
+        match item {
+            Item::Message { role, content, .. } => {
+                let text: String = content.iter().map(Part::text).collect();
+                out.push(wire_message(role, text));
+            }
+            Item::FunctionCall {
+                call_id,
+                name,
+                arguments,
+                ..
+            } => {
+                let call = WireToolCall {
+                    id: Some(call_id.clone()),
+                    kind: Some("function".into()),
+                    function: WireCalledFunction {
+                        name: name.clone(),
+                        arguments: Some(Value::String(arguments.clone())),
+                    },
+                };
+                match out.last_mut() {
+                    Some(last) if last.role == "assistant" && last.tool_calls.is_some() => {
+                        last.tool_calls.get_or_insert_with(Vec::new).push(call);
+                    }
+                    _ => out.push(WireMessage {
+                        tool_calls: Some(vec![call]),
+                        ..wire_message("assistant", String::new())
+                    }),
+                }
+            }
+            Item::FunctionCallOutput {
+                call_id, output, ..
+            } => out.push(WireMessage {
+                tool_call_id: Some(call_id.clone()),
+                ..wire_message("tool", output.clone())
+            }),
+        }
+    }
+    out
+}
+
+fn wire_message(role: &str, text: String) -> WireMessage {
+    WireMessage {
+        role: role.to_string(),
+        content: Some(MessageContent::Text(text)),
+        tool_calls: None,
+        tool_call_id: None,
+        name: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_string_is_one_user_message() {
+        let items = read(Some(json!("hi"))).unwrap();
+        assert!(matches!(&items[..], [Item::Message { role, content, .. }]
+            if role == "user" && content == &[Part::InputText { text: "hi".into() }]));
+    }
+
+    #[test]
+    fn items_in_every_form_clients_send() {
+        let items = read(Some(json!([
+            {"role": "user", "content": "weather?"},
+            {"type": "message", "role": "assistant", "id": "msg_1",
+             "content": [{"type": "output_text", "text": "checking", "annotations": []}]},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"},
+            {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": {"city": "Rome"}},
+            {"type": "function_call_output", "call_id": "c1", "output": "rain"},
+            {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "sun"}]},
+        ])))
+        .unwrap();
+        assert_eq!(items.len(), 6);
+        assert_eq!(items[1].id(), "msg_1");
+        let wire = messages(Some("be brief"), &items);
+        let roles: Vec<&str> = wire.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(
+            roles,
+            ["system", "user", "assistant", "assistant", "tool", "tool"]
+        );
+        let calls = wire[3].tool_calls.as_ref().unwrap();
+        assert_eq!(calls.len(), 2, "a run of calls is one turn");
+        assert_eq!(
+            calls[1].function.arguments,
+            Some(Value::String("{\"city\":\"Rome\"}".into()))
+        );
+        assert_eq!(wire[5].tool_call_id.as_deref(), Some("c2"));
+        assert!(matches!(&wire[5].content, Some(MessageContent::Text(t)) if t == "sun"));
+    }
+
+    #[test]
+    fn unsupported_items_are_named() {
+        let cases = [
+            (json!(5), "a string or a list"),
+            (
+                json!([{"type": "reasoning", "summary": []}]),
+                "\"reasoning\"",
+            ),
+            (json!([{"role": "wizard", "content": "x"}]), "wizard"),
+            (
+                json!([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
+                "input_image",
+            ),
+            (json!([{"type": "function_call", "name": "f"}]), "call_id"),
+            (
+                json!([{"type": "function_call_output", "call_id": "c"}]),
+                "output",
+            ),
+        ];
+        for (input, needle) in cases {
+            let e = read(Some(input.clone())).expect_err("refused");
+            assert!(e.to_string().contains(needle), "{input}: {e}");
+        }
+    }
+}

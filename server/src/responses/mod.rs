@@ -1,0 +1,415 @@
+//! The Responses API (`/v1/responses`): a request read into a conversation, answered by
+//! the same engine and tools layer as chat, and kept in the [`crate::store`] so that the
+//! next turn can name it (`previous_response_id`) instead of resending the history.
+//!
+//! - [`wire`]: the request, the response object and its items (also the stored form).
+//! - [`input`]: `input` read into items; items into the chat messages the template renders.
+//! - [`events`]: a streamed response as OpenAI's typed events.
+//!
+//! A turn's prompt is the whole conversation rendered again: the chain's stored items, then
+//! this request's. It shares its start with the previous turn's prompt and answer, whose
+//! keys and values the prefix cache still holds, so only the new turn is computed.
+
+pub mod events;
+pub mod input;
+pub mod wire;
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use crate::engine::{FinishReason, GenRequest, ModelInfo};
+use crate::error::ApiError;
+use crate::openai::{Usage, WireSampling};
+use crate::store::{Row, Store, StoreError};
+use crate::tools::{CallReader, FunctionSpec, ToolRequest};
+use crate::validate::{self, Limits};
+use wire::{IncompleteDetails, Item, ResponseObject, ResponsesRequest};
+
+/// Most `metadata` pairs, and the longest key and value, as OpenAI limits them.
+const METADATA_PAIRS: usize = 16;
+const METADATA_KEY_CHARS: usize = 64;
+const METADATA_VALUE_CHARS: usize = 512;
+
+/// A request that passed every check, ready to run.
+pub struct Prepared {
+    pub gen: GenRequest,
+    pub reader: Option<CallReader>,
+    pub stream: bool,
+    /// The response as it starts: `in_progress`, no output yet.
+    pub response: ResponseObject,
+    /// Where it will be stored when it ends (`None`: not stored).
+    pub keep: Option<Keep>,
+}
+
+/// What storing a finished response needs.
+pub struct Keep {
+    pub store: Arc<Store>,
+    /// This request's own input items.
+    pub input: Vec<Item>,
+    /// The responses it continues, first turn first.
+    pub chain: Vec<String>,
+}
+
+/// Reads and checks a request, rebuilds its conversation from the store, renders and
+/// tokenizes it. Runs on the preprocessing pool (it reads the database).
+pub fn prepare(
+    info: &ModelInfo,
+    limits: Limits,
+    store: Option<Arc<Store>>,
+    request_id: String,
+    req: ResponsesRequest,
+) -> Result<Prepared, ApiError> {
+    validate::check_model(info, req.model.as_deref())?;
+    refuse_unsupported(&req)?;
+    let max_output_tokens = match req.max_output_tokens {
+        Some(n) if n < 1 => {
+            return Err(ApiError::bad(
+                "max_output_tokens",
+                format!("`max_output_tokens` must be at least 1, got {n}"),
+            ))
+        }
+        n => n.map(|n| n as u64),
+    };
+    let metadata = metadata(req.metadata)?;
+    let wire_tools = req.tools.unwrap_or_default();
+    let tools = ToolRequest::new(
+        functions(&wire_tools)?,
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+        limits.max_tool_calls,
+    )?;
+    let text = req
+        .text
+        .filter(|t| !t.is_null())
+        .unwrap_or_else(|| json!({"format": {"type": "text"}}));
+    let constraint = text_format(info, &text)?;
+    if constraint.is_some() && tools.as_ref().is_some_and(ToolRequest::active) {
+        return Err(ApiError::bad(
+            "text",
+            "`text.format` cannot be combined with `tools` (calls are already held to their schemas); use one or the other",
+        ));
+    }
+
+    let items = input::read(req.input)?;
+    let (history, chain) =
+        match (&req.previous_response_id, &store) {
+            (None, _) => (Vec::new(), Vec::new()),
+            (Some(_), None) => return Err(ApiError::bad(
+                "previous_response_id",
+                "responses are not stored on this server (--no-store), so none can be continued",
+            )),
+            (Some(id), Some(store)) => history(store, id)?,
+        };
+    if items.is_empty() {
+        return Err(ApiError::bad(
+            "input",
+            "`input` must be a string or a non-empty list of items",
+        ));
+    }
+    let wire = input::messages(
+        req.instructions.as_deref(),
+        history.iter().chain(items.iter()),
+    );
+    let sampling = WireSampling {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        max_tokens: req.max_output_tokens,
+        ..WireSampling::default()
+    };
+    let (gen, reader) = validate::conversation(
+        info,
+        limits,
+        request_id.clone(),
+        wire,
+        tools.as_ref(),
+        constraint,
+        &sampling,
+        "input",
+    )?;
+    let parallel = tools.as_ref().map_or(true, |t| t.parallel);
+    // `store` defaults to true; with --no-store nothing is kept, as if it were false.
+    let keep = store
+        .filter(|_| req.store.unwrap_or(true))
+        .map(|store| Keep {
+            store,
+            input: items,
+            chain,
+        });
+    let response = ResponseObject {
+        id: wire::new_id("resp"),
+        object: "response".into(),
+        created_at: crate::openai::unix_now(),
+        status: "in_progress".into(),
+        error: None,
+        incomplete_details: None,
+        instructions: req.instructions,
+        max_output_tokens,
+        model: info.id.clone(),
+        output: Vec::new(),
+        parallel_tool_calls: parallel,
+        previous_response_id: req.previous_response_id,
+        store: keep.is_some(),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        text,
+        tool_choice: req.tool_choice.unwrap_or_else(|| json!("auto")),
+        tools: wire_tools,
+        truncation: req.truncation.unwrap_or_else(|| "disabled".into()),
+        usage: None,
+        metadata,
+        user: req.user,
+    };
+    Ok(Prepared {
+        gen,
+        reader,
+        stream: req.stream.unwrap_or(false),
+        response,
+        keep,
+    })
+}
+
+/// Fields this server does not support, refused by name rather than ignored.
+fn refuse_unsupported(req: &ResponsesRequest) -> Result<(), ApiError> {
+    let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    if req.background == Some(true) {
+        return Err(ApiError::bad(
+            "background",
+            "`background` responses are not supported; stream instead",
+        ));
+    }
+    if set(&req.reasoning) {
+        return Err(ApiError::bad(
+            "reasoning",
+            "`reasoning` is not supported: this model does not reason",
+        ));
+    }
+    if set(&req.conversation) {
+        return Err(ApiError::bad(
+            "conversation",
+            "`conversation` objects are not supported; chain turns with `previous_response_id`",
+        ));
+    }
+    if set(&req.prompt) {
+        return Err(ApiError::bad(
+            "prompt",
+            "stored prompt templates (`prompt`) are not supported",
+        ));
+    }
+    if req.top_logprobs.is_some_and(|k| k > 0) {
+        return Err(ApiError::bad(
+            "top_logprobs",
+            "`top_logprobs` is not supported on /v1/responses; use /v1/chat/completions",
+        ));
+    }
+    if let Some(n) = req.max_tool_calls {
+        return Err(ApiError::bad(
+            "max_tool_calls",
+            format!("`max_tool_calls` ({n}) is not supported; this server allows --max-tool-calls calls per answer"),
+        ));
+    }
+    if let Some(first) = req.include.iter().flatten().next() {
+        return Err(ApiError::bad(
+            "include",
+            format!("`include` value {first:?} is not supported (nothing extra can be included)"),
+        ));
+    }
+    if let Some(t) = req
+        .truncation
+        .as_deref()
+        .filter(|t| !["disabled", "auto"].contains(t))
+    {
+        return Err(ApiError::bad(
+            "truncation",
+            format!("`truncation` must be \"disabled\" or \"auto\", got {t:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The flat function tools of `tools`; any other tool type is refused by name.
+fn functions(tools: &[Value]) -> Result<Vec<FunctionSpec>, ApiError> {
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let kind = t.get("type").and_then(Value::as_str).unwrap_or("nothing");
+            if kind != "function" {
+                return Err(ApiError::bad(
+                    "tools",
+                    format!("`tools[{i}]` has type {kind:?}: only \"function\" tools are supported (no built-in tools)"),
+                ));
+            }
+            let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
+                ApiError::bad("tools", format!("`tools[{i}].name` is required"))
+            })?;
+            Ok(FunctionSpec {
+                name: name.to_string(),
+                description: t
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                parameters: t
+                    .get("parameters")
+                    .filter(|p| !p.is_null())
+                    .cloned()
+                    .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+            })
+        })
+        .collect()
+}
+
+/// `text.format`: `text`, `json_object`, or `json_schema` with its `schema` inline.
+fn text_format(
+    info: &ModelInfo,
+    text: &Value,
+) -> Result<Option<crate::grammar::Constraint>, ApiError> {
+    let Some(format) = text.get("format").filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    let schema = match format.get("type").and_then(Value::as_str) {
+        Some("text") => return Ok(None),
+        Some("json_object") => json!({"type": "object"}),
+        Some("json_schema") => match format.get("schema") {
+            Some(s) if s.is_object() => s.clone(),
+            _ => {
+                return Err(ApiError::bad(
+                    "text",
+                    "`text.format.schema` must be a JSON schema object",
+                ))
+            }
+        },
+        other => return Err(ApiError::bad(
+            "text",
+            format!(
+                "`text.format.type` must be \"text\", \"json_object\" or \"json_schema\", got {}",
+                other.map_or_else(|| "nothing".to_string(), |t| format!("{t:?}"))
+            ),
+        )),
+    };
+    validate::json_constraint(info, "text", schema).map(Some)
+}
+
+fn metadata(metadata: Option<Map<String, Value>>) -> Result<Map<String, Value>, ApiError> {
+    let metadata = metadata.unwrap_or_default();
+    let bad = |m: String| ApiError::bad("metadata", m);
+    if metadata.len() > METADATA_PAIRS {
+        return Err(bad(format!(
+            "`metadata` holds at most {METADATA_PAIRS} pairs, got {}",
+            metadata.len()
+        )));
+    }
+    for (key, value) in &metadata {
+        if key.chars().count() > METADATA_KEY_CHARS {
+            return Err(bad(format!(
+                "`metadata` keys are at most {METADATA_KEY_CHARS} characters"
+            )));
+        }
+        match value.as_str() {
+            Some(v) if v.chars().count() <= METADATA_VALUE_CHARS => {}
+            _ => {
+                return Err(bad(format!(
+                "`metadata[{key:?}]` must be a string of at most {METADATA_VALUE_CHARS} characters"
+            )))
+            }
+        }
+    }
+    Ok(metadata)
+}
+
+/// The items of the conversation ending with response `id` (each turn's input, then its
+/// output), and the ids of its responses.
+fn history(store: &Store, id: &str) -> Result<(Vec<Item>, Vec<String>), ApiError> {
+    let rows = store.chain(id).map_err(|e| match e {
+        StoreError::NotFound(_) | StoreError::BrokenChain { .. } => ApiError::NotFound {
+            message: match e {
+                StoreError::NotFound(_) => format!("Previous response with id {id:?} not found."),
+                e => format!("Previous response with id {id:?} cannot be continued: {e}."),
+            },
+            param: Some("previous_response_id"),
+            code: "previous_response_not_found",
+        },
+        e => e.into(),
+    })?;
+    let mut items = Vec::new();
+    let mut chain = Vec::with_capacity(rows.len());
+    for row in rows {
+        let corrupt = |e: serde_json::Error| {
+            ApiError::Internal(format!("stored response {:?} is unreadable: {e}", row.id))
+        };
+        let input: Vec<Item> = serde_json::from_str(&row.input).map_err(corrupt)?;
+        let response: ResponseObject = serde_json::from_str(&row.response).map_err(corrupt)?;
+        items.extend(input);
+        items.extend(response.output);
+        chain.push(row.id);
+    }
+    Ok((items, chain))
+}
+
+/// A whole answer as output items: the calls the reader finds in it, or one message.
+/// `message_id` is the id a stream already announced for the message.
+pub fn output(
+    reader: Option<&CallReader>,
+    text: String,
+    finish: FinishReason,
+    message_id: Option<String>,
+) -> Vec<Item> {
+    if let Some(calls) = reader.and_then(|r| r.calls(&text)) {
+        return calls
+            .into_iter()
+            .map(|c| Item::FunctionCall {
+                id: wire::new_id("fc"),
+                call_id: c.id,
+                name: c.name,
+                arguments: c.arguments,
+                status: "completed".into(),
+            })
+            .collect();
+    }
+    let status = match finish {
+        FinishReason::Length => "incomplete",
+        FinishReason::Stop => "completed",
+    };
+    let mut item = Item::answer(text, status);
+    if let (Item::Message { id, .. }, Some(given)) = (&mut item, message_id) {
+        *id = given;
+    }
+    vec![item]
+}
+
+/// Fills in the end of `response`: its output, usage and status.
+pub fn finish(
+    response: &mut ResponseObject,
+    output: Vec<Item>,
+    finish: FinishReason,
+    usage: Usage,
+) {
+    let cut = finish == FinishReason::Length
+        && !output
+            .iter()
+            .all(|i| matches!(i, Item::FunctionCall { .. }));
+    response.status = if cut { "incomplete" } else { "completed" }.into();
+    response.incomplete_details = cut.then(|| IncompleteDetails {
+        reason: "max_output_tokens".into(),
+    });
+    response.output = output;
+    response.usage = Some(usage.into());
+}
+
+/// Writes a finished response to the store (durably, before the client hears it ended).
+pub async fn keep(keep: &Keep, response: &ResponseObject) -> Result<(), ApiError> {
+    let unwritable = |e: serde_json::Error| ApiError::Internal(format!("cannot store: {e}"));
+    let row = Row {
+        id: response.id.clone(),
+        previous_response_id: response.previous_response_id.clone(),
+        created_at: response.created_at,
+        input: serde_json::to_string(&keep.input).map_err(unwritable)?,
+        response: serde_json::to_string(response).map_err(unwritable)?,
+    };
+    let store = keep.store.clone();
+    let chain = keep.chain.clone();
+    tokio::task::spawn_blocking(move || store.insert(&row, &chain))
+        .await
+        .map_err(|e| ApiError::Internal(format!("store write panicked: {e}")))?
+        .map_err(ApiError::from)
+}

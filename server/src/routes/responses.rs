@@ -1,0 +1,115 @@
+//! `POST /v1/responses`, and `GET` / `DELETE /v1/responses/{id}`,
+//! `GET /v1/responses/{id}/input_items` for stored responses.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+
+use crate::engine::Event;
+use crate::error::ApiError;
+use crate::responses::events::{self, Streamed};
+use crate::responses::wire::{Deleted, Item, ItemList, ResponseObject};
+use crate::responses::{self, finish, output};
+use crate::routes::{JsonBody, RequestId};
+use crate::store::Store;
+use crate::{sse, stream, AppState};
+
+pub async fn create(
+    State(app): State<AppState>,
+    Extension(RequestId(rid)): Extension<RequestId>,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let engine = app.engine()?;
+    let info = engine.info.clone();
+    let (limits, store) = (app.limits(), app.store());
+    let prepared = app
+        .prep()
+        .run(move || responses::prepare(&info, limits, store, rid, body.parse()?))
+        .await?;
+    let mut response = prepared.response;
+    let mut rx = engine.submit(prepared.gen)?;
+    if prepared.stream {
+        // As for chat: errors known before the first token are HTTP statuses.
+        let first = match rx.recv().await {
+            Some(Event::Error(failure)) => return Err(failure.into()),
+            Some(event) => event,
+            None => return Err(ApiError::Unavailable("the inference thread stopped".into())),
+        };
+        let streamed = Streamed {
+            response,
+            reader: prepared.reader,
+            keep: prepared.keep,
+            metrics: app.metrics_handle(),
+        };
+        return Ok(sse::response(events::stream(streamed, first, rx)));
+    }
+    let mut done = stream::collect(rx, 1).await?;
+    let answer = done.choices.pop().unwrap_or_default();
+    let finish_reason = answer.finish.unwrap_or(crate::engine::FinishReason::Stop);
+    let items = output(prepared.reader.as_ref(), answer.text, finish_reason, None);
+    let calls = items
+        .iter()
+        .filter(|i| matches!(i, Item::FunctionCall { .. }))
+        .count();
+    app.metrics().tool_calls.inc_by(calls as u64);
+    finish(&mut response, items, finish_reason, done.usage);
+    if let Some(keep) = &prepared.keep {
+        responses::keep(keep, &response).await?;
+    }
+    Ok(Json(response).into_response())
+}
+
+pub async fn get(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ResponseObject>, ApiError> {
+    let row = blocking(app.store_or_404()?, move |s| s.get(&id)).await?;
+    let response = serde_json::from_str(&row.response)
+        .map_err(|e| ApiError::Internal(format!("stored response is unreadable: {e}")))?;
+    Ok(Json(response))
+}
+
+pub async fn input_items(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ItemList>, ApiError> {
+    let row = blocking(app.store_or_404()?, move |s| s.get(&id)).await?;
+    let data: Vec<Item> = serde_json::from_str(&row.input)
+        .map_err(|e| ApiError::Internal(format!("stored input is unreadable: {e}")))?;
+    Ok(Json(ItemList {
+        object: "list",
+        first_id: data.first().map(|i| i.id().to_string()),
+        last_id: data.last().map(|i| i.id().to_string()),
+        has_more: false,
+        data,
+    }))
+}
+
+pub async fn delete(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Deleted>, ApiError> {
+    let key = id.clone();
+    let deleted = blocking(app.store_or_404()?, move |s| s.delete(&key)).await?;
+    if !deleted {
+        return Err(crate::store::StoreError::NotFound(id).into());
+    }
+    Ok(Json(Deleted {
+        id,
+        object: "response.deleted",
+        deleted: true,
+    }))
+}
+
+/// Runs a store call off the async runtime.
+async fn blocking<T: Send + 'static>(
+    store: Arc<Store>,
+    f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| ApiError::Internal(format!("store call panicked: {e}")))?
+        .map_err(ApiError::from)
+}

@@ -1,0 +1,414 @@
+//! Storage: stored Responses in an embedded SQLite database under `--state-dir`.
+//!
+//! - One file, `chorus.sqlite3`, in WAL mode with `synchronous = FULL`: a commit is on disk
+//!   before the call returns, so a response is durable before its client hears it ended.
+//! - A response's row is written once, whole, after it ended; a crash mid-generation
+//!   leaves no row, never half of one.
+//! - Schema changes are the numbered files in `migrations/`, applied in order at open and
+//!   recorded in `PRAGMA user_version`; a database from a newer chorus is refused.
+//! - Retention: rows unused for `--store-max-age` hours go, and beyond
+//!   `--store-max-responses` the least recently used go first. Chaining on a response
+//!   marks its whole chain used.
+//!
+//! One connection behind a mutex: SQLite has one writer at a time anyway, and every call
+//! is short. Callers run it off the async runtime.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// The migrations, in order; `PRAGMA user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_responses.sql")];
+
+/// The database file inside `--state-dir`.
+pub const FILE_NAME: &str = "chorus.sqlite3";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("response {0:?} is not stored")]
+    NotFound(String),
+    #[error("response {id:?} continues {missing:?}, which is no longer stored")]
+    BrokenChain { id: String, missing: String },
+    #[error(
+        "the store at {path} has schema version {found}, newer than this chorus knows ({known})"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: usize,
+        known: usize,
+    },
+    #[error("could not create {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store: a lock holder panicked")]
+    Poisoned,
+}
+
+/// How long rows are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Rows unused for longer go (`None`: kept however old).
+    pub max_age: Option<Duration>,
+    /// Most rows; beyond, the least recently used go.
+    pub max_rows: usize,
+}
+
+/// One stored response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub id: String,
+    pub previous_response_id: Option<String>,
+    pub created_at: u64,
+    /// JSON array of the request's own input items.
+    pub input: String,
+    /// JSON of the response object.
+    pub response: String,
+}
+
+pub struct Store {
+    db: Mutex<Db>,
+    retention: Retention,
+    path: PathBuf,
+}
+
+struct Db {
+    conn: Connection,
+    /// Rows in the table, kept here so that eviction need not count them.
+    rows: usize,
+}
+
+impl Store {
+    /// Opens (creating when absent) the store in `dir` and brings its schema up to date.
+    pub fn open(dir: &Path, retention: Retention) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(FILE_NAME);
+        let mut conn = Connection::open(&path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        migrate(&mut conn, &path)?;
+        let rows: i64 = conn.query_row("SELECT COUNT(*) FROM responses", [], |r| r.get(0))?;
+        let store = Self {
+            db: Mutex::new(Db {
+                conn,
+                rows: rows.max(0) as usize,
+            }),
+            retention,
+            path,
+        };
+        store.evict(now())?;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Rows stored now.
+    pub fn len(&self) -> Result<usize, StoreError> {
+        Ok(self.db()?.rows)
+    }
+
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Writes `row` in one durable transaction, marks the rows in `chain` (the
+    /// responses it continues) used, and applies retention.
+    pub fn insert(&self, row: &Row, chain: &[String]) -> Result<(), StoreError> {
+        let now = now();
+        let mut db = self.db()?;
+        let tx = db.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO responses (id, previous_response_id, created_at, used_at, input, response)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                row.id,
+                row.previous_response_id,
+                row.created_at as i64,
+                now as i64,
+                row.input,
+                row.response
+            ],
+        )?;
+        {
+            let mut touch = tx.prepare_cached("UPDATE responses SET used_at = ?1 WHERE id = ?2")?;
+            for id in chain {
+                touch.execute(params![now as i64, id])?;
+            }
+        }
+        tx.commit()?;
+        db.rows += 1;
+        evict_in(&mut db, self.retention, now)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Row, StoreError> {
+        let db = self.db()?;
+        db.conn
+            .query_row(
+                "SELECT id, previous_response_id, created_at, input, response
+                 FROM responses WHERE id = ?1",
+                [id],
+                read_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))
+    }
+
+    /// The conversation that ends with `id`: its rows from the first turn to `id`.
+    pub fn chain(&self, id: &str) -> Result<Vec<Row>, StoreError> {
+        let db = self.db()?;
+        let mut query = db.conn.prepare_cached(
+            "WITH RECURSIVE chain(id, previous_response_id, created_at, input, response, depth) AS (
+                 SELECT id, previous_response_id, created_at, input, response, 0
+                 FROM responses WHERE id = ?1
+                 UNION ALL
+                 SELECT r.id, r.previous_response_id, r.created_at, r.input, r.response, c.depth + 1
+                 FROM responses r JOIN chain c ON r.id = c.previous_response_id
+             )
+             SELECT id, previous_response_id, created_at, input, response
+             FROM chain ORDER BY depth DESC",
+        )?;
+        let rows = query
+            .query_map([id], read_row)?
+            .collect::<Result<Vec<Row>, _>>()?;
+        let Some(first) = rows.first() else {
+            return Err(StoreError::NotFound(id.to_string()));
+        };
+        if let Some(missing) = &first.previous_response_id {
+            return Err(StoreError::BrokenChain {
+                id: first.id.clone(),
+                missing: missing.clone(),
+            });
+        }
+        Ok(rows)
+    }
+
+    /// Deletes `id`; false when it was not stored.
+    pub fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let mut db = self.db()?;
+        let n = db
+            .conn
+            .execute("DELETE FROM responses WHERE id = ?1", [id])?;
+        db.rows = db.rows.saturating_sub(n);
+        Ok(n > 0)
+    }
+
+    /// Applies retention as of `now` (unix seconds).
+    pub fn evict(&self, now: u64) -> Result<(), StoreError> {
+        let mut db = self.db()?;
+        evict_in(&mut db, self.retention, now)
+    }
+
+    fn db(&self) -> Result<MutexGuard<'_, Db>, StoreError> {
+        self.db.lock().map_err(|_| StoreError::Poisoned)
+    }
+}
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row {
+        id: r.get(0)?,
+        previous_response_id: r.get(1)?,
+        created_at: r.get::<_, i64>(2)?.max(0) as u64,
+        input: r.get(3)?,
+        response: r.get(4)?,
+    })
+}
+
+fn evict_in(db: &mut Db, retention: Retention, now: u64) -> Result<(), StoreError> {
+    if let Some(age) = retention.max_age {
+        let cutoff = now.saturating_sub(age.as_secs()) as i64;
+        let n = db
+            .conn
+            .execute("DELETE FROM responses WHERE used_at < ?1", [cutoff])?;
+        db.rows = db.rows.saturating_sub(n);
+    }
+    if db.rows > retention.max_rows {
+        let excess = (db.rows - retention.max_rows) as i64;
+        let n = db.conn.execute(
+            "DELETE FROM responses WHERE id IN
+                 (SELECT id FROM responses ORDER BY used_at, created_at LIMIT ?1)",
+            [excess],
+        )?;
+        db.rows = db.rows.saturating_sub(n);
+    }
+    Ok(())
+}
+
+/// Applies the migrations this database has not seen, each in its own transaction.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let version = version.max(0) as usize;
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::NewerSchema {
+            path: path.to_path_buf(),
+            found: version,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(path = %path.display(), version = i + 1, "store migrated");
+    }
+    Ok(())
+}
+
+fn now() -> u64 {
+    crate::openai::unix_now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "chorus-store-{name}-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn keep(max_rows: usize) -> Retention {
+        Retention {
+            max_age: None,
+            max_rows,
+        }
+    }
+
+    fn row(id: &str, previous: Option<&str>) -> Row {
+        Row {
+            id: id.into(),
+            previous_response_id: previous.map(Into::into),
+            created_at: 1,
+            input: "[]".into(),
+            response: format!("{{\"id\":\"{id}\"}}"),
+        }
+    }
+
+    #[test]
+    fn chains_read_from_first_turn_to_last() {
+        let store = Store::open(&dir("chain"), keep(100)).unwrap();
+        store.insert(&row("a", None), &[]).unwrap();
+        store.insert(&row("b", Some("a")), &["a".into()]).unwrap();
+        store
+            .insert(&row("c", Some("b")), &["a".into(), "b".into()])
+            .unwrap();
+        let ids: Vec<String> = store
+            .chain("c")
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(store.get("b").unwrap(), row("b", Some("a")));
+        assert!(matches!(store.chain("x"), Err(StoreError::NotFound(_))));
+        // Deleting a middle turn breaks the chains through it, by name.
+        assert!(store.delete("b").unwrap());
+        assert!(!store.delete("b").unwrap());
+        match store.chain("c") {
+            Err(StoreError::BrokenChain { id, missing }) => {
+                assert_eq!((id.as_str(), missing.as_str()), ("c", "b"));
+            }
+            other => panic!("expected a broken chain, got {other:?}"),
+        }
+        assert_eq!(store.len().unwrap(), 2);
+    }
+
+    #[test]
+    fn rows_survive_reopening_and_the_schema_is_versioned() {
+        let d = dir("reopen");
+        {
+            let store = Store::open(&d, keep(100)).unwrap();
+            store.insert(&row("a", None), &[]).unwrap();
+        }
+        let store = Store::open(&d, keep(100)).unwrap();
+        assert_eq!(store.get("a").unwrap().id, "a");
+        assert_eq!(store.len().unwrap(), 1);
+        drop(store);
+        // A database from a newer chorus is refused, not misread.
+        let conn = Connection::open(d.join(FILE_NAME)).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(
+            Store::open(&d, keep(100)),
+            Err(StoreError::NewerSchema { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn retention_evicts_the_least_recently_used() {
+        let store = Store::open(&dir("evict"), keep(3)).unwrap();
+        store.insert(&row("a", None), &[]).unwrap();
+        store.insert(&row("b", None), &[]).unwrap();
+        store.insert(&row("c", None), &[]).unwrap();
+        {
+            // `a` used later than `b` and `c`.
+            let db = store.db().unwrap();
+            db.conn
+                .execute(
+                    "UPDATE responses SET used_at = used_at - 10 WHERE id != 'a'",
+                    [],
+                )
+                .unwrap();
+        }
+        store.insert(&row("d", None), &[]).unwrap();
+        assert_eq!(store.len().unwrap(), 3);
+        assert!(store.get("a").is_ok());
+        assert!(store.get("d").is_ok());
+        assert_eq!(
+            [store.get("b").is_ok(), store.get("c").is_ok()]
+                .iter()
+                .filter(|&&kept| kept)
+                .count(),
+            1
+        );
+
+        let aged = Store::open(
+            &dir("age"),
+            Retention {
+                max_age: Some(Duration::from_secs(3600)),
+                max_rows: 100,
+            },
+        )
+        .unwrap();
+        aged.insert(&row("old", None), &[]).unwrap();
+        aged.insert(&row("new", None), &[]).unwrap();
+        {
+            let db = aged.db().unwrap();
+            db.conn
+                .execute(
+                    "UPDATE responses SET used_at = used_at - 7200 WHERE id = 'old'",
+                    [],
+                )
+                .unwrap();
+        }
+        aged.evict(now()).unwrap();
+        assert!(matches!(aged.get("old"), Err(StoreError::NotFound(_))));
+        assert!(aged.get("new").is_ok());
+        assert_eq!(aged.len().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_duplicate_id_is_an_error_and_changes_nothing() {
+        let store = Store::open(&dir("dup"), keep(10)).unwrap();
+        store.insert(&row("a", None), &[]).unwrap();
+        assert!(store.insert(&row("a", None), &[]).is_err());
+        assert_eq!(store.len().unwrap(), 1);
+    }
+}

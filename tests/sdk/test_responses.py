@@ -1,0 +1,276 @@
+"""The Responses API through the official `openai` SDK against chorus (CHORUS_URL, the
+default model): text, structured output, function calls and their outputs, the streamed
+event sequence, stored responses (retrieve, input_items, delete), chaining by
+`previous_response_id`, refusals of what is not supported, and the OpenAI Agents SDK on
+its default (Responses) model."""
+
+import asyncio
+import json
+import os
+
+import jsonschema
+import openai
+import pytest
+
+BASE = os.environ.get("CHORUS_URL", "http://127.0.0.1:8080")
+MODEL = "smollm2-135m-instruct"
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 40}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+@pytest.fixture(scope="module")
+def client():
+    return openai.OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_text_response_and_its_usage(client):
+    r = client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=16,
+                                temperature=0)
+    assert r.id.startswith("resp_") and r.object == "response"
+    assert r.status in ("completed", "incomplete")
+    assert r.output[0].type == "message" and r.output[0].role == "assistant"
+    assert r.output[0].content[0].type == "output_text"
+    assert r.output_text.strip()
+    u = r.usage
+    assert u.input_tokens > 0 and 0 < u.output_tokens <= 16
+    assert u.total_tokens == u.input_tokens + u.output_tokens
+    assert u.input_tokens_details.cached_tokens <= u.input_tokens
+
+
+def test_cut_short_is_incomplete(client):
+    r = client.responses.create(model=MODEL, input="Tell me a long story.", max_output_tokens=3)
+    assert r.status == "incomplete"
+    assert r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 3
+
+
+def test_structured_output_follows_the_schema(client):
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20},
+                       "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    r = client.responses.create(
+        model=MODEL, input="Invent a person.", max_output_tokens=60, temperature=0,
+        text={"format": {"type": "json_schema", "name": "person", "schema": schema,
+                         "strict": True}})
+    assert r.status == "completed", r
+    jsonschema.validate(json.loads(r.output_text), schema)
+    assert r.text.format.type == "json_schema"
+
+
+def test_stored_response_retrieve_input_items_delete(client):
+    r = client.responses.create(model=MODEL, instructions="Be brief.",
+                                input=[{"role": "user", "content": "Name a colour."}],
+                                max_output_tokens=8, metadata={"suite": "responses"})
+    got = client.responses.retrieve(r.id)
+    assert got.id == r.id and got.output_text == r.output_text
+    assert got.instructions == "Be brief." and got.metadata == {"suite": "responses"}
+    items = client.responses.input_items.list(r.id)
+    assert [i.type for i in items.data] == ["message"]
+    assert items.data[0].role == "user" and items.data[0].content[0].text == "Name a colour."
+    deleted = client.responses.delete(r.id)
+    assert deleted is None or getattr(deleted, "deleted", True)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    # A deleted response can no longer be chained on.
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model=MODEL, input="And another?", previous_response_id=r.id)
+    assert e.value.body["code"] == "previous_response_not_found"
+
+
+def test_unknown_previous_response_is_not_found(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model=MODEL, input="hi", previous_response_id="resp_nope")
+    assert e.value.body["param"] == "previous_response_id"
+    assert e.value.body["code"] == "previous_response_not_found"
+
+
+def test_store_false_is_not_kept(client):
+    r = client.responses.create(model=MODEL, input="hi", max_output_tokens=4, store=False)
+    assert r.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+
+
+def test_chained_turn_sees_the_earlier_one_and_reuses_its_cache(client):
+    first = client.responses.create(model=MODEL, input="My name is Ada. Say hi.",
+                                    max_output_tokens=12, temperature=0)
+    second = client.responses.create(model=MODEL, input="What is my name?",
+                                     previous_response_id=first.id, max_output_tokens=12,
+                                     temperature=0)
+    assert second.previous_response_id == first.id
+    # The second prompt holds the first turn: more tokens, the first ones from the cache.
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens // 16 * 16
+    # Instructions are not carried over.
+    assert second.instructions is None
+
+
+def test_function_call_and_its_output(client):
+    r = client.responses.create(model=MODEL, input="What is the weather in Paris?",
+                                tools=[WEATHER], tool_choice="required", temperature=0,
+                                parallel_tool_calls=False, max_output_tokens=100)
+    assert r.status == "completed", r
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert calls and calls[0].name == "get_weather" and calls[0].call_id
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER["parameters"])
+    # The result goes back by `previous_response_id`...
+    follow = client.responses.create(
+        model=MODEL, previous_response_id=r.id, tools=[WEATHER], tool_choice="none",
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                "output": "Sunny, 21 degrees."}],
+        max_output_tokens=30, temperature=0)
+    assert follow.output[0].type == "message" and follow.output_text.strip()
+    assert follow.usage.input_tokens_details.cached_tokens > 0
+    # ...or with the whole history resent, as stateless clients do.
+    resent = client.responses.create(
+        model=MODEL, tools=[WEATHER], tool_choice="none", store=False,
+        input=[{"role": "user", "content": "What is the weather in Paris?"},
+               calls[0].model_dump(exclude_none=True),
+               {"type": "function_call_output", "call_id": calls[0].call_id,
+                "output": "Sunny, 21 degrees."}],
+        max_output_tokens=30, temperature=0)
+    assert resent.output_text == follow.output_text
+
+
+def event_types(events):
+    return [e.type for e in events]
+
+
+def test_streamed_text_events_in_order(client):
+    # Greedy, this question's answer ends well within the limit: `response.completed`.
+    with client.responses.stream(model=MODEL, input="What is 2+2?", max_output_tokens=60,
+                                 temperature=0) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    types = event_types(events)
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[2:4] == ["response.output_item.added", "response.content_part.added"]
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert deltas
+    tail = [t for t in types[4:] if t != "response.output_text.delta"]
+    assert tail[:3] == ["response.output_text.done", "response.content_part.done",
+                        "response.output_item.done"]
+    assert tail[-1] == "response.completed" and len(tail) == 4
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(d.delta for d in deltas)
+    assert text == final.output_text
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert done.text == text
+    # Stored before the last event: retrievable at once, the same answer.
+    assert client.responses.retrieve(final.id).output_text == text
+
+
+def test_streamed_function_call_events(client):
+    with client.responses.stream(model=MODEL, input="Weather in Rome?", tools=[WEATHER],
+                                 tool_choice="required", max_output_tokens=100,
+                                 temperature=0) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    types = event_types(events)
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    assert "response.function_call_arguments.delta" in types
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    jsonschema.validate(json.loads(done.arguments), WEATHER["parameters"])
+    added = next(e for e in events if e.type == "response.output_item.added")
+    assert added.item.type == "function_call" and added.item.name == "get_weather"
+    assert final.output[0].type == "function_call"
+    assert final.output[0].arguments == done.arguments
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_streamed_cut_short_ends_incomplete(client):
+    with client.responses.stream(model=MODEL, input="Tell me a story.",
+                                 max_output_tokens=2) as stream:
+        events = list(stream)
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "max_output_tokens"
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"background": True}, "background"),
+    ({"reasoning": {"effort": "low"}}, "reasoning"),
+    ({"include": ["reasoning.encrypted_content"]}, "include"),
+    ({"text": {"format": {"type": "yaml"}}}, "text"),
+    ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": [{"type": "item_reference", "id": "x"}]}, "input"),
+])
+def test_unsupported_fields_are_refused_by_name(client, fields, param):
+    body = {"model": MODEL, "input": "hi", **fields}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.post("/responses", body=body, cast_to=object)
+    assert e.value.body["param"] == param, e.value.body
+
+
+def test_openai_agents_sdk_default_model_runs_a_tool_loop():
+    import dataclasses
+
+    from agents import (Agent, AgentHooks, ModelSettings, RunConfig, Runner, function_tool,
+                        set_default_openai_api, set_default_openai_client,
+                        set_tracing_disabled)
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)
+    # The SDK's defaults: the Responses API, a plain model name.
+    set_default_openai_client(AsyncOpenAI(base_url=f"{BASE}/v1", api_key="unused",
+                                          max_retries=0), use_for_tracing=False)
+    set_default_openai_api("responses")
+    calls = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        calls.append(city)
+        return f"It is sunny and 21 degrees in {city}."
+
+    class AnswerAfterTheTool(AgentHooks):
+        """Once the tool has run, the model is to answer in text (a 135M model left to
+        choose would call again)."""
+
+        async def on_tool_end(self, context, agent, tool, result):
+            agent.model_settings = dataclasses.replace(agent.model_settings, tool_choice="none")
+
+    agent = Agent(
+        name="weather",
+        instructions="Answer questions about the weather. Use get_weather.",
+        model=MODEL,
+        tools=[get_weather],
+        model_settings=ModelSettings(tool_choice="required", max_tokens=80, temperature=0),
+        hooks=AnswerAfterTheTool(),
+        reset_tool_choice=False,
+    )
+    async def run(streamed):
+        calls.clear()
+        agent.model_settings = dataclasses.replace(agent.model_settings, tool_choice="required")
+        run_config = RunConfig(tracing_disabled=True)
+        if not streamed:
+            return await Runner.run(agent, "What is the weather in Paris?", max_turns=4,
+                                    run_config=run_config)
+        result = Runner.run_streamed(agent, "What is the weather in Oslo?", max_turns=4,
+                                     run_config=run_config)
+        async for _ in result.stream_events():
+            pass
+        return result
+
+    async def both():
+        for streamed in (False, True):
+            result = await run(streamed)
+            assert calls, f"the tool was never called (streamed={streamed})"
+            assert isinstance(result.final_output, str) and result.final_output.strip()
+
+    asyncio.run(both())
