@@ -6,7 +6,9 @@
 #   3. the official `openai` Python SDK against real chorus servers on free loopback ports,
 #      one on the default model, one on gemma3-270m and one on the default model with a
 #      Hermes tool-calling template, and the OpenAI Agents SDK and LangChain running tool
-#      loops (installed into .venv/ from tests/sdk/requirements.txt when absent),
+#      loops, on Chat Completions and on the Responses API (installed into .venv/ from
+#      tests/sdk/requirements.txt when absent); stored responses across restarts and
+#      kill -9 with servers of their own (tests/sdk/test_responses_store.py),
 #   4. the chat page in headless Chromium against both servers, and against a third one
 #      with --api-key and --cors-origin (the key prompt, and the official openai JS SDK
 #      from another origin) (Debian's chromium, playwright-core and openai from npm,
@@ -30,13 +32,15 @@ fi
 # ready, and sets VAR to its base URL. Servers are stopped on exit.
 pids=()
 logs=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -f "${logs[@]}"' EXIT
+# Each server's stored responses (--state-dir) live under here for this run only.
+state_root=$(mktemp -d)
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -f "${logs[@]}"; rm -rf "$state_root"' EXIT
 start_server() {
   local var=$1; shift
   local port log pid
   port=$(free_port)
   log=$(mktemp)
-  target/release/chorus --port "$port" "$@" >"$log" 2>&1 &
+  target/release/chorus --port "$port" --state-dir "$state_root/$port" "$@" >"$log" 2>&1 &
   pid=$!
   pids+=("$pid")
   logs+=("$log")
@@ -60,7 +64,8 @@ start_server url
 start_server gemma_url --model gemma3-270m
 start_server key_url --api-key test-key --cors-origin "http://127.0.0.1:$page_port"
 start_server hermes_url --chat-template tests/sdk/templates/hermes-tools.jinja --served-model-name smollm2-hermes
-CHORUS_URL="$url" CHORUS_GEMMA_URL="$gemma_url" CHORUS_HERMES_URL="$hermes_url" .venv/bin/python -m pytest -q tests/sdk
+CHORUS_URL="$url" CHORUS_GEMMA_URL="$gemma_url" CHORUS_HERMES_URL="$hermes_url" CHORUS_BIN=target/release/chorus \
+  .venv/bin/python -m pytest -q tests/sdk
 
 echo "== browser test"
 if [ ! -x /usr/bin/chromium ]; then

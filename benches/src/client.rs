@@ -1,4 +1,4 @@
-//! One streamed chat completion, timed from the client's side.
+//! One streamed chat completion or response, timed from the client's side.
 
 use std::time::Instant;
 
@@ -17,6 +17,17 @@ pub struct RequestShape {
     pub temperature: f64,
     /// Offer a weather-lookup function and require a call (`--tool-call`).
     pub tool_call: bool,
+    pub api: Api,
+}
+
+/// Which endpoint carries the conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Api {
+    /// `/v1/chat/completions`: each turn resends the whole history.
+    Chat,
+    /// `/v1/responses`: each turn sends its new message and `previous_response_id`.
+    Responses,
 }
 
 /// The function `--tool-call` offers.
@@ -35,10 +46,12 @@ pub fn weather_tool() -> Value {
     }}])
 }
 
-/// The outcome of one request: its timings and, for multi-turn runs, the reply text.
+/// The outcome of one request: its timings and, for multi-turn runs, the reply text
+/// (and with `--api responses`, the id the next turn continues).
 pub struct Reply {
     pub record: RequestRecord,
     pub text: String,
+    pub response_id: Option<String>,
 }
 
 /// Sends `messages` to `{base}/v1/chat/completions` with streaming and usage on.
@@ -66,13 +79,139 @@ pub async fn chat(
     let mut record = RequestRecord::default();
     let mut text = String::new();
     let result = stream(http, base, &body, started, &mut record, &mut text).await;
+    finish(record, text, None, started, result)
+}
+
+/// Sends one turn to `{base}/v1/responses` with streaming: `user`'s message, continuing
+/// `previous` (stored responses), with `instructions` as the system prompt.
+pub async fn respond(
+    http: &reqwest::Client,
+    base: &str,
+    shape: &RequestShape,
+    instructions: Option<&str>,
+    user: &str,
+    previous: Option<&str>,
+) -> Reply {
+    let mut body = json!({
+        "model": shape.model,
+        "input": user,
+        "max_output_tokens": shape.max_tokens,
+        "temperature": shape.temperature,
+        "stream": true,
+    });
+    if let Some(i) = instructions {
+        body["instructions"] = json!(i);
+    }
+    if let Some(p) = previous {
+        body["previous_response_id"] = json!(p);
+    }
+    if shape.tool_call {
+        body["tools"] = json!([{"type": "function", "name": "get_weather",
+            "parameters": weather_tool()[0]["function"]["parameters"]}]);
+        body["tool_choice"] = json!("required");
+        body["parallel_tool_calls"] = json!(false);
+    }
+    let started = Instant::now();
+    let mut record = RequestRecord::default();
+    let mut text = String::new();
+    let mut id = None;
+    let result = stream_events(http, base, &body, started, &mut record, &mut text, &mut id).await;
+    finish(record, text, id, started, result)
+}
+
+fn finish(
+    mut record: RequestRecord,
+    text: String,
+    response_id: Option<String>,
+    started: Instant,
+    result: Result<(), String>,
+) -> Reply {
     record.e2e = started.elapsed().as_secs_f64();
     if let Err(e) = result {
         record.error = Some(e);
     } else if record.output_tokens == 0 {
-        record.error = Some("the stream ended without a usage chunk".into());
+        record.error = Some("the stream ended without usage".into());
     }
-    Reply { record, text }
+    Reply {
+        record,
+        text,
+        response_id,
+    }
+}
+
+/// Posts `body` to `path`, recording its size and status; the response when it is a
+/// success.
+async fn post(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: &Value,
+    record: &mut RequestRecord,
+) -> Result<reqwest::Response, String> {
+    let bytes = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+    record.request_bytes = bytes.len();
+    let response = http
+        .post(format!("{}{path}", base.trim_end_matches('/')))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(bytes)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    record.status = Some(status.as_u16());
+    if !status.is_success() {
+        let detail = response.text().await.unwrap_or_default();
+        return Err(format!("HTTP {status}: {}", detail.trim()));
+    }
+    Ok(response)
+}
+
+/// The typed events of a streamed response.
+async fn stream_events(
+    http: &reqwest::Client,
+    base: &str,
+    body: &Value,
+    started: Instant,
+    record: &mut RequestRecord,
+    text: &mut String,
+    id: &mut Option<String>,
+) -> Result<(), String> {
+    let response = post(http, base, "/v1/responses", body, record).await?;
+    let mut parser = SseParser::new();
+    let mut bytes = response.bytes_stream();
+    while let Some(piece) = bytes.next().await {
+        let piece = piece.map_err(|e| e.to_string())?;
+        let at = started.elapsed().as_secs_f64();
+        for data in parser.push(&piece) {
+            let event: Value =
+                serde_json::from_str(&data).map_err(|e| format!("bad event: {e}"))?;
+            match event["type"].as_str().unwrap_or_default() {
+                "response.output_text.delta" => {
+                    let delta = event["delta"].as_str().unwrap_or_default();
+                    if !delta.is_empty() {
+                        record.chunk_times.push(at);
+                        text.push_str(delta);
+                    }
+                }
+                "response.function_call_arguments.delta" => record.chunk_times.push(at),
+                "response.failed" => {
+                    return Err(format!("response.failed: {}", event["response"]["error"]))
+                }
+                "response.completed" | "response.incomplete" => {
+                    let r = &event["response"];
+                    let usage = &r["usage"];
+                    let count = |v: &Value| v.as_u64().unwrap_or(0) as usize;
+                    record.output_tokens = count(&usage["output_tokens"]);
+                    record.prompt_tokens = count(&usage["input_tokens"]);
+                    record.cached_tokens = count(&usage["input_tokens_details"]["cached_tokens"]);
+                    *id = r["id"].as_str().map(str::to_string);
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+    }
+    Err("the stream ended before response.completed".into())
 }
 
 async fn stream(
@@ -83,21 +222,7 @@ async fn stream(
     record: &mut RequestRecord,
     text: &mut String,
 ) -> Result<(), String> {
-    let response = http
-        .post(format!(
-            "{}/v1/chat/completions",
-            base.trim_end_matches('/')
-        ))
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status();
-    record.status = Some(status.as_u16());
-    if !status.is_success() {
-        let detail = response.text().await.unwrap_or_default();
-        return Err(format!("HTTP {status}: {}", detail.trim()));
-    }
+    let response = post(http, base, "/v1/chat/completions", body, record).await?;
     let mut parser = SseParser::new();
     let mut bytes = response.bytes_stream();
     let mut done = false;

@@ -102,6 +102,12 @@ struct Args {
     #[arg(long)]
     tool_call: bool,
 
+    /// Endpoint: chat (`/v1/chat/completions`, each turn resends the history) or
+    /// responses (`/v1/responses`, each turn sends its message and
+    /// `previous_response_id`; needs --ignore-eos false and closed-loop levels).
+    #[arg(long, value_enum, default_value_t = client::Api::Chat)]
+    api: client::Api,
+
     /// Hold this many idle keep-alive connections open to each target during the run
     /// (each after one answered `GET /health`). The server's idle timeout must outlast
     /// the run for them to stay open.
@@ -134,6 +140,11 @@ async fn run(args: Args) -> Result<(), String> {
     if args.multi_turn > 1 && !args.request_rate.is_empty() {
         return Err("--multi-turn needs closed-loop --concurrency levels".into());
     }
+    if args.api == client::Api::Responses && (args.ignore_eos || !args.request_rate.is_empty()) {
+        return Err(
+            "--api responses needs --ignore-eos false (the Responses API has no ignore_eos) and closed-loop --concurrency levels".into(),
+        );
+    }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs_f64(args.timeout))
         .build()
@@ -159,6 +170,7 @@ async fn run(args: Args) -> Result<(), String> {
         ignore_eos: args.ignore_eos,
         temperature: args.temperature,
         tool_call: args.tool_call,
+        api: args.api,
         turns: args.multi_turn,
         requests: args.requests_per_level,
         duration: args.duration.map(Duration::from_secs_f64),
@@ -232,6 +244,7 @@ async fn run(args: Args) -> Result<(), String> {
                 "temperature": args.temperature,
                 "seed": args.seed,
                 "multi_turn": args.multi_turn,
+                "api": args.api,
                 "shared_prefix_words": args.shared_prefix_tokens,
                 "requests_per_level": args.requests_per_level,
                 "duration_s": args.duration,
@@ -262,6 +275,7 @@ async fn warm_up(
         ignore_eos: plan.ignore_eos,
         temperature: plan.temperature,
         tool_call: plan.tool_call,
+        api: plan.api,
     };
     for i in 0..n {
         let messages =

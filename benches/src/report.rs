@@ -78,9 +78,10 @@ pub fn table(levels: &[LevelResult]) -> String {
         for t in l.turns.iter().flatten() {
             let _ = writeln!(
                 out,
-                "           turn {:>2}: {:>3} req, prompt {:>6.0} tok ({:>6.0} cached), TTFT p50 {:>7.0} ms p99 {:>7.0} ms",
+                "           turn {:>2}: {:>3} req, {:>6.0} B sent, prompt {:>6.0} tok ({:>6.0} cached), TTFT p50 {:>7.0} ms p99 {:>7.0} ms",
                 t.turn + 1,
                 t.requests,
+                t.request_bytes_mean,
                 t.prompt_tokens_mean,
                 t.cached_tokens_mean,
                 t.ttft_ms.p50,

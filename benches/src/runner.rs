@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
-use crate::client::{chat, RequestShape};
+use crate::client::{chat, respond, Api, RequestShape};
 use crate::stats::{by_turn, RequestRecord, Slo, Summary, TurnTtft};
 use crate::workload::Workload;
 
@@ -60,6 +60,8 @@ pub struct Plan {
     pub temperature: f64,
     /// Every request requires a function call (`--tool-call`).
     pub tool_call: bool,
+    /// The endpoint that carries conversations.
+    pub api: Api,
     /// Turns per conversation (1: every request is a fresh conversation).
     pub turns: usize,
     /// Requests per level; `None` derives it from the load (see [`Plan::requests_for`]).
@@ -124,6 +126,7 @@ fn shape(target: &Target, plan: &Plan) -> RequestShape {
         ignore_eos: plan.ignore_eos,
         temperature: plan.temperature,
         tool_call: plan.tool_call,
+        api: plan.api,
     }
 }
 
@@ -144,6 +147,11 @@ async fn closed_loop(
         tasks.spawn(async move {
             let mut records = Vec::new();
             let mut history = plan.workload.conversation();
+            let instructions = history
+                .first()
+                .and_then(|m| m["content"].as_str())
+                .map(str::to_string);
+            let mut previous: Option<String> = None;
             let mut turn = 0;
             for index in 0.. {
                 let more = match plan.duration {
@@ -154,12 +162,27 @@ async fn closed_loop(
                     break;
                 }
                 if turn == plan.turns {
-                    (history, turn) = (plan.workload.conversation(), 0);
+                    (history, turn, previous) = (plan.workload.conversation(), 0, None);
                 }
                 let user = plan.workload.user_message(stream, index);
                 history.push(json!({"role": "user", "content": user}));
                 let at = started.elapsed().as_secs_f64();
-                let reply = chat(&http, &base, &shape, &history).await;
+                let reply = match shape.api {
+                    Api::Chat => chat(&http, &base, &shape, &history).await,
+                    Api::Responses => {
+                        let previous = previous.as_deref().filter(|_| plan.turns > 1);
+                        respond(
+                            &http,
+                            &base,
+                            &shape,
+                            instructions.as_deref(),
+                            &user,
+                            previous,
+                        )
+                        .await
+                    }
+                };
+                previous = reply.response_id.clone();
                 history.push(json!({"role": "assistant", "content": reply.text}));
                 let mut record = reply.record;
                 (record.start, record.turn) = (at, turn);

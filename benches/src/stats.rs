@@ -26,6 +26,8 @@ pub struct RequestRecord {
     pub prompt_tokens: usize,
     pub output_tokens: usize,
     pub cached_tokens: usize,
+    /// Size of the request body sent.
+    pub request_bytes: usize,
 }
 
 impl RequestRecord {
@@ -170,6 +172,7 @@ pub struct TurnTtft {
     pub requests: usize,
     pub prompt_tokens_mean: f64,
     pub cached_tokens_mean: f64,
+    pub request_bytes_mean: f64,
     pub ttft_ms: Dist,
 }
 
@@ -188,6 +191,7 @@ pub fn by_turn(records: &[RequestRecord]) -> Vec<TurnTtft> {
                 requests: rs.len(),
                 prompt_tokens_mean: rs.iter().map(|r| r.prompt_tokens as f64).sum::<f64>() / n,
                 cached_tokens_mean: rs.iter().map(|r| r.cached_tokens as f64).sum::<f64>() / n,
+                request_bytes_mean: rs.iter().map(|r| r.request_bytes as f64).sum::<f64>() / n,
                 ttft_ms: Dist::of_seconds(&ttfts),
             }
         })

@@ -127,7 +127,7 @@ pub fn prepare(
         &sampling,
         "input",
     )?;
-    let parallel = tools.as_ref().map_or(true, |t| t.parallel);
+    let parallel = req.parallel_tool_calls.unwrap_or(true);
     // `store` defaults to true; with --no-store nothing is kept, as if it were false.
     let keep = store
         .filter(|_| req.store.unwrap_or(true))
@@ -279,13 +279,15 @@ fn text_format(
                 ))
             }
         },
-        other => return Err(ApiError::bad(
-            "text",
-            format!(
+        other => {
+            return Err(ApiError::bad(
+                "text",
+                format!(
                 "`text.format.type` must be \"text\", \"json_object\" or \"json_schema\", got {}",
                 other.map_or_else(|| "nothing".to_string(), |t| format!("{t:?}"))
             ),
-        )),
+            ))
+        }
     };
     validate::json_constraint(info, "text", schema).map(Some)
 }
