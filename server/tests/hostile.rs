@@ -397,6 +397,77 @@ fn cases() -> Vec<Case> {
             400,
         ),
     ];
+    let responses = "/v1/responses";
+    let r = |extra: Value| {
+        let mut body = json!({"input": "Hello", "max_output_tokens": 2});
+        if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
+            b.extend(e);
+        }
+        j(body)
+    };
+    let metadata: serde_json::Map<String, Value> =
+        (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+    cases.extend([
+        ("responses: malformed JSON", responses, JSON, b"{".to_vec(), 400),
+        ("responses: no input", responses, JSON, j(json!({})), 400),
+        ("responses: input a number", responses, JSON, r(json!({"input": 5})), 400),
+        ("responses: empty input list", responses, JSON, r(json!({"input": []})), 400),
+        (
+            "responses: call without call_id",
+            responses,
+            JSON,
+            r(json!({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]})),
+            400,
+        ),
+        (
+            "responses: output answering no call",
+            responses,
+            JSON,
+            r(json!({"input": [{"type": "function_call_output", "call_id": "c9", "output": "x"}]})),
+            400,
+        ),
+        (
+            "responses: image part",
+            responses,
+            JSON,
+            r(json!({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]})),
+            400,
+        ),
+        (
+            "responses: quoted previous id",
+            responses,
+            JSON,
+            r(json!({"previous_response_id": "x' OR '1'='1"})),
+            404,
+        ),
+        (
+            "responses: 100 KB previous id",
+            responses,
+            JSON,
+            r(json!({"previous_response_id": "r".repeat(100_000)})),
+            404,
+        ),
+        ("responses: built-in tool", responses, JSON, r(json!({"tools": [{"type": "web_search"}]})), 400),
+        ("responses: tool without name", responses, JSON, r(json!({"tools": [{"type": "function"}]})), 400),
+        ("responses: metadata value a number", responses, JSON, r(json!({"metadata": {"a": 1}})), 400),
+        ("responses: 17 metadata pairs", responses, JSON, r(json!({"metadata": metadata})), 400),
+        ("responses: temperature 3", responses, JSON, r(json!({"temperature": 3})), 400),
+        (
+            "responses: schema not an object",
+            responses,
+            JSON,
+            r(json!({"text": {"format": {"type": "json_schema", "schema": "x"}}})),
+            400,
+        ),
+        ("responses: store a string", responses, JSON, r(json!({"store": "yes"})), 400),
+        (
+            "responses: 3 MB of instructions",
+            responses,
+            JSON,
+            r(json!({"instructions": "word ".repeat(600_000)})),
+            400,
+        ),
+    ]);
     // Unknown routes and methods get the envelope too.
     cases.push(("unknown route", "/v1/engines", JSON, j(json!({})), 404));
     cases
@@ -443,6 +514,32 @@ async fn every_bad_request_gets_its_4xx_and_the_server_carries_on() {
     assert_eq!(r.status(), 405);
     let v: Value = r.json().await.unwrap();
     assert!(v["error"]["message"].is_string(), "{v}");
+}
+
+/// Looking up, listing or deleting stored responses that do not exist, whatever the id
+/// looks like, is a 404 envelope.
+#[tokio::test]
+async fn lookups_of_unknown_stored_responses_are_404() {
+    let url = base().await;
+    let client = reqwest::Client::new();
+    let long = "r".repeat(10_000);
+    for id in ["resp_nope", "x'%20OR%20'1'='1", "%2E%2E%2Fetc", &long] {
+        for (method, suffix) in [
+            (reqwest::Method::GET, ""),
+            (reqwest::Method::GET, "/input_items"),
+            (reqwest::Method::DELETE, ""),
+        ] {
+            let r = client
+                .request(method.clone(), format!("{url}/v1/responses/{id}{suffix}"))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or_default();
+            assert_eq!(status, 404, "{method} {suffix}: {v}");
+            assert!(v["error"]["message"].is_string(), "{v}");
+        }
+    }
 }
 
 /// Text that looks like template syntax or control tokens is content, not code: the
