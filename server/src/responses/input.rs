@@ -122,6 +122,30 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
     }
 }
 
+/// Checks that every `function_call_output` of `items` answers a call made before it, in
+/// `history` or earlier in `items` (errors index `items`, the request's `input`).
+pub fn check_outputs(history: &[Item], items: &[Item]) -> Result<(), ApiError> {
+    let mut calls: Vec<&str> = history
+        .iter()
+        .filter_map(|i| match i {
+            Item::FunctionCall { call_id, .. } => Some(call_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            Item::FunctionCall { call_id, .. } => calls.push(call_id),
+            Item::FunctionCallOutput { call_id, .. } if !calls.contains(&call_id.as_str()) => {
+                return Err(bad(format!(
+                    "`input[{i}]`: function_call_output with call_id {call_id:?} answers no earlier function_call"
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// A text content part (`input_text`, `output_text` or `text`).
 fn text_part(at: &str, p: &Value) -> Result<Part, ApiError> {
     let kind = p.get("type").and_then(Value::as_str);
