@@ -107,6 +107,34 @@ fn prefill(c: &mut Criterion) {
     group.finish();
 }
 
+/// A new conversation turn: 128 tokens prefilled after a 2,048-token history already in
+/// the cache (each of them attends to the whole history).
+fn prefill_turn(c: &mut Criterion) {
+    let m = load();
+    let mut group = c.benchmark_group("prefill_turn");
+    group.sample_size(10);
+    let (history, len) = (2048, 128);
+    let (mut kv, tables) = cache(&m, 1, history + len);
+    let tokens: Vec<u32> = (0..len as u32).map(|i| 200 + i % 1000).collect();
+    let batch = [SeqInput {
+        tokens: &tokens,
+        start_pos: history,
+        blocks: &tables[0],
+        wants_logits: true,
+        all_logits: false,
+    }];
+    group.throughput(Throughput::Elements(len as u64));
+    group.bench_with_input(
+        BenchmarkId::from_parameter(format!("{len}_after_{history}")),
+        &batch,
+        |b, batch| {
+            pool()
+                .install(|| b.iter(|| black_box(m.model.forward(&mut kv, batch).expect("forward"))))
+        },
+    );
+    group.finish();
+}
+
 /// One `[3072, 576]` projection (SmolLM2's stacked gate/up) from a Q4_1 weight, by each
 /// kernel path, at several row counts.
 fn matmul(c: &mut Criterion) {
@@ -212,5 +240,13 @@ fn sampling(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matmul, dtype, decode_step, prefill, sampling);
+criterion_group!(
+    benches,
+    matmul,
+    dtype,
+    decode_step,
+    prefill,
+    prefill_turn,
+    sampling
+);
 criterion_main!(benches);

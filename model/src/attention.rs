@@ -31,39 +31,67 @@ pub struct AttnShape {
     pub window: Option<usize>,
 }
 
+/// Rows of one sequence computed together: each key and value block is converted from
+/// f16 once per tile and read by all its rows, instead of once per row (a long prompt's
+/// chunk attends to the same history with every row).
+const TILE_ROWS: usize = 16;
+
 /// `q`: `[rows, heads * head_dim]` (rope applied). Returns `[rows, heads * head_dim]`.
 /// The KV of every row's position must already be written.
 pub fn paged_attention(shape: &AttnShape, q: &[f32], kv: &LayerKv, spans: &[RowSpan]) -> Vec<f32> {
     let hd = shape.kv.head_dim;
     let (heads, kv_heads) = (shape.heads, shape.kv.kv_heads);
     let group = heads / kv_heads;
+    let width = group * hd;
     let total_rows: usize = spans.iter().map(|s| s.rows).sum();
-    // (span index, position) of every row.
-    let mut row_info = Vec::with_capacity(total_rows);
+    // (span, first row within it, rows) of every tile.
+    let mut tiles = Vec::with_capacity(spans.len());
     for (i, s) in spans.iter().enumerate() {
-        debug_assert_eq!(s.first_row, row_info.len());
-        row_info.extend((0..s.rows).map(|r| (i, s.start_pos + r)));
+        let mut r = 0;
+        while r < s.rows {
+            let n = TILE_ROWS.min(s.rows - r);
+            tiles.push((i, r, n));
+            r += n;
+        }
     }
-    // One task per (row, KV head): the query heads sharing a KV head read it once.
-    let mut out = vec![0.0f32; total_rows * heads * hd];
-    out.par_chunks_mut(group * hd)
-        .enumerate()
-        .with_min_len(2)
-        .for_each_init(Scratch::default, |scratch, (i, o)| {
-            let (row, kv_head) = (i / kv_heads, i % kv_heads);
-            let (span, pos) = row_info[row];
-            let q_rows = &q[(row * heads + kv_head * group) * hd..][..group * hd];
-            let task = Task {
+    // One task per (tile, KV head): the query heads sharing a KV head read it once. Its
+    // results land KV head first (`[kv_head][row][group * head_dim]`), so that each task
+    // owns one contiguous slice; they are put in row order at the end.
+    let mut by_head = vec![0.0f32; kv_heads * total_rows * width];
+    let mut parts = Vec::with_capacity(kv_heads * tiles.len());
+    let mut rest = by_head.as_mut_slice();
+    for kv_head in 0..kv_heads {
+        for &(span, r0, rows) in &tiles {
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(rows * width);
+            rest = tail;
+            parts.push((kv_head, span, r0, rows, part));
+        }
+    }
+    parts.into_par_iter().for_each_init(
+        Scratch::default,
+        |scratch, (kv_head, span, r0, rows, o)| {
+            let s = &spans[span];
+            let first_row = s.first_row + r0;
+            let tile = Tile {
                 s: shape.kv,
                 kv,
-                blocks: spans[span].blocks,
+                blocks: s.blocks,
                 kv_head,
-                lo: shape.window.map_or(0, |w| (pos + 1).saturating_sub(w)),
-                n: pos + 1,
+                first_pos: s.start_pos + r0,
+                rows,
+                window: shape.window,
                 scale: shape.scale,
             };
-            task.attend(q_rows, scratch, o);
-        });
+            let q_of = |j: usize| &q[((first_row + j) * heads + kv_head * group) * hd..][..width];
+            tile.attend(q_of, scratch, o);
+        },
+    );
+    let mut out = vec![0.0f32; total_rows * heads * hd];
+    for (row, o) in out.chunks_exact_mut(heads * hd).enumerate() {
+        for (h, o) in o.chunks_exact_mut(width).enumerate() {
+            o.copy_from_slice(&by_head[(h * total_rows + row) * width..][..width]);
+        }
+    }
     out
 }
 
@@ -76,109 +104,142 @@ struct Scratch {
     values: Vec<f32>,
 }
 
-/// The query heads of one row that share `kv_head`, against positions `lo..n`.
-struct Task<'a> {
+/// Consecutive rows of one sequence, with the query heads that share `kv_head`.
+///
+/// Every row is computed with the same operations in the same order as if it were alone
+/// (its scores block by block, its softmax over its own positions, its values summed slot
+/// by slot from its own first block): tiling changes what is shared, never a result.
+struct Tile<'a> {
     s: KvShape,
     kv: &'a LayerKv,
     blocks: &'a [u32],
     kv_head: usize,
-    lo: usize,
-    n: usize,
+    /// Position of the first row.
+    first_pos: usize,
+    rows: usize,
+    window: Option<usize>,
     scale: f32,
 }
 
-impl Task<'_> {
-    /// `q`: `[group][head_dim]`; `out` the same shape.
-    fn attend(&self, q: &[f32], scratch: &mut Scratch, out: &mut [f32]) {
+impl Tile<'_> {
+    /// The positions row `j` attends to: `lo..n`.
+    fn range(&self, j: usize) -> (usize, usize) {
+        let n = self.first_pos + j + 1;
+        (self.window.map_or(0, |w| n.saturating_sub(w)), n)
+    }
+
+    /// The blocks row `j` reads: `first..last` of the block table.
+    fn blocks_of(&self, j: usize) -> (usize, usize) {
+        let (lo, n) = self.range(j);
+        (lo / BLOCK_SIZE, n.div_ceil(BLOCK_SIZE))
+    }
+
+    /// `q_of(j)`: row `j`'s query heads, `[group][head_dim]`; `out`: `[rows][group][head_dim]`.
+    fn attend<'q>(
+        &self,
+        q_of: impl Fn(usize) -> &'q [f32],
+        scratch: &mut Scratch,
+        out: &mut [f32],
+    ) {
         let hd = self.s.head_dim;
         let Scratch {
             scores,
             keys: k,
             values,
         } = scratch;
-        let group = q.len() / hd;
-        let (first, last) = self.block_range();
+        let group = out.len() / (self.rows * hd);
+        let first = self.blocks_of(0).0;
+        let (_, n_last) = self.range(self.rows - 1);
+        let last = self.blocks_of(self.rows - 1).1;
         let stride = (last - first) * BLOCK_SIZE;
-        // Score slots count from the first block read.
-        let (lo, n) = (self.lo - first * BLOCK_SIZE, self.n - first * BLOCK_SIZE);
-        // [group][stride]: raw scores, then probabilities. Slots outside `lo..n` in the
-        // first and last blocks hold whatever was there; they end up with probability 0.
+        // [row][group][stride]: raw scores, then probabilities. Slots outside a row's
+        // `lo..n` in its first and last blocks end up with probability 0 or are never read.
         scores.clear();
-        scores.resize(group * stride, 0.0);
+        scores.resize(self.rows * group * stride, 0.0);
         k.resize(hd * BLOCK_SIZE, 0.0);
-        for (b, &block) in self.blocks[first..last].iter().enumerate() {
-            let base = offset(self.s, block as usize, self.kv_head, 0);
+        for b in first..last {
+            let base = offset(self.s, self.blocks[b] as usize, self.kv_head, 0);
             // Keys are stored `[head_dim][slot]`: one pass gives all 16 slots' scores.
             self.kv.k[base..][..hd * BLOCK_SIZE].convert_to_f32_slice(k);
-            for (h, qh) in q.chunks_exact(hd).enumerate() {
-                let s = block_scores(qh, k);
-                scores[h * stride + b * BLOCK_SIZE..][..BLOCK_SIZE].copy_from_slice(&s);
-            }
-        }
-        for row in scores.chunks_exact_mut(stride) {
-            row[..lo].fill(0.0);
-            let valid = &mut row[lo..n];
-            let max = lanes_max(valid);
-            for x in valid.iter_mut() {
-                *x = exp((*x - max) * self.scale);
-            }
-            let inv = 1.0 / lanes_sum(valid);
-            valid.iter_mut().for_each(|x| *x *= inv);
-        }
-        for (h, o) in out.chunks_exact_mut(hd).enumerate() {
-            let p = &scores[h * stride..][..stride];
-            match hd {
-                64 => self.weighted_values::<64>(p, values, o),
-                128 => self.weighted_values::<128>(p, values, o),
-                256 => self.weighted_values::<256>(p, values, o),
-                _ => self.weighted_values_any(p, values, o),
-            }
-        }
-    }
-
-    /// `out = Σ_slot p[slot] · v[slot]`, accumulating in registers for a known head size.
-    fn weighted_values<const D: usize>(&self, p: &[f32], buf: &mut Vec<f32>, out: &mut [f32]) {
-        let mut acc = [0.0f32; D];
-        self.for_each_value(buf, |slot, v| {
-            if let Ok(v) = <&[f32; D]>::try_from(v) {
-                for (a, &v) in acc.iter_mut().zip(v) {
-                    *a = p[slot].mul_add(v, *a);
+            for j in 0..self.rows {
+                let (from, to) = self.blocks_of(j);
+                if b < from || b >= to {
+                    continue;
+                }
+                for (h, qh) in q_of(j).chunks_exact(hd).enumerate() {
+                    let s = block_scores(qh, k);
+                    scores[(j * group + h) * stride + (b - first) * BLOCK_SIZE..][..BLOCK_SIZE]
+                        .copy_from_slice(&s);
                 }
             }
-        });
-        out.copy_from_slice(&acc);
-    }
-
-    fn weighted_values_any(&self, p: &[f32], buf: &mut Vec<f32>, out: &mut [f32]) {
+        }
+        for j in 0..self.rows {
+            let (lo, n) = self.range(j);
+            let own = (lo / BLOCK_SIZE - first) * BLOCK_SIZE;
+            let (lo, n) = (lo - first * BLOCK_SIZE, n - first * BLOCK_SIZE);
+            for h in 0..group {
+                let row = &mut scores[(j * group + h) * stride..][..stride];
+                row[own..lo].fill(0.0);
+                let valid = &mut row[lo..n];
+                let max = lanes_max(valid);
+                for x in valid.iter_mut() {
+                    *x = exp((*x - max) * self.scale);
+                }
+                let inv = 1.0 / lanes_sum(valid);
+                valid.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+        // out = Σ_slot p[slot] · v[slot], block by block, each row from its first block.
         out.fill(0.0);
-        self.for_each_value(buf, |slot, v| {
-            for (o, &v) in out.iter_mut().zip(v) {
-                *o = p[slot].mul_add(v, *o);
+        values.resize(hd * BLOCK_SIZE, 0.0);
+        for b in first..last {
+            let base = offset(self.s, self.blocks[b] as usize, self.kv_head, 0);
+            let start = b * BLOCK_SIZE;
+            let filled = (n_last - start).min(BLOCK_SIZE);
+            self.kv.v[base..][..filled * hd].convert_to_f32_slice(&mut values[..filled * hd]);
+            for j in 0..self.rows {
+                let (from, to) = self.blocks_of(j);
+                if b < from || b >= to {
+                    continue;
+                }
+                let slots = (self.range(j).1 - start).min(BLOCK_SIZE);
+                let v = &values[..slots * hd];
+                for h in 0..group {
+                    let p = &scores[(j * group + h) * stride + (b - first) * BLOCK_SIZE..][..slots];
+                    let o = &mut out[(j * group + h) * hd..][..hd];
+                    match hd {
+                        64 => accumulate::<64>(p, v, o),
+                        128 => accumulate::<128>(p, v, o),
+                        256 => accumulate::<256>(p, v, o),
+                        _ => accumulate_any(p, v, o),
+                    }
+                }
             }
-        });
+        }
     }
+}
 
-    /// The blocks holding positions `lo..n`: `first..last` of the block table.
-    fn block_range(&self) -> (usize, usize) {
-        (self.lo / BLOCK_SIZE, self.n.div_ceil(BLOCK_SIZE))
-    }
-
-    /// Calls `f(slot, value row)` for the slots of the blocks holding `lo..n` (slots
-    /// counted from the first of those blocks, ending at `n`), in order, each block's
-    /// values converted from f16 into `rows` in one pass.
-    #[inline(always)]
-    fn for_each_value(&self, rows: &mut Vec<f32>, mut f: impl FnMut(usize, &[f32])) {
-        let hd = self.s.head_dim;
-        let (first, last) = self.block_range();
-        rows.resize(hd * BLOCK_SIZE, 0.0);
-        for (b, &block) in self.blocks[first..last].iter().enumerate() {
-            let base = offset(self.s, block as usize, self.kv_head, 0);
-            let in_block = (self.n - (first + b) * BLOCK_SIZE).min(BLOCK_SIZE);
-            let rows = &mut rows[..in_block * hd];
-            self.kv.v[base..][..in_block * hd].convert_to_f32_slice(rows);
-            for (slot, row) in rows.chunks_exact(hd).enumerate() {
-                f(b * BLOCK_SIZE + slot, row);
+/// `out += Σ_slot p[slot] · v[slot]` in slot order, in registers for a known head size.
+#[inline]
+fn accumulate<const D: usize>(p: &[f32], v: &[f32], out: &mut [f32]) {
+    let Ok(out) = <&mut [f32; D]>::try_from(out) else {
+        return;
+    };
+    let mut acc = *out;
+    for (&p, v) in p.iter().zip(v.chunks_exact(D)) {
+        if let Ok(v) = <&[f32; D]>::try_from(v) {
+            for (a, &v) in acc.iter_mut().zip(v) {
+                *a = p.mul_add(v, *a);
             }
+        }
+    }
+    *out = acc;
+}
+
+fn accumulate_any(p: &[f32], v: &[f32], out: &mut [f32]) {
+    for (&p, v) in p.iter().zip(v.chunks_exact(out.len())) {
+        for (o, &v) in out.iter_mut().zip(v) {
+            *o = p.mul_add(v, *o);
         }
     }
 }
@@ -261,6 +322,72 @@ mod tests {
         // 7 starts inside a block; 16 and 33 span whole blocks and a partial one.
         for w in [1, 7, 16, 33] {
             check_against_reference(Some(w));
+        }
+    }
+
+    /// A long chunk computed in tiles gives every row exactly (bit for bit) what the row
+    /// gets computed alone, and matches the plain computation; with and without a window.
+    #[test]
+    fn tiles_give_each_row_what_it_gets_alone() {
+        let (heads, kv_heads, hd) = (6, 2, 64);
+        let shape = KvShape {
+            layers: 1,
+            kv_heads,
+            head_dim: hd,
+        };
+        let len = 70;
+        let mut cache = KvCache::new(shape, 8).unwrap();
+        let blocks = [3u32, 0, 7, 1, 5];
+        let k: Vec<Vec<f32>> = (0..len).map(|t| pseudo(kv_heads * hd, t)).collect();
+        let v: Vec<Vec<f32>> = (0..len).map(|t| pseudo(kv_heads * hd, 900 + t)).collect();
+        for t in 0..len as usize {
+            cache.write(0, &blocks, t, &k[t], &v[t]);
+        }
+        // The last 37 positions as one chunk: tiles of 16, 16 and 5 rows.
+        let (start, rows) = (33, 37);
+        let q = pseudo(rows * heads * hd, 77);
+        for window in [None, Some(20), Some(40)] {
+            let attn = AttnShape {
+                heads,
+                kv: shape,
+                scale: 1.0 / (hd as f32).sqrt(),
+                window,
+            };
+            let chunk = [RowSpan {
+                first_row: 0,
+                rows,
+                start_pos: start,
+                blocks: &blocks,
+            }];
+            let together = paged_attention(&attn, &q, cache.layer(0), &chunk);
+            let alone: Vec<RowSpan> = (0..rows)
+                .map(|r| RowSpan {
+                    first_row: r,
+                    rows: 1,
+                    start_pos: start + r,
+                    blocks: &blocks,
+                })
+                .collect();
+            let apart = paged_attention(&attn, &q, cache.layer(0), &alone);
+            assert!(
+                together
+                    .iter()
+                    .zip(&apart)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "window {window:?}: a row's result depends on its tile"
+            );
+            let round = |rows: &[Vec<f32>]| -> Vec<Vec<f32>> {
+                rows.iter()
+                    .map(|r| r.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect())
+                    .collect()
+            };
+            let want = reference(&q, &round(&k), &round(&v), heads, kv_heads, hd, window);
+            for (i, (g, w)) in together.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() < 1e-5,
+                    "window {window:?}, element {i}: {g} vs {w}"
+                );
+            }
         }
     }
 
