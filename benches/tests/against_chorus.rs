@@ -23,9 +23,14 @@ fn start_server() -> String {
             .expect("runtime");
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            // Nothing here is stored: keep the user's state directory untouched.
+            let config = Config {
+                no_store: true,
+                ..Config::defaults()
+            };
             chorus_server::run(
                 listener,
-                Config::defaults(),
+                config,
                 resolved.path,
                 resolved.name,
                 std::future::pending(),

@@ -122,7 +122,13 @@ async fn shutdown_is_bounded_even_with_a_withheld_body() {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(chorus_server::run(
         listener,
-        config(&["--shutdown-grace", "1", "--body-timeout", "600"]),
+        config(&[
+            "--shutdown-grace",
+            "1",
+            "--body-timeout",
+            "600",
+            "--no-store",
+        ]),
         resolved.path,
         resolved.name,
         async move {

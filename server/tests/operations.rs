@@ -411,7 +411,7 @@ async fn shutdown_drains_then_ends_streams_with_an_error_event() {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(chorus_server::run(
         listener,
-        config(&["--shutdown-grace", "1"]),
+        config(&["--shutdown-grace", "1", "--no-store"]),
         resolved.path,
         resolved.name,
         async move {
