@@ -166,6 +166,28 @@ async fn post(
     Ok(response)
 }
 
+/// Hands each SSE data payload of `response`, with its arrival time (seconds since
+/// `started`), to `on_data` until the body ends or `on_data` says the stream is complete
+/// (`Ok(true)`); whether it said so.
+async fn read_sse(
+    response: reqwest::Response,
+    started: Instant,
+    mut on_data: impl FnMut(f64, &str) -> Result<bool, String>,
+) -> Result<bool, String> {
+    let mut parser = SseParser::new();
+    let mut bytes = response.bytes_stream();
+    while let Some(piece) = bytes.next().await {
+        let piece = piece.map_err(|e| e.to_string())?;
+        let at = started.elapsed().as_secs_f64();
+        for data in parser.push(&piece) {
+            if on_data(at, &data)? {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// The typed events of a streamed response.
 async fn stream_events(
     http: &reqwest::Client,
@@ -177,41 +199,39 @@ async fn stream_events(
     id: &mut Option<String>,
 ) -> Result<(), String> {
     let response = post(http, base, "/v1/responses", body, record).await?;
-    let mut parser = SseParser::new();
-    let mut bytes = response.bytes_stream();
-    while let Some(piece) = bytes.next().await {
-        let piece = piece.map_err(|e| e.to_string())?;
-        let at = started.elapsed().as_secs_f64();
-        for data in parser.push(&piece) {
-            let event: Value =
-                serde_json::from_str(&data).map_err(|e| format!("bad event: {e}"))?;
-            match event["type"].as_str().unwrap_or_default() {
-                "response.output_text.delta" => {
-                    let delta = event["delta"].as_str().unwrap_or_default();
-                    if !delta.is_empty() {
-                        record.chunk_times.push(at);
-                        text.push_str(delta);
-                    }
+    let ended = read_sse(response, started, |at, data| {
+        let event: Value = serde_json::from_str(data).map_err(|e| format!("bad event: {e}"))?;
+        match event["type"].as_str().unwrap_or_default() {
+            "response.output_text.delta" => {
+                let delta = event["delta"].as_str().unwrap_or_default();
+                if !delta.is_empty() {
+                    record.chunk_times.push(at);
+                    text.push_str(delta);
                 }
-                "response.function_call_arguments.delta" => record.chunk_times.push(at),
-                "response.failed" => {
-                    return Err(format!("response.failed: {}", event["response"]["error"]))
-                }
-                "response.completed" | "response.incomplete" => {
-                    let r = &event["response"];
-                    let usage = &r["usage"];
-                    let count = |v: &Value| v.as_u64().unwrap_or(0) as usize;
-                    record.output_tokens = count(&usage["output_tokens"]);
-                    record.prompt_tokens = count(&usage["input_tokens"]);
-                    record.cached_tokens = count(&usage["input_tokens_details"]["cached_tokens"]);
-                    *id = r["id"].as_str().map(str::to_string);
-                    return Ok(());
-                }
-                _ => {}
             }
+            "response.function_call_arguments.delta" => record.chunk_times.push(at),
+            "response.failed" => {
+                return Err(format!("response.failed: {}", event["response"]["error"]))
+            }
+            "response.completed" | "response.incomplete" => {
+                let r = &event["response"];
+                let usage = &r["usage"];
+                let count = |v: &Value| v.as_u64().unwrap_or(0) as usize;
+                record.output_tokens = count(&usage["output_tokens"]);
+                record.prompt_tokens = count(&usage["input_tokens"]);
+                record.cached_tokens = count(&usage["input_tokens_details"]["cached_tokens"]);
+                *id = r["id"].as_str().map(str::to_string);
+                return Ok(true);
+            }
+            _ => {}
         }
+        Ok(false)
+    })
+    .await?;
+    match ended {
+        true => Ok(()),
+        false => Err("the stream ended before response.completed".into()),
     }
-    Err("the stream ended before response.completed".into())
 }
 
 async fn stream(
@@ -223,48 +243,40 @@ async fn stream(
     text: &mut String,
 ) -> Result<(), String> {
     let response = post(http, base, "/v1/chat/completions", body, record).await?;
-    let mut parser = SseParser::new();
-    let mut bytes = response.bytes_stream();
-    let mut done = false;
-    while let Some(piece) = bytes.next().await {
-        let piece = piece.map_err(|e| e.to_string())?;
-        let at = started.elapsed().as_secs_f64();
-        for data in parser.push(&piece) {
-            if data == "[DONE]" {
-                done = true;
-                continue;
-            }
-            let chunk: Value =
-                serde_json::from_str(&data).map_err(|e| format!("bad chunk: {e}"))?;
-            if let Some(err) = chunk.get("error") {
-                return Err(format!("error event: {err}"));
-            }
-            let delta = &chunk["choices"][0]["delta"];
-            if let Some(content) = delta["content"].as_str() {
-                if !content.is_empty() {
-                    record.chunk_times.push(at);
-                    text.push_str(content);
-                }
-            }
-            // A function call's deltas count as output arriving too.
-            if delta["tool_calls"]
-                .as_array()
-                .is_some_and(|c| !c.is_empty())
-            {
+    let done = read_sse(response, started, |at, data| {
+        if data == "[DONE]" {
+            return Ok(true);
+        }
+        let chunk: Value = serde_json::from_str(data).map_err(|e| format!("bad chunk: {e}"))?;
+        if let Some(err) = chunk.get("error") {
+            return Err(format!("error event: {err}"));
+        }
+        let delta = &chunk["choices"][0]["delta"];
+        if let Some(content) = delta["content"].as_str() {
+            if !content.is_empty() {
                 record.chunk_times.push(at);
-            }
-            if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
-                let count = |v: &Value| v.as_u64().unwrap_or(0) as usize;
-                record.output_tokens = count(&usage["completion_tokens"]);
-                record.prompt_tokens = count(&usage["prompt_tokens"]);
-                record.cached_tokens = count(&usage["prompt_tokens_details"]["cached_tokens"]);
+                text.push_str(content);
             }
         }
-    }
-    if done {
-        Ok(())
-    } else {
-        Err("the stream ended before [DONE]".into())
+        // A function call's deltas count as output arriving too.
+        if delta["tool_calls"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty())
+        {
+            record.chunk_times.push(at);
+        }
+        if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
+            let count = |v: &Value| v.as_u64().unwrap_or(0) as usize;
+            record.output_tokens = count(&usage["completion_tokens"]);
+            record.prompt_tokens = count(&usage["prompt_tokens"]);
+            record.cached_tokens = count(&usage["prompt_tokens_details"]["cached_tokens"]);
+        }
+        Ok(false)
+    })
+    .await?;
+    match done {
+        true => Ok(()),
+        false => Err("the stream ended before [DONE]".into()),
     }
 }
 

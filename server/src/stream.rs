@@ -350,7 +350,7 @@ async fn next_event(st: &mut State) -> String {
         }
         None => {
             st.ended = true;
-            frame(&ApiError::Unavailable("the inference thread stopped".into()).body())
+            frame(&inference_stopped().body())
         }
     }
 }
@@ -379,6 +379,22 @@ fn call_deltas(index: usize, call: ToolCall) -> [ToolCallDelta; 2] {
             },
         },
     ]
+}
+
+/// What a request's channel closing early means: the engine is gone.
+pub fn inference_stopped() -> ApiError {
+    ApiError::Unavailable("the inference thread stopped".into())
+}
+
+/// A stream's first event, read before its headers are sent: an error known before the
+/// first token (a queue timeout, a request that cannot fit, a stopped inference thread)
+/// is then an HTTP status that clients can retry on; only later errors are events.
+pub async fn first_event(rx: &mut UnboundedReceiver<Event>) -> Result<Event, ApiError> {
+    match rx.recv().await {
+        Some(Event::Error(failure)) => Err(failure.into()),
+        Some(event) => Ok(event),
+        None => Err(inference_stopped()),
+    }
 }
 
 /// One choice of a non-streamed reply.
@@ -434,7 +450,7 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, n: usize) -> Result<Colle
                 done += 1;
             }
             Some(Event::Error(failure)) => return Err(failure.into()),
-            None => return Err(ApiError::Unavailable("the inference thread stopped".into())),
+            None => return Err(inference_stopped()),
         }
     }
     Ok(Collected {

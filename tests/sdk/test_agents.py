@@ -14,38 +14,14 @@ MODEL = "smollm2-135m-instruct"
 
 
 def test_openai_agents_sdk_runs_a_tool_loop():
-    import dataclasses
-
-    from agents import (Agent, AgentHooks, ModelSettings, OpenAIChatCompletionsModel, RunConfig,
-                        Runner, function_tool, set_tracing_disabled)
+    from agents import OpenAIChatCompletionsModel, RunConfig, Runner, set_tracing_disabled
     from openai import AsyncOpenAI
+    from weather_agent import weather_agent
 
     set_tracing_disabled(True)
     calls = []
-
-    @function_tool
-    def get_weather(city: str) -> str:
-        """Current weather in a city."""
-        calls.append(city)
-        return f"It is sunny and 21 degrees in {city}."
-
-    class AnswerAfterTheTool(AgentHooks):
-        """Once the tool has run, the model is to answer in text: left to choose, a 135M
-        model calls again (the SDK's own reset would return to "auto")."""
-
-        async def on_tool_end(self, context, agent, tool, result):
-            agent.model_settings = dataclasses.replace(agent.model_settings, tool_choice="none")
-
     client = AsyncOpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0)
-    agent = Agent(
-        name="weather",
-        instructions="Answer questions about the weather. Use get_weather.",
-        model=OpenAIChatCompletionsModel(model=MODEL, openai_client=client),
-        tools=[get_weather],
-        model_settings=ModelSettings(tool_choice="required", max_tokens=80, temperature=0),
-        hooks=AnswerAfterTheTool(),
-        reset_tool_choice=False,
-    )
+    agent = weather_agent(OpenAIChatCompletionsModel(model=MODEL, openai_client=client), calls)
     result = asyncio.run(Runner.run(agent, "What is the weather in Paris?", max_turns=4,
                                     run_config=RunConfig(tracing_disabled=True)))
     assert calls, "the tool was never called"

@@ -220,10 +220,10 @@ def test_unsupported_fields_are_refused_by_name(client, fields, param):
 def test_openai_agents_sdk_default_model_runs_a_tool_loop():
     import dataclasses
 
-    from agents import (Agent, AgentHooks, ModelSettings, RunConfig, Runner, function_tool,
-                        set_default_openai_api, set_default_openai_client,
+    from agents import (RunConfig, Runner, set_default_openai_api, set_default_openai_client,
                         set_tracing_disabled)
     from openai import AsyncOpenAI
+    from weather_agent import weather_agent
 
     set_tracing_disabled(True)
     # The SDK's defaults: the Responses API, a plain model name.
@@ -231,29 +231,8 @@ def test_openai_agents_sdk_default_model_runs_a_tool_loop():
                                           max_retries=0), use_for_tracing=False)
     set_default_openai_api("responses")
     calls = []
+    agent = weather_agent(MODEL, calls)
 
-    @function_tool
-    def get_weather(city: str) -> str:
-        """Current weather in a city."""
-        calls.append(city)
-        return f"It is sunny and 21 degrees in {city}."
-
-    class AnswerAfterTheTool(AgentHooks):
-        """Once the tool has run, the model is to answer in text (a 135M model left to
-        choose would call again)."""
-
-        async def on_tool_end(self, context, agent, tool, result):
-            agent.model_settings = dataclasses.replace(agent.model_settings, tool_choice="none")
-
-    agent = Agent(
-        name="weather",
-        instructions="Answer questions about the weather. Use get_weather.",
-        model=MODEL,
-        tools=[get_weather],
-        model_settings=ModelSettings(tool_choice="required", max_tokens=80, temperature=0),
-        hooks=AnswerAfterTheTool(),
-        reset_tool_choice=False,
-    )
     async def run(streamed):
         calls.clear()
         agent.model_settings = dataclasses.replace(agent.model_settings, tool_choice="required")

@@ -229,13 +229,8 @@ async fn next(st: &mut State) -> String {
                 f,
                 st.message_id.clone(),
             );
-            let calls = items
-                .iter()
-                .filter(|i| matches!(i, Item::FunctionCall { .. }))
-                .count();
-            st.s.metrics.tool_calls.inc_by(calls as u64);
             let mut out = st.close_items(&items);
-            finish(&mut st.s.response, items, f, usage);
+            finish(&mut st.s.response, items, f, usage, &st.s.metrics);
             if let Some(k) = &st.s.keep {
                 if let Err(e) = keep(k, &st.s.response).await {
                     out.push_str(&st.fail(e));
@@ -251,6 +246,6 @@ async fn next(st: &mut State) -> String {
             out
         }
         Some(Event::Error(failure)) => st.fail(failure.into()),
-        None => st.fail(ApiError::Unavailable("the inference thread stopped".into())),
+        None => st.fail(crate::stream::inference_stopped()),
     }
 }

@@ -20,6 +20,7 @@ use serde_json::{json, Map, Value};
 
 use crate::engine::{FinishReason, GenRequest, ModelInfo};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::openai::{Usage, WireSampling};
 use crate::store::{Row, Store, StoreError};
 use crate::tools::{CallReader, FunctionSpec, ToolRequest};
@@ -380,13 +381,19 @@ pub fn output(
     vec![item]
 }
 
-/// Fills in the end of `response`: its output, usage and status.
+/// Fills in the end of `response` (its output, usage and status) and counts its calls.
 pub fn finish(
     response: &mut ResponseObject,
     output: Vec<Item>,
     finish: FinishReason,
     usage: Usage,
+    metrics: &Metrics,
 ) {
+    let calls = output
+        .iter()
+        .filter(|i| matches!(i, Item::FunctionCall { .. }))
+        .count();
+    metrics.tool_calls.inc_by(calls as u64);
     let cut = finish == FinishReason::Length
         && !output
             .iter()

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::de::DeserializeOwned;
 
-use crate::engine::{Event, FinishReason, ModelInfo};
+use crate::engine::{FinishReason, ModelInfo};
 use crate::error::ApiError;
 use crate::logprobs;
 use crate::openai::{
@@ -66,11 +66,7 @@ async fn respond(
     let n = valid.gen.n;
     let mut rx = engine.submit(valid.gen)?;
     if valid.stream {
-        let first = match rx.recv().await {
-            Some(Event::Error(failure)) => return Err(failure.into()),
-            Some(event) => event,
-            None => return Err(ApiError::Unavailable("the inference thread stopped".into())),
-        };
+        let first = stream::first_event(&mut rx).await?;
         let meta = ChunkMeta {
             shape,
             id,

@@ -7,7 +7,6 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
-use crate::engine::Event;
 use crate::error::ApiError;
 use crate::responses::events::{self, Streamed};
 use crate::responses::wire::{Deleted, Item, ItemList, ResponseObject};
@@ -31,12 +30,7 @@ pub async fn create(
     let mut response = prepared.response;
     let mut rx = engine.submit(prepared.gen)?;
     if prepared.stream {
-        // As for chat: errors known before the first token are HTTP statuses.
-        let first = match rx.recv().await {
-            Some(Event::Error(failure)) => return Err(failure.into()),
-            Some(event) => event,
-            None => return Err(ApiError::Unavailable("the inference thread stopped".into())),
-        };
+        let first = stream::first_event(&mut rx).await?;
         let streamed = Streamed {
             response,
             reader: prepared.reader,
@@ -49,12 +43,13 @@ pub async fn create(
     let answer = done.choices.pop().unwrap_or_default();
     let finish_reason = answer.finish.unwrap_or(crate::engine::FinishReason::Stop);
     let items = output(prepared.reader.as_ref(), answer.text, finish_reason, None);
-    let calls = items
-        .iter()
-        .filter(|i| matches!(i, Item::FunctionCall { .. }))
-        .count();
-    app.metrics().tool_calls.inc_by(calls as u64);
-    finish(&mut response, items, finish_reason, done.usage);
+    finish(
+        &mut response,
+        items,
+        finish_reason,
+        done.usage,
+        app.metrics(),
+    );
     if let Some(keep) = &prepared.keep {
         responses::keep(keep, &response).await?;
     }
