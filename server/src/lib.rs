@@ -100,7 +100,7 @@ pub struct HttpLimits {
 }
 
 impl AppState {
-    fn new(config: &Config) -> Result<Self, ServerError> {
+    fn new(config: &Config, served_name: &str) -> Result<Self, ServerError> {
         let limits = Limits {
             max_stop: config.max_stop,
             max_stop_bytes: config.max_stop_bytes,
@@ -134,7 +134,7 @@ impl AppState {
                     body_timeout: std::time::Duration::from_secs(config.body_timeout.max(1)),
                 },
                 prep: Prep::new(threads, config.max_queue),
-                metrics: Arc::new(Metrics::new()),
+                metrics: Arc::new(Metrics::new(served_name)),
                 api_key: auth::configured_key(config.api_key.as_deref()).map(auth::digest),
                 store,
             }),
@@ -315,7 +315,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     config.check().map_err(ServerError::Config)?;
-    let state = AppState::new(&config)?;
+    let state = AppState::new(&config, &served_name)?;
     let (load_tx, load_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let loader_state = state.clone();
     let metrics = state.inner.metrics.clone();

@@ -2,14 +2,22 @@
 //! DESIGN.md (prefix `chorus_`). Counters and histograms are updated where things happen
 //! (the HTTP middleware, the inference thread); gauges are read from the engine's live
 //! [`Stats`](crate::engine::Stats) at scrape time.
+//!
+//! The same values are also exposed under vLLM's names (`vllm:num_requests_running`, ...,
+//! labelled `model_name`), the ones routers and autoscalers read to balance load across
+//! replicas (smg, vLLM's production stack, the Gateway API Inference Extension, KEDA
+//! rules written for vLLM). They are the same counters, not copies: one value, two names.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use std::borrow::Cow;
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::engine::Stats;
 
@@ -28,6 +36,8 @@ pub struct Metrics {
     running: Gauge,
     kv_blocks_used: Gauge,
     kv_blocks_total: Gauge,
+    /// Fraction of the KV pool held by sequences, 0 to 1 (vLLM's `kv_cache_usage_perc`).
+    kv_usage: Gauge<f64, AtomicU64>,
     pub prompt_tokens: Counter,
     pub generation_tokens: Counter,
     /// Prompt tokens whose keys and values came from the prefix cache.
@@ -42,9 +52,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("chorus");
+    /// Metrics for a server of the model `model_name` (the vLLM names' label).
+    pub fn new(model_name: &str) -> Self {
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("chorus");
         let requests = Family::<RequestLabels, Counter>::default();
+        let registry = &mut *registry;
         registry.register(
             "requests",
             "HTTP requests by endpoint and status",
@@ -55,79 +68,125 @@ impl Metrics {
             registry.register(name, help, g.clone());
             g
         };
-        let queue_depth = gauge(
-            &mut registry,
-            "request_queue_depth",
-            "Requests waiting to start",
-        );
+        let queue_depth = gauge(registry, "request_queue_depth", "Requests waiting to start");
         let running = gauge(
-            &mut registry,
+            registry,
             "running_sequences",
             "Sequences in the running batch",
         );
-        let kv_blocks_used = gauge(
-            &mut registry,
-            "kv_blocks_used",
-            "KV blocks held by sequences",
-        );
-        let kv_blocks_total = gauge(&mut registry, "kv_blocks_total", "KV blocks in the pool");
+        let kv_blocks_used = gauge(registry, "kv_blocks_used", "KV blocks held by sequences");
+        let kv_blocks_total = gauge(registry, "kv_blocks_total", "KV blocks in the pool");
         let counter = |registry: &mut Registry, name: &str, help: &str| {
             let c = Counter::default();
             registry.register(name, help, c.clone());
             c
         };
         let prompt_tokens = counter(
-            &mut registry,
+            registry,
             "prompt_tokens",
             "Prompt tokens of started requests",
         );
-        let generation_tokens = counter(&mut registry, "generation_tokens", "Tokens generated");
+        let generation_tokens = counter(registry, "generation_tokens", "Tokens generated");
         let prefix_cache_hits = counter(
-            &mut registry,
+            registry,
             "prefix_cache_hits",
             "Prompt tokens served from the prefix cache",
         );
         let preemptions = counter(
-            &mut registry,
+            registry,
             "preemptions",
             "Sequences preempted for lack of KV blocks (recomputed later)",
         );
-        let tool_calls = counter(
-            &mut registry,
-            "tool_calls",
-            "Function calls returned to clients",
-        );
+        let tool_calls = counter(registry, "tool_calls", "Function calls returned to clients");
         let histogram = |registry: &mut Registry, name: &str, help: &str, start: f64| {
             let h = Histogram::new(exponential_buckets(start, 2.0, 16));
             registry.register(name, help, h.clone());
             h
         };
         let ttft = histogram(
-            &mut registry,
+            registry,
             "time_to_first_token_seconds",
             "From arrival to the first generated token",
             0.005,
         );
         let inter_token = histogram(
-            &mut registry,
+            registry,
             "inter_token_latency_seconds",
             "Between consecutive tokens of one request",
             0.001,
         );
         let request_duration = histogram(
-            &mut registry,
+            registry,
             "request_duration_seconds",
             "From arrival to the last token",
             0.01,
         );
-        let batch_tokens = histogram(
-            &mut registry,
-            "batch_tokens",
-            "Tokens in one forward step",
-            1.0,
+        let batch_tokens = histogram(registry, "batch_tokens", "Tokens in one forward step", 1.0);
+        let kv_usage = Gauge::<f64, AtomicU64>::default();
+        let vllm = root.sub_registry_with_label((
+            Cow::Borrowed("model_name"),
+            Cow::Owned(model_name.to_owned()),
+        ));
+        fn alias(vllm: &mut Registry, name: &str, help: &str, metric: impl Metric) {
+            vllm.register(format!("vllm:{name}"), help, metric);
+        }
+        alias(
+            vllm,
+            "num_requests_running",
+            "Requests in the running batch",
+            running.clone(),
+        );
+        alias(
+            vllm,
+            "num_requests_waiting",
+            "Requests waiting to start",
+            queue_depth.clone(),
+        );
+        alias(
+            vllm,
+            "kv_cache_usage_perc",
+            "KV cache usage, 1 is full",
+            kv_usage.clone(),
+        );
+        alias(
+            vllm,
+            "gpu_cache_usage_perc",
+            "KV cache usage (older name)",
+            kv_usage.clone(),
+        );
+        let queries = "Prompt tokens looked up in the prefix cache";
+        alias(vllm, "prefix_cache_queries", queries, prompt_tokens.clone());
+        let hits = "Prompt tokens found in the prefix cache";
+        alias(vllm, "prefix_cache_hits", hits, prefix_cache_hits.clone());
+        let prompt = "Prompt tokens of started requests";
+        alias(vllm, "prompt_tokens", prompt, prompt_tokens.clone());
+        alias(
+            vllm,
+            "generation_tokens",
+            "Tokens generated",
+            generation_tokens.clone(),
+        );
+        let preempted = "Sequences preempted for lack of KV blocks";
+        alias(vllm, "num_preemptions", preempted, preemptions.clone());
+        let first = "From arrival to the first generated token";
+        alias(vllm, "time_to_first_token_seconds", first, ttft.clone());
+        let between = "Between consecutive tokens of one request";
+        alias(
+            vllm,
+            "inter_token_latency_seconds",
+            between,
+            inter_token.clone(),
+        );
+        let e2e = "From arrival to the last token";
+        alias(
+            vllm,
+            "e2e_request_latency_seconds",
+            e2e,
+            request_duration.clone(),
         );
         Self {
-            registry,
+            registry: root,
+            kv_usage,
             requests,
             queue_depth,
             running,
@@ -154,17 +213,16 @@ impl Metrics {
             set(&self.running, s.running.load(Acquire));
             set(&self.kv_blocks_used, s.kv_blocks_used.load(Acquire));
             set(&self.kv_blocks_total, s.kv_blocks_total.load(Acquire));
+            let (used, total) = (
+                s.kv_blocks_used.load(Acquire),
+                s.kv_blocks_total.load(Acquire),
+            );
+            self.kv_usage.set(used as f64 / total.max(1) as f64);
         }
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }

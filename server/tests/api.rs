@@ -437,6 +437,69 @@ async fn metrics_expose_the_designed_names_and_count_requests() {
     assert!(value("chorus_kv_blocks_total") > 0.0);
 }
 
+/// The vLLM names routers and autoscalers read are there too, labelled with the served
+/// model, and carry the same values as chorus's own (one counter, two names).
+#[tokio::test]
+async fn metrics_also_speak_vllm_names() {
+    let url = base().await;
+    let (status, _) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("Say hi.", json!({"max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let models: Value = reqwest::get(format!("{url}/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let model = models["data"][0]["id"]
+        .as_str()
+        .expect("model id")
+        .to_string();
+    assert!(
+        models["data"][0]["max_model_len"].as_u64().unwrap_or(0) > 0,
+        "{models}"
+    );
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str| -> f64 {
+        let prefix = match name.starts_with("vllm:") {
+            true => format!("{name}{{model_name=\"{model}\"}} "),
+            false => format!("{name} "),
+        };
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no sample {prefix} in:\n{text}"))
+    };
+    for name in [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:time_to_first_token_seconds_count",
+    ] {
+        sample(name);
+    }
+    let usage = sample("vllm:kv_cache_usage_perc");
+    assert!((0.0..=1.0).contains(&usage), "{usage}");
+    assert_eq!(usage, sample("vllm:gpu_cache_usage_perc"));
+    // Read in one scrape, so both names of one counter show the same value.
+    let queries = sample("vllm:prefix_cache_queries_total");
+    assert!(queries > 0.0);
+    assert_eq!(queries, sample("chorus_prompt_tokens_total"));
+    assert_eq!(
+        sample("vllm:prefix_cache_hits_total"),
+        sample("chorus_prefix_cache_hits_total")
+    );
+    assert!(sample("vllm:generation_tokens_total") >= 2.0);
+}
+
 /// Tokens that never form a character (a lone invalid byte, forced with logit_bias) are
 /// returned as replacement characters, one per byte, none lost at the end (before the
 /// fix the decoder held them all, re-decoding its growing window every token, and

@@ -1,5 +1,6 @@
 //! `GET /health`: 200 once the model is loaded and the inference thread is alive, 503
-//! before and after. `GET /metrics`: Prometheus exposition.
+//! before, after, and while draining on shutdown (so a router or a readiness probe that
+//! still reaches the server stops sending it work). `GET /metrics`: Prometheus exposition.
 
 use std::sync::atomic::Ordering;
 
@@ -13,6 +14,11 @@ use crate::AppState;
 
 pub async fn health(State(app): State<AppState>) -> Response {
     match app.engine() {
+        Ok(engine) if engine.stats.draining.load(Ordering::Acquire) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining", "message": "the server is shutting down"})),
+        )
+            .into_response(),
         Ok(engine) if engine.is_alive() => {
             let s = &engine.stats;
             let body = json!({
