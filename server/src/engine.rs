@@ -150,6 +150,8 @@ pub struct Engine {
     pub stats: Arc<Stats>,
     pub info: Arc<ModelInfo>,
     pub max_queue: usize,
+    /// Most sequences in the running batch (`--max-running`).
+    pub max_running: usize,
 }
 
 impl Engine {
@@ -228,6 +230,7 @@ mod tests {
                 grammars: Err("not in this test".into()),
             }),
             max_queue: 2,
+            max_running: 4,
         };
         (engine, rx)
     }

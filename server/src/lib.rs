@@ -227,6 +227,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .route("/scheduler", get(routes::web::scheduler))
         .route("/health", get(routes::health::health))
         .route("/metrics", get(routes::health::metrics))
+        .route("/v1/loads", get(routes::health::loads))
         .merge(api)
         .fallback(|req: Request| async move {
             ApiError::RouteNotFound(format!(
@@ -460,6 +461,7 @@ fn start_engine(
             grammars,
         }),
         max_queue: config.max_queue,
+        max_running: config.max_running,
     };
     let worker = Worker {
         metrics,

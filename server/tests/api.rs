@@ -500,6 +500,50 @@ async fn metrics_also_speak_vllm_names() {
     assert!(sample("vllm:generation_tokens_total") >= 2.0);
 }
 
+/// `/v1/loads` reports load in the schema routers poll (SGLang's, read by smg).
+#[tokio::test]
+async fn loads_report_the_pool_and_the_queue() {
+    let url = base().await;
+    let (status, _) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("Say hi.", json!({"max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let r = reqwest::get(format!("{url}/v1/loads?include=core"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["dp_rank_count"], 1, "{v}");
+    assert!(
+        v["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{v}"
+    );
+    let load = &v["loads"][0];
+    for field in [
+        "num_running_reqs",
+        "num_waiting_reqs",
+        "num_total_reqs",
+        "num_used_tokens",
+    ] {
+        assert!(load[field].is_u64(), "{field} in {v}");
+    }
+    assert!(
+        load["max_total_num_tokens"].as_u64().unwrap_or(0) > 0,
+        "{v}"
+    );
+    assert!(
+        load["max_running_requests"].as_u64().unwrap_or(0) > 0,
+        "{v}"
+    );
+    let usage = load["token_usage"].as_f64().expect("token_usage");
+    assert!((0.0..=1.0).contains(&usage), "{v}");
+    let hit_rate = load["cache_hit_rate"].as_f64().expect("cache_hit_rate");
+    assert!((0.0..=1.0).contains(&hit_rate), "{v}");
+}
+
 /// Tokens that never form a character (a lone invalid byte, forced with logit_bias) are
 /// returned as replacement characters, one per byte, none lost at the end (before the
 /// fix the decoder held them all, re-decoding its growing window every token, and

@@ -1,6 +1,8 @@
 //! `GET /health`: 200 once the model is loaded and the inference thread is alive, 503
 //! before, after, and while draining on shutdown (so a router or a readiness probe that
 //! still reaches the server stops sending it work). `GET /metrics`: Prometheus exposition.
+//! `GET /v1/loads`: the load report in the schema SGLang defined and routers poll (smg's
+//! load-aware policies and overload protection read it from workers of unknown type).
 
 use std::sync::atomic::Ordering;
 
@@ -10,6 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use chorus_model::kv::BLOCK_SIZE;
+
+use crate::error::ApiError;
 use crate::AppState;
 
 pub async fn health(State(app): State<AppState>) -> Response {
@@ -54,4 +59,74 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
         app.metrics().render(stats),
     )
         .into_response()
+}
+
+/// `GET /v1/loads`: this server's load, one entry (chorus has no data-parallel ranks), in
+/// the fields routers read: requests running and waiting, KV tokens used of the pool,
+/// and the prefix cache's hit rate since start. Fields chorus does not measure are left
+/// out rather than reported as zero. 503 until the model is loaded.
+pub async fn loads(State(app): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let engine = app.engine()?;
+    let s = &engine.stats;
+    let running = s.running.load(Ordering::Acquire);
+    let waiting = s.queued.load(Ordering::Acquire);
+    let used = s.kv_blocks_used.load(Ordering::Acquire) * BLOCK_SIZE;
+    let total = s.kv_blocks_total.load(Ordering::Acquire) * BLOCK_SIZE;
+    let usage = used as f64 / total.max(1) as f64;
+    let metrics = app.metrics();
+    let (prompt, hits) = (metrics.prompt_tokens.get(), metrics.prefix_cache_hits.get());
+    let hit_rate = hits as f64 / prompt.max(1) as f64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Ok(Json(json!({
+        "timestamp": rfc3339(now.as_secs()),
+        "dp_rank_count": 1,
+        "loads": [{
+            "dp_rank": 0,
+            "num_running_reqs": running,
+            "num_waiting_reqs": waiting,
+            "num_total_reqs": running + waiting,
+            "num_used_tokens": used,
+            "max_total_num_tokens": total,
+            "token_usage": usage,
+            "utilization": usage,
+            "cache_hit_rate": hit_rate,
+            "max_running_requests": engine.max_running,
+        }],
+    })))
+}
+
+/// `secs` since the Unix epoch as an RFC 3339 UTC time (`2026-11-30T13:21:49Z`).
+fn rfc3339(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3_600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_796_044_909), "2026-11-30T13:21:49Z");
+        assert_eq!(rfc3339(4_107_542_399), "2100-02-28T23:59:59Z");
+    }
 }
