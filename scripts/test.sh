@@ -9,6 +9,9 @@
 #      loops, on Chat Completions and on the Responses API (installed into .venv/ from
 #      tests/sdk/requirements.txt when absent); stored responses across restarts and
 #      kill -9 with servers of their own (tests/sdk/test_responses_store.py),
+#   3b. three workers behind the smg router (scripts/cluster.sh, smg from
+#      scripts/router-requirements.txt): routing, load balance, SIGKILL and SIGTERM of a
+#      worker; the deploy/k8s/ manifests checked by kubernetes-validate,
 #   4. the chat page in headless Chromium against both servers, and against a third one
 #      with --api-key and --cors-origin (the key prompt, and the official openai JS SDK
 #      from another origin) (Debian's chromium, playwright-core and openai from npm,
@@ -24,7 +27,7 @@ echo "== cargo test"
 cargo test --release --workspace
 
 echo "== openai SDK tests"
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest, jsonschema, jinja2, agents, langchain_openai' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/smg ] || ! .venv/bin/python -c 'import openai, pytest, jsonschema, jinja2, agents, langchain_openai, kubernetes_validate' 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 fi
@@ -66,6 +69,11 @@ start_server key_url --api-key test-key --cors-origin "http://127.0.0.1:$page_po
 start_server hermes_url --chat-template tests/sdk/templates/hermes-tools.jinja --served-model-name smollm2-hermes
 CHORUS_URL="$url" CHORUS_GEMMA_URL="$gemma_url" CHORUS_HERMES_URL="$hermes_url" CHORUS_BIN=target/release/chorus \
   .venv/bin/python -m pytest -q tests/sdk
+
+echo "== cluster tests"
+# Three workers behind smg (scripts/cluster.sh), faults included; deploy/k8s/ manifests
+# against the Kubernetes API schemas.
+CHORUS_BIN=target/release/chorus .venv/bin/python -m pytest -q tests/cluster
 
 echo "== browser test"
 if [ ! -x /usr/bin/chromium ]; then
