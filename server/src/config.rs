@@ -76,6 +76,16 @@ pub struct Config {
     #[arg(long, env = "CHORUS_CONTEXT_COST", default_value_t = 0)]
     pub context_cost: usize,
 
+    /// Target duration of one forward step in milliseconds (0: off, every step may take
+    /// all of --max-batch-tokens). Each step's budget is what a line fitted to the last
+    /// steps' durations says fits in the target, so running streams get a token about
+    /// this often while prompts are prefilled beside them in smaller chunks (at least an
+    /// eighth of --max-batch-tokens a step, so prompts always progress). A token's cost
+    /// then counts the history it attends to (--context-cost, from the model's shape
+    /// when 0).
+    #[arg(long, env = "CHORUS_MAX_STEP_MS", default_value_t = 0)]
+    pub max_step_ms: u64,
+
     /// Memory for the KV cache, in MiB; fixes how many tokens can be held at once.
     #[arg(long, env = "CHORUS_KV_CACHE_MB", default_value_t = 768)]
     pub kv_cache_mb: usize,

@@ -43,6 +43,7 @@ pub mod routes;
 pub mod scheduler;
 mod serve;
 pub mod sse;
+pub mod step_budget;
 pub mod store;
 pub mod stream;
 pub mod tools;
@@ -70,6 +71,7 @@ use crate::metrics::{Metrics, RequestLabels};
 use crate::prep::Prep;
 use crate::routes::RequestId;
 use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::step_budget::StepBudget;
 use crate::validate::Limits;
 use crate::worker::Worker;
 
@@ -439,6 +441,11 @@ fn start_engine(
     if let Err(e) = &grammars {
         tracing::warn!(error = %e, "structured output is unavailable for this tokenizer");
     }
+    // A step-time target needs to know what long histories cost.
+    let context_cost = match config.context_cost {
+        0 if config.max_step_ms > 0 => cfg.attention_positions_per_token(),
+        c => c,
+    };
     let stats = Arc::new(Stats::default());
     stats
         .alive
@@ -477,8 +484,10 @@ fn start_engine(
             max_running: config.max_running.max(1),
             max_batch_tokens: config.max_batch_tokens.max(1),
             num_blocks,
-            context_cost: config.context_cost,
+            context_cost,
         }),
+        step_budget: (config.max_step_ms > 0)
+            .then(|| StepBudget::new(config.max_step_ms, config.max_batch_tokens.max(1))),
         stats,
         rx,
         next_id: 0,

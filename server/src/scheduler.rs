@@ -104,6 +104,9 @@ pub struct PoolView {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub batch: Vec<Scheduled>,
+    /// What the batch costs in budget units (decode tokens included, even beyond the
+    /// budget): what a step-time model is fitted against.
+    pub cost: usize,
     /// Sequences pushed back to the queue this step.
     pub preempted: Vec<SeqId>,
     /// Sequences that were running for the first time this step (left the queue).
@@ -353,9 +356,20 @@ impl Scheduler {
         (seqs, pool)
     }
 
+    /// This step's plan within `--max-batch-tokens`.
     pub fn schedule(&mut self) -> Plan {
+        self.schedule_within(self.cfg.max_batch_tokens)
+    }
+
+    /// This step's plan within `budget` units (at most `--max-batch-tokens`). Decoding
+    /// sequences get their token whatever it costs; prefill chunks get what is left, but
+    /// never less than an eighth of `--max-batch-tokens`, so a tight budget (a step-time
+    /// target, say) slows prompts down and never stops them.
+    pub fn schedule_within(&mut self, budget: usize) -> Plan {
         let mut plan = Plan::default();
-        let mut budget = self.cfg.max_batch_tokens;
+        let mut budget = budget.clamp(1, self.cfg.max_batch_tokens);
+        let floor = (self.cfg.max_batch_tokens / 8).max(1);
+        let mut floor_given = false;
         // Last step's tokens are computed now: offer its newly full blocks for reuse.
         for id in self.running.clone() {
             self.register_full_blocks(id);
@@ -378,7 +392,11 @@ impl Scheduler {
             }
             // Every decoding sequence gets its token, whatever the budget (a budget below
             // the running count must not starve the newest streams); prefill chunks share
-            // what is left.
+            // what is left, at least the floor.
+            if !floor_given && self.entries[&id].ids.len() - self.entries[&id].computed > 1 {
+                budget = budget.max(floor);
+                floor_given = true;
+            }
             let (len, cost) = self.chunk(id, budget);
             if len == 0 {
                 continue;
@@ -390,7 +408,9 @@ impl Scheduler {
                 if let Some(pos) = plan.batch.iter().position(|b| b.id == victim) {
                     plan.batch.remove(pos);
                     if let Some(t) = taken.iter().position(|t| t.0 == victim) {
-                        budget += taken.remove(t).1;
+                        let (_, cost) = taken.remove(t);
+                        budget += cost;
+                        plan.cost -= cost;
                     }
                 }
             }
@@ -398,8 +418,12 @@ impl Scheduler {
                 continue;
             }
             budget = budget.saturating_sub(cost);
+            plan.cost += cost;
             taken.push((id, cost));
             plan.batch.push(self.advance(id, len));
+        }
+        if !floor_given {
+            budget = budget.max(floor);
         }
 
         // 3: admit waiting sequences.
@@ -432,6 +456,7 @@ impl Scheduler {
                 plan.started.push(id);
             }
             budget = budget.saturating_sub(cost);
+            plan.cost += cost;
             plan.batch.push(self.advance(id, len));
         }
         plan
@@ -810,6 +835,31 @@ mod tests {
             assert_eq!(ids, vec![1, 2, 3, 4], "{plan:?}");
             assert!(plan.batch.iter().all(|x| x.len == 1 && x.samples));
         }
+    }
+
+    /// Under a budget smaller than the decoders take (a step-time target), decoders
+    /// still all run and a waiting prompt still gets a chunk of an eighth of
+    /// `--max-batch-tokens`; the plan's cost is what it charged.
+    #[test]
+    fn a_tight_budget_slows_prefill_but_never_stops_it() {
+        let mut s = sched(8, 64, 100);
+        for id in 1..=4 {
+            s.add(id, &toks(id, 2), 100).unwrap();
+        }
+        step(&mut s); // four 2-token prompts in one step
+        s.add(9, &toks(9, 40), 100).unwrap();
+        let plan = s.schedule_within(2);
+        assert_eq!(
+            lens(&plan),
+            vec![(1, 1), (2, 1), (3, 1), (4, 1), (9, 8)],
+            "{plan:?}"
+        );
+        assert_eq!(plan.cost, 12);
+        // A budget over --max-batch-tokens is capped at it.
+        let mut wide = sched(8, 16, 100);
+        wide.add(1, &toks(1, 100), 200).unwrap();
+        let plan = wide.schedule_within(1_000);
+        assert_eq!((lens(&plan), plan.cost), (vec![(1, 16)], 16));
     }
 
     /// A prompt whose positions are all scored (echo with log-probabilities) takes two

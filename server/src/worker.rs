@@ -26,6 +26,7 @@ use crate::live::{
 use crate::metrics::Metrics;
 use crate::openai::Usage;
 use crate::scheduler::{Scheduled, Scheduler, SeqId, SeqState};
+use crate::step_budget::StepBudget;
 
 /// How often an idle worker wakes to refresh the live view (when someone watches).
 const IDLE_WAKE: Duration = Duration::from_millis(250);
@@ -133,6 +134,8 @@ pub(crate) struct Worker {
     pub tokenizer: Arc<Tokenizer>,
     pub kv: KvCache,
     pub scheduler: Scheduler,
+    /// `--max-step-ms`: the budget of each step from the time steps take.
+    pub step_budget: Option<StepBudget>,
     pub stats: Arc<Stats>,
     pub rx: mpsc::Receiver<Submission>,
     pub next_id: SeqId,
@@ -341,7 +344,10 @@ impl Worker {
     }
 
     fn step(&mut self, seqs: &mut HashMap<SeqId, Seq>) {
-        let plan = self.scheduler.schedule();
+        let plan = match &self.step_budget {
+            Some(b) => self.scheduler.schedule_within(b.units()),
+            None => self.scheduler.schedule(),
+        };
         self.publish();
         for id in &plan.started {
             // A choice forked from its first sequence has started already.
@@ -501,11 +507,12 @@ impl Worker {
                 }
             }
         }
+        let ms = began.elapsed().as_secs_f64() * 1e3;
+        if let Some(b) = &mut self.step_budget {
+            b.observe(plan.cost, ms);
+        }
         if self.live.watched() {
-            self.step_log.push(StepSnapshot {
-                ms: began.elapsed().as_secs_f64() * 1e3,
-                ..step
-            });
+            self.step_log.push(StepSnapshot { ms, ..step });
         }
     }
 
