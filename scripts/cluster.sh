@@ -99,7 +99,7 @@ say "$n workers starting: ${urls[*]} (logs in $dir)"
 check_alive() {
   for p in "${pids[@]}"; do
     if ! kill -0 "$p" 2>/dev/null; then
-      say "a process exited before $1 was ready; logs in $dir:"
+      say "a process exited while waiting for $1; logs in $dir:"
       tail -n 20 "$dir"/*.log >&2
       keep_dir=1
       exit 1
@@ -107,27 +107,46 @@ check_alive() {
   done
 }
 deadline=$((SECONDS + timeout))
+# wait_for WHAT COMMAND...: runs COMMAND, which prints how many of the N are ready, until
+# it prints N, saying so at each change; gives up at the deadline or when a process exits.
+wait_for() {
+  local what=$1 last="" ready
+  shift
+  while :; do
+    check_alive "$what"
+    ready=$("$@")
+    if [ "$ready" != "$last" ]; then
+      say "$what: $ready of $n ready"
+      last=$ready
+    fi
+    [ "$ready" = "$n" ] && return
+    if [ $SECONDS -ge $deadline ]; then
+      say "$what: not ready after ${timeout} s; logs in $dir"
+      keep_dir=1
+      exit 1
+    fi
+    sleep 0.3
+  done
+}
+workers_loaded() {
+  local k=0
+  for u in "${urls[@]}"; do
+    [ -n "$(get "$u/health")" ] && k=$((k + 1))
+  done
+  echo "$k"
+}
+router_ready() {
+  get "$router/workers" | python3 -c '
+import json, sys
+try:
+    workers = json.load(sys.stdin)["workers"]
+except Exception:
+    workers = []
+print(sum(1 for w in workers if w.get("is_healthy") and w.get("status") == "ready"))'
+}
 # The router probes each worker once at start and retries only after 30 s: start it
 # when every worker answers /health (the model is loaded).
-last=""
-while :; do
-  check_alive "every worker"
-  ready=0
-  for u in "${urls[@]}"; do
-    [ -n "$(get "$u/health")" ] && ready=$((ready + 1))
-  done
-  if [ "$ready" != "$last" ]; then
-    say "$ready of $n workers loaded"
-    last=$ready
-  fi
-  [ "$ready" = "$n" ] && break
-  if [ $SECONDS -ge $deadline ]; then
-    say "workers not ready after ${timeout} s; logs in $dir"
-    keep_dir=1
-    exit 1
-  fi
-  sleep 0.3
-done
+wait_for "workers (model loaded)" workers_loaded
 
 router_port=${CLUSTER_PORT:-$(free_port)}
 metrics_port=$(free_port)
@@ -139,28 +158,7 @@ pids+=("$!")
 router_pid=$!
 router="http://$host:$router_port"
 
-last=""
-while :; do
-  check_alive "the router"
-  ready=$(get "$router/workers" | python3 -c '
-import json, sys
-try:
-    workers = json.load(sys.stdin)["workers"]
-except Exception:
-    workers = []
-print(sum(1 for w in workers if w.get("is_healthy") and w.get("status") == "ready"))')
-  if [ "$ready" != "$last" ]; then
-    say "router: $ready of $n workers ready"
-    last=$ready
-  fi
-  [ "$ready" = "$n" ] && break
-  if [ $SECONDS -ge $deadline ]; then
-    say "not ready after ${timeout} s; logs in $dir"
-    keep_dir=1
-    exit 1
-  fi
-  sleep 0.5
-done
+wait_for "router (workers registered)" router_ready
 say "router $router (policy $policy, Prometheus on http://$host:$metrics_port/metrics); ctrl-c stops"
 echo "$router"
 wait "$router_pid"

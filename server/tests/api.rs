@@ -388,10 +388,8 @@ async fn a_resent_prefix_is_served_from_the_cache() {
     );
 }
 
-/// `/metrics` speaks Prometheus' text format with every metric DESIGN.md names, and
-/// counts what just happened.
-#[tokio::test]
-async fn metrics_expose_the_designed_names_and_count_requests() {
+/// The shared server's URL, after it answered one chat of 3 tokens.
+async fn served_one_chat() -> String {
     let url = base().await;
     let (status, _) = post(
         &url,
@@ -400,6 +398,14 @@ async fn metrics_expose_the_designed_names_and_count_requests() {
     )
     .await;
     assert_eq!(status, 200);
+    url
+}
+
+/// `/metrics` speaks Prometheus' text format with every metric DESIGN.md names, and
+/// counts what just happened.
+#[tokio::test]
+async fn metrics_expose_the_designed_names_and_count_requests() {
+    let url = served_one_chat().await;
     let r = reqwest::get(format!("{url}/metrics")).await.unwrap();
     assert_eq!(r.status(), 200);
     let ctype = r.headers()["content-type"].to_str().unwrap().to_string();
@@ -441,14 +447,7 @@ async fn metrics_expose_the_designed_names_and_count_requests() {
 /// model, and carry the same values as chorus's own (one counter, two names).
 #[tokio::test]
 async fn metrics_also_speak_vllm_names() {
-    let url = base().await;
-    let (status, _) = post(
-        &url,
-        "/v1/chat/completions",
-        &chat("Say hi.", json!({"max_tokens": 2})),
-    )
-    .await;
-    assert_eq!(status, 200);
+    let url = served_one_chat().await;
     let models: Value = reqwest::get(format!("{url}/v1/models"))
         .await
         .unwrap()
@@ -503,14 +502,7 @@ async fn metrics_also_speak_vllm_names() {
 /// `/v1/loads` reports load in the schema routers poll (SGLang's, read by smg).
 #[tokio::test]
 async fn loads_report_the_pool_and_the_queue() {
-    let url = base().await;
-    let (status, _) = post(
-        &url,
-        "/v1/chat/completions",
-        &chat("Say hi.", json!({"max_tokens": 2})),
-    )
-    .await;
-    assert_eq!(status, 200);
+    let url = served_one_chat().await;
     let r = reqwest::get(format!("{url}/v1/loads?include=core"))
         .await
         .unwrap();
