@@ -8,13 +8,13 @@
 //! replicas (smg, vLLM's production stack, the Gateway API Inference Extension, KEDA
 //! rules written for vLLM). They are the same counters, not copies: one value, two names.
 
+use std::borrow::Cow;
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use std::borrow::Cow;
-use std::sync::atomic::AtomicU64;
-
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Metric, Registry};
@@ -57,7 +57,6 @@ impl Metrics {
         let mut root = Registry::default();
         let registry = root.sub_registry_with_prefix("chorus");
         let requests = Family::<RequestLabels, Counter>::default();
-        let registry = &mut *registry;
         registry.register(
             "requests",
             "HTTP requests by endpoint and status",
