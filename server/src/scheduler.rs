@@ -28,6 +28,10 @@ pub type SeqId = u64;
 /// Step budget taken by one prompt position whose logits are scored.
 pub const SCORED_TOKEN_COST: usize = 2;
 
+/// Under a tight step budget, the steps within which a running prompt is computed when
+/// `--max-batch-tokens` allows (see [`Scheduler::schedule_within`]).
+pub const PREFILL_HORIZON: usize = 8;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
     pub max_running: usize,
@@ -129,6 +133,9 @@ struct Entry {
     /// May take its prefix from the prefix cache (not when every prompt position's
     /// logits are wanted).
     reuse: bool,
+    /// Steps that ran a chunk of this sequence's prompt since it last started (the
+    /// prefill floor's deadline counts them).
+    prefill_steps: usize,
 }
 
 #[derive(Debug)]
@@ -207,6 +214,7 @@ impl Scheduler {
                 hashes: Vec::new(),
                 cached: 0,
                 started: false,
+                prefill_steps: 0,
                 reuse: true,
             },
         );
@@ -250,6 +258,7 @@ impl Scheduler {
             cached: p.cached,
             started: true,
             reuse: p.reuse,
+            prefill_steps: p.prefill_steps,
         };
         for &b in &blocks {
             self.alloc.share(b);
@@ -356,19 +365,56 @@ impl Scheduler {
         (seqs, pool)
     }
 
-    /// This step's plan within `--max-batch-tokens`.
+    /// This step's plan within `--max-batch-tokens` (prefill chunks get what decoders
+    /// leave, at least an eighth of it).
     pub fn schedule(&mut self) -> Plan {
-        self.schedule_within(self.cfg.max_batch_tokens)
+        self.plan(self.cfg.max_batch_tokens, false)
     }
 
-    /// This step's plan within `budget` units (at most `--max-batch-tokens`). Decoding
+    /// This step's plan within `budget` units (at most `--max-batch-tokens`; all of it
+    /// when the decoding sequences alone cost the budget or more, as then no prefill
+    /// share keeps the step within it). Decoding
     /// sequences get their token whatever it costs; prefill chunks get what is left, but
-    /// never less than an eighth of `--max-batch-tokens`, so a tight budget (a step-time
-    /// target, say) slows prompts down and never stops them.
+    /// never less than the prefill floor, so a tight budget (a step-time target, say)
+    /// slows prompts down and never stops them: an eighth of `--max-batch-tokens`, or if
+    /// that is more, what the oldest running prompt still costs spread over the steps
+    /// left of its [`PREFILL_HORIZON`] (so it is computed within that many steps when
+    /// `--max-batch-tokens` allows, and a queue of prompts is worked off, not grown).
     pub fn schedule_within(&mut self, budget: usize) -> Plan {
+        self.plan(budget, true)
+    }
+
+    fn plan(&mut self, budget: usize, deadline: bool) -> Plan {
         let mut plan = Plan::default();
         let mut budget = budget.clamp(1, self.cfg.max_batch_tokens);
-        let floor = (self.cfg.max_batch_tokens / 8).max(1);
+        // A target the decoders alone exceed cannot be met this step: holding prompts to
+        // the floor would then only delay them (and, with fewer streams decoding, cost
+        // throughput), so the step is budgeted as without a target.
+        let decoding: usize = self
+            .running
+            .iter()
+            .filter(|id| self.entries[id].ids.len() - self.entries[id].computed == 1)
+            .map(|&id| self.cost(id, 1))
+            .sum();
+        if deadline && decoding >= budget {
+            budget = self.cfg.max_batch_tokens;
+        }
+        // The oldest running prompt's remaining cost over the steps left before its
+        // deadline (`PREFILL_HORIZON` steps after its first chunk).
+        let owed = self
+            .running
+            .iter()
+            .filter(|_| deadline)
+            .find_map(|&id| {
+                let e = &self.entries[&id];
+                let remaining = e.ids.len() - e.computed;
+                let steps_left = PREFILL_HORIZON.saturating_sub(e.prefill_steps).max(1);
+                (remaining > 1).then(|| self.cost(id, remaining).div_ceil(steps_left))
+            })
+            .unwrap_or(0);
+        let floor = (self.cfg.max_batch_tokens / 8)
+            .max(owed)
+            .clamp(1, self.cfg.max_batch_tokens);
         let mut floor_given = false;
         // Last step's tokens are computed now: offer its newly full blocks for reuse.
         for id in self.running.clone() {
@@ -469,13 +515,11 @@ impl Scheduler {
     /// prompt), times [`SCORED_TOKEN_COST`] for a prompt position whose logits are
     /// scored (`add_uncached`: the full-vocabulary projection, log-softmax and top-k).
     fn chunk(&self, id: SeqId, budget: usize) -> (usize, usize) {
-        let e = &self.entries[&id];
-        let remaining = e.ids.len() - e.computed;
-        let weight = match !e.reuse && remaining > 1 {
-            true => SCORED_TOKEN_COST,
-            false => 1,
+        let remaining = {
+            let e = &self.entries[&id];
+            e.ids.len() - e.computed
         };
-        let cost = |len: usize| weight * len + context_cost(e.computed, len, self.cfg.context_cost);
+        let cost = |len: usize| self.cost(id, len);
         if remaining <= 1 {
             return (remaining, cost(remaining));
         }
@@ -489,6 +533,16 @@ impl Scheduler {
             }
         }
         (lo, cost(lo))
+    }
+
+    /// What `id`'s next `len` tokens cost of a step's budget (see [`Self::chunk`]).
+    fn cost(&self, id: SeqId, len: usize) -> usize {
+        let e = &self.entries[&id];
+        let weight = match !e.reuse && e.ids.len() - e.computed > 1 {
+            true => SCORED_TOKEN_COST,
+            false => 1,
+        };
+        weight * len + context_cost(e.computed, len, self.cfg.context_cost)
     }
 
     /// Makes sure `id` has blocks for `len` more tokens, preempting the newest running
@@ -538,6 +592,7 @@ impl Scheduler {
             e.blocks.clear();
             e.hashes.clear();
             e.computed = 0;
+            e.prefill_steps = 0;
         }
     }
 
@@ -588,6 +643,9 @@ impl Scheduler {
             .get_mut(&id)
             .expect("scheduled sequence has an entry");
         let start = e.computed;
+        if e.ids.len() - e.computed > 1 {
+            e.prefill_steps += 1;
+        }
         e.computed += len;
         Scheduled {
             id,
@@ -751,6 +809,16 @@ mod tests {
     /// Runs a step and records one sampled token for each sequence that samples.
     fn step(s: &mut Scheduler) -> Plan {
         let plan = s.schedule();
+        sampled(s, plan)
+    }
+
+    /// As [`step`], within `budget` (a step-time target's).
+    fn step_within(s: &mut Scheduler, budget: usize) -> Plan {
+        let plan = s.schedule_within(budget);
+        sampled(s, plan)
+    }
+
+    fn sampled(s: &mut Scheduler, plan: Plan) -> Plan {
         for x in &plan.batch {
             if x.samples {
                 s.append_token(x.id, 0);
@@ -842,24 +910,54 @@ mod tests {
     /// `--max-batch-tokens`; the plan's cost is what it charged.
     #[test]
     fn a_tight_budget_slows_prefill_but_never_stops_it() {
-        let mut s = sched(8, 64, 100);
-        for id in 1..=4 {
-            s.add(id, &toks(id, 2), 100).unwrap();
-        }
-        step(&mut s); // four 2-token prompts in one step
-        s.add(9, &toks(9, 40), 100).unwrap();
-        let plan = s.schedule_within(2);
+        // Four decoding sequences and a 40-token prompt waiting.
+        let setup = || {
+            let mut s = sched(8, 64, 100);
+            for id in 1..=4 {
+                s.add(id, &toks(id, 2), 100).unwrap();
+            }
+            step(&mut s);
+            s.add(9, &toks(9, 40), 100).unwrap();
+            s
+        };
+        let mut s = setup();
+        let plan = s.schedule_within(6);
         assert_eq!(
             lens(&plan),
             vec![(1, 1), (2, 1), (3, 1), (4, 1), (9, 8)],
             "{plan:?}"
         );
         assert_eq!(plan.cost, 12);
+        // A budget the decoders alone exceed cannot be kept: the step gets all of
+        // --max-batch-tokens, as without a target.
+        let plan = setup().schedule_within(4);
+        assert_eq!(lens(&plan), vec![(1, 1), (2, 1), (3, 1), (4, 1), (9, 40)]);
         // A budget over --max-batch-tokens is capped at it.
         let mut wide = sched(8, 16, 100);
         wide.add(1, &toks(1, 100), 200).unwrap();
         let plan = wide.schedule_within(1_000);
         assert_eq!((lens(&plan), plan.cost), (vec![(1, 16)], 16));
+    }
+
+    /// Under a tight budget a long running prompt is computed within `PREFILL_HORIZON`
+    /// steps of its first chunk: its remaining cost over the steps it has left, more than
+    /// the eighth of the budget a short one gets.
+    #[test]
+    fn a_long_prompt_is_worked_off_within_the_horizon() {
+        let mut s = sched(8, 64, 100);
+        s.add(1, &toks(1, 2), 100).unwrap();
+        step(&mut s);
+        s.add(2, &toks(2, 400), 500).unwrap();
+        // Admitted this step: the floor.
+        assert_eq!(lens(&step_within(&mut s, 2)), vec![(1, 1), (2, 8)]);
+        // Running: 392 tokens owed over the 7 steps it has left.
+        assert_eq!(lens(&step_within(&mut s, 2)), vec![(1, 1), (2, 56)]);
+        let mut steps = 2;
+        while s.entries[&2].ids.len() - s.entries[&2].computed > 1 {
+            step_within(&mut s, 2);
+            steps += 1;
+        }
+        assert_eq!(steps, PREFILL_HORIZON, "{steps} steps");
     }
 
     /// A prompt whose positions are all scored (echo with log-probabilities) takes two
