@@ -373,13 +373,13 @@ impl Scheduler {
 
     /// This step's plan within `budget` units (at most `--max-batch-tokens`; all of it
     /// when the decoding sequences alone cost the budget or more, as then no prefill
-    /// share keeps the step within it). Decoding
-    /// sequences get their token whatever it costs; prefill chunks get what is left, but
-    /// never less than the prefill floor, so a tight budget (a step-time target, say)
-    /// slows prompts down and never stops them: an eighth of `--max-batch-tokens`, or if
-    /// that is more, what the oldest running prompt still costs spread over the steps
-    /// left of its [`PREFILL_HORIZON`] (so it is computed within that many steps when
-    /// `--max-batch-tokens` allows, and a queue of prompts is worked off, not grown).
+    /// share keeps the step within it). Decoding sequences get their token whatever it
+    /// costs; prefill chunks get what is left, but never less than the prefill floor, so
+    /// a tight budget (a step-time target, say) slows prompts down and never stops them:
+    /// an eighth of `--max-batch-tokens`, or if that is more, what the oldest running
+    /// prompt still costs spread over the steps left of its [`PREFILL_HORIZON`] (so it
+    /// is computed within that many steps when `--max-batch-tokens` allows, and a queue
+    /// of prompts is worked off, not grown).
     pub fn schedule_within(&mut self, budget: usize) -> Plan {
         self.plan(budget, true)
     }
