@@ -203,6 +203,12 @@ impl Metrics {
         }
     }
 
+    /// Prompt tokens served from the prefix cache over all prompt tokens since start.
+    pub fn prefix_cache_hit_rate(&self) -> f64 {
+        let prompt = self.prompt_tokens.get();
+        self.prefix_cache_hits.get() as f64 / prompt.max(1) as f64
+    }
+
     /// The exposition text, with gauges read from `stats` (absent while loading).
     pub fn render(&self, stats: Option<&Stats>) -> String {
         use std::sync::atomic::Ordering::Acquire;

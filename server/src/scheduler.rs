@@ -387,31 +387,33 @@ impl Scheduler {
     fn plan(&mut self, budget: usize, deadline: bool) -> Plan {
         let mut plan = Plan::default();
         let mut budget = budget.clamp(1, self.cfg.max_batch_tokens);
-        // A target the decoders alone exceed cannot be met this step: holding prompts to
-        // the floor would then only delay them (and, with fewer streams decoding, cost
-        // throughput), so the step is budgeted as without a target.
-        let decoding: usize = self
-            .running
-            .iter()
-            .filter(|id| self.entries[id].ids.len() - self.entries[id].computed == 1)
-            .map(|&id| self.cost(id, 1))
-            .sum();
-        if deadline && decoding >= budget {
-            budget = self.cfg.max_batch_tokens;
+        let mut owed = 0;
+        if deadline {
+            // A target the decoders alone exceed cannot be met this step: holding prompts
+            // to the floor would then only delay them (and, with fewer streams decoding,
+            // cost throughput), so the step is budgeted as without a target.
+            let decoding: usize = self
+                .running
+                .iter()
+                .filter(|id| self.entries[id].ids.len() - self.entries[id].computed == 1)
+                .map(|&id| self.cost(id, 1))
+                .sum();
+            if decoding >= budget {
+                budget = self.cfg.max_batch_tokens;
+            }
+            // The oldest running prompt's remaining cost over the steps left before its
+            // deadline (`PREFILL_HORIZON` steps after its first chunk).
+            owed = self
+                .running
+                .iter()
+                .find_map(|&id| {
+                    let e = &self.entries[&id];
+                    let remaining = e.ids.len() - e.computed;
+                    let steps_left = PREFILL_HORIZON.saturating_sub(e.prefill_steps).max(1);
+                    (remaining > 1).then(|| self.cost(id, remaining).div_ceil(steps_left))
+                })
+                .unwrap_or(0);
         }
-        // The oldest running prompt's remaining cost over the steps left before its
-        // deadline (`PREFILL_HORIZON` steps after its first chunk).
-        let owed = self
-            .running
-            .iter()
-            .filter(|_| deadline)
-            .find_map(|&id| {
-                let e = &self.entries[&id];
-                let remaining = e.ids.len() - e.computed;
-                let steps_left = PREFILL_HORIZON.saturating_sub(e.prefill_steps).max(1);
-                (remaining > 1).then(|| self.cost(id, remaining).div_ceil(steps_left))
-            })
-            .unwrap_or(0);
         let floor = (self.cfg.max_batch_tokens / 8)
             .max(owed)
             .clamp(1, self.cfg.max_batch_tokens);

@@ -212,8 +212,6 @@ impl Worker {
             })
             .collect();
         let (tokens_in_per_s, tokens_out_per_s) = self.step_log.rates();
-        let prompt = self.metrics.prompt_tokens.get();
-        let hits = self.metrics.prefix_cache_hits.get();
         self.live.publish(Snapshot {
             at_ms: self.started_at.elapsed().as_millis() as u64,
             sequences,
@@ -227,11 +225,7 @@ impl Worker {
                 tokens_in_per_s,
                 tokens_out_per_s,
                 preemptions: self.metrics.preemptions.get(),
-                cache_hit_rate: if prompt == 0 {
-                    0.0
-                } else {
-                    hits as f64 / prompt as f64
-                },
+                cache_hit_rate: self.metrics.prefix_cache_hit_rate(),
             },
         });
     }

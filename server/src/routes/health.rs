@@ -73,9 +73,6 @@ pub async fn loads(State(app): State<AppState>) -> Result<Json<serde_json::Value
     let used = s.kv_blocks_used.load(Ordering::Acquire) * BLOCK_SIZE;
     let total = s.kv_blocks_total.load(Ordering::Acquire) * BLOCK_SIZE;
     let usage = used as f64 / total.max(1) as f64;
-    let metrics = app.metrics();
-    let (prompt, hits) = (metrics.prompt_tokens.get(), metrics.prefix_cache_hits.get());
-    let hit_rate = hits as f64 / prompt.max(1) as f64;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -91,7 +88,7 @@ pub async fn loads(State(app): State<AppState>) -> Result<Json<serde_json::Value
             "max_total_num_tokens": total,
             "token_usage": usage,
             "utilization": usage,
-            "cache_hit_rate": hit_rate,
+            "cache_hit_rate": app.metrics().prefix_cache_hit_rate(),
             "max_running_requests": engine.max_running,
         }],
     })))
