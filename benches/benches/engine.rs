@@ -37,8 +37,12 @@ fn model_path() -> PathBuf {
 }
 
 fn load() -> LoadedModel {
+    load_as(WeightFormat::default())
+}
+
+fn load_as(format: WeightFormat) -> LoadedModel {
     let path = model_path();
-    gguf::load(&path, WeightFormat::default()).unwrap_or_else(|e| {
+    gguf::load(&path, format).unwrap_or_else(|e| {
         panic!(
             "{}: {e} (run `cargo run --release -- --download-only` first)",
             path.display()
@@ -57,31 +61,40 @@ fn cache(m: &LoadedModel, seqs: usize, len: usize) -> (KvCache, Vec<Vec<u32>>) {
     (kv, tables)
 }
 
+/// One decode step at several batch sizes, for each packed weight format (f32, 8-bit
+/// and two-limb activations).
 fn decode_step(c: &mut Criterion) {
-    let m = load();
-    let mut group = c.benchmark_group("decode_step");
-    group.sample_size(10);
-    for seqs in [1, 8, 32, 64] {
-        // The KV contents do not change the work, only the context length does, so the
-        // cache is left as allocated rather than prefilled.
-        let (mut kv, tables) = cache(&m, seqs, CONTEXT + 1);
-        let tokens: Vec<[u32; 1]> = (0..seqs).map(|i| [100 + i as u32]).collect();
-        let batch: Vec<SeqInput> = (0..seqs)
-            .map(|i| SeqInput {
-                tokens: &tokens[i],
-                start_pos: CONTEXT,
-                blocks: &tables[i],
-                wants_logits: true,
-                all_logits: false,
-            })
-            .collect();
-        group.throughput(Throughput::Elements(seqs as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(seqs), &batch, |b, batch| {
-            pool()
-                .install(|| b.iter(|| black_box(m.model.forward(&mut kv, batch).expect("forward"))))
-        });
+    for (name, format) in [
+        ("decode_step_packed", WeightFormat::Packed),
+        ("decode_step_int8", WeightFormat::PackedInt8),
+        ("decode_step_int16", WeightFormat::PackedInt16),
+    ] {
+        let m = load_as(format);
+        let mut group = c.benchmark_group(name);
+        group.sample_size(10);
+        for seqs in [1, 8, 32, 64] {
+            // The KV contents do not change the work, only the context length does, so
+            // the cache is left as allocated rather than prefilled.
+            let (mut kv, tables) = cache(&m, seqs, CONTEXT + 1);
+            let tokens: Vec<[u32; 1]> = (0..seqs).map(|i| [100 + i as u32]).collect();
+            let batch: Vec<SeqInput> = (0..seqs)
+                .map(|i| SeqInput {
+                    tokens: &tokens[i],
+                    start_pos: CONTEXT,
+                    blocks: &tables[i],
+                    wants_logits: true,
+                    all_logits: false,
+                })
+                .collect();
+            group.throughput(Throughput::Elements(seqs as u64));
+            group.bench_with_input(BenchmarkId::from_parameter(seqs), &batch, |b, batch| {
+                pool().install(|| {
+                    b.iter(|| black_box(m.model.forward(&mut kv, batch).expect("forward")))
+                })
+            });
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 fn prefill(c: &mut Criterion) {
@@ -140,6 +153,7 @@ fn prefill_turn(c: &mut Criterion) {
 fn matmul(c: &mut Criterion) {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
+    use chorus_model::int8::{Int8Linear, Isa};
     use chorus_model::packed::PackedLinear;
 
     let (n, k) = (3072, 576);
@@ -148,6 +162,26 @@ fn matmul(c: &mut Criterion) {
     let w = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("tensor");
     let q = QTensor::quantize(&w, GgmlDType::Q4_1).expect("quantize");
     let packed = PackedLinear::from_parts(std::slice::from_ref(&q)).expect("pack");
+    let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantize");
+    // Each 8-bit-activation kernel this machine runs, on Q4_1 and on Q8_0 weights.
+    let int8: Vec<(String, Int8Linear)> = Isa::available()
+        .into_iter()
+        .flat_map(|isa| {
+            [
+                ("q4_1", &q, false),
+                ("q8_0", &q8, false),
+                ("q4_1", &q, true),
+                ("q8_0", &q8, true),
+            ]
+            .map(|(name, t, two)| {
+                let w = Int8Linear::from_parts(std::slice::from_ref(t), two)
+                    .expect("pack")
+                    .expect("a block format");
+                let bits = if two { 16 } else { 8 };
+                (format!("int{bits}_{name}_{isa:?}"), w.with_isa(isa))
+            })
+        })
+        .collect();
     let dense = QMatMul::Tensor(q.dequantize(&Device::Cpu).expect("dequantize"));
     let quant = QMatMul::from_qtensor(q).expect("qmatmul");
 
@@ -167,6 +201,14 @@ fn matmul(c: &mut Criterion) {
         let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0..1.0)).collect();
         let t = Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu).expect("tensor");
         group.throughput(Throughput::Elements(rows as u64));
+        for (name, w) in &int8 {
+            if name.ends_with("Scalar") && rows > 8 {
+                continue; // the reference kernel is for checking, not for speed
+            }
+            group.bench_with_input(BenchmarkId::new(name, rows), &x, |b, x| {
+                pool().install(|| b.iter(|| black_box(w.forward(x, rows))))
+            });
+        }
         group.bench_with_input(BenchmarkId::new("packed_q4_1", rows), &x, |b, x| {
             pool().install(|| b.iter(|| black_box(packed.forward(x, rows))))
         });

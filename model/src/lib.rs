@@ -15,6 +15,7 @@
 //! - [`attention`]: attention over a ragged batch that reads each sequence's KV blocks in place.
 //! - [`linear`]: a projection in the chosen weight format (`--weights`).
 //! - [`packed`]: projection weights in their 4/8-bit blocks, multiplied with f32 activations.
+//! - [`int8`]: the same blocks multiplied with 8-bit activations by integer SIMD kernels.
 //! - [`math`]: vectorizable `dot` and `exp`.
 //! - [`threads`]: the compute thread pool the driving thread belongs to.
 //! - [`config`]: what the transformer needs to know about an architecture.
@@ -27,6 +28,7 @@ pub mod detok;
 pub mod error;
 pub mod gguf;
 pub mod hf;
+pub mod int8;
 pub mod kv;
 pub mod linear;
 pub mod load;

@@ -5,16 +5,23 @@ use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::int8::Int8Linear;
 use crate::packed::PackedLinear;
 
 /// How projection weights are held in memory and multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightFormat {
     /// The file's 4/8-bit blocks, repacked, dequantized on the fly, f32 activations
-    /// ([`crate::packed`]): f32 accuracy at ~0.63 bytes per weight, fastest at every batch
-    /// size measured here.
-    #[default]
+    /// ([`crate::packed`]): f32 accuracy at ~0.63 bytes per weight.
     Packed,
+    /// The same blocks multiplied by integer SIMD kernels ([`crate::int8`]) with
+    /// activations rounded to 8 bits per block, as llama.cpp does: the fastest; perplexity
+    /// +0.2%, and knife-edge greedy choices flip (benches/RESULTS.md).
+    PackedInt8,
+    /// As `PackedInt8` with a second 8-bit limb per activation (~15 bits): greedy answers
+    /// stay the f32 path's, at twice the integer work. Float weights stay on `Packed`.
+    #[default]
+    PackedInt16,
     /// Dequantized to f32, multiplied by candle's f32 gemm. 4 bytes per weight.
     F32,
     /// As shipped, multiplied by candle's quantized kernels, which round activations to
@@ -44,6 +51,7 @@ impl Dtype {
 
 pub enum Linear {
     Packed(PackedLinear),
+    Int8(Int8Linear),
     Candle(QMatMul),
 }
 
@@ -52,6 +60,13 @@ impl Linear {
     pub fn new(parts: Vec<QTensor>, format: WeightFormat) -> Result<Self> {
         Ok(match format {
             WeightFormat::Packed => Self::Packed(PackedLinear::from_parts(&parts)?),
+            WeightFormat::PackedInt8 | WeightFormat::PackedInt16 => {
+                let two_limbs = format == WeightFormat::PackedInt16;
+                match Int8Linear::from_parts(&parts, two_limbs)? {
+                    Some(w) => Self::Int8(w),
+                    None => Self::Packed(PackedLinear::from_parts(&parts)?),
+                }
+            }
             WeightFormat::Quantized => Self::Candle(stack_rows(parts)?),
             WeightFormat::F32 => {
                 let dense = parts
@@ -88,6 +103,7 @@ impl Linear {
     pub fn shape(&self) -> Result<(usize, usize)> {
         Ok(match self {
             Self::Packed(p) => p.shape(),
+            Self::Int8(p) => p.shape(),
             Self::Candle(QMatMul::QTensor(t)) => t.shape().dims2()?,
             Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.shape().dims2()?,
         })
@@ -97,6 +113,7 @@ impl Linear {
     pub fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
         match self {
             Self::Packed(p) => Ok(p.forward(&x, rows)),
+            Self::Int8(p) => Ok(p.forward(&x, rows)),
             Self::Candle(w) => candle_matmul(w, x, rows),
         }
     }

@@ -92,6 +92,16 @@ fn batched_greedy_equals_one_at_a_time_packed() {
 }
 
 #[test]
+fn batched_greedy_equals_one_at_a_time_packed_int8() {
+    check_batch_invariance(WeightFormat::PackedInt8);
+}
+
+#[test]
+fn batched_greedy_equals_one_at_a_time_packed_int16() {
+    check_batch_invariance(WeightFormat::PackedInt16);
+}
+
+#[test]
 fn batched_greedy_equals_one_at_a_time_f32() {
     check_batch_invariance(WeightFormat::F32);
 }

@@ -50,10 +50,12 @@ pub struct Config {
     #[arg(long, env = "CHORUS_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
 
-    /// How projection weights are held and multiplied: packed (the file's 4/8-bit blocks,
-    /// dequantized on the fly with f32 activations; fastest), f32 (dequantized, candle's
-    /// gemm) or quantized (candle's kernels, 8-bit activations; least accurate).
-    #[arg(long, env = "CHORUS_WEIGHTS", value_enum, default_value_t = Weights::Packed)]
+    /// How projection weights are held and multiplied: packed-int16 (the file's 4/8-bit
+    /// blocks times activations as two 8-bit limbs, ~15 bits, by integer SIMD kernels),
+    /// packed-int8 (one limb, as llama.cpp: fastest, knife-edge greedy choices flip),
+    /// packed (the blocks dequantized on the fly, f32 activations), f32 (dequantized,
+    /// candle's gemm) or quantized (candle's kernels).
+    #[arg(long, env = "CHORUS_WEIGHTS", value_enum, default_value_t = Weights::PackedInt16)]
     pub weights: Weights,
 
     /// Most sequences decoding at once (continuous-batching slots).
@@ -202,6 +204,8 @@ fn default_state_dir() -> PathBuf {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Weights {
     Packed,
+    PackedInt8,
+    PackedInt16,
     F32,
     Quantized,
 }
@@ -210,6 +214,8 @@ impl From<Weights> for chorus_model::WeightFormat {
     fn from(w: Weights) -> Self {
         match w {
             Weights::Packed => chorus_model::WeightFormat::Packed,
+            Weights::PackedInt8 => chorus_model::WeightFormat::PackedInt8,
+            Weights::PackedInt16 => chorus_model::WeightFormat::PackedInt16,
             Weights::F32 => chorus_model::WeightFormat::F32,
             Weights::Quantized => chorus_model::WeightFormat::Quantized,
         }
