@@ -27,7 +27,7 @@ echo "== cargo test"
 cargo test --release --workspace
 
 echo "== openai SDK tests"
-if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/smg ] || ! .venv/bin/python -c 'import openai, pytest, jsonschema, jinja2, agents, langchain_openai, kubernetes_validate' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/smg ] || ! .venv/bin/python -c 'import openai, pytest, jsonschema, jinja2, agents, langchain_openai, kubernetes_validate, gguf' 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 fi
