@@ -16,6 +16,7 @@
 //! - [`linear`]: a projection in the chosen weight format (`--weights`).
 //! - [`packed`]: projection weights in their 4/8-bit blocks, multiplied with f32 activations.
 //! - [`int8`]: the same blocks multiplied with 8-bit activations by integer SIMD kernels.
+//! - [`strips`]: what both kernels share: stacked shapes, output strips in parallel.
 //! - [`math`]: vectorizable `dot` and `exp`.
 //! - [`threads`]: the compute thread pool the driving thread belongs to.
 //! - [`config`]: what the transformer needs to know about an architecture.
@@ -37,6 +38,7 @@ pub mod math;
 pub mod packed;
 pub mod sampling;
 pub mod stop;
+pub mod strips;
 pub mod template;
 pub mod threads;
 pub mod tokenizer;

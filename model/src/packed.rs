@@ -18,12 +18,11 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 
-use crate::error::{ModelError, Result};
+use crate::error::Result;
+pub use crate::strips::STRIP;
+use crate::strips::{by_strips, dense_rows, stacked_shape};
 
-/// Output columns per strip: the unit of dequantization and of parallel work.
-pub const STRIP: usize = 64;
 /// Columns per accumulator group (two 8-lane registers).
 const LANES: usize = 16;
 /// ggml's block length along `k`.
@@ -66,20 +65,7 @@ pub struct PackedLinear {
 impl PackedLinear {
     /// Packs the row-wise stack of `parts` (`[n_i, k]` each, e.g. q, k and v).
     pub fn from_parts(parts: &[QTensor]) -> Result<Self> {
-        let first = parts
-            .first()
-            .ok_or_else(|| ModelError::Unsupported("a projection with no weight".into()))?;
-        let (dtype, k) = (first.dtype(), first.shape().dims2()?.1);
-        let mut n = 0;
-        for p in parts {
-            let (pn, pk) = p.shape().dims2()?;
-            if pk != k {
-                return Err(ModelError::Unsupported(format!(
-                    "stacked weights disagree on width: {pk} vs {k}"
-                )));
-            }
-            n += pn;
-        }
+        let (dtype, n, k) = stacked_shape(parts)?;
         let same_type = parts.iter().all(|p| p.dtype() == dtype);
         if same_type && matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0) && k % QK == 0 {
             let mut bytes = Vec::new();
@@ -88,14 +74,7 @@ impl PackedLinear {
             }
             return Ok(Self::from_blocks(dtype, &bytes, n, k));
         }
-        let mut dense = Vec::with_capacity(n * k);
-        for p in parts {
-            dense.extend(
-                p.dequantize(&Device::Cpu)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            );
-        }
+        let dense = dense_rows(parts)?;
         // Other block formats (k-quants, Q5_0…) are re-blocked as Q8_0: within 1/254 of
         // each block's largest weight of the file's values, at a quarter of f32's bytes.
         let reblock = parts.iter().any(|p| {
@@ -211,33 +190,14 @@ impl PackedLinear {
             return Vec::new();
         }
         let tiles = pack_tiles(x, rows, k);
-        // [strip][rows][STRIP], so that each strip's output is one contiguous chunk.
-        let mut by_strip = vec![0.0f32; self.strips * rows * STRIP];
-        let per_task = self
-            .strips
-            .div_ceil(4 * rayon::current_num_threads())
-            .max(1);
-        by_strip
-            .par_chunks_mut(rows * STRIP * per_task)
-            .enumerate()
-            .for_each(|(task, out)| {
-                STRIP_BUF.with_borrow_mut(|wbuf| {
-                    for (i, out) in out.chunks_exact_mut(rows * STRIP).enumerate() {
-                        let w = self.strip(task * per_task + i, wbuf);
-                        for t in &tiles {
-                            run_tile(t.rows, &t.x, w, &mut out[t.first * STRIP..]);
-                        }
-                    }
-                })
-            });
-        let mut y = vec![0.0f32; rows * self.n];
-        for (s, strip) in by_strip.chunks_exact(rows * STRIP).enumerate() {
-            let cols = STRIP.min(self.n - s * STRIP);
-            for (r, line) in strip.chunks_exact(STRIP).enumerate() {
-                y[r * self.n + s * STRIP..][..cols].copy_from_slice(&line[..cols]);
-            }
-        }
-        y
+        by_strips(self.strips, rows, self.n, |s, out| {
+            STRIP_BUF.with_borrow_mut(|wbuf| {
+                let w = self.strip(s, wbuf);
+                for t in &tiles {
+                    run_tile(t.rows, &t.x, w, &mut out[t.first * STRIP..]);
+                }
+            })
+        })
     }
 
     /// Strip `s` as `[k][STRIP]` floats: borrowed when stored dense, else dequantized

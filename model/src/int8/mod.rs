@@ -46,14 +46,13 @@ use std::sync::OnceLock;
 
 use candle_core::quantized::QTensor;
 use half::f16;
-use rayon::prelude::*;
 
 pub use acts::Acts;
 
 use crate::error::Result;
+use crate::strips::by_strips;
 
-/// Output columns per strip: the unit of parallel work.
-pub const STRIP: usize = 64;
+pub use crate::strips::STRIP;
 /// Columns per group: one 512-bit vector of 32-bit lanes.
 const GROUP: usize = 16;
 const GROUPS: usize = STRIP / GROUP;
@@ -227,32 +226,14 @@ impl Int8Linear {
         }
         let acts = Acts::quantize(x, rows, self.k, self.two_limbs);
         let tile = self.isa.tile_rows();
-        let mut by_strip = vec![0.0f32; self.strips * rows * STRIP];
-        let per_task = self
-            .strips
-            .div_ceil(4 * rayon::current_num_threads())
-            .max(1);
-        by_strip
-            .par_chunks_mut(rows * STRIP * per_task)
-            .enumerate()
-            .for_each(|(task, out)| {
-                for (i, out) in out.chunks_exact_mut(rows * STRIP).enumerate() {
-                    let strip = self.strip(task * per_task + i);
-                    for first in (0..rows).step_by(tile) {
-                        let n = tile.min(rows - first);
-                        let out = &mut out[first * STRIP..][..n * STRIP];
-                        run_tile(self.isa, &strip, &acts, first, n, out);
-                    }
-                }
-            });
-        let mut y = vec![0.0f32; rows * self.n];
-        for (s, strip) in by_strip.chunks_exact(rows * STRIP).enumerate() {
-            let cols = STRIP.min(self.n - s * STRIP);
-            for (r, line) in strip.chunks_exact(STRIP).enumerate() {
-                y[r * self.n + s * STRIP..][..cols].copy_from_slice(&line[..cols]);
+        by_strips(self.strips, rows, self.n, |s, out| {
+            let strip = self.strip(s);
+            for first in (0..rows).step_by(tile) {
+                let n = tile.min(rows - first);
+                let out = &mut out[first * STRIP..][..n * STRIP];
+                run_tile(self.isa, &strip, &acts, first, n, out);
             }
-        }
-        y
+        })
     }
 }
 

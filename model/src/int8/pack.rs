@@ -5,7 +5,8 @@ use candle_core::{Device, Tensor};
 use half::f16;
 
 use super::{Format, GROUP, GROUPS, QK, STRIP};
-use crate::error::{ModelError, Result};
+use crate::error::Result;
+use crate::strips::{dense_rows, stacked_shape};
 
 pub struct Packed {
     pub n: usize,
@@ -18,20 +19,7 @@ pub struct Packed {
 
 /// The row-wise stack of `parts`; `None` for float weights or widths not a multiple of 32.
 pub fn from_parts(parts: &[QTensor]) -> Result<Option<Packed>> {
-    let first = parts
-        .first()
-        .ok_or_else(|| ModelError::Unsupported("a projection with no weight".into()))?;
-    let (dtype, k) = (first.dtype(), first.shape().dims2()?.1);
-    let mut n = 0;
-    for p in parts {
-        let (pn, pk) = p.shape().dims2()?;
-        if pk != k {
-            return Err(ModelError::Unsupported(format!(
-                "stacked weights disagree on width: {pk} vs {k}"
-            )));
-        }
-        n += pn;
-    }
+    let (dtype, n, k) = stacked_shape(parts)?;
     let float = |t: GgmlDType| matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
     if k % QK != 0 || parts.iter().any(|p| float(p.dtype())) {
         return Ok(None);
@@ -49,15 +37,7 @@ pub fn from_parts(parts: &[QTensor]) -> Result<Option<Packed>> {
         }));
     }
     // Other block formats (k-quants, Q5_0…) are re-blocked as Q8_0 of their values.
-    let mut dense = Vec::with_capacity(n * k);
-    for p in parts {
-        dense.extend(
-            p.dequantize(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        );
-    }
-    let t = Tensor::from_vec(dense, (n, k), &Device::Cpu)?;
+    let t = Tensor::from_vec(dense_rows(parts)?, (n, k), &Device::Cpu)?;
     let q8 = QTensor::quantize(&t, GgmlDType::Q8_0)?;
     Ok(Some(q8_0(&q8.data()?, n, k)))
 }
