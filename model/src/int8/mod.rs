@@ -32,12 +32,13 @@
 //! Every kernel does exactly these float operations, so results are bit-identical across
 //! kernels and a row's result never depends on the rows beside it.
 
-#![allow(unsafe_code)] // the SIMD kernels; every block carries a `// SAFETY:` comment
-
 mod acts;
+// The SIMD kernels: the only `unsafe` here, every block with a `// SAFETY:` comment.
 #[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
 mod avx512;
 mod pack;
 mod reference;
