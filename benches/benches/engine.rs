@@ -148,6 +148,114 @@ fn prefill_turn(c: &mut Criterion) {
     group.finish();
 }
 
+/// A decode step of 8 conversations deep into their history (2,048 tokens each): the
+/// step every stream of a long chat waits for, where attention over the history is most
+/// of the work.
+fn decode_long(c: &mut Criterion) {
+    let m = load();
+    let mut group = c.benchmark_group("decode_long");
+    group.sample_size(10);
+    let (seqs, history) = (8, 2048);
+    let (mut kv, tables) = cache(&m, seqs, history + 1);
+    let tokens: Vec<[u32; 1]> = (0..seqs).map(|i| [100 + i as u32]).collect();
+    let batch: Vec<SeqInput> = (0..seqs)
+        .map(|i| SeqInput {
+            tokens: &tokens[i],
+            start_pos: history,
+            blocks: &tables[i],
+            wants_logits: true,
+            all_logits: false,
+        })
+        .collect();
+    group.throughput(Throughput::Elements(seqs as u64));
+    group.bench_with_input(
+        BenchmarkId::from_parameter(format!("{seqs}_after_{history}")),
+        &batch,
+        |b, batch| {
+            pool()
+                .install(|| b.iter(|| black_box(m.model.forward(&mut kv, batch).expect("forward"))))
+        },
+    );
+    group.finish();
+}
+
+/// Attention alone, one layer of the default model's shape (9 query heads over 3 KV
+/// heads of 64): 8 decoding rows at a 2,048-token history each, and a 128-row chunk
+/// after 2,048 tokens.
+fn attention(c: &mut Criterion) {
+    use chorus_model::attention::{paged_attention, AttnShape, RowSpan};
+    use chorus_model::kv::KvShape;
+    let shape = KvShape {
+        layers: 1,
+        kv_heads: 3,
+        head_dim: 64,
+    };
+    let attn = AttnShape {
+        heads: 9,
+        kv: shape,
+        scale: 0.125,
+        window: None,
+    };
+    let history = 2048;
+    let per_seq = blocks_for(history + 128);
+    let mut kv = KvCache::new(shape, 8 * per_seq).expect("kv cache");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let tables: Vec<Vec<u32>> = (0..8)
+        .map(|s| (0..per_seq).map(|b| (b * 8 + s) as u32).collect())
+        .collect();
+    let row = |rng: &mut rand::rngs::StdRng| -> Vec<f32> {
+        (0..3 * 64).map(|_| rng.random_range(-1.0..1.0)).collect()
+    };
+    for t in &tables {
+        for pos in 0..history + 128 {
+            let (k, v) = (row(&mut rng), row(&mut rng));
+            kv.write(0, t, pos, &k, &v);
+        }
+    }
+    let mut group = c.benchmark_group("attention");
+    group.sample_size(20);
+    let decode: Vec<RowSpan> = tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| RowSpan {
+            first_row: i,
+            rows: 1,
+            start_pos: history,
+            blocks: t,
+        })
+        .collect();
+    let q: Vec<f32> = (0..128 * 9 * 64)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    let short: Vec<RowSpan> = decode
+        .iter()
+        .map(|s| RowSpan {
+            start_pos: 256,
+            ..*s
+        })
+        .collect();
+    group.bench_function("decode_8x256", |b| {
+        pool().install(|| {
+            b.iter(|| black_box(paged_attention(&attn, &q[..8 * 576], kv.layer(0), &short)))
+        })
+    });
+    group.bench_function("decode_8x2048", |b| {
+        pool().install(|| {
+            b.iter(|| black_box(paged_attention(&attn, &q[..8 * 576], kv.layer(0), &decode)))
+        })
+    });
+    let chunk = [RowSpan {
+        first_row: 0,
+        rows: 128,
+        start_pos: history,
+        blocks: &tables[0],
+    }];
+    group.bench_function("chunk_128_after_2048", |b| {
+        pool().install(|| b.iter(|| black_box(paged_attention(&attn, &q, kv.layer(0), &chunk))))
+    });
+    group.finish();
+}
+
 /// One `[3072, 576]` projection (SmolLM2's stacked gate/up) from a Q4_1 weight, by each
 /// kernel path, at several row counts.
 fn matmul(c: &mut Criterion) {
@@ -289,6 +397,8 @@ criterion_group!(
     decode_step,
     prefill,
     prefill_turn,
+    decode_long,
+    attention,
     sampling
 );
 criterion_main!(benches);

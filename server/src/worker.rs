@@ -338,8 +338,9 @@ impl Worker {
     }
 
     fn step(&mut self, seqs: &mut HashMap<SeqId, Seq>) {
-        let plan = match &self.step_budget {
-            Some(b) => self.scheduler.schedule_within(b.units()),
+        let budget = self.step_budget.as_ref().map(StepBudget::units);
+        let plan = match budget {
+            Some(units) => self.scheduler.schedule_within(units),
             None => self.scheduler.schedule(),
         };
         self.publish();
@@ -409,7 +410,9 @@ impl Worker {
         };
         // The rows each scheduled sequence got back, or why it failed.
         let mut per_seq: Vec<Result<Vec<Vec<f32>>, String>> = Vec::new();
-        match self.model.forward(&mut self.kv, &inputs) {
+        let forward = self.model.forward(&mut self.kv, &inputs);
+        let forward_ms = began.elapsed().as_secs_f64() * 1e3;
+        match forward {
             Ok(logits) => {
                 let mut rows = logits.into_iter();
                 for (s, &all) in plan.batch.iter().zip(&scoring) {
@@ -502,6 +505,22 @@ impl Worker {
             }
         }
         let ms = began.elapsed().as_secs_f64() * 1e3;
+        // One line per step for profiling (`RUST_LOG=chorus::step=debug`): what the step
+        // held and what it took, split into the forward pass and the rest.
+        tracing::debug!(
+            target: "chorus::step",
+            ms,
+            forward_ms,
+            decode = decode_tokens,
+            prefill = tokens - decode_tokens,
+            // Positions the prefill rows attend to, summed (what long histories cost).
+            prefill_context = plan.batch.iter().filter(|b| b.len > 1 || !b.samples)
+                .map(|b| b.len * b.start + b.len * (b.len - 1) / 2).sum::<usize>(),
+            decode_context = plan.batch.iter().filter(|b| b.len == 1 && b.samples)
+                .map(|b| b.start).sum::<usize>(),
+            cost = plan.cost,
+            budget,
+        );
         if let Some(b) = &mut self.step_budget {
             b.observe(plan.cost, ms);
         }
