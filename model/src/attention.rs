@@ -128,6 +128,12 @@ impl Tile<'_> {
         (self.window.map_or(0, |w| n.saturating_sub(w)), n)
     }
 
+    /// Whether row `j` reads block `b` of the block table.
+    fn reads(&self, j: usize, b: usize) -> bool {
+        let (from, to) = self.blocks_of(j);
+        (from..to).contains(&b)
+    }
+
     /// The blocks row `j` reads: `first..last` of the block table.
     fn blocks_of(&self, j: usize) -> (usize, usize) {
         let (lo, n) = self.range(j);
@@ -161,16 +167,26 @@ impl Tile<'_> {
             let base = offset(self.s, self.blocks[b] as usize, self.kv_head, 0);
             // Keys are stored `[head_dim][slot]`: one pass gives all 16 slots' scores.
             self.kv.k[base..][..hd * BLOCK_SIZE].convert_to_f32_slice(k);
-            for j in 0..self.rows {
-                let (from, to) = self.blocks_of(j);
-                if b < from || b >= to {
-                    continue;
+            // The rows reading block `b` are consecutive; their (row, head) query vectors
+            // `p = row * group + head` are scored `SCORED_TOGETHER` at a time.
+            let Some(j0) = (0..self.rows).find(|&j| self.reads(j, b)) else {
+                continue;
+            };
+            let j1 = (j0..self.rows)
+                .find(|&j| !self.reads(j, b))
+                .unwrap_or(self.rows);
+            let (mut p, end) = (j0 * group, j1 * group);
+            let column = (b - first) * BLOCK_SIZE;
+            let q_at = |p: usize| &q_of(p / group)[(p % group) * hd..][..hd];
+            while p < end {
+                let n = (end - p).min(SCORED_TOGETHER);
+                match n {
+                    4 => score_vectors::<4>(p, &q_at, k, scores, stride, column),
+                    3 => score_vectors::<3>(p, &q_at, k, scores, stride, column),
+                    2 => score_vectors::<2>(p, &q_at, k, scores, stride, column),
+                    _ => score_vectors::<1>(p, &q_at, k, scores, stride, column),
                 }
-                for (h, qh) in q_of(j).chunks_exact(hd).enumerate() {
-                    let s = block_scores(qh, k);
-                    scores[(j * group + h) * stride + (b - first) * BLOCK_SIZE..][..BLOCK_SIZE]
-                        .copy_from_slice(&s);
-                }
+                p += n;
             }
         }
         for j in 0..self.rows {
@@ -244,14 +260,42 @@ fn accumulate_any(p: &[f32], v: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `q · k[:, slot]` for the 16 slots of a key block stored `[head_dim][slot]`: one
-/// 16-lane multiply-add per head dimension, no horizontal sums.
+/// Query vectors scored against a key block in one pass: each is an independent chain of
+/// multiply-adds, so several keep the FMA units busy where one waits on its own latency.
+const SCORED_TOGETHER: usize = 4;
+
+/// Scores query vectors `p..p + N` (`q_at(p)`: `[head_dim]`) against one key block into
+/// `scores[p * stride + column..][..BLOCK_SIZE]`.
 #[inline]
-fn block_scores(q: &[f32], k: &[f32]) -> [f32; BLOCK_SIZE] {
-    let mut acc = [0.0f32; BLOCK_SIZE];
-    for (row, &qd) in k.chunks_exact(BLOCK_SIZE).zip(q) {
-        for (a, &k) in acc.iter_mut().zip(row) {
-            *a = qd.mul_add(k, *a);
+fn score_vectors<'q, const N: usize>(
+    p: usize,
+    q_at: &impl Fn(usize) -> &'q [f32],
+    k: &[f32],
+    scores: &mut [f32],
+    stride: usize,
+    column: usize,
+) {
+    let qs: [&[f32]; N] = std::array::from_fn(|i| q_at(p + i));
+    for (i, s) in block_scores(qs, k).iter().enumerate() {
+        scores[(p + i) * stride + column..][..BLOCK_SIZE].copy_from_slice(s);
+    }
+}
+
+/// `q · k[:, slot]` for the 16 slots of a key block stored `[head_dim][slot]`, for `N`
+/// query vectors: one 16-lane multiply-add per head dimension and vector, no horizontal
+/// sums. Each vector's sums run over the head dimension in order, whatever `N` is.
+#[inline(always)]
+fn block_scores<const N: usize>(qs: [&[f32]; N], k: &[f32]) -> [[f32; BLOCK_SIZE]; N] {
+    let mut acc = [[0.0f32; BLOCK_SIZE]; N];
+    for (d, row) in k.chunks_exact(BLOCK_SIZE).enumerate() {
+        let Ok(row) = <&[f32; BLOCK_SIZE]>::try_from(row) else {
+            continue;
+        };
+        for (acc, q) in acc.iter_mut().zip(&qs) {
+            let qd = q[d];
+            for (a, &k) in acc.iter_mut().zip(row) {
+                *a = qd.mul_add(k, *a);
+            }
         }
     }
     acc

@@ -66,8 +66,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p.mul_add(r, 0.5);
     let p = p.mul_add(r, 1.0);
     let p = p.mul_add(r, 1.0);
-    let scale = f32::from_bits(((n as i32 + 127).max(0) as u32) << 23);
-    let y = p * scale;
+    let y = p * pow2(n);
     if x > -87.0 {
         y
     } else {
@@ -75,9 +74,26 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// `2^n` for a whole `n` in -126..=127, from the exponent bits. Adding 2^23 to `n + 127`
+/// puts it in the low mantissa bits: an integer without a float-to-int cast, whose
+/// saturating semantics kept the compiler from vectorizing `exp` (a scalar conversion
+/// per lane was most of the softmax in attention).
+#[inline]
+fn pow2(n: f32) -> f32 {
+    let biased = (n + 127.0).max(0.0) + 8_388_608.0;
+    f32::from_bits((biased.to_bits() - 0x4B00_0000) << 23)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pow2_is_exact_over_the_exponent_range() {
+        for n in -126..=127 {
+            assert_eq!(pow2(n as f32), 2f32.powi(n), "2^{n}");
+        }
+    }
 
     #[test]
     fn exp_is_finite_and_monotone_at_the_ends() {
