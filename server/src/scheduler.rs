@@ -30,7 +30,7 @@ pub const SCORED_TOKEN_COST: usize = 2;
 
 /// Under a tight step budget, the steps within which a running prompt is computed when
 /// `--max-batch-tokens` allows (see [`Scheduler::schedule_within`]).
-pub const PREFILL_HORIZON: usize = 8;
+pub const PREFILL_HORIZON: usize = 12;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
@@ -111,6 +111,8 @@ pub struct Plan {
     /// What the batch costs in budget units (decode tokens included, even beyond the
     /// budget): what a step-time model is fitted against.
     pub cost: usize,
+    /// The part of `cost` that decoding sequences' tokens took.
+    pub decode_cost: usize,
     /// Sequences pushed back to the queue this step.
     pub preempted: Vec<SeqId>,
     /// Sequences that were running for the first time this step (left the queue).
@@ -371,17 +373,25 @@ impl Scheduler {
         self.plan(self.cfg.max_batch_tokens, false)
     }
 
-    /// This step's plan within `budget` units (at most `--max-batch-tokens`; all of it
-    /// when the decoding sequences alone cost the budget or more, as then no prefill
-    /// share keeps the step within it). Decoding sequences get their token whatever it
-    /// costs; prefill chunks get what is left, but never less than the prefill floor, so
-    /// a tight budget (a step-time target, say) slows prompts down and never stops them:
-    /// an eighth of `--max-batch-tokens`, or if that is more, what the oldest running
-    /// prompt still costs spread over the steps left of its [`PREFILL_HORIZON`] (so it
-    /// is computed within that many steps when `--max-batch-tokens` allows, and a queue
-    /// of prompts is worked off, not grown).
+    /// This step's plan within `budget` units (at most `--max-batch-tokens`): a
+    /// step-time target's, [`Self::decode_cost`] plus what it leaves prefill. Decoding
+    /// sequences get their token whatever it costs; prefill chunks get what is left, but
+    /// never less than the prefill floor, so a tight budget slows prompts down and never
+    /// stops them: a thirty-second of `--max-batch-tokens`, or if that is more, what the
+    /// oldest running prompt still costs spread over the steps left of its
+    /// [`PREFILL_HORIZON`] (so it is computed within that many steps when
+    /// `--max-batch-tokens` allows, and a queue of prompts is worked off, not grown).
     pub fn schedule_within(&mut self, budget: usize) -> Plan {
         self.plan(budget, true)
+    }
+
+    /// What the running sequences that decode next step cost of its budget.
+    pub fn decode_cost(&self) -> usize {
+        self.running
+            .iter()
+            .filter(|id| self.entries[id].ids.len() - self.entries[id].computed == 1)
+            .map(|&id| self.cost(id, 1))
+            .sum()
     }
 
     fn plan(&mut self, budget: usize, deadline: bool) -> Plan {
@@ -389,18 +399,6 @@ impl Scheduler {
         let mut budget = budget.clamp(1, self.cfg.max_batch_tokens);
         let mut owed = 0;
         if deadline {
-            // A target the decoders alone exceed cannot be met this step: holding prompts
-            // to the floor would then only delay them (and, with fewer streams decoding,
-            // cost throughput), so the step is budgeted as without a target.
-            let decoding: usize = self
-                .running
-                .iter()
-                .filter(|id| self.entries[id].ids.len() - self.entries[id].computed == 1)
-                .map(|&id| self.cost(id, 1))
-                .sum();
-            if decoding >= budget {
-                budget = self.cfg.max_batch_tokens;
-            }
             // The oldest running prompt's remaining cost over the steps left before its
             // deadline (`PREFILL_HORIZON` steps after its first chunk).
             owed = self
@@ -414,7 +412,13 @@ impl Scheduler {
                 })
                 .unwrap_or(0);
         }
-        let floor = (self.cfg.max_batch_tokens / 8)
+        // Under a target the floor only has to keep prompts moving (the target's budget
+        // leaves them a share); without one it is what decoders must leave them.
+        let share = match deadline {
+            true => 32,
+            false => 8,
+        };
+        let floor = (self.cfg.max_batch_tokens / share)
             .max(owed)
             .clamp(1, self.cfg.max_batch_tokens);
         let mut floor_given = false;
@@ -432,7 +436,7 @@ impl Scheduler {
             decoding.into_iter().chain(prefilling).collect()
         };
         // What each scheduled sequence took of the budget (given back if it is preempted).
-        let mut taken: Vec<(SeqId, usize)> = Vec::new();
+        let mut taken: Vec<(SeqId, usize, bool)> = Vec::new();
         for id in order {
             // It may have been preempted to make room for an older one.
             if !self.running.contains(&id) {
@@ -445,6 +449,7 @@ impl Scheduler {
                 budget = budget.max(floor);
                 floor_given = true;
             }
+            let decodes = self.entries[&id].ids.len() - self.entries[&id].computed == 1;
             let (len, cost) = self.chunk(id, budget);
             if len == 0 {
                 continue;
@@ -456,9 +461,12 @@ impl Scheduler {
                 if let Some(pos) = plan.batch.iter().position(|b| b.id == victim) {
                     plan.batch.remove(pos);
                     if let Some(t) = taken.iter().position(|t| t.0 == victim) {
-                        let (_, cost) = taken.remove(t);
+                        let (_, cost, decodes) = taken.remove(t);
                         budget += cost;
                         plan.cost -= cost;
+                        if decodes {
+                            plan.decode_cost -= cost;
+                        }
                     }
                 }
             }
@@ -467,7 +475,10 @@ impl Scheduler {
             }
             budget = budget.saturating_sub(cost);
             plan.cost += cost;
-            taken.push((id, cost));
+            if decodes {
+                plan.decode_cost += cost;
+            }
+            taken.push((id, cost, decodes));
             plan.batch.push(self.advance(id, len));
         }
         if !floor_given {
@@ -908,8 +919,8 @@ mod tests {
     }
 
     /// Under a budget smaller than the decoders take (a step-time target), decoders
-    /// still all run and a waiting prompt still gets a chunk of an eighth of
-    /// `--max-batch-tokens`; the plan's cost is what it charged.
+    /// still all run and a waiting prompt still gets a chunk of a thirty-second of
+    /// `--max-batch-tokens`; the plan's cost is what it charged, the decoders' part apart.
     #[test]
     fn a_tight_budget_slows_prefill_but_never_stops_it() {
         // Four decoding sequences and a 40-token prompt waiting.
@@ -923,17 +934,17 @@ mod tests {
             s
         };
         let mut s = setup();
-        let plan = s.schedule_within(6);
+        assert_eq!(s.decode_cost(), 4);
+        let plan = s.schedule_within(3);
         assert_eq!(
             lens(&plan),
-            vec![(1, 1), (2, 1), (3, 1), (4, 1), (9, 8)],
+            vec![(1, 1), (2, 1), (3, 1), (4, 1), (9, 2)],
             "{plan:?}"
         );
-        assert_eq!(plan.cost, 12);
-        // A budget the decoders alone exceed cannot be kept: the step gets all of
-        // --max-batch-tokens, as without a target.
-        let plan = setup().schedule_within(4);
-        assert_eq!(lens(&plan), vec![(1, 1), (2, 1), (3, 1), (4, 1), (9, 40)]);
+        assert_eq!((plan.cost, plan.decode_cost), (6, 4));
+        // What the budget leaves beyond the decoders goes to the prompt.
+        let plan = setup().schedule_within(4 + 10);
+        assert_eq!(lens(&plan), vec![(1, 1), (2, 1), (3, 1), (4, 1), (9, 10)]);
         // A budget over --max-batch-tokens is capped at it.
         let mut wide = sched(8, 16, 100);
         wide.add(1, &toks(1, 100), 200).unwrap();
@@ -943,7 +954,7 @@ mod tests {
 
     /// Under a tight budget a long running prompt is computed within `PREFILL_HORIZON`
     /// steps of its first chunk: its remaining cost over the steps it has left, more than
-    /// the eighth of the budget a short one gets.
+    /// the thirty-second of the budget a short one gets.
     #[test]
     fn a_long_prompt_is_worked_off_within_the_horizon() {
         let mut s = sched(8, 64, 100);
@@ -951,9 +962,9 @@ mod tests {
         step(&mut s);
         s.add(2, &toks(2, 400), 500).unwrap();
         // Admitted this step: the floor.
-        assert_eq!(lens(&step_within(&mut s, 2)), vec![(1, 1), (2, 8)]);
-        // Running: 392 tokens owed over the 7 steps it has left.
-        assert_eq!(lens(&step_within(&mut s, 2)), vec![(1, 1), (2, 56)]);
+        assert_eq!(lens(&step_within(&mut s, 2)), vec![(1, 1), (2, 2)]);
+        // Running: 398 tokens owed over the 11 steps it has left.
+        assert_eq!(lens(&step_within(&mut s, 2)), vec![(1, 1), (2, 37)]);
         let mut steps = 2;
         while s.entries[&2].ids.len() - s.entries[&2].computed > 1 {
             step_within(&mut s, 2);

@@ -1,26 +1,31 @@
 //! A step-time target (`--max-step-ms`): how many budget units the next step may take so
-//! that it ends within the target. Every step's duration is observed against what it
-//! cost (its [`Plan::cost`](crate::scheduler::Plan)), a line `ms = fixed + per_unit ×
-//! units` is fitted to the recent steps (least squares, older steps weighing less), and
-//! the next budget is what that line says fits in the target. It follows the machine,
-//! the model and what else runs on the cores, with no calibration step.
+//! that it ends within the target. Every step's duration is observed against what its
+//! decoding streams and its prefill chunks cost (in [`Plan`](crate::scheduler::Plan)
+//! units), a plane `ms = fixed + per_decode × decode + per_prefill × prefill` is fitted
+//! to the recent steps (least squares, older steps weighing less), and prefill gets what
+//! that plane says fits beside the decoders. The two slopes differ: a decoding row reads
+//! its whole history alone, where a prefill chunk's rows share each block they read. It
+//! follows the machine, the model and what else runs on the cores, with no calibration.
 
 /// Weight of a step one step older than another (about 30 steps remembered).
 const DECAY: f64 = 0.97;
-/// Steps observed before the fitted line is trusted.
+/// Steps observed before the fitted plane is trusted.
 const WARMUP: usize = 8;
-
 #[derive(Debug, Clone)]
 pub struct StepBudget {
     target_ms: f64,
     max_units: usize,
     observed: usize,
-    // Exponentially weighted sums of 1, x, y, x², xy (x: units, y: milliseconds).
-    w: f64,
-    sx: f64,
-    sy: f64,
-    sxx: f64,
-    sxy: f64,
+    // Exponentially weighted sums of the products of (1, decode, prefill, ms).
+    sums: [[f64; 4]; 4],
+}
+
+/// A fitted step time: `fixed + per_decode × decode units + per_prefill × prefill units`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepCost {
+    pub fixed: f64,
+    pub per_decode: f64,
+    pub per_prefill: f64,
 }
 
 impl StepBudget {
@@ -30,139 +35,204 @@ impl StepBudget {
             target_ms: target_ms as f64,
             max_units: max_units.max(1),
             observed: 0,
-            w: 0.0,
-            sx: 0.0,
-            sy: 0.0,
-            sxx: 0.0,
-            sxy: 0.0,
+            sums: [[0.0; 4]; 4],
         }
     }
 
-    /// A step that cost `units` took `ms`.
-    pub fn observe(&mut self, units: usize, ms: f64) {
-        if units == 0 || !ms.is_finite() || ms < 0.0 {
+    /// A step whose decoders cost `decode` units and prefill chunks `prefill` took `ms`.
+    pub fn observe(&mut self, decode: usize, prefill: usize, ms: f64) {
+        if decode + prefill == 0 || !ms.is_finite() || ms < 0.0 {
             return;
         }
-        let x = units as f64;
-        self.w = self.w * DECAY + 1.0;
-        self.sx = self.sx * DECAY + x;
-        self.sy = self.sy * DECAY + ms;
-        self.sxx = self.sxx * DECAY + x * x;
-        self.sxy = self.sxy * DECAY + x * ms;
+        let v = [1.0, decode as f64, prefill as f64, ms];
+        for (row, &a) in self.sums.iter_mut().zip(&v) {
+            for (s, &b) in row.iter_mut().zip(&v) {
+                *s = *s * DECAY + a * b;
+            }
+        }
         self.observed += 1;
     }
 
-    /// The fitted `(fixed_ms, ms_per_unit)`, once enough steps were seen.
-    pub fn line(&self) -> Option<(f64, f64)> {
+    /// The fitted step time, once enough steps were seen. When the steps seen do not tell
+    /// decode and prefill apart (all of one kind, or always in one proportion), or noise
+    /// makes a slope non-positive, both are priced alike by a line through all units.
+    pub fn cost(&self) -> Option<StepCost> {
         if self.observed < WARMUP {
             return None;
         }
-        let (mx, my) = (self.sx / self.w, self.sy / self.w);
-        let var = self.sxx / self.w - mx * mx;
-        let cov = self.sxy / self.w - mx * my;
-        // Steps of (nearly) one size, or noise that makes bigger steps look cheaper: no
-        // slope to trust, so the whole time is taken as proportional to the cost.
+        self.plane().or_else(|| self.line())
+    }
+
+    /// Least squares on `(1, decode, prefill)`, by the normal equations.
+    fn plane(&self) -> Option<StepCost> {
+        let m = &self.sums;
+        let a = [
+            [m[0][0], m[0][1], m[0][2]],
+            [m[1][0], m[1][1], m[1][2]],
+            [m[2][0], m[2][1], m[2][2]],
+        ];
+        let b = [m[0][3], m[1][3], m[2][3]];
+        let det = det3(&a);
+        // Relative to the scale of the sums: a near-singular system has no trusted slope.
+        let scale = a[0][0] * a[1][1] * a[2][2];
+        if !(det.abs() > 1e-6 * scale) {
+            return None;
+        }
+        let solve = |col: usize| {
+            let mut a = a;
+            for (row, &b) in a.iter_mut().zip(&b) {
+                row[col] = b;
+            }
+            det3(&a) / det
+        };
+        let cost = StepCost {
+            fixed: solve(0).max(0.0),
+            per_decode: solve(1),
+            per_prefill: solve(2),
+        };
+        (cost.per_decode > 0.0 && cost.per_prefill > 0.0).then_some(cost)
+    }
+
+    /// One slope for every unit: `ms = fixed + slope × (decode + prefill)`.
+    fn line(&self) -> Option<StepCost> {
+        let m = &self.sums;
+        let w = m[0][0];
+        // x = decode + prefill, y = ms.
+        let sx = m[0][1] + m[0][2];
+        let sy = m[0][3];
+        let sxx = m[1][1] + 2.0 * m[1][2] + m[2][2];
+        let sxy = m[1][3] + m[2][3];
+        let (mx, my) = (sx / w, sy / w);
+        let (var, cov) = (sxx / w - mx * mx, sxy / w - mx * my);
         let (fixed, slope) = match var > 1.0 && cov > 0.0 {
             true => {
                 let slope = cov / var;
-                let fixed = my - slope * mx;
-                match fixed >= 0.0 {
-                    true => (fixed, slope),
-                    false => (0.0, my / mx),
+                match my - slope * mx {
+                    fixed if fixed >= 0.0 => (fixed, slope),
+                    _ => (0.0, my / mx),
                 }
             }
             false => (0.0, my / mx),
         };
-        (slope > 0.0 && slope.is_finite()).then_some((fixed, slope))
+        (slope > 0.0 && slope.is_finite()).then_some(StepCost {
+            fixed,
+            per_decode: slope,
+            per_prefill: slope,
+        })
     }
 
-    /// Units the next step may take: what fits in the target by the fitted line (all of
-    /// `--max-batch-tokens` until the line is known, 1 when even the fixed part is over).
-    pub fn units(&self) -> usize {
-        match self.line() {
-            None => self.max_units,
-            Some((fixed, slope)) => {
-                // (A hair over, so that a fit landing a rounding error under a whole unit counts it.)
-                let fits = ((self.target_ms - fixed) / slope + 1e-9).floor();
-                if fits < 1.0 {
-                    1
-                } else {
-                    (fits as usize).min(self.max_units)
-                }
-            }
+    /// The next step's budget, given what its decoding streams cost: those units plus
+    /// the prefill units that fit in the target beside them (the scheduler caps the sum
+    /// at `--max-batch-tokens`). As without a target (all of `--max-batch-tokens`) while
+    /// nothing decodes (nobody waits between tokens), while the fit is not known yet,
+    /// and when the decoders alone take the target or more: it cannot be met then, and
+    /// holding prompts back would only delay first tokens (at 32 streams on 2 cores
+    /// that doubled the TTFT p99, benches/RESULTS.md).
+    pub fn units(&self, decode: usize) -> usize {
+        let Some(c) = self.cost().filter(|_| decode > 0) else {
+            return self.max_units;
+        };
+        let room = self.target_ms - (c.fixed + c.per_decode * decode as f64);
+        if room <= 0.0 {
+            return self.max_units;
         }
+        // (A hair over, so that a fit landing a rounding error under a whole unit counts it.)
+        let prefill = (room / c.per_prefill + 1e-9).floor();
+        (decode + prefill as usize).min(self.max_units)
     }
+}
+
+fn det3(a: &[[f64; 3]; 3]) -> f64 {
+    a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+        - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+        + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
 }
 
 #[cfg(test)]
 mod tests {
-    use super::StepBudget;
+    use super::*;
+
+    /// Steps of several mixes: `decode` from 4 to 12 units, `prefill` from 0 to 60.
+    fn mixes() -> impl Iterator<Item = (usize, usize)> {
+        (0..60).map(|i| (4 + i % 9, (i * 13) % 61))
+    }
 
     #[test]
-    fn full_budget_until_warm() {
+    fn full_budget_until_warm_or_when_nothing_decodes() {
         let mut b = StepBudget::new(100, 128);
         for _ in 0..7 {
-            b.observe(10, 500.0);
+            b.observe(10, 10, 500.0);
         }
-        assert_eq!(b.units(), 128);
-        b.observe(10, 500.0);
-        assert!(b.units() < 128);
+        assert_eq!(b.units(10), 128);
+        b.observe(10, 10, 500.0);
+        assert!(b.units(1) < 128);
+        assert_eq!(b.units(0), 128);
     }
 
     #[test]
-    fn recovers_a_line_and_budgets_by_it() {
-        // 20 ms fixed, 2 ms a unit: 100 ms fit 40 units.
+    fn recovers_both_slopes_and_budgets_prefill_by_its_own() {
+        // 10 ms fixed, 5 ms a decode unit, 2 ms a prefill unit.
         let mut b = StepBudget::new(100, 128);
-        for i in 0..40 {
-            let x = 8 + (i * 13) % 100;
-            b.observe(x, 20.0 + 2.0 * x as f64);
+        for (d, p) in mixes() {
+            b.observe(d, p, 10.0 + 5.0 * d as f64 + 2.0 * p as f64);
         }
-        let (fixed, slope) = b.line().expect("a line");
+        let c = b.cost().expect("a fit");
         assert!(
-            (fixed - 20.0).abs() < 1e-6 && (slope - 2.0).abs() < 1e-9,
-            "{fixed} {slope}"
+            (c.fixed - 10.0).abs() < 1e-6
+                && (c.per_decode - 5.0).abs() < 1e-6
+                && (c.per_prefill - 2.0).abs() < 1e-6,
+            "{c:?}"
         );
-        assert_eq!(b.units(), 40);
+        // 8 decode units take 50 ms: 50 ms left, 25 prefill units.
+        assert_eq!(b.units(8), 8 + 25);
     }
 
     #[test]
-    fn one_step_size_is_taken_as_proportional() {
+    fn one_kind_of_step_is_priced_by_one_line() {
         let mut b = StepBudget::new(100, 128);
         for _ in 0..20 {
-            b.observe(50, 250.0);
+            b.observe(50, 0, 250.0);
         }
-        let (fixed, slope) = b.line().expect("a line");
+        let c = b.cost().expect("a fit");
         assert!(
-            fixed == 0.0 && (slope - 5.0).abs() < 1e-9,
-            "{fixed} {slope}"
+            c.fixed == 0.0 && (c.per_decode - 5.0).abs() < 1e-9 && c.per_prefill == c.per_decode,
+            "{c:?}"
         );
-        assert_eq!(b.units(), 20);
+        // 10 decode units: 50 ms, 50 ms left at 5 a unit.
+        assert_eq!(b.units(10), 20);
     }
 
     #[test]
-    fn budget_stays_within_bounds() {
-        let mut slow = StepBudget::new(10, 128);
-        let mut fast = StepBudget::new(10_000, 128);
-        for i in 0..20 {
-            slow.observe(10 + i, 1000.0 + i as f64);
-            fast.observe(10 + i, 1.0 + i as f64);
+    fn decoders_over_the_target_leave_the_budget_as_without_it() {
+        let mut b = StepBudget::new(100, 128);
+        for (d, p) in mixes() {
+            b.observe(d, p, 10.0 + 5.0 * d as f64 + 2.0 * p as f64);
         }
-        assert_eq!(slow.units(), 1);
-        assert_eq!(fast.units(), 128);
+        // 18 decode units take the whole target, 30 more than it.
+        assert_eq!(b.units(18), 128);
+        assert_eq!(b.units(30), 128);
+        // Never more than --max-batch-tokens in all.
+        let mut fast = StepBudget::new(10_000, 128);
+        for (d, p) in mixes() {
+            fast.observe(d, p, 1.0 + d as f64 + p as f64);
+        }
+        assert_eq!(fast.units(8), 128);
     }
 
     #[test]
     fn recent_steps_weigh_more() {
         // The machine gets twice as slow (another process took a core).
         let mut b = StepBudget::new(100, 128);
-        for i in 0..100 {
-            b.observe(10 + i % 30, 1.0 * (10 + i % 30) as f64);
+        for (d, p) in mixes().chain(mixes()) {
+            b.observe(d, p, (d + p) as f64);
         }
-        let before = b.units();
-        for i in 0..100 {
-            b.observe(10 + i % 30, 2.0 * (10 + i % 30) as f64);
+        let before = b.units(10);
+        for (d, p) in mixes().chain(mixes()) {
+            b.observe(d, p, 2.0 * (d + p) as f64);
         }
-        assert_eq!(before, 100);
-        assert!((48..=52).contains(&b.units()), "{}", b.units());
+        assert_eq!(before, 10 + 90);
+        let after = b.units(10) - 10;
+        // 2 ms a unit now: 20 ms for the decoders, 80 left.
+        assert!((38..=42).contains(&after), "{after}");
     }
 }

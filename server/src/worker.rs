@@ -338,7 +338,10 @@ impl Worker {
     }
 
     fn step(&mut self, seqs: &mut HashMap<SeqId, Seq>) {
-        let budget = self.step_budget.as_ref().map(StepBudget::units);
+        let budget = self
+            .step_budget
+            .as_ref()
+            .map(|b| b.units(self.scheduler.decode_cost()));
         let plan = match budget {
             Some(units) => self.scheduler.schedule_within(units),
             None => self.scheduler.schedule(),
@@ -519,10 +522,11 @@ impl Worker {
             decode_context = plan.batch.iter().filter(|b| b.len == 1 && b.samples)
                 .map(|b| b.start).sum::<usize>(),
             cost = plan.cost,
+            decode_cost = plan.decode_cost,
             budget,
         );
         if let Some(b) = &mut self.step_budget {
-            b.observe(plan.cost, ms);
+            b.observe(plan.decode_cost, plan.cost - plan.decode_cost, ms);
         }
         if self.live.watched() {
             self.step_log.push(StepSnapshot { ms, ..step });
