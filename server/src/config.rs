@@ -79,13 +79,13 @@ pub struct Config {
     pub context_cost: usize,
 
     /// Target duration of one forward step in milliseconds (0: off, every step may take
-    /// all of --max-batch-tokens). Each step's budget is what a line fitted to the last
-    /// steps' durations says fits in the target, so running streams get a token about
-    /// this often while prompts are prefilled beside them in smaller chunks (at least an
-    /// eighth of --max-batch-tokens a step, more to compute the oldest prompt within 8
-    /// steps; when decoding alone exceeds the target, a step is budgeted as without it).
-    /// A token's cost then counts the history it attends to (--context-cost, from the
-    /// model's shape when 0).
+    /// all of --max-batch-tokens). While streams decode, a step's durations are fitted
+    /// as fixed + per decode unit + per prefill unit, and prefill chunks get what fits in
+    /// the target beside the decoders (at least a thirty-second of --max-batch-tokens,
+    /// more to compute the oldest prompt within 12 steps); while nothing decodes, or when
+    /// decoding alone exceeds the target, a step is budgeted as without it. A token's
+    /// cost then counts the history it attends to (--context-cost, from the model's shape
+    /// when 0).
     #[arg(long, env = "CHORUS_MAX_STEP_MS", default_value_t = 0)]
     pub max_step_ms: u64,
 

@@ -75,7 +75,7 @@ impl StepBudget {
         let det = det3(&a);
         // Relative to the scale of the sums: a near-singular system has no trusted slope.
         let scale = a[0][0] * a[1][1] * a[2][2];
-        if !(det.abs() > 1e-6 * scale) {
+        if det.is_nan() || det.abs() <= 1e-6 * scale {
             return None;
         }
         let solve = |col: usize| {

@@ -1,11 +1,13 @@
 """The measuring scripts against real servers: scripts/perplexity.py scores English text
 through the default server (a broken kernel shows as a perplexity in the thousands), and
-scripts/random-gguf.py writes a model of a chosen shape that chorus loads and serves."""
+scripts/random-gguf.py writes a model of a chosen shape that chorus loads and serves, and
+scripts/step-profile.py reads a real server's step log."""
 
 import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from test_responses_store import Server
@@ -49,3 +51,33 @@ def test_random_gguf_of_a_chosen_shape_is_served(tmp_path):
         assert r.usage.completion_tokens == 8
     finally:
         server.stop()
+
+
+def test_step_profile_reads_a_servers_step_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUST_LOG", "info,chorus::step=debug")
+    monkeypatch.setenv("CHORUS_LOG_FORMAT", "json")
+    server = Server(tmp_path, "--no-store", "--max-step-ms", "100")
+    try:
+        model = server.client.models.list().data[0].id
+
+        def ask(words):
+            return server.client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "word " * words}],
+                max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+
+        # Streams decoding while longer prompts are prefilled beside them.
+        with ThreadPoolExecutor(4) as pool:
+            for r in pool.map(ask, [10, 10, 300, 600]):
+                assert r.usage.completion_tokens == 24
+    finally:
+        server.stop()
+    run = subprocess.run(
+        [sys.executable, ROOT / "scripts/step-profile.py", server.log.name],
+        capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    # 4 × 24 tokens drawn: at least 24 steps, most of them with decoders.
+    steps = int(out.split(" steps,")[0])
+    assert steps >= 24, out
+    assert "decode only" in out and "decode + prefill chunk" in out, out
+    assert "step ms ≈" in out, out
