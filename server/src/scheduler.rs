@@ -60,9 +60,13 @@ fn context_cost(start: usize, len: usize, per_token: usize) -> usize {
     if per_token == 0 || len == 0 {
         return 0;
     }
-    // Sum of start..start+len.
-    let positions = len * start + len * (len - 1) / 2;
-    positions.div_ceil(per_token)
+    positions(start, len).div_ceil(per_token)
+}
+
+/// `Σ p` over positions `p` in `start..start + len`, the history before each: what a
+/// chunk's attention work grows with.
+pub fn positions(start: usize, len: usize) -> usize {
+    len * start + len * len.saturating_sub(1) / 2
 }
 
 /// Where a sequence is, for the live view.
@@ -389,7 +393,7 @@ impl Scheduler {
     pub fn decode_cost(&self) -> usize {
         self.running
             .iter()
-            .filter(|id| self.entries[id].ids.len() - self.entries[id].computed == 1)
+            .filter(|&&id| self.remaining(id) == 1)
             .map(|&id| self.cost(id, 1))
             .sum()
     }
@@ -432,7 +436,7 @@ impl Scheduler {
             let (decoding, prefilling): (Vec<SeqId>, Vec<SeqId>) = self
                 .running
                 .iter()
-                .partition(|id| self.entries[id].ids.len() - self.entries[id].computed == 1);
+                .partition(|&&id| self.remaining(id) == 1);
             decoding.into_iter().chain(prefilling).collect()
         };
         // What each scheduled sequence took of the budget (given back if it is preempted).
@@ -445,11 +449,11 @@ impl Scheduler {
             // Every decoding sequence gets its token, whatever the budget (a budget below
             // the running count must not starve the newest streams); prefill chunks share
             // what is left, at least the floor.
-            if !floor_given && self.entries[&id].ids.len() - self.entries[&id].computed > 1 {
+            let decodes = self.remaining(id) == 1;
+            if !floor_given && !decodes {
                 budget = budget.max(floor);
                 floor_given = true;
             }
-            let decodes = self.entries[&id].ids.len() - self.entries[&id].computed == 1;
             let (len, cost) = self.chunk(id, budget);
             if len == 0 {
                 continue;
@@ -528,10 +532,7 @@ impl Scheduler {
     /// prompt), times [`SCORED_TOKEN_COST`] for a prompt position whose logits are
     /// scored (`add_uncached`: the full-vocabulary projection, log-softmax and top-k).
     fn chunk(&self, id: SeqId, budget: usize) -> (usize, usize) {
-        let remaining = {
-            let e = &self.entries[&id];
-            e.ids.len() - e.computed
-        };
+        let remaining = self.remaining(id);
         let cost = |len: usize| self.cost(id, len);
         if remaining <= 1 {
             return (remaining, cost(remaining));
@@ -546,6 +547,12 @@ impl Scheduler {
             }
         }
         (lo, cost(lo))
+    }
+
+    /// `id`'s tokens not in the KV cache yet: 1 for a decoding sequence.
+    fn remaining(&self, id: SeqId) -> usize {
+        let e = &self.entries[&id];
+        e.ids.len() - e.computed
     }
 
     /// What `id`'s next `len` tokens cost of a step's budget (see [`Self::chunk`]).

@@ -25,7 +25,7 @@ use crate::live::{
 };
 use crate::metrics::Metrics;
 use crate::openai::Usage;
-use crate::scheduler::{Scheduled, Scheduler, SeqId, SeqState};
+use crate::scheduler::{self, Scheduled, Scheduler, SeqId, SeqState};
 use crate::step_budget::StepBudget;
 
 /// How often an idle worker wakes to refresh the live view (when someone watches).
@@ -518,7 +518,7 @@ impl Worker {
             prefill = tokens - decode_tokens,
             // Positions the prefill rows attend to, summed (what long histories cost).
             prefill_context = plan.batch.iter().filter(|b| b.len > 1 || !b.samples)
-                .map(|b| b.len * b.start + b.len * (b.len - 1) / 2).sum::<usize>(),
+                .map(|b| scheduler::positions(b.start, b.len)).sum::<usize>(),
             decode_context = plan.batch.iter().filter(|b| b.len == 1 && b.samples)
                 .map(|b| b.start).sum::<usize>(),
             cost = plan.cost,
