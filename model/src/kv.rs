@@ -149,6 +149,11 @@ impl BlockAllocator {
         }
     }
 
+    /// The block holding `hash`, if one does, without taking it.
+    pub fn holding(&self, hash: &BlockHash) -> Option<u32> {
+        self.by_hash.get(hash).copied()
+    }
+
     /// Takes a reference to the block holding `hash`, if one does.
     pub fn lookup(&mut self, hash: &BlockHash) -> Option<u32> {
         let id = *self.by_hash.get(hash)?;

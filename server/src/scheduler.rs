@@ -28,9 +28,15 @@ pub type SeqId = u64;
 /// Step budget taken by one prompt position whose logits are scored.
 pub const SCORED_TOKEN_COST: usize = 2;
 
-/// Under a tight step budget, the steps within which a running prompt is computed when
-/// `--max-batch-tokens` allows (see [`Scheduler::schedule_within`]).
+/// Under a tight step budget, the most steps within which a prompt is computed after it
+/// was queued, when `--max-batch-tokens` allows (see [`Scheduler::schedule_within`]).
 pub const PREFILL_HORIZON: usize = 12;
+
+/// Under a tight step budget, a prompt is spread over this many times the steps its
+/// prefill would fill alone (up to [`PREFILL_HORIZON`]): a short fresh prompt's first
+/// token comes a step or two later than without a target, a long chat's new turn is
+/// spread thin enough to leave the decoders' steps near it.
+pub const PREFILL_STRETCH: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
@@ -61,6 +67,21 @@ fn context_cost(start: usize, len: usize, per_token: usize) -> usize {
         return 0;
     }
     positions(start, len).div_ceil(per_token)
+}
+
+/// The registered blocks holding the leading full blocks of `ids`, found without taking
+/// them. The last token is never among them: the step that computes it yields logits.
+fn cached_prefix(alloc: &BlockAllocator, ids: &[u32]) -> Vec<(BlockHash, u32)> {
+    let reusable = ids.len().saturating_sub(1) / BLOCK_SIZE;
+    let mut found: Vec<(BlockHash, u32)> = Vec::new();
+    for chunk in ids.chunks_exact(BLOCK_SIZE).take(reusable) {
+        let hash = block_hash(found.last().map(|(h, _)| h), chunk);
+        let Some(block) = alloc.holding(&hash) else {
+            break;
+        };
+        found.push((hash, block));
+    }
+    found
 }
 
 /// `Σ p` over positions `p` in `start..start + len`, the history before each: what a
@@ -139,9 +160,14 @@ struct Entry {
     /// May take its prefix from the prefix cache (not when every prompt position's
     /// logits are wanted).
     reuse: bool,
-    /// Steps that ran a chunk of this sequence's prompt since it last started (the
-    /// prefill floor's deadline counts them).
-    prefill_steps: usize,
+    /// Steps planned since this prompt was queued or restarted, while it has prompt
+    /// tokens to compute (the prefill floor's deadline counts them).
+    queued_steps: usize,
+    /// Prompt tokens found in the prefix cache by a look that took no blocks (while
+    /// waiting, to price what its admission will cost).
+    probed: Option<usize>,
+    /// The steps its prompt is spread over under a tight budget, set when first counted.
+    horizon: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -220,7 +246,9 @@ impl Scheduler {
                 hashes: Vec::new(),
                 cached: 0,
                 started: false,
-                prefill_steps: 0,
+                queued_steps: 0,
+                probed: None,
+                horizon: None,
                 reuse: true,
             },
         );
@@ -264,7 +292,9 @@ impl Scheduler {
             cached: p.cached,
             started: true,
             reuse: p.reuse,
-            prefill_steps: p.prefill_steps,
+            queued_steps: p.queued_steps,
+            probed: None,
+            horizon: p.horizon,
         };
         for &b in &blocks {
             self.alloc.share(b);
@@ -374,19 +404,65 @@ impl Scheduler {
     /// This step's plan within `--max-batch-tokens` (prefill chunks get what decoders
     /// leave, at least an eighth of it).
     pub fn schedule(&mut self) -> Plan {
-        self.plan(self.cfg.max_batch_tokens, false)
+        self.plan(self.cfg.max_batch_tokens, None)
     }
 
     /// This step's plan within `budget` units (at most `--max-batch-tokens`): a
     /// step-time target's, [`Self::decode_cost`] plus what it leaves prefill. Decoding
     /// sequences get their token whatever it costs; prefill chunks get what is left, but
     /// never less than the prefill floor, so a tight budget slows prompts down and never
-    /// stops them: a thirty-second of `--max-batch-tokens`, or if that is more, what the
-    /// oldest running prompt still costs spread over the steps left of its
-    /// [`PREFILL_HORIZON`] (so it is computed within that many steps when
-    /// `--max-batch-tokens` allows, and a queue of prompts is worked off, not grown).
-    pub fn schedule_within(&mut self, budget: usize) -> Plan {
-        self.plan(budget, true)
+    /// stops them: a thirty-second of `--max-batch-tokens`, or if that is more, what every
+    /// queued prompt (running or waiting for a slot) still costs, each spread over the
+    /// steps left of its horizon from when it was queued. Each is then computed within
+    /// its horizon when `--max-batch-tokens` allows: a burst of prompts is worked off
+    /// together rather than one horizon after another. A prompt's horizon is
+    /// [`PREFILL_STRETCH`] times the steps it would fill alone, when `step_units` (the
+    /// prefill units one target-long step holds) is known, and at most [`PREFILL_HORIZON`].
+    pub fn schedule_within(&mut self, budget: usize, step_units: Option<usize>) -> Plan {
+        self.plan(budget, Some(step_units))
+    }
+
+    /// What the queued prompts must get this step to meet their deadlines (each one's
+    /// horizon from when it was queued), for the running prompts and the waiting ones
+    /// that a free slot would admit. Counts the step.
+    fn owed(&mut self, step_units: Option<usize>) -> usize {
+        let slots = self.cfg.max_running.saturating_sub(self.running.len());
+        let queued: Vec<SeqId> = (self.running.iter())
+            .copied()
+            .filter(|&id| self.remaining(id) > 1)
+            .chain(self.waiting.iter().copied().take(slots))
+            .collect();
+        // Chunks go to the queued prompts in this order, so the i-th is done when all
+        // before it are: the rate that meets every deadline is the largest of their
+        // cumulative costs over the steps each has left.
+        let (mut owed, mut queued_cost) = (0, 0);
+        for id in queued {
+            let e = &self.entries[&id];
+            // A waiting prompt starts where the prefix cache will let it.
+            let start = match (e.computed, e.probed) {
+                (0, Some(cached)) => cached,
+                (0, None) if e.reuse => cached_prefix(&self.alloc, &e.ids).len() * BLOCK_SIZE,
+                (computed, _) => computed,
+            };
+            let cost = self.cost_from(e, start, e.ids.len() - start);
+            let horizon = e.horizon.unwrap_or_else(|| match step_units {
+                Some(units) => (PREFILL_STRETCH * cost.div_ceil(units.max(1))).min(PREFILL_HORIZON),
+                None => PREFILL_HORIZON,
+            });
+            let steps_left = horizon.saturating_sub(e.queued_steps).max(1);
+            queued_cost += cost;
+            owed = owed.max(queued_cost.div_ceil(steps_left));
+            let e = self
+                .entries
+                .get_mut(&id)
+                .expect("queued sequence has an entry");
+            e.queued_steps += 1;
+            e.horizon = Some(horizon);
+            if e.computed == 0 {
+                e.probed = Some(start);
+            }
+        }
+        owed
     }
 
     /// What the running sequences that decode next step cost of its budget.
@@ -398,29 +474,20 @@ impl Scheduler {
             .sum()
     }
 
-    fn plan(&mut self, budget: usize, deadline: bool) -> Plan {
+    /// `deadline`: under a step-time target, with the prefill units one target-long
+    /// step holds if known.
+    fn plan(&mut self, budget: usize, deadline: Option<Option<usize>>) -> Plan {
         let mut plan = Plan::default();
         let mut budget = budget.clamp(1, self.cfg.max_batch_tokens);
-        let mut owed = 0;
-        if deadline {
-            // The oldest running prompt's remaining cost over the steps left before its
-            // deadline (`PREFILL_HORIZON` steps after its first chunk).
-            owed = self
-                .running
-                .iter()
-                .find_map(|&id| {
-                    let e = &self.entries[&id];
-                    let remaining = e.ids.len() - e.computed;
-                    let steps_left = PREFILL_HORIZON.saturating_sub(e.prefill_steps).max(1);
-                    (remaining > 1).then(|| self.cost(id, remaining).div_ceil(steps_left))
-                })
-                .unwrap_or(0);
-        }
+        let owed = match deadline {
+            Some(step_units) => self.owed(step_units),
+            None => 0,
+        };
         // Under a target the floor only has to keep prompts moving (the target's budget
         // leaves them a share); without one it is what decoders must leave them.
         let share = match deadline {
-            true => 32,
-            false => 8,
+            Some(_) => 32,
+            None => 8,
         };
         let floor = (self.cfg.max_batch_tokens / share)
             .max(owed)
@@ -558,11 +625,16 @@ impl Scheduler {
     /// What `id`'s next `len` tokens cost of a step's budget (see [`Self::chunk`]).
     fn cost(&self, id: SeqId, len: usize) -> usize {
         let e = &self.entries[&id];
-        let weight = match !e.reuse && e.ids.len() - e.computed > 1 {
+        self.cost_from(e, e.computed, len)
+    }
+
+    /// What `len` tokens of `e` from position `start` cost of a step's budget.
+    fn cost_from(&self, e: &Entry, start: usize, len: usize) -> usize {
+        let weight = match !e.reuse && e.ids.len() - start > 1 {
             true => SCORED_TOKEN_COST,
             false => 1,
         };
-        weight * len + context_cost(e.computed, len, self.cfg.context_cost)
+        weight * len + context_cost(start, len, self.cfg.context_cost)
     }
 
     /// Makes sure `id` has blocks for `len` more tokens, preempting the newest running
@@ -612,7 +684,9 @@ impl Scheduler {
             e.blocks.clear();
             e.hashes.clear();
             e.computed = 0;
-            e.prefill_steps = 0;
+            e.queued_steps = 0;
+            e.probed = None;
+            e.horizon = None;
         }
     }
 
@@ -626,9 +700,7 @@ impl Scheduler {
         if e.computed > 0 || !e.blocks.is_empty() || !e.reuse {
             return;
         }
-        let reusable = e.ids.len().saturating_sub(1) / BLOCK_SIZE;
-        for chunk in e.ids.chunks_exact(BLOCK_SIZE).take(reusable) {
-            let hash = block_hash(e.hashes.last(), chunk);
+        for (hash, _) in cached_prefix(&self.alloc, &e.ids) {
             let Some(block) = self.alloc.lookup(&hash) else {
                 break;
             };
@@ -663,9 +735,6 @@ impl Scheduler {
             .get_mut(&id)
             .expect("scheduled sequence has an entry");
         let start = e.computed;
-        if e.ids.len() - e.computed > 1 {
-            e.prefill_steps += 1;
-        }
         e.computed += len;
         Scheduled {
             id,
@@ -834,7 +903,7 @@ mod tests {
 
     /// As [`step`], within `budget` (a step-time target's).
     fn step_within(s: &mut Scheduler, budget: usize) -> Plan {
-        let plan = s.schedule_within(budget);
+        let plan = s.schedule_within(budget, None);
         sampled(s, plan)
     }
 
@@ -926,8 +995,9 @@ mod tests {
     }
 
     /// Under a budget smaller than the decoders take (a step-time target), decoders
-    /// still all run and a waiting prompt still gets a chunk of a thirty-second of
-    /// `--max-batch-tokens`; the plan's cost is what it charged, the decoders' part apart.
+    /// still all run and a waiting prompt still gets a chunk: its cost spread over the
+    /// horizon (40 over 12 steps: 4), a thirty-second of `--max-batch-tokens` (2) if that
+    /// were more; the plan's cost is what it charged, the decoders' part apart.
     #[test]
     fn a_tight_budget_slows_prefill_but_never_stops_it() {
         // Four decoding sequences and a 40-token prompt waiting.
@@ -942,42 +1012,107 @@ mod tests {
         };
         let mut s = setup();
         assert_eq!(s.decode_cost(), 4);
-        let plan = s.schedule_within(3);
+        let plan = s.schedule_within(3, None);
         assert_eq!(
             lens(&plan),
-            vec![(1, 1), (2, 1), (3, 1), (4, 1), (9, 2)],
+            vec![(1, 1), (2, 1), (3, 1), (4, 1), (9, 4)],
             "{plan:?}"
         );
-        assert_eq!((plan.cost, plan.decode_cost), (6, 4));
+        assert_eq!((plan.cost, plan.decode_cost), (8, 4));
         // What the budget leaves beyond the decoders goes to the prompt.
-        let plan = setup().schedule_within(4 + 10);
+        let plan = setup().schedule_within(4 + 10, None);
         assert_eq!(lens(&plan), vec![(1, 1), (2, 1), (3, 1), (4, 1), (9, 10)]);
         // A budget over --max-batch-tokens is capped at it.
         let mut wide = sched(8, 16, 100);
         wide.add(1, &toks(1, 100), 200).unwrap();
-        let plan = wide.schedule_within(1_000);
+        let plan = wide.schedule_within(1_000, None);
         assert_eq!((lens(&plan), plan.cost), (vec![(1, 16)], 16));
     }
 
-    /// Under a tight budget a long running prompt is computed within `PREFILL_HORIZON`
-    /// steps of its first chunk: its remaining cost over the steps it has left, more than
-    /// the thirty-second of the budget a short one gets.
+    /// Under a tight budget a long prompt is computed within `PREFILL_HORIZON` steps of
+    /// being queued: its remaining cost over the steps it has left, more than the
+    /// thirty-second of the budget a short one gets.
     #[test]
     fn a_long_prompt_is_worked_off_within_the_horizon() {
         let mut s = sched(8, 64, 100);
         s.add(1, &toks(1, 2), 100).unwrap();
         step(&mut s);
         s.add(2, &toks(2, 400), 500).unwrap();
-        // Admitted this step: the floor.
-        assert_eq!(lens(&step_within(&mut s, 2)), vec![(1, 1), (2, 2)]);
-        // Running: 398 tokens owed over the 11 steps it has left.
-        assert_eq!(lens(&step_within(&mut s, 2)), vec![(1, 1), (2, 37)]);
+        // 400 tokens owed over 12 steps, then 366 over 11.
+        assert_eq!(lens(&step_within(&mut s, 2)), vec![(1, 1), (2, 34)]);
+        assert_eq!(lens(&step_within(&mut s, 2)), vec![(1, 1), (2, 34)]);
         let mut steps = 2;
         while s.entries[&2].ids.len() - s.entries[&2].computed > 1 {
             step_within(&mut s, 2);
             steps += 1;
         }
         assert_eq!(steps, PREFILL_HORIZON, "{steps} steps");
+    }
+
+    /// Under a tight budget a burst of prompts is worked off together, each within
+    /// `PREFILL_HORIZON` steps of arriving, not one horizon after another (32 streams
+    /// under a step-time target queued first tokens for seconds that way).
+    #[test]
+    fn a_burst_of_prompts_meets_one_horizon() {
+        let mut s = sched(8, 512, 200);
+        s.add(1, &toks(1, 2), 100).unwrap();
+        step(&mut s);
+        for id in 2..=5 {
+            s.add(id, &toks(id, 120), 200).unwrap();
+        }
+        let mut steps = 0;
+        while (2..=5).any(|id| !s.entries[&id].started || s.remaining(id) > 1) {
+            step_within(&mut s, 2);
+            steps += 1;
+            assert!(
+                steps <= PREFILL_HORIZON,
+                "prompts still queued after {steps} steps"
+            );
+        }
+    }
+
+    /// A prompt is spread over `PREFILL_STRETCH` times the target-long steps its prefill
+    /// would fill alone: a short one over a few steps, a long one over the horizon.
+    #[test]
+    fn a_prompt_is_stretched_by_its_own_size() {
+        let mut s = sched(8, 512, 200);
+        s.add(1, &toks(1, 2), 100).unwrap();
+        step(&mut s);
+        // 100 tokens where a target-long step holds 50: spread over 2 × stretch steps.
+        s.add(2, &toks(2, 100), 200).unwrap();
+        assert_eq!(s.owed(Some(50)), 100usize.div_ceil(2 * PREFILL_STRETCH));
+        assert_eq!(s.entries[&2].horizon, Some(2 * PREFILL_STRETCH));
+        // 1,000 tokens: 20 × stretch steps, at most the horizon.
+        let mut s = sched(8, 512, 200);
+        s.add(3, &toks(3, 1000), 1100).unwrap();
+        assert_eq!(s.owed(Some(50)), 1000usize.div_ceil(PREFILL_HORIZON));
+        let mut steps = 0;
+        while !s.entries[&3].started || s.remaining(3) > 1 {
+            s.schedule_within(2, Some(50));
+            steps += 1;
+        }
+        assert_eq!(steps, PREFILL_HORIZON - 1, "counted once before");
+    }
+
+    /// A waiting prompt whose history is in the prefix cache is priced by what it has
+    /// left to compute, found without taking the cached blocks.
+    #[test]
+    fn a_waiting_turn_is_priced_past_its_cached_history() {
+        let mut s = sched(8, 512, 200);
+        s.add(1, &toks(1, 2), 100).unwrap();
+        s.add(2, &toks(2, 320), 400).unwrap();
+        while s.remaining(2) > 1 {
+            step(&mut s);
+        }
+        s.finish(2);
+        let used = s.blocks_used();
+        // The next turn: the same 320 tokens and 40 new ones.
+        let mut turn = toks(2, 320);
+        turn.extend(toks(3, 40));
+        s.add(3, &turn, 400).unwrap();
+        // 320 is a whole number of blocks, all cached: 40 tokens owed over 12 steps.
+        assert_eq!(s.owed(None), 40usize.div_ceil(PREFILL_HORIZON));
+        assert_eq!(s.blocks_used(), used, "the look took no blocks");
     }
 
     /// A prompt whose positions are all scored (echo with log-probabilities) takes two

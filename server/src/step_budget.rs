@@ -11,6 +11,11 @@
 const DECAY: f64 = 0.97;
 /// Steps observed before the fitted plane is trusted.
 const WARMUP: usize = 8;
+/// Steps are planned this many standard deviations of the fit's error under the target
+/// (steps land around the plan, and it is the slow ones a reader sees), ...
+const MARGIN_SIGMAS: f64 = 2.0;
+/// ... but never under this share of it.
+const MIN_AIM: f64 = 0.5;
 #[derive(Debug, Clone)]
 pub struct StepBudget {
     target_ms: f64,
@@ -18,6 +23,9 @@ pub struct StepBudget {
     observed: usize,
     // Exponentially weighted sums of the products of (1, decode, prefill, ms).
     sums: [[f64; 4]; 4],
+    // Exponentially weighted squared errors of the fit's predictions, and their weight.
+    missed: f64,
+    missed_weight: f64,
 }
 
 /// A fitted step time: `fixed + per_decode × decode units + per_prefill × prefill units`.
@@ -36,6 +44,8 @@ impl StepBudget {
             max_units: max_units.max(1),
             observed: 0,
             sums: [[0.0; 4]; 4],
+            missed: 0.0,
+            missed_weight: 0.0,
         }
     }
 
@@ -43,6 +53,11 @@ impl StepBudget {
     pub fn observe(&mut self, decode: usize, prefill: usize, ms: f64) {
         if decode + prefill == 0 || !ms.is_finite() || ms < 0.0 {
             return;
+        }
+        if let Some(c) = self.cost() {
+            let predicted = c.fixed + c.per_decode * decode as f64 + c.per_prefill * prefill as f64;
+            self.missed = self.missed * DECAY + (ms - predicted).powi(2);
+            self.missed_weight = self.missed_weight * DECAY + 1.0;
         }
         let v = [1.0, decode as f64, prefill as f64, ms];
         for (row, &a) in self.sums.iter_mut().zip(&v) {
@@ -121,9 +136,26 @@ impl StepBudget {
         })
     }
 
+    /// The prefill units one target-long step holds with nothing decoding, once the fit
+    /// is known: how many steps a prompt would fill alone.
+    pub fn prefill_units(&self) -> Option<usize> {
+        let c = self.cost()?;
+        let units = ((self.target_ms - c.fixed) / c.per_prefill + 1e-9).floor();
+        Some((units.max(1.0) as usize).min(self.max_units))
+    }
+
+    /// How far steps have landed from what the fit predicted for them (root mean
+    /// square, recent steps weighing more): the machine's noise and the fit's own error.
+    pub fn error(&self) -> f64 {
+        match self.missed_weight > 0.0 {
+            true => (self.missed / self.missed_weight).sqrt(),
+            false => 0.0,
+        }
+    }
+
     /// The next step's budget, given what its decoding streams cost: those units plus
-    /// the prefill units that fit in the target beside them (the scheduler caps the sum
-    /// at `--max-batch-tokens`). As without a target (all of `--max-batch-tokens`) while
+    /// the prefill units that fit beside them in the target less twice the fit's error
+    /// (the scheduler caps the sum at `--max-batch-tokens`). As without a target (all of `--max-batch-tokens`) while
     /// nothing decodes (nobody waits between tokens), while the fit is not known yet,
     /// and when the decoders alone take the target or more: it cannot be met then, and
     /// holding prompts back would only delay first tokens (at 32 streams on 2 cores
@@ -132,10 +164,12 @@ impl StepBudget {
         let Some(c) = self.cost().filter(|_| decode > 0) else {
             return self.max_units;
         };
-        let room = self.target_ms - (c.fixed + c.per_decode * decode as f64);
-        if room <= 0.0 {
+        let decoders = c.fixed + c.per_decode * decode as f64;
+        if decoders >= self.target_ms {
             return self.max_units;
         }
+        let aim = (self.target_ms - MARGIN_SIGMAS * self.error()).max(MIN_AIM * self.target_ms);
+        let room = (aim - decoders).max(0.0);
         // (A hair over, so that a fit landing a rounding error under a whole unit counts it.)
         let prefill = (room / c.per_prefill + 1e-9).floor();
         (decode + prefill as usize).min(self.max_units)
@@ -161,10 +195,10 @@ mod tests {
     fn full_budget_until_warm_or_when_nothing_decodes() {
         let mut b = StepBudget::new(100, 128);
         for _ in 0..7 {
-            b.observe(10, 10, 500.0);
+            b.observe(10, 10, 50.0);
         }
         assert_eq!(b.units(10), 128);
-        b.observe(10, 10, 500.0);
+        b.observe(10, 10, 50.0);
         assert!(b.units(1) < 128);
         assert_eq!(b.units(0), 128);
     }
@@ -172,7 +206,7 @@ mod tests {
     #[test]
     fn recovers_both_slopes_and_budgets_prefill_by_its_own() {
         // 10 ms fixed, 5 ms a decode unit, 2 ms a prefill unit.
-        let mut b = StepBudget::new(100, 128);
+        let mut b = StepBudget::new(150, 128);
         for (d, p) in mixes() {
             b.observe(d, p, 10.0 + 5.0 * d as f64 + 2.0 * p as f64);
         }
@@ -183,13 +217,22 @@ mod tests {
                 && (c.per_prefill - 2.0).abs() < 1e-6,
             "{c:?}"
         );
-        // 8 decode units take 50 ms: 50 ms left, 25 prefill units.
-        assert_eq!(b.units(8), 8 + 25);
+        // 8 decode units take 50 ms: 100 ms left, less twice the error of the first
+        // predictions (before the steps seen told the slopes apart), at 2 ms a unit.
+        assert!(b.error() < 5.0, "{}", b.error());
+        let want = (100.0 - 2.0 * b.error()) / 2.0;
+        assert!(
+            (b.units(8) as f64 - 8.0 - want).abs() <= 1.0,
+            "{} vs {want}",
+            b.units(8)
+        );
+        // Alone, a 150 ms step holds 70 prefill units past its 10 fixed ms.
+        assert_eq!(b.prefill_units(), Some(70));
     }
 
     #[test]
     fn one_kind_of_step_is_priced_by_one_line() {
-        let mut b = StepBudget::new(100, 128);
+        let mut b = StepBudget::new(300, 128);
         for _ in 0..20 {
             b.observe(50, 0, 250.0);
         }
@@ -198,18 +241,19 @@ mod tests {
             c.fixed == 0.0 && (c.per_decode - 5.0).abs() < 1e-9 && c.per_prefill == c.per_decode,
             "{c:?}"
         );
-        // 10 decode units: 50 ms, 50 ms left at 5 a unit.
-        assert_eq!(b.units(10), 20);
+        // 10 decode units: 50 ms, 250 ms left at 5 a unit.
+        assert_eq!(b.units(10), 60);
     }
 
     #[test]
     fn decoders_over_the_target_leave_the_budget_as_without_it() {
-        let mut b = StepBudget::new(100, 128);
+        let mut b = StepBudget::new(150, 128);
         for (d, p) in mixes() {
             b.observe(d, p, 10.0 + 5.0 * d as f64 + 2.0 * p as f64);
         }
-        // 18 decode units take the whole target, 30 more than it.
-        assert_eq!(b.units(18), 128);
+        // 28 decode units take the whole target, 30 more than it.
+        assert!(b.units(27) < 128);
+        assert_eq!(b.units(28), 128);
         assert_eq!(b.units(30), 128);
         // Never more than --max-batch-tokens in all.
         let mut fast = StepBudget::new(10_000, 128);
@@ -231,8 +275,26 @@ mod tests {
             b.observe(d, p, 2.0 * (d + p) as f64);
         }
         assert_eq!(before, 10 + 90);
+        // 2 ms a unit now: 20 ms for the decoders, 80 left (less twice the error the
+        // change made while the fit caught up).
+        let c = b.cost().expect("a fit");
+        assert!((1.9..2.1).contains(&c.per_prefill), "{c:?}");
         let after = b.units(10) - 10;
-        // 2 ms a unit now: 20 ms for the decoders, 80 left.
-        assert!((38..=42).contains(&after), "{after}");
+        let want = (80.0 - 2.0 * b.error()) / c.per_prefill;
+        assert!((after as f64 - want).abs() <= 2.0, "{after} vs {want}");
+    }
+
+    /// Steps that land ±10 ms around the plane are planned 20 ms under the target: the
+    /// slow half of them then stays under it too.
+    #[test]
+    fn noisy_steps_are_planned_under_the_target() {
+        let mut b = StepBudget::new(150, 128);
+        for (i, (d, p)) in mixes().chain(mixes()).chain(mixes()).enumerate() {
+            let noise = if i % 2 == 0 { 10.0 } else { -10.0 };
+            b.observe(d, p, 10.0 + 5.0 * d as f64 + 2.0 * p as f64 + noise);
+        }
+        assert!((b.error() - 10.0).abs() < 1.0, "{}", b.error());
+        // 8 decode units take 50 ms: 150 - 20 - 50 = 80 ms left, 40 prefill units.
+        assert!((39..=41).contains(&(b.units(8) - 8)), "{}", b.units(8));
     }
 }

@@ -338,14 +338,13 @@ impl Worker {
     }
 
     fn step(&mut self, seqs: &mut HashMap<SeqId, Seq>) {
-        let budget = self
-            .step_budget
-            .as_ref()
-            .map(|b| b.units(self.scheduler.decode_cost()));
+        let budget = (self.step_budget.as_ref())
+            .map(|b| (b.units(self.scheduler.decode_cost()), b.prefill_units()));
         let plan = match budget {
-            Some(units) => self.scheduler.schedule_within(units),
+            Some((units, step_units)) => self.scheduler.schedule_within(units, step_units),
             None => self.scheduler.schedule(),
         };
+        let budget = budget.map(|(units, _)| units);
         self.publish();
         for id in &plan.started {
             // A choice forked from its first sequence has started already.
