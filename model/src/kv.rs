@@ -149,9 +149,9 @@ impl BlockAllocator {
         }
     }
 
-    /// The block holding `hash`, if one does, without taking it.
-    pub fn holding(&self, hash: &BlockHash) -> Option<u32> {
-        self.by_hash.get(hash).copied()
+    /// Whether a block holds `hash` (without taking it).
+    pub fn holds(&self, hash: &BlockHash) -> bool {
+        self.by_hash.contains_key(hash)
     }
 
     /// Takes a reference to the block holding `hash`, if one does.

@@ -69,17 +69,18 @@ fn context_cost(start: usize, len: usize, per_token: usize) -> usize {
     positions(start, len).div_ceil(per_token)
 }
 
-/// The registered blocks holding the leading full blocks of `ids`, found without taking
-/// them. The last token is never among them: the step that computes it yields logits.
-fn cached_prefix(alloc: &BlockAllocator, ids: &[u32]) -> Vec<(BlockHash, u32)> {
+/// The hashes of the leading full blocks of `ids` that registered blocks hold, found
+/// without taking them. The last token is never among them: the step that computes it
+/// yields logits.
+fn cached_prefix(alloc: &BlockAllocator, ids: &[u32]) -> Vec<BlockHash> {
     let reusable = ids.len().saturating_sub(1) / BLOCK_SIZE;
-    let mut found: Vec<(BlockHash, u32)> = Vec::new();
+    let mut found: Vec<BlockHash> = Vec::new();
     for chunk in ids.chunks_exact(BLOCK_SIZE).take(reusable) {
-        let hash = block_hash(found.last().map(|(h, _)| h), chunk);
-        let Some(block) = alloc.holding(&hash) else {
+        let hash = block_hash(found.last(), chunk);
+        if !alloc.holds(&hash) {
             break;
-        };
-        found.push((hash, block));
+        }
+        found.push(hash);
     }
     found
 }
@@ -419,7 +420,8 @@ impl Scheduler {
     /// [`PREFILL_STRETCH`] times the steps it would fill alone, when `step_units` (the
     /// prefill units one target-long step holds) is known, and at most [`PREFILL_HORIZON`].
     pub fn schedule_within(&mut self, budget: usize, step_units: Option<usize>) -> Plan {
-        self.plan(budget, Some(step_units))
+        let owed = self.owed(step_units);
+        self.plan(budget, Some(owed))
     }
 
     /// What the queued prompts must get this step to meet their deadlines (each one's
@@ -474,23 +476,18 @@ impl Scheduler {
             .sum()
     }
 
-    /// `deadline`: under a step-time target, with the prefill units one target-long
-    /// step holds if known.
-    fn plan(&mut self, budget: usize, deadline: Option<Option<usize>>) -> Plan {
+    /// `owed`: under a step-time target, what the queued prompts' deadlines need.
+    fn plan(&mut self, budget: usize, owed: Option<usize>) -> Plan {
         let mut plan = Plan::default();
         let mut budget = budget.clamp(1, self.cfg.max_batch_tokens);
-        let owed = match deadline {
-            Some(step_units) => self.owed(step_units),
-            None => 0,
-        };
         // Under a target the floor only has to keep prompts moving (the target's budget
         // leaves them a share); without one it is what decoders must leave them.
-        let share = match deadline {
+        let share = match owed {
             Some(_) => 32,
             None => 8,
         };
         let floor = (self.cfg.max_batch_tokens / share)
-            .max(owed)
+            .max(owed.unwrap_or(0))
             .clamp(1, self.cfg.max_batch_tokens);
         let mut floor_given = false;
         // Last step's tokens are computed now: offer its newly full blocks for reuse.
@@ -700,7 +697,7 @@ impl Scheduler {
         if e.computed > 0 || !e.blocks.is_empty() || !e.reuse {
             return;
         }
-        for (hash, _) in cached_prefix(&self.alloc, &e.ids) {
+        for hash in cached_prefix(&self.alloc, &e.ids) {
             let Some(block) = self.alloc.lookup(&hash) else {
                 break;
             };

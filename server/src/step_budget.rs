@@ -155,11 +155,11 @@ impl StepBudget {
 
     /// The next step's budget, given what its decoding streams cost: those units plus
     /// the prefill units that fit beside them in the target less twice the fit's error
-    /// (the scheduler caps the sum at `--max-batch-tokens`). As without a target (all of `--max-batch-tokens`) while
-    /// nothing decodes (nobody waits between tokens), while the fit is not known yet,
-    /// and when the decoders alone take the target or more: it cannot be met then, and
-    /// holding prompts back would only delay first tokens (at 32 streams on 2 cores
-    /// that doubled the TTFT p99, benches/RESULTS.md).
+    /// (the scheduler caps the sum at `--max-batch-tokens`). As without a target (all of
+    /// `--max-batch-tokens`) while nothing decodes (nobody waits between tokens), while
+    /// the fit is not known yet, and when the decoders alone take the target or more: it
+    /// cannot be met then, and holding prompts back would only delay first tokens (at 32
+    /// streams on 2 cores that doubled the TTFT p99, benches/RESULTS.md).
     pub fn units(&self, decode: usize) -> usize {
         let Some(c) = self.cost().filter(|_| decode > 0) else {
             return self.max_units;
