@@ -16,7 +16,9 @@ use crate::load::{build, LoadedModel, WeightSource};
 use crate::template::{fallback_template, ChatTemplate};
 use crate::tokenizer::Tokenizer;
 
-pub fn load_dir(dir: &Path, dtype: Dtype) -> Result<LoadedModel> {
+/// Reads an HF checkpoint; `for_device` keeps every projection a candle tensor, for
+/// [`crate::DeviceModel`].
+pub fn load_dir(dir: &Path, dtype: Dtype, for_device: bool) -> Result<LoadedModel> {
     let config = read_json(&dir.join("config.json"))?;
     let cfg = arch::from_hf(&config)?;
     let tokenizer_config = read_json_if_present(&dir.join("tokenizer_config.json"))?;
@@ -51,6 +53,7 @@ pub fn load_dir(dir: &Path, dtype: Dtype) -> Result<LoadedModel> {
             tensors,
             arch: cfg.arch,
             dtype,
+            for_device,
         },
     )?;
     Ok(LoadedModel {
@@ -66,6 +69,8 @@ pub struct HfWeights {
     pub tensors: HashMap<String, Tensor>,
     pub arch: Arch,
     pub dtype: Dtype,
+    /// Projections stay candle tensors, whatever `dtype` (the device path).
+    pub for_device: bool,
 }
 
 impl HfWeights {
@@ -101,7 +106,7 @@ impl WeightSource for HfWeights {
             .iter()
             .map(|n| self.get(n).cloned())
             .collect::<Result<Vec<_>>>()?;
-        Linear::dense(&parts, self.dtype)
+        Linear::dense(&parts, self.dtype, self.for_device)
     }
 }
 

@@ -21,11 +21,16 @@
 //! - [`threads`]: the compute thread pool the driving thread belongs to.
 //! - [`config`]: what the transformer needs to know about an architecture.
 //! - [`transformer`]: the shared decoder and its batched forward pass.
+//! - [`device`]: the same forward as candle tensor operations on a device (CUDA, or
+//!   candle's CPU device where it is checked against the packed path).
+//! - [`backend`]: the seam the engine drives: the packed CPU path or the device path.
 
 pub mod arch;
 pub mod attention;
+pub mod backend;
 pub mod config;
 pub mod detok;
+pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod hf;
@@ -44,8 +49,10 @@ pub mod threads;
 pub mod tokenizer;
 pub mod transformer;
 
+pub use backend::Backend;
 pub use config::{Arch, ModelConfig};
 pub use detok::IncrementalDecoder;
+pub use device::{DeviceModel, DeviceOptions, DeviceWeights};
 pub use error::{ModelError, Result};
 pub use kv::{BlockAllocator, KvCache};
 pub use linear::{Dtype, WeightFormat};

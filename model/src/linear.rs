@@ -79,15 +79,16 @@ impl Linear {
     }
 
     /// The row-wise stack of dense `parts` (`[n_i, k]` each), held as `dtype`. f32 goes
-    /// to the packed kernels (row-invariant, fastest here); bf16/f16 to candle's gemm.
-    pub fn dense(parts: &[Tensor], dtype: Dtype) -> Result<Self> {
+    /// to the packed kernels (row-invariant, fastest here) unless the weight is bound for
+    /// a device; bf16/f16 to candle's gemm.
+    pub fn dense(parts: &[Tensor], dtype: Dtype, for_device: bool) -> Result<Self> {
         let parts = parts
             .iter()
             .map(|p| p.to_dtype(dtype.candle()))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let w = Tensor::cat(&parts, 0)?.contiguous()?;
         Ok(match dtype {
-            Dtype::F32 => {
+            Dtype::F32 if !for_device => {
                 let (n, k) = w.dims2()?;
                 Self::Packed(PackedLinear::from_dense(
                     &w.flatten_all()?.to_vec1::<f32>()?,
@@ -95,7 +96,7 @@ impl Linear {
                     k,
                 ))
             }
-            Dtype::Bf16 | Dtype::F16 => Self::Candle(QMatMul::Tensor(w)),
+            _ => Self::Candle(QMatMul::Tensor(w)),
         })
     }
 

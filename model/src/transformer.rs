@@ -44,6 +44,15 @@ pub struct Transformer {
     inv_freq_local: Vec<f32>,
 }
 
+/// What a [`Transformer`] is made of.
+pub(crate) struct TransformerParts {
+    pub cfg: ModelConfig,
+    pub embed: Vec<f32>,
+    pub layers: Vec<LayerWeights>,
+    pub norm: Vec<f32>,
+    pub lm_head: Linear,
+}
+
 /// One sequence's part of a step.
 #[derive(Debug, Clone, Copy)]
 pub struct SeqInput<'a> {
@@ -84,35 +93,23 @@ impl Transformer {
         &self.cfg
     }
 
+    /// The config and weights, for a backend that holds them its own way.
+    pub(crate) fn into_parts(self) -> TransformerParts {
+        TransformerParts {
+            cfg: self.cfg,
+            embed: self.embed,
+            layers: self.layers,
+            norm: self.norm,
+            lm_head: self.lm_head,
+        }
+    }
+
     /// Runs one step. Returns the logits (`[vocab]` each), in batch order: every row of
     /// a sequence with `all_logits`, else the last row of one with `wants_logits`.
     pub fn forward(&self, kv: &mut KvCache, batch: &[SeqInput]) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let (hidden, q_dim, kv_dim) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
-        let mut spans = Vec::with_capacity(batch.len());
-        let mut positions = Vec::new();
-        for s in batch {
-            let end = s.start_pos + s.tokens.len();
-            if end > cfg.context_len {
-                return Err(ModelError::Kv(format!(
-                    "position {end} is past the context length {}",
-                    cfg.context_len
-                )));
-            }
-            if s.blocks.len() * crate::kv::BLOCK_SIZE < end {
-                return Err(ModelError::Kv(format!(
-                    "{} blocks cannot hold {end} positions",
-                    s.blocks.len()
-                )));
-            }
-            spans.push(RowSpan {
-                first_row: positions.len(),
-                rows: s.tokens.len(),
-                start_pos: s.start_pos,
-                blocks: s.blocks,
-            });
-            positions.extend(s.start_pos..end);
-        }
+        let (spans, positions) = row_spans(cfg, batch)?;
         let rows = positions.len();
         if rows == 0 {
             return Ok(Vec::new());
@@ -228,17 +225,50 @@ impl Transformer {
     }
 }
 
+/// Where each sequence's rows sit in the step, and every row's position; checks that
+/// each sequence fits the context and its block table.
+pub(crate) fn row_spans<'a>(
+    cfg: &ModelConfig,
+    batch: &[SeqInput<'a>],
+) -> Result<(Vec<RowSpan<'a>>, Vec<usize>)> {
+    let mut spans = Vec::with_capacity(batch.len());
+    let mut positions = Vec::new();
+    for s in batch {
+        let end = s.start_pos + s.tokens.len();
+        if end > cfg.context_len {
+            return Err(ModelError::Kv(format!(
+                "position {end} is past the context length {}",
+                cfg.context_len
+            )));
+        }
+        if s.blocks.len() * crate::kv::BLOCK_SIZE < end {
+            return Err(ModelError::Kv(format!(
+                "{} blocks cannot hold {end} positions",
+                s.blocks.len()
+            )));
+        }
+        spans.push(RowSpan {
+            first_row: positions.len(),
+            rows: s.tokens.len(),
+            start_pos: s.start_pos,
+            blocks: s.blocks,
+        });
+        positions.extend(s.start_pos..end);
+    }
+    Ok((spans, positions))
+}
+
 /// Rotary cos/sin for every row of a step (`[rows][head_dim / 2]`), computed once and
 /// used by every layer of that kind.
 #[derive(Default)]
-struct RopeRows {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+pub(crate) struct RopeRows {
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
     half: usize,
 }
 
 impl RopeRows {
-    fn new(inv_freq: &[f32], positions: &[usize]) -> Self {
+    pub(crate) fn new(inv_freq: &[f32], positions: &[usize]) -> Self {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -274,7 +304,7 @@ impl RopeRows {
 }
 
 /// GELU, tanh approximation (`gelu_pytorch_tanh`).
-fn gelu_tanh(x: f32) -> f32 {
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }

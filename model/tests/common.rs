@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use chorus_model::kv::{blocks_for, BlockAllocator};
-use chorus_model::{KvCache, SeqInput, Transformer};
+use chorus_model::{Backend, KvCache, SeqInput, Transformer};
 
 /// `CHORUS_TEST_MODEL`, or the default model in the workspace's model cache (the test
 /// script fetches it first with `chorus --download-only`).
@@ -58,12 +58,47 @@ pub fn run(
     chunk: usize,
     steps: usize,
 ) -> Vec<Vec<Vec<f32>>> {
-    let cfg = m.config();
+    let mut kv = KvCache::new(m.config().kv_shape(), blocks_needed(prompts, steps)).unwrap();
+    drive(
+        &mut |b| m.forward(&mut kv, b).unwrap(),
+        prompts,
+        chunk,
+        steps,
+    )
+}
+
+/// As [`run`], through a [`Backend`] of at least [`blocks_needed`] blocks.
+pub fn run_backend(
+    b: &mut Backend,
+    prompts: &[Vec<u32>],
+    chunk: usize,
+    steps: usize,
+) -> Vec<Vec<Vec<f32>>> {
+    drive(
+        &mut |batch| b.forward(batch).unwrap(),
+        prompts,
+        chunk,
+        steps,
+    )
+}
+
+/// The cache [`run`] needs (block 0 is left unused, so that a zero id is never right
+/// by accident).
+pub fn blocks_needed(prompts: &[Vec<u32>], steps: usize) -> usize {
+    let max_len = prompts.iter().map(Vec::len).max().unwrap() + steps;
+    blocks_for(max_len) * prompts.len() + 1
+}
+
+fn drive(
+    forward: &mut dyn FnMut(&[SeqInput]) -> Vec<Vec<f32>>,
+    prompts: &[Vec<u32>],
+    chunk: usize,
+    steps: usize,
+) -> Vec<Vec<Vec<f32>>> {
     let max_len = prompts.iter().map(Vec::len).max().unwrap() + steps;
     let each = blocks_for(max_len);
-    let mut alloc = BlockAllocator::new(each * prompts.len() + 1);
+    let mut alloc = BlockAllocator::new(blocks_needed(prompts, steps));
     let _skip = alloc.allocate();
-    let mut kv = KvCache::new(cfg.kv_shape(), alloc.total()).unwrap();
     let blocks: Vec<Vec<u32>> = prompts
         .iter()
         .map(|_| (0..each).map(|_| alloc.allocate().unwrap()).collect())
@@ -90,7 +125,7 @@ pub fn run(
                 all_logits: false,
             })
             .collect();
-        let logits = m.forward(&mut kv, &batch).unwrap();
+        let logits = forward(&batch);
         let mut next = logits.into_iter();
         for &(i, start, len, wants) in &plan {
             done[i] = start + len;

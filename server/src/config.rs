@@ -58,6 +58,25 @@ pub struct Config {
     #[arg(long, env = "CHORUS_WEIGHTS", value_enum, default_value_t = Weights::PackedInt16)]
     pub weights: Weights,
 
+    /// Where the forward pass runs: auto (the first CUDA GPU when this binary was built
+    /// with the `cuda` feature and one answers, else the CPU), cpu (the packed CPU
+    /// kernels), cuda or cuda:N, or candle-cpu (the GPU's code on candle's CPU device:
+    /// slow; it exists to check that code without a GPU).
+    #[arg(long, env = "CHORUS_DEVICE", default_value = "auto")]
+    pub device: DeviceArg,
+
+    /// Type of weights and matrix products on a device: auto (f16 on a GPU, f32 on
+    /// candle-cpu), f16, bf16 or f32. The KV cache is f16 (bf16 with bf16).
+    #[arg(long, env = "CHORUS_DEVICE_DTYPE", value_enum, default_value_t = DtypeArg::Auto)]
+    pub device_dtype: DtypeArg,
+
+    /// How projection weights are held on a device: dense (dequantized to
+    /// --device-dtype, multiplied by the device's gemm) or quantized (the GGUF file's
+    /// blocks, candle's quantized kernels: a quarter of the memory, activations rounded to
+    /// 8 bits).
+    #[arg(long, env = "CHORUS_DEVICE_WEIGHTS", value_enum, default_value_t = DeviceWeightsArg::Dense)]
+    pub device_weights: DeviceWeightsArg,
+
     /// Most sequences decoding at once (continuous-batching slots).
     #[arg(long, env = "CHORUS_MAX_RUNNING", default_value_t = 64)]
     pub max_running: usize,
@@ -220,6 +239,51 @@ impl From<Weights> for chorus_model::WeightFormat {
             Weights::PackedInt16 => chorus_model::WeightFormat::PackedInt16,
             Weights::F32 => chorus_model::WeightFormat::F32,
             Weights::Quantized => chorus_model::WeightFormat::Quantized,
+        }
+    }
+}
+
+/// `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    CandleCpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "cpu" => Self::Cpu,
+            "candle-cpu" => Self::CandleCpu,
+            "cuda" => Self::Cuda(0),
+            other => match other.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(n)) => Self::Cuda(n),
+                _ => {
+                    return Err(format!(
+                        "`{other}` is not a device (auto, cpu, cuda, cuda:N or candle-cpu)"
+                    ))
+                }
+            },
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceWeightsArg {
+    Dense,
+    Quantized,
+}
+
+impl From<DeviceWeightsArg> for chorus_model::DeviceWeights {
+    fn from(w: DeviceWeightsArg) -> Self {
+        match w {
+            DeviceWeightsArg::Dense => chorus_model::DeviceWeights::Dense,
+            DeviceWeightsArg::Quantized => chorus_model::DeviceWeights::Quantized,
         }
     }
 }

@@ -134,6 +134,8 @@ pub struct ModelInfo {
     pub tokenizer: Arc<Tokenizer>,
     pub template: ChatTemplate,
     pub context_len: usize,
+    /// Where the forward pass runs (`cpu`, `cuda:0`, `candle-cpu`).
+    pub device: String,
     /// Most tokens one sequence can hold: the context, or less when `--kv-cache-mb` is
     /// smaller than one full context.
     pub max_seq_tokens: usize,

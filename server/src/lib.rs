@@ -27,6 +27,7 @@
 
 pub mod auth;
 pub mod config;
+mod device;
 pub mod engine;
 pub mod error;
 pub mod grammar;
@@ -60,7 +61,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use chorus_model::kv::KvCache;
+use chorus_model::Backend;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
@@ -405,9 +406,12 @@ fn start_engine(
 ) -> Result<(Engine, Worker), String> {
     let started = std::time::Instant::now();
     tracing::info!(path = %path.display(), "loading model");
-    let loaded = match path.is_dir() {
-        true => chorus_model::hf::load_dir(path, config.dtype.into()),
-        false => chorus_model::gguf::load(path, config.weights.into()),
+    let device = device::resolve(config)?;
+    // The device path moves candle tensors: GGUF blocks as shipped, HF tensors unpacked.
+    let loaded = match (path.is_dir(), &device) {
+        (true, _) => chorus_model::hf::load_dir(path, config.dtype.into(), device.is_some()),
+        (false, None) => chorus_model::gguf::load(path, config.weights.into()),
+        (false, Some(_)) => chorus_model::gguf::load(path, chorus_model::WeightFormat::Quantized),
     }
     .map_err(|e| e.to_string())?;
     let mut loaded = loaded;
@@ -424,11 +428,13 @@ fn start_engine(
     let cfg = loaded.model.config().clone();
     let shape = cfg.kv_shape();
     let num_blocks = shape.blocks_in(config.kv_cache_mb * 1024 * 1024);
-    let kv = KvCache::new(shape, num_blocks)
+    let backend = Backend::new(loaded.model, device.as_ref(), num_blocks)
         .map_err(|e| format!("{e} (--kv-cache-mb {})", config.kv_cache_mb))?;
+    let device_name = backend.device_name();
     tracing::info!(
         model = %served_name,
         arch = cfg.arch.name(),
+        device = %device_name,
         layers = cfg.layers,
         context = cfg.context_len,
         kv_blocks = num_blocks,
@@ -461,6 +467,7 @@ fn start_engine(
             tokenizer: tokenizer.clone(),
             template: loaded.template,
             context_len: cfg.context_len,
+            device: device_name,
             max_seq_tokens: cfg
                 .context_len
                 .min(num_blocks * chorus_model::kv::BLOCK_SIZE),
@@ -477,9 +484,8 @@ fn start_engine(
         last_publish: std::time::Instant::now(),
         started_at: std::time::Instant::now(),
         queue_timeout: std::time::Duration::from_secs(config.request_timeout),
-        model: loaded.model,
+        backend,
         tokenizer,
-        kv,
         scheduler: Scheduler::new(SchedulerConfig {
             max_running: config.max_running.max(1),
             max_batch_tokens: config.max_batch_tokens.max(1),

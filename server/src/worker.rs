@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use chorus_model::logits::{self, TokenHistory};
 use chorus_model::{
-    IncrementalDecoder, KvCache, Sampler, SamplingParams, SeqInput, StopMatcher, Tokenizer,
-    Transformer,
+    Backend, IncrementalDecoder, Sampler, SamplingParams, SeqInput, StopMatcher, Tokenizer,
 };
 use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
@@ -130,9 +129,9 @@ pub(crate) struct Worker {
     pub started_at: Instant,
     /// How long a request may wait in the queue before it is refused.
     pub queue_timeout: Duration,
-    pub model: Transformer,
+    /// The model and its KV cache, on the CPU or a device.
+    pub backend: Backend,
     pub tokenizer: Arc<Tokenizer>,
-    pub kv: KvCache,
     pub scheduler: Scheduler,
     /// `--max-step-ms`: the budget of each step from the time steps take.
     pub step_budget: Option<StepBudget>,
@@ -412,7 +411,7 @@ impl Worker {
         };
         // The rows each scheduled sequence got back, or why it failed.
         let mut per_seq: Vec<Result<Vec<Vec<f32>>, String>> = Vec::new();
-        let forward = self.model.forward(&mut self.kv, &inputs);
+        let forward = self.backend.forward(&inputs);
         let forward_ms = began.elapsed().as_secs_f64() * 1e3;
         match forward {
             Ok(logits) => {
@@ -427,8 +426,8 @@ impl Worker {
                 tracing::warn!(error = %e, "batched forward failed; isolating the failing sequences");
                 for input in &inputs {
                     per_seq.push(
-                        self.model
-                            .forward(&mut self.kv, std::slice::from_ref(input))
+                        self.backend
+                            .forward(std::slice::from_ref(input))
                             .map_err(|e| e.to_string()),
                     );
                 }
@@ -556,8 +555,16 @@ impl Worker {
                 let choice = seq.choice(index);
                 match self.scheduler.fork(parent, child) {
                     Some(copy) => {
-                        if let Some((from, to)) = copy {
-                            self.kv.copy_block(from, to);
+                        let copied = match copy {
+                            Some((from, to)) => self.backend.copy_block(from, to),
+                            None => Ok(()),
+                        };
+                        if let Err(e) = copied {
+                            self.scheduler.discard(child);
+                            let _ = choice
+                                .events
+                                .send(Event::Error(Failure::Internal(e.to_string())));
+                            continue;
                         }
                         sampling.push(child);
                         logits.push(logits[i].clone());

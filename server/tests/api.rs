@@ -348,6 +348,9 @@ async fn models_tokenize_and_health() {
 
     let h = common::health(&url).await;
     assert_eq!(h["status"], "ok");
+    // A build without the `cuda` feature runs `--device auto` on the packed CPU path.
+    #[cfg(not(feature = "cuda"))]
+    assert_eq!(h["device"], "cpu", "{h}");
     let page = reqwest::get(format!("{url}/")).await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("<html"));

@@ -221,7 +221,7 @@ fn an_hf_checkpoint_found_offline_through_hf_hub_answers_as_its_gguf() {
     assert_eq!(Path::new(&stdout), snapshot.as_path());
 
     let from_gguf = gguf::load(&default_gguf(), WeightFormat::F32).unwrap();
-    let from_hf = hf::load_dir(Path::new(&stdout), Dtype::F32).unwrap();
+    let from_hf = hf::load_dir(Path::new(&stdout), Dtype::F32, false).unwrap();
     assert_eq!(from_hf.model.config().arch, Arch::Llama);
     assert_eq!(from_hf.tokenizer.stop_ids(), from_gguf.tokenizer.stop_ids());
     for question in [

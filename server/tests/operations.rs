@@ -273,6 +273,51 @@ async fn a_disconnect_storm_leaves_nothing_running() {
 /// Requests for several choices under a KV cache too small for all of them: forked
 /// choices are preempted and recomputed, every request still ends with all its choices,
 /// and every block comes back.
+/// The device path (`--device candle-cpu`: the code a GPU runs, on candle's CPU device)
+/// serves through the same engine: concurrent requests, forked choices (whose partial
+/// last block is copied on the device) and a stream.
+#[tokio::test]
+async fn the_device_path_serves_on_candle_cpu() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--device", "candle-cpu"]));
+    wait_ready(&url).await;
+    let h = health(&url).await;
+    assert_eq!(h["device"], "candle-cpu", "{h}");
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let url = url.clone();
+        clients.push(tokio::spawn(async move {
+            let body = chat(
+                &format!("Question {i}: what is a river?"),
+                json!({"n": 2, "max_tokens": 24, "ignore_eos": true, "temperature": 0}),
+            );
+            post(&url, "/v1/chat/completions", &body).await
+        }));
+    }
+    for c in clients {
+        let (status, v) = c.await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        let choices = v["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 2, "{v}");
+        let text = |c: &Value| c["message"]["content"].as_str().unwrap().to_string();
+        // Greedy choices agree only if the fork's copied block holds the parent's keys.
+        assert!(!text(&choices[0]).trim().is_empty(), "{v}");
+        assert_eq!(text(&choices[0]), text(&choices[1]), "{v}");
+    }
+    let events = common::stream_events(
+        &url,
+        "/v1/chat/completions",
+        &chat("Name a colour.", json!({"max_tokens": 8, "stream": true})),
+    )
+    .await;
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert_eq!(health(&url).await["kv_blocks_used"], 0);
+}
+
 #[tokio::test]
 async fn forked_choices_under_kv_pressure_all_complete() {
     let _turn = TURN.lock().await;

@@ -29,6 +29,7 @@ pub async fn health(State(app): State<AppState>) -> Response {
             let body = json!({
                 "status": "ok",
                 "model": engine.info.id,
+                "device": engine.info.device,
                 "running": s.running.load(Ordering::Acquire),
                 "queued": s.queued.load(Ordering::Acquire),
                 "kv_blocks_used": s.kv_blocks_used.load(Ordering::Acquire),

@@ -1,0 +1,75 @@
+//! The one seam the engine drives a model through: the packed CPU kernels over the f16
+//! block pool in host memory, or the candle-tensor forward on a device ([`crate::device`]).
+//! Both take the same ragged batch over the same block tables and return the same logits.
+
+use crate::config::ModelConfig;
+use crate::device::{DeviceModel, DeviceOptions};
+use crate::error::Result;
+use crate::kv::KvCache;
+use crate::transformer::{SeqInput, Transformer};
+
+pub enum Backend {
+    /// [`Transformer`] and its [`KvCache`]: the CPU path.
+    Packed {
+        model: Transformer,
+        kv: KvCache,
+    },
+    Device(Box<DeviceModel>),
+}
+
+impl Backend {
+    /// `model` with a cache of `num_blocks` blocks: on `device` when given, else on the
+    /// packed CPU path.
+    pub fn new(
+        model: Transformer,
+        device: Option<&DeviceOptions>,
+        num_blocks: usize,
+    ) -> Result<Self> {
+        Ok(match device {
+            None => {
+                let kv = KvCache::new(model.config().kv_shape(), num_blocks)?;
+                Self::Packed { model, kv }
+            }
+            Some(opts) => Self::Device(Box::new(DeviceModel::new(model, opts, num_blocks)?)),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Self::Packed { model, .. } => model.config(),
+            Self::Device(m) => m.config(),
+        }
+    }
+
+    /// Runs one step; see [`Transformer::forward`].
+    pub fn forward(&mut self, batch: &[SeqInput]) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Self::Packed { model, kv } => model.forward(kv, batch),
+            Self::Device(m) => m.forward(batch),
+        }
+    }
+
+    /// Copies every layer's keys and values of block `src` into block `dst`.
+    pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
+        match self {
+            Self::Packed { kv, .. } => {
+                kv.copy_block(src, dst);
+                Ok(())
+            }
+            Self::Device(m) => m.copy_block(src, dst),
+        }
+    }
+
+    /// Where the forward runs, for logs and `/health`: `cpu`, `cuda:0`, or `candle-cpu`
+    /// (the device path on candle's CPU device).
+    pub fn device_name(&self) -> String {
+        match self {
+            Self::Packed { .. } => "cpu".into(),
+            Self::Device(m) => match m.device().location() {
+                candle_core::DeviceLocation::Cpu => "candle-cpu".into(),
+                candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+                candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+            },
+        }
+    }
+}

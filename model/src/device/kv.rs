@@ -1,0 +1,79 @@
+//! The paged KV cache as device memory: per layer, keys and values of every slot
+//! (`block * BLOCK_SIZE + offset`) as `[slots, kv_heads * head_dim]`. The block ids are
+//! the scheduler's, the same as the CPU cache's; only the storage differs.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{ModelError, Result};
+use crate::kv::{KvShape, BLOCK_SIZE};
+
+pub(crate) struct DeviceKv {
+    num_blocks: usize,
+    /// `(keys, values)` of each layer.
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl DeviceKv {
+    /// `dtype` is f16 or bf16: two bytes a value, as [`KvShape::block_bytes`] counts.
+    pub(crate) fn new(
+        shape: KvShape,
+        num_blocks: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if num_blocks == 0 {
+            return Err(ModelError::Kv("the KV budget holds no block".into()));
+        }
+        let dims = (num_blocks * BLOCK_SIZE, shape.kv_heads * shape.head_dim);
+        let layers = (0..shape.layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(dims, dtype, device)?,
+                    Tensor::zeros(dims, dtype, device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { num_blocks, layers })
+    }
+
+    pub(crate) fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        self.layers[0].0.dtype()
+    }
+
+    /// Writes `k` and `v` (`[rows, kv_dim]`, f32) into layer `layer` at `slots`
+    /// (`[rows, kv_dim]` u32, each row's slot repeated across the row).
+    pub(crate) fn write(&self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (keys, values) = &self.layers[layer];
+        keys.scatter_set(slots, &k.to_dtype(keys.dtype())?.contiguous()?, 0)?;
+        values.scatter_set(slots, &v.to_dtype(values.dtype())?.contiguous()?, 0)?;
+        Ok(())
+    }
+
+    /// Keys and values of layer `layer` at `slots` (`[n]` u32): `[n, kv_dim]` each.
+    pub(crate) fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (keys, values) = &self.layers[layer];
+        Ok((keys.index_select(slots, 0)?, values.index_select(slots, 0)?))
+    }
+
+    /// Copies every layer's keys and values of block `src` into block `dst`.
+    pub(crate) fn copy_block(&self, src: u32, dst: u32) -> Result<()> {
+        let (src, dst) = (src as usize * BLOCK_SIZE, dst as usize * BLOCK_SIZE);
+        for (keys, values) in &self.layers {
+            for t in [keys, values] {
+                // A copy: `slice_set` refuses a source sharing the target's storage.
+                let block = t.narrow(0, src, BLOCK_SIZE)?.copy()?;
+                t.slice_set(&block, 0, dst)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The cache slot of position `pos` of a sequence with block table `blocks`.
+pub(crate) fn slot(blocks: &[u32], pos: usize) -> u32 {
+    blocks[pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32
+}

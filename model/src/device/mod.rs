@@ -1,0 +1,275 @@
+//! The forward pass as candle tensor operations on any candle device: CUDA GPUs, and
+//! candle's CPU device, where CI checks this code against the packed CPU path.
+//!
+//! The same transformer as [`crate::transformer`] (every architecture's switches), over
+//! the same ragged batch and the same block tables, with weights and the KV cache in the
+//! device's memory. A step uploads its token ids, rotary tables and attention plan once,
+//! runs every layer on the device, and copies back only the logits it was asked for.
+//!
+//! - [`weights`]: projections dense in the compute type or in quantized blocks.
+//! - [`kv`]: the block pool as device memory.
+//! - [`attention`]: a step's attention, gathering each sequence's blocks.
+
+mod attention;
+mod kv;
+mod weights;
+
+use candle_core::{DType, Device, Tensor};
+
+pub use weights::DeviceWeights;
+
+use self::attention::{Heads, StepAttention};
+use self::kv::{slot, DeviceKv};
+use self::weights::{vector, DeviceLayer, DeviceLinear};
+use crate::config::{Activation, ModelConfig, RopeStyle};
+use crate::error::{ModelError, Result};
+use crate::transformer::{row_spans, RopeRows, SeqInput, Transformer};
+
+/// Where and how the device forward runs.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    pub device: Device,
+    /// The type of weights and of the matrix products: f16 or bf16 on a GPU; f32 on the
+    /// CPU, where this path exists to be checked.
+    pub dtype: DType,
+    pub weights: DeviceWeights,
+}
+
+pub struct DeviceModel {
+    cfg: ModelConfig,
+    device: Device,
+    dtype: DType,
+    /// `[vocab, hidden]` f32.
+    embed: Tensor,
+    layers: Vec<DeviceLayer>,
+    norm: Tensor,
+    lm_head: DeviceLinear,
+    inv_freq: Vec<f32>,
+    inv_freq_local: Vec<f32>,
+    kv: DeviceKv,
+}
+
+impl DeviceModel {
+    /// Moves `model` onto the device with a cache of `num_blocks` blocks. Its
+    /// projections must be candle tensors (loaded with [`crate::WeightFormat::Quantized`]
+    /// from GGUF, unpacked from HF checkpoints).
+    pub fn new(model: Transformer, opts: &DeviceOptions, num_blocks: usize) -> Result<Self> {
+        let parts = model.into_parts();
+        let cfg = parts.cfg;
+        let dev = &opts.device;
+        if !matches!(opts.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(ModelError::Unsupported(format!(
+                "device compute type {:?} (f32, f16 or bf16)",
+                opts.dtype
+            )));
+        }
+        let layers = parts
+            .layers
+            .into_iter()
+            .map(|w| DeviceLayer::new(w, dev, opts.dtype, opts.weights))
+            .collect::<Result<Vec<_>>>()?;
+        let embed = Tensor::from_vec(parts.embed, (cfg.vocab, cfg.hidden), dev)?;
+        // The cache keeps two bytes a value, as the CPU's does and as its budget counts.
+        let kv_dtype = match opts.dtype {
+            DType::BF16 => DType::BF16,
+            _ => DType::F16,
+        };
+        let kv = DeviceKv::new(cfg.kv_shape(), num_blocks, kv_dtype, dev)?;
+        Ok(Self {
+            inv_freq: cfg.rope.inv_freqs(cfg.head_dim),
+            inv_freq_local: cfg.rope_local.inv_freqs(cfg.head_dim),
+            device: dev.clone(),
+            dtype: opts.dtype,
+            embed,
+            layers,
+            norm: vector(parts.norm, dev)?,
+            lm_head: DeviceLinear::new(parts.lm_head, dev, opts.dtype, opts.weights)?,
+            kv,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.kv.num_blocks()
+    }
+
+    /// The cache's element type.
+    pub fn kv_dtype(&self) -> DType {
+        self.kv.dtype()
+    }
+
+    /// Copies every layer's keys and values of block `src` into block `dst`.
+    pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
+        self.kv.copy_block(src, dst)
+    }
+
+    /// Runs one step; the contract of [`Transformer::forward`].
+    pub fn forward(&mut self, batch: &[SeqInput]) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.cfg;
+        let dev = &self.device;
+        let (hidden, q_dim, kv_dim, hd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let (spans, positions) = row_spans(cfg, batch)?;
+        let rows = positions.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        if (self.kv.num_blocks() as u32)
+            <= spans
+                .iter()
+                .flat_map(|s| s.blocks)
+                .copied()
+                .max()
+                .unwrap_or(0)
+        {
+            return Err(ModelError::Kv("a block id is outside the cache".into()));
+        }
+
+        let mut ids = Vec::with_capacity(rows);
+        let mut slots = Vec::with_capacity(rows);
+        for (s, span) in batch.iter().zip(&spans) {
+            for (r, &t) in s.tokens.iter().enumerate() {
+                if t as usize >= cfg.vocab {
+                    return Err(ModelError::Tokenizer(format!(
+                        "token id {t} is outside the vocabulary"
+                    )));
+                }
+                ids.push(t);
+                slots.push(slot(span.blocks, span.start_pos + r));
+            }
+        }
+        let ids = Tensor::from_vec(ids, rows, dev)?;
+        let slots = Tensor::from_vec(slots, (rows, 1), dev)?
+            .broadcast_as((rows, kv_dim))?
+            .contiguous()?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        if cfg.embed_scale != 1.0 {
+            x = (x * f64::from(cfg.embed_scale))?;
+        }
+        let rope = Rope::new(&self.inv_freq, &positions, dev)?;
+        let rope_local = match cfg.windows.iter().any(Option::is_some) {
+            true => Some(Rope::new(&self.inv_freq_local, &positions, dev)?),
+            false => None,
+        };
+        let mut windows: Vec<Option<usize>> = cfg.windows.clone();
+        windows.sort_unstable();
+        windows.dedup();
+        let heads = Heads {
+            heads: cfg.heads,
+            kv_heads: cfg.kv_heads,
+            head_dim: hd,
+            scale: cfg.attn_scale,
+        };
+        let attention = StepAttention::new(&heads, &spans, &windows, dev)?;
+        let eps = cfg.rms_eps;
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            let window = cfg.window(li);
+            let rope = match (window, &rope_local) {
+                (Some(_), Some(local)) => local,
+                _ => &rope,
+            };
+            let h = rms_norm(&x, &layer.attn_norm, eps)?;
+            let mut qkv = layer.qkv.forward(&h)?;
+            if let Some(bias) = &layer.qkv_bias {
+                qkv = qkv.broadcast_add(bias)?;
+            }
+            let mut q = qkv.narrow(1, 0, q_dim)?.contiguous()?;
+            let mut k = qkv.narrow(1, q_dim, kv_dim)?.contiguous()?;
+            let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?;
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = rms_norm(&q.reshape((rows * cfg.heads, hd))?, qn, eps)?;
+                k = rms_norm(&k.reshape((rows * cfg.kv_heads, hd))?, kn, eps)?;
+            }
+            let q = rope.apply(cfg.rope_style, &q, rows, cfg.heads, hd)?;
+            let k = rope.apply(cfg.rope_style, &k, rows, cfg.kv_heads, hd)?;
+            self.kv.write(li, &slots, &k, &v)?;
+            let attn = attention.forward(&q, &self.kv, li, window, self.dtype)?;
+            let mut o = layer.out.forward(&attn)?;
+            if let Some(norm) = &layer.post_attn_norm {
+                o = rms_norm(&o, norm, eps)?;
+            }
+            x = (x + o)?;
+
+            let h = rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gu = layer.gate_up.forward(&h)?;
+            let g = gu.narrow(1, 0, cfg.ffn)?;
+            let u = gu.narrow(1, cfg.ffn, cfg.ffn)?;
+            let act = match cfg.activation {
+                Activation::Silu => (candle_nn::ops::silu(&g)? * u)?,
+                Activation::GeluTanh => (g.gelu()? * u)?,
+            };
+            let mut d = layer.down.forward(&act)?;
+            if let Some(norm) = &layer.post_ffn_norm {
+                d = rms_norm(&d, norm, eps)?;
+            }
+            x = (x + d)?;
+        }
+
+        // Only the rows whose logits are wanted reach the head.
+        let mut wanted = Vec::new();
+        for (s, span) in batch.iter().zip(&spans) {
+            let last = span.first_row + span.rows;
+            match (s.all_logits, s.wants_logits) {
+                (true, _) => wanted.extend(span.first_row as u32..last as u32),
+                (false, true) if span.rows > 0 => wanted.push(last as u32 - 1),
+                _ => {}
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = wanted.len();
+        let last = x.index_select(&Tensor::from_vec(wanted, n, dev)?, 0)?;
+        debug_assert_eq!(last.dims2()?, (n, hidden));
+        let h = rms_norm(&last, &self.norm, eps)?;
+        Ok(self.lm_head.forward(&h)?.to_vec2::<f32>()?)
+    }
+}
+
+/// The step's rotary cos/sin tables, `[rows, 1, head_dim / 2]` each.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(inv_freq: &[f32], positions: &[usize], dev: &Device) -> Result<Self> {
+        let t = RopeRows::new(inv_freq, positions);
+        let dims = (positions.len(), 1, inv_freq.len());
+        Ok(Self {
+            cos: Tensor::from_vec(t.cos, dims, dev)?,
+            sin: Tensor::from_vec(t.sin, dims, dev)?,
+        })
+    }
+
+    /// Rotates every head of `x` (`[rows, heads * head_dim]`), each row by its own
+    /// position: the rows are candle's batch dimension, each a sequence of one token.
+    fn apply(
+        &self,
+        style: RopeStyle,
+        x: &Tensor,
+        rows: usize,
+        heads: usize,
+        hd: usize,
+    ) -> Result<Tensor> {
+        let x = x.reshape((rows, heads, 1, hd))?.contiguous()?;
+        let y = match style {
+            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, &self.cos, &self.sin)?,
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &self.cos, &self.sin)?,
+        };
+        Ok(y.reshape((rows, heads * hd))?)
+    }
+}
+
+/// RMS norm of each row (the last dimension) of `x`, in f32.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps)?)
+}

@@ -1,0 +1,123 @@
+//! Weights on a candle device: projections dense in the compute type or in the file's
+//! quantized blocks, vectors (norms, biases, the embedding) in f32.
+
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::{ModelError, Result};
+use crate::linear::Linear;
+use crate::transformer::LayerWeights;
+
+/// How projection weights are held on the device (`--device-weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceWeights {
+    /// Dequantized once to the compute type and multiplied by the device's dense gemm
+    /// (cuBLAS on CUDA): 2 bytes per weight in f16/bf16, the fastest for large batches.
+    #[default]
+    Dense,
+    /// The file's 4/8-bit blocks, multiplied by candle's quantized kernels, which round
+    /// activations to 8 bits: a quarter of the memory and of the bytes a small batch
+    /// reads per step.
+    Quantized,
+}
+
+/// A `[n, k]` projection on the device (`y = x · wᵀ`).
+pub(crate) enum DeviceLinear {
+    /// `[n, k]` in the compute type.
+    Dense(Tensor),
+    Quantized(QMatMul),
+}
+
+impl DeviceLinear {
+    /// Moves a loaded projection onto `device`. It must have been loaded as candle
+    /// tensors ([`crate::WeightFormat::Quantized`] for GGUF files, unpacked for HF
+    /// checkpoints): the packed CPU formats keep no tensor to move.
+    pub(crate) fn new(
+        linear: Linear,
+        device: &Device,
+        dtype: DType,
+        how: DeviceWeights,
+    ) -> Result<Self> {
+        let Linear::Candle(w) = linear else {
+            return Err(ModelError::Unsupported(
+                "a projection packed for the CPU kernels cannot move to a device".into(),
+            ));
+        };
+        Ok(match (w, how) {
+            (QMatMul::QTensor(q), DeviceWeights::Quantized) => {
+                let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
+                Self::Quantized(QMatMul::from_qtensor(QTensor::new(
+                    storage,
+                    q.shape().clone(),
+                )?)?)
+            }
+            (QMatMul::QTensor(q), DeviceWeights::Dense) => {
+                Self::Dense(on(&q.dequantize(&Device::Cpu)?, device, dtype)?)
+            }
+            (QMatMul::Tensor(t) | QMatMul::TensorF16(t), _) => Self::Dense(on(&t, device, dtype)?),
+        })
+    }
+
+    /// `x · wᵀ` for `x`: `[rows, k]` f32. Returns `[rows, n]` f32.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Dense(w) => x
+                .to_dtype(w.dtype())?
+                .matmul(&w.t()?)?
+                .to_dtype(DType::F32)?,
+            Self::Quantized(w) => w.forward(x)?,
+        })
+    }
+}
+
+/// One decoder layer's weights on the device; see [`LayerWeights`].
+pub(crate) struct DeviceLayer {
+    pub attn_norm: Tensor,
+    pub qkv: DeviceLinear,
+    pub qkv_bias: Option<Tensor>,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    pub out: DeviceLinear,
+    pub post_attn_norm: Option<Tensor>,
+    pub ffn_norm: Tensor,
+    pub gate_up: DeviceLinear,
+    pub down: DeviceLinear,
+    pub post_ffn_norm: Option<Tensor>,
+}
+
+impl DeviceLayer {
+    pub(crate) fn new(
+        w: LayerWeights,
+        device: &Device,
+        dtype: DType,
+        how: DeviceWeights,
+    ) -> Result<Self> {
+        let linear = |l| DeviceLinear::new(l, device, dtype, how);
+        let opt = |v: Option<Vec<f32>>| v.map(|v| vector(v, device)).transpose();
+        Ok(Self {
+            attn_norm: vector(w.attn_norm, device)?,
+            qkv: linear(w.qkv)?,
+            qkv_bias: opt(w.qkv_bias)?,
+            q_norm: opt(w.q_norm)?,
+            k_norm: opt(w.k_norm)?,
+            out: linear(w.out)?,
+            post_attn_norm: opt(w.post_attn_norm)?,
+            ffn_norm: vector(w.ffn_norm, device)?,
+            gate_up: linear(w.gate_up)?,
+            down: linear(w.down)?,
+            post_ffn_norm: opt(w.post_ffn_norm)?,
+        })
+    }
+}
+
+/// An f32 vector on the device.
+pub(crate) fn vector(v: Vec<f32>, device: &Device) -> Result<Tensor> {
+    let n = v.len();
+    Ok(Tensor::from_vec(v, n, device)?)
+}
+
+/// `t` in `dtype` on `device`, contiguous (converted on the host, where it is cheap to
+/// hold both copies).
+fn on(t: &Tensor, device: &Device, dtype: DType) -> Result<Tensor> {
+    Ok(t.to_dtype(dtype)?.contiguous()?.to_device(device)?)
+}

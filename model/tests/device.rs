@@ -1,0 +1,185 @@
+//! The device forward ([`chorus_model::device`], the code the CUDA path runs) on
+//! candle's CPU device, against the packed CPU path: every architecture's tiny model
+//! alone and batched with chunked prefill, the real default model in both device weight
+//! formats, and a copied block (what `n > 1` forks) continuing as the original.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
+
+mod common;
+mod tiny;
+
+use candle_core::{DType, Device};
+use chorus_model::{gguf, Backend, DeviceOptions, DeviceWeights, SeqInput, WeightFormat};
+use common::{blocks_needed, model_path, run, run_backend};
+use tiny::{tiny, MODEL_TYPES, VOCAB};
+
+fn on_cpu(weights: DeviceWeights) -> DeviceOptions {
+    DeviceOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        weights,
+    }
+}
+
+/// The largest difference between two runs' logits. Each run feeds back its own greedy
+/// choice, so where the two choose differently the rest of that sequence is not
+/// comparable: that is allowed only at a near tie (both runs rate the other's choice
+/// within `tie` of their own), and the comparison of that sequence stops there.
+fn max_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>], tie: f32, what: &str) -> f32 {
+    assert_eq!(a.len(), b.len(), "{what}");
+    let mut worst = 0.0f32;
+    for (i, (sa, sb)) in a.iter().zip(b).enumerate() {
+        assert_eq!(sa.len(), sb.len(), "{what}: sequence {i}");
+        for (step, (la, lb)) in sa.iter().zip(sb).enumerate() {
+            for (x, y) in la.iter().zip(lb) {
+                worst = worst.max((x - y).abs());
+            }
+            let (ta, tb) = (
+                chorus_model::sampling::argmax(la),
+                chorus_model::sampling::argmax(lb),
+            );
+            if ta != tb {
+                let gap_a = la[ta as usize] - la[tb as usize];
+                let gap_b = lb[tb as usize] - lb[ta as usize];
+                assert!(
+                    gap_a < tie && gap_b < tie,
+                    "{what}: sequence {i} step {step} chose {ta} and {tb}, margins {gap_a} and {gap_b}"
+                );
+                eprintln!("{what}: sequence {i} step {step}: a near tie ({gap_a}, {gap_b}) chose differently");
+                break;
+            }
+        }
+    }
+    worst
+}
+
+/// Tolerance on the logits of the tiny models (values of order 1; 6e-4 seen). Both paths
+/// compute in f32 over an f16 cache, in different summation orders, and a last-bit
+/// difference in a key can round it to a neighbouring f16.
+const TINY_TOL: f32 = 2e-3;
+
+#[test]
+fn every_architecture_matches_the_packed_path_alone_and_batched() {
+    let prompts: Vec<Vec<u32>> = vec![
+        (1..12).collect(),
+        vec![5, 9, 3],
+        (20..45).map(|t| t % VOCAB as u32).collect(),
+        vec![42],
+    ];
+    let steps = 6;
+    for model_type in MODEL_TYPES {
+        let packed = run(&tiny(model_type, false), &prompts, 7, steps);
+        let mut device = Backend::new(
+            tiny(model_type, true),
+            Some(&on_cpu(DeviceWeights::Dense)),
+            blocks_needed(&prompts, steps),
+        )
+        .unwrap();
+        assert_eq!(device.device_name(), "candle-cpu");
+        let together = run_backend(&mut device, &prompts, 7, steps);
+        let d = max_diff(&packed, &together, TINY_TOL, model_type);
+        assert!(
+            d < TINY_TOL,
+            "{model_type}: batched device logits differ by {d}"
+        );
+        for (i, p) in prompts.iter().enumerate() {
+            let alone = run_backend(&mut device, std::slice::from_ref(p), 64, steps);
+            let d = max_diff(&packed[i..=i], &alone, TINY_TOL, model_type);
+            assert!(
+                d < TINY_TOL,
+                "{model_type}: prompt {i} alone differs by {d}"
+            );
+        }
+        // A real distribution, not a constant.
+        let first = &together[0][0];
+        assert!(first.iter().any(|&x| x != first[0]), "{model_type}");
+    }
+}
+
+#[test]
+fn the_real_model_matches_in_both_device_weight_formats() {
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 2],
+        (100..160).collect(),
+        vec![9690, 2],
+    ];
+    let steps = 8;
+    let path = model_path();
+    let cpu = |format| {
+        run(
+            &gguf::load(&path, format).unwrap().model,
+            &prompts,
+            16,
+            steps,
+        )
+    };
+    let device = |weights| {
+        let model = gguf::load(&path, WeightFormat::Quantized).unwrap().model;
+        let opts = on_cpu(weights);
+        let mut b = Backend::new(model, Some(&opts), blocks_needed(&prompts, steps)).unwrap();
+        run_backend(&mut b, &prompts, 16, steps)
+    };
+    let (f32_ref, quantized_ref) = (cpu(WeightFormat::F32), cpu(WeightFormat::Quantized));
+    let (dense, quantized) = (
+        device(DeviceWeights::Dense),
+        device(DeviceWeights::Quantized),
+    );
+    // f32 weights through candle's gemm on both sides (0.015 seen on logits of ~20).
+    let d = max_diff(&f32_ref, &dense, 0.05, "dense");
+    assert!(
+        d < 0.05,
+        "dense device logits differ from the f32 path's by {d}"
+    );
+    // Candle's quantized matmul rounds activations to 8 bits on both sides, which turns
+    // last-bit differences into logit differences of ~1: the same greedy tokens but at
+    // near ties, and no further from the f32 path than the CPU's quantized path is.
+    max_diff(&quantized_ref, &quantized, 0.1, "quantized");
+    let from_f32_cpu = max_diff(&f32_ref, &quantized_ref, f32::INFINITY, "cpu");
+    let from_f32_device = max_diff(&f32_ref, &quantized, f32::INFINITY, "device");
+    assert!(
+        from_f32_device < 1.5 * from_f32_cpu,
+        "quantized device logits are {from_f32_device} from the f32 path's, the CPU's {from_f32_cpu}"
+    );
+}
+
+#[test]
+fn a_copied_block_continues_as_the_original() {
+    let model = tiny("qwen3", true);
+    let mut b = Backend::new(model, Some(&on_cpu(DeviceWeights::Dense)), 8).unwrap();
+    let prompt: Vec<u32> = (1..=20).collect();
+    // Positions 0..20 in blocks 1 and 2; the copy puts block 2's half in block 5.
+    let step = |b: &mut Backend, tokens: &[u32], start: usize, blocks: &[u32]| {
+        b.forward(&[SeqInput {
+            tokens,
+            start_pos: start,
+            blocks,
+            wants_logits: true,
+            all_logits: false,
+        }])
+        .unwrap()
+        .remove(0)
+    };
+    step(&mut b, &prompt, 0, &[1, 2]);
+    b.copy_block(2, 5).unwrap();
+    let original = step(&mut b, &[7], 20, &[1, 2]);
+    let copy = step(&mut b, &[7], 20, &[1, 5]);
+    assert_eq!(original, copy);
+    // And a table whose second block was never written sees other keys.
+    let other = step(&mut b, &[7], 20, &[1, 6]);
+    assert_ne!(original, other);
+}
+
+#[test]
+fn a_block_outside_the_cache_is_an_error_not_a_panic() {
+    let mut b = Backend::new(tiny("llama", true), Some(&on_cpu(DeviceWeights::Dense)), 2).unwrap();
+    let err = b
+        .forward(&[SeqInput {
+            tokens: &[1, 2],
+            start_pos: 0,
+            blocks: &[9],
+            wants_logits: true,
+            all_logits: false,
+        }])
+        .unwrap_err();
+    assert!(err.to_string().contains("outside the cache"), "{err}");
+}

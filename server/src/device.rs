@@ -1,0 +1,43 @@
+//! `--device`: where the forward pass runs, resolved once at start.
+
+use candle_core::{DType, Device};
+use chorus_model::DeviceOptions;
+
+use crate::config::{Config, DeviceArg, DtypeArg};
+
+/// The device options for `config`, or `None` for the packed CPU path.
+pub fn resolve(config: &Config) -> Result<Option<DeviceOptions>, String> {
+    let device = match config.device {
+        DeviceArg::Cpu => return Ok(None),
+        DeviceArg::Auto => match cuda(0) {
+            Ok(d) => d,
+            Err(why) => {
+                if cfg!(feature = "cuda") {
+                    tracing::warn!(%why, "no CUDA device answered; running on the CPU");
+                }
+                return Ok(None);
+            }
+        },
+        DeviceArg::Cuda(n) => cuda(n).map_err(|e| format!("--device cuda:{n}: {e}"))?,
+        DeviceArg::CandleCpu => Device::Cpu,
+    };
+    let dtype = match (config.device_dtype, device.is_cpu()) {
+        (DtypeArg::Auto, true) | (DtypeArg::F32, _) => DType::F32,
+        (DtypeArg::Auto, false) | (DtypeArg::F16, _) => DType::F16,
+        (DtypeArg::Bf16, _) => DType::BF16,
+    };
+    Ok(Some(DeviceOptions {
+        device,
+        dtype,
+        weights: config.device_weights.into(),
+    }))
+}
+
+fn cuda(ordinal: usize) -> Result<Device, String> {
+    if !cfg!(feature = "cuda") {
+        return Err("this binary was built without the `cuda` feature \
+                    (cargo build --release --features cuda)"
+            .into());
+    }
+    Device::new_cuda(ordinal).map_err(|e| e.to_string())
+}
