@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 16, run on the GPU machine from the repository root over what
+# scripts/device-pack.sh put in .device/ (that machine has no Rust and no network):
+#
+#   1. the device tests on CUDA: every architecture's tiny model in f32 and f16 against
+#      the packed CPU path, alone and batched with chunked prefill (batch invariance),
+#      every row's logits, a copied block;
+#   2. a random-weight GGUF of a 1B shape (hidden 2048, 16 layers, 32/8 heads, ffn 8192),
+#      written there by scripts/random-gguf.py with the carried tokenizer;
+#   3. chorus --device cuda on it, and chorus-bench at 1/32/128/256 streams.
+#
+# Results land in $OUT (the device tool's folder that comes back): device-tests.log,
+# server.log, bench.json, bench.log, gpu.txt. Without a GPU the same steps run on
+# candle's CPU device with a small model and two short levels, to check the script:
+#
+#   scripts/device-pack.sh --cpu &&
+#     CHORUS_CHECK_DEVICE=candle-cpu CHORUS_CHECK_PYTHON=.venv/bin/python scripts/device-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/chorus-device-check}
+mkdir -p "$out"
+device=${CHORUS_CHECK_DEVICE:-cuda}
+work=${TMPDIR:-/tmp}/chorus-device
+mkdir -p "$work/bin"
+log() { echo "== $(date +%T) $*" | tee -a "$out/summary.txt"; }
+health() {
+  python3 -c 'import sys, urllib.request
+print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=5).read().decode())' "$1" 2>/dev/null
+}
+
+if [ "$device" = cuda ]; then
+  # CUDA's libraries come with the machine's PyTorch (site-packages/nvidia/*/lib).
+  libs=$(python3 -c 'import glob, os, sys
+roots = [p for p in sys.path if p.endswith("site-packages")]
+print(":".join(sorted({d for r in roots for d in glob.glob(os.path.join(r, "nvidia", "**", "lib"), recursive=True)})))')
+  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  nvidia-smi >"$out/gpu.txt" 2>&1
+  shape=()
+  levels=1,32,128,256
+  duration=20
+  server_flags=(--max-running 256 --max-batch-tokens 4096 --kv-cache-mb 16384)
+  export CHORUS_TEST_CUDA=1
+else
+  shape=(--hidden 256 --layers 2 --heads 4 --kv-heads 2 --ffn 512)
+  levels=1,4
+  duration=5
+  server_flags=(--max-running 8)
+fi
+for f in chorus device-tests chorus-bench; do
+  gunzip -c ".device/$f.gz" >"$work/bin/$f" && chmod +x "$work/bin/$f"
+done
+gunzip -c .device/tokenizer.gguf.gz >"$work/tokenizer.gguf"
+
+log "1. device tests ($device)"
+# The real-model test needs the default model's file, which does not travel.
+"$work/bin/device-tests" --test-threads 1 --skip the_real_model --nocapture \
+  >"$out/device-tests.log" 2>&1
+tests_rc=$?
+grep -E '^test |test result|panicked|from the packed path' "$out/device-tests.log" | tee -a "$out/summary.txt"
+
+log "2. random model"
+PYTHONPATH=.device/py "${CHORUS_CHECK_PYTHON:-python3}" scripts/random-gguf.py --tokenizer-from "$work/tokenizer.gguf" \
+  "${shape[@]}" --out "$work/model.gguf" >"$out/model.log" 2>&1 || { tail "$out/model.log"; exit 1; }
+
+log "3. server and bench"
+port=18031
+"$work/bin/chorus" --model "$work/model.gguf" --device "$device" --port "$port" \
+  "${server_flags[@]}" >"$out/server.log" 2>&1 &
+server=$!
+for _ in $(seq 600); do
+  health "$port" >"$out/health.json" && break
+  kill -0 "$server" 2>/dev/null || break
+  sleep 1
+done
+cat "$out/health.json" | tee -a "$out/summary.txt"; echo | tee -a "$out/summary.txt"
+if health "$port" >/dev/null; then
+  "$work/bin/chorus-bench" --url "http://127.0.0.1:$port" --concurrency "$levels" \
+    --duration "$duration" --json "$out/bench.json" >"$out/bench.log" 2>&1
+  bench_rc=$?
+  tail -n 20 "$out/bench.log" | tee -a "$out/summary.txt"
+else
+  bench_rc=1
+  log "the server did not come up"; tail -n 30 "$out/server.log" | tee -a "$out/summary.txt"
+fi
+kill "$server" 2>/dev/null; wait "$server" 2>/dev/null
+log "done: tests rc $tests_rc, bench rc $bench_rc"
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
