@@ -3,10 +3,12 @@
 //! batched matrices (a first version: a kernel reading blocks in place would skip the
 //! gather's copy).
 //!
-//! Rows that decode (one row each) are computed together, padded to the longest context
-//! among them and masked; each prefill chunk is computed on its own against its whole
-//! history, with a causal mask. The indices and masks are built once per step on the
-//! host and uploaded once; every layer reuses them.
+//! The step's sequences fall into two groups, each computed as one batch padded to its
+//! longest chunk and longest context and masked: those decoding (one row each) and those
+//! prefilling (a chunk each, usually of similar sizes), so that neither pads to the
+//! other's shape and the number of operations per layer does not grow with the batch.
+//! The indices and masks are built once per step on the host and uploaded once; every
+//! layer reuses them.
 
 use std::collections::HashMap;
 
@@ -16,48 +18,38 @@ use super::kv::{slot, DeviceKv};
 use crate::attention::RowSpan;
 use crate::error::{ModelError, Result};
 
-/// A step's attention plan: where every row's keys and values are, and what it sees.
-pub(crate) struct StepAttention {
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    scale: f64,
-    /// The decoding rows (sequences with one row this step), if any.
-    decode: Option<DecodeRows>,
-    prefills: Vec<PrefillRows>,
-    /// Batch row order from the order results are produced in (decode rows first, then
-    /// each prefill chunk); `None` when the two agree.
-    order: Option<Tensor>,
-}
-
-struct DecodeRows {
-    /// `[n]` u32: their rows in the batch.
-    rows: Tensor,
-    n: usize,
-    /// The longest context among them.
-    len: usize,
-    /// `[n * len]` u32: each row's slots, padded with its first slot.
-    slots: Tensor,
-    /// Each row's context length and position, for the masks.
-    ctx: Vec<usize>,
-    masks: HashMap<Option<usize>, Tensor>,
-}
-
-struct PrefillRows {
-    first_row: usize,
-    rows: usize,
-    start_pos: usize,
-    /// `[start_pos + rows]` u32.
-    slots: Tensor,
-    masks: HashMap<Option<usize>, Tensor>,
-}
-
 /// The shape of attention in one model.
 pub(crate) struct Heads {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+}
+
+/// A step's attention plan: where every row's keys and values are, and what it sees.
+pub(crate) struct StepAttention {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+    groups: Vec<Group>,
+    /// For each batch row, its place among the groups' padded output rows; `None` when
+    /// that is the identity.
+    order: Option<Tensor>,
+}
+
+/// Sequences computed as one padded batch: `n` sequences of at most `rows` rows
+/// attending to at most `len` positions.
+struct Group {
+    n: usize,
+    rows: usize,
+    len: usize,
+    /// `[n * rows]` u32: each padded row's batch row (padding repeats a real row).
+    q_rows: Tensor,
+    /// `[n * len]` u32: each sequence's slots, padded with its first slot.
+    slots: Tensor,
+    /// `[n, 1, 1, rows, len]` per window: 0 where a row sees a position, -inf elsewhere.
+    masks: HashMap<Option<usize>, Tensor>,
 }
 
 impl StepAttention {
@@ -68,37 +60,37 @@ impl StepAttention {
         windows: &[Option<usize>],
         device: &Device,
     ) -> Result<Self> {
-        let rows: usize = spans.iter().map(|s| s.rows).sum();
-        let decoding: Vec<&RowSpan> = spans.iter().filter(|s| s.rows == 1).collect();
-        let decode = match decoding.is_empty() {
-            true => None,
-            false => Some(DecodeRows::new(&decoding, windows, device)?),
-        };
-        let mut prefills = Vec::new();
-        for s in spans.iter().filter(|s| s.rows > 1) {
-            prefills.push(PrefillRows::new(s, windows, device)?);
+        let total: usize = spans.iter().map(|s| s.rows).sum();
+        let mut order = vec![0u32; total];
+        let mut groups = Vec::with_capacity(2);
+        let mut produced = 0;
+        for decoding in [true, false] {
+            let members: Vec<&RowSpan> = spans
+                .iter()
+                .filter(|s| s.rows > 0 && (s.rows == 1) == decoding)
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            let group = Group::new(&members, windows, device)?;
+            for (j, s) in members.iter().enumerate() {
+                for r in 0..s.rows {
+                    order[s.first_row + r] = (produced + j * group.rows + r) as u32;
+                }
+            }
+            produced += group.n * group.rows;
+            groups.push(group);
         }
-        // Position of each batch row in the produced order.
-        let mut produced = Vec::with_capacity(rows);
-        produced.extend(decoding.iter().map(|s| s.first_row));
-        for p in &prefills {
-            produced.extend(p.first_row..p.first_row + p.rows);
-        }
-        let mut order = vec![0u32; rows];
-        for (at, &row) in produced.iter().enumerate() {
-            order[row] = at as u32;
-        }
-        let identity = order.iter().enumerate().all(|(i, &o)| i as u32 == o);
+        let identity = produced == total && order.iter().enumerate().all(|(i, &o)| i as u32 == o);
         Ok(Self {
             heads: h.heads,
             kv_heads: h.kv_heads,
             head_dim: h.head_dim,
             scale: f64::from(h.scale),
-            decode,
-            prefills,
+            groups,
             order: match identity {
                 true => None,
-                false => Some(Tensor::from_vec(order, rows, device)?),
+                false => Some(Tensor::from_vec(order, total, device)?),
             },
         })
     }
@@ -113,49 +105,9 @@ impl StepAttention {
         window: Option<usize>,
         dtype: DType,
     ) -> Result<Tensor> {
-        let (kvh, hd) = (self.kv_heads, self.head_dim);
-        let group = self.heads / kvh;
-        let q_dim = self.heads * hd;
-        let mut parts = Vec::with_capacity(1 + self.prefills.len());
-        if let Some(d) = &self.decode {
-            let (n, len) = (d.n, d.len);
-            // [n, kvh, group, hd]
-            let qd = q.index_select(&d.rows, 0)?.reshape((n, kvh, group, hd))?;
-            let (k, v) = kv.gather(layer, &d.slots)?;
-            // [n, kvh, len, hd]
-            let k = k
-                .reshape((n, len, kvh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = v
-                .reshape((n, len, kvh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let mask = mask_of(&d.masks, window)?;
-            let o = self.softmax_attend(&qd, &k, &v, mask, dtype)?;
-            parts.push(o.reshape((n, q_dim))?);
-        }
-        for p in &self.prefills {
-            let (rows, ctx) = (p.rows, p.start_pos + p.rows);
-            // [kvh, group * rows, hd]
-            let qp = q
-                .narrow(0, p.first_row, rows)?
-                .reshape((rows, kvh, group, hd))?
-                .permute((1, 2, 0, 3))?
-                .contiguous()?
-                .reshape((kvh, group * rows, hd))?;
-            let (k, v) = kv.gather(layer, &p.slots)?;
-            // [kvh, ctx, hd]
-            let k = k.reshape((ctx, kvh, hd))?.transpose(0, 1)?.contiguous()?;
-            let v = v.reshape((ctx, kvh, hd))?.transpose(0, 1)?.contiguous()?;
-            let mask = mask_of(&p.masks, window)?;
-            // [kvh, group * rows, hd] → [rows, kvh, group, hd]
-            let o = self
-                .softmax_attend_rows(&qp, &k, &v, mask, group, rows, dtype)?
-                .reshape((kvh, group, rows, hd))?
-                .permute((2, 0, 1, 3))?
-                .contiguous()?;
-            parts.push(o.reshape((rows, q_dim))?);
+        let mut parts = Vec::with_capacity(self.groups.len());
+        for g in &self.groups {
+            parts.push(self.group(g, q, kv, layer, window, dtype)?);
         }
         let out = match parts.len() {
             1 => parts.remove(0),
@@ -167,127 +119,104 @@ impl StepAttention {
         })
     }
 
-    /// `softmax(q · kᵀ · scale + mask) · v` over the last two dims, the scores in f32.
-    /// `q`: `[.., m, hd]`, `k`/`v`: `[.., len, hd]`, `mask` broadcast to `[.., m, len]`.
-    fn softmax_attend(
+    /// `softmax(q · kᵀ · scale + mask) · v` for one group, the scores in f32. Returns
+    /// `[n * rows, heads * head_dim]` f32, padding rows included.
+    fn group(
         &self,
+        g: &Group,
         q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: &Tensor,
+        kv: &DeviceKv,
+        layer: usize,
+        window: Option<usize>,
         dtype: DType,
     ) -> Result<Tensor> {
-        let scores = self.scores(q, k, dtype)?.broadcast_add(mask)?;
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
-        Ok(p.to_dtype(dtype)?
-            .matmul(&v.to_dtype(dtype)?)?
-            .to_dtype(DType::F32)?)
-    }
-
-    /// As [`Self::softmax_attend`] for one prefill chunk, whose `group * rows` query rows
-    /// share a `[rows, len]` mask.
-    #[allow(clippy::too_many_arguments)]
-    fn softmax_attend_rows(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: &Tensor,
-        group: usize,
-        rows: usize,
-        dtype: DType,
-    ) -> Result<Tensor> {
-        let scores = self.scores(q, k, dtype)?;
-        let (kvh, _, len) = scores.dims3()?;
-        let scores = scores
-            .reshape((kvh, group, rows, len))?
-            .broadcast_add(mask)?
-            .reshape((kvh, group * rows, len))?;
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
-        Ok(p.to_dtype(dtype)?
-            .matmul(&v.to_dtype(dtype)?)?
-            .to_dtype(DType::F32)?)
-    }
-
-    /// `q · kᵀ · scale` in f32.
-    fn scores(&self, q: &Tensor, k: &Tensor, dtype: DType) -> Result<Tensor> {
-        let k = k.to_dtype(dtype)?;
-        Ok((q
-            .to_dtype(dtype)?
+        let (kvh, hd) = (self.kv_heads, self.head_dim);
+        let group = self.heads / kvh;
+        let (n, rows, len) = (g.n, g.rows, g.len);
+        // [n, kvh, group * rows, hd]: the query heads sharing a KV head, row by row.
+        let q = q
+            .index_select(&g.q_rows, 0)?
+            .reshape((n, rows, kvh, group, hd))?
+            .permute((0, 2, 3, 1, 4))?
+            .contiguous()?
+            .reshape((n, kvh, group * rows, hd))?
+            .to_dtype(dtype)?;
+        let (k, v) = kv.gather(layer, &g.slots)?;
+        // [n, kvh, len, hd]
+        let heads_first = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((n, len, kvh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .to_dtype(dtype)?)
+        };
+        let (k, v) = (heads_first(k)?, heads_first(v)?);
+        let mask = g
+            .masks
+            .get(&window)
+            .ok_or_else(|| ModelError::Kv(format!("no mask was planned for window {window:?}")))?;
+        let scores = (q
             .matmul(&k.transpose(D::Minus2, D::Minus1)?)?
             .to_dtype(DType::F32)?
-            * self.scale)?)
+            * self.scale)?
+            .reshape((n, kvh, group, rows, len))?
+            .broadcast_add(mask)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores)?
+            .reshape((n, kvh, group * rows, len))?
+            .to_dtype(dtype)?;
+        // [n, kvh, group, rows, hd] → [n * rows, heads * hd]
+        Ok(p.matmul(&v)?
+            .to_dtype(DType::F32)?
+            .reshape((n, kvh, group, rows, hd))?
+            .permute((0, 3, 1, 2, 4))?
+            .contiguous()?
+            .reshape((n * rows, self.heads * hd))?)
     }
 }
 
-impl DecodeRows {
+impl Group {
     fn new(spans: &[&RowSpan], windows: &[Option<usize>], device: &Device) -> Result<Self> {
         let n = spans.len();
-        let ctx: Vec<usize> = spans.iter().map(|s| s.start_pos + 1).collect();
-        let len = ctx.iter().copied().max().unwrap_or(1);
+        let rows = spans.iter().map(|s| s.rows).max().unwrap_or(1);
+        let len = spans
+            .iter()
+            .map(|s| s.start_pos + s.rows)
+            .max()
+            .unwrap_or(1);
+        let mut q_rows = Vec::with_capacity(n * rows);
         let mut slots = Vec::with_capacity(n * len);
         for s in spans {
-            let c = s.start_pos + 1;
-            slots.extend((0..c).map(|p| slot(s.blocks, p)));
-            slots.extend(std::iter::repeat_n(slot(s.blocks, 0), len - c));
+            let ctx = s.start_pos + s.rows;
+            q_rows.extend((0..rows).map(|r| (s.first_row + r.min(s.rows - 1)) as u32));
+            slots.extend((0..ctx).map(|p| slot(s.blocks, p)));
+            slots.extend(std::iter::repeat_n(slot(s.blocks, 0), len - ctx));
         }
-        let rows: Vec<u32> = spans.iter().map(|s| s.first_row as u32).collect();
-        let mut me = Self {
-            rows: Tensor::from_vec(rows, n, device)?,
-            n,
-            len,
-            slots: Tensor::from_vec(slots, n * len, device)?,
-            ctx,
-            masks: HashMap::new(),
-        };
-        for &w in windows {
-            if !me.masks.contains_key(&w) {
-                let m = me.build_mask(w, device)?;
-                me.masks.insert(w, m);
-            }
-        }
-        Ok(me)
-    }
-
-    /// `[n, 1, 1, len]`: 0 where the row sees the position, -inf elsewhere.
-    fn build_mask(&self, window: Option<usize>, device: &Device) -> Result<Tensor> {
-        let mut m = Vec::with_capacity(self.n * self.len);
-        for &c in &self.ctx {
-            m.extend((0..self.len).map(|p| visible(p, c - 1, window)));
-        }
-        Ok(Tensor::from_vec(m, (self.n, 1, 1, self.len), device)?)
-    }
-}
-
-impl PrefillRows {
-    fn new(s: &RowSpan, windows: &[Option<usize>], device: &Device) -> Result<Self> {
-        let ctx = s.start_pos + s.rows;
-        let slots: Vec<u32> = (0..ctx).map(|p| slot(s.blocks, p)).collect();
         let mut masks = HashMap::new();
         for &w in windows {
-            if !masks.contains_key(&w) {
-                let mut m = Vec::with_capacity(s.rows * ctx);
-                for r in 0..s.rows {
-                    m.extend((0..ctx).map(|p| visible(p, s.start_pos + r, w)));
-                }
-                masks.insert(w, Tensor::from_vec(m, (s.rows, ctx), device)?);
+            if masks.contains_key(&w) {
+                continue;
             }
+            let mut m = Vec::with_capacity(n * rows * len);
+            for s in spans {
+                for r in 0..rows {
+                    match r < s.rows {
+                        true => m.extend((0..len).map(|p| visible(p, s.start_pos + r, w))),
+                        // A padding row sees position 0 only, so that its softmax has a
+                        // term; its result is dropped.
+                        false => m.extend((0..len).map(|p| visible(p, 0, None))),
+                    }
+                }
+            }
+            masks.insert(w, Tensor::from_vec(m, (n, 1, 1, rows, len), device)?);
         }
         Ok(Self {
-            first_row: s.first_row,
-            rows: s.rows,
-            start_pos: s.start_pos,
-            slots: Tensor::from_vec(slots, ctx, device)?,
+            n,
+            rows,
+            len,
+            q_rows: Tensor::from_vec(q_rows, n * rows, device)?,
+            slots: Tensor::from_vec(slots, n * len, device)?,
             masks,
         })
     }
-}
-
-/// The mask built for `window` when the step was planned.
-fn mask_of(masks: &HashMap<Option<usize>, Tensor>, window: Option<usize>) -> Result<&Tensor> {
-    masks
-        .get(&window)
-        .ok_or_else(|| ModelError::Kv(format!("no mask was planned for window {window:?}")))
 }
 
 /// 0 if a row at `pos` attends to position `p`, else -inf: causal, and within the last
