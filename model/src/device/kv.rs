@@ -40,10 +40,6 @@ impl DeviceKv {
         self.num_blocks
     }
 
-    pub(crate) fn dtype(&self) -> DType {
-        self.layers[0].0.dtype()
-    }
-
     /// Writes `k` and `v` (`[rows, kv_dim]`, f32) into layer `layer` at `slots`
     /// (`[rows, kv_dim]` u32, each row's slot repeated across the row).
     pub(crate) fn write(&self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {

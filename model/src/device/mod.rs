@@ -97,15 +97,6 @@ impl DeviceModel {
         &self.device
     }
 
-    pub fn num_blocks(&self) -> usize {
-        self.kv.num_blocks()
-    }
-
-    /// The cache's element type.
-    pub fn kv_dtype(&self) -> DType {
-        self.kv.dtype()
-    }
-
     /// Copies every layer's keys and values of block `src` into block `dst`.
     pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
         self.kv.copy_block(src, dst)
@@ -115,7 +106,7 @@ impl DeviceModel {
     pub fn forward(&mut self, batch: &[SeqInput]) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let dev = &self.device;
-        let (hidden, q_dim, kv_dim, hd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let (q_dim, kv_dim, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
         let (spans, positions) = row_spans(cfg, batch)?;
         let rows = positions.len();
         if rows == 0 {
@@ -228,7 +219,6 @@ impl DeviceModel {
         }
         let n = wanted.len();
         let last = x.index_select(&Tensor::from_vec(wanted, n, dev)?, 0)?;
-        debug_assert_eq!(last.dims2()?, (n, hidden));
         let h = rms_norm(&last, &self.norm, eps)?;
         Ok(self.lm_head.forward(&h)?.to_vec2::<f32>()?)
     }
