@@ -349,7 +349,7 @@ fn dtype(c: &mut Criterion) {
         ("bf16", Dtype::Bf16),
         ("f16", Dtype::F16),
     ] {
-        let linear = Linear::dense(std::slice::from_ref(&w), dtype).expect("linear");
+        let linear = Linear::dense(std::slice::from_ref(&w), dtype, false).expect("linear");
         for rows in [1, 8, 64] {
             let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             group.throughput(Throughput::Elements(rows as u64));

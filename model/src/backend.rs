@@ -11,7 +11,7 @@ use crate::transformer::{SeqInput, Transformer};
 pub enum Backend {
     /// [`Transformer`] and its [`KvCache`]: the CPU path.
     Packed {
-        model: Transformer,
+        model: Box<Transformer>,
         kv: KvCache,
     },
     Device(Box<DeviceModel>),
@@ -28,7 +28,10 @@ impl Backend {
         Ok(match device {
             None => {
                 let kv = KvCache::new(model.config().kv_shape(), num_blocks)?;
-                Self::Packed { model, kv }
+                Self::Packed {
+                    model: Box::new(model),
+                    kv,
+                }
             }
             Some(opts) => Self::Device(Box::new(DeviceModel::new(model, opts, num_blocks)?)),
         })

@@ -11,7 +11,7 @@
 mod common;
 mod tiny;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use chorus_model::arch::{self, hf_tensor_name};
 use chorus_model::hf::HfWeights;
 use chorus_model::{load, Dtype};

@@ -238,7 +238,12 @@ fn every_rows_logits_match_when_all_are_asked_for() {
                 ..input(blocks)
             }])
             .unwrap();
-        let d = max_diff(&[packed.clone()], &[got], target.tol, target.name);
+        let d = max_diff(
+            std::slice::from_ref(&packed),
+            &[got],
+            target.tol,
+            target.name,
+        );
         assert!(d < target.tol, "{}: {d}", target.name);
     }
 }

@@ -227,6 +227,7 @@ mod tests {
                 tokenizer: Arc::new(tokenizer),
                 template,
                 context_len: 16,
+                device: "cpu".into(),
                 max_seq_tokens: 16,
                 created: 0,
                 grammars: Err("not in this test".into()),

@@ -28,6 +28,7 @@ fn info() -> &'static ModelInfo {
             tokenizer: tokenizer.clone(),
             template: m.template,
             context_len: m.model.config().context_len,
+            device: "cpu".into(),
             max_seq_tokens: m.model.config().context_len,
             created: 0,
             grammars: Grammars::new(tokenizer, vocab).map(Arc::new),
