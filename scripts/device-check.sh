@@ -7,18 +7,22 @@
 #      every row's logits, a copied block;
 #   2. a random-weight GGUF of a 1B shape (hidden 2048, 16 layers, 32/8 heads, ffn 8192),
 #      written there by scripts/random-gguf.py with the carried tokenizer;
-#   3. chorus --device cuda on it, and chorus-bench at 1/32/128/256 streams.
+#   3. chorus --device cuda on it, with dense f16 weights and with the GGUF blocks, and
+#      chorus-bench at 1/32/128/256 streams against each.
 #
-# Results land in $OUT (the device tool's folder that comes back): device-tests.log,
-# server.log, bench.json, bench.log, gpu.txt. Without a GPU the same steps run on
+# Results land in $OUT (the device tool's folder that comes back): summary.txt,
+# bench-{dense,quantized}.json, and logs.tgz with every log (device tests, servers,
+# benches, nvidia-smi). Without a GPU the same steps run on
 # candle's CPU device with a small model and two short levels, to check the script:
 #
 #   scripts/device-pack.sh --cpu &&
 #     CHORUS_CHECK_DEVICE=candle-cpu CHORUS_CHECK_PYTHON=.venv/bin/python scripts/device-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/chorus-device-check}
-mkdir -p "$out"
+# The device tool brings back at most 8 files from $OUT: the logs go in one archive.
+result=${OUT:-/tmp/chorus-device-check}
+out=$(mktemp -d)
+mkdir -p "$result"
 device=${CHORUS_CHECK_DEVICE:-cuda}
 work=${TMPDIR:-/tmp}/chorus-device
 mkdir -p "$work/bin"
@@ -37,7 +41,7 @@ print(":".join(sorted({d for r in roots for d in glob.glob(os.path.join(r, "nvid
   nvidia-smi >"$out/gpu.txt" 2>&1
   shape=()
   levels=1,32,128,256
-  duration=20
+  duration=15
   server_flags=(--max-running 256 --max-batch-tokens 4096 --kv-cache-mb 16384)
   export CHORUS_TEST_CUDA=1
 else
@@ -62,26 +66,34 @@ log "2. random model"
 PYTHONPATH=.device/py "${CHORUS_CHECK_PYTHON:-python3}" scripts/random-gguf.py --tokenizer-from "$work/tokenizer.gguf" \
   "${shape[@]}" --out "$work/model.gguf" >"$out/model.log" 2>&1 || { tail "$out/model.log"; exit 1; }
 
-log "3. server and bench"
 port=18031
-"$work/bin/chorus" --model "$work/model.gguf" --device "$device" --port "$port" \
-  "${server_flags[@]}" >"$out/server.log" 2>&1 &
-server=$!
-for _ in $(seq 600); do
-  health "$port" >"$out/health.json" && break
-  kill -0 "$server" 2>/dev/null || break
-  sleep 1
+bench_rc=0
+# Both device weight formats: dense f16 through cuBLAS, and the GGUF blocks through
+# candle's quantized kernels (the issue asks which wins at which batch size).
+for weights in dense quantized; do
+  log "3. server --device-weights $weights, and bench"
+  "$work/bin/chorus" --model "$work/model.gguf" --device "$device" --port "$port" \
+    --device-weights "$weights" "${server_flags[@]}" >"$out/server-$weights.log" 2>&1 &
+  server=$!
+  for _ in $(seq 600); do
+    health "$port" >"$out/health.json" && break
+    kill -0 "$server" 2>/dev/null || break
+    sleep 1
+  done
+  cat "$out/health.json" | tee -a "$out/summary.txt"; echo | tee -a "$out/summary.txt"
+  if health "$port" >/dev/null; then
+    "$work/bin/chorus-bench" --url "http://127.0.0.1:$port" --concurrency "$levels" \
+      --duration "$duration" --json "$out/bench-$weights.json" >"$out/bench-$weights.log" 2>&1 ||
+      bench_rc=1
+    tail -n 6 "$out/bench-$weights.log" | tee -a "$out/summary.txt"
+  else
+    bench_rc=1
+    log "the server did not come up"; tail -n 30 "$out/server-$weights.log" | tee -a "$out/summary.txt"
+  fi
+  kill "$server" 2>/dev/null; wait "$server" 2>/dev/null
+  port=$((port + 1))
 done
-cat "$out/health.json" | tee -a "$out/summary.txt"; echo | tee -a "$out/summary.txt"
-if health "$port" >/dev/null; then
-  "$work/bin/chorus-bench" --url "http://127.0.0.1:$port" --concurrency "$levels" \
-    --duration "$duration" --json "$out/bench.json" >"$out/bench.log" 2>&1
-  bench_rc=$?
-  tail -n 20 "$out/bench.log" | tee -a "$out/summary.txt"
-else
-  bench_rc=1
-  log "the server did not come up"; tail -n 30 "$out/server.log" | tee -a "$out/summary.txt"
-fi
-kill "$server" 2>/dev/null; wait "$server" 2>/dev/null
 log "done: tests rc $tests_rc, bench rc $bench_rc"
+cp "$out/summary.txt" "$out"/bench-*.json "$result/" 2>/dev/null
+tar -czf "$result/logs.tgz" -C "$out" .
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
