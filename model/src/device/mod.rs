@@ -46,6 +46,8 @@ pub struct DeviceModel {
     lm_head: DeviceLinear,
     inv_freq: Vec<f32>,
     inv_freq_local: Vec<f32>,
+    /// The distinct attention windows of the layers (`None` is full attention).
+    windows: Vec<Option<usize>>,
     kv: DeviceKv,
 }
 
@@ -75,7 +77,11 @@ impl DeviceModel {
             _ => DType::F16,
         };
         let kv = DeviceKv::new(cfg.kv_shape(), num_blocks, kv_dtype, dev)?;
+        let mut windows = cfg.windows.clone();
+        windows.sort_unstable();
+        windows.dedup();
         Ok(Self {
+            windows,
             inv_freq: cfg.rope.inv_freqs(cfg.head_dim),
             inv_freq_local: cfg.rope_local.inv_freqs(cfg.head_dim),
             device: dev.clone(),
@@ -149,16 +155,13 @@ impl DeviceModel {
             true => Some(Rope::new(&self.inv_freq_local, &positions, dev)?),
             false => None,
         };
-        let mut windows: Vec<Option<usize>> = cfg.windows.clone();
-        windows.sort_unstable();
-        windows.dedup();
         let heads = Heads {
             heads: cfg.heads,
             kv_heads: cfg.kv_heads,
             head_dim: hd,
             scale: cfg.attn_scale,
         };
-        let attention = StepAttention::new(&heads, &spans, &windows, dev)?;
+        let attention = StepAttention::new(&heads, &spans, &self.windows, dev)?;
         let eps = cfg.rms_eps;
 
         for (li, layer) in self.layers.iter().enumerate() {
