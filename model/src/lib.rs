@@ -18,6 +18,7 @@
 //! - [`int8`]: the same blocks multiplied with 8-bit activations by integer SIMD kernels.
 //! - [`strips`]: what both kernels share: stacked shapes, output strips in parallel.
 //! - [`math`]: vectorizable `dot` and `exp`.
+//! - [`prefetch`]: a hint that a slice is read soon (attention's next KV blocks).
 //! - [`threads`]: the compute thread pool the driving thread belongs to.
 //! - [`config`]: what the transformer needs to know about an architecture.
 //! - [`transformer`]: the shared decoder and its batched forward pass.
@@ -41,6 +42,9 @@ pub mod load;
 pub mod logits;
 pub mod math;
 pub mod packed;
+// A cache hint, the one `unsafe` outside the integer kernels, with a `// SAFETY:` comment.
+#[allow(unsafe_code)]
+pub mod prefetch;
 pub mod sampling;
 pub mod stop;
 pub mod strips;
