@@ -75,21 +75,30 @@ async fn idle_connections_are_dropped_but_slow_answers_are_not() {
         closed_after.1
     );
 
-    let started = Instant::now();
-    let (status, v) = post(
-        &url,
-        "/v1/chat/completions",
-        &chat(
-            "Tell me a story.",
-            json!({"max_tokens": 200, "ignore_eos": true}),
-        ),
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
-    assert!(
-        started.elapsed() > Duration::from_secs(1),
-        "the answer was too quick to show anything"
-    );
+    // A non-streamed answer sends nothing until it is done: longer answers until one
+    // takes well past the 1 s idle timeout, however fast the machine decodes.
+    let mut max_tokens = 200;
+    loop {
+        let started = Instant::now();
+        let (status, v) = post(
+            &url,
+            "/v1/chat/completions",
+            &chat(
+                "Tell me a story.",
+                json!({"max_tokens": max_tokens, "ignore_eos": true}),
+            ),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        if started.elapsed() > Duration::from_millis(1500) {
+            break;
+        }
+        assert!(
+            max_tokens < 6400,
+            "even {max_tokens} tokens took under 1.5 s: nothing was shown"
+        );
+        max_tokens *= 2;
+    }
 }
 
 /// With a KV cache smaller than one context, a prompt that cannot fit is a 400 naming
@@ -172,17 +181,21 @@ async fn a_request_that_waits_too_long_is_refused() {
     let _turn = TURN.lock().await;
     let url = start(config(&["--max-running", "1", "--request-timeout", "1"]));
     wait_ready(&url).await;
-    let long = {
-        let url = url.clone();
-        tokio::spawn(async move {
-            let body = chat(
-                "Write a long story.",
-                json!({"max_tokens": 300, "ignore_eos": true}),
-            );
-            post(&url, "/v1/chat/completions", &body).await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Streamed and long enough to outlast both refusals on any machine; read as it
+    // goes, then dropped.
+    let mut long = send_chat(
+        &url,
+        &chat(
+            "Write a long story.",
+            json!({"max_tokens": 4000, "ignore_eos": true, "stream": true}),
+        ),
+    )
+    .await;
+    assert_eq!(long.status(), 200);
+    assert!(
+        long.chunk().await.ok().flatten().is_some(),
+        "the long request streams"
+    );
     let started = Instant::now();
     let (status, v) = post(
         &url,
@@ -211,11 +224,14 @@ async fn a_request_that_waits_too_long_is_refused() {
             .contains("--request-timeout"),
         "{v}"
     );
-    assert_eq!(
-        long.await.unwrap().0,
-        200,
-        "the running request is unaffected"
-    );
+    // The running request is unaffected: it is still streaming tokens.
+    let mut more = String::new();
+    while !more.contains("\"content\"") {
+        let chunk = long.chunk().await.ok().flatten();
+        let chunk = chunk.expect("the running request is unaffected, still streaming");
+        more.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(!more.contains("\"error\""), "{more}");
 }
 
 /// 200 clients connect, read a few tokens and vanish: nothing stays behind.
