@@ -92,21 +92,30 @@ pub struct Config {
     /// Context positions whose attention costs as much as computing one token: a step's
     /// --max-batch-tokens budget counts a token at position p as 1 + p / this, so a long
     /// conversation's new turn is prefilled in smaller chunks and decoding streams keep
-    /// their pace, at the cost of later first tokens (0, the default: every token counts
-    /// 1; 1024 halved the p99 inter-token latency of a 10-turn chat, benches/RESULTS.md).
+    /// their pace, at the cost of later first tokens (0, the default: from the model's
+    /// shape under --max-step-ms, else every token counts 1; 1024 halved the p99
+    /// inter-token latency of a 10-turn chat, benches/RESULTS.md).
     #[arg(long, env = "CHORUS_CONTEXT_COST", default_value_t = 0)]
     pub context_cost: usize,
 
-    /// Target duration of one forward step in milliseconds (0: off, every step may take
+    /// Target duration of one forward step in milliseconds, so that a long
+    /// conversation's new turn does not pause every stream (0: off, every step may take
     /// all of --max-batch-tokens). While streams decode, a step's durations are fitted
     /// as fixed + per decode unit + per prefill unit, and prefill chunks get what fits in
     /// the target beside the decoders (at least a thirty-second of --max-batch-tokens,
-    /// more to compute the oldest prompt within 12 steps); while nothing decodes, or when
-    /// decoding alone exceeds the target, a step is budgeted as without it. A token's
-    /// cost then counts the history it attends to (--context-cost, from the model's shape
-    /// when 0).
-    #[arg(long, env = "CHORUS_MAX_STEP_MS", default_value_t = 0)]
+    /// more to compute the oldest prompt within 12 steps); while nothing decodes, a step
+    /// is budgeted as without it. A token's cost then counts the history it attends to
+    /// (--context-cost, from the model's shape when 0).
+    #[arg(long, env = "CHORUS_MAX_STEP_MS", default_value_t = 150)]
     pub max_step_ms: u64,
+
+    /// With --max-step-ms: a step may also take this many times what its decoding
+    /// streams alone take, when that is more than --max-step-ms (many streams, a slow
+    /// machine), so prompts always get at least (ratio - 1) times the decoders' time and
+    /// do not queue. At 1 or less, a step whose decoders alone exceed the target is
+    /// budgeted as without one.
+    #[arg(long, env = "CHORUS_MAX_STEP_RATIO", default_value_t = 3.0)]
+    pub max_step_ratio: f64,
 
     /// Memory for the KV cache, in MiB; fixes how many tokens can be held at once (the
     /// default model: 69,888, so that 16 conversations of 2,000+ tokens keep their
@@ -339,6 +348,12 @@ impl Config {
             return Err(format!(
                 "--max-batch-tokens ({}) must be at least --max-running ({})",
                 self.max_batch_tokens, self.max_running
+            ));
+        }
+        if !self.max_step_ratio.is_finite() || self.max_step_ratio < 0.0 {
+            return Err(format!(
+                "--max-step-ratio ({}) must be a number of at least 0",
+                self.max_step_ratio
             ));
         }
         Ok(())

@@ -492,8 +492,10 @@ fn start_engine(
             num_blocks,
             context_cost,
         }),
-        step_budget: (config.max_step_ms > 0)
-            .then(|| StepBudget::new(config.max_step_ms, config.max_batch_tokens.max(1))),
+        step_budget: (config.max_step_ms > 0).then(|| {
+            StepBudget::new(config.max_step_ms, config.max_batch_tokens.max(1))
+                .with_ratio(config.max_step_ratio)
+        }),
         stats,
         rx,
         next_id: 0,

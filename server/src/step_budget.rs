@@ -6,6 +6,12 @@
 //! that plane says fits beside the decoders. The two slopes differ: a decoding row reads
 //! its whole history alone, where a prefill chunk's rows share each block they read. It
 //! follows the machine, the model and what else runs on the cores, with no calibration.
+//!
+//! Where the decoders alone take a good part of the target (many streams, a slow
+//! machine), a fixed target would leave prompts a sliver of each step and they would
+//! queue. So a step may also take `ratio` times what its decoders alone take
+//! (`--max-step-ratio`): prefill always gets at least `ratio - 1` times the decoders'
+//! time, and a pause stays within a few ordinary inter-token gaps.
 
 /// Weight of a step one step older than another (about 30 steps remembered).
 const DECAY: f64 = 0.97;
@@ -19,6 +25,8 @@ const MIN_AIM: f64 = 0.5;
 #[derive(Debug, Clone)]
 pub struct StepBudget {
     target_ms: f64,
+    /// A step may take this many times its decoders' own time (0: never past the target).
+    ratio: f64,
     max_units: usize,
     observed: usize,
     // Exponentially weighted sums of the products of (1, decode, prefill, ms).
@@ -41,12 +49,24 @@ impl StepBudget {
     pub fn new(target_ms: u64, max_units: usize) -> Self {
         Self {
             target_ms: target_ms as f64,
+            ratio: 0.0,
             max_units: max_units.max(1),
             observed: 0,
             sums: [[0.0; 4]; 4],
             missed: 0.0,
             missed_weight: 0.0,
         }
+    }
+
+    /// Lets a step take `ratio` times what its decoders alone take, when that is more
+    /// than the target (0 or 1: never more than the target).
+    pub fn with_ratio(mut self, ratio: f64) -> Self {
+        self.ratio = if ratio.is_finite() {
+            ratio.max(0.0)
+        } else {
+            0.0
+        };
+        self
     }
 
     /// A step whose decoders cost `decode` units and prefill chunks `prefill` took `ms`.
@@ -154,21 +174,24 @@ impl StepBudget {
     }
 
     /// The next step's budget, given what its decoding streams cost: those units plus
-    /// the prefill units that fit beside them in the target less twice the fit's error
-    /// (the scheduler caps the sum at `--max-batch-tokens`). As without a target (all of
-    /// `--max-batch-tokens`) while nothing decodes (nobody waits between tokens), while
-    /// the fit is not known yet, and when the decoders alone take the target or more: it
-    /// cannot be met then, and holding prompts back would only delay first tokens (at 32
-    /// streams on 2 cores that doubled the TTFT p99, benches/RESULTS.md).
+    /// the prefill units that fit beside them in the step's target less twice the fit's
+    /// error (the scheduler caps the sum at `--max-batch-tokens`). The step's target is
+    /// the larger of the target and `ratio` times the decoders' time. As without a
+    /// target (all of `--max-batch-tokens`) while nothing decodes (nobody waits between
+    /// tokens), while the fit is not known yet, and when the decoders alone take the
+    /// step's target or more (only without a ratio): it cannot be met then, and holding
+    /// prompts back would only delay first tokens (at 32 streams on 2 cores that
+    /// doubled the TTFT p99, benches/RESULTS.md).
     pub fn units(&self, decode: usize) -> usize {
         let Some(c) = self.cost().filter(|_| decode > 0) else {
             return self.max_units;
         };
         let decoders = c.fixed + c.per_decode * decode as f64;
-        if decoders >= self.target_ms {
+        let target = self.target_ms.max(self.ratio * decoders);
+        if decoders >= target {
             return self.max_units;
         }
-        let aim = (self.target_ms - MARGIN_SIGMAS * self.error()).max(MIN_AIM * self.target_ms);
+        let aim = (target - MARGIN_SIGMAS * self.error()).max(MIN_AIM * target);
         let room = (aim - decoders).max(0.0);
         // (A hair over, so that a fit landing a rounding error under a whole unit counts it.)
         let prefill = (room / c.per_prefill + 1e-9).floor();
@@ -261,6 +284,34 @@ mod tests {
             fast.observe(d, p, 1.0 + d as f64 + p as f64);
         }
         assert_eq!(fast.units(8), 128);
+    }
+
+    /// With a ratio, slow decoders stretch the step instead of starving prompts: 28
+    /// decode units take 150 ms, so at a ratio of 3 the step may take 450, and prefill
+    /// gets the 300 ms beside them rather than nothing or everything.
+    #[test]
+    fn a_ratio_stretches_the_target_with_the_decoders() {
+        let mut b = StepBudget::new(150, 1024).with_ratio(3.0);
+        for (d, p) in mixes() {
+            b.observe(d, p, 10.0 + 5.0 * d as f64 + 2.0 * p as f64);
+        }
+        assert!(b.error() < 5.0, "{}", b.error());
+        let prefill = |decode: usize| b.units(decode) - decode;
+        // 8 units: 50 ms, under a third of the target: the target stands (100 ms left).
+        let want = (100.0 - 2.0 * b.error()) / 2.0;
+        assert!((prefill(8) as f64 - want).abs() <= 1.0, "{}", prefill(8));
+        // 28 units: 150 ms; the step may take 450.
+        let want = (450.0 - 2.0 * b.error() - 150.0) / 2.0;
+        assert!((prefill(28) as f64 - want).abs() <= 1.0, "{}", prefill(28));
+        // 40 units: 210 ms; 630 in all, twice the decoders' time for prefill.
+        let want = (630.0 - 2.0 * b.error() - 210.0) / 2.0;
+        assert!((prefill(40) as f64 - want).abs() <= 1.0, "{}", prefill(40));
+        // A ratio of 1 is no ratio: decoders over the target leave it as without one.
+        let mut one = StepBudget::new(150, 1024).with_ratio(1.0);
+        for (d, p) in mixes() {
+            one.observe(d, p, 10.0 + 5.0 * d as f64 + 2.0 * p as f64);
+        }
+        assert_eq!(one.units(30), 1024);
     }
 
     #[test]
