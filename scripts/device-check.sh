@@ -7,11 +7,12 @@
 #      every row's logits, a copied block;
 #   2. a random-weight GGUF of a 1B shape (hidden 2048, 16 layers, 32/8 heads, ffn 8192),
 #      written there by scripts/random-gguf.py with the carried tokenizer;
-#   3. chorus --device cuda on it, with dense f16 weights and with the GGUF blocks, and
+#   3. chorus --device cuda on it, with dense f16 weights and decoding rows through our
+#      paged kernel, the same through the gather, and the GGUF blocks with the kernel;
 #      chorus-bench at 1/32/128/256 streams against each.
 #
 # Results land in $OUT (the device tool's folder that comes back): summary.txt,
-# bench-{dense,quantized}.json, and logs.tgz with every log (device tests, servers,
+# bench-{dense,dense-gather,quantized}.json, and logs.tgz with every log (device tests, servers,
 # benches, nvidia-smi). Without a GPU the same steps run on
 # candle's CPU device with a small model and two short levels, to check the script:
 #
@@ -37,7 +38,8 @@ if [ "$device" = cuda ]; then
   libs=$(python3 -c 'import glob, os, sys
 roots = [p for p in sys.path if p.endswith("site-packages")]
 print(":".join(sorted({d for r in roots for d in glob.glob(os.path.join(r, "nvidia", "**", "lib"), recursive=True)})))')
-  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # The CUDA toolkit's own folder last: NVRTC loads its builtins library from the path.
+  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:/usr/local/cuda/lib64"
   nvidia-smi >"$out/gpu.txt" 2>&1
   shape=()
   levels=1,32,128,256
@@ -69,11 +71,16 @@ PYTHONPATH=.device/py "${CHORUS_CHECK_PYTHON:-python3}" scripts/random-gguf.py -
 port=18031
 bench_rc=0
 # Both device weight formats: dense f16 through cuBLAS, and the GGUF blocks through
-# candle's quantized kernels (the issue asks which wins at which batch size).
-for weights in dense quantized; do
-  log "3. server --device-weights $weights, and bench"
+# candle's quantized kernels (the issue asks which wins at which batch size); and both
+# ways decoding rows attend with dense weights: our paged kernel, and the gather.
+for config in dense:paged dense-gather:gather quantized:paged; do
+  name=${config%%:*}
+  weights=${name%%-*}
+  attention=${config##*:}
+  log "3. server --device-weights $weights --device-attention $attention, and bench"
   "$work/bin/chorus" --model "$work/model.gguf" --device "$device" --port "$port" \
-    --device-weights "$weights" "${server_flags[@]}" >"$out/server-$weights.log" 2>&1 &
+    --device-weights "$weights" --device-attention "$attention" "${server_flags[@]}" \
+    >"$out/server-$name.log" 2>&1 &
   server=$!
   for _ in $(seq 600); do
     health "$port" >"$out/health.json" && break
@@ -81,14 +88,15 @@ for weights in dense quantized; do
     sleep 1
   done
   cat "$out/health.json" | tee -a "$out/summary.txt"; echo | tee -a "$out/summary.txt"
+  grep -E 'model loaded|paged attention' "$out/server-$name.log" | head -n 3 | sed 's/\x1b\[[0-9;]*m//g' | tee -a "$out/summary.txt"
   if health "$port" >/dev/null; then
     "$work/bin/chorus-bench" --url "http://127.0.0.1:$port" --concurrency "$levels" \
-      --duration "$duration" --json "$out/bench-$weights.json" >"$out/bench-$weights.log" 2>&1 ||
+      --duration "$duration" --json "$out/bench-$name.json" >"$out/bench-$name.log" 2>&1 ||
       bench_rc=1
-    tail -n 6 "$out/bench-$weights.log" | tee -a "$out/summary.txt"
+    tail -n 6 "$out/bench-$name.log" | tee -a "$out/summary.txt"
   else
     bench_rc=1
-    log "the server did not come up"; tail -n 30 "$out/server-$weights.log" | tee -a "$out/summary.txt"
+    log "the server did not come up"; tail -n 30 "$out/server-$name.log" | tee -a "$out/summary.txt"
   fi
   kill "$server" 2>/dev/null; wait "$server" 2>/dev/null
   port=$((port + 1))

@@ -65,6 +65,14 @@ impl Backend {
 
     /// Where the forward runs, for logs and `/health`: `cpu`, `cuda:0`, or `candle-cpu`
     /// (the device path on candle's CPU device).
+    /// How decoding rows attend on a device; `None` on the packed path.
+    pub fn device_attention(&self) -> Option<crate::DeviceAttention> {
+        match self {
+            Self::Packed { .. } => None,
+            Self::Device(m) => Some(m.attention()),
+        }
+    }
+
     pub fn device_name(&self) -> String {
         match self {
             Self::Packed { .. } => "cpu".into(),

@@ -56,7 +56,7 @@ pub mod transformer;
 pub use backend::Backend;
 pub use config::{Arch, ModelConfig};
 pub use detok::IncrementalDecoder;
-pub use device::{DeviceModel, DeviceOptions, DeviceWeights};
+pub use device::{DeviceAttention, DeviceModel, DeviceOptions, DeviceWeights};
 pub use error::{ModelError, Result};
 pub use kv::{BlockAllocator, KvCache};
 pub use linear::{Dtype, WeightFormat};

@@ -10,7 +10,9 @@ mod common;
 mod tiny;
 
 use candle_core::{DType, Device};
-use chorus_model::{gguf, Backend, DeviceOptions, DeviceWeights, SeqInput, WeightFormat};
+use chorus_model::{
+    gguf, Backend, DeviceAttention, DeviceOptions, DeviceWeights, SeqInput, WeightFormat,
+};
 use common::{blocks_needed, model_path, run, run_backend};
 use tiny::{tiny, MODEL_TYPES, VOCAB};
 
@@ -19,6 +21,7 @@ fn on_cpu(weights: DeviceWeights) -> DeviceOptions {
         device: Device::Cpu,
         dtype: DType::F32,
         weights,
+        attention: DeviceAttention::Paged,
     }
 }
 
@@ -62,24 +65,36 @@ struct Target {
     tol: f32,
 }
 
-/// Candle's CPU device in f32 always. With the `cuda` feature and `CHORUS_TEST_CUDA=1`
-/// (what `scripts/device-check.sh` sets on a GPU machine) also the first GPU, in f32 and
-/// in f16.
+/// Candle's CPU device in f32 always, decoding rows through the paged op's reference
+/// and through the gather. With the `cuda` feature and `CHORUS_TEST_CUDA=1` (what
+/// `scripts/device-check.sh` sets on a GPU machine) also the first GPU: the paged kernel
+/// in f32 and f16, the gather in f16.
 ///
 /// In f32 both paths compute over an f16 cache in different summation orders, and a
 /// last-bit difference in a key can round it to a neighbouring f16: 6e-4 seen on the CPU,
 /// 2e-3 allowed. f16 products keep 11 bits: 5e-2 allowed.
 fn targets() -> Vec<Target> {
-    let mut t = vec![Target {
-        name: "candle-cpu f32",
-        opts: on_cpu(DeviceWeights::Dense),
-        tol: 2e-3,
-    }];
+    let mut t = vec![
+        Target {
+            name: "candle-cpu f32 paged",
+            opts: on_cpu(DeviceWeights::Dense),
+            tol: 2e-3,
+        },
+        Target {
+            name: "candle-cpu f32 gather",
+            opts: DeviceOptions {
+                attention: DeviceAttention::Gather,
+                ..on_cpu(DeviceWeights::Dense)
+            },
+            tol: 2e-3,
+        },
+    ];
     if std::env::var("CHORUS_TEST_CUDA").is_ok_and(|v| v == "1") {
         let gpu = Device::new_cuda(0).expect("CHORUS_TEST_CUDA=1 but no CUDA device");
-        for (name, dtype, tol) in [
-            ("cuda f32", DType::F32, 2e-3),
-            ("cuda f16", DType::F16, 5e-2),
+        for (name, dtype, attention, tol) in [
+            ("cuda f32 paged", DType::F32, DeviceAttention::Paged, 2e-3),
+            ("cuda f16 paged", DType::F16, DeviceAttention::Paged, 5e-2),
+            ("cuda f16 gather", DType::F16, DeviceAttention::Gather, 5e-2),
         ] {
             t.push(Target {
                 name,
@@ -87,6 +102,7 @@ fn targets() -> Vec<Target> {
                     device: gpu.clone(),
                     dtype,
                     weights: DeviceWeights::Dense,
+                    attention,
                 },
                 tol,
             });
@@ -111,6 +127,12 @@ fn every_architecture_matches_the_packed_path_alone_and_batched() {
             let blocks = blocks_needed(&prompts, steps);
             let mut device =
                 Backend::new(tiny(model_type, true), Some(&target.opts), blocks).unwrap();
+            // The kernel serves every tiny model's shape: nothing fell back to the gather.
+            assert_eq!(
+                device.device_attention(),
+                Some(target.opts.attention),
+                "{what}"
+            );
             let together = run_backend(&mut device, &prompts, 7, steps);
             let d = max_diff(&packed, &together, target.tol, &what);
             assert!(

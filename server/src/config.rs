@@ -77,6 +77,12 @@ pub struct Config {
     #[arg(long, env = "CHORUS_DEVICE_WEIGHTS", value_enum, default_value_t = DeviceWeightsArg::Dense)]
     pub device_weights: DeviceWeightsArg,
 
+    /// How decoding rows attend on a device: paged (a kernel of ours reads each
+    /// conversation's KV blocks in place; on candle-cpu its reference) or gather (the
+    /// blocks copied into padded tensors, candle's own ops). Prefill chunks always gather.
+    #[arg(long, env = "CHORUS_DEVICE_ATTENTION", value_enum, default_value_t = DeviceAttentionArg::Paged)]
+    pub device_attention: DeviceAttentionArg,
+
     /// Most sequences decoding at once (continuous-batching slots).
     #[arg(long, env = "CHORUS_MAX_RUNNING", default_value_t = 64)]
     pub max_running: usize,
@@ -279,6 +285,21 @@ impl std::str::FromStr for DeviceArg {
                 }
             },
         })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceAttentionArg {
+    Paged,
+    Gather,
+}
+
+impl From<DeviceAttentionArg> for chorus_model::DeviceAttention {
+    fn from(a: DeviceAttentionArg) -> Self {
+        match a {
+            DeviceAttentionArg::Paged => chorus_model::DeviceAttention::Paged,
+            DeviceAttentionArg::Gather => chorus_model::DeviceAttention::Gather,
+        }
     }
 }
 

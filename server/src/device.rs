@@ -30,6 +30,7 @@ pub fn resolve(config: &Config) -> Result<Option<DeviceOptions>, String> {
         device,
         dtype,
         weights: config.device_weights.into(),
+        attention: config.device_attention.into(),
     }))
 }
 

@@ -435,6 +435,7 @@ fn start_engine(
         model = %served_name,
         arch = cfg.arch.name(),
         device = %device_name,
+        device_attention = ?backend.device_attention(),
         layers = cfg.layers,
         context = cfg.context_len,
         kv_blocks = num_blocks,

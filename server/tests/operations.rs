@@ -291,7 +291,8 @@ async fn a_disconnect_storm_leaves_nothing_running() {
 /// and every block comes back.
 /// The device path (`--device candle-cpu`: the code a GPU runs, on candle's CPU device)
 /// serves through the same engine: concurrent requests, forked choices (whose partial
-/// last block is copied on the device) and a stream.
+/// last block is copied on the device) and a stream; and decoding through the paged op
+/// (the default) answers as the gather does.
 #[tokio::test]
 async fn the_device_path_serves_on_candle_cpu() {
     let _turn = TURN.lock().await;
@@ -299,6 +300,12 @@ async fn the_device_path_serves_on_candle_cpu() {
     wait_ready(&url).await;
     let h = health(&url).await;
     assert_eq!(h["device"], "candle-cpu", "{h}");
+    let greedy = chat(
+        "Question 0: what is a river?",
+        json!({"max_tokens": 24, "ignore_eos": true, "temperature": 0}),
+    );
+    let (status, paged) = post(&url, "/v1/chat/completions", &greedy).await;
+    assert_eq!(status, 200, "{paged}");
     let mut clients = Vec::new();
     for i in 0..3 {
         let url = url.clone();
@@ -332,6 +339,19 @@ async fn the_device_path_serves_on_candle_cpu() {
         "{events:?}"
     );
     assert_eq!(health(&url).await["kv_blocks_used"], 0);
+
+    let url = start(config(&[
+        "--device",
+        "candle-cpu",
+        "--device-attention",
+        "gather",
+    ]));
+    wait_ready(&url).await;
+    let (status, gathered) = post(&url, "/v1/chat/completions", &greedy).await;
+    assert_eq!(status, 200, "{gathered}");
+    let text = |v: &Value| v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(!text(&paged).trim().is_empty(), "{paged}");
+    assert_eq!(text(&paged), text(&gathered));
 }
 
 #[tokio::test]

@@ -1,20 +1,22 @@
-//! Attention of a ragged batch on a device, by gathering each sequence's keys and
-//! values from the paged cache into contiguous tensors and multiplying them as dense
-//! batched matrices (a first version: a kernel reading blocks in place would skip the
-//! gather's copy).
+//! Attention of a ragged batch on a device. Decoding rows go to the paged decode op
+//! ([`super::paged`]), which reads each row's blocks in place, unless
+//! `--device-attention gather` or the model's shape rules it out. Prefill chunks, and
+//! decoding rows without it, gather each sequence's keys and values from the paged cache
+//! into contiguous tensors and multiply them as dense batched matrices.
 //!
-//! The step's sequences fall into two groups, each computed as one batch padded to its
-//! longest chunk and longest context and masked: those decoding (one row each) and those
-//! prefilling (a chunk each, usually of similar sizes), so that neither pads to the
-//! other's shape and the number of operations per layer does not grow with the batch.
-//! The indices and masks are built once per step on the host and uploaded once; every
-//! layer reuses them.
+//! The step's sequences fall into two groups: those decoding (one row each) and those
+//! prefilling (a chunk each, usually of similar sizes). A gathered group is one batch
+//! padded to its longest chunk and longest context and masked, so that neither group
+//! pads to the other's shape and the number of operations per layer does not grow with
+//! the batch. The plans (block tables, slots, masks) are built once per step on the host
+//! and uploaded once; every layer reuses them.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
 
 use super::kv::{slot, DeviceKv};
+use super::paged::{DecodeMeta, PagedDecoder};
 use crate::attention::RowSpan;
 use crate::error::{ModelError, Result};
 
@@ -38,27 +40,69 @@ pub(crate) struct StepAttention {
     order: Option<Tensor>,
 }
 
-/// Sequences computed as one padded batch: `n` sequences of at most `rows` rows
-/// attending to at most `len` positions.
+/// Sequences computed together: `n` sequences of at most `rows` rows attending to at
+/// most `len` positions.
 struct Group {
     n: usize,
     rows: usize,
     len: usize,
-    /// `[n * rows]` u32: each padded row's batch row (padding repeats a real row).
-    q_rows: Tensor,
-    /// `[n * len]` u32: each sequence's slots, padded with its first slot.
-    slots: Tensor,
-    /// `[n, 1, 1, rows, len]` per window: 0 where a row sees a position, -inf elsewhere.
-    masks: HashMap<Option<usize>, Tensor>,
+    /// Each padded row's batch row (padding repeats a real row).
+    q_rows: QueryRows,
+    how: Plan,
+}
+
+/// Where a group's query rows are in the batch.
+enum QueryRows {
+    /// The batch rows from this one on, in order (every decode-only step): a view.
+    Run(usize),
+    /// `[n * rows]` u32 batch rows, gathered.
+    Select(Tensor),
+}
+
+impl QueryRows {
+    fn new(rows: Vec<u32>, device: &Device) -> Result<Self> {
+        let first = rows.first().copied().unwrap_or(0);
+        let run = rows.iter().zip(first..).all(|(&r, i)| r == i);
+        Ok(match run {
+            true => Self::Run(first as usize),
+            false => {
+                let n = rows.len();
+                Self::Select(Tensor::from_vec(rows, n, device)?)
+            }
+        })
+    }
+
+    /// The group's `count` query rows of `q`.
+    fn of(&self, q: &Tensor, count: usize) -> Result<Tensor> {
+        Ok(match self {
+            Self::Run(first) => q.narrow(0, *first, count)?,
+            Self::Select(rows) => q.index_select(rows, 0)?,
+        })
+    }
+}
+
+enum Plan {
+    /// One padded batch over gathered keys and values.
+    Gather {
+        /// `[n * len]` u32: each sequence's slots, padded with its first slot.
+        slots: Tensor,
+        /// `[n, 1, 1, rows, len]` per window: 0 where a row sees a position, -inf
+        /// elsewhere.
+        masks: HashMap<Option<usize>, Tensor>,
+    },
+    /// Decoding rows through the paged op, one plan per window.
+    Paged(HashMap<Option<usize>, DecodeMeta>),
 }
 
 impl StepAttention {
-    /// `windows`: the sliding windows some layers use (`None` is full attention).
+    /// `windows`: the distinct sliding windows of the layers (`None` is full attention).
+    /// `paged`: whether decoding rows go through the paged decode op.
     pub(crate) fn new(
         h: &Heads,
         spans: &[RowSpan],
         windows: &[Option<usize>],
         device: &Device,
+        paged: bool,
     ) -> Result<Self> {
         let total: usize = spans.iter().map(|s| s.rows).sum();
         let mut order = vec![0u32; total];
@@ -72,7 +116,7 @@ impl StepAttention {
             if members.is_empty() {
                 continue;
             }
-            let group = Group::new(&members, windows, device)?;
+            let group = Group::new(&members, windows, device, decoding && paged)?;
             for (j, s) in members.iter().enumerate() {
                 for r in 0..s.rows {
                     order[s.first_row + r] = (produced + j * group.rows + r) as u32;
@@ -97,6 +141,7 @@ impl StepAttention {
 
     /// `q`: `[rows, heads * head_dim]` f32, rope applied, the step's keys and values
     /// already written. Returns `[rows, heads * head_dim]` f32.
+    /// `paged`: the decode op, required where the plan chose it.
     pub(crate) fn forward(
         &self,
         q: &Tensor,
@@ -104,10 +149,26 @@ impl StepAttention {
         layer: usize,
         window: Option<usize>,
         dtype: DType,
+        paged: Option<&PagedDecoder>,
     ) -> Result<Tensor> {
         let mut parts = Vec::with_capacity(self.groups.len());
         for g in &self.groups {
-            parts.push(self.group(g, q, kv, layer, window, dtype)?);
+            let part = match (&g.how, paged) {
+                (Plan::Gather { slots, masks }, _) => {
+                    let mask = masks.get(&window).ok_or_else(|| no_plan(window))?;
+                    self.gathered(g, q, kv.gather(layer, slots)?, mask, dtype)?
+                }
+                (Plan::Paged(metas), Some(op)) => {
+                    let meta = metas.get(&window).ok_or_else(|| no_plan(window))?;
+                    let (keys, values) = kv.layer(layer);
+                    let q = g.q_rows.of(q, g.n)?;
+                    op.forward(&q, keys, values, meta, self.kv_heads, self.scale as f32)?
+                }
+                (Plan::Paged(_), None) => {
+                    return Err(ModelError::Kv("the paged attention op is missing".into()))
+                }
+            };
+            parts.push(part);
         }
         let out = match parts.len() {
             1 => parts.remove(0),
@@ -119,29 +180,29 @@ impl StepAttention {
         })
     }
 
-    /// `softmax(q · kᵀ · scale + mask) · v` for one group, the scores in f32. Returns
+    /// `softmax(q · kᵀ · scale + mask) · v` for one group over its gathered keys and
+    /// values (`[n * len, kv_dim]` each), the scores in f32. Returns
     /// `[n * rows, heads * head_dim]` f32, padding rows included.
-    fn group(
+    fn gathered(
         &self,
         g: &Group,
         q: &Tensor,
-        kv: &DeviceKv,
-        layer: usize,
-        window: Option<usize>,
+        (k, v): (Tensor, Tensor),
+        mask: &Tensor,
         dtype: DType,
     ) -> Result<Tensor> {
         let (kvh, hd) = (self.kv_heads, self.head_dim);
         let group = self.heads / kvh;
         let (n, rows, len) = (g.n, g.rows, g.len);
         // [n, kvh, group * rows, hd]: the query heads sharing a KV head, row by row.
-        let q = q
-            .index_select(&g.q_rows, 0)?
+        let q = g
+            .q_rows
+            .of(q, n * rows)?
             .reshape((n, rows, kvh, group, hd))?
             .permute((0, 2, 3, 1, 4))?
             .contiguous()?
             .reshape((n, kvh, group * rows, hd))?
             .to_dtype(dtype)?;
-        let (k, v) = kv.gather(layer, &g.slots)?;
         // [n, kvh, len, hd]
         let heads_first = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((n, len, kvh, hd))?
@@ -150,10 +211,6 @@ impl StepAttention {
                 .to_dtype(dtype)?)
         };
         let (k, v) = (heads_first(k)?, heads_first(v)?);
-        let mask = g
-            .masks
-            .get(&window)
-            .ok_or_else(|| ModelError::Kv(format!("no mask was planned for window {window:?}")))?;
         let scores = (q
             .matmul(&k.transpose(D::Minus2, D::Minus1)?)?
             .to_dtype(DType::F32)?
@@ -173,8 +230,18 @@ impl StepAttention {
     }
 }
 
+fn no_plan(window: Option<usize>) -> ModelError {
+    ModelError::Kv(format!("no attention was planned for window {window:?}"))
+}
+
 impl Group {
-    fn new(spans: &[&RowSpan], windows: &[Option<usize>], device: &Device) -> Result<Self> {
+    /// `paged`: the sequences are decoding rows for the paged op.
+    fn new(
+        spans: &[&RowSpan],
+        windows: &[Option<usize>],
+        device: &Device,
+        paged: bool,
+    ) -> Result<Self> {
         let n = spans.len();
         let rows = spans.iter().map(|s| s.rows).max().unwrap_or(1);
         let len = spans
@@ -183,18 +250,31 @@ impl Group {
             .max()
             .unwrap_or(1);
         let mut q_rows = Vec::with_capacity(n * rows);
+        for s in spans {
+            q_rows.extend((0..rows).map(|r| (s.first_row + r.min(s.rows - 1)) as u32));
+        }
+        let q_rows = QueryRows::new(q_rows, device)?;
+        if paged {
+            let metas = windows
+                .iter()
+                .map(|&w| Ok((w, DecodeMeta::new(spans, w, device)?)))
+                .collect::<Result<_>>()?;
+            return Ok(Self {
+                n,
+                rows,
+                len,
+                q_rows,
+                how: Plan::Paged(metas),
+            });
+        }
         let mut slots = Vec::with_capacity(n * len);
         for s in spans {
             let ctx = s.start_pos + s.rows;
-            q_rows.extend((0..rows).map(|r| (s.first_row + r.min(s.rows - 1)) as u32));
             slots.extend((0..ctx).map(|p| slot(s.blocks, p)));
             slots.extend(std::iter::repeat_n(slot(s.blocks, 0), len - ctx));
         }
         let mut masks = HashMap::new();
         for &w in windows {
-            if masks.contains_key(&w) {
-                continue;
-            }
             let mut m = Vec::with_capacity(n * rows * len);
             for s in spans {
                 for r in 0..rows {
@@ -212,9 +292,11 @@ impl Group {
             n,
             rows,
             len,
-            q_rows: Tensor::from_vec(q_rows, n * rows, device)?,
-            slots: Tensor::from_vec(slots, n * len, device)?,
-            masks,
+            q_rows,
+            how: Plan::Gather {
+                slots: Tensor::from_vec(slots, n * len, device)?,
+                masks,
+            },
         })
     }
 }

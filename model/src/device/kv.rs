@@ -49,6 +49,12 @@ impl DeviceKv {
         Ok(())
     }
 
+    /// Layer `layer`'s keys and values, every slot.
+    pub(crate) fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        let (keys, values) = &self.layers[layer];
+        (keys, values)
+    }
+
     /// Keys and values of layer `layer` at `slots` (`[n]` u32): `[n, kv_dim]` each.
     pub(crate) fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
         let (keys, values) = &self.layers[layer];

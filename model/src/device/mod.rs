@@ -8,18 +8,28 @@
 //!
 //! - [`weights`]: projections dense in the compute type or in quantized blocks.
 //! - [`kv`]: the block pool as device memory.
-//! - [`attention`]: a step's attention, gathering each sequence's blocks.
+//! - [`attention`]: a step's attention plan: decoding rows through [`paged`], the rest
+//!   by gathering each sequence's blocks.
+//! - [`paged`]: decode attention reading the blocks in place, as one candle op.
+//! - [`cuda`]: our CUDA kernels, compiled at run time.
 
 mod attention;
+// Kernel launches, each `unsafe` block with a `// SAFETY:` comment.
+#[allow(unsafe_code)]
+mod cuda;
 mod kv;
+mod paged;
 mod weights;
 
 use candle_core::{DType, Device, Tensor};
 
+pub use paged::DeviceAttention;
 pub use weights::DeviceWeights;
 
 use self::attention::{Heads, StepAttention};
+use self::cuda::KernelShape;
 use self::kv::{slot, DeviceKv};
+use self::paged::{cache_dtype, PagedDecoder};
 use self::weights::{vector, DeviceLayer, DeviceLinear};
 use crate::config::{Activation, ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
@@ -33,6 +43,7 @@ pub struct DeviceOptions {
     /// CPU, where this path exists to be checked.
     pub dtype: DType,
     pub weights: DeviceWeights,
+    pub attention: DeviceAttention,
 }
 
 pub struct DeviceModel {
@@ -49,6 +60,8 @@ pub struct DeviceModel {
     /// The distinct attention windows of the layers (`None` is full attention).
     windows: Vec<Option<usize>>,
     kv: DeviceKv,
+    /// The decode op, unless the gather serves decoding rows too.
+    paged: Option<PagedDecoder>,
 }
 
 impl DeviceModel {
@@ -72,11 +85,19 @@ impl DeviceModel {
             .collect::<Result<Vec<_>>>()?;
         let embed = Tensor::from_vec(parts.embed, (cfg.vocab, cfg.hidden), dev)?;
         // The cache keeps two bytes a value, as the CPU's does and as its budget counts.
-        let kv_dtype = match opts.dtype {
-            DType::BF16 => DType::BF16,
-            _ => DType::F16,
-        };
+        let kv_dtype = cache_dtype(opts.dtype);
         let kv = DeviceKv::new(cfg.kv_shape(), num_blocks, kv_dtype, dev)?;
+        let paged = match opts.attention {
+            DeviceAttention::Paged => {
+                let shape = KernelShape {
+                    head_dim: cfg.head_dim,
+                    group: cfg.heads / cfg.kv_heads,
+                    cache: kv_dtype,
+                };
+                PagedDecoder::new(shape, dev)
+            }
+            DeviceAttention::Gather => None,
+        };
         let mut windows = cfg.windows.clone();
         windows.sort_unstable();
         windows.dedup();
@@ -91,6 +112,7 @@ impl DeviceModel {
             norm: vector(parts.norm, dev)?,
             lm_head: DeviceLinear::new(parts.lm_head, dev, opts.dtype, opts.weights)?,
             kv,
+            paged,
             cfg,
         })
     }
@@ -101,6 +123,15 @@ impl DeviceModel {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// How decoding rows attend: paged unless gather was asked for or the kernel does
+    /// not serve this model's shape.
+    pub fn attention(&self) -> DeviceAttention {
+        match self.paged {
+            Some(_) => DeviceAttention::Paged,
+            None => DeviceAttention::Gather,
+        }
     }
 
     /// Copies every layer's keys and values of block `src` into block `dst`.
@@ -161,7 +192,8 @@ impl DeviceModel {
             head_dim: hd,
             scale: cfg.attn_scale,
         };
-        let attention = StepAttention::new(&heads, &spans, &self.windows, dev)?;
+        let attention =
+            StepAttention::new(&heads, &spans, &self.windows, dev, self.paged.is_some())?;
         let eps = cfg.rms_eps;
 
         for (li, layer) in self.layers.iter().enumerate() {
@@ -185,7 +217,8 @@ impl DeviceModel {
             let q = rope.apply(cfg.rope_style, &q, rows, cfg.heads, hd)?;
             let k = rope.apply(cfg.rope_style, &k, rows, cfg.kv_heads, hd)?;
             self.kv.write(li, &slots, &k, &v)?;
-            let attn = attention.forward(&q, &self.kv, li, window, self.dtype)?;
+            let attn =
+                attention.forward(&q, &self.kv, li, window, self.dtype, self.paged.as_ref())?;
             let mut o = layer.out.forward(&attn)?;
             if let Some(norm) = &layer.post_attn_norm {
                 o = rms_norm(&o, norm, eps)?;

@@ -1,0 +1,288 @@
+//! Decode attention that reads each sequence's keys and values where they lie in the
+//! paged cache, as one candle op: on CUDA our kernel ([`super::cuda`]), on candle's CPU
+//! device a plain reference of the same computation (what CI checks the device forward
+//! with, and what the kernel's host tests compare against).
+//!
+//! A decoding row's plan is one row of `meta`: the positions it sees (its own
+//! included), the first one it sees (after a sliding window), then its block table.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
+
+use super::cuda::KernelShape;
+use crate::attention::RowSpan;
+use crate::error::{ModelError, Result};
+use crate::kv::BLOCK_SIZE;
+
+/// How a step's decoding rows attend on a device (`--device-attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceAttention {
+    /// Our kernel reads each row's blocks in place (CUDA), or its reference (CPU). Shapes
+    /// the kernel does not serve fall back to the gather.
+    #[default]
+    Paged,
+    /// Each row's keys and values are gathered into padded tensors and multiplied as
+    /// dense batched matrices (candle's own ops only).
+    Gather,
+}
+
+/// The paged decode attention of one model on one device.
+pub(crate) struct PagedDecoder {
+    shape: KernelShape,
+    #[cfg(feature = "cuda")]
+    kernel: Option<super::cuda::PagedKernel>,
+}
+
+impl PagedDecoder {
+    /// `None` when the kernel does not serve this shape or this device. On a CUDA
+    /// device the kernel is compiled here, at start; if NVRTC fails (its builtins
+    /// library missing, say), the gather serves decoding rows and the log says why.
+    pub(crate) fn new(shape: KernelShape, device: &Device) -> Option<Self> {
+        if !shape.supported() {
+            return None;
+        }
+        #[cfg(feature = "cuda")]
+        let kernel = match device {
+            Device::Cuda(_) => match super::cuda::PagedKernel::compile(shape) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no paged attention kernel: decoding rows gather instead");
+                    return None;
+                }
+            },
+            _ => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        if !device.is_cpu() {
+            return None;
+        }
+        Some(Self {
+            shape,
+            #[cfg(feature = "cuda")]
+            kernel,
+        })
+    }
+
+    /// `q`: `[n, heads * head_dim]` f32 (the decoding rows, in the order of `meta`'s
+    /// rows); `keys`, `values`: the layer's cache. Returns `[n, heads * head_dim]` f32.
+    pub(crate) fn forward(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        meta: &DecodeMeta,
+        kv_heads: usize,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let op = PagedDecode {
+            decoder: self,
+            meta,
+            kv_heads,
+            scale,
+        };
+        Ok(q.contiguous()?.apply_op3_no_bwd(keys, values, &op)?)
+    }
+}
+
+/// The decoding rows' plans for one attention window, on the host and on the device.
+pub(crate) struct DecodeMeta {
+    host: Vec<u32>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // read by the CUDA launch
+    device: Tensor,
+    stride: usize,
+    n: usize,
+}
+
+impl DecodeMeta {
+    /// `spans`: the decoding rows (one row each).
+    pub(crate) fn new(spans: &[&RowSpan], window: Option<usize>, device: &Device) -> Result<Self> {
+        let n = spans.len();
+        let stride = 2 + spans.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
+        let mut host = Vec::with_capacity(n * stride);
+        for s in spans {
+            let ctx = s.start_pos + 1;
+            if s.rows != 1 || ctx > s.blocks.len() * BLOCK_SIZE {
+                return Err(ModelError::Kv(format!(
+                    "a decoding row at position {} has {} blocks",
+                    s.start_pos,
+                    s.blocks.len()
+                )));
+            }
+            let lo = window.map_or(0, |w| ctx.saturating_sub(w));
+            host.extend([ctx as u32, lo as u32]);
+            host.extend_from_slice(s.blocks);
+            host.resize(host.len() + stride - 2 - s.blocks.len(), 0);
+        }
+        let device = Tensor::from_slice(&host, (n, stride), device)?;
+        Ok(Self {
+            host,
+            device,
+            stride,
+            n,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device(&self) -> &Tensor {
+        &self.device
+    }
+
+    #[cfg(test)]
+    pub(crate) fn host(&self) -> &[u32] {
+        &self.host
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn stride(&self) -> usize {
+        self.stride
+    }
+}
+
+struct PagedDecode<'a> {
+    decoder: &'a PagedDecoder,
+    meta: &'a DecodeMeta,
+    kv_heads: usize,
+    scale: f32,
+}
+
+/// `storage`'s values under `layout`, which must be contiguous.
+fn contiguous<'a, T>(values: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&values[a..b]),
+        None => candle_core::bail!("paged attention: {what} is not contiguous"),
+    }
+}
+
+impl CustomOp3 for PagedDecode<'_> {
+    fn name(&self) -> &'static str {
+        "paged-decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        keys: &CpuStorage,
+        kl: &Layout,
+        values: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(q) = q else {
+            candle_core::bail!("paged attention: queries must be f32");
+        };
+        let q = contiguous(q, ql, "q")?;
+        let out = match (keys, values) {
+            (CpuStorage::F16(k), CpuStorage::F16(v)) => self.reference(
+                q,
+                contiguous(k, kl, "keys")?,
+                contiguous(v, vl, "values")?,
+                half::f16::to_f32,
+            )?,
+            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => self.reference(
+                q,
+                contiguous(k, kl, "keys")?,
+                contiguous(v, vl, "values")?,
+                half::bf16::to_f32,
+            )?,
+            _ => candle_core::bail!("paged attention: the cache must be f16 or bf16"),
+        };
+        let dims = (self.meta.n, out.len() / self.meta.n.max(1));
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        keys: &candle_core::CudaStorage,
+        kl: &Layout,
+        values: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let Some(kernel) = &self.decoder.kernel else {
+            candle_core::bail!("paged attention: the kernel was not compiled for this device");
+        };
+        kernel.launch(
+            (q, ql),
+            (keys, kl),
+            (values, vl),
+            self.meta,
+            self.kv_heads,
+            self.scale,
+        )
+    }
+}
+
+impl PagedDecode<'_> {
+    /// Plain softmax attention of every decoding row over the positions its plan
+    /// names, in f32: the semantics the kernel implements.
+    fn reference<T: Copy>(
+        &self,
+        q: &[f32],
+        keys: &[T],
+        values: &[T],
+        to_f32: fn(T) -> f32,
+    ) -> candle_core::Result<Vec<f32>> {
+        let (hd, group, kvh) = (
+            self.decoder.shape.head_dim,
+            self.decoder.shape.group,
+            self.kv_heads,
+        );
+        let (q_dim, kv_dim) = (kvh * group * hd, kvh * hd);
+        let meta = &self.meta;
+        if q.len() != meta.n * q_dim {
+            candle_core::bail!(
+                "paged attention: q holds {} values, not {}",
+                q.len(),
+                meta.n * q_dim
+            );
+        }
+        let mut out = vec![0f32; meta.n * q_dim];
+        let mut scores = Vec::new();
+        for (i, plan) in meta.host.chunks_exact(meta.stride).enumerate() {
+            let (ctx, lo, table) = (plan[0] as usize, plan[1] as usize, &plan[2..]);
+            let slot = |p: usize| table[p / BLOCK_SIZE] as usize * BLOCK_SIZE + p % BLOCK_SIZE;
+            let row = |t: &[T], p: usize, h: usize| -> candle_core::Result<Vec<f32>> {
+                let at = slot(p) * kv_dim + h * hd;
+                match t.get(at..at + hd) {
+                    Some(r) => Ok(r.iter().map(|&x| to_f32(x)).collect()),
+                    None => {
+                        candle_core::bail!("paged attention: slot {} is outside the cache", slot(p))
+                    }
+                }
+            };
+            for h in 0..kvh * group {
+                let kv_head = h / group;
+                let qh = &q[i * q_dim + h * hd..][..hd];
+                scores.clear();
+                for p in lo..ctx {
+                    let k = row(keys, p, kv_head)?;
+                    let s: f32 = qh.iter().zip(&k).map(|(a, b)| a * b).sum();
+                    scores.push(s * self.scale);
+                }
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in &mut scores {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let o = &mut out[i * q_dim + h * hd..][..hd];
+                for (p, w) in (lo..ctx).zip(&scores) {
+                    let v = row(values, p, kv_head)?;
+                    for (o, v) in o.iter_mut().zip(v) {
+                        *o += w / sum * v;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The cache type a compute type keeps: two bytes a value, as the CPU's cache does.
+pub(crate) fn cache_dtype(compute: DType) -> DType {
+    match compute {
+        DType::BF16 => DType::BF16,
+        _ => DType::F16,
+    }
+}
