@@ -8,11 +8,12 @@
 #   2. a random-weight GGUF of a 1B shape (hidden 2048, 16 layers, 32/8 heads, ffn 8192),
 #      written there by scripts/random-gguf.py with the carried tokenizer;
 #   3. chorus --device cuda on it, with dense f16 weights and decoding rows through our
-#      paged kernel, the same through the gather, and the GGUF blocks with the kernel;
-#      chorus-bench at 1/32/128/256 streams against each.
+#      paged kernel, the same through the gather, and --device-weights auto (both the
+#      dense and the GGUF-block forms, each step the one timed faster at start for its
+#      size: the log has those timings); chorus-bench at 1/32/128/256 streams against each.
 #
 # Results land in $OUT (the device tool's folder that comes back): summary.txt,
-# bench-{dense,dense-gather,quantized}.json, and logs.tgz with every log (device tests, servers,
+# bench-{dense,dense-gather,auto}.json, and logs.tgz with every log (device tests, servers,
 # benches, nvidia-smi). Without a GPU the same steps run on
 # candle's CPU device with a small model and two short levels, to check the script:
 #
@@ -70,10 +71,11 @@ PYTHONPATH=.device/py "${CHORUS_CHECK_PYTHON:-python3}" scripts/random-gguf.py -
 
 port=18031
 bench_rc=0
-# Both device weight formats: dense f16 through cuBLAS, and the GGUF blocks through
-# candle's quantized kernels (the issue asks which wins at which batch size); and both
-# ways decoding rows attend with dense weights: our paged kernel, and the gather.
-for config in dense:paged dense-gather:gather quantized:paged; do
+# Both ways decoding rows attend, with dense f16 weights through cuBLAS: our paged
+# kernel, and the gather. Then both weight forms, dense and the GGUF blocks through
+# candle's quantized kernels, chosen per step size (the issue asks which wins at which
+# batch size: the server times both at 1, 2, 4, ... rows at start and logs it).
+for config in dense:paged dense-gather:gather auto:paged; do
   name=${config%%:*}
   weights=${name%%-*}
   attention=${config##*:}
@@ -88,7 +90,7 @@ for config in dense:paged dense-gather:gather quantized:paged; do
     sleep 1
   done
   cat "$out/health.json" | tee -a "$out/summary.txt"; echo | tee -a "$out/summary.txt"
-  grep -E 'model loaded|paged attention' "$out/server-$name.log" | head -n 3 | sed 's/\x1b\[[0-9;]*m//g' | tee -a "$out/summary.txt"
+  grep -E 'model loaded|paged attention|device weights' "$out/server-$name.log" | head -n 20 | sed 's/\x1b\[[0-9;]*m//g' | tee -a "$out/summary.txt"
   if health "$port" >/dev/null; then
     "$work/bin/chorus-bench" --url "http://127.0.0.1:$port" --concurrency "$levels" \
       --duration "$duration" --json "$out/bench-$name.json" >"$out/bench-$name.log" 2>&1 ||

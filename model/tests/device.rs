@@ -1,8 +1,8 @@
 //! The device forward ([`chorus_model::device`], the code the CUDA path runs) on
 //! candle's CPU device (and on a GPU where one is asked for, see [`targets`]), against
 //! the packed CPU path: every architecture's tiny model alone and batched with chunked
-//! prefill, every row's logits, the real default model in both device weight formats,
-//! and a copied block (what `n > 1` forks) continuing as the original.
+//! prefill, every row's logits, the real default model in both device weight formats
+//! and with both chosen per step, and a copied block (what `n > 1` forks) continuing as the original.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
 
@@ -210,6 +210,25 @@ fn the_real_model_matches_in_both_device_weight_formats() {
         device(DeviceWeights::Dense),
         device(DeviceWeights::Quantized),
     );
+    // Both forms, each step the one timed faster for its size.
+    let auto = {
+        let model = gguf::load(&path, WeightFormat::Quantized).unwrap().model;
+        let opts = on_cpu(DeviceWeights::Auto { up_to: 4 });
+        let mut b = Backend::new(model, Some(&opts), blocks_needed(&prompts, steps)).unwrap();
+        let Backend::Device(m) = &b else {
+            panic!("not the device path")
+        };
+        let choice = m.weight_choice().expect("auto times both forms");
+        let rows: Vec<usize> = choice.timings.iter().map(|t| t.rows).collect();
+        assert_eq!(rows, [1, 2, 4], "{choice:?}");
+        assert!(choice
+            .timings
+            .iter()
+            .all(|t| !t.dense.is_zero() && !t.quantized.is_zero()));
+        assert!([0, 1, 2, 4].contains(&choice.quantized_up_to), "{choice:?}");
+        eprintln!("auto on candle-cpu: {choice:?}");
+        run_backend(&mut b, &prompts, 16, steps)
+    };
     // f32 weights through candle's gemm on both sides (0.015 seen on logits of ~20).
     let d = max_diff(&f32_ref, &dense, 0.05, "dense");
     assert!(
@@ -225,6 +244,12 @@ fn the_real_model_matches_in_both_device_weight_formats() {
     assert!(
         from_f32_device < 1.5 * from_f32_cpu,
         "quantized device logits are {from_f32_device} from the f32 path's, the CPU's {from_f32_cpu}"
+    );
+    // Each of auto's steps is one of the two checked above.
+    let from_f32_auto = max_diff(&f32_ref, &auto, f32::INFINITY, "auto");
+    assert!(
+        from_f32_auto < 1.5 * from_f32_cpu,
+        "auto device logits are {from_f32_auto} from the f32 path's, the CPU's {from_f32_cpu}"
     );
 }
 

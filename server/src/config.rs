@@ -71,9 +71,10 @@ pub struct Config {
     pub device_dtype: DtypeArg,
 
     /// How projection weights are held on a device: dense (dequantized to
-    /// --device-dtype, multiplied by the device's gemm) or quantized (the GGUF file's
+    /// --device-dtype, multiplied by the device's gemm), quantized (the GGUF file's
     /// blocks, candle's quantized kernels: a quarter of the memory, activations rounded to
-    /// 8 bits).
+    /// 8 bits), or auto (both; at start the device times a step of each at 1, 2, 4, ...
+    /// rows up to --max-batch-tokens, and each step uses the faster for its size).
     #[arg(long, env = "CHORUS_DEVICE_WEIGHTS", value_enum, default_value_t = DeviceWeightsArg::Dense)]
     pub device_weights: DeviceWeightsArg,
 
@@ -307,15 +308,7 @@ impl From<DeviceAttentionArg> for chorus_model::DeviceAttention {
 pub enum DeviceWeightsArg {
     Dense,
     Quantized,
-}
-
-impl From<DeviceWeightsArg> for chorus_model::DeviceWeights {
-    fn from(w: DeviceWeightsArg) -> Self {
-        match w {
-            DeviceWeightsArg::Dense => chorus_model::DeviceWeights::Dense,
-            DeviceWeightsArg::Quantized => chorus_model::DeviceWeights::Quantized,
-        }
-    }
+    Auto,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1,9 +1,9 @@
 //! `--device`: where the forward pass runs, resolved once at start.
 
 use candle_core::{DType, Device};
-use chorus_model::DeviceOptions;
+use chorus_model::{DeviceOptions, DeviceWeights};
 
-use crate::config::{Config, DeviceArg, DtypeArg};
+use crate::config::{Config, DeviceArg, DeviceWeightsArg, DtypeArg};
 
 /// The device options for `config`, or `None` for the packed CPU path.
 pub fn resolve(config: &Config) -> Result<Option<DeviceOptions>, String> {
@@ -29,7 +29,13 @@ pub fn resolve(config: &Config) -> Result<Option<DeviceOptions>, String> {
     Ok(Some(DeviceOptions {
         device,
         dtype,
-        weights: config.device_weights.into(),
+        weights: match config.device_weights {
+            DeviceWeightsArg::Dense => DeviceWeights::Dense,
+            DeviceWeightsArg::Quantized => DeviceWeights::Quantized,
+            DeviceWeightsArg::Auto => DeviceWeights::Auto {
+                up_to: config.max_batch_tokens,
+            },
+        },
         attention: config.device_attention.into(),
     }))
 }

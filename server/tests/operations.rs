@@ -349,7 +349,12 @@ async fn the_device_path_serves_on_candle_cpu() {
     wait_ready(&url).await;
     let (status, gathered) = post(&url, "/v1/chat/completions", &greedy).await;
     assert_eq!(status, 200, "{gathered}");
-    let text = |v: &Value| v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let text = |v: &Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     assert!(!text(&paged).trim().is_empty(), "{paged}");
     assert_eq!(text(&paged), text(&gathered));
 }

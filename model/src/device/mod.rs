@@ -8,12 +8,14 @@
 //!
 //! - [`weights`]: projections dense in the compute type or in quantized blocks.
 //! - [`kv`]: the block pool as device memory.
+//! - [`calibrate`]: `--device-weights auto`, which weight form each step size uses.
 //! - [`attention`]: a step's attention plan: decoding rows through [`paged`], the rest
 //!   by gathering each sequence's blocks.
 //! - [`paged`]: decode attention reading the blocks in place, as one candle op.
 //! - [`cuda`]: our CUDA kernels, compiled at run time.
 
 mod attention;
+mod calibrate;
 // Kernel launches, each `unsafe` block with a `// SAFETY:` comment.
 #[allow(unsafe_code)]
 mod cuda;
@@ -23,6 +25,7 @@ mod weights;
 
 use candle_core::{DType, Device, Tensor};
 
+pub use calibrate::{Timing, WeightChoice};
 pub use paged::DeviceAttention;
 pub use weights::DeviceWeights;
 
@@ -62,6 +65,8 @@ pub struct DeviceModel {
     kv: DeviceKv,
     /// The decode op, unless the gather serves decoding rows too.
     paged: Option<PagedDecoder>,
+    /// With both weight forms (`auto`): which one each step size uses.
+    choice: Option<WeightChoice>,
 }
 
 impl DeviceModel {
@@ -113,7 +118,16 @@ impl DeviceModel {
             lm_head: DeviceLinear::new(parts.lm_head, dev, opts.dtype, opts.weights)?,
             kv,
             paged,
+            choice: None,
             cfg,
+        })
+        .and_then(|mut m| {
+            if let DeviceWeights::Auto { up_to } = opts.weights {
+                if m.layers.iter().any(|l| l.qkv.has_both()) {
+                    m.choice = Some(calibrate::measure(&mut m, up_to)?);
+                }
+            }
+            Ok(m)
         })
     }
 
@@ -134,6 +148,12 @@ impl DeviceModel {
         }
     }
 
+    /// With `--device-weights auto`: which weight form each step size uses, and the
+    /// timings behind it. `None` with one form.
+    pub fn weight_choice(&self) -> Option<&WeightChoice> {
+        self.choice.as_ref()
+    }
+
     /// Copies every layer's keys and values of block `src` into block `dst`.
     pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
         self.kv.copy_block(src, dst)
@@ -141,6 +161,12 @@ impl DeviceModel {
 
     /// Runs one step; the contract of [`Transformer::forward`].
     pub fn forward(&mut self, batch: &[SeqInput]) -> Result<Vec<Vec<f32>>> {
+        self.step(batch, None)
+    }
+
+    /// One step; `quantized` forces the weight form where there are both, else the
+    /// choice for the step's rows does.
+    fn step(&mut self, batch: &[SeqInput], quantized: Option<bool>) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let dev = &self.device;
         let (q_dim, kv_dim, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
@@ -149,6 +175,11 @@ impl DeviceModel {
         if rows == 0 {
             return Ok(Vec::new());
         }
+        let quantized = quantized.unwrap_or_else(|| {
+            self.choice
+                .as_ref()
+                .is_some_and(|c| rows <= c.quantized_up_to)
+        });
         if (self.kv.num_blocks() as u32)
             <= spans
                 .iter()
@@ -203,7 +234,7 @@ impl DeviceModel {
                 _ => &rope,
             };
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut qkv = layer.qkv.forward(&h)?;
+            let mut qkv = layer.qkv.forward(&h, quantized)?;
             if let Some(bias) = &layer.qkv_bias {
                 qkv = qkv.broadcast_add(bias)?;
             }
@@ -219,21 +250,21 @@ impl DeviceModel {
             self.kv.write(li, &slots, &k, &v)?;
             let attn =
                 attention.forward(&q, &self.kv, li, window, self.dtype, self.paged.as_ref())?;
-            let mut o = layer.out.forward(&attn)?;
+            let mut o = layer.out.forward(&attn, quantized)?;
             if let Some(norm) = &layer.post_attn_norm {
                 o = rms_norm(&o, norm, eps)?;
             }
             x = (x + o)?;
 
             let h = rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gu = layer.gate_up.forward(&h)?;
+            let gu = layer.gate_up.forward(&h, quantized)?;
             let g = gu.narrow(1, 0, cfg.ffn)?;
             let u = gu.narrow(1, cfg.ffn, cfg.ffn)?;
             let act = match cfg.activation {
                 Activation::Silu => (candle_nn::ops::silu(&g)? * u)?,
                 Activation::GeluTanh => (g.gelu()? * u)?,
             };
-            let mut d = layer.down.forward(&act)?;
+            let mut d = layer.down.forward(&act, quantized)?;
             if let Some(norm) = &layer.post_ffn_norm {
                 d = rms_norm(&d, norm, eps)?;
             }
@@ -256,7 +287,7 @@ impl DeviceModel {
         let n = wanted.len();
         let last = x.index_select(&Tensor::from_vec(wanted, n, dev)?, 0)?;
         let h = rms_norm(&last, &self.norm, eps)?;
-        Ok(self.lm_head.forward(&h)?.to_vec2::<f32>()?)
+        Ok(self.lm_head.forward(&h, quantized)?.to_vec2::<f32>()?)
     }
 }
 

@@ -19,6 +19,10 @@ pub enum DeviceWeights {
     /// activations to 8 bits: a quarter of the memory and of the bytes a small batch
     /// reads per step.
     Quantized,
+    /// Both, and each step multiplies with the one measured faster for its number of
+    /// rows: at start the device times a step of each at every power of two up to
+    /// `up_to` rows. The memory of both.
+    Auto { up_to: usize },
 }
 
 /// A `[n, k]` projection on the device (`y = x · wᵀ`).
@@ -26,6 +30,11 @@ pub(crate) enum DeviceLinear {
     /// `[n, k]` in the compute type.
     Dense(Tensor),
     Quantized(QMatMul),
+    /// Both forms of a quantized projection (`DeviceWeights::Auto`).
+    Both {
+        dense: Tensor,
+        quantized: QMatMul,
+    },
 }
 
 impl DeviceLinear {
@@ -43,30 +52,43 @@ impl DeviceLinear {
                 "a projection packed for the CPU kernels cannot move to a device".into(),
             ));
         };
+        let quantized = |q: &QTensor| -> Result<QMatMul> {
+            let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
+            Ok(QMatMul::from_qtensor(QTensor::new(
+                storage,
+                q.shape().clone(),
+            )?)?)
+        };
+        let dense = |q: &QTensor| on(&q.dequantize(&Device::Cpu)?, device, dtype);
         Ok(match (w, how) {
-            (QMatMul::QTensor(q), DeviceWeights::Quantized) => {
-                let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
-                Self::Quantized(QMatMul::from_qtensor(QTensor::new(
-                    storage,
-                    q.shape().clone(),
-                )?)?)
-            }
-            (QMatMul::QTensor(q), DeviceWeights::Dense) => {
-                Self::Dense(on(&q.dequantize(&Device::Cpu)?, device, dtype)?)
-            }
+            (QMatMul::QTensor(q), DeviceWeights::Quantized) => Self::Quantized(quantized(&q)?),
+            (QMatMul::QTensor(q), DeviceWeights::Dense) => Self::Dense(dense(&q)?),
+            (QMatMul::QTensor(q), DeviceWeights::Auto { .. }) => Self::Both {
+                dense: dense(&q)?,
+                quantized: quantized(&q)?,
+            },
             (QMatMul::Tensor(t) | QMatMul::TensorF16(t), _) => Self::Dense(on(&t, device, dtype)?),
         })
     }
 
-    /// `x · wᵀ` for `x`: `[rows, k]` f32. Returns `[rows, n]` f32.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Self::Dense(w) => x
-                .to_dtype(w.dtype())?
+    /// `x · wᵀ` for `x`: `[rows, k]` f32, with the quantized form where there are both
+    /// and `quantized` says so. Returns `[rows, n]` f32.
+    pub(crate) fn forward(&self, x: &Tensor, quantized: bool) -> Result<Tensor> {
+        let dense = |w: &Tensor| -> Result<Tensor> {
+            Ok(x.to_dtype(w.dtype())?
                 .matmul(&w.t()?)?
-                .to_dtype(DType::F32)?,
+                .to_dtype(DType::F32)?)
+        };
+        Ok(match self {
+            Self::Dense(w) => dense(w)?,
             Self::Quantized(w) => w.forward(x)?,
+            Self::Both { quantized: w, .. } if quantized => w.forward(x)?,
+            Self::Both { dense: w, .. } => dense(w)?,
         })
+    }
+
+    pub(crate) fn has_both(&self) -> bool {
+        matches!(self, Self::Both { .. })
     }
 }
 
