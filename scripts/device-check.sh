@@ -10,7 +10,9 @@
 #   3. chorus --device cuda on it, with dense f16 weights and decoding rows through our
 #      paged kernel, the same through the gather, and --device-weights auto (both the
 #      dense and the GGUF-block forms, each step the one timed faster at start for its
-#      size: the log has those timings); chorus-bench at 1/32/128/256 streams against each.
+#      size: the log has those timings); chorus-bench at 1/32/128/256 streams against each,
+#      and scripts/step-profile.py's summary of each server's per-step log (where a
+#      step's time goes: fixed cost, per decode token, per thousand attended positions).
 #
 # Results land in $OUT (the device tool's folder that comes back): summary.txt,
 # bench-{dense,dense-gather,auto}.json, and logs.tgz with every log (device tests, servers,
@@ -80,7 +82,9 @@ for config in dense:paged dense-gather:gather auto:paged; do
   weights=${name%%-*}
   attention=${config##*:}
   log "3. server --device-weights $weights --device-attention $attention, and bench"
-  "$work/bin/chorus" --model "$work/model.gguf" --device "$device" --port "$port" \
+  # The per-step log says where a step's time goes (scripts/step-profile.py).
+  RUST_LOG=info,chorus::step=debug CHORUS_LOG_FORMAT=json \
+    "$work/bin/chorus" --model "$work/model.gguf" --device "$device" --port "$port" \
     --device-weights "$weights" --device-attention "$attention" "${server_flags[@]}" \
     >"$out/server-$name.log" 2>&1 &
   server=$!
@@ -96,6 +100,7 @@ for config in dense:paged dense-gather:gather auto:paged; do
       --duration "$duration" --json "$out/bench-$name.json" >"$out/bench-$name.log" 2>&1 ||
       bench_rc=1
     tail -n 6 "$out/bench-$name.log" | tee -a "$out/summary.txt"
+    python3 scripts/step-profile.py "$out/server-$name.log" 2>&1 | tee -a "$out/summary.txt"
   else
     bench_rc=1
     log "the server did not come up"; tail -n 30 "$out/server-$name.log" | tee -a "$out/summary.txt"
