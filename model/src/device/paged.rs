@@ -7,6 +7,7 @@
 //! included), the first one it sees (after a sliding window), then its block table.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::cuda::KernelShape;
 use crate::attention::RowSpan;
@@ -215,8 +216,8 @@ impl CustomOp3 for PagedDecode<'_> {
 
 impl PagedDecode<'_> {
     /// Plain softmax attention of every decoding row over the positions its plan
-    /// names, in f32: the semantics the kernel implements.
-    fn reference<T: Copy>(
+    /// names, in f32: the semantics the kernel implements. Rows in parallel.
+    fn reference<T: Copy + Sync>(
         &self,
         q: &[f32],
         keys: &[T],
@@ -238,44 +239,50 @@ impl PagedDecode<'_> {
             );
         }
         let mut out = vec![0f32; meta.n * q_dim];
-        let mut scores = Vec::new();
-        for (i, plan) in meta.host.chunks_exact(meta.stride).enumerate() {
-            let (ctx, lo, table) = (plan[0] as usize, plan[1] as usize, &plan[2..]);
-            let slot = |p: usize| table[p / BLOCK_SIZE] as usize * BLOCK_SIZE + p % BLOCK_SIZE;
-            let row = |t: &[T], p: usize, h: usize| -> candle_core::Result<Vec<f32>> {
-                let at = slot(p) * kv_dim + h * hd;
-                match t.get(at..at + hd) {
-                    Some(r) => Ok(r.iter().map(|&x| to_f32(x)).collect()),
-                    None => {
-                        candle_core::bail!("paged attention: slot {} is outside the cache", slot(p))
+        out.par_chunks_mut(q_dim)
+            .zip(q.par_chunks(q_dim))
+            .zip(meta.host.par_chunks(meta.stride))
+            .try_for_each(|((out, q), plan)| {
+                let (ctx, lo, table) = (plan[0] as usize, plan[1] as usize, &plan[2..]);
+                // Where position `p`'s values of KV head `h` start in the cache.
+                let at = |p: usize, h: usize| {
+                    (table[p / BLOCK_SIZE] as usize * BLOCK_SIZE + p % BLOCK_SIZE) * kv_dim + h * hd
+                };
+                let mut scores = Vec::with_capacity(ctx - lo);
+                for h in 0..kvh * group {
+                    let kv_head = h / group;
+                    let qh = &q[h * hd..][..hd];
+                    scores.clear();
+                    for p in lo..ctx {
+                        let k = cache_row(keys, at(p, kv_head), hd)?;
+                        let s: f32 = qh.iter().zip(k).map(|(a, &b)| a * to_f32(b)).sum();
+                        scores.push(s * self.scale);
+                    }
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for s in &mut scores {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let o = &mut out[h * hd..][..hd];
+                    for (p, w) in (lo..ctx).zip(&scores) {
+                        let v = cache_row(values, at(p, kv_head), hd)?;
+                        for (o, &v) in o.iter_mut().zip(v) {
+                            *o += w / sum * to_f32(v);
+                        }
                     }
                 }
-            };
-            for h in 0..kvh * group {
-                let kv_head = h / group;
-                let qh = &q[i * q_dim + h * hd..][..hd];
-                scores.clear();
-                for p in lo..ctx {
-                    let k = row(keys, p, kv_head)?;
-                    let s: f32 = qh.iter().zip(&k).map(|(a, b)| a * b).sum();
-                    scores.push(s * self.scale);
-                }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in &mut scores {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let o = &mut out[i * q_dim + h * hd..][..hd];
-                for (p, w) in (lo..ctx).zip(&scores) {
-                    let v = row(values, p, kv_head)?;
-                    for (o, v) in o.iter_mut().zip(v) {
-                        *o += w / sum * v;
-                    }
-                }
-            }
-        }
+                Ok::<(), candle_core::Error>(())
+            })?;
         Ok(out)
+    }
+}
+
+/// `len` cache values from `at`, or an error if they are outside the cache.
+fn cache_row<T>(cache: &[T], at: usize, len: usize) -> candle_core::Result<&[T]> {
+    match cache.get(at..at + len) {
+        Some(row) => Ok(row),
+        None => candle_core::bail!("paged attention: a position is outside the cache"),
     }
 }
 
