@@ -91,7 +91,10 @@ impl PagedKernel {
             candle_core::bail!("paged attention: the plan is not on the GPU");
         };
         let meta_view = view::<u32>(meta_storage, meta_layout, "the plan")?;
-        let out = dev.alloc_zeros::<f32>(n * q_dim)?;
+        // SAFETY: uninitialised device memory that the launch below fills: every block
+        // (row, KV head) writes all `GROUP * HEAD_DIM` values of its heads, and the
+        // grid covers every row and KV head.
+        let out = unsafe { dev.alloc::<f32>(n * q_dim) }?;
         let func =
             dev.get_or_load_custom_func("paged_decode_attention", &self.module, &self.ptx)?;
         let (stride, kv_heads_u32) = (meta.stride() as u32, kv_heads as u32);

@@ -18,6 +18,22 @@ use crate::device::paged::{DecodeMeta, PagedDecoder};
 use crate::kv::BLOCK_SIZE;
 
 const KV_HEADS: usize = 2;
+
+/// (head_dim, group, cache type): every branch of the kernel.
+const SHAPES: [(usize, usize, DType); 7] = [
+    // The tiny test models: 8 value pairs, 16 splits.
+    (16, 2, DType::F16),
+    // The 1B shape (Llama 3.2 1B): 4 splits, in both cache types.
+    (64, 4, DType::BF16),
+    (64, 4, DType::F16),
+    // 96 threads, not a power of two.
+    (96, 4, DType::F16),
+    // Scalar key loads (head_dim not a multiple of 8), 126 threads.
+    (6, 2, DType::BF16),
+    (128, 8, DType::F16),
+    // Gemma 3's heads: one split, 128 threads.
+    (256, 2, DType::BF16),
+];
 const POOL_BLOCKS: usize = 48;
 
 /// A small xorshift: the tests need no statistical quality, only spread and repeatability.
@@ -196,20 +212,7 @@ fn check(shape: KernelShape, dir: &Path, seed: u64) {
 fn the_kernel_on_the_host_matches_the_reference() {
     let dir = std::env::temp_dir().join(format!("chorus-paged-kernel-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let shapes = [
-        // The tiny test models: 8 value pairs, 16 splits.
-        (16, 2, DType::F16),
-        // The 1B shape (Llama 3.2 1B): 4 splits.
-        (64, 4, DType::BF16),
-        // 96 threads, not a power of two.
-        (96, 4, DType::F16),
-        // Scalar key loads (head_dim not a multiple of 8), 126 threads.
-        (6, 2, DType::BF16),
-        (128, 8, DType::F16),
-        // Gemma 3's heads: one split, 128 threads.
-        (256, 2, DType::BF16),
-    ];
-    for (seed, (head_dim, group, cache)) in shapes.into_iter().enumerate() {
+    for (seed, (head_dim, group, cache)) in SHAPES.into_iter().enumerate() {
         let shape = KernelShape {
             head_dim,
             group,
@@ -239,7 +242,7 @@ fn shapes_the_kernel_cannot_hold_fall_back() {
     assert_eq!(shape(64, 4).shared_bytes(), 9728);
 }
 
-/// NVRTC compiles the kernel for every shape above, and `ptxas` assembles it for the
+/// NVRTC compiles the kernel for every shape, and `ptxas` assembles it for the
 /// H100/H200 (sm_90) as the driver would. No GPU needed: run with NVRTC's `lib` folder
 /// on `LD_LIBRARY_PATH` and `ptxas` on `PATH`, as `scripts/cuda-env.sh` sets up.
 #[cfg(feature = "cuda")]
@@ -247,15 +250,7 @@ fn shapes_the_kernel_cannot_hold_fall_back() {
 fn nvrtc_compiles_the_kernel() {
     let dir = std::env::temp_dir().join(format!("chorus-nvrtc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for (head_dim, group, cache) in [
-        (16, 2, DType::F16),
-        (64, 4, DType::BF16),
-        (64, 4, DType::F16),
-        (96, 4, DType::F16),
-        (6, 2, DType::BF16),
-        (128, 8, DType::F16),
-        (256, 2, DType::BF16),
-    ] {
+    for (head_dim, group, cache) in SHAPES {
         let shape = KernelShape {
             head_dim,
             group,
