@@ -42,7 +42,8 @@ pub mod load;
 pub mod logits;
 pub mod math;
 pub mod packed;
-// A cache hint, the one `unsafe` outside the integer kernels, with a `// SAFETY:` comment.
+// A cache hint, the one `unsafe` outside the kernel modules (`int8/`, `device/cuda/`),
+// with a `// SAFETY:` comment.
 #[allow(unsafe_code)]
 pub mod prefetch;
 pub mod sampling;

@@ -16,7 +16,9 @@
 
 mod attention;
 mod calibrate;
-// Kernel launches, each `unsafe` block with a `// SAFETY:` comment.
+// The CUDA kernels' launches: with `prefetch` and `int8/`, the only `unsafe` code, each
+// block with a `// SAFETY:` comment. The kernels' host tests run their source beside the
+// op's safe reference.
 #[allow(unsafe_code)]
 mod cuda;
 mod kv;
