@@ -30,7 +30,11 @@ mkdir -p "$result"
 device=${CHORUS_CHECK_DEVICE:-cuda}
 work=${TMPDIR:-/tmp}/chorus-device
 mkdir -p "$work/bin"
-log() { echo "== $(date +%T) $*" | tee -a "$out/summary.txt"; }
+# The summary and the benches' JSON go straight to $result, so that a run cut short by
+# the device tool's time limit still brings back what it measured.
+summary=$result/summary.txt
+: >"$summary"
+log() { echo "== $(date +%T) $*" | tee -a "$summary"; }
 health() {
   python3 -c 'import sys, urllib.request
 print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=5).read().decode())' "$1" 2>/dev/null
@@ -65,7 +69,7 @@ log "1. device tests ($device)"
 "$work/bin/device-tests" --test-threads 1 --skip the_real_model --nocapture \
   >"$out/device-tests.log" 2>&1
 tests_rc=$?
-grep -E '^test |test result|panicked|from the packed path' "$out/device-tests.log" | tee -a "$out/summary.txt"
+grep -E '^test |test result|panicked|from the packed path' "$out/device-tests.log" | tee -a "$summary"
 
 log "2. random model"
 PYTHONPATH=.device/py "${CHORUS_CHECK_PYTHON:-python3}" scripts/random-gguf.py --tokenizer-from "$work/tokenizer.gguf" \
@@ -93,22 +97,21 @@ for config in dense:paged dense-gather:gather auto:paged; do
     kill -0 "$server" 2>/dev/null || break
     sleep 1
   done
-  cat "$out/health.json" | tee -a "$out/summary.txt"; echo | tee -a "$out/summary.txt"
-  grep -E 'model loaded|paged attention|device weights' "$out/server-$name.log" | head -n 20 | sed 's/\x1b\[[0-9;]*m//g' | tee -a "$out/summary.txt"
+  cat "$out/health.json" | tee -a "$summary"; echo | tee -a "$summary"
+  grep -E 'model loaded|paged attention|device weights' "$out/server-$name.log" | head -n 20 | sed 's/\x1b\[[0-9;]*m//g' | tee -a "$summary"
   if health "$port" >/dev/null; then
     "$work/bin/chorus-bench" --url "http://127.0.0.1:$port" --concurrency "$levels" \
-      --duration "$duration" --json "$out/bench-$name.json" >"$out/bench-$name.log" 2>&1 ||
+      --duration "$duration" --json "$result/bench-$name.json" >"$out/bench-$name.log" 2>&1 ||
       bench_rc=1
-    tail -n 6 "$out/bench-$name.log" | tee -a "$out/summary.txt"
-    python3 scripts/step-profile.py "$out/server-$name.log" 2>&1 | tee -a "$out/summary.txt"
+    tail -n 6 "$out/bench-$name.log" | tee -a "$summary"
+    python3 scripts/step-profile.py "$out/server-$name.log" 2>&1 | tee -a "$summary"
   else
     bench_rc=1
-    log "the server did not come up"; tail -n 30 "$out/server-$name.log" | tee -a "$out/summary.txt"
+    log "the server did not come up"; tail -n 30 "$out/server-$name.log" | tee -a "$summary"
   fi
   kill "$server" 2>/dev/null; wait "$server" 2>/dev/null
   port=$((port + 1))
 done
 log "done: tests rc $tests_rc, bench rc $bench_rc"
-cp "$out/summary.txt" "$out"/bench-*.json "$result/" 2>/dev/null
 tar -czf "$result/logs.tgz" -C "$out" .
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
