@@ -74,7 +74,9 @@ pub struct DeviceModel {
 impl DeviceModel {
     /// Moves `model` onto the device with a cache of `num_blocks` blocks. Its
     /// projections must be candle tensors (loaded with [`crate::WeightFormat::Quantized`]
-    /// from GGUF, unpacked from HF checkpoints).
+    /// from GGUF, unpacked from HF checkpoints). With [`DeviceWeights::Auto`] it times
+    /// both weight forms here ([`calibrate`]); with [`DeviceAttention::Paged`] on CUDA it
+    /// compiles the kernel here.
     pub fn new(model: Transformer, opts: &DeviceOptions, num_blocks: usize) -> Result<Self> {
         let parts = model.into_parts();
         let cfg = parts.cfg;
@@ -108,7 +110,7 @@ impl DeviceModel {
         let mut windows = cfg.windows.clone();
         windows.sort_unstable();
         windows.dedup();
-        Ok(Self {
+        let mut model = Self {
             windows,
             inv_freq: cfg.rope.inv_freqs(cfg.head_dim),
             inv_freq_local: cfg.rope_local.inv_freqs(cfg.head_dim),
@@ -122,15 +124,13 @@ impl DeviceModel {
             paged,
             choice: None,
             cfg,
-        })
-        .and_then(|mut m| {
-            if let DeviceWeights::Auto { up_to } = opts.weights {
-                if m.layers.iter().any(|l| l.qkv.has_both()) {
-                    m.choice = Some(calibrate::measure(&mut m, up_to)?);
-                }
+        };
+        if let DeviceWeights::Auto { up_to } = opts.weights {
+            if model.layers.iter().any(|l| l.qkv.has_both()) {
+                model.choice = Some(calibrate::measure(&mut model, up_to)?);
             }
-            Ok(m)
-        })
+        }
+        Ok(model)
     }
 
     pub fn config(&self) -> &ModelConfig {
