@@ -29,12 +29,12 @@ pub(crate) struct Heads {
 }
 
 /// A step's attention plan: where every row's keys and values are, and what it sees.
-pub(crate) struct StepAttention {
+pub(crate) struct StepAttention<'a> {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
     scale: f64,
-    groups: Vec<Group>,
+    groups: Vec<Group<'a>>,
     /// For each batch row, its place among the groups' padded output rows; `None` when
     /// that is the identity.
     order: Option<Tensor>,
@@ -42,13 +42,13 @@ pub(crate) struct StepAttention {
 
 /// Sequences computed together: `n` sequences of at most `rows` rows attending to at
 /// most `len` positions.
-struct Group {
+struct Group<'a> {
     n: usize,
     rows: usize,
     len: usize,
     /// Each padded row's batch row (padding repeats a real row).
     q_rows: QueryRows,
-    how: Plan,
+    how: Plan<'a>,
 }
 
 /// Where a group's query rows are in the batch.
@@ -81,7 +81,7 @@ impl QueryRows {
     }
 }
 
-enum Plan {
+enum Plan<'a> {
     /// One padded batch over gathered keys and values.
     Gather {
         /// `[n * len]` u32: each sequence's slots, padded with its first slot.
@@ -91,18 +91,21 @@ enum Plan {
         masks: HashMap<Option<usize>, Tensor>,
     },
     /// Decoding rows through the paged op, one plan per window.
-    Paged(HashMap<Option<usize>, DecodeMeta>),
+    Paged {
+        op: &'a PagedDecoder,
+        metas: HashMap<Option<usize>, DecodeMeta>,
+    },
 }
 
-impl StepAttention {
+impl<'a> StepAttention<'a> {
     /// `windows`: the distinct sliding windows of the layers (`None` is full attention).
-    /// `paged`: whether decoding rows go through the paged decode op.
+    /// `paged`: the decode op, when decoding rows go through it.
     pub(crate) fn new(
         h: &Heads,
         spans: &[RowSpan],
         windows: &[Option<usize>],
         device: &Device,
-        paged: bool,
+        paged: Option<&'a PagedDecoder>,
     ) -> Result<Self> {
         let total: usize = spans.iter().map(|s| s.rows).sum();
         let mut order = vec![0u32; total];
@@ -116,7 +119,7 @@ impl StepAttention {
             if members.is_empty() {
                 continue;
             }
-            let group = Group::new(&members, windows, device, decoding && paged)?;
+            let group = Group::new(&members, windows, device, paged.filter(|_| decoding))?;
             for (j, s) in members.iter().enumerate() {
                 for r in 0..s.rows {
                     order[s.first_row + r] = (produced + j * group.rows + r) as u32;
@@ -141,7 +144,6 @@ impl StepAttention {
 
     /// `q`: `[rows, heads * head_dim]` f32, rope applied, the step's keys and values
     /// already written. Returns `[rows, heads * head_dim]` f32.
-    /// `paged`: the decode op, required where the plan chose it.
     pub(crate) fn forward(
         &self,
         q: &Tensor,
@@ -149,23 +151,19 @@ impl StepAttention {
         layer: usize,
         window: Option<usize>,
         dtype: DType,
-        paged: Option<&PagedDecoder>,
     ) -> Result<Tensor> {
         let mut parts = Vec::with_capacity(self.groups.len());
         for g in &self.groups {
-            let part = match (&g.how, paged) {
-                (Plan::Gather { slots, masks }, _) => {
+            let part = match &g.how {
+                Plan::Gather { slots, masks } => {
                     let mask = masks.get(&window).ok_or_else(|| no_plan(window))?;
                     self.gathered(g, q, kv.gather(layer, slots)?, mask, dtype)?
                 }
-                (Plan::Paged(metas), Some(op)) => {
+                Plan::Paged { op, metas } => {
                     let meta = metas.get(&window).ok_or_else(|| no_plan(window))?;
                     let (keys, values) = kv.layer(layer);
                     let q = g.q_rows.of(q, g.n)?;
                     op.forward(&q, keys, values, meta, self.kv_heads, self.scale as f32)?
-                }
-                (Plan::Paged(_), None) => {
-                    return Err(ModelError::Kv("the paged attention op is missing".into()))
                 }
             };
             parts.push(part);
@@ -234,13 +232,13 @@ fn no_plan(window: Option<usize>) -> ModelError {
     ModelError::Kv(format!("no attention was planned for window {window:?}"))
 }
 
-impl Group {
-    /// `paged`: the sequences are decoding rows for the paged op.
+impl<'a> Group<'a> {
+    /// `paged`: the op, when the sequences are decoding rows for it.
     fn new(
         spans: &[&RowSpan],
         windows: &[Option<usize>],
         device: &Device,
-        paged: bool,
+        paged: Option<&'a PagedDecoder>,
     ) -> Result<Self> {
         let n = spans.len();
         let rows = spans.iter().map(|s| s.rows).max().unwrap_or(1);
@@ -254,7 +252,7 @@ impl Group {
             q_rows.extend((0..rows).map(|r| (s.first_row + r.min(s.rows - 1)) as u32));
         }
         let q_rows = QueryRows::new(q_rows, device)?;
-        if paged {
+        if let Some(op) = paged {
             let metas = windows
                 .iter()
                 .map(|&w| Ok((w, DecodeMeta::new(spans, w, device)?)))
@@ -264,7 +262,7 @@ impl Group {
                 rows,
                 len,
                 q_rows,
-                how: Plan::Paged(metas),
+                how: Plan::Paged { op, metas },
             });
         }
         let mut slots = Vec::with_capacity(n * len);

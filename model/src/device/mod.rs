@@ -226,7 +226,7 @@ impl DeviceModel {
             scale: cfg.attn_scale,
         };
         let attention =
-            StepAttention::new(&heads, &spans, &self.windows, dev, self.paged.is_some())?;
+            StepAttention::new(&heads, &spans, &self.windows, dev, self.paged.as_ref())?;
         let eps = cfg.rms_eps;
 
         for (li, layer) in self.layers.iter().enumerate() {
@@ -250,8 +250,7 @@ impl DeviceModel {
             let q = rope.apply(cfg.rope_style, &q, rows, cfg.heads, hd)?;
             let k = rope.apply(cfg.rope_style, &k, rows, cfg.kv_heads, hd)?;
             self.kv.write(li, &slots, &k, &v)?;
-            let attn =
-                attention.forward(&q, &self.kv, li, window, self.dtype, self.paged.as_ref())?;
+            let attn = attention.forward(&q, &self.kv, li, window, self.dtype)?;
             let mut o = layer.out.forward(&attn, quantized)?;
             if let Some(norm) = &layer.post_attn_norm {
                 o = rms_norm(&o, norm, eps)?;

@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cuda::KernelShape;
+use super::kv::slot;
 use crate::attention::RowSpan;
 use crate::error::{ModelError, Result};
 use crate::kv::BLOCK_SIZE;
@@ -90,7 +91,6 @@ pub(crate) struct DecodeMeta {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // read by the CUDA launch
     device: Tensor,
     stride: usize,
-    n: usize,
 }
 
 impl DecodeMeta {
@@ -118,8 +118,12 @@ impl DecodeMeta {
             host,
             device,
             stride,
-            n,
         })
+    }
+
+    /// How many decoding rows.
+    fn rows(&self) -> usize {
+        self.host.len() / self.stride
     }
 
     #[cfg(feature = "cuda")]
@@ -186,7 +190,8 @@ impl CustomOp3 for PagedDecode<'_> {
             )?,
             _ => candle_core::bail!("paged attention: the cache must be f16 or bf16"),
         };
-        let dims = (self.meta.n, out.len() / self.meta.n.max(1));
+        let n = self.meta.rows();
+        let dims = (n, out.len() / n.max(1));
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 
@@ -231,23 +236,22 @@ impl PagedDecode<'_> {
         );
         let (q_dim, kv_dim) = (kvh * group * hd, kvh * hd);
         let meta = &self.meta;
-        if q.len() != meta.n * q_dim {
+        let n = meta.rows();
+        if q.len() != n * q_dim {
             candle_core::bail!(
                 "paged attention: q holds {} values, not {}",
                 q.len(),
-                meta.n * q_dim
+                n * q_dim
             );
         }
-        let mut out = vec![0f32; meta.n * q_dim];
+        let mut out = vec![0f32; n * q_dim];
         out.par_chunks_mut(q_dim)
             .zip(q.par_chunks(q_dim))
             .zip(meta.host.par_chunks(meta.stride))
             .try_for_each(|((out, q), plan)| {
                 let (ctx, lo, table) = (plan[0] as usize, plan[1] as usize, &plan[2..]);
                 // Where position `p`'s values of KV head `h` start in the cache.
-                let at = |p: usize, h: usize| {
-                    (table[p / BLOCK_SIZE] as usize * BLOCK_SIZE + p % BLOCK_SIZE) * kv_dim + h * hd
-                };
+                let at = |p: usize, h: usize| slot(table, p) as usize * kv_dim + h * hd;
                 let mut scores = Vec::with_capacity(ctx - lo);
                 for h in 0..kvh * group {
                     let kv_head = h / group;
