@@ -8,14 +8,16 @@
 #   2. a random-weight GGUF of a 1B shape (hidden 2048, 16 layers, 32/8 heads, ffn 8192),
 #      written there by scripts/random-gguf.py with the carried tokenizer;
 #   3. chorus --device cuda on it, with dense f16 weights and decoding rows through our
-#      paged kernel, the same through the gather, and --device-weights auto (both the
-#      dense and the GGUF-block forms, each step the one timed faster at start for its
-#      size: the log has those timings); chorus-bench at 1/32/128/256 streams against each,
-#      and scripts/step-profile.py's summary of each server's per-step log (where a
-#      step's time goes: fixed cost, per decode token, per thousand attended positions).
+#      paged kernel, decode steps replayed as CUDA graphs (the defaults); the same without
+#      graphs; decoding rows through the gather (no graphs: they need the kernel); and
+#      --device-weights auto (both the dense and the GGUF-block forms, each step the one
+#      timed faster at start for its size: the log has those timings) with graphs.
+#      chorus-bench at 1/32/128/256 streams against each, and scripts/step-profile.py's
+#      summary of each server's per-step log (where a step's time goes: fixed cost, per
+#      decode token, per thousand attended positions).
 #
 # Results land in $OUT (the device tool's folder that comes back): summary.txt,
-# bench-{dense,dense-gather,auto}.json, and logs.tgz with every log (device tests, servers,
+# bench-{dense,dense-eager,dense-gather,auto}.json, and logs.tgz with every log (device tests, servers,
 # benches, nvidia-smi). Without a GPU the same steps run on
 # candle's CPU device with a small model and two short levels, to check the script:
 #
@@ -50,7 +52,7 @@ print(":".join(sorted({d for r in roots for d in glob.glob(os.path.join(r, "nvid
   nvidia-smi >"$out/gpu.txt" 2>&1
   shape=()
   levels=1,32,128,256
-  duration=15
+  duration=10
   server_flags=(--max-running 256 --max-batch-tokens 4096 --kv-cache-mb 16384)
   export CHORUS_TEST_CUDA=1
 else
@@ -77,19 +79,23 @@ PYTHONPATH=.device/py "${CHORUS_CHECK_PYTHON:-python3}" scripts/random-gguf.py -
 
 port=18031
 bench_rc=0
-# Both ways decoding rows attend, with dense f16 weights through cuBLAS: our paged
-# kernel, and the gather. Then both weight forms, dense and the GGUF blocks through
-# candle's quantized kernels, chosen per step size (the issue asks which wins at which
-# batch size: the server times both at 1, 2, 4, ... rows at start and logs it).
-for config in dense:paged dense-gather:gather auto:paged; do
+# With dense f16 weights through cuBLAS: our paged kernel with decode steps replayed as
+# CUDA graphs, the same launched op by op, and the gather. Then both weight forms, dense
+# and the GGUF blocks through candle's quantized kernels, chosen per step size (the
+# issue asks which wins at which batch size: the server times both at 1, 2, 4, ... rows
+# at start and logs it). Each config: name:attention:graph rows.
+for config in dense:paged:256 dense-eager:paged:0 dense-gather:gather:0 auto:paged:256; do
   name=${config%%:*}
   weights=${name%%-*}
-  attention=${config##*:}
-  log "3. server --device-weights $weights --device-attention $attention, and bench"
+  rest=${config#*:}
+  attention=${rest%%:*}
+  graphs=${rest##*:}
+  log "3. server --device-weights $weights --device-attention $attention --cuda-graph-max-batch $graphs, and bench"
   # The per-step log says where a step's time goes (scripts/step-profile.py).
   RUST_LOG=info,chorus::step=debug CHORUS_LOG_FORMAT=json \
     "$work/bin/chorus" --model "$work/model.gguf" --device "$device" --port "$port" \
-    --device-weights "$weights" --device-attention "$attention" "${server_flags[@]}" \
+    --device-weights "$weights" --device-attention "$attention" \
+    --cuda-graph-max-batch "$graphs" "${server_flags[@]}" \
     >"$out/server-$name.log" 2>&1 &
   server=$!
   for _ in $(seq 600); do
@@ -98,13 +104,15 @@ for config in dense:paged dense-gather:gather auto:paged; do
     sleep 1
   done
   cat "$out/health.json" | tee -a "$summary"; echo | tee -a "$summary"
-  grep -E 'model loaded|paged attention|device weights' "$out/server-$name.log" | head -n 20 | sed 's/\x1b\[[0-9;]*m//g' | tee -a "$summary"
+  grep -E 'model loaded|paged attention|device weights|CUDA graph' "$out/server-$name.log" | head -n 20 | sed 's/\x1b\[[0-9;]*m//g' | tee -a "$summary"
   if health "$port" >/dev/null; then
     "$work/bin/chorus-bench" --url "http://127.0.0.1:$port" --concurrency "$levels" \
       --duration "$duration" --json "$result/bench-$name.json" >"$out/bench-$name.log" 2>&1 ||
       bench_rc=1
     tail -n 6 "$out/bench-$name.log" | tee -a "$summary"
     python3 scripts/step-profile.py "$out/server-$name.log" 2>&1 | tee -a "$summary"
+    echo "CUDA graphs captured: $(grep -c 'captured a CUDA graph' "$out/server-$name.log")" | tee -a "$summary"
+    grep 'CUDA graphs failed' "$out/server-$name.log" | head -n 3 | sed 's/\x1b\[[0-9;]*m//g' | tee -a "$summary"
   else
     bench_rc=1
     log "the server did not come up"; tail -n 30 "$out/server-$name.log" | tee -a "$summary"

@@ -73,6 +73,15 @@ impl Backend {
         }
     }
 
+    /// On a device: the largest decode step run at a fixed shape, and whether such steps
+    /// are captured as CUDA graphs ([`DeviceModel::decode_graphs`]).
+    pub fn decode_graphs(&self) -> Option<(usize, bool)> {
+        match self {
+            Self::Packed { .. } => None,
+            Self::Device(m) => m.decode_graphs(),
+        }
+    }
+
     pub fn device_name(&self) -> String {
         match self {
             Self::Packed { .. } => "cpu".into(),

@@ -22,6 +22,7 @@ fn on_cpu(weights: DeviceWeights) -> DeviceOptions {
         dtype: DType::F32,
         weights,
         attention: DeviceAttention::Paged,
+        graph_rows: 0,
     }
 }
 
@@ -65,10 +66,12 @@ struct Target {
     tol: f32,
 }
 
-/// Candle's CPU device in f32 always, decoding rows through the paged op's reference
-/// and through the gather. With the `cuda` feature and `CHORUS_TEST_CUDA=1` (what
+/// Candle's CPU device in f32 always: decoding rows through the paged op's reference,
+/// the same in fixed-shape decode steps (what CUDA graphs replay), and through the
+/// gather. With the `cuda` feature and `CHORUS_TEST_CUDA=1` (what
 /// `scripts/device-check.sh` sets on a GPU machine) also the first GPU: the paged kernel
-/// in f32 and f16, the gather in f16.
+/// in f32 and f16 with decode steps replayed as CUDA graphs, in f16 without, and the
+/// gather in f16.
 ///
 /// In f32 both paths compute over an f16 cache in different summation orders, and a
 /// last-bit difference in a key can round it to a neighbouring f16: 6e-4 seen on the CPU,
@@ -81,6 +84,14 @@ fn targets() -> Vec<Target> {
             tol: 2e-3,
         },
         Target {
+            name: "candle-cpu f32 paged fixed",
+            opts: DeviceOptions {
+                graph_rows: 256,
+                ..on_cpu(DeviceWeights::Dense)
+            },
+            tol: 2e-3,
+        },
+        Target {
             name: "candle-cpu f32 gather",
             opts: DeviceOptions {
                 attention: DeviceAttention::Gather,
@@ -89,12 +100,36 @@ fn targets() -> Vec<Target> {
             tol: 2e-3,
         },
     ];
-    if std::env::var("CHORUS_TEST_CUDA").is_ok_and(|v| v == "1") {
-        let gpu = Device::new_cuda(0).expect("CHORUS_TEST_CUDA=1 but no CUDA device");
-        for (name, dtype, attention, tol) in [
-            ("cuda f32 paged", DType::F32, DeviceAttention::Paged, 2e-3),
-            ("cuda f16 paged", DType::F16, DeviceAttention::Paged, 5e-2),
-            ("cuda f16 gather", DType::F16, DeviceAttention::Gather, 5e-2),
+    if let Some(gpu) = cuda() {
+        for (name, dtype, attention, graph_rows, tol) in [
+            (
+                "cuda f32 paged graphs",
+                DType::F32,
+                DeviceAttention::Paged,
+                256,
+                2e-3,
+            ),
+            (
+                "cuda f16 paged graphs",
+                DType::F16,
+                DeviceAttention::Paged,
+                256,
+                5e-2,
+            ),
+            (
+                "cuda f16 paged",
+                DType::F16,
+                DeviceAttention::Paged,
+                0,
+                5e-2,
+            ),
+            (
+                "cuda f16 gather",
+                DType::F16,
+                DeviceAttention::Gather,
+                0,
+                5e-2,
+            ),
         ] {
             t.push(Target {
                 name,
@@ -103,12 +138,20 @@ fn targets() -> Vec<Target> {
                     dtype,
                     weights: DeviceWeights::Dense,
                     attention,
+                    graph_rows,
                 },
                 tol,
             });
         }
     }
     t
+}
+
+/// The first GPU, where `CHORUS_TEST_CUDA=1` asks for it.
+fn cuda() -> Option<Device> {
+    std::env::var("CHORUS_TEST_CUDA")
+        .is_ok_and(|v| v == "1")
+        .then(|| Device::new_cuda(0).expect("CHORUS_TEST_CUDA=1 but no CUDA device"))
 }
 
 #[test]
@@ -118,6 +161,7 @@ fn every_architecture_matches_the_packed_path_alone_and_batched() {
         vec![5, 9, 3],
         (20..45).map(|t| t % VOCAB as u32).collect(),
         vec![42],
+        vec![7, 7, 8],
     ];
     let steps = 6;
     for target in targets() {
@@ -210,10 +254,14 @@ fn the_real_model_matches_in_both_device_weight_formats() {
         device(DeviceWeights::Dense),
         device(DeviceWeights::Quantized),
     );
-    // Both forms, each step the one timed faster for its size.
+    // Both forms, each step the one timed faster for its size; decode steps at fixed
+    // shapes, as they are timed and served with CUDA graphs.
     let auto = {
         let model = gguf::load(&path, WeightFormat::Quantized).unwrap().model;
-        let opts = on_cpu(DeviceWeights::Auto { up_to: 4 });
+        let opts = DeviceOptions {
+            graph_rows: 256,
+            ..on_cpu(DeviceWeights::Auto { up_to: 4 })
+        };
         let mut b = Backend::new(model, Some(&opts), blocks_needed(&prompts, steps)).unwrap();
         let Backend::Device(m) = &b else {
             panic!("not the device path")
@@ -292,6 +340,89 @@ fn every_rows_logits_match_when_all_are_asked_for() {
             target.name,
         );
         assert!(d < target.tol, "{}: {d}", target.name);
+    }
+}
+
+/// Fixed-shape decode steps (CUDA graphs on a GPU) against eager ones on the same
+/// device, fed the same tokens, as the batch grows and shrinks between sizes (padding
+/// rows in most steps) and one sequence's block table outgrows its width: every step's
+/// logits agree, so each replay read the inputs of its own step.
+#[test]
+fn fixed_decode_steps_match_eager_ones_as_the_batch_changes() {
+    let mut devices = vec![("candle-cpu f32", on_cpu(DeviceWeights::Dense), 1e-4)];
+    if let Some(gpu) = cuda() {
+        devices.push((
+            "cuda f16",
+            DeviceOptions {
+                device: gpu,
+                dtype: DType::F16,
+                ..on_cpu(DeviceWeights::Dense)
+            },
+            1e-2,
+        ));
+    }
+    const BLOCKS_EACH: u32 = 8;
+    let prompts: Vec<Vec<u32>> = vec![
+        (1..60).collect(),
+        vec![5, 9, 3],
+        (20..45).collect(),
+        vec![42],
+        (50..61).collect(),
+    ];
+    for (name, opts, tol) in devices {
+        for model_type in MODEL_TYPES {
+            let what = format!("{name} {model_type}");
+            let blocks = 1 + prompts.len() * BLOCKS_EACH as usize;
+            let mut eager = Backend::new(tiny(model_type, true), Some(&opts), blocks).unwrap();
+            let fixed_opts = DeviceOptions {
+                graph_rows: 8,
+                ..opts.clone()
+            };
+            let mut fixed =
+                Backend::new(tiny(model_type, true), Some(&fixed_opts), blocks).unwrap();
+            let tables: Vec<Vec<u32>> = (0..prompts.len() as u32)
+                .map(|i| (1 + i * BLOCKS_EACH..1 + (i + 1) * BLOCKS_EACH).collect())
+                .collect();
+            let mut tokens = prompts.clone();
+            let mut done = vec![0usize; prompts.len()];
+            let mut worst = 0f32;
+            for step in 0..24 {
+                // Who steps: a pattern that changes the batch size (1 to 5) every step.
+                let members: Vec<usize> = (0..prompts.len())
+                    .filter(|&i| step < 2 || (step * (i + 1) + i) % 3 != 0)
+                    .collect();
+                let batch: Vec<SeqInput> = members
+                    .iter()
+                    .map(|&i| SeqInput {
+                        tokens: &tokens[i][done[i]..],
+                        start_pos: done[i],
+                        blocks: &tables[i],
+                        wants_logits: true,
+                        all_logits: false,
+                    })
+                    .collect();
+                let a = eager.forward(&batch).unwrap();
+                let b = fixed.forward(&batch).unwrap();
+                assert_eq!(a.len(), b.len(), "{what} step {step}");
+                for (x, y) in a.iter().zip(&b) {
+                    assert_eq!(x.len(), y.len());
+                    for (p, q) in x.iter().zip(y) {
+                        worst = worst.max((p - q).abs());
+                    }
+                }
+                for (&i, row) in members.iter().zip(&a) {
+                    done[i] = tokens[i].len();
+                    tokens[i].push(chorus_model::sampling::argmax(row));
+                }
+            }
+            // The longest sequence went past 64 positions: its table widened.
+            assert!(tokens[0].len() > 64 + 1, "{what}");
+            assert!(
+                worst < tol,
+                "{what}: fixed steps differ from eager ones by {worst}"
+            );
+            eprintln!("{what}: fixed decode steps within {worst} of eager ones");
+        }
     }
 }
 

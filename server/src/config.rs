@@ -84,6 +84,13 @@ pub struct Config {
     #[arg(long, env = "CHORUS_DEVICE_ATTENTION", value_enum, default_value_t = DeviceAttentionArg::Paged)]
     pub device_attention: DeviceAttentionArg,
 
+    /// Decode-only steps of up to this many sequences run at fixed shapes (padded to 1,
+    /// 2, 3, 4, 6, 8, 12, ... rows), each size captured once as a CUDA graph and then
+    /// replayed with one launch; on candle-cpu the same fixed shapes run without capture.
+    /// 0 runs every step eagerly. Needs --device-attention paged.
+    #[arg(long, env = "CHORUS_CUDA_GRAPH_MAX_BATCH", default_value_t = 256)]
+    pub cuda_graph_max_batch: usize,
+
     /// Most sequences decoding at once (continuous-batching slots).
     #[arg(long, env = "CHORUS_MAX_RUNNING", default_value_t = 64)]
     pub max_running: usize,

@@ -286,13 +286,11 @@ async fn a_disconnect_storm_leaves_nothing_running() {
     }
 }
 
-/// Requests for several choices under a KV cache too small for all of them: forked
-/// choices are preempted and recomputed, every request still ends with all its choices,
-/// and every block comes back.
 /// The device path (`--device candle-cpu`: the code a GPU runs, on candle's CPU device)
 /// serves through the same engine: concurrent requests, forked choices (whose partial
 /// last block is copied on the device) and a stream; and decoding through the paged op
-/// (the default) answers as the gather does.
+/// in fixed-shape steps (the defaults: what CUDA graphs replay on a GPU) answers as the
+/// gather does.
 #[tokio::test]
 async fn the_device_path_serves_on_candle_cpu() {
     let _turn = TURN.lock().await;
@@ -359,6 +357,9 @@ async fn the_device_path_serves_on_candle_cpu() {
     assert_eq!(text(&paged), text(&gathered));
 }
 
+/// Requests for several choices under a KV cache too small for all of them: forked
+/// choices are preempted and recomputed, every request still ends with all its choices,
+/// and every block comes back.
 #[tokio::test]
 async fn forked_choices_under_kv_pressure_all_complete() {
     let _turn = TURN.lock().await;

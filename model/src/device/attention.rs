@@ -142,6 +142,31 @@ impl<'a> StepAttention<'a> {
         })
     }
 
+    /// The plan of a step whose `rows` rows all decode through `op`, with `metas` (one
+    /// per window) already on the device: what a fixed-shape step reuses
+    /// ([`super::graphs`]).
+    pub(crate) fn decoding(
+        h: &Heads,
+        op: &'a PagedDecoder,
+        rows: usize,
+        metas: HashMap<Option<usize>, DecodeMeta>,
+    ) -> Self {
+        Self {
+            heads: h.heads,
+            kv_heads: h.kv_heads,
+            head_dim: h.head_dim,
+            scale: f64::from(h.scale),
+            groups: vec![Group {
+                n: rows,
+                rows: 1,
+                len: 1,
+                q_rows: QueryRows::Run(0),
+                how: Plan::Paged { op, metas },
+            }],
+            order: None,
+        }
+    }
+
     /// `q`: `[rows, heads * head_dim]` f32, rope applied, the step's keys and values
     /// already written. Returns `[rows, heads * head_dim]` f32.
     pub(crate) fn forward(

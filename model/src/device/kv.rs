@@ -1,6 +1,8 @@
 //! The paged KV cache as device memory: per layer, keys and values of every slot
 //! (`block * BLOCK_SIZE + offset`) as `[slots, kv_heads * head_dim]`. The block ids are
-//! the scheduler's, the same as the CPU cache's; only the storage differs.
+//! the scheduler's, the same as the CPU cache's; only the storage differs. One block past
+//! the scheduler's, the scratch block, is written and read by the padding rows of
+//! fixed-shape steps ([`super::graphs`]) and by no sequence.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -8,6 +10,7 @@ use crate::error::{ModelError, Result};
 use crate::kv::{KvShape, BLOCK_SIZE};
 
 pub(crate) struct DeviceKv {
+    /// The scheduler's blocks; the scratch block is the next id.
     num_blocks: usize,
     /// `(keys, values)` of each layer.
     layers: Vec<(Tensor, Tensor)>,
@@ -24,7 +27,10 @@ impl DeviceKv {
         if num_blocks == 0 {
             return Err(ModelError::Kv("the KV budget holds no block".into()));
         }
-        let dims = (num_blocks * BLOCK_SIZE, shape.kv_heads * shape.head_dim);
+        let dims = (
+            (num_blocks + 1) * BLOCK_SIZE,
+            shape.kv_heads * shape.head_dim,
+        );
         let layers = (0..shape.layers)
             .map(|_| {
                 Ok((
@@ -38,6 +44,11 @@ impl DeviceKv {
 
     pub(crate) fn num_blocks(&self) -> usize {
         self.num_blocks
+    }
+
+    /// The block no sequence owns.
+    pub(crate) fn scratch_block(&self) -> u32 {
+        self.num_blocks as u32
     }
 
     /// Writes `k` and `v` (`[rows, kv_dim]`, f32) into layer `layer` at `slots`

@@ -12,7 +12,8 @@
 //! - [`attention`]: a step's attention plan: decoding rows through [`paged`], the rest
 //!   by gathering each sequence's blocks.
 //! - [`paged`]: decode attention reading the blocks in place, as one candle op.
-//! - [`cuda`]: our CUDA kernels, compiled at run time.
+//! - [`graphs`]: decode steps at fixed shapes, replayed as CUDA graphs.
+//! - [`cuda`]: our CUDA kernels, compiled at run time, and the graphs' capture.
 
 mod attention;
 mod calibrate;
@@ -21,6 +22,7 @@ mod calibrate;
 // op's safe reference.
 #[allow(unsafe_code)]
 mod cuda;
+mod graphs;
 mod kv;
 mod paged;
 mod weights;
@@ -33,9 +35,11 @@ pub use weights::DeviceWeights;
 
 use self::attention::{Heads, StepAttention};
 use self::cuda::KernelShape;
+use self::graphs::DecodeGraphs;
 use self::kv::{slot, DeviceKv};
 use self::paged::{cache_dtype, PagedDecoder};
 use self::weights::{vector, DeviceLayer, DeviceLinear};
+use crate::attention::RowSpan;
 use crate::config::{Activation, ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::transformer::{row_spans, RopeRows, SeqInput, Transformer};
@@ -49,6 +53,9 @@ pub struct DeviceOptions {
     pub dtype: DType,
     pub weights: DeviceWeights,
     pub attention: DeviceAttention,
+    /// Decode-only steps of up to this many sequences run at fixed shapes, captured as
+    /// CUDA graphs on a GPU ([`graphs`]); 0: never. Needs the paged decode op.
+    pub graph_rows: usize,
 }
 
 pub struct DeviceModel {
@@ -69,6 +76,8 @@ pub struct DeviceModel {
     paged: Option<PagedDecoder>,
     /// With both weight forms (`auto`): which one each step size uses.
     choice: Option<WeightChoice>,
+    /// The fixed-shape decode steps, unless off or without the paged op.
+    graphs: Option<DecodeGraphs>,
 }
 
 impl DeviceModel {
@@ -120,6 +129,10 @@ impl DeviceModel {
             layers,
             norm: vector(parts.norm, dev)?,
             lm_head: DeviceLinear::new(parts.lm_head, dev, opts.dtype, opts.weights)?,
+            graphs: match (&paged, opts.graph_rows) {
+                (Some(_), 1..) => Some(DecodeGraphs::new(dev, opts.graph_rows)),
+                _ => None,
+            },
             kv,
             paged,
             choice: None,
@@ -128,8 +141,15 @@ impl DeviceModel {
         if let DeviceWeights::Auto { up_to } = opts.weights {
             if model.layers.iter().any(|l| l.qkv.has_both()) {
                 model.choice = Some(calibrate::measure(&mut model, up_to)?);
+                // Calibration captured steps of both forms; serving keeps one.
+                if let Some(g) = &mut model.graphs {
+                    g.clear();
+                }
             }
         }
+        // The weights and the zeroed cache were queued on this thread's stream; the
+        // engine's thread runs the steps on its own.
+        model.device.synchronize()?;
         Ok(model)
     }
 
@@ -150,6 +170,12 @@ impl DeviceModel {
         }
     }
 
+    /// Decode-only steps of up to this many sequences run at fixed shapes, and whether
+    /// they are captured as CUDA graphs; `None`: every step runs eagerly.
+    pub fn decode_graphs(&self) -> Option<(usize, bool)> {
+        self.graphs.as_ref().map(|g| (g.max_rows(), g.captures()))
+    }
+
     /// With `--device-weights auto`: which weight form each step size uses, and the
     /// timings behind it. `None` with one form.
     pub fn weight_choice(&self) -> Option<&WeightChoice> {
@@ -167,73 +193,125 @@ impl DeviceModel {
     }
 
     /// One step; `quantized` forces the weight form where there are both, else the
-    /// choice for the step's rows does.
+    /// choice for the step's rows does. A decode-only step goes through a fixed-shape
+    /// step ([`graphs`]) when it fits one.
     fn step(&mut self, batch: &[SeqInput], quantized: Option<bool>) -> Result<Vec<Vec<f32>>> {
-        let cfg = &self.cfg;
-        let dev = &self.device;
-        let (q_dim, kv_dim, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
-        let (spans, positions) = row_spans(cfg, batch)?;
+        let (spans, positions) = row_spans(&self.cfg, batch)?;
         let rows = positions.len();
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let quantized = quantized.unwrap_or_else(|| {
-            self.choice
-                .as_ref()
-                .is_some_and(|c| rows <= c.quantized_up_to)
-        });
-        if (self.kv.num_blocks() as u32)
-            <= spans
-                .iter()
-                .flat_map(|s| s.blocks)
-                .copied()
-                .max()
-                .unwrap_or(0)
-        {
-            return Err(ModelError::Kv("a block id is outside the cache".into()));
+        self.check(batch, &spans)?;
+        if let Some(mut graphs) = self.graphs.take() {
+            let out = match graphs.fits(batch, &spans) {
+                Some(size) => {
+                    let quantized = quantized.unwrap_or_else(|| self.quantized_for(size));
+                    Some(graphs.step(self, batch, &spans, &positions, size, quantized))
+                }
+                None => None,
+            };
+            self.graphs = Some(graphs);
+            if let Some(out) = out {
+                return out;
+            }
         }
-
+        let quantized = quantized.unwrap_or_else(|| self.quantized_for(rows));
+        let dev = &self.device;
         let mut ids = Vec::with_capacity(rows);
         let mut slots = Vec::with_capacity(rows);
         for (s, span) in batch.iter().zip(&spans) {
-            for (r, &t) in s.tokens.iter().enumerate() {
-                if t as usize >= cfg.vocab {
-                    return Err(ModelError::Tokenizer(format!(
-                        "token id {t} is outside the vocabulary"
-                    )));
-                }
-                ids.push(t);
-                slots.push(slot(span.blocks, span.start_pos + r));
+            ids.extend_from_slice(s.tokens);
+            slots.extend((0..s.tokens.len()).map(|r| slot(span.blocks, span.start_pos + r)));
+        }
+        // Only the rows whose logits are wanted reach the head.
+        let mut wanted = Vec::new();
+        for (s, span) in batch.iter().zip(&spans) {
+            let last = span.first_row + span.rows;
+            match (s.all_logits, s.wants_logits) {
+                (true, _) => wanted.extend(span.first_row as u32..last as u32),
+                (false, true) if span.rows > 0 => wanted.push(last as u32 - 1),
+                _ => {}
             }
         }
-        let ids = Tensor::from_vec(ids, rows, dev)?;
-        let slots = Tensor::from_vec(slots, (rows, 1), dev)?
-            .broadcast_as((rows, kv_dim))?
-            .contiguous()?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let n = wanted.len();
+        let inputs = StepInputs {
+            ids: Tensor::from_vec(ids, rows, dev)?,
+            slots: Tensor::from_vec(slots, (rows, 1), dev)?,
+            rope: Rope::upload(&self.inv_freq, &positions, dev)?,
+            rope_local: match self.cfg.windows.iter().any(Option::is_some) {
+                true => Some(Rope::upload(&self.inv_freq_local, &positions, dev)?),
+                false => None,
+            },
+            attention: StepAttention::new(
+                &self.heads(),
+                &spans,
+                &self.windows,
+                dev,
+                self.paged.as_ref(),
+            )?,
+            logits: match n {
+                0 => Logits::Nothing,
+                _ => Logits::Rows(Tensor::from_vec(wanted, n, dev)?),
+            },
+        };
+        match self.run(&inputs, quantized)? {
+            Some(logits) => Ok(logits.to_vec2::<f32>()?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Rejects token ids outside the vocabulary and block ids outside the cache.
+    fn check(&self, batch: &[SeqInput], spans: &[RowSpan]) -> Result<()> {
+        if let Some(t) = batch
+            .iter()
+            .flat_map(|s| s.tokens)
+            .find(|&&t| t as usize >= self.cfg.vocab)
+        {
+            return Err(ModelError::Tokenizer(format!(
+                "token id {t} is outside the vocabulary"
+            )));
+        }
+        let highest = spans.iter().flat_map(|s| s.blocks).copied().max();
+        if highest.is_some_and(|b| b as usize >= self.kv.num_blocks()) {
+            return Err(ModelError::Kv("a block id is outside the cache".into()));
+        }
+        Ok(())
+    }
+
+    /// Whether a step of `rows` rows multiplies with the quantized form.
+    fn quantized_for(&self, rows: usize) -> bool {
+        self.choice
+            .as_ref()
+            .is_some_and(|c| rows <= c.quantized_up_to)
+    }
+
+    fn heads(&self) -> Heads {
+        Heads {
+            heads: self.cfg.heads,
+            kv_heads: self.cfg.kv_heads,
+            head_dim: self.cfg.head_dim,
+            scale: self.cfg.attn_scale,
+        }
+    }
+
+    /// The layers and the head over a step's inputs, all on the device: `[n, vocab]` f32
+    /// logits of the wanted rows, or `None` when no row wants them. Reads nothing from
+    /// the host, so that a CUDA graph can capture it ([`graphs`]).
+    fn run(&self, inputs: &StepInputs, quantized: bool) -> Result<Option<Tensor>> {
+        let cfg = &self.cfg;
+        let (q_dim, kv_dim, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let rows = inputs.ids.dim(0)?;
+        let slots = inputs.slots.broadcast_as((rows, kv_dim))?.contiguous()?;
+        let mut x = self.embed.index_select(&inputs.ids, 0)?;
         if cfg.embed_scale != 1.0 {
             x = (x * f64::from(cfg.embed_scale))?;
         }
-        let rope = Rope::new(&self.inv_freq, &positions, dev)?;
-        let rope_local = match cfg.windows.iter().any(Option::is_some) {
-            true => Some(Rope::new(&self.inv_freq_local, &positions, dev)?),
-            false => None,
-        };
-        let heads = Heads {
-            heads: cfg.heads,
-            kv_heads: cfg.kv_heads,
-            head_dim: hd,
-            scale: cfg.attn_scale,
-        };
-        let attention =
-            StepAttention::new(&heads, &spans, &self.windows, dev, self.paged.as_ref())?;
         let eps = cfg.rms_eps;
-
         for (li, layer) in self.layers.iter().enumerate() {
             let window = cfg.window(li);
-            let rope = match (window, &rope_local) {
+            let rope = match (window, &inputs.rope_local) {
                 (Some(_), Some(local)) => local,
-                _ => &rope,
+                _ => &inputs.rope,
             };
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
             let mut qkv = layer.qkv.forward(&h, quantized)?;
@@ -250,7 +328,9 @@ impl DeviceModel {
             let q = rope.apply(cfg.rope_style, &q, rows, cfg.heads, hd)?;
             let k = rope.apply(cfg.rope_style, &k, rows, cfg.kv_heads, hd)?;
             self.kv.write(li, &slots, &k, &v)?;
-            let attn = attention.forward(&q, &self.kv, li, window, self.dtype)?;
+            let attn = inputs
+                .attention
+                .forward(&q, &self.kv, li, window, self.dtype)?;
             let mut o = layer.out.forward(&attn, quantized)?;
             if let Some(norm) = &layer.post_attn_norm {
                 o = rms_norm(&o, norm, eps)?;
@@ -271,25 +351,35 @@ impl DeviceModel {
             }
             x = (x + d)?;
         }
-
-        // Only the rows whose logits are wanted reach the head.
-        let mut wanted = Vec::new();
-        for (s, span) in batch.iter().zip(&spans) {
-            let last = span.first_row + span.rows;
-            match (s.all_logits, s.wants_logits) {
-                (true, _) => wanted.extend(span.first_row as u32..last as u32),
-                (false, true) if span.rows > 0 => wanted.push(last as u32 - 1),
-                _ => {}
-            }
-        }
-        if wanted.is_empty() {
-            return Ok(Vec::new());
-        }
-        let n = wanted.len();
-        let last = x.index_select(&Tensor::from_vec(wanted, n, dev)?, 0)?;
+        let last = match &inputs.logits {
+            Logits::Nothing => return Ok(None),
+            Logits::Rows(wanted) => x.index_select(wanted, 0)?,
+            Logits::All => x,
+        };
         let h = rms_norm(&last, &self.norm, eps)?;
-        Ok(self.lm_head.forward(&h, quantized)?.to_vec2::<f32>()?)
+        Ok(Some(self.lm_head.forward(&h, quantized)?))
     }
+}
+
+/// What a step's layers read besides the weights and the cache, on the device.
+struct StepInputs<'a> {
+    /// `[rows]` u32 token ids.
+    ids: Tensor,
+    /// `[rows, 1]` u32: the cache slot of each row's keys and values.
+    slots: Tensor,
+    rope: Rope,
+    /// For sliding-window layers, where their rotary base differs.
+    rope_local: Option<Rope>,
+    attention: StepAttention<'a>,
+    logits: Logits,
+}
+
+/// The rows of a step whose logits are computed.
+enum Logits {
+    /// `[n]` u32 row indices.
+    Rows(Tensor),
+    All,
+    Nothing,
 }
 
 /// The step's rotary cos/sin tables, `[rows, 1, head_dim / 2]` each.
@@ -299,7 +389,7 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(inv_freq: &[f32], positions: &[usize], dev: &Device) -> Result<Self> {
+    fn upload(inv_freq: &[f32], positions: &[usize], dev: &Device) -> Result<Self> {
         let t = RopeRows::new(inv_freq, positions);
         let dims = (positions.len(), 1, inv_freq.len());
         Ok(Self {

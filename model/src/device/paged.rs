@@ -6,7 +6,7 @@
 //! A decoding row's plan is one row of `meta`: the positions it sees (its own
 //! included), the first one it sees (after a sliding window), then its block table.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::cuda::KernelShape;
@@ -85,61 +85,69 @@ impl PagedDecoder {
     }
 }
 
-/// The decoding rows' plans for one attention window, on the host and on the device.
+/// The decoding rows' plans for one attention window, on the device: `[rows, stride]`
+/// u32, a row per decoding row (see [`write_plans`]). The kernel and the CPU reference
+/// both read this tensor, so a fixed-shape step that refills it in place
+/// ([`super::graphs`]) is checked on the CPU as it runs on the GPU.
 pub(crate) struct DecodeMeta {
-    host: Vec<u32>,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // read by the CUDA launch
-    device: Tensor,
-    stride: usize,
+    plan: Tensor,
 }
 
 impl DecodeMeta {
     /// `spans`: the decoding rows (one row each).
     pub(crate) fn new(spans: &[&RowSpan], window: Option<usize>, device: &Device) -> Result<Self> {
-        let n = spans.len();
         let stride = 2 + spans.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
-        let mut host = Vec::with_capacity(n * stride);
-        for s in spans {
-            let ctx = s.start_pos + 1;
-            if s.rows != 1 || ctx > s.blocks.len() * BLOCK_SIZE {
-                return Err(ModelError::Kv(format!(
-                    "a decoding row at position {} has {} blocks",
-                    s.start_pos,
-                    s.blocks.len()
-                )));
-            }
-            let lo = window.map_or(0, |w| ctx.saturating_sub(w));
-            host.extend([ctx as u32, lo as u32]);
-            host.extend_from_slice(s.blocks);
-            host.resize(host.len() + stride - 2 - s.blocks.len(), 0);
-        }
-        let device = Tensor::from_slice(&host, (n, stride), device)?;
+        let mut host = Vec::with_capacity(spans.len() * stride);
+        write_plans(spans, window, stride, &mut host)?;
         Ok(Self {
-            host,
-            device,
-            stride,
+            plan: Tensor::from_vec(host, (spans.len(), stride), device)?,
         })
+    }
+
+    /// Plans already on the device, `[rows, stride]` u32.
+    pub(crate) fn on_device(plan: Tensor) -> Self {
+        Self { plan }
     }
 
     /// How many decoding rows.
     fn rows(&self) -> usize {
-        self.host.len() / self.stride
+        self.plan.dims().first().copied().unwrap_or(0)
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", test))]
     pub(crate) fn device(&self) -> &Tensor {
-        &self.device
+        &self.plan
     }
 
-    #[cfg(test)]
-    pub(crate) fn host(&self) -> &[u32] {
-        &self.host
-    }
-
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn stride(&self) -> usize {
-        self.stride
+        self.plan.dims().get(1).copied().unwrap_or(0)
     }
+}
+
+/// Appends the plan of each of `spans` (decoding rows) to `out`, `stride` values each:
+/// the positions it sees (its own included), the first one it sees (after a sliding
+/// `window`), then its block table, padded with zeros.
+pub(crate) fn write_plans(
+    spans: &[&RowSpan],
+    window: Option<usize>,
+    stride: usize,
+    out: &mut Vec<u32>,
+) -> Result<()> {
+    for s in spans {
+        let ctx = s.start_pos + 1;
+        if s.rows != 1 || ctx > s.blocks.len() * BLOCK_SIZE || 2 + s.blocks.len() > stride {
+            return Err(ModelError::Kv(format!(
+                "a decoding row at position {} has {} blocks",
+                s.start_pos,
+                s.blocks.len()
+            )));
+        }
+        let lo = window.map_or(0, |w| ctx.saturating_sub(w));
+        out.extend([ctx as u32, lo as u32]);
+        out.extend_from_slice(s.blocks);
+        out.resize(out.len() + stride - 2 - s.blocks.len(), 0);
+    }
+    Ok(())
 }
 
 struct PagedDecode<'a> {
@@ -235,8 +243,12 @@ impl PagedDecode<'_> {
             self.kv_heads,
         );
         let (q_dim, kv_dim) = (kvh * group * hd, kvh * hd);
-        let meta = &self.meta;
-        let n = meta.rows();
+        let (plan, plan_layout) = self.meta.plan.storage_and_layout();
+        let Storage::Cpu(CpuStorage::U32(plan)) = &*plan else {
+            candle_core::bail!("paged attention: the plan is not u32 on the CPU");
+        };
+        let plan = contiguous(plan, plan_layout, "the plan")?;
+        let (n, stride) = (self.meta.rows(), self.meta.stride());
         if q.len() != n * q_dim {
             candle_core::bail!(
                 "paged attention: q holds {} values, not {}",
@@ -247,7 +259,7 @@ impl PagedDecode<'_> {
         let mut out = vec![0f32; n * q_dim];
         out.par_chunks_mut(q_dim)
             .zip(q.par_chunks(q_dim))
-            .zip(meta.host.par_chunks(meta.stride))
+            .zip(plan.par_chunks(stride.max(1)))
             .try_for_each(|((out, q), plan)| {
                 let (ctx, lo, table) = (plan[0] as usize, plan[1] as usize, &plan[2..]);
                 // Where position `p`'s values of KV head `h` start in the cache.

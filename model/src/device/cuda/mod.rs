@@ -4,12 +4,18 @@
 //!   [`super::paged`] op's CUDA side). Its tests run the same source on the host through
 //!   `host_emulation.cpp`, so CI checks the kernel's logic without a GPU.
 //! - `launch` (feature `cuda`): compiling it and launching it on candle's CUDA device.
+//! - `graph` (feature `cuda`): capturing a step as a CUDA graph and replaying it
+//!   ([`super::graphs`]).
 
+#[cfg(feature = "cuda")]
+pub(crate) mod graph;
 #[cfg(feature = "cuda")]
 mod launch;
 #[cfg(test)]
 mod tests;
 
+#[cfg(feature = "cuda")]
+pub(crate) use graph::Graph;
 #[cfg(feature = "cuda")]
 pub(crate) use launch::PagedKernel;
 

@@ -185,9 +185,10 @@ fn check(shape: KernelShape, dir: &Path, seed: u64) {
             .unwrap()
             .to_vec1()
             .unwrap();
+        let plan: Vec<u32> = meta.device().flatten_all().unwrap().to_vec1().unwrap();
         let got = run_kernel(
             &exe,
-            meta.host(),
+            &plan,
             meta.stride(),
             n,
             &q,

@@ -1,0 +1,347 @@
+//! Decode steps at fixed shapes, replayed as CUDA graphs.
+//!
+//! candle launches each operation from the host, about thirty a layer, and for a small
+//! batch that launching, not the GPU's work, sets how long a step takes. So a decode-only
+//! step (one row a sequence, every row sampling) is padded to one of a few sizes and
+//! reads its inputs from buffers allocated once per size: every step of a size then runs
+//! the same kernels on the same addresses. On CUDA the first step of a size runs eagerly
+//! (loading its kernels and keeping the small uploads candle's operations make), the
+//! second is captured as a graph, and every later one copies its inputs into the buffers
+//! and replays the graph: one launch instead of hundreds. If a capture or a replay fails,
+//! the log says why and decode steps run eagerly from then on.
+//!
+//! On candle's CPU device the same fixed-shape steps run eagerly, which is how CI checks
+//! the padding and the buffers: [`DeviceModel::run`] reads nothing but its inputs, and
+//! here those inputs are the refilled buffers, exactly as a replay reads them.
+//!
+//! Padding rows decode token 0 at position 0 in the scratch block, which no sequence
+//! owns ([`super::kv`]); their logits are dropped.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, WithDType};
+
+use super::attention::StepAttention;
+use super::kv::slot;
+use super::paged::{write_plans, DecodeMeta};
+use super::{DeviceModel, Logits, Rope, StepInputs};
+use crate::attention::RowSpan;
+use crate::error::{ModelError, Result};
+use crate::kv::BLOCK_SIZE;
+use crate::transformer::{RopeRows, SeqInput};
+
+/// The fixed-shape decode steps of one model, by size.
+pub(crate) struct DecodeGraphs {
+    /// The largest step, in sequences.
+    max_rows: usize,
+    /// Whether steps are captured: on a CUDA device, until a capture or a replay fails.
+    capture: bool,
+    steps: HashMap<Key, FixedStep>,
+}
+
+/// What a fixed step's kernels depend on besides its inputs' values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    rows: usize,
+    /// Block-table entries per row: a power of two, so that growing contexts recapture
+    /// only a few times.
+    blocks: usize,
+    quantized: bool,
+}
+
+struct FixedStep {
+    key: Key,
+    /// u32: token ids `[rows]`, slots `[rows]`, then each window's decode plans
+    /// `[rows, 2 + blocks]` (see [`write_plans`]).
+    ints: Tensor,
+    /// f32: for the rotary table, then the local one where layers differ, cos and sin
+    /// `[rows, head_dim / 2]` each.
+    floats: Tensor,
+    /// `[rows, vocab]` f32: the step's logits, padding rows included.
+    logits: Tensor,
+    state: State,
+}
+
+enum State {
+    /// Not run yet.
+    Cold,
+    /// Ran once eagerly: on CUDA its kernels are loaded and its small uploads kept.
+    Warm,
+    #[cfg(feature = "cuda")]
+    Captured(super::cuda::Graph),
+}
+
+impl DecodeGraphs {
+    pub(crate) fn new(device: &Device, max_rows: usize) -> Self {
+        Self {
+            max_rows,
+            capture: cfg!(feature = "cuda") && device.is_cuda(),
+            steps: HashMap::new(),
+        }
+    }
+
+    /// The largest fixed-shape step, in sequences.
+    pub(crate) fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+
+    /// Whether steps are captured as CUDA graphs (else they run eagerly).
+    pub(crate) fn captures(&self) -> bool {
+        self.capture
+    }
+
+    /// Drops every step (and graph); later steps capture again.
+    pub(crate) fn clear(&mut self) {
+        self.steps.clear();
+    }
+
+    /// The size a step of `batch` pads to, if it is decode-only, every row samples, and
+    /// it is not too large.
+    pub(crate) fn fits(&self, batch: &[SeqInput], spans: &[RowSpan]) -> Option<usize> {
+        let decoding = batch
+            .iter()
+            .zip(spans)
+            .all(|(s, span)| span.rows == 1 && s.wants_logits && !s.all_logits);
+        match decoding {
+            true => size_for(batch.len(), self.max_rows),
+            false => None,
+        }
+    }
+
+    /// Runs the decode step `batch` padded to `size` rows; returns each sequence's logits.
+    pub(crate) fn step(
+        &mut self,
+        model: &DeviceModel,
+        batch: &[SeqInput],
+        spans: &[RowSpan],
+        positions: &[usize],
+        size: usize,
+        quantized: bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        let widest = spans.iter().map(|s| s.blocks.len()).max().unwrap_or(1);
+        let key = Key {
+            rows: size,
+            blocks: widest.next_power_of_two().max(4),
+            quantized,
+        };
+        if !self.steps.contains_key(&key) {
+            // A wider table replaces the narrower one of the same size.
+            self.steps
+                .retain(|k, _| (k.rows, k.quantized) != (key.rows, key.quantized));
+            self.steps.insert(key, FixedStep::new(model, key)?);
+        }
+        let Some(step) = self.steps.get_mut(&key) else {
+            return Err(ModelError::Kv("a fixed decode step went missing".into()));
+        };
+        step.fill(model, batch, spans, positions)?;
+        if let Err(e) = step.compute(model, self.capture) {
+            if !self.capture {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, rows = size, "CUDA graphs failed: decode steps run eagerly from now on");
+            self.capture = false;
+            for s in self.steps.values_mut() {
+                s.state = State::Warm;
+            }
+            self.steps
+                .get(&key)
+                .ok_or_else(|| ModelError::Kv("a fixed decode step went missing".into()))?
+                .run(model)?;
+        }
+        let step = &self.steps[&key];
+        Ok(step.logits.narrow(0, 0, batch.len())?.to_vec2::<f32>()?)
+    }
+}
+
+/// The sizes a decode step pads to: 1, 2, 3, 4, 6, 8, 12, 16, 24, … (powers of two and
+/// the points halfway between), so padding adds less than half a step's rows, and `max`
+/// itself. `None` above `max`.
+fn size_for(rows: usize, max: usize) -> Option<usize> {
+    if rows == 0 || rows > max {
+        return None;
+    }
+    let pow = rows.next_power_of_two();
+    let size = match pow / 4 * 3 {
+        mid if mid >= rows => mid,
+        _ => pow,
+    };
+    Some(size.min(max))
+}
+
+impl FixedStep {
+    fn new(model: &DeviceModel, key: Key) -> Result<Self> {
+        let dev = &model.device;
+        let ints = key.rows * (2 + model.windows.len() * (2 + key.blocks));
+        let floats = ropes(model).len() * 2 * key.rows * model.inv_freq.len();
+        Ok(Self {
+            key,
+            ints: Tensor::zeros(ints, DType::U32, dev)?,
+            floats: Tensor::zeros(floats, DType::F32, dev)?,
+            logits: Tensor::zeros((key.rows, model.cfg.vocab), DType::F32, dev)?,
+            state: State::Cold,
+        })
+    }
+
+    /// Writes the step's inputs into the buffers, padding rows after the real ones.
+    fn fill(
+        &self,
+        model: &DeviceModel,
+        batch: &[SeqInput],
+        spans: &[RowSpan],
+        positions: &[usize],
+    ) -> Result<()> {
+        let Key { rows, blocks, .. } = self.key;
+        let stride = 2 + blocks;
+        let scratch = model.kv.scratch_block();
+        let mut ints = Vec::with_capacity(self.ints.elem_count());
+        ints.extend(batch.iter().map(|s| s.tokens[0]));
+        ints.resize(rows, 0);
+        ints.extend(spans.iter().map(|s| slot(s.blocks, s.start_pos)));
+        ints.resize(2 * rows, scratch * BLOCK_SIZE as u32);
+        let decoding: Vec<&RowSpan> = spans.iter().collect();
+        for &window in &model.windows {
+            write_plans(&decoding, window, stride, &mut ints)?;
+            // A padding row sees its one position in the scratch block.
+            for _ in spans.len()..rows {
+                ints.extend([1, 0, scratch]);
+                ints.resize(ints.len() + stride - 3, 0);
+            }
+        }
+        let mut at = positions.to_vec();
+        at.resize(rows, 0);
+        let mut floats = Vec::with_capacity(self.floats.elem_count());
+        for inv_freq in ropes(model) {
+            let t = RopeRows::new(inv_freq, &at);
+            floats.extend(t.cos);
+            floats.extend(t.sin);
+        }
+        upload(&self.ints, ints)?;
+        upload(&self.floats, floats)
+    }
+
+    /// The step's inputs: views of the buffers, the same addresses every time.
+    fn inputs<'a>(&self, model: &'a DeviceModel) -> Result<StepInputs<'a>> {
+        let Key { rows, blocks, .. } = self.key;
+        let stride = 2 + blocks;
+        let half = model.inv_freq.len();
+        let op = model.paged.as_ref().ok_or_else(|| {
+            ModelError::Unsupported("fixed decode steps need the paged op".into())
+        })?;
+        let mut metas = HashMap::new();
+        for (i, &window) in model.windows.iter().enumerate() {
+            let plan = self
+                .ints
+                .narrow(0, 2 * rows + i * rows * stride, rows * stride)?
+                .reshape((rows, stride))?;
+            metas.insert(window, DecodeMeta::on_device(plan));
+        }
+        let table = |i: usize| -> Result<Rope> {
+            let at = 2 * i * rows * half;
+            let part = |at| -> Result<Tensor> {
+                Ok(self
+                    .floats
+                    .narrow(0, at, rows * half)?
+                    .reshape((rows, 1, half))?)
+            };
+            Ok(Rope {
+                cos: part(at)?,
+                sin: part(at + rows * half)?,
+            })
+        };
+        Ok(StepInputs {
+            ids: self.ints.narrow(0, 0, rows)?,
+            slots: self.ints.narrow(0, rows, rows)?.reshape((rows, 1))?,
+            rope: table(0)?,
+            rope_local: match ropes(model).len() {
+                2 => Some(table(1)?),
+                _ => None,
+            },
+            attention: StepAttention::decoding(&model.heads(), op, rows, metas),
+            logits: Logits::All,
+        })
+    }
+
+    /// The step, eagerly: its logits into [`Self::logits`].
+    fn run(&self, model: &DeviceModel) -> Result<()> {
+        let inputs = self.inputs(model)?;
+        let logits = model
+            .run(&inputs, self.key.quantized)?
+            .ok_or_else(|| ModelError::Kv("a decode step computed no logits".into()))?;
+        self.logits.slice_set(&logits, 0, 0)?;
+        Ok(())
+    }
+
+    /// The step over the filled buffers: eagerly, or on CUDA through its graph, captured
+    /// on the second run.
+    fn compute(&mut self, model: &DeviceModel, capture: bool) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if capture {
+            use super::cuda::graph;
+            match &self.state {
+                State::Cold => {
+                    graph::warm(&model.device, || self.run(model))?;
+                    self.state = State::Warm;
+                }
+                State::Warm => {
+                    let started = std::time::Instant::now();
+                    let g = graph::capture(&model.device, || self.run(model))?;
+                    g.launch()?;
+                    self.state = State::Captured(g);
+                    tracing::info!(
+                        rows = self.key.rows,
+                        blocks = self.key.blocks,
+                        quantized = self.key.quantized,
+                        ms = started.elapsed().as_secs_f64() * 1e3,
+                        "captured a CUDA graph of a decode step"
+                    );
+                }
+                State::Captured(g) => g.launch()?,
+            }
+            return Ok(());
+        }
+        let _ = capture;
+        self.run(model)?;
+        self.state = State::Warm;
+        Ok(())
+    }
+}
+
+/// The inverse frequencies of the model's rotary tables: the global one, and the local
+/// one where some layers slide a window.
+fn ropes(model: &DeviceModel) -> Vec<&[f32]> {
+    match model.cfg.windows.iter().any(Option::is_some) {
+        true => vec![&model.inv_freq, &model.inv_freq_local],
+        false => vec![&model.inv_freq],
+    }
+}
+
+/// Copies `host` into the start of `dst` in place.
+fn upload<T: WithDType>(dst: &Tensor, host: Vec<T>) -> Result<()> {
+    let n = host.len();
+    dst.slice_set(&Tensor::from_vec(host, n, dst.device())?, 0, 0)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_powers_of_two_and_halfway_points_up_to_the_limit() {
+        let sizes: Vec<Option<usize>> = (0..=13).map(|r| size_for(r, 256)).collect();
+        let want = [0, 1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16];
+        for (r, (&got, &w)) in sizes.iter().zip(&want).enumerate() {
+            assert_eq!(got, (w > 0).then_some(w), "{r} rows");
+        }
+        assert_eq!(size_for(200, 256), Some(256));
+        assert_eq!(size_for(129, 256), Some(192));
+        assert_eq!(size_for(100, 100), Some(100));
+        assert_eq!(size_for(97, 100), Some(100));
+        assert_eq!(size_for(101, 100), None);
+        // Padding adds less than half.
+        for rows in 1..=256 {
+            let size = size_for(rows, 256).unwrap();
+            assert!(size >= rows && 2 * size < 3 * rows + 2, "{rows} → {size}");
+        }
+    }
+}
