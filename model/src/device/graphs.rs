@@ -39,14 +39,14 @@ pub(crate) struct DecodeGraphs {
     steps: HashMap<Key, FixedStep>,
 }
 
-/// What a fixed step's kernels depend on besides its inputs' values.
+/// What a fixed step's kernels depend on besides its inputs' values. Its projections
+/// are dense (quantized steps are not fixed: see [`DeviceModel::step`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     rows: usize,
     /// Block-table entries per row: a power of two, so that growing contexts recapture
     /// only a few times.
     blocks: usize,
-    quantized: bool,
 }
 
 struct FixedStep {
@@ -73,9 +73,16 @@ enum State {
 
 impl DecodeGraphs {
     pub(crate) fn new(device: &Device, max_rows: usize) -> Self {
+        #[cfg(feature = "cuda")]
+        let capture = super::cuda::graph::supported(device);
+        #[cfg(not(feature = "cuda"))]
+        let capture = {
+            let _ = device;
+            false
+        };
         Self {
             max_rows,
-            capture: cfg!(feature = "cuda") && device.is_cuda(),
+            capture,
             steps: HashMap::new(),
         }
     }
@@ -96,7 +103,7 @@ impl DecodeGraphs {
     }
 
     /// The size a step of `batch` pads to, if it is decode-only, every row samples, and
-    /// it is not too large.
+    /// it is not too large. (Quantized steps are not: see [`DeviceModel::step`].)
     pub(crate) fn fits(&self, batch: &[SeqInput], spans: &[RowSpan]) -> Option<usize> {
         let decoding = batch
             .iter()
@@ -116,20 +123,22 @@ impl DecodeGraphs {
         spans: &[RowSpan],
         positions: &[usize],
         size: usize,
-        quantized: bool,
     ) -> Result<Vec<Vec<f32>>> {
         let widest = spans.iter().map(|s| s.blocks.len()).max().unwrap_or(1);
-        let key = Key {
-            rows: size,
-            blocks: widest.next_power_of_two().max(4),
-            quantized,
+        let same = |k: &Key| k.rows == size;
+        // A size's step serves every table up to its width; a longer one replaces it.
+        let key = match self.steps.keys().find(|k| same(k) && k.blocks >= widest) {
+            Some(&k) => k,
+            None => {
+                let key = Key {
+                    rows: size,
+                    blocks: widest.next_power_of_two().max(4),
+                };
+                self.steps.retain(|k, _| !same(k));
+                self.steps.insert(key, FixedStep::new(model, key)?);
+                key
+            }
         };
-        if !self.steps.contains_key(&key) {
-            // A wider table replaces the narrower one of the same size.
-            self.steps
-                .retain(|k, _| (k.rows, k.quantized) != (key.rows, key.quantized));
-            self.steps.insert(key, FixedStep::new(model, key)?);
-        }
         let Some(step) = self.steps.get_mut(&key) else {
             return Err(ModelError::Kv("a fixed decode step went missing".into()));
         };
@@ -265,7 +274,7 @@ impl FixedStep {
     fn run(&self, model: &DeviceModel) -> Result<()> {
         let inputs = self.inputs(model)?;
         let logits = model
-            .run(&inputs, self.key.quantized)?
+            .run(&inputs, false)?
             .ok_or_else(|| ModelError::Kv("a decode step computed no logits".into()))?;
         self.logits.slice_set(&logits, 0, 0)?;
         Ok(())
@@ -290,7 +299,6 @@ impl FixedStep {
                     tracing::info!(
                         rows = self.key.rows,
                         blocks = self.key.blocks,
-                        quantized = self.key.quantized,
                         ms = started.elapsed().as_secs_f64() * 1e3,
                         "captured a CUDA graph of a decode step"
                     );

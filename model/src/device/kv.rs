@@ -77,8 +77,9 @@ impl DeviceKv {
         let (src, dst) = (src as usize * BLOCK_SIZE, dst as usize * BLOCK_SIZE);
         for (keys, values) in &self.layers {
             for t in [keys, values] {
-                // A copy: `slice_set` refuses a source sharing the target's storage.
-                let block = t.narrow(0, src, BLOCK_SIZE)?.copy()?;
+                // A copy of the block alone (`copy` would clone the whole layer's
+                // storage): `slice_set` refuses a source sharing the target's.
+                let block = t.narrow(0, src, BLOCK_SIZE)?.force_contiguous()?;
                 t.slice_set(&block, 0, dst)?;
             }
         }

@@ -204,11 +204,13 @@ impl DeviceModel {
         self.check(batch, &spans)?;
         if let Some(mut graphs) = self.graphs.take() {
             let out = match graphs.fits(batch, &spans) {
-                Some(size) => {
-                    let quantized = quantized.unwrap_or_else(|| self.quantized_for(size));
-                    Some(graphs.step(self, batch, &spans, &positions, size, quantized))
+                // candle's quantized kernels keep a scratch buffer that grows with the
+                // batch and moves when it does, which a replayed graph would not follow:
+                // steps with the quantized form are launched op by op.
+                Some(size) if !self.multiplies_quantized(size, quantized) => {
+                    Some(graphs.step(self, batch, &spans, &positions, size))
                 }
-                None => None,
+                _ => None,
             };
             self.graphs = Some(graphs);
             if let Some(out) = out {
@@ -283,6 +285,13 @@ impl DeviceModel {
         self.choice
             .as_ref()
             .is_some_and(|c| rows <= c.quantized_up_to)
+    }
+
+    /// Whether a step of `rows` rows goes through candle's quantized kernels: with
+    /// quantized weights only, or with both when `forced` or the choice says so.
+    fn multiplies_quantized(&self, rows: usize, forced: Option<bool>) -> bool {
+        let quantized = forced.unwrap_or_else(|| self.quantized_for(rows));
+        self.lm_head.multiplies_quantized(quantized)
     }
 
     fn heads(&self) -> Heads {

@@ -87,6 +87,15 @@ impl DeviceLinear {
         })
     }
 
+    /// Whether [`Self::forward`] with `quantized` goes through the quantized kernels.
+    pub(crate) fn multiplies_quantized(&self, quantized: bool) -> bool {
+        match self {
+            Self::Dense(_) => false,
+            Self::Quantized(_) => true,
+            Self::Both { .. } => quantized,
+        }
+    }
+
     pub(crate) fn has_both(&self) -> bool {
         matches!(self, Self::Both { .. })
     }
