@@ -68,10 +68,11 @@ gunzip -c .device/tokenizer.gguf.gz >"$work/tokenizer.gguf"
 
 log "1. device tests ($device)"
 # The real-model test needs the default model's file, which does not travel.
-"$work/bin/device-tests" --test-threads 1 --skip the_real_model --nocapture \
+# Time limits on each part, so that a hang (a GPU fault, say) still leaves time for the rest.
+timeout 240 "$work/bin/device-tests" --test-threads 1 --skip the_real_model --nocapture \
   >"$out/device-tests.log" 2>&1
 tests_rc=$?
-grep -E '^test |test result|panicked|from the packed path' "$out/device-tests.log" | tee -a "$summary"
+grep -E '^test |test result|panicked|from the packed path|of eager ones' "$out/device-tests.log" | tee -a "$summary"
 
 log "2. random model"
 PYTHONPATH=.device/py "${CHORUS_CHECK_PYTHON:-python3}" scripts/random-gguf.py --tokenizer-from "$work/tokenizer.gguf" \
@@ -98,7 +99,7 @@ for config in dense:paged:256 dense-eager:paged:0 dense-gather:gather:0 auto:pag
     --cuda-graph-max-batch "$graphs" "${server_flags[@]}" \
     >"$out/server-$name.log" 2>&1 &
   server=$!
-  for _ in $(seq 600); do
+  for _ in $(seq 180); do
     health "$port" >"$out/health.json" && break
     kill -0 "$server" 2>/dev/null || break
     sleep 1
@@ -106,7 +107,7 @@ for config in dense:paged:256 dense-eager:paged:0 dense-gather:gather:0 auto:pag
   cat "$out/health.json" | tee -a "$summary"; echo | tee -a "$summary"
   grep -E 'model loaded|paged attention|device weights|CUDA graph' "$out/server-$name.log" | head -n 20 | sed 's/\x1b\[[0-9;]*m//g' | tee -a "$summary"
   if health "$port" >/dev/null; then
-    "$work/bin/chorus-bench" --url "http://127.0.0.1:$port" --concurrency "$levels" \
+    timeout 150 "$work/bin/chorus-bench" --url "http://127.0.0.1:$port" --concurrency "$levels" \
       --duration "$duration" --json "$result/bench-$name.json" >"$out/bench-$name.log" 2>&1 ||
       bench_rc=1
     tail -n 6 "$out/bench-$name.log" | tee -a "$summary"
@@ -117,7 +118,9 @@ for config in dense:paged:256 dense-eager:paged:0 dense-gather:gather:0 auto:pag
     bench_rc=1
     log "the server did not come up"; tail -n 30 "$out/server-$name.log" | tee -a "$summary"
   fi
-  kill "$server" 2>/dev/null; wait "$server" 2>/dev/null
+  kill "$server" 2>/dev/null
+  for _ in $(seq 10); do kill -0 "$server" 2>/dev/null || break; sleep 1; done
+  kill -9 "$server" 2>/dev/null; wait "$server" 2>/dev/null
   port=$((port + 1))
 done
 log "done: tests rc $tests_rc, bench rc $bench_rc"
