@@ -8,7 +8,7 @@
 #   2. a random-weight GGUF of a 1B shape (hidden 2048, 16 layers, 32/8 heads, ffn 8192),
 #      written there by scripts/random-gguf.py with the carried tokenizer;
 #   3. chorus --device cuda on it, with dense f16 weights and decoding rows through our
-#      paged kernel, decode steps replayed as CUDA graphs (the defaults); the same without
+#      paged kernel, steps replayed as CUDA graphs (the defaults); the same without
 #      graphs; decoding rows through the gather (no graphs: they need the kernel); and
 #      --device-weights auto (both the dense and the GGUF-block forms, each step the one
 #      timed faster at start for its size: the log has those timings) with graphs.
@@ -80,12 +80,12 @@ PYTHONPATH=.device/py "${CHORUS_CHECK_PYTHON:-python3}" scripts/random-gguf.py -
 
 port=18031
 bench_rc=0
-# With dense f16 weights through cuBLAS: our paged kernel with decode steps replayed as
+# With dense f16 weights through cuBLAS: our paged kernel with steps replayed as
 # CUDA graphs, the same launched op by op, and the gather. Then both weight forms, dense
 # and the GGUF blocks through candle's quantized kernels, chosen per step size (the
 # issue asks which wins at which batch size: the server times both at 1, 2, 4, ... rows
 # at start and logs it). Each config: name:attention:graph rows.
-for config in dense:paged:256 dense-eager:paged:0 dense-gather:gather:0 auto:paged:256; do
+for config in dense:paged:512 dense-eager:paged:0 dense-gather:gather:0 auto:paged:512; do
   name=${config%%:*}
   weights=${name%%-*}
   rest=${config#*:}

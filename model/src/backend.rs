@@ -73,12 +73,12 @@ impl Backend {
         }
     }
 
-    /// On a device: the largest decode step run at a fixed shape, and whether such steps
-    /// are captured as CUDA graphs ([`DeviceModel::decode_graphs`]).
-    pub fn decode_graphs(&self) -> Option<(usize, bool)> {
+    /// On a device: the largest step run at a fixed shape, in rows, and whether such steps
+    /// are captured as CUDA graphs ([`DeviceModel::fixed_steps`]).
+    pub fn fixed_steps(&self) -> Option<(usize, bool)> {
         match self {
             Self::Packed { .. } => None,
-            Self::Device(m) => m.decode_graphs(),
+            Self::Device(m) => m.fixed_steps(),
         }
     }
 

@@ -86,7 +86,7 @@ fn targets() -> Vec<Target> {
         Target {
             name: "candle-cpu f32 paged fixed",
             opts: DeviceOptions {
-                graph_rows: 256,
+                graph_rows: 512,
                 ..on_cpu(DeviceWeights::Dense)
             },
             tol: 2e-3,
@@ -106,14 +106,14 @@ fn targets() -> Vec<Target> {
                 "cuda f32 paged graphs",
                 DType::F32,
                 DeviceAttention::Paged,
-                256,
+                512,
                 2e-3,
             ),
             (
                 "cuda f16 paged graphs",
                 DType::F16,
                 DeviceAttention::Paged,
-                256,
+                512,
                 5e-2,
             ),
             (
@@ -343,13 +343,16 @@ fn every_rows_logits_match_when_all_are_asked_for() {
     }
 }
 
-/// Fixed-shape decode steps (CUDA graphs on a GPU) against eager ones on the same
-/// device, fed the same tokens, as the batch grows and shrinks between sizes (padding
-/// rows in most steps) and one sequence's block table outgrows its width: every step's
-/// logits agree, so each replay read the inputs of its own step.
+/// Fixed-shape steps (CUDA graphs on a GPU) against eager ones on the same device, fed
+/// the same tokens: prompts in chunks of up to 7 beside decoding rows, the batch growing
+/// and shrinking every step (padding rows in most steps, some steps too large to be
+/// fixed, some that want no logits), one sequence's block table outgrowing its width.
+/// Every step's logits agree, so each replay read the inputs of its own step, and a
+/// prompt chunk's rows attending one at a time (fixed) match the gathered chunk (eager),
+/// within the tolerances of [`targets`] (6.6e-4 seen in f32).
 #[test]
-fn fixed_decode_steps_match_eager_ones_as_the_batch_changes() {
-    let mut devices = vec![("candle-cpu f32", on_cpu(DeviceWeights::Dense), 1e-4)];
+fn fixed_steps_match_eager_ones_as_the_batch_changes() {
+    let mut devices = vec![("candle-cpu f32", on_cpu(DeviceWeights::Dense), 2e-3)];
     if let Some(gpu) = cuda() {
         devices.push((
             "cuda f16",
@@ -358,10 +361,11 @@ fn fixed_decode_steps_match_eager_ones_as_the_batch_changes() {
                 dtype: DType::F16,
                 ..on_cpu(DeviceWeights::Dense)
             },
-            1e-2,
+            5e-2,
         ));
     }
     const BLOCKS_EACH: u32 = 8;
+    const CHUNK: usize = 7;
     let prompts: Vec<Vec<u32>> = vec![
         (1..60).collect(),
         vec![5, 9, 3],
@@ -375,7 +379,7 @@ fn fixed_decode_steps_match_eager_ones_as_the_batch_changes() {
             let blocks = 1 + prompts.len() * BLOCKS_EACH as usize;
             let mut eager = Backend::new(tiny(model_type, true), Some(&opts), blocks).unwrap();
             let fixed_opts = DeviceOptions {
-                graph_rows: 8,
+                graph_rows: 16,
                 ..opts.clone()
             };
             let mut fixed =
@@ -386,18 +390,23 @@ fn fixed_decode_steps_match_eager_ones_as_the_batch_changes() {
             let mut tokens = prompts.clone();
             let mut done = vec![0usize; prompts.len()];
             let mut worst = 0f32;
-            for step in 0..24 {
-                // Who steps: a pattern that changes the batch size (1 to 5) every step.
+            for step in 0..30 {
+                // Who steps: a pattern that changes the batch every step.
                 let members: Vec<usize> = (0..prompts.len())
                     .filter(|&i| step < 2 || (step * (i + 1) + i) % 3 != 0)
                     .collect();
+                let ends: Vec<usize> = members
+                    .iter()
+                    .map(|&i| tokens[i].len().min(done[i] + CHUNK))
+                    .collect();
                 let batch: Vec<SeqInput> = members
                     .iter()
-                    .map(|&i| SeqInput {
-                        tokens: &tokens[i][done[i]..],
+                    .zip(&ends)
+                    .map(|(&i, &end)| SeqInput {
+                        tokens: &tokens[i][done[i]..end],
                         start_pos: done[i],
                         blocks: &tables[i],
-                        wants_logits: true,
+                        wants_logits: end == tokens[i].len(),
                         all_logits: false,
                     })
                     .collect();
@@ -410,18 +419,22 @@ fn fixed_decode_steps_match_eager_ones_as_the_batch_changes() {
                         worst = worst.max((p - q).abs());
                     }
                 }
-                for (&i, row) in members.iter().zip(&a) {
-                    done[i] = tokens[i].len();
-                    tokens[i].push(chorus_model::sampling::argmax(row));
+                let mut rows = a.iter();
+                for (&i, &end) in members.iter().zip(&ends) {
+                    let complete = end == tokens[i].len();
+                    done[i] = end;
+                    if complete {
+                        tokens[i].push(chorus_model::sampling::argmax(rows.next().unwrap()));
+                    }
                 }
             }
             // The longest sequence went past 64 positions: its table widened.
-            assert!(tokens[0].len() > 64 + 1, "{what}");
+            assert!(tokens[0].len() > 64 + 1, "{what}: {}", tokens[0].len());
             assert!(
                 worst < tol,
                 "{what}: fixed steps differ from eager ones by {worst}"
             );
-            eprintln!("{what}: fixed decode steps within {worst} of eager ones");
+            eprintln!("{what}: fixed steps within {worst} of eager ones");
         }
     }
 }

@@ -84,11 +84,12 @@ pub struct Config {
     #[arg(long, env = "CHORUS_DEVICE_ATTENTION", value_enum, default_value_t = DeviceAttentionArg::Paged)]
     pub device_attention: DeviceAttentionArg,
 
-    /// Decode-only steps of up to this many sequences run at fixed shapes (padded to 1,
-    /// 2, 3, 4, 6, 8, 12, ... rows), each size captured once as a CUDA graph and then
-    /// replayed with one launch; on candle-cpu the same fixed shapes run without capture.
-    /// 0 runs every step eagerly. Needs --device-attention paged.
-    #[arg(long, env = "CHORUS_CUDA_GRAPH_MAX_BATCH", default_value_t = 256)]
+    /// Steps of up to this many rows (decoding rows and short prompt chunks) run at fixed
+    /// shapes (padded to 1, 2, 3, 4, 6, 8, 12, ... rows), every row attending through
+    /// the paged kernel, each shape captured once as a CUDA graph and then replayed with
+    /// one launch; on candle-cpu the same fixed shapes run without capture. 0 runs every
+    /// step eagerly. Needs --device-attention paged.
+    #[arg(long, env = "CHORUS_CUDA_GRAPH_MAX_BATCH", default_value_t = 512)]
     pub cuda_graph_max_batch: usize,
 
     /// Most sequences decoding at once (continuous-batching slots).

@@ -436,7 +436,7 @@ fn start_engine(
         arch = cfg.arch.name(),
         device = %device_name,
         device_attention = ?backend.device_attention(),
-        decode_graphs = ?backend.decode_graphs(),
+        fixed_steps = ?backend.fixed_steps(),
         layers = cfg.layers,
         context = cfg.context_len,
         kv_blocks = num_blocks,

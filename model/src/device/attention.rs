@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, D};
 
 use super::kv::{slot, DeviceKv};
-use super::paged::{DecodeMeta, PagedDecoder};
+use super::paged::{PagedDecoder, RowPlans};
 use crate::attention::RowSpan;
 use crate::error::{ModelError, Result};
 
@@ -93,7 +93,7 @@ enum Plan<'a> {
     /// Decoding rows through the paged op, one plan per window.
     Paged {
         op: &'a PagedDecoder,
-        metas: HashMap<Option<usize>, DecodeMeta>,
+        metas: HashMap<Option<usize>, RowPlans>,
     },
 }
 
@@ -142,14 +142,14 @@ impl<'a> StepAttention<'a> {
         })
     }
 
-    /// The plan of a step whose `rows` rows all decode through `op`, with `metas` (one
-    /// per window) already on the device: what a fixed-shape step reuses
-    /// ([`super::graphs`]).
-    pub(crate) fn decoding(
+    /// The plan of a step whose `rows` rows all attend through `op`, each a query of its
+    /// own, with `metas` (one per window) already on the device: what a fixed-shape step
+    /// reuses ([`super::graphs`]).
+    pub(crate) fn paged(
         h: &Heads,
         op: &'a PagedDecoder,
         rows: usize,
-        metas: HashMap<Option<usize>, DecodeMeta>,
+        metas: HashMap<Option<usize>, RowPlans>,
     ) -> Self {
         Self {
             heads: h.heads,
@@ -280,7 +280,7 @@ impl<'a> Group<'a> {
         if let Some(op) = paged {
             let metas = windows
                 .iter()
-                .map(|&w| Ok((w, DecodeMeta::new(spans, w, device)?)))
+                .map(|&w| Ok((w, RowPlans::new(spans, w, device)?)))
                 .collect::<Result<_>>()?;
             return Ok(Self {
                 n,

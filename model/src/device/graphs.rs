@@ -1,21 +1,23 @@
-//! Decode steps at fixed shapes, replayed as CUDA graphs.
+//! Steps at fixed shapes, replayed as CUDA graphs.
 //!
 //! candle launches each operation from the host, about thirty a layer, and for a small
-//! batch that launching, not the GPU's work, sets how long a step takes. So a decode-only
-//! step (one row a sequence, every row sampling) is padded to one of a few sizes and
-//! reads its inputs from buffers allocated once per size: every step of a size then runs
-//! the same kernels on the same addresses. On CUDA the first step of a size runs eagerly
-//! (loading its kernels and keeping the small uploads candle's operations make), the
-//! second is captured as a graph, and every later one copies its inputs into the buffers
-//! and replays the graph: one launch instead of hundreds. If a capture or a replay fails,
-//! the log says why and decode steps run eagerly from then on.
+//! batch that launching, not the GPU's work, sets how long a step takes. So a step of
+//! few enough rows (decoding rows and short prompt chunks) is padded to one of a few
+//! sizes, every row attends through the paged op (a prompt chunk's rows each as a query
+//! of its own), and the step reads its inputs from buffers allocated once per shape:
+//! every step of a shape then runs the same kernels on the same addresses. On CUDA the
+//! first step of a shape runs eagerly (loading its kernels and keeping the small uploads
+//! candle's operations make), the second is captured as a graph, and every later one
+//! copies its inputs into the buffers and replays the graph: one launch instead of
+//! hundreds. If a capture or a replay fails, the log says why and steps run eagerly from
+//! then on.
 //!
 //! On candle's CPU device the same fixed-shape steps run eagerly, which is how CI checks
 //! the padding and the buffers: [`DeviceModel::run`] reads nothing but its inputs, and
 //! here those inputs are the refilled buffers, exactly as a replay reads them.
 //!
-//! Padding rows decode token 0 at position 0 in the scratch block, which no sequence
-//! owns ([`super::kv`]); their logits are dropped.
+//! Padding rows compute token 0 at position 0 in the scratch block, which no sequence
+//! owns ([`super::kv`]); their logits are never asked for.
 
 use std::collections::HashMap;
 
@@ -23,27 +25,40 @@ use candle_core::{DType, Device, Tensor, WithDType};
 
 use super::attention::StepAttention;
 use super::kv::slot;
-use super::paged::{write_plans, DecodeMeta};
+use super::paged::{write_plans, RowPlans};
 use super::{DeviceModel, Logits, Rope, StepInputs};
 use crate::attention::RowSpan;
 use crate::error::{ModelError, Result};
 use crate::kv::BLOCK_SIZE;
 use crate::transformer::{RopeRows, SeqInput};
 
-/// The fixed-shape decode steps of one model, by size.
-pub(crate) struct DecodeGraphs {
-    /// The largest step, in sequences.
+/// A prompt chunk's rows in a fixed step attend a query row at a time, reading their
+/// history once each, where the gather's matrix products share it: fine for short
+/// prompts, not for long ones. A step's chunks may attend at most this many positions
+/// per row of the step's size, summed over their rows; larger ones go the eager way.
+const CHUNK_POSITIONS_PER_ROW: usize = 512;
+
+/// The fixed-shape steps of one model, by shape.
+pub(crate) struct FixedSteps {
+    /// The largest step, in rows.
     max_rows: usize,
     /// Whether steps are captured: on a CUDA device, until a capture or a replay fails.
     capture: bool,
     steps: HashMap<Key, FixedStep>,
 }
 
+/// A step's padded shape: its rows, and the rows whose logits it computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Shape {
+    pub rows: usize,
+    pub wanted: usize,
+}
+
 /// What a fixed step's kernels depend on besides its inputs' values. Its projections
 /// are dense (quantized steps are not fixed: see [`DeviceModel::step`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
-    rows: usize,
+    shape: Shape,
     /// Block-table entries per row: a power of two, so that growing contexts recapture
     /// only a few times.
     blocks: usize,
@@ -51,14 +66,16 @@ struct Key {
 
 struct FixedStep {
     key: Key,
-    /// u32: token ids `[rows]`, slots `[rows]`, then each window's decode plans
-    /// `[rows, 2 + blocks]` (see [`write_plans`]).
+    /// u32: token ids `[rows]`, slots `[rows]`, the rows whose logits are wanted
+    /// `[wanted]`, then each window's row plans `[rows, 2 + blocks]` (see
+    /// [`write_plans`]).
     ints: Tensor,
     /// f32: for the rotary table, then the local one where layers differ, cos and sin
     /// `[rows, head_dim / 2]` each.
     floats: Tensor,
-    /// `[rows, vocab]` f32: the step's logits, padding rows included.
-    logits: Tensor,
+    /// `[wanted, vocab]` f32: the step's logits, padding included; `None` when it
+    /// wants none.
+    logits: Option<Tensor>,
     state: State,
 }
 
@@ -71,7 +88,7 @@ enum State {
     Captured(super::cuda::Graph),
 }
 
-impl DecodeGraphs {
+impl FixedSteps {
     pub(crate) fn new(device: &Device, max_rows: usize) -> Self {
         #[cfg(feature = "cuda")]
         let capture = super::cuda::graph::supported(device);
@@ -87,7 +104,7 @@ impl DecodeGraphs {
         }
     }
 
-    /// The largest fixed-shape step, in sequences.
+    /// The largest fixed-shape step, in rows.
     pub(crate) fn max_rows(&self) -> usize {
         self.max_rows
     }
@@ -102,67 +119,87 @@ impl DecodeGraphs {
         self.steps.clear();
     }
 
-    /// The size a step of `batch` pads to, if it is decode-only, every row samples, and
-    /// it is not too large. (Quantized steps are not: see [`DeviceModel::step`].)
-    pub(crate) fn fits(&self, batch: &[SeqInput], spans: &[RowSpan]) -> Option<usize> {
-        let decoding = batch
-            .iter()
-            .zip(spans)
-            .all(|(s, span)| span.rows == 1 && s.wants_logits && !s.all_logits);
-        match decoding {
-            true => size_for(batch.len(), self.max_rows),
-            false => None,
+    /// The shape a step of `batch` pads to, if it has few enough rows, its prompt chunks
+    /// attend to few enough positions, and no sequence wants every row's logits.
+    /// (Quantized steps are not fixed either: see [`DeviceModel::step`].)
+    pub(crate) fn fits(&self, batch: &[SeqInput], spans: &[RowSpan]) -> Option<Shape> {
+        if batch.iter().any(|s| s.all_logits) {
+            return None;
         }
+        let rows = size_for(spans.iter().map(|s| s.rows).sum(), self.max_rows)?;
+        let attended: usize = spans
+            .iter()
+            .filter(|s| s.rows > 1)
+            .map(|s| s.rows * (s.start_pos + s.rows))
+            .sum();
+        if attended > rows * CHUNK_POSITIONS_PER_ROW {
+            return None;
+        }
+        let wanted = wanted_rows(batch, spans).count();
+        Some(Shape {
+            rows,
+            wanted: match wanted {
+                0 => 0,
+                n => size_for(n, self.max_rows)?,
+            },
+        })
     }
 
-    /// Runs the decode step `batch` padded to `size` rows; returns each sequence's logits.
+    /// Runs the step `batch` padded to `shape`; returns the logits of each sequence that
+    /// wants them, in batch order.
     pub(crate) fn step(
         &mut self,
         model: &DeviceModel,
         batch: &[SeqInput],
         spans: &[RowSpan],
         positions: &[usize],
-        size: usize,
+        shape: Shape,
     ) -> Result<Vec<Vec<f32>>> {
         let widest = spans.iter().map(|s| s.blocks.len()).max().unwrap_or(1);
-        let same = |k: &Key| k.rows == size;
-        // A size's step serves every table up to its width; a longer one replaces it.
-        let key = match self.steps.keys().find(|k| same(k) && k.blocks >= widest) {
+        // A shape's step serves every table up to its width; a longer one replaces it.
+        let key = match self
+            .steps
+            .keys()
+            .find(|k| k.shape == shape && k.blocks >= widest)
+        {
             Some(&k) => k,
             None => {
                 let key = Key {
-                    rows: size,
+                    shape,
                     blocks: widest.next_power_of_two().max(4),
                 };
-                self.steps.retain(|k, _| !same(k));
+                self.steps.retain(|k, _| k.shape != shape);
                 self.steps.insert(key, FixedStep::new(model, key)?);
                 key
             }
         };
         let Some(step) = self.steps.get_mut(&key) else {
-            return Err(ModelError::Kv("a fixed decode step went missing".into()));
+            return Err(ModelError::Kv("a fixed step went missing".into()));
         };
         step.fill(model, batch, spans, positions)?;
         if let Err(e) = step.compute(model, self.capture) {
             if !self.capture {
                 return Err(e);
             }
-            tracing::warn!(error = %e, rows = size, "CUDA graphs failed: decode steps run eagerly from now on");
+            tracing::warn!(error = %e, ?shape, "CUDA graphs failed: steps run eagerly from now on");
             self.capture = false;
             for s in self.steps.values_mut() {
                 s.state = State::Warm;
             }
             self.steps
                 .get(&key)
-                .ok_or_else(|| ModelError::Kv("a fixed decode step went missing".into()))?
+                .ok_or_else(|| ModelError::Kv("a fixed step went missing".into()))?
                 .run(model)?;
         }
-        let step = &self.steps[&key];
-        Ok(step.logits.narrow(0, 0, batch.len())?.to_vec2::<f32>()?)
+        let wanted = wanted_rows(batch, spans).count();
+        match &self.steps[&key].logits {
+            Some(logits) if wanted > 0 => Ok(logits.narrow(0, 0, wanted)?.to_vec2::<f32>()?),
+            _ => Ok(Vec::new()),
+        }
     }
 }
 
-/// The sizes a decode step pads to: 1, 2, 3, 4, 6, 8, 12, 16, 24, … (powers of two and
+/// The sizes a step pads to: 1, 2, 3, 4, 6, 8, 12, 16, 24, … (powers of two and
 /// the points halfway between), so padding adds less than half a step's rows, and `max`
 /// itself. `None` above `max`.
 fn size_for(rows: usize, max: usize) -> Option<usize> {
@@ -180,13 +217,17 @@ fn size_for(rows: usize, max: usize) -> Option<usize> {
 impl FixedStep {
     fn new(model: &DeviceModel, key: Key) -> Result<Self> {
         let dev = &model.device;
-        let ints = key.rows * (2 + model.windows.len() * (2 + key.blocks));
-        let floats = ropes(model).len() * 2 * key.rows * model.inv_freq.len();
+        let Shape { rows, wanted } = key.shape;
+        let ints = 2 * rows + wanted + model.windows.len() * rows * (2 + key.blocks);
+        let floats = ropes(model).len() * 2 * rows * model.inv_freq.len();
         Ok(Self {
             key,
             ints: Tensor::zeros(ints, DType::U32, dev)?,
             floats: Tensor::zeros(floats, DType::F32, dev)?,
-            logits: Tensor::zeros((key.rows, model.cfg.vocab), DType::F32, dev)?,
+            logits: match wanted {
+                0 => None,
+                n => Some(Tensor::zeros((n, model.cfg.vocab), DType::F32, dev)?),
+            },
             state: State::Cold,
         })
     }
@@ -199,19 +240,27 @@ impl FixedStep {
         spans: &[RowSpan],
         positions: &[usize],
     ) -> Result<()> {
-        let Key { rows, blocks, .. } = self.key;
+        let Key {
+            shape: Shape { rows, wanted },
+            blocks,
+        } = self.key;
         let stride = 2 + blocks;
         let scratch = model.kv.scratch_block();
+        let real = positions.len();
         let mut ints = Vec::with_capacity(self.ints.elem_count());
-        ints.extend(batch.iter().map(|s| s.tokens[0]));
+        ints.extend(batch.iter().flat_map(|s| s.tokens));
         ints.resize(rows, 0);
-        ints.extend(spans.iter().map(|s| slot(s.blocks, s.start_pos)));
+        for s in spans {
+            ints.extend((0..s.rows).map(|r| slot(s.blocks, s.start_pos + r)));
+        }
         ints.resize(2 * rows, scratch * BLOCK_SIZE as u32);
-        let decoding: Vec<&RowSpan> = spans.iter().collect();
+        ints.extend(wanted_rows(batch, spans));
+        ints.resize(2 * rows + wanted, 0);
+        let all: Vec<&RowSpan> = spans.iter().collect();
         for &window in &model.windows {
-            write_plans(&decoding, window, stride, &mut ints)?;
+            write_plans(&all, window, stride, &mut ints)?;
             // A padding row sees its one position in the scratch block.
-            for _ in spans.len()..rows {
+            for _ in real..rows {
                 ints.extend([1, 0, scratch]);
                 ints.resize(ints.len() + stride - 3, 0);
             }
@@ -230,19 +279,23 @@ impl FixedStep {
 
     /// The step's inputs: views of the buffers, the same addresses every time.
     fn inputs<'a>(&self, model: &'a DeviceModel) -> Result<StepInputs<'a>> {
-        let Key { rows, blocks, .. } = self.key;
+        let Key {
+            shape: Shape { rows, wanted },
+            blocks,
+        } = self.key;
         let stride = 2 + blocks;
         let half = model.inv_freq.len();
-        let op = model.paged.as_ref().ok_or_else(|| {
-            ModelError::Unsupported("fixed decode steps need the paged op".into())
-        })?;
+        let op = model
+            .paged
+            .as_ref()
+            .ok_or_else(|| ModelError::Unsupported("fixed steps need the paged op".into()))?;
         let mut metas = HashMap::new();
         for (i, &window) in model.windows.iter().enumerate() {
             let plan = self
                 .ints
-                .narrow(0, 2 * rows + i * rows * stride, rows * stride)?
+                .narrow(0, 2 * rows + wanted + i * rows * stride, rows * stride)?
                 .reshape((rows, stride))?;
-            metas.insert(window, DecodeMeta::on_device(plan));
+            metas.insert(window, RowPlans::on_device(plan));
         }
         let table = |i: usize| -> Result<Rope> {
             let at = 2 * i * rows * half;
@@ -265,18 +318,21 @@ impl FixedStep {
                 2 => Some(table(1)?),
                 _ => None,
             },
-            attention: StepAttention::decoding(&model.heads(), op, rows, metas),
-            logits: Logits::All,
+            attention: StepAttention::paged(&model.heads(), op, rows, metas),
+            logits: match wanted {
+                0 => Logits::Nothing,
+                n => Logits::Rows(self.ints.narrow(0, 2 * rows, n)?),
+            },
         })
     }
 
     /// The step, eagerly: its logits into [`Self::logits`].
     fn run(&self, model: &DeviceModel) -> Result<()> {
         let inputs = self.inputs(model)?;
-        let logits = model
-            .run(&inputs, false)?
-            .ok_or_else(|| ModelError::Kv("a decode step computed no logits".into()))?;
-        self.logits.slice_set(&logits, 0, 0)?;
+        let computed = model.run(&inputs, false)?;
+        if let (Some(logits), Some(out)) = (&computed, &self.logits) {
+            out.slice_set(logits, 0, 0)?;
+        }
         Ok(())
     }
 
@@ -297,10 +353,11 @@ impl FixedStep {
                     g.launch()?;
                     self.state = State::Captured(g);
                     tracing::info!(
-                        rows = self.key.rows,
+                        rows = self.key.shape.rows,
+                        wanted = self.key.shape.wanted,
                         blocks = self.key.blocks,
                         ms = started.elapsed().as_secs_f64() * 1e3,
-                        "captured a CUDA graph of a decode step"
+                        "captured a CUDA graph of a step"
                     );
                 }
                 State::Captured(g) => g.launch()?,
@@ -312,6 +369,16 @@ impl FixedStep {
         self.state = State::Warm;
         Ok(())
     }
+}
+
+/// The batch rows whose logits are computed, in batch order: each sequence's last row
+/// when it wants logits (a fixed step has no sequence that wants every row's).
+fn wanted_rows<'a>(batch: &'a [SeqInput], spans: &'a [RowSpan]) -> impl Iterator<Item = u32> + 'a {
+    batch
+        .iter()
+        .zip(spans)
+        .filter(|(s, span)| s.wants_logits && span.rows > 0)
+        .map(|(_, span)| (span.first_row + span.rows - 1) as u32)
 }
 
 /// The inverse frequencies of the model's rotary tables: the global one, and the local

@@ -12,7 +12,7 @@
 //! - [`attention`]: a step's attention plan: decoding rows through [`paged`], the rest
 //!   by gathering each sequence's blocks.
 //! - [`paged`]: decode attention reading the blocks in place, as one candle op.
-//! - [`graphs`]: decode steps at fixed shapes, replayed as CUDA graphs.
+//! - [`graphs`]: steps of few rows at fixed shapes, replayed as CUDA graphs.
 //! - [`cuda`]: our CUDA kernels, compiled at run time, and the graphs' capture.
 
 mod attention;
@@ -35,7 +35,7 @@ pub use weights::DeviceWeights;
 
 use self::attention::{Heads, StepAttention};
 use self::cuda::KernelShape;
-use self::graphs::DecodeGraphs;
+use self::graphs::FixedSteps;
 use self::kv::{slot, DeviceKv};
 use self::paged::{cache_dtype, PagedDecoder};
 use self::weights::{vector, DeviceLayer, DeviceLinear};
@@ -53,8 +53,9 @@ pub struct DeviceOptions {
     pub dtype: DType,
     pub weights: DeviceWeights,
     pub attention: DeviceAttention,
-    /// Decode-only steps of up to this many sequences run at fixed shapes, captured as
-    /// CUDA graphs on a GPU ([`graphs`]); 0: never. Needs the paged decode op.
+    /// Steps of up to this many rows (decoding rows and short prompt chunks, every row
+    /// through the paged op) run at fixed shapes, captured as CUDA graphs on a GPU
+    /// ([`graphs`]); 0: never. Needs the paged op.
     pub graph_rows: usize,
 }
 
@@ -76,8 +77,8 @@ pub struct DeviceModel {
     paged: Option<PagedDecoder>,
     /// With both weight forms (`auto`): which one each step size uses.
     choice: Option<WeightChoice>,
-    /// The fixed-shape decode steps, unless off or without the paged op.
-    graphs: Option<DecodeGraphs>,
+    /// The fixed-shape steps, unless off or without the paged op.
+    fixed: Option<FixedSteps>,
 }
 
 impl DeviceModel {
@@ -129,8 +130,8 @@ impl DeviceModel {
             layers,
             norm: vector(parts.norm, dev)?,
             lm_head: DeviceLinear::new(parts.lm_head, dev, opts.dtype, opts.weights)?,
-            graphs: match (&paged, opts.graph_rows) {
-                (Some(_), 1..) => Some(DecodeGraphs::new(dev, opts.graph_rows)),
+            fixed: match (&paged, opts.graph_rows) {
+                (Some(_), 1..) => Some(FixedSteps::new(dev, opts.graph_rows)),
                 _ => None,
             },
             kv,
@@ -142,7 +143,7 @@ impl DeviceModel {
             if model.layers.iter().any(|l| l.qkv.has_both()) {
                 model.choice = Some(calibrate::measure(&mut model, up_to)?);
                 // Calibration captured steps of both forms; serving keeps one.
-                if let Some(g) = &mut model.graphs {
+                if let Some(g) = &mut model.fixed {
                     g.clear();
                 }
             }
@@ -170,10 +171,10 @@ impl DeviceModel {
         }
     }
 
-    /// Decode-only steps of up to this many sequences run at fixed shapes, and whether
-    /// they are captured as CUDA graphs; `None`: every step runs eagerly.
-    pub fn decode_graphs(&self) -> Option<(usize, bool)> {
-        self.graphs.as_ref().map(|g| (g.max_rows(), g.captures()))
+    /// Steps of up to this many rows run at fixed shapes, and whether they are captured
+    /// as CUDA graphs; `None`: every step runs eagerly.
+    pub fn fixed_steps(&self) -> Option<(usize, bool)> {
+        self.fixed.as_ref().map(|g| (g.max_rows(), g.captures()))
     }
 
     /// With `--device-weights auto`: which weight form each step size uses, and the
@@ -193,7 +194,7 @@ impl DeviceModel {
     }
 
     /// One step; `quantized` forces the weight form where there are both, else the
-    /// choice for the step's rows does. A decode-only step goes through a fixed-shape
+    /// choice for the step's rows does. A step of few rows goes through a fixed-shape
     /// step ([`graphs`]) when it fits one.
     fn step(&mut self, batch: &[SeqInput], quantized: Option<bool>) -> Result<Vec<Vec<f32>>> {
         let (spans, positions) = row_spans(&self.cfg, batch)?;
@@ -202,17 +203,17 @@ impl DeviceModel {
             return Ok(Vec::new());
         }
         self.check(batch, &spans)?;
-        if let Some(mut graphs) = self.graphs.take() {
-            let out = match graphs.fits(batch, &spans) {
+        if let Some(mut fixed) = self.fixed.take() {
+            let out = match fixed.fits(batch, &spans) {
                 // candle's quantized kernels keep a scratch buffer that grows with the
                 // batch and moves when it does, which a replayed graph would not follow:
                 // steps with the quantized form are launched op by op.
-                Some(size) if !self.multiplies_quantized(size, quantized) => {
-                    Some(graphs.step(self, batch, &spans, &positions, size))
+                Some(shape) if !self.multiplies_quantized(shape.rows, quantized) => {
+                    Some(fixed.step(self, batch, &spans, &positions, shape))
                 }
                 _ => None,
             };
-            self.graphs = Some(graphs);
+            self.fixed = Some(fixed);
             if let Some(out) = out {
                 return out;
             }
@@ -363,7 +364,6 @@ impl DeviceModel {
         let last = match &inputs.logits {
             Logits::Nothing => return Ok(None),
             Logits::Rows(wanted) => x.index_select(wanted, 0)?,
-            Logits::All => x,
         };
         let h = rms_norm(&last, &self.norm, eps)?;
         Ok(Some(self.lm_head.forward(&h, quantized)?))
@@ -387,7 +387,6 @@ struct StepInputs<'a> {
 enum Logits {
     /// `[n]` u32 row indices.
     Rows(Tensor),
-    All,
     Nothing,
 }
 

@@ -1,10 +1,12 @@
-//! Decode attention that reads each sequence's keys and values where they lie in the
-//! paged cache, as one candle op: on CUDA our kernel ([`super::cuda`]), on candle's CPU
-//! device a plain reference of the same computation (what CI checks the device forward
-//! with, and what the kernel's host tests compare against).
+//! Attention that reads each sequence's keys and values where they lie in the paged
+//! cache, a query row at a time, as one candle op: on CUDA our kernel
+//! ([`super::cuda`]), on candle's CPU device a plain reference of the same computation
+//! (what CI checks the device forward with, and what the kernel's host tests compare
+//! against). Decoding rows always come here; a prompt chunk's rows too in a fixed-shape
+//! step ([`super::graphs`]), each row a query of its own.
 //!
-//! A decoding row's plan is one row of `meta`: the positions it sees (its own
-//! included), the first one it sees (after a sliding window), then its block table.
+//! A row's plan is one row of [`RowPlans`]: the positions it sees (its own included),
+//! the first one it sees (after a sliding window), then its block table.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -64,14 +66,14 @@ impl PagedDecoder {
         })
     }
 
-    /// `q`: `[n, heads * head_dim]` f32 (the decoding rows, in the order of `meta`'s
+    /// `q`: `[n, heads * head_dim]` f32 (the rows, in the order of `meta`'s
     /// rows); `keys`, `values`: the layer's cache. Returns `[n, heads * head_dim]` f32.
     pub(crate) fn forward(
         &self,
         q: &Tensor,
         keys: &Tensor,
         values: &Tensor,
-        meta: &DecodeMeta,
+        meta: &RowPlans,
         kv_heads: usize,
         scale: f32,
     ) -> Result<Tensor> {
@@ -85,22 +87,23 @@ impl PagedDecoder {
     }
 }
 
-/// The decoding rows' plans for one attention window, on the device: `[rows, stride]`
-/// u32, a row per decoding row (see [`write_plans`]). The kernel and the CPU reference
-/// both read this tensor, so a fixed-shape step that refills it in place
-/// ([`super::graphs`]) is checked on the CPU as it runs on the GPU.
-pub(crate) struct DecodeMeta {
+/// The plans of the rows a paged op attends for, for one attention window, on the
+/// device: `[rows, stride]` u32, a row per query row (see [`write_plans`]). The kernel
+/// and the CPU reference both read this tensor, so a fixed-shape step that refills it in
+/// place ([`super::graphs`]) is checked on the CPU as it runs on the GPU.
+pub(crate) struct RowPlans {
     plan: Tensor,
 }
 
-impl DecodeMeta {
-    /// `spans`: the decoding rows (one row each).
+impl RowPlans {
+    /// The plans of every row of `spans`.
     pub(crate) fn new(spans: &[&RowSpan], window: Option<usize>, device: &Device) -> Result<Self> {
         let stride = 2 + spans.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
-        let mut host = Vec::with_capacity(spans.len() * stride);
+        let rows: usize = spans.iter().map(|s| s.rows).sum();
+        let mut host = Vec::with_capacity(rows * stride);
         write_plans(spans, window, stride, &mut host)?;
         Ok(Self {
-            plan: Tensor::from_vec(host, (spans.len(), stride), device)?,
+            plan: Tensor::from_vec(host, (rows, stride), device)?,
         })
     }
 
@@ -109,7 +112,7 @@ impl DecodeMeta {
         Self { plan }
     }
 
-    /// How many decoding rows.
+    /// How many rows.
     fn rows(&self) -> usize {
         self.plan.dims().first().copied().unwrap_or(0)
     }
@@ -124,9 +127,10 @@ impl DecodeMeta {
     }
 }
 
-/// Appends the plan of each of `spans` (decoding rows) to `out`, `stride` values each:
-/// the positions it sees (its own included), the first one it sees (after a sliding
-/// `window`), then its block table, padded with zeros.
+/// Appends the plan of each row of `spans` to `out`, `stride` values each: the positions
+/// the row sees (its own included: the keys and values of a step's rows are written
+/// before it attends, and a prompt chunk's row sees those before it), the first one it
+/// sees (after a sliding `window`), then its sequence's block table, padded with zeros.
 pub(crate) fn write_plans(
     spans: &[&RowSpan],
     window: Option<usize>,
@@ -134,25 +138,26 @@ pub(crate) fn write_plans(
     out: &mut Vec<u32>,
 ) -> Result<()> {
     for s in spans {
-        let ctx = s.start_pos + 1;
-        if s.rows != 1 || ctx > s.blocks.len() * BLOCK_SIZE || 2 + s.blocks.len() > stride {
+        let end = s.start_pos + s.rows;
+        if end > s.blocks.len() * BLOCK_SIZE || 2 + s.blocks.len() > stride {
             return Err(ModelError::Kv(format!(
-                "a decoding row at position {} has {} blocks",
-                s.start_pos,
+                "rows up to position {end} have {} blocks",
                 s.blocks.len()
             )));
         }
-        let lo = window.map_or(0, |w| ctx.saturating_sub(w));
-        out.extend([ctx as u32, lo as u32]);
-        out.extend_from_slice(s.blocks);
-        out.resize(out.len() + stride - 2 - s.blocks.len(), 0);
+        for ctx in s.start_pos + 1..=end {
+            let lo = window.map_or(0, |w| ctx.saturating_sub(w));
+            out.extend([ctx as u32, lo as u32]);
+            out.extend_from_slice(s.blocks);
+            out.resize(out.len() + stride - 2 - s.blocks.len(), 0);
+        }
     }
     Ok(())
 }
 
 struct PagedDecode<'a> {
     decoder: &'a PagedDecoder,
-    meta: &'a DecodeMeta,
+    meta: &'a RowPlans,
     kv_heads: usize,
     scale: f32,
 }

@@ -7,7 +7,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Shape, Storage};
 
 use super::{KernelShape, PAGED_ATTENTION};
-use crate::device::paged::DecodeMeta;
+use crate::device::paged::RowPlans;
 use crate::error::{ModelError, Result};
 
 /// The paged decode kernel compiled for one model's shape.
@@ -50,7 +50,7 @@ impl PagedKernel {
         q: (&CudaStorage, &Layout),
         keys: (&CudaStorage, &Layout),
         values: (&CudaStorage, &Layout),
-        meta: &DecodeMeta,
+        meta: &RowPlans,
         kv_heads: usize,
         scale: f32,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
@@ -73,7 +73,7 @@ impl PagedKernel {
         q: (&CudaStorage, &Layout),
         keys: (&CudaStorage, &Layout),
         values: (&CudaStorage, &Layout),
-        meta: &DecodeMeta,
+        meta: &RowPlans,
         kv_heads: usize,
         scale: f32,
     ) -> candle_core::Result<(CudaStorage, Shape)> {

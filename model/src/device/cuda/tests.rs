@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::KernelShape;
 use crate::attention::RowSpan;
-use crate::device::paged::{DecodeMeta, PagedDecoder};
+use crate::device::paged::{PagedDecoder, RowPlans};
 use crate::kv::BLOCK_SIZE;
 
 const KV_HEADS: usize = 2;
@@ -177,7 +177,7 @@ fn check(shape: KernelShape, dir: &Path, seed: u64) {
     let (kt, vt) = (as_cache(&keys), as_cache(&values));
     let qt = Tensor::from_vec(q.clone(), (n, q_dim), &cpu).unwrap();
     for window in [None, Some(50), Some(t + 3)] {
-        let meta = DecodeMeta::new(&spans, window, &cpu).unwrap();
+        let meta = RowPlans::new(&spans, window, &cpu).unwrap();
         let want: Vec<f32> = decoder
             .forward(&qt, &kt, &vt, &meta, KV_HEADS, scale)
             .unwrap()
