@@ -23,6 +23,7 @@ fn on_cpu(weights: DeviceWeights) -> DeviceOptions {
         weights,
         attention: DeviceAttention::Paged,
         graph_rows: 0,
+        graph_shapes: 32,
     }
 }
 
@@ -139,6 +140,7 @@ fn targets() -> Vec<Target> {
                     weights: DeviceWeights::Dense,
                     attention,
                     graph_rows,
+                    graph_shapes: 32,
                 },
                 tol,
             });
@@ -346,7 +348,8 @@ fn every_rows_logits_match_when_all_are_asked_for() {
 /// Fixed-shape steps (CUDA graphs on a GPU) against eager ones on the same device, fed
 /// the same tokens: prompts in chunks of up to 7 beside decoding rows, the batch growing
 /// and shrinking every step (padding rows in most steps, some steps too large to be
-/// fixed, some that want no logits), one sequence's block table outgrowing its width.
+/// fixed, some that want no logits, shapes dropped and made again), one sequence's
+/// block table outgrowing its width.
 /// Every step's logits agree, so each replay read the inputs of its own step, and a
 /// prompt chunk's rows attending one at a time (fixed) match the gathered chunk (eager),
 /// within the tolerances of [`targets`] (6.6e-4 seen in f32).
@@ -378,8 +381,10 @@ fn fixed_steps_match_eager_ones_as_the_batch_changes() {
             let what = format!("{name} {model_type}");
             let blocks = 1 + prompts.len() * BLOCKS_EACH as usize;
             let mut eager = Backend::new(tiny(model_type, true), Some(&opts), blocks).unwrap();
+            // Few shapes kept: they are dropped and made again as the batch changes.
             let fixed_opts = DeviceOptions {
                 graph_rows: 16,
+                graph_shapes: 3,
                 ..opts.clone()
             };
             let mut fixed =
@@ -451,5 +456,8 @@ fn a_block_outside_the_cache_is_an_error_not_a_panic() {
             all_logits: false,
         }])
         .unwrap_err();
+    assert!(err.to_string().contains("outside the cache"), "{err}");
+    // Nor a copy into the block past the scheduler's (fixed steps' scratch).
+    let err = b.copy_block(0, 2).unwrap_err();
     assert!(err.to_string().contains("outside the cache"), "{err}");
 }

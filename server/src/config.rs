@@ -92,6 +92,12 @@ pub struct Config {
     #[arg(long, env = "CHORUS_CUDA_GRAPH_MAX_BATCH", default_value_t = 512)]
     pub cuda_graph_max_batch: usize,
 
+    /// The most step shapes (row count and sampling-row count) kept with their buffers
+    /// and CUDA graph; the least recently used is dropped for a new one. Each holds
+    /// about its rows' activations and its sampling rows' logits in GPU memory.
+    #[arg(long, env = "CHORUS_CUDA_GRAPH_MAX_SHAPES", default_value_t = 32)]
+    pub cuda_graph_max_shapes: usize,
+
     /// Most sequences decoding at once (continuous-batching slots).
     #[arg(long, env = "CHORUS_MAX_RUNNING", default_value_t = 64)]
     pub max_running: usize,

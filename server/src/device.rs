@@ -38,6 +38,7 @@ pub fn resolve(config: &Config) -> Result<Option<DeviceOptions>, String> {
         },
         attention: config.device_attention.into(),
         graph_rows: config.cuda_graph_max_batch,
+        graph_shapes: config.cuda_graph_max_shapes,
     }))
 }
 

@@ -9,8 +9,8 @@
 //! first step of a shape runs eagerly (loading its kernels and keeping the small uploads
 //! candle's operations make), the second is captured as a graph, and every later one
 //! copies its inputs into the buffers and replays the graph: one launch instead of
-//! hundreds. If a capture or a replay fails, the log says why and steps run eagerly from
-//! then on.
+//! hundreds. If a capture or a replay fails, the log says why and steps run op by op from
+//! then on (on a GPU, padding without graphs would only cost).
 //!
 //! On candle's CPU device the same fixed-shape steps run eagerly, which is how CI checks
 //! the padding and the buffers: [`DeviceModel::run`] reads nothing but its inputs, and
@@ -34,17 +34,23 @@ use crate::transformer::{RopeRows, SeqInput};
 
 /// A prompt chunk's rows in a fixed step attend a query row at a time, reading their
 /// history once each, where the gather's matrix products share it: fine for short
-/// prompts, not for long ones. A step's chunks may attend at most this many positions
-/// per row of the step's size, summed over their rows; larger ones go the eager way.
+/// prompts, not for long ones. The positions a step's chunk rows attend to, summed over
+/// those rows, may be at most this many per row of the step's size; larger steps go the
+/// eager way.
 const CHUNK_POSITIONS_PER_ROW: usize = 512;
 
 /// The fixed-shape steps of one model, by shape.
 pub(crate) struct FixedSteps {
     /// The largest step, in rows.
     max_rows: usize,
+    /// The most shapes kept.
+    max_shapes: usize,
     /// Whether steps are captured: on a CUDA device, until a capture or a replay fails.
+    /// Without, fixed steps run only on candle's CPU device, to check them.
     capture: bool,
     steps: HashMap<Key, FixedStep>,
+    /// Counts steps, to find the least recently used shape.
+    clock: u64,
 }
 
 /// A step's padded shape: its rows, and the rows whose logits it computes.
@@ -77,6 +83,8 @@ struct FixedStep {
     /// wants none.
     logits: Option<Tensor>,
     state: State,
+    /// [`FixedSteps::clock`] when it last ran.
+    used: u64,
 }
 
 enum State {
@@ -89,19 +97,23 @@ enum State {
 }
 
 impl FixedSteps {
-    pub(crate) fn new(device: &Device, max_rows: usize) -> Self {
+    /// `None` where steps could only be run eagerly, other than on candle's CPU device.
+    pub(crate) fn new(device: &Device, max_rows: usize, max_shapes: usize) -> Option<Self> {
         #[cfg(feature = "cuda")]
         let capture = super::cuda::graph::supported(device);
         #[cfg(not(feature = "cuda"))]
-        let capture = {
-            let _ = device;
-            false
-        };
-        Self {
+        let capture = false;
+        if !capture && !device.is_cpu() {
+            tracing::warn!("this GPU cannot capture CUDA graphs (no stream-ordered allocation): steps run op by op");
+            return None;
+        }
+        Some(Self {
             max_rows,
+            max_shapes: max_shapes.max(1),
             capture,
             steps: HashMap::new(),
-        }
+            clock: 0,
+        })
     }
 
     /// The largest fixed-shape step, in rows.
@@ -114,11 +126,6 @@ impl FixedSteps {
         self.capture
     }
 
-    /// Drops every step (and graph); later steps capture again.
-    pub(crate) fn clear(&mut self) {
-        self.steps.clear();
-    }
-
     /// The shape a step of `batch` pads to, if it has few enough rows, its prompt chunks
     /// attend to few enough positions, and no sequence wants every row's logits.
     /// (Quantized steps are not fixed either: see [`DeviceModel::step`].)
@@ -127,10 +134,11 @@ impl FixedSteps {
             return None;
         }
         let rows = size_for(spans.iter().map(|s| s.rows).sum(), self.max_rows)?;
+        // A chunk's row r sees start + r + 1 positions.
         let attended: usize = spans
             .iter()
             .filter(|s| s.rows > 1)
-            .map(|s| s.rows * (s.start_pos + s.rows))
+            .map(|s| s.rows * s.start_pos + s.rows * (s.rows + 1) / 2)
             .sum();
         if attended > rows * CHUNK_POSITIONS_PER_ROW {
             return None;
@@ -169,27 +177,32 @@ impl FixedSteps {
                     blocks: widest.next_power_of_two().max(4),
                 };
                 self.steps.retain(|k, _| k.shape != shape);
+                while self.steps.len() >= self.max_shapes {
+                    let Some((&oldest, _)) = self.steps.iter().min_by_key(|(_, s)| s.used) else {
+                        break;
+                    };
+                    self.steps.remove(&oldest);
+                }
                 self.steps.insert(key, FixedStep::new(model, key)?);
                 key
             }
         };
+        self.clock += 1;
         let Some(step) = self.steps.get_mut(&key) else {
             return Err(ModelError::Kv("a fixed step went missing".into()));
         };
+        step.used = self.clock;
         step.fill(model, batch, spans, positions)?;
+        // Only a capture or a replay is the graphs' doing; an eager run's error is the
+        // caller's to handle.
+        let graph = self.capture && !matches!(step.state, State::Cold);
         if let Err(e) = step.compute(model, self.capture) {
-            if !self.capture {
+            if !graph {
                 return Err(e);
             }
-            tracing::warn!(error = %e, ?shape, "CUDA graphs failed: steps run eagerly from now on");
+            tracing::warn!(error = %e, ?shape, "CUDA graphs failed: steps run op by op from now on");
             self.capture = false;
-            for s in self.steps.values_mut() {
-                s.state = State::Warm;
-            }
-            self.steps
-                .get(&key)
-                .ok_or_else(|| ModelError::Kv("a fixed step went missing".into()))?
-                .run(model)?;
+            step.run(model)?;
         }
         let wanted = wanted_rows(batch, spans).count();
         match &self.steps[&key].logits {
@@ -221,6 +234,7 @@ impl FixedStep {
         let ints = 2 * rows + wanted + model.windows.len() * rows * (2 + key.blocks);
         let floats = ropes(model).len() * 2 * rows * model.inv_freq.len();
         Ok(Self {
+            used: 0,
             key,
             ints: Tensor::zeros(ints, DType::U32, dev)?,
             floats: Tensor::zeros(floats, DType::F32, dev)?,

@@ -74,6 +74,9 @@ impl DeviceKv {
 
     /// Copies every layer's keys and values of block `src` into block `dst`.
     pub(crate) fn copy_block(&self, src: u32, dst: u32) -> Result<()> {
+        if src.max(dst) as usize >= self.num_blocks {
+            return Err(ModelError::Kv("a block id is outside the cache".into()));
+        }
         let (src, dst) = (src as usize * BLOCK_SIZE, dst as usize * BLOCK_SIZE);
         for (keys, values) in &self.layers {
             for t in [keys, values] {

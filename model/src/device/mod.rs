@@ -57,6 +57,8 @@ pub struct DeviceOptions {
     /// through the paged op) run at fixed shapes, captured as CUDA graphs on a GPU
     /// ([`graphs`]); 0: never. Needs the paged op.
     pub graph_rows: usize,
+    /// The most shapes kept (buffers and graph each), the least recently used dropped.
+    pub graph_shapes: usize,
 }
 
 pub struct DeviceModel {
@@ -131,7 +133,7 @@ impl DeviceModel {
             norm: vector(parts.norm, dev)?,
             lm_head: DeviceLinear::new(parts.lm_head, dev, opts.dtype, opts.weights)?,
             fixed: match (&paged, opts.graph_rows) {
-                (Some(_), 1..) => Some(FixedSteps::new(dev, opts.graph_rows)),
+                (Some(_), 1..) => FixedSteps::new(dev, opts.graph_rows, opts.graph_shapes),
                 _ => None,
             },
             kv,
@@ -142,14 +144,9 @@ impl DeviceModel {
         if let DeviceWeights::Auto { up_to } = opts.weights {
             if model.layers.iter().any(|l| l.qkv.has_both()) {
                 model.choice = Some(calibrate::measure(&mut model, up_to)?);
-                // Calibration captured steps of both forms; serving keeps one.
-                if let Some(g) = &mut model.fixed {
-                    g.clear();
-                }
             }
         }
-        // The weights and the zeroed cache were queued on this thread's stream; the
-        // engine's thread runs the steps on its own.
+        // Serve with the uploads done, so that the first step's time is its own.
         model.device.synchronize()?;
         Ok(model)
     }
@@ -213,9 +210,21 @@ impl DeviceModel {
                 }
                 _ => None,
             };
-            self.fixed = Some(fixed);
-            if let Some(out) = out {
-                return out;
+            match out {
+                Some(Ok(logits)) => {
+                    // On a GPU whose graphs failed, padding would only cost: they go.
+                    if fixed.captures() || self.device.is_cpu() {
+                        self.fixed = Some(fixed);
+                    }
+                    return Ok(logits);
+                }
+                // Not the capture's doing (that falls back inside): an eager step of the
+                // shape failed, out of memory say. The same step runs op by op, as do all
+                // from now on; it rewrites any keys and values the failed one wrote.
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "a fixed-shape step failed: steps run op by op from now on");
+                }
+                None => self.fixed = Some(fixed),
             }
         }
         let quantized = quantized.unwrap_or_else(|| self.quantized_for(rows));
@@ -288,11 +297,16 @@ impl DeviceModel {
             .is_some_and(|c| rows <= c.quantized_up_to)
     }
 
-    /// Whether a step of `rows` rows goes through candle's quantized kernels: with
-    /// quantized weights only, or with both when `forced` or the choice says so.
+    /// Whether a step of `rows` rows goes through candle's quantized kernels anywhere:
+    /// a projection held only quantized, or both forms when `forced` or the choice says
+    /// so. (A file may hold some projections unquantized, the head often.)
     fn multiplies_quantized(&self, rows: usize, forced: Option<bool>) -> bool {
         let quantized = forced.unwrap_or_else(|| self.quantized_for(rows));
-        self.lm_head.multiplies_quantized(quantized)
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.out, &l.gate_up, &l.down])
+            .chain([&self.lm_head])
+            .any(|w| w.multiplies_quantized(quantized))
     }
 
     fn heads(&self) -> Heads {
