@@ -104,7 +104,10 @@ impl FixedSteps {
         #[cfg(not(feature = "cuda"))]
         let capture = false;
         if !capture && !device.is_cpu() {
-            tracing::warn!("this GPU cannot capture CUDA graphs (no stream-ordered allocation): steps run op by op");
+            tracing::warn!(
+                "CUDA graphs cannot be captured here (no stream-ordered allocation, or \
+                 several streams): steps run op by op"
+            );
             return None;
         }
         Some(Self {
