@@ -2,7 +2,9 @@
 //! ([`super::paged`]), which reads each row's blocks in place, unless
 //! `--device-attention gather` or the model's shape rules it out. Prefill chunks, and
 //! decoding rows without it, gather each sequence's keys and values from the paged cache
-//! into contiguous tensors and multiply them as dense batched matrices.
+//! into contiguous tensors and multiply them as dense batched matrices. A fixed-shape
+//! step ([`super::graphs`]) sends every row, a chunk's too, through the paged op
+//! ([`StepAttention::paged`]).
 //!
 //! The step's sequences fall into two groups: those decoding (one row each) and those
 //! prefilling (a chunk each, usually of similar sizes). A gathered group is one batch

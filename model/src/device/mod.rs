@@ -11,7 +11,8 @@
 //! - [`calibrate`]: `--device-weights auto`, which weight form each step size uses.
 //! - [`attention`]: a step's attention plan: decoding rows through [`paged`], the rest
 //!   by gathering each sequence's blocks.
-//! - [`paged`]: decode attention reading the blocks in place, as one candle op.
+//! - [`paged`]: attention reading the blocks in place a query row at a time, as one
+//!   candle op (decoding rows; in fixed-shape steps, prompt chunks too).
 //! - [`graphs`]: steps of few rows at fixed shapes, replayed as CUDA graphs.
 //! - [`cuda`]: our CUDA kernels, compiled at run time, and the graphs' capture.
 
