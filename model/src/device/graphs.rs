@@ -70,6 +70,20 @@ struct Key {
     blocks: usize,
 }
 
+impl Key {
+    /// Values per row plan: the context, the first position seen, the block table.
+    fn stride(&self) -> usize {
+        2 + self.blocks
+    }
+
+    /// Where window `i`'s row plans start in [`FixedStep::ints`], after the token ids,
+    /// the slots and the sampling rows (with `i` the number of windows: its length).
+    fn plans_at(&self, i: usize) -> usize {
+        let Shape { rows, wanted } = self.shape;
+        2 * rows + wanted + i * rows * self.stride()
+    }
+}
+
 struct FixedStep {
     key: Key,
     /// u32: token ids `[rows]`, slots `[rows]`, the rows whose logits are wanted
@@ -234,7 +248,7 @@ impl FixedStep {
     fn new(model: &DeviceModel, key: Key) -> Result<Self> {
         let dev = &model.device;
         let Shape { rows, wanted } = key.shape;
-        let ints = 2 * rows + wanted + model.windows.len() * rows * (2 + key.blocks);
+        let ints = key.plans_at(model.windows.len());
         let floats = ropes(model).len() * 2 * rows * model.inv_freq.len();
         Ok(Self {
             used: 0,
@@ -257,11 +271,8 @@ impl FixedStep {
         spans: &[RowSpan],
         positions: &[usize],
     ) -> Result<()> {
-        let Key {
-            shape: Shape { rows, wanted },
-            blocks,
-        } = self.key;
-        let stride = 2 + blocks;
+        let Shape { rows, wanted } = self.key.shape;
+        let stride = self.key.stride();
         let scratch = model.kv.scratch_block();
         let real = positions.len();
         let mut ints = Vec::with_capacity(self.ints.elem_count());
@@ -290,17 +301,19 @@ impl FixedStep {
             floats.extend(t.cos);
             floats.extend(t.sin);
         }
+        if ints.len() != self.ints.elem_count() || floats.len() != self.floats.elem_count() {
+            return Err(ModelError::Kv(
+                "a fixed step's inputs do not fit its buffers".into(),
+            ));
+        }
         upload(&self.ints, ints)?;
         upload(&self.floats, floats)
     }
 
     /// The step's inputs: views of the buffers, the same addresses every time.
     fn inputs<'a>(&self, model: &'a DeviceModel) -> Result<StepInputs<'a>> {
-        let Key {
-            shape: Shape { rows, wanted },
-            blocks,
-        } = self.key;
-        let stride = 2 + blocks;
+        let Shape { rows, wanted } = self.key.shape;
+        let stride = self.key.stride();
         let half = model.inv_freq.len();
         let op = model
             .paged
@@ -310,7 +323,7 @@ impl FixedStep {
         for (i, &window) in model.windows.iter().enumerate() {
             let plan = self
                 .ints
-                .narrow(0, 2 * rows + wanted + i * rows * stride, rows * stride)?
+                .narrow(0, self.key.plans_at(i), rows * stride)?
                 .reshape((rows, stride))?;
             metas.insert(window, RowPlans::on_device(plan));
         }
