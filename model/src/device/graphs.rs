@@ -26,11 +26,11 @@ use candle_core::{DType, Device, Tensor, WithDType};
 use super::attention::StepAttention;
 use super::kv::slot;
 use super::paged::{write_plans, RowPlans};
-use super::{DeviceModel, Logits, Rope, StepInputs};
+use super::{DeviceModel, Logits, StepInputs};
 use crate::attention::RowSpan;
 use crate::error::{ModelError, Result};
 use crate::kv::BLOCK_SIZE;
-use crate::transformer::{RopeRows, SeqInput};
+use crate::transformer::SeqInput;
 
 /// A prompt chunk's rows in a fixed step attend a query row at a time, reading their
 /// history once each, where the gather's matrix products share it: fine for short
@@ -77,22 +77,19 @@ impl Key {
     }
 
     /// Where window `i`'s row plans start in [`FixedStep::ints`], after the token ids,
-    /// the slots and the sampling rows (with `i` the number of windows: its length).
+    /// slots, positions and sampling rows (with `i` the number of windows: its length).
     fn plans_at(&self, i: usize) -> usize {
         let Shape { rows, wanted } = self.shape;
-        2 * rows + wanted + i * rows * self.stride()
+        3 * rows + wanted + i * rows * self.stride()
     }
 }
 
 struct FixedStep {
     key: Key,
-    /// u32: token ids `[rows]`, slots `[rows]`, the rows whose logits are wanted
-    /// `[wanted]`, then each window's row plans `[rows, 2 + blocks]` (see
-    /// [`write_plans`]).
+    /// u32: token ids `[rows]`, slots `[rows]`, positions `[rows]`, the rows whose
+    /// logits are wanted `[wanted]`, then each window's row plans `[rows, 2 + blocks]`
+    /// (see [`write_plans`]).
     ints: Tensor,
-    /// f32: for the rotary table, then the local one where layers differ, cos and sin
-    /// `[rows, head_dim / 2]` each.
-    floats: Tensor,
     /// `[wanted, vocab]` f32: the step's logits, padding included; `None` when it
     /// wants none.
     logits: Option<Tensor>,
@@ -247,14 +244,12 @@ fn size_for(rows: usize, max: usize) -> Option<usize> {
 impl FixedStep {
     fn new(model: &DeviceModel, key: Key) -> Result<Self> {
         let dev = &model.device;
-        let Shape { rows, wanted } = key.shape;
+        let wanted = key.shape.wanted;
         let ints = key.plans_at(model.windows.len());
-        let floats = ropes(model).len() * 2 * rows * model.inv_freq.len();
         Ok(Self {
             used: 0,
             key,
             ints: Tensor::zeros(ints, DType::U32, dev)?,
-            floats: Tensor::zeros(floats, DType::F32, dev)?,
             logits: match wanted {
                 0 => None,
                 n => Some(Tensor::zeros((n, model.cfg.vocab), DType::F32, dev)?),
@@ -282,8 +277,10 @@ impl FixedStep {
             ints.extend((0..s.rows).map(|r| slot(s.blocks, s.start_pos + r)));
         }
         ints.resize(2 * rows, scratch * BLOCK_SIZE as u32);
+        ints.extend(positions.iter().map(|&p| p as u32));
+        ints.resize(3 * rows, 0);
         ints.extend(wanted_rows(batch, spans));
-        ints.resize(2 * rows + wanted, 0);
+        ints.resize(3 * rows + wanted, 0);
         let all: Vec<&RowSpan> = spans.iter().collect();
         for &window in &model.windows {
             write_plans(&all, window, stride, &mut ints)?;
@@ -293,28 +290,18 @@ impl FixedStep {
                 ints.resize(ints.len() + stride - 3, 0);
             }
         }
-        let mut at = positions.to_vec();
-        at.resize(rows, 0);
-        let mut floats = Vec::with_capacity(self.floats.elem_count());
-        for inv_freq in ropes(model) {
-            let t = RopeRows::new(inv_freq, &at);
-            floats.extend(t.cos);
-            floats.extend(t.sin);
-        }
-        if ints.len() != self.ints.elem_count() || floats.len() != self.floats.elem_count() {
+        if ints.len() != self.ints.elem_count() {
             return Err(ModelError::Kv(
                 "a fixed step's inputs do not fit its buffers".into(),
             ));
         }
-        upload(&self.ints, ints)?;
-        upload(&self.floats, floats)
+        upload(&self.ints, ints)
     }
 
     /// The step's inputs: views of the buffers, the same addresses every time.
     fn inputs<'a>(&self, model: &'a DeviceModel) -> Result<StepInputs<'a>> {
         let Shape { rows, wanted } = self.key.shape;
         let stride = self.key.stride();
-        let half = model.inv_freq.len();
         let op = model
             .paged
             .as_ref()
@@ -327,31 +314,14 @@ impl FixedStep {
                 .reshape((rows, stride))?;
             metas.insert(window, RowPlans::on_device(plan));
         }
-        let table = |i: usize| -> Result<Rope> {
-            let at = 2 * i * rows * half;
-            let part = |at| -> Result<Tensor> {
-                Ok(self
-                    .floats
-                    .narrow(0, at, rows * half)?
-                    .reshape((rows, 1, half))?)
-            };
-            Ok(Rope {
-                cos: part(at)?,
-                sin: part(at + rows * half)?,
-            })
-        };
         Ok(StepInputs {
             ids: self.ints.narrow(0, 0, rows)?,
             slots: self.ints.narrow(0, rows, rows)?.reshape((rows, 1))?,
-            rope: table(0)?,
-            rope_local: match ropes(model).len() {
-                2 => Some(table(1)?),
-                _ => None,
-            },
+            positions: self.ints.narrow(0, 2 * rows, rows)?,
             attention: StepAttention::paged(&model.heads(), op, rows, metas),
             logits: match wanted {
                 0 => Logits::Nothing,
-                n => Logits::Rows(self.ints.narrow(0, 2 * rows, n)?),
+                n => Logits::Rows(self.ints.narrow(0, 3 * rows, n)?),
             },
         })
     }
@@ -409,15 +379,6 @@ fn wanted_rows<'a>(batch: &'a [SeqInput], spans: &'a [RowSpan]) -> impl Iterator
         .zip(spans)
         .filter(|(s, span)| s.wants_logits && span.rows > 0)
         .map(|(_, span)| (span.first_row + span.rows - 1) as u32)
-}
-
-/// The inverse frequencies of the model's rotary tables: the global one, and the local
-/// one where some layers slide a window.
-fn ropes(model: &DeviceModel) -> Vec<&[f32]> {
-    match model.cfg.windows.iter().any(Option::is_some) {
-        true => vec![&model.inv_freq, &model.inv_freq_local],
-        false => vec![&model.inv_freq],
-    }
 }
 
 /// Copies `host` into the start of `dst` in place.

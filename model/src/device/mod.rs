@@ -3,8 +3,9 @@
 //!
 //! The same transformer as [`crate::transformer`] (every architecture's switches), over
 //! the same ragged batch and the same block tables, with weights and the KV cache in the
-//! device's memory. A step uploads its token ids, rotary tables and attention plan once,
-//! runs every layer on the device, and copies back only the logits it was asked for.
+//! device's memory. A step uploads its token ids, positions and attention plan once,
+//! runs every layer on the device (the rotary angles looked up in tables computed at
+//! start), and copies back only the logits it was asked for.
 //!
 //! - [`weights`]: projections dense in the compute type or in quantized blocks.
 //! - [`kv`]: the block pool as device memory.
@@ -71,8 +72,10 @@ pub struct DeviceModel {
     layers: Vec<DeviceLayer>,
     norm: Tensor,
     lm_head: DeviceLinear,
-    inv_freq: Vec<f32>,
-    inv_freq_local: Vec<f32>,
+    /// Rotary cos/sin of every position, and of the local base where sliding-window
+    /// layers have their own.
+    rope: RopeTable,
+    rope_local: Option<RopeTable>,
     /// The distinct attention windows of the layers (`None` is full attention).
     windows: Vec<Option<usize>>,
     kv: DeviceKv,
@@ -125,8 +128,15 @@ impl DeviceModel {
         windows.dedup();
         let mut model = Self {
             windows,
-            inv_freq: cfg.rope.inv_freqs(cfg.head_dim),
-            inv_freq_local: cfg.rope_local.inv_freqs(cfg.head_dim),
+            rope: RopeTable::new(&cfg.rope.inv_freqs(cfg.head_dim), cfg.context_len, dev)?,
+            rope_local: match cfg.windows.iter().any(Option::is_some) {
+                true => Some(RopeTable::new(
+                    &cfg.rope_local.inv_freqs(cfg.head_dim),
+                    cfg.context_len,
+                    dev,
+                )?),
+                false => None,
+            },
             device: dev.clone(),
             dtype: opts.dtype,
             embed,
@@ -250,11 +260,11 @@ impl DeviceModel {
         let inputs = StepInputs {
             ids: Tensor::from_vec(ids, rows, dev)?,
             slots: Tensor::from_vec(slots, (rows, 1), dev)?,
-            rope: Rope::upload(&self.inv_freq, &positions, dev)?,
-            rope_local: match self.cfg.windows.iter().any(Option::is_some) {
-                true => Some(Rope::upload(&self.inv_freq_local, &positions, dev)?),
-                false => None,
-            },
+            positions: Tensor::from_vec(
+                positions.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+                rows,
+                dev,
+            )?,
             attention: StepAttention::new(
                 &self.heads(),
                 &spans,
@@ -332,11 +342,16 @@ impl DeviceModel {
             x = (x * f64::from(cfg.embed_scale))?;
         }
         let eps = cfg.rms_eps;
+        let rope = self.rope.rows(&inputs.positions)?;
+        let rope_local = match &self.rope_local {
+            Some(table) => Some(table.rows(&inputs.positions)?),
+            None => None,
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             let window = cfg.window(li);
-            let rope = match (window, &inputs.rope_local) {
+            let rope = match (window, &rope_local) {
                 (Some(_), Some(local)) => local,
-                _ => &inputs.rope,
+                _ => &rope,
             };
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
             let mut qkv = layer.qkv.forward(&h, quantized)?;
@@ -391,9 +406,8 @@ struct StepInputs<'a> {
     ids: Tensor,
     /// `[rows, 1]` u32: the cache slot of each row's keys and values.
     slots: Tensor,
-    rope: Rope,
-    /// For sliding-window layers, where their rotary base differs.
-    rope_local: Option<Rope>,
+    /// `[rows]` u32: each row's position.
+    positions: Tensor,
     attention: StepAttention<'a>,
     logits: Logits,
 }
@@ -405,22 +419,46 @@ enum Logits {
     Nothing,
 }
 
-/// The step's rotary cos/sin tables, `[rows, 1, head_dim / 2]` each.
-struct Rope {
+/// Rotary cos/sin of every position up to the context length, `[positions, head_dim /
+/// 2]` each, computed once on the host as the CPU path computes them, so that a step
+/// uploads positions, not angles.
+struct RopeTable {
     cos: Tensor,
     sin: Tensor,
 }
 
-impl Rope {
-    fn upload(inv_freq: &[f32], positions: &[usize], dev: &Device) -> Result<Self> {
-        let t = RopeRows::new(inv_freq, positions);
-        let dims = (positions.len(), 1, inv_freq.len());
+impl RopeTable {
+    fn new(inv_freq: &[f32], context: usize, dev: &Device) -> Result<Self> {
+        let all: Vec<usize> = (0..context).collect();
+        let t = RopeRows::new(inv_freq, &all);
+        let dims = (context, inv_freq.len());
         Ok(Self {
             cos: Tensor::from_vec(t.cos, dims, dev)?,
             sin: Tensor::from_vec(t.sin, dims, dev)?,
         })
     }
 
+    /// The rows of `positions` (`[rows]` u32), as a step's [`Rope`].
+    fn rows(&self, positions: &Tensor) -> Result<Rope> {
+        let rows = positions.dim(0)?;
+        let half = self.cos.dim(1)?;
+        let at = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.index_select(positions, 0)?.reshape((rows, 1, half))?)
+        };
+        Ok(Rope {
+            cos: at(&self.cos)?,
+            sin: at(&self.sin)?,
+        })
+    }
+}
+
+/// A step's rotary cos/sin, `[rows, 1, head_dim / 2]` each.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
     /// Rotates every head of `x` (`[rows, heads * head_dim]`), each row by its own
     /// position: the rows are candle's batch dimension, each a sequence of one token.
     fn apply(
