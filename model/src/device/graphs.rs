@@ -24,9 +24,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, WithDType};
 
 use super::attention::StepAttention;
-use super::kv::slot;
+use super::kv::row_slots;
 use super::paged::{write_plans, RowPlans};
-use super::{DeviceModel, Logits, StepInputs};
+use super::{wanted_rows, DeviceModel, Logits, StepInputs};
 use crate::attention::RowSpan;
 use crate::error::{ModelError, Result};
 use crate::kv::BLOCK_SIZE;
@@ -273,9 +273,7 @@ impl FixedStep {
         let mut ints = Vec::with_capacity(self.ints.elem_count());
         ints.extend(batch.iter().flat_map(|s| s.tokens));
         ints.resize(rows, 0);
-        for s in spans {
-            ints.extend((0..s.rows).map(|r| slot(s.blocks, s.start_pos + r)));
-        }
+        ints.extend(row_slots(spans));
         ints.resize(2 * rows, scratch * BLOCK_SIZE as u32);
         ints.extend(positions.iter().map(|&p| p as u32));
         ints.resize(3 * rows, 0);
@@ -369,16 +367,6 @@ impl FixedStep {
         self.state = State::Warm;
         Ok(())
     }
-}
-
-/// The batch rows whose logits are computed, in batch order: each sequence's last row
-/// when it wants logits (a fixed step has no sequence that wants every row's).
-fn wanted_rows<'a>(batch: &'a [SeqInput], spans: &'a [RowSpan]) -> impl Iterator<Item = u32> + 'a {
-    batch
-        .iter()
-        .zip(spans)
-        .filter(|(s, span)| s.wants_logits && span.rows > 0)
-        .map(|(_, span)| (span.first_row + span.rows - 1) as u32)
 }
 
 /// Copies `host` into the start of `dst` in place.

@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::attention::RowSpan;
 use crate::error::{ModelError, Result};
 use crate::kv::{KvShape, BLOCK_SIZE};
 
@@ -93,4 +94,11 @@ impl DeviceKv {
 /// The cache slot of position `pos` of a sequence with block table `blocks`.
 pub(crate) fn slot(blocks: &[u32], pos: usize) -> u32 {
     blocks[pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32
+}
+
+/// The cache slot of every row of `spans`, in batch order.
+pub(crate) fn row_slots<'a>(spans: &'a [RowSpan<'a>]) -> impl Iterator<Item = u32> + 'a {
+    spans
+        .iter()
+        .flat_map(|s| (0..s.rows).map(move |r| slot(s.blocks, s.start_pos + r)))
 }

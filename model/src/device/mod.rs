@@ -38,7 +38,7 @@ pub use weights::DeviceWeights;
 use self::attention::{Heads, StepAttention};
 use self::cuda::KernelShape;
 use self::graphs::FixedSteps;
-use self::kv::{slot, DeviceKv};
+use self::kv::{row_slots, DeviceKv};
 use self::paged::{cache_dtype, PagedDecoder};
 use self::weights::{vector, DeviceLayer, DeviceLinear};
 use crate::attention::RowSpan;
@@ -240,22 +240,10 @@ impl DeviceModel {
         }
         let quantized = quantized.unwrap_or_else(|| self.quantized_for(rows));
         let dev = &self.device;
-        let mut ids = Vec::with_capacity(rows);
-        let mut slots = Vec::with_capacity(rows);
-        for (s, span) in batch.iter().zip(&spans) {
-            ids.extend_from_slice(s.tokens);
-            slots.extend((0..s.tokens.len()).map(|r| slot(span.blocks, span.start_pos + r)));
-        }
+        let ids: Vec<u32> = batch.iter().flat_map(|s| s.tokens).copied().collect();
+        let slots: Vec<u32> = row_slots(&spans).collect();
         // Only the rows whose logits are wanted reach the head.
-        let mut wanted = Vec::new();
-        for (s, span) in batch.iter().zip(&spans) {
-            let last = span.first_row + span.rows;
-            match (s.all_logits, s.wants_logits) {
-                (true, _) => wanted.extend(span.first_row as u32..last as u32),
-                (false, true) if span.rows > 0 => wanted.push(last as u32 - 1),
-                _ => {}
-            }
-        }
+        let wanted: Vec<u32> = wanted_rows(batch, &spans).collect();
         let n = wanted.len();
         let inputs = StepInputs {
             ids: Tensor::from_vec(ids, rows, dev)?,
@@ -398,6 +386,20 @@ impl DeviceModel {
         let h = rms_norm(&last, &self.norm, eps)?;
         Ok(Some(self.lm_head.forward(&h, quantized)?))
     }
+}
+
+/// The batch rows whose logits are computed, in batch order: every row of a sequence
+/// that wants all its rows' logits, else its last row when it wants logits. The order
+/// of the logits a step returns, on either path.
+fn wanted_rows<'a>(batch: &'a [SeqInput], spans: &'a [RowSpan]) -> impl Iterator<Item = u32> + 'a {
+    batch.iter().zip(spans).flat_map(|(s, span)| {
+        let (first, end) = (span.first_row as u32, (span.first_row + span.rows) as u32);
+        match (s.all_logits, s.wants_logits && span.rows > 0) {
+            (true, _) => first..end,
+            (false, true) => end - 1..end,
+            (false, false) => end..end,
+        }
+    })
 }
 
 /// What a step's layers read besides the weights and the cache, on the device.
