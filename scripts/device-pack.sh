@@ -24,7 +24,7 @@ export CARGO_TARGET_DIR=$target
 rm -rf .device && mkdir -p .device/py
 echo "device-pack: building chorus and the device tests ${features[*]}" >&2
 # One invocation for both, so that cargo unifies features once and candle's CUDA kernels
-# (~15 minutes on 2 cores) compile once per target dir.
+# compile once per target dir.
 tests=$(cargo build --release "${features[@]}" -p chorus-server -p chorus-model --bin chorus \
   --test device --message-format=json | python3 -c '
 import json, sys
