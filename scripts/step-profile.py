@@ -2,11 +2,14 @@
 """Where a server's step time goes, from its per-step log.
 
 Run chorus with `RUST_LOG=info,chorus::step=debug CHORUS_LOG_FORMAT=json` and give this
-script the log. Every step line holds its duration, the forward pass's share, its decode
-and prefill tokens and the positions they attend to. The script prints:
+script the log. Every step line holds its duration, the forward pass's share (and of
+that, on a device, the logits' copy back), its decode and prefill tokens and the
+positions they attend to. The script prints:
 
 - the step-time percentiles of steps that carried decoding streams (a reader waits for
   each of those), split by whether a prefill chunk ran beside the decoders;
+- by the number of decoding rows, the median step split into the forward pass, the
+  logits' copy back from a device within it, and the rest (sampling, streaming);
 - a least-squares fit of step time on what a step holds, which says what a decode token,
   a prefill token and a thousand attended positions each cost.
 
@@ -91,6 +94,21 @@ def main():
               f" attended positions p50 {pct([r['prefill_context'] for r in slow], 50)}")
         rest = [r["ms"] - r.get("forward_ms", r["ms"]) for r in slow]
         print(f"  outside the forward pass (sampling, streaming): p50 {pct(rest, 50):.1f} ms")
+    # Where a step's time goes by its size: the forward pass (on a device, launching and
+    # running it), the logits' copy back (what sampling on the device would save), and
+    # the rest (sampling, streaming, bookkeeping).
+    print(f"{'decoding rows':16} {'n':>5} {'step p50':>9} {'forward':>9} {'of it copy':>11} {'rest':>7}  (ms)")
+    for lo, hi in [(1, 1), (2, 31), (32, 127), (128, 1 << 30)]:
+        group = [r for r in with_decode if lo <= r["decode"] <= hi]
+        if not group:
+            continue
+        name = f"{lo}" if lo == hi else f"{lo}+" if hi > 1 << 20 else f"{lo}-{hi}"
+        print(
+            f"{name:16} {len(group):5} {pct([r['ms'] for r in group], 50):9.2f} "
+            f"{pct([r.get('forward_ms', r['ms']) for r in group], 50):9.2f} "
+            f"{pct([r.get('copy_ms', 0.0) for r in group], 50):11.2f} "
+            f"{pct([r['ms'] - r.get('forward_ms', r['ms']) for r in group], 50):7.2f}"
+        )
     cols = ["decode", "kctx_decode", "prefill", "kctx_prefill"]
     coef = fit(rows, cols)
     if coef:

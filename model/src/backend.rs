@@ -52,6 +52,15 @@ impl Backend {
         }
     }
 
+    /// How long the last step waited for its logits to come back from the device once
+    /// the device was done, in ms; 0 on the packed path, which has nothing to copy.
+    pub fn copy_ms(&self) -> f64 {
+        match self {
+            Self::Packed { .. } => 0.0,
+            Self::Device(m) => m.copy_ms(),
+        }
+    }
+
     /// Copies every layer's keys and values of block `src` into block `dst`.
     pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
         match self {

@@ -413,6 +413,7 @@ impl Worker {
         let mut per_seq: Vec<Result<Vec<Vec<f32>>, String>> = Vec::new();
         let forward = self.backend.forward(&inputs);
         let forward_ms = began.elapsed().as_secs_f64() * 1e3;
+        let copy_ms = self.backend.copy_ms();
         match forward {
             Ok(logits) => {
                 let mut rows = logits.into_iter();
@@ -512,6 +513,8 @@ impl Worker {
             target: "chorus::step",
             ms,
             forward_ms,
+            // Of forward_ms, the logits' copy back from a device.
+            copy_ms,
             decode = decode_tokens,
             prefill = tokens - decode_tokens,
             // Positions the prefill rows attend to, summed (what long histories cost).

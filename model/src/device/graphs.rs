@@ -168,7 +168,8 @@ impl FixedSteps {
     }
 
     /// Runs the step `batch` padded to `shape`; returns the logits of each sequence that
-    /// wants them, in batch order.
+    /// wants them, in batch order, still on the device (a view of the shape's buffer,
+    /// which the next step of the shape overwrites).
     pub(crate) fn step(
         &mut self,
         model: &DeviceModel,
@@ -176,7 +177,7 @@ impl FixedSteps {
         spans: &[RowSpan],
         positions: &[usize],
         shape: Shape,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Option<Tensor>> {
         let widest = spans.iter().map(|s| s.blocks.len()).max().unwrap_or(1);
         // A shape's step serves every table up to its width; a longer one replaces it.
         let key = match self
@@ -220,8 +221,8 @@ impl FixedSteps {
         }
         let wanted = wanted_rows(batch, spans).count();
         match &self.steps[&key].logits {
-            Some(logits) if wanted > 0 => Ok(logits.narrow(0, 0, wanted)?.to_vec2::<f32>()?),
-            _ => Ok(Vec::new()),
+            Some(logits) if wanted > 0 => Ok(Some(logits.narrow(0, 0, wanted)?)),
+            _ => Ok(None),
         }
     }
 }

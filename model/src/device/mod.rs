@@ -29,6 +29,8 @@ mod kv;
 mod paged;
 mod weights;
 
+use std::time::Instant;
+
 use candle_core::{DType, Device, Tensor};
 
 pub use calibrate::{Timing, WeightChoice};
@@ -85,6 +87,9 @@ pub struct DeviceModel {
     choice: Option<WeightChoice>,
     /// The fixed-shape steps, unless off or without the paged op.
     fixed: Option<FixedSteps>,
+    /// How long the last step waited for its logits to come back once the device had
+    /// finished, in ms (the step profile's `copy_ms`).
+    copy_ms: f64,
 }
 
 impl DeviceModel {
@@ -150,6 +155,7 @@ impl DeviceModel {
             kv,
             paged,
             choice: None,
+            copy_ms: 0.0,
             cfg,
         };
         if let DeviceWeights::Auto { up_to } = opts.weights {
@@ -205,10 +211,40 @@ impl DeviceModel {
     /// choice for the step's rows does. A step of few rows goes through a fixed-shape
     /// step ([`graphs`]) when it fits one.
     fn step(&mut self, batch: &[SeqInput], quantized: Option<bool>) -> Result<Vec<Vec<f32>>> {
+        self.copy_ms = 0.0;
+        let logits = self.step_on_device(batch, quantized)?;
+        self.copy_back(logits)
+    }
+
+    /// The logits of a step to the host, timing the copy apart from the device's work.
+    fn copy_back(&mut self, logits: Option<Tensor>) -> Result<Vec<Vec<f32>>> {
+        let Some(logits) = logits else {
+            return Ok(Vec::new());
+        };
+        // The copy would wait for the device anyway; waiting first splits the two.
+        self.device.synchronize()?;
+        let began = Instant::now();
+        let rows = logits.to_vec2::<f32>()?;
+        self.copy_ms = began.elapsed().as_secs_f64() * 1e3;
+        Ok(rows)
+    }
+
+    /// How long the last step's logits took to come back once the device was done, in
+    /// ms: what sampling on the device would save.
+    pub fn copy_ms(&self) -> f64 {
+        self.copy_ms
+    }
+
+    /// [`Self::step`] up to the logits, which stay on the device.
+    fn step_on_device(
+        &mut self,
+        batch: &[SeqInput],
+        quantized: Option<bool>,
+    ) -> Result<Option<Tensor>> {
         let (spans, positions) = row_spans(&self.cfg, batch)?;
         let rows = positions.len();
         if rows == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         self.check(batch, &spans)?;
         if let Some(mut fixed) = self.fixed.take() {
@@ -216,9 +252,13 @@ impl DeviceModel {
                 // candle's quantized kernels keep a scratch buffer that grows with the
                 // batch and moves when it does, which a replayed graph would not follow:
                 // steps with the quantized form are launched op by op.
-                Some(shape) if !self.multiplies_quantized(shape.rows, quantized) => {
-                    Some(fixed.step(self, batch, &spans, &positions, shape))
-                }
+                // Waiting for the device here charges an error that a replay reports
+                // late to the fixed step, which then falls back like any other.
+                Some(shape) if !self.multiplies_quantized(shape.rows, quantized) => Some(
+                    fixed
+                        .step(self, batch, &spans, &positions, shape)
+                        .and_then(|logits| Ok(self.device.synchronize().map(|()| logits)?)),
+                ),
                 _ => None,
             };
             match out {
@@ -265,10 +305,7 @@ impl DeviceModel {
                 _ => Logits::Rows(Tensor::from_vec(wanted, n, dev)?),
             },
         };
-        match self.run(&inputs, quantized)? {
-            Some(logits) => Ok(logits.to_vec2::<f32>()?),
-            None => Ok(Vec::new()),
-        }
+        self.run(&inputs, quantized)
     }
 
     /// Rejects token ids outside the vocabulary and block ids outside the cache.
