@@ -4,7 +4,7 @@
 #
 #   1. the device tests on CUDA: every architecture's tiny model in f32 and f16 against
 #      the packed CPU path, alone and batched with chunked prefill (batch invariance),
-#      every row's logits, a copied block;
+#      every row's logits, a copied block, greedy rows' argmax found on the device;
 #   2. a random-weight GGUF of a 1B shape (hidden 2048, 16 layers, 32/8 heads, ffn 8192),
 #      written there by scripts/random-gguf.py with the carried tokenizer;
 #   3. chorus --device cuda on it, with dense f16 weights and decoding rows through our
@@ -14,10 +14,12 @@
 #      timed faster at start for its size: the log has those timings) with graphs.
 #      chorus-bench at 1/32/128/256 streams against each, and scripts/step-profile.py's
 #      summary of each server's per-step log (where a step's time goes: fixed cost, per
-#      decode token, per thousand attended positions).
+#      decode token, per thousand attended positions, the logits' copy back). Last, the
+#      defaults with greedy rows' logits copied to the host (--no-device-argmax) at 128
+#      and 256 streams: what finding the argmax on the device saves.
 #
 # Results land in $OUT (the device tool's folder that comes back): summary.txt,
-# bench-{dense,dense-eager,dense-gather,auto}.json, and logs.tgz with every log (device tests, servers,
+# bench-{dense,dense-eager,dense-gather,auto,dense-hostargmax}.json, and logs.tgz with every log (device tests, servers,
 # benches, nvidia-smi). Without a GPU the same steps run on
 # candle's CPU device with a small model and two short levels, to check the script:
 #
@@ -84,19 +86,29 @@ bench_rc=0
 # CUDA graphs, the same launched op by op, and the gather. Then both weight forms, dense
 # and the GGUF blocks through candle's quantized kernels, chosen per step size (the
 # issue asks which wins at which batch size: the server times both at 1, 2, 4, ... rows
-# at start and logs it). Each config: name:attention:graph rows.
-for config in dense:paged:512 dense-eager:paged:0 dense-gather:gather:0 auto:paged:512; do
+# at start and logs it). Last, the defaults with every greedy row's logits copied back
+# to the host (--no-device-argmax), at the levels where that copy can show: what the
+# argmax on the device saves. Each config: name:attention:graph rows.
+for config in dense:paged:512 dense-eager:paged:0 dense-gather:gather:0 auto:paged:512 \
+  dense-hostargmax:paged:512; do
   name=${config%%:*}
   weights=${name%%-*}
   rest=${config#*:}
   attention=${rest%%:*}
   graphs=${rest##*:}
-  log "3. server --device-weights $weights --device-attention $attention --cuda-graph-max-batch $graphs, and bench"
+  extra=()
+  config_levels=$levels
+  if [ "$name" = dense-hostargmax ]; then
+    extra=(--no-device-argmax)
+    config_levels=${levels##*,}
+    [ "$device" = cuda ] && config_levels=128,256
+  fi
+  log "3. server --device-weights $weights --device-attention $attention --cuda-graph-max-batch $graphs ${extra[*]}, and bench"
   # The per-step log says where a step's time goes (scripts/step-profile.py).
   RUST_LOG=info,chorus::step=debug CHORUS_LOG_FORMAT=json \
     "$work/bin/chorus" --model "$work/model.gguf" --device "$device" --port "$port" \
     --device-weights "$weights" --device-attention "$attention" \
-    --cuda-graph-max-batch "$graphs" "${server_flags[@]}" \
+    --cuda-graph-max-batch "$graphs" "${server_flags[@]}" "${extra[@]}" \
     >"$out/server-$name.log" 2>&1 &
   server=$!
   for _ in $(seq 180); do
@@ -107,7 +119,7 @@ for config in dense:paged:512 dense-eager:paged:0 dense-gather:gather:0 auto:pag
   cat "$out/health.json" | tee -a "$summary"; echo | tee -a "$summary"
   grep -E 'model loaded|paged attention|device weights|CUDA graph' "$out/server-$name.log" | head -n 20 | sed 's/\x1b\[[0-9;]*m//g' | tee -a "$summary"
   if health "$port" >/dev/null; then
-    timeout 150 "$work/bin/chorus-bench" --url "http://127.0.0.1:$port" --concurrency "$levels" \
+    timeout 150 "$work/bin/chorus-bench" --url "http://127.0.0.1:$port" --concurrency "$config_levels" \
       --duration "$duration" --json "$result/bench-$name.json" >"$out/bench-$name.log" 2>&1 ||
       bench_rc=1
     tail -n 6 "$out/bench-$name.log" | tee -a "$summary"

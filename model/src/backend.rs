@@ -8,6 +8,32 @@ use crate::error::Result;
 use crate::kv::KvCache;
 use crate::transformer::{SeqInput, Transformer};
 
+/// What a step gives back for a row whose logits were wanted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepRow {
+    /// The row's logits over the vocabulary.
+    Logits(Vec<f32>),
+    /// Only the row's argmax (the lowest id among equal maxima), found where the logits
+    /// are, for a caller that asked for nothing else ([`Backend::forward_rows`]).
+    Argmax(u32),
+}
+
+impl StepRow {
+    pub fn into_logits(self) -> Option<Vec<f32>> {
+        match self {
+            Self::Logits(row) => Some(row),
+            Self::Argmax(_) => None,
+        }
+    }
+
+    pub fn logits(&self) -> Option<&[f32]> {
+        match self {
+            Self::Logits(row) => Some(row),
+            Self::Argmax(_) => None,
+        }
+    }
+}
+
 pub enum Backend {
     /// [`Transformer`] and its [`KvCache`]: the CPU path.
     Packed {
@@ -58,6 +84,25 @@ impl Backend {
         match self {
             Self::Packed { .. } => 0.0,
             Self::Device(m) => m.copy_ms(),
+        }
+    }
+
+    /// Runs one step like [`Self::forward`], where `argmax_only[i]` says that sequence
+    /// `i`'s caller needs only the argmax of its last row's logits (it samples greedily
+    /// and nothing adjusts them). On a device that row comes back as its argmax, found
+    /// there, instead of as logits copied to the host; the packed path, whose logits are
+    /// on the host already, returns logits throughout. Rows of a sequence that wants
+    /// every row's logits are logits.
+    pub fn forward_rows(
+        &mut self,
+        batch: &[SeqInput],
+        argmax_only: &[bool],
+    ) -> Result<Vec<StepRow>> {
+        match self {
+            Self::Packed { model, kv } => Ok((model.forward(kv, batch)?.into_iter())
+                .map(StepRow::Logits)
+                .collect()),
+            Self::Device(m) => m.forward_rows(batch, argmax_only),
         }
     }
 

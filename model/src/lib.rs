@@ -54,7 +54,7 @@ pub mod threads;
 pub mod tokenizer;
 pub mod transformer;
 
-pub use backend::Backend;
+pub use backend::{Backend, StepRow};
 pub use config::{Arch, ModelConfig};
 pub use detok::IncrementalDecoder;
 pub use device::{DeviceAttention, DeviceModel, DeviceOptions, DeviceWeights};

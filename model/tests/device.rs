@@ -2,7 +2,8 @@
 //! candle's CPU device (and on a GPU where one is asked for, see [`targets`]), against
 //! the packed CPU path: every architecture's tiny model alone and batched with chunked
 //! prefill, every row's logits, the real default model in both device weight formats
-//! and with both chosen per step, and a copied block (what `n > 1` forks) continuing as the original.
+//! and with both chosen per step, a copied block (what `n > 1` forks) continuing as the
+//! original, and greedy rows' argmax found on the device.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
 
@@ -11,7 +12,7 @@ mod tiny;
 
 use candle_core::{DType, Device};
 use chorus_model::{
-    gguf, Backend, DeviceAttention, DeviceOptions, DeviceWeights, SeqInput, WeightFormat,
+    gguf, Backend, DeviceAttention, DeviceOptions, DeviceWeights, SeqInput, StepRow, WeightFormat,
 };
 use common::{blocks_needed, model_path, run, run_backend};
 use tiny::{tiny, MODEL_TYPES, VOCAB};
@@ -417,6 +418,23 @@ fn fixed_steps_match_eager_ones_as_the_batch_changes() {
                     .collect();
                 let a = eager.forward(&batch).unwrap();
                 let b = fixed.forward(&batch).unwrap();
+                // The same step again (it writes the same keys and values), some of its
+                // sequences (every one, every fifth step) asking for their argmax alone.
+                let flags: Vec<bool> = members
+                    .iter()
+                    .map(|&i| step % 5 == 0 || (i + step) % 2 == 0)
+                    .collect();
+                let wanted: Vec<bool> = batch
+                    .iter()
+                    .zip(&flags)
+                    .filter(|(s, _)| s.wants_logits)
+                    .map(|(_, &f)| f)
+                    .collect();
+                let what_step = format!("{what} step {step}");
+                let again = eager.forward_rows(&batch, &flags).unwrap();
+                check_picks(&again, &a, &wanted, tol, &format!("{what_step} eager"));
+                let again = fixed.forward_rows(&batch, &flags).unwrap();
+                check_picks(&again, &b, &wanted, tol, &format!("{what_step} fixed"));
                 assert_eq!(a.len(), b.len(), "{what} step {step}");
                 for (x, y) in a.iter().zip(&b) {
                     assert_eq!(x.len(), y.len());
@@ -440,6 +458,36 @@ fn fixed_steps_match_eager_ones_as_the_batch_changes() {
                 "{what}: fixed steps differ from eager ones by {worst}"
             );
             eprintln!("{what}: fixed steps within {worst} of eager ones");
+        }
+    }
+}
+
+/// `rows`, a step run again with some sequences asking for their argmax alone, against
+/// `logits`, that step's logits: the flagged rows are the argmax (the lowest id among
+/// equal maxima), unless a rerun's last-bit differences made a near tie go the other
+/// way; the others the same logits.
+fn check_picks(rows: &[StepRow], logits: &[Vec<f32>], flagged: &[bool], tol: f32, what: &str) {
+    assert_eq!(rows.len(), logits.len(), "{what}");
+    assert_eq!(rows.len(), flagged.len(), "{what}");
+    for ((row, l), &flag) in rows.iter().zip(logits).zip(flagged) {
+        match (row, flag) {
+            (StepRow::Argmax(t), true) => {
+                let want = chorus_model::sampling::argmax(l);
+                assert!(
+                    *t == want || l[want as usize] - l[*t as usize] < tol,
+                    "{what}: argmax {t}, the logits' {want}"
+                );
+            }
+            (StepRow::Logits(v), false) => {
+                assert_eq!(v.len(), l.len(), "{what}");
+                let d = v
+                    .iter()
+                    .zip(l)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0f32, f32::max);
+                assert!(d < tol, "{what}: logits rerun differ by {d}");
+            }
+            (row, flag) => panic!("{what}: asked for the argmax alone: {flag}, got {row:?}"),
         }
     }
 }

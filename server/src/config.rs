@@ -98,6 +98,13 @@ pub struct Config {
     #[arg(long, env = "CHORUS_CUDA_GRAPH_MAX_SHAPES", default_value_t = 32)]
     pub cuda_graph_max_shapes: usize,
 
+    /// Copy every sampling row's logits back from the device, greedy rows' too (to
+    /// compare). By default a greedy row whose logits nothing adjusts or reports (no
+    /// penalty, bias, grammar or log-probabilities) takes its argmax on the device and
+    /// copies back one id instead of the vocabulary's logits.
+    #[arg(long, env = "CHORUS_NO_DEVICE_ARGMAX")]
+    pub no_device_argmax: bool,
+
     /// Most sequences decoding at once (continuous-batching slots).
     #[arg(long, env = "CHORUS_MAX_RUNNING", default_value_t = 64)]
     pub max_running: usize,

@@ -487,6 +487,7 @@ fn start_engine(
         started_at: std::time::Instant::now(),
         queue_timeout: std::time::Duration::from_secs(config.request_timeout),
         backend,
+        argmax_on_device: !config.no_device_argmax,
         tokenizer,
         scheduler: Scheduler::new(SchedulerConfig {
             max_running: config.max_running.max(1),

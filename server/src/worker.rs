@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use chorus_model::logits::{self, TokenHistory};
 use chorus_model::{
-    Backend, IncrementalDecoder, Sampler, SamplingParams, SeqInput, StopMatcher, Tokenizer,
+    Backend, IncrementalDecoder, Sampler, SamplingParams, SeqInput, StepRow, StopMatcher, Tokenizer,
 };
 use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
@@ -69,6 +69,20 @@ struct Seq {
 }
 
 impl Seq {
+    /// Whether this step's pick is the argmax of the raw logits and nothing else reads
+    /// them: greedy, no penalty or bias, no grammar, no banned stop tokens yet, no
+    /// log-probabilities, and no choices to fork from them. (The conditions under which
+    /// [`pick`] does nothing but [`Sampler::sample`]'s greedy path.)
+    fn needs_only_argmax(&self) -> bool {
+        let p = self.sampler.params();
+        (p.temperature <= 0.0 || p.top_k == 1)
+            && self.history.is_none()
+            && self.constraint.is_none()
+            && self.generated >= self.min_tokens
+            && self.logprobs.is_none()
+            && self.unforked == 0
+    }
+
     /// Choice `index` of the same request, in the state this one is in before its first
     /// token: its own sampler (seeded `seed + index` when the request is seeded).
     fn choice(&self, index: usize) -> Seq {
@@ -131,6 +145,9 @@ pub(crate) struct Worker {
     pub queue_timeout: Duration,
     /// The model and its KV cache, on the CPU or a device.
     pub backend: Backend,
+    /// Greedy rows whose logits nothing else reads take their argmax where the logits
+    /// are (on a device; `--no-device-argmax` turns it off).
+    pub argmax_on_device: bool,
     pub tokenizer: Arc<Tokenizer>,
     pub scheduler: Scheduler,
     /// `--max-step-ms`: the budget of each step from the time steps take.
@@ -404,14 +421,25 @@ impl Worker {
                 all_logits: all,
             })
             .collect();
+        // Greedy rows whose logits nothing adjusts need only their argmax, which a
+        // device finds where the logits are instead of copying them back.
+        let argmax_only: Vec<bool> = plan
+            .batch
+            .iter()
+            .map(|s| {
+                self.argmax_on_device
+                    && s.samples
+                    && seqs.get(&s.id).is_some_and(Seq::needs_only_argmax)
+            })
+            .collect();
         let rows_of = |s: &Scheduled, all: bool| match (all, s.samples) {
             (true, _) => s.len,
             (false, true) => 1,
             (false, false) => 0,
         };
         // The rows each scheduled sequence got back, or why it failed.
-        let mut per_seq: Vec<Result<Vec<Vec<f32>>, String>> = Vec::new();
-        let forward = self.backend.forward(&inputs);
+        let mut per_seq: Vec<Result<Vec<StepRow>, String>> = Vec::new();
+        let forward = self.backend.forward_rows(&inputs, &argmax_only);
         let forward_ms = began.elapsed().as_secs_f64() * 1e3;
         let copy_ms = self.backend.copy_ms();
         match forward {
@@ -425,10 +453,10 @@ impl Worker {
                 // One sequence's failure must not end its neighbours': run each alone (this
                 // rewrites the same KV positions), keep the ones that succeed.
                 tracing::warn!(error = %e, "batched forward failed; isolating the failing sequences");
-                for input in &inputs {
+                for (input, only) in inputs.iter().zip(&argmax_only) {
                     per_seq.push(
                         self.backend
-                            .forward(std::slice::from_ref(input))
+                            .forward_rows(std::slice::from_ref(input), &[*only])
                             .map_err(|e| e.to_string()),
                     );
                 }
@@ -543,7 +571,7 @@ impl Worker {
         &mut self,
         seqs: &mut HashMap<SeqId, Seq>,
         sampling: &mut Vec<SeqId>,
-        logits: &mut Vec<Vec<f32>>,
+        logits: &mut Vec<StepRow>,
     ) {
         for i in 0..sampling.len() {
             let parent = sampling[i];
@@ -709,7 +737,7 @@ impl Worker {
 /// position `p` give token `p + 1` its log-probability.
 /// Each row is a full-vocabulary log-softmax and top-k, so the rows are spread over the
 /// cores as sampling is.
-fn score_prompt(seq: &mut Seq, s: &Scheduled, rows: &[Vec<f32>], tokens: &[u32]) {
+fn score_prompt(seq: &mut Seq, s: &Scheduled, rows: &[StepRow], tokens: &[u32]) {
     let temperature = seq.sampler.params().temperature;
     let prompt_len = seq.prompt_len;
     let Some(p) = &mut seq.prompt_scores else {
@@ -722,7 +750,8 @@ fn score_prompt(seq: &mut Seq, s: &Scheduled, rows: &[Vec<f32>], tokens: &[u32])
         .filter_map(|(r, row)| {
             let next = s.start + r + 1;
             let token = *tokens.get(next).filter(|_| next < prompt_len)?;
-            let (logprob, top) = logits::logprobs(row, temperature, token, top);
+            // A scored sequence's rows are all logits (it never asks for an argmax).
+            let (logprob, top) = logits::logprobs(row.logits()?, temperature, token, top);
             Some((
                 next,
                 TokenLogprob {
@@ -762,16 +791,16 @@ fn send_prompt_scores(seq: &mut Seq, tokens: &[u32]) {
 fn sample_all(
     seqs: &mut HashMap<SeqId, Seq>,
     ids: &[SeqId],
-    logits: Vec<Vec<f32>>,
+    logits: Vec<StepRow>,
     tokenizer: &Tokenizer,
 ) -> Vec<(SeqId, Pick)> {
-    let mut rows: HashMap<SeqId, (usize, Vec<f32>)> = ids
+    let mut rows: HashMap<SeqId, (usize, StepRow)> = ids
         .iter()
         .zip(logits)
         .enumerate()
         .map(|(i, (&id, row))| (id, (i, row)))
         .collect();
-    let mut work: Vec<(usize, SeqId, &mut Seq, Vec<f32>)> = seqs
+    let mut work: Vec<(usize, SeqId, &mut Seq, StepRow)> = seqs
         .iter_mut()
         .filter_map(|(&id, seq)| rows.remove(&id).map(|(i, row)| (i, id, seq, row)))
         .collect();
@@ -783,7 +812,18 @@ fn sample_all(
 
 /// Adjusts `row` for the request (bias, penalties, `min_tokens`, structured output),
 /// draws a token, and measures its log-probability when asked.
-fn pick(seq: &mut Seq, row: &mut [f32], tokenizer: &Tokenizer) -> Pick {
+fn pick(seq: &mut Seq, row: &mut StepRow, tokenizer: &Tokenizer) -> Pick {
+    let row = match row {
+        // Found on the device for a sequence that needs nothing else
+        // ([`Seq::needs_only_argmax`]).
+        StepRow::Argmax(token) => {
+            return Pick {
+                token: *token,
+                logprob: None,
+            }
+        }
+        StepRow::Logits(row) => row,
+    };
     let params: &SamplingParams = seq.sampler.params();
     let temperature = params.temperature;
     if let Some(h) = &seq.history {

@@ -288,7 +288,8 @@ async fn a_disconnect_storm_leaves_nothing_running() {
 
 /// The device path (`--device candle-cpu`: the code a GPU runs, on candle's CPU device)
 /// serves through the same engine: concurrent requests, forked choices (whose partial
-/// last block is copied on the device) and a stream; and decoding through the paged op
+/// last block is copied on the device), greedy picks on the device as on the host, and a
+/// stream; and decoding through the paged op
 /// in fixed-shape steps (the defaults: what CUDA graphs replay on a GPU) answers as the
 /// gather does.
 #[tokio::test]
@@ -304,6 +305,16 @@ async fn the_device_path_serves_on_candle_cpu() {
     );
     let (status, paged) = post(&url, "/v1/chat/completions", &greedy).await;
     assert_eq!(status, 200, "{paged}");
+    // Greedy rows take their argmax on the device; asking for log-probabilities brings
+    // the logits back to the host, whose argmax must agree.
+    let mut scored = greedy.clone();
+    scored["logprobs"] = json!(true);
+    let (status, on_host) = post(&url, "/v1/chat/completions", &scored).await;
+    assert_eq!(status, 200, "{on_host}");
+    assert_eq!(
+        paged["choices"][0]["message"]["content"],
+        on_host["choices"][0]["message"]["content"]
+    );
     let mut clients = Vec::new();
     for i in 0..3 {
         let url = url.clone();

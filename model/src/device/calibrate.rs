@@ -66,11 +66,11 @@ pub(crate) fn measure(model: &mut DeviceModel, up_to: usize) -> Result<WeightCho
     while rows <= up_to.max(1) {
         let batch: Vec<SeqInput> = (0..rows).map(row).collect();
         let mut time = |quantized: bool| -> Result<Duration> {
-            model.step(&batch, Some(quantized))?;
+            model.step(&batch, Some(quantized), &[])?;
             let mut runs = (0..RUNS)
                 .map(|_| {
                     let t = Instant::now();
-                    model.step(&batch, Some(quantized))?;
+                    model.step(&batch, Some(quantized), &[])?;
                     Ok(t.elapsed())
                 })
                 .collect::<Result<Vec<_>>>()?;

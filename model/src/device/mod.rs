@@ -5,7 +5,7 @@
 //! the same ragged batch and the same block tables, with weights and the KV cache in the
 //! device's memory. A step uploads its token ids, positions and attention plan once,
 //! runs every layer on the device (the rotary angles looked up in tables computed at
-//! start), and copies back only the logits it was asked for.
+//! start), and copies back only the logits it was asked for, or only their argmax.
 //!
 //! - [`weights`]: projections dense in the compute type or in quantized blocks.
 //! - [`kv`]: the block pool as device memory.
@@ -15,8 +15,10 @@
 //! - [`paged`]: attention reading the blocks in place a query row at a time, as one
 //!   candle op (decoding rows; in fixed-shape steps, prompt chunks too).
 //! - [`graphs`]: steps of few rows at fixed shapes, replayed as CUDA graphs.
+//! - [`argmax`]: greedy rows' picks on the device.
 //! - [`cuda`]: our CUDA kernels, compiled at run time, and the graphs' capture.
 
+mod argmax;
 mod attention;
 mod calibrate;
 // The CUDA kernels' launches: with `prefetch` and `int8/`, the only `unsafe` code, each
@@ -37,6 +39,7 @@ pub use calibrate::{Timing, WeightChoice};
 pub use paged::DeviceAttention;
 pub use weights::DeviceWeights;
 
+use self::argmax::Argmax;
 use self::attention::{Heads, StepAttention};
 use self::cuda::KernelShape;
 use self::graphs::FixedSteps;
@@ -44,6 +47,7 @@ use self::kv::{row_slots, DeviceKv};
 use self::paged::{cache_dtype, PagedDecoder};
 use self::weights::{vector, DeviceLayer, DeviceLinear};
 use crate::attention::RowSpan;
+use crate::backend::StepRow;
 use crate::config::{Activation, ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::transformer::{row_spans, RopeRows, SeqInput, Transformer};
@@ -87,8 +91,10 @@ pub struct DeviceModel {
     choice: Option<WeightChoice>,
     /// The fixed-shape steps, unless off or without the paged op.
     fixed: Option<FixedSteps>,
-    /// How long the last step waited for its logits to come back once the device had
-    /// finished, in ms (the step profile's `copy_ms`).
+    /// Greedy rows' picks on the device.
+    argmax: Argmax,
+    /// How long the last step waited for its logits (or their argmax) to come back once
+    /// the device had finished, in ms (the step profile's `copy_ms`).
     copy_ms: f64,
 }
 
@@ -155,6 +161,7 @@ impl DeviceModel {
             kv,
             paged,
             choice: None,
+            argmax: Argmax::new(cfg.vocab, dev)?,
             copy_ms: 0.0,
             cfg,
         };
@@ -204,38 +211,81 @@ impl DeviceModel {
 
     /// Runs one step; the contract of [`Transformer::forward`].
     pub fn forward(&mut self, batch: &[SeqInput]) -> Result<Vec<Vec<f32>>> {
-        self.step(batch, None)
+        // No row asked for its argmax alone: every row comes back as logits.
+        let rows = self.step(batch, None, &[])?;
+        Ok(rows.into_iter().filter_map(StepRow::into_logits).collect())
+    }
+
+    /// Runs one step like [`Self::forward`]; the last row of each sequence flagged in
+    /// `argmax_only` comes back as its argmax alone, found on the device
+    /// ([`crate::Backend::forward_rows`]).
+    pub fn forward_rows(
+        &mut self,
+        batch: &[SeqInput],
+        argmax_only: &[bool],
+    ) -> Result<Vec<StepRow>> {
+        self.step(batch, None, argmax_only)
     }
 
     /// One step; `quantized` forces the weight form where there are both, else the
-    /// choice for the step's rows does. A step of few rows goes through a fixed-shape
-    /// step ([`graphs`]) when it fits one.
-    fn step(&mut self, batch: &[SeqInput], quantized: Option<bool>) -> Result<Vec<Vec<f32>>> {
+    /// choice for the step's rows does.
+    fn step(
+        &mut self,
+        batch: &[SeqInput],
+        quantized: Option<bool>,
+        argmax_only: &[bool],
+    ) -> Result<Vec<StepRow>> {
         self.copy_ms = 0.0;
-        let logits = self.step_on_device(batch, quantized)?;
-        self.copy_back(logits)
-    }
-
-    /// The logits of a step to the host, timing the copy apart from the device's work.
-    fn copy_back(&mut self, logits: Option<Tensor>) -> Result<Vec<Vec<f32>>> {
-        let Some(logits) = logits else {
+        let Some(logits) = self.step_on_device(batch, quantized)? else {
             return Ok(Vec::new());
         };
-        // The copy would wait for the device anyway; waiting first splits the two.
+        // The copy would wait for the device anyway; waiting first times the two apart.
         self.device.synchronize()?;
         let began = Instant::now();
-        let rows = logits.to_vec2::<f32>()?;
+        let rows = self.rows_back(&logits, &argmax_rows(batch, argmax_only))?;
         self.copy_ms = began.elapsed().as_secs_f64() * 1e3;
         Ok(rows)
     }
 
-    /// How long the last step's logits took to come back once the device was done, in
-    /// ms: what sampling on the device would save.
+    /// The wanted rows' `logits` on the host: the argmax of those flagged in `argmax`,
+    /// the logits of the others.
+    fn rows_back(&self, logits: &Tensor, argmax: &[bool]) -> Result<Vec<StepRow>> {
+        if argmax.len() != logits.dim(0)? {
+            return Err(ModelError::Kv(format!(
+                "{} argmax flags for {} rows of logits",
+                argmax.len(),
+                logits.dim(0)?
+            )));
+        }
+        if !argmax.contains(&true) {
+            let rows = logits.to_vec2::<f32>()?;
+            return Ok(rows.into_iter().map(StepRow::Logits).collect());
+        }
+        let mut rows: Vec<StepRow> = (self.argmax.tokens(logits)?.into_iter())
+            .map(StepRow::Argmax)
+            .collect();
+        let keep: Vec<u32> = (0..argmax.len() as u32)
+            .filter(|&r| !argmax[r as usize])
+            .collect();
+        if !keep.is_empty() {
+            let n = keep.len();
+            let picked = Tensor::from_vec(keep.clone(), n, &self.device)?;
+            let kept = logits.index_select(&picked, 0)?.to_vec2::<f32>()?;
+            for (r, row) in keep.into_iter().zip(kept) {
+                rows[r as usize] = StepRow::Logits(row);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// How long the last step's logits (or their argmax) took to come back once the
+    /// device was done, in ms: what sampling on the device would save.
     pub fn copy_ms(&self) -> f64 {
         self.copy_ms
     }
 
-    /// [`Self::step`] up to the logits, which stay on the device.
+    /// [`Self::step`] up to the logits, which stay on the device. A step of few rows goes
+    /// through a fixed-shape step ([`graphs`]) when it fits one.
     fn step_on_device(
         &mut self,
         batch: &[SeqInput],
@@ -425,18 +475,36 @@ impl DeviceModel {
     }
 }
 
-/// The batch rows whose logits are computed, in batch order: every row of a sequence
-/// that wants all its rows' logits, else its last row when it wants logits. The order
-/// of the logits a step returns, on either path.
+/// How many of a sequence's rows get logits: every row when it wants all of them, else
+/// its last when it wants logits.
+fn logit_rows(s: &SeqInput) -> usize {
+    match (s.all_logits, s.wants_logits) {
+        (true, _) => s.tokens.len(),
+        (false, true) => usize::from(!s.tokens.is_empty()),
+        (false, false) => 0,
+    }
+}
+
+/// The batch rows whose logits are computed, in batch order: the last [`logit_rows`] of
+/// each sequence. The order of the logits a step returns, on either path.
 fn wanted_rows<'a>(batch: &'a [SeqInput], spans: &'a [RowSpan]) -> impl Iterator<Item = u32> + 'a {
     batch.iter().zip(spans).flat_map(|(s, span)| {
-        let (first, end) = (span.first_row as u32, (span.first_row + span.rows) as u32);
-        match (s.all_logits, s.wants_logits && span.rows > 0) {
-            (true, _) => first..end,
-            (false, true) => end - 1..end,
-            (false, false) => end..end,
-        }
+        let end = (span.first_row + span.rows) as u32;
+        end - logit_rows(s) as u32..end
     })
+}
+
+/// For each row of [`wanted_rows`], whether only its argmax comes back: the one row of a
+/// sequence flagged in `argmax_only` (never one that wants every row's logits).
+fn argmax_rows(batch: &[SeqInput], argmax_only: &[bool]) -> Vec<bool> {
+    batch
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            let only = !s.all_logits && argmax_only.get(i) == Some(&true);
+            std::iter::repeat_n(only, logit_rows(s))
+        })
+        .collect()
 }
 
 /// What a step's layers read besides the weights and the cache, on the device.
