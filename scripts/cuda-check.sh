@@ -16,7 +16,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
 cargo fetch --quiet
-eval "$(scripts/cuda-env.sh)"
+# Apart from the eval, so that a failed install stops the script here.
+cuda_env=$(scripts/cuda-env.sh)
+eval "$cuda_env"
 # scripts/cuda-env.sh puts its links folder (the libraries and the driver stub) first.
 links=${LIBRARY_PATH%%:*}
 stub=$(mktemp -d)

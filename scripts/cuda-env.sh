@@ -32,7 +32,10 @@ for lib in cublas cublasLt cudart nvrtc; do
 done
 curand=$(ls "$cu"/lib/libcurand.so.* | head -n 1)
 ln -sf "$curand" "$links/libcurand.so"
-cudarc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-* 2>/dev/null | sort -V | tail -n 1 || true)
+# The stub declares what the locked cudarc calls (a reused cargo cache may hold others).
+locked=$(awk '$0 == "name = \"cudarc\"" { getline; gsub(/version = |"/, ""); print; exit }' \
+  "$(dirname "$0")/../Cargo.lock" 2>/dev/null || true)
+cudarc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"${locked:-*}" 2>/dev/null | sort -V | tail -n 1 || true)
 if [ -z "$cudarc" ]; then
   echo "cuda-env: cudarc's source is not in cargo's registry: run 'cargo fetch' first" >&2
   exit 1

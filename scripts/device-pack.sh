@@ -18,7 +18,8 @@ if [ "${1:-}" = --cpu ]; then
   target=target
 else
   cargo fetch --quiet
-  eval "$(scripts/cuda-env.sh)"
+  cuda_env=$(scripts/cuda-env.sh) # apart from the eval: a failure stops here
+  eval "$cuda_env"
 fi
 export CARGO_TARGET_DIR=$target
 rm -rf .device && mkdir -p .device/py

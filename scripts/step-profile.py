@@ -95,8 +95,8 @@ def main():
         rest = [r["ms"] - r.get("forward_ms", r["ms"]) for r in slow]
         print(f"  outside the forward pass (sampling, streaming): p50 {pct(rest, 50):.1f} ms")
     # Where a step's time goes by its size: the forward pass (on a device, launching and
-    # running it), the logits' copy back (what sampling on the device would save), and
-    # the rest (sampling, streaming, bookkeeping).
+    # running it), the logits' way back (their copy; for greedy rows the argmax on the
+    # device and the ids' copy), and the rest (sampling, streaming, bookkeeping).
     print(f"{'decoding rows':16} {'n':>5} {'step p50':>9} {'forward':>9} {'of it copy':>11} {'rest':>7}  (ms)")
     for lo, hi in [(1, 1), (2, 31), (32, 127), (128, 1 << 30)]:
         group = [r for r in with_decode if lo <= r["decode"] <= hi]

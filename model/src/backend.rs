@@ -78,8 +78,9 @@ impl Backend {
         }
     }
 
-    /// How long the last step waited for its logits to come back from the device once
-    /// the device was done, in ms; 0 on the packed path, which has nothing to copy.
+    /// How long the last step's logits took to reach the host once the device was done
+    /// with the step (for greedy rows, the argmax's kernels and the ids' copy instead), in
+    /// ms; 0 on the packed path, which has nothing to copy.
     pub fn copy_ms(&self) -> f64 {
         match self {
             Self::Packed { .. } => 0.0,

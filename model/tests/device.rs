@@ -492,6 +492,46 @@ fn check_picks(rows: &[StepRow], logits: &[Vec<f32>], flagged: &[bool], tol: f32
     }
 }
 
+/// A sequence scoring its prompt (every row's logits) between sequences that sample: its
+/// rows stay logits though it is flagged, and the flagged sampling row is its argmax,
+/// each in batch order.
+#[test]
+fn argmax_rows_beside_a_scored_prompt() {
+    let prompt: Vec<u32> = (3..12).collect();
+    let batch = [
+        SeqInput {
+            tokens: &[5, 6, 7],
+            start_pos: 0,
+            blocks: &[1],
+            wants_logits: true,
+            all_logits: false,
+        },
+        SeqInput {
+            tokens: &prompt,
+            start_pos: 0,
+            blocks: &[2],
+            wants_logits: true,
+            all_logits: true,
+        },
+        SeqInput {
+            tokens: &[8],
+            start_pos: 0,
+            blocks: &[3],
+            wants_logits: true,
+            all_logits: false,
+        },
+    ];
+    for target in targets() {
+        let mut b = Backend::new(tiny("llama", true), Some(&target.opts), 4).unwrap();
+        let logits = b.forward(&batch).unwrap();
+        assert_eq!(logits.len(), 1 + prompt.len() + 1, "{}", target.name);
+        let rows = b.forward_rows(&batch, &[true, true, false]).unwrap();
+        let mut flagged = vec![true];
+        flagged.extend(std::iter::repeat_n(false, prompt.len() + 1));
+        check_picks(&rows, &logits, &flagged, target.tol, target.name);
+    }
+}
+
 #[test]
 fn a_block_outside_the_cache_is_an_error_not_a_panic() {
     let mut b = Backend::new(tiny("llama", true), Some(&on_cpu(DeviceWeights::Dense)), 2).unwrap();

@@ -541,7 +541,8 @@ impl Worker {
             target: "chorus::step",
             ms,
             forward_ms,
-            // Of forward_ms, the logits' copy back from a device.
+            // Of forward_ms, the logits' way back from a device (their copy; for greedy
+            // rows the argmax's kernels and the ids' copy).
             copy_ms,
             decode = decode_tokens,
             prefill = tokens - decode_tokens,

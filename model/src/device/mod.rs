@@ -93,8 +93,9 @@ pub struct DeviceModel {
     fixed: Option<FixedSteps>,
     /// Greedy rows' picks on the device.
     argmax: Argmax,
-    /// How long the last step waited for its logits (or their argmax) to come back once
-    /// the device had finished, in ms (the step profile's `copy_ms`).
+    /// How long the last step's logits took to reach the host once the device had
+    /// finished the step, in ms (the step profile's `copy_ms`): the copy, and for greedy
+    /// rows the argmax's kernels before their ids' copy.
     copy_ms: f64,
 }
 
@@ -261,25 +262,33 @@ impl DeviceModel {
             let rows = logits.to_vec2::<f32>()?;
             return Ok(rows.into_iter().map(StepRow::Logits).collect());
         }
-        let mut rows: Vec<StepRow> = (self.argmax.tokens(logits)?.into_iter())
-            .map(StepRow::Argmax)
-            .collect();
-        let keep: Vec<u32> = (0..argmax.len() as u32)
-            .filter(|&r| !argmax[r as usize])
-            .collect();
-        if !keep.is_empty() {
-            let n = keep.len();
-            let picked = Tensor::from_vec(keep.clone(), n, &self.device)?;
-            let kept = logits.index_select(&picked, 0)?.to_vec2::<f32>()?;
-            for (r, row) in keep.into_iter().zip(kept) {
+        let (flagged, kept): (Vec<u32>, Vec<u32>) =
+            (0..argmax.len() as u32).partition(|&r| argmax[r as usize]);
+        let some = |rows: &[u32]| -> Result<Tensor> {
+            let ids = Tensor::from_vec(rows.to_vec(), rows.len(), &self.device)?;
+            Ok(logits.index_select(&ids, 0)?)
+        };
+        // The argmax over the flagged rows alone: its temporaries grow with the rows.
+        let tokens = match kept.is_empty() {
+            true => self.argmax.tokens(logits)?,
+            false => self.argmax.tokens(&some(&flagged)?)?,
+        };
+        let mut rows = vec![StepRow::Argmax(0); argmax.len()];
+        for (r, token) in flagged.into_iter().zip(tokens) {
+            rows[r as usize] = StepRow::Argmax(token);
+        }
+        if !kept.is_empty() {
+            let logits = some(&kept)?.to_vec2::<f32>()?;
+            for (r, row) in kept.into_iter().zip(logits) {
                 rows[r as usize] = StepRow::Logits(row);
             }
         }
         Ok(rows)
     }
 
-    /// How long the last step's logits (or their argmax) took to come back once the
-    /// device was done, in ms: what sampling on the device would save.
+    /// How long the last step's logits took to reach the host once the device was done
+    /// with the step, in ms: their copy, and for greedy rows the argmax's kernels and the
+    /// ids' copy instead.
     pub fn copy_ms(&self) -> f64 {
         self.copy_ms
     }
