@@ -237,11 +237,10 @@ impl DeviceModel {
         argmax_only: &[bool],
     ) -> Result<Vec<StepRow>> {
         self.copy_ms = 0.0;
+        // The device is done with the step: the copy is timed apart from its work.
         let Some(logits) = self.step_on_device(batch, quantized)? else {
             return Ok(Vec::new());
         };
-        // The copy would wait for the device anyway; waiting first times the two apart.
-        self.device.synchronize()?;
         let began = Instant::now();
         let rows = self.rows_back(&logits, &argmax_rows(batch, argmax_only))?;
         self.copy_ms = began.elapsed().as_secs_f64() * 1e3;
@@ -293,8 +292,9 @@ impl DeviceModel {
         self.copy_ms
     }
 
-    /// [`Self::step`] up to the logits, which stay on the device. A step of few rows goes
-    /// through a fixed-shape step ([`graphs`]) when it fits one.
+    /// [`Self::step`] up to the logits, which stay on the device; it returns them once
+    /// the device is done with the step (the copy would wait for that anyway). A step of
+    /// few rows goes through a fixed-shape step ([`graphs`]) when it fits one.
     fn step_on_device(
         &mut self,
         batch: &[SeqInput],
@@ -310,9 +310,9 @@ impl DeviceModel {
             let out = match fixed.fits(batch, &spans) {
                 // candle's quantized kernels keep a scratch buffer that grows with the
                 // batch and moves when it does, which a replayed graph would not follow:
-                // steps with the quantized form are launched op by op.
-                // Waiting for the device here charges an error that a replay reports
-                // late to the fixed step, which then falls back like any other.
+                // steps with the quantized form are launched op by op. Waiting for the
+                // device here charges an error that a replay reports late to the fixed
+                // step, which then falls back like any other.
                 Some(shape) if !self.multiplies_quantized(shape.rows, quantized) => Some(
                     fixed
                         .step(self, batch, &spans, &positions, shape)
@@ -364,7 +364,11 @@ impl DeviceModel {
                 _ => Logits::Rows(Tensor::from_vec(wanted, n, dev)?),
             },
         };
-        self.run(&inputs, quantized)
+        let logits = self.run(&inputs, quantized)?;
+        if logits.is_some() {
+            self.device.synchronize()?;
+        }
+        Ok(logits)
     }
 
     /// Rejects token ids outside the vocabulary and block ids outside the cache.
