@@ -2,12 +2,12 @@
 # The GPU checks of issue 16, run on the GPU machine from the repository root over what
 # scripts/device-pack.sh put in .device/ (that machine has no Rust and no network):
 #
-#   1. the device tests on CUDA: every architecture's tiny model in f32 and f16 against
+#   1. the device tests on CUDA: every architecture's tiny model in f32, bf16 and f16 against
 #      the packed CPU path, alone and batched with chunked prefill (batch invariance),
 #      every row's logits, a copied block, greedy rows' argmax found on the device;
 #   2. a random-weight GGUF of a 1B shape (hidden 2048, 16 layers, 32/8 heads, ffn 8192),
 #      written there by scripts/random-gguf.py with the carried tokenizer;
-#   3. chorus --device cuda on it, with dense f16 weights and decoding rows through our
+#   3. chorus --device cuda on it, with dense bf16 weights and decoding rows through our
 #      paged kernel, steps replayed as CUDA graphs (the defaults); the same without
 #      graphs; decoding rows through the gather (no graphs: they need the kernel); and
 #      --device-weights auto (both the dense and the GGUF-block forms, each step the one
@@ -52,6 +52,8 @@ print(":".join(sorted({d for r in roots for d in glob.glob(os.path.join(r, "nvid
   # The CUDA toolkit's own folder last: NVRTC loads its builtins library from the path.
   export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:/usr/local/cuda/lib64"
   nvidia-smi >"$out/gpu.txt" 2>&1
+  # CUDA 13.0 built the binary: a driver older than the 580 series loads none of its kernels.
+  grep -m1 -o 'Driver Version: [0-9.]*.*CUDA Version: [0-9.]*' "$out/gpu.txt" | tee -a "$summary"
   shape=()
   levels=1,32,128,256
   duration=10
@@ -82,7 +84,7 @@ PYTHONPATH=.device/py "${CHORUS_CHECK_PYTHON:-python3}" scripts/random-gguf.py -
 
 port=18031
 bench_rc=0
-# With dense f16 weights through cuBLAS: our paged kernel with steps replayed as
+# With dense bf16 weights through cuBLAS: our paged kernel with steps replayed as
 # CUDA graphs, the same launched op by op, and the gather. Then both weight forms, dense
 # and the GGUF blocks through candle's quantized kernels, chosen per step size (the
 # issue asks which wins at which batch size: the server times both at 1, 2, 4, ... rows

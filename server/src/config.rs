@@ -65,8 +65,9 @@ pub struct Config {
     #[arg(long, env = "CHORUS_DEVICE", default_value = "auto")]
     pub device: DeviceArg,
 
-    /// Type of weights and matrix products on a device: auto (f16 on a GPU, f32 on
-    /// candle-cpu), f16, bf16 or f32. The KV cache is f16 (bf16 with bf16).
+    /// Type of weights and matrix products on a device: auto (bf16 on a GPU, f32 on
+    /// candle-cpu), bf16, f16 (more precise, but its range ends at 65504: Gemma 3's
+    /// activations overflow it) or f32. The KV cache is bf16 with bf16, else f16.
     #[arg(long, env = "CHORUS_DEVICE_DTYPE", value_enum, default_value_t = DtypeArg::Auto)]
     pub device_dtype: DtypeArg,
 

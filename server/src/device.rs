@@ -23,8 +23,10 @@ pub fn resolve(config: &Config) -> Result<Option<DeviceOptions>, String> {
     };
     let dtype = match (config.device_dtype, device.is_cpu()) {
         (DtypeArg::Auto, true) | (DtypeArg::F32, _) => DType::F32,
-        (DtypeArg::Auto, false) | (DtypeArg::F16, _) => DType::F16,
-        (DtypeArg::Bf16, _) => DType::BF16,
+        // bf16, as vLLM's `auto` for today's models: f16's range ends at 65504, which
+        // Gemma 3's MLP outputs pass (a projection's output is stored in the compute type).
+        (DtypeArg::Auto, false) | (DtypeArg::Bf16, _) => DType::BF16,
+        (DtypeArg::F16, _) => DType::F16,
     };
     Ok(Some(DeviceOptions {
         device,

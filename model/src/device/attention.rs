@@ -15,12 +15,19 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use super::kv::{slot, DeviceKv};
 use super::paged::{PagedDecoder, RowPlans};
 use crate::attention::RowSpan;
 use crate::error::{ModelError, Result};
+
+/// The most attention scores (f32) a gathered group computes at once: a long prompt's
+/// chunk beside a long context takes its query rows a tile at a time. Its scores are
+/// then at most 512 MiB, and stay within the 32-bit element indices candle's CUDA
+/// kernels use (its softmax's among them), which a `[n, heads, rows, len]` tensor of a
+/// 4,096-token chunk over a 16,384-token context with 32 heads would pass.
+const MAX_SCORES: usize = 1 << 27;
 
 /// The shape of attention in one model.
 pub(crate) struct Heads {
@@ -36,6 +43,8 @@ pub(crate) struct StepAttention<'a> {
     kv_heads: usize,
     head_dim: usize,
     scale: f64,
+    /// The most f32 scores a gathered group computes at once ([`MAX_SCORES`]).
+    max_scores: usize,
     groups: Vec<Group<'a>>,
     /// For each batch row, its place among the groups' padded output rows; `None` when
     /// that is the identity.
@@ -136,6 +145,7 @@ impl<'a> StepAttention<'a> {
             kv_heads: h.kv_heads,
             head_dim: h.head_dim,
             scale: f64::from(h.scale),
+            max_scores: MAX_SCORES,
             groups,
             order: match identity {
                 true => None,
@@ -158,6 +168,7 @@ impl<'a> StepAttention<'a> {
             kv_heads: h.kv_heads,
             head_dim: h.head_dim,
             scale: f64::from(h.scale),
+            max_scores: MAX_SCORES,
             groups: vec![Group {
                 n: rows,
                 rows: 1,
@@ -206,8 +217,9 @@ impl<'a> StepAttention<'a> {
     }
 
     /// `softmax(q · kᵀ · scale + mask) · v` for one group over its gathered keys and
-    /// values (`[n * len, kv_dim]` each), the scores in f32. Returns
-    /// `[n * rows, heads * head_dim]` f32, padding rows included.
+    /// values (`[n * len, kv_dim]` each), the scores in f32, a tile of query rows at a
+    /// time (see [`MAX_SCORES`]). Returns `[n * rows, heads * head_dim]` f32, padding
+    /// rows included.
     fn gathered(
         &self,
         g: &Group,
@@ -219,14 +231,12 @@ impl<'a> StepAttention<'a> {
         let (kvh, hd) = (self.kv_heads, self.head_dim);
         let group = self.heads / kvh;
         let (n, rows, len) = (g.n, g.rows, g.len);
-        // [n, kvh, group * rows, hd]: the query heads sharing a KV head, row by row.
-        let q = g
-            .q_rows
-            .of(q, n * rows)?
+        // [n, kvh, group, rows, hd]: the query heads sharing a KV head, row by row,
+        // scaled in f32 before the cast, so that the scores' products stay as small as
+        // they end (f16's range ends at 65504).
+        let q = (g.q_rows.of(q, n * rows)? * self.scale)?
             .reshape((n, rows, kvh, group, hd))?
             .permute((0, 2, 3, 1, 4))?
-            .contiguous()?
-            .reshape((n, kvh, group * rows, hd))?
             .to_dtype(dtype)?;
         // [n, kvh, len, hd]
         let heads_first = |t: Tensor| -> Result<Tensor> {
@@ -236,19 +246,32 @@ impl<'a> StepAttention<'a> {
                 .to_dtype(dtype)?)
         };
         let (k, v) = (heads_first(k)?, heads_first(v)?);
-        let scores = (q
-            .matmul(&k.transpose(D::Minus2, D::Minus1)?)?
-            .to_dtype(DType::F32)?
-            * self.scale)?
-            .reshape((n, kvh, group, rows, len))?
-            .broadcast_add(mask)?;
-        let p = candle_nn::ops::softmax_last_dim(&scores)?
-            .reshape((n, kvh, group * rows, len))?
-            .to_dtype(dtype)?;
+        let kt = k.t()?;
+        let tile = (self.max_scores / (n * self.heads * len).max(1)).clamp(1, rows);
+        let mut tiles = Vec::with_capacity(rows.div_ceil(tile));
+        for first in (0..rows).step_by(tile) {
+            let m = tile.min(rows - first);
+            let q = q
+                .narrow(3, first, m)?
+                .contiguous()?
+                .reshape((n, kvh, group * m, hd))?;
+            let scores = q
+                .matmul(&kt)?
+                .to_dtype(DType::F32)?
+                .reshape((n, kvh, group, m, len))?
+                .broadcast_add(&mask.narrow(3, first, m)?)?;
+            let p = candle_nn::ops::softmax_last_dim(&scores)?
+                .reshape((n, kvh, group * m, len))?
+                .to_dtype(dtype)?;
+            tiles.push(p.matmul(&v)?.reshape((n, kvh, group, m, hd))?);
+        }
+        let out = match tiles.len() {
+            1 => tiles.remove(0),
+            _ => Tensor::cat(&tiles, 3)?,
+        };
         // [n, kvh, group, rows, hd] → [n * rows, heads * hd]
-        Ok(p.matmul(&v)?
+        Ok(out
             .to_dtype(DType::F32)?
-            .reshape((n, kvh, group, rows, hd))?
             .permute((0, 3, 1, 2, 4))?
             .contiguous()?
             .reshape((n * rows, self.heads * hd))?)
@@ -333,5 +356,97 @@ fn visible(p: usize, pos: usize, window: Option<usize>) -> f32 {
     match (lo..=pos).contains(&p) {
         true => 0.0,
         false => f32::NEG_INFINITY,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a failure here is a test failure
+
+    use super::*;
+    use crate::kv::{KvShape, BLOCK_SIZE};
+
+    /// A gathered group's rows in tiles of any size give what they give at once: two
+    /// prompt chunks of different lengths (one after a cached history) beside a decoding
+    /// row, full attention and a sliding window.
+    #[test]
+    fn row_tiles_give_what_the_whole_group_gives() {
+        let dev = Device::Cpu;
+        let h = Heads {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            scale: 0.35,
+        };
+        let kv_dim = h.kv_heads * h.head_dim;
+        let blocks = 8;
+        let kv = DeviceKv::new(
+            KvShape {
+                layers: 1,
+                kv_heads: h.kv_heads,
+                head_dim: h.head_dim,
+            },
+            blocks,
+            DType::F16,
+            &dev,
+        )
+        .unwrap();
+        let slots = blocks * BLOCK_SIZE;
+        let ids: Vec<u32> = (0..slots as u32)
+            .flat_map(|s| std::iter::repeat_n(s, kv_dim))
+            .collect();
+        let ids = Tensor::from_vec(ids, (slots, kv_dim), &dev).unwrap();
+        let random = || Tensor::randn(0f32, 1., (slots, kv_dim), &dev).unwrap();
+        kv.write(0, &ids, &random(), &random()).unwrap();
+        let tables: [&[u32]; 3] = [&[0, 1, 2], &[3, 4], &[5]];
+        let spans = [
+            RowSpan {
+                first_row: 0,
+                rows: 13,
+                start_pos: 10,
+                blocks: tables[0],
+            },
+            RowSpan {
+                first_row: 13,
+                rows: 1,
+                start_pos: 4,
+                blocks: tables[2],
+            },
+            RowSpan {
+                first_row: 14,
+                rows: 7,
+                start_pos: 0,
+                blocks: tables[1],
+            },
+        ];
+        let windows = [None, Some(6)];
+        let mut att = StepAttention::new(&h, &spans, &windows, &dev, None).unwrap();
+        let q = Tensor::randn(0f32, 1., (21, h.heads * h.head_dim), &dev).unwrap();
+        for window in windows {
+            att.max_scores = usize::MAX;
+            let whole: Vec<Vec<f32>> = att
+                .forward(&q, &kv, 0, window, DType::F32)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            // The prompt group: 2 sequences, 4 heads, 23 positions; tiles of 1, 3 and 5
+            // rows (the last one short).
+            for tile in [1, 3, 5] {
+                att.max_scores = 2 * 4 * 23 * tile;
+                let tiled: Vec<Vec<f32>> = att
+                    .forward(&q, &kv, 0, window, DType::F32)
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap();
+                for (r, (a, b)) in whole.iter().zip(&tiled).enumerate() {
+                    for (x, y) in a.iter().zip(b) {
+                        assert!(
+                            (x - y).abs() <= 1e-5,
+                            "window {window:?}, tiles of {tile}: row {r}: {x} against {y}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -115,6 +115,10 @@ impl DeviceModel {
                 opts.dtype
             )));
         }
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = dev {
+            cuda::memory::prepare(d);
+        }
         let layers = parts
             .layers
             .into_iter()

@@ -38,21 +38,27 @@ pub(crate) struct PagedDecoder {
 
 impl PagedDecoder {
     /// `None` when the kernel does not serve this shape or this device. On a CUDA
-    /// device the kernel is compiled here, at start; if NVRTC fails (its builtins
-    /// library missing, say), the gather serves decoding rows and the log says why.
+    /// device the kernel is compiled and loaded here, at start; if NVRTC or the driver
+    /// fails (NVRTC's builtins library missing, say), the gather serves decoding rows and
+    /// the log says why.
     pub(crate) fn new(shape: KernelShape, device: &Device) -> Option<Self> {
         if !shape.supported() {
             return None;
         }
         #[cfg(feature = "cuda")]
         let kernel = match device {
-            Device::Cuda(_) => match super::cuda::PagedKernel::compile(shape) {
-                Ok(k) => Some(k),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no paged attention kernel: decoding rows gather instead");
-                    return None;
+            // Loaded here too, not at the first step's launch: a driver that rejects the
+            // module (one older than the CUDA it was compiled by) must leave decoding
+            // rows to the gather, not fail every step.
+            Device::Cuda(d) => {
+                match super::cuda::PagedKernel::compile(shape).and_then(|k| k.load(d).map(|()| k)) {
+                    Ok(k) => Some(k),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no paged attention kernel: decoding rows gather instead");
+                        return None;
+                    }
                 }
-            },
+            }
             _ => None,
         };
         #[cfg(not(feature = "cuda"))]
@@ -162,6 +168,37 @@ struct PagedDecode<'a> {
     scale: f32,
 }
 
+/// Checks that the buffers an op's launch reads hold what its rows' plans say: `q` a row
+/// of `kv_heads * group * head_dim` values per plan row, the plans `stride` values each,
+/// the keys and values whole slots of `kv_heads * head_dim`. The kernel reads them
+/// unchecked, and a read past a buffer's end on a GPU poisons the whole context. (The
+/// plans' block ids are checked against the cache before the step:
+/// `DeviceModel::forward`.)
+pub(crate) fn check_sizes(
+    shape: KernelShape,
+    kv_heads: usize,
+    meta: &RowPlans,
+    (q, plan, keys, values): (usize, usize, usize, usize),
+) -> candle_core::Result<()> {
+    let (rows, stride) = (meta.rows(), meta.stride());
+    let kv_dim = kv_heads * shape.head_dim;
+    let q_dim = kv_dim * shape.group;
+    if q != rows * q_dim {
+        candle_core::bail!("paged attention: q holds {q} values, not {rows} rows of {q_dim}");
+    }
+    if stride < 2 || plan != rows * stride {
+        candle_core::bail!(
+            "paged attention: the plan holds {plan} values, not {rows} rows of {stride}"
+        );
+    }
+    if keys != values || kv_dim == 0 || !keys.is_multiple_of(kv_dim) {
+        candle_core::bail!(
+            "paged attention: the cache's keys ({keys}) and values ({values}) are not whole slots of {kv_dim}"
+        );
+    }
+    Ok(())
+}
+
 /// `storage`'s values under `layout`, which must be contiguous.
 fn contiguous<'a, T>(values: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
@@ -253,14 +290,13 @@ impl PagedDecode<'_> {
             candle_core::bail!("paged attention: the plan is not u32 on the CPU");
         };
         let plan = contiguous(plan, plan_layout, "the plan")?;
+        check_sizes(
+            self.decoder.shape,
+            kvh,
+            self.meta,
+            (q.len(), plan.len(), keys.len(), values.len()),
+        )?;
         let (n, stride) = (self.meta.rows(), self.meta.stride());
-        if q.len() != n * q_dim {
-            candle_core::bail!(
-                "paged attention: q holds {} values, not {}",
-                q.len(),
-                n * q_dim
-            );
-        }
         let mut out = vec![0f32; n * q_dim];
         out.par_chunks_mut(q_dim)
             .zip(q.par_chunks(q_dim))

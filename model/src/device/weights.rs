@@ -1,7 +1,7 @@
 //! Weights on a candle device: projections dense in the compute type or in the file's
 //! quantized blocks, vectors (norms, biases, the embedding) in f32.
 
-use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{ModelError, Result};
@@ -61,6 +61,15 @@ impl DeviceLinear {
         };
         let dense = |q: &QTensor| on(&q.dequantize(&Device::Cpu)?, device, dtype);
         Ok(match (w, how) {
+            (QMatMul::QTensor(q), DeviceWeights::Quantized | DeviceWeights::Auto { .. })
+                if !multiplied_in_blocks(device, q.dtype()) =>
+            {
+                tracing::warn!(
+                    dtype = ?q.dtype(),
+                    "no quantized kernel for these blocks on this device: dense instead"
+                );
+                Self::Dense(dense(&q)?)
+            }
             (QMatMul::QTensor(q), DeviceWeights::Quantized) => Self::Quantized(quantized(&q)?),
             (QMatMul::QTensor(q), DeviceWeights::Dense) => Self::Dense(dense(&q)?),
             (QMatMul::QTensor(q), DeviceWeights::Auto { .. }) => Self::Both {
@@ -99,6 +108,17 @@ impl DeviceLinear {
     pub(crate) fn has_both(&self) -> bool {
         matches!(self, Self::Both { .. })
     }
+}
+
+/// Whether candle multiplies blocks of type `t` on `device` without dequantizing them:
+/// on CUDA, the types of its quantized kernels (any other fails at the first product).
+fn multiplied_in_blocks(device: &Device, t: GgmlDType) -> bool {
+    use GgmlDType::*;
+    !device.is_cuda()
+        || matches!(
+            t,
+            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K
+        )
 }
 
 /// One decoder layer's weights on the device; see [`LayerWeights`].

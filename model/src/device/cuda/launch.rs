@@ -4,11 +4,14 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{CudaStorage, DType, Layout, Shape, Storage};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape, Storage};
 
 use super::{KernelShape, PAGED_ATTENTION};
-use crate::device::paged::RowPlans;
+use crate::device::paged::{check_sizes, RowPlans};
 use crate::error::{ModelError, Result};
+
+/// The kernel's name in `paged_attention.cu`.
+const FUNCTION: &str = "paged_decode_attention";
 
 /// The paged decode kernel compiled for one model's shape.
 pub(crate) struct PagedKernel {
@@ -37,6 +40,18 @@ impl PagedKernel {
             ptx: ptx.to_src(),
             shape,
         })
+    }
+
+    /// Loads the module onto `dev` (candle keeps it for every later launch).
+    pub(crate) fn load(&self, dev: &CudaDevice) -> Result<()> {
+        dev.get_or_load_custom_func(FUNCTION, &self.module, &self.ptx)
+            .map_err(|e| {
+                ModelError::Unsupported(format!(
+                    "the driver could not load the paged attention kernel for {:?}: {e}",
+                    self.shape
+                ))
+            })?;
+        Ok(())
     }
 
     #[cfg(test)]
@@ -91,12 +106,17 @@ impl PagedKernel {
             candle_core::bail!("paged attention: the plan is not on the GPU");
         };
         let meta_view = view::<u32>(meta_storage, meta_layout, "the plan")?;
+        check_sizes(
+            s,
+            kv_heads,
+            meta,
+            (q_view.len(), meta_view.len(), keys.len(), values.len()),
+        )?;
         // SAFETY: uninitialised device memory that the launch below fills: every block
         // (row, KV head) writes all `GROUP * HEAD_DIM` values of its heads, and the
         // grid covers every row and KV head.
         let out = unsafe { dev.alloc::<f32>(n * q_dim) }?;
-        let func =
-            dev.get_or_load_custom_func("paged_decode_attention", &self.module, &self.ptx)?;
+        let func = dev.get_or_load_custom_func(FUNCTION, &self.module, &self.ptx)?;
         let (stride, kv_heads_u32) = (meta.stride() as u32, kv_heads as u32);
         let mut b = func.builder();
         b.arg(&out);
@@ -115,8 +135,9 @@ impl PagedKernel {
         // SAFETY: the arguments match the kernel's signature in paged_attention.cu in
         // order and type (the cache as 16-bit words); every pointer is a live device
         // buffer of the size the kernel reads (q and out `n * q_dim`, the cache
-        // `slots * kv_dim`, the plan `n * stride`), and the plan's block ids were checked
-        // against the cache's size before the step (`DeviceModel::forward`).
+        // `slots * kv_dim`, the plan `n * stride`: `check_sizes` above), and the plan's
+        // block ids were checked against the cache's size before the step
+        // (`DeviceModel::forward`).
         unsafe { b.launch(cfg) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),

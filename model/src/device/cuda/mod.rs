@@ -6,11 +6,14 @@
 //! - `launch` (feature `cuda`): compiling it and launching it on candle's CUDA device.
 //! - `graph` (feature `cuda`): capturing a step as a CUDA graph and replaying it
 //!   ([`super::graphs`]).
+//! - `memory` (feature `cuda`): the memory pool and candle's events, set at start.
 
 #[cfg(feature = "cuda")]
 pub(crate) mod graph;
 #[cfg(feature = "cuda")]
 mod launch;
+#[cfg(feature = "cuda")]
+pub(crate) mod memory;
 #[cfg(test)]
 mod tests;
 

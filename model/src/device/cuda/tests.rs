@@ -243,6 +243,61 @@ fn shapes_the_kernel_cannot_hold_fall_back() {
     assert_eq!(shape(64, 4).shared_bytes(), 9728);
 }
 
+/// Buffers that do not hold what the rows' plans say are an error before anything reads
+/// them: the kernel reads them unchecked, and on a GPU a read past a buffer's end
+/// poisons the whole context. The same check guards the kernel's launch.
+#[test]
+fn mis_sized_buffers_are_refused() {
+    let shape = KernelShape {
+        head_dim: 16,
+        group: 2,
+        cache: DType::F16,
+    };
+    let (q_dim, kv_dim) = (KV_HEADS * 2 * 16, KV_HEADS * 16);
+    let cpu = Device::Cpu;
+    let decoder = PagedDecoder::new(shape, &cpu).unwrap();
+    let blocks = [0u32];
+    let spans: Vec<RowSpan> = (0..2)
+        .map(|i| RowSpan {
+            first_row: i,
+            rows: 1,
+            start_pos: 3,
+            blocks: &blocks,
+        })
+        .collect();
+    let spans: Vec<&RowSpan> = spans.iter().collect();
+    let meta = RowPlans::new(&spans, None, &cpu).unwrap();
+    let cache = |slots: usize, dim: usize| {
+        Tensor::zeros((slots * dim,), DType::F16, &cpu)
+            .unwrap()
+            .reshape((slots, dim))
+            .unwrap()
+    };
+    let q = |rows: usize| Tensor::zeros((rows, q_dim), DType::F32, &cpu).unwrap();
+    let run = |q: &Tensor, k: &Tensor, v: &Tensor| decoder.forward(q, k, v, &meta, KV_HEADS, 0.25);
+    let whole = cache(BLOCK_SIZE, kv_dim);
+    assert!(run(&q(2), &whole, &whole).is_ok());
+    let err = |r: crate::error::Result<Tensor>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        err(run(&q(1), &whole, &whole)).contains("q holds"),
+        "a row short"
+    );
+    assert!(
+        err(run(&q(3), &whole, &whole)).contains("q holds"),
+        "a row over"
+    );
+    let short = cache(BLOCK_SIZE - 1, kv_dim);
+    assert!(
+        err(run(&q(2), &whole, &short)).contains("not whole slots"),
+        "values short"
+    );
+    let ragged = cache(BLOCK_SIZE, kv_dim + 1);
+    assert!(
+        err(run(&q(2), &ragged, &ragged)).contains("not whole slots"),
+        "ragged slots"
+    );
+}
+
 /// NVRTC compiles the kernel for every shape, and `ptxas` assembles it for the
 /// H100/H200 (sm_90) as the driver would. No GPU needed: run with NVRTC's `lib` folder
 /// on `LD_LIBRARY_PATH` and `ptxas` on `PATH`, as `scripts/cuda-env.sh` sets up.
