@@ -193,6 +193,45 @@ def test_streamed_function_call_events(client):
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
 
+def test_input_items_come_a_page_at_a_time(client):
+    turns = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+             {"role": "user", "content": "three"}]
+    r = client.responses.create(model=MODEL, input=turns, max_output_tokens=2)
+    text = lambda item: item.content[0].text
+    # OpenAI's default order: the last item first.
+    assert [text(i) for i in client.responses.input_items.list(r.id).data] == \
+        ["three", "two", "one"]
+    first = client.responses.input_items.list(r.id, order="asc", limit=1)
+    assert [text(i) for i in first.data] == ["one"] and first.has_more
+    # The SDK's auto-pagination follows `after` to the end.
+    assert [text(i) for i in client.responses.input_items.list(r.id, order="asc", limit=2)] == \
+        ["one", "two", "three"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.input_items.list(r.id, limit=0)
+    assert e.value.body["param"] == "limit"
+
+
+def test_streamed_held_text_keeps_its_item_id(client):
+    # A call cut short by the limit comes back as text, held back while it could still be
+    # a call: its message item opens when the answer ends, under the id it closes with
+    # (the SDK's stream checks that, and raised here when the two differed).
+    with client.responses.stream(model=MODEL, input="What is the weather in Paris?",
+                                 tools=[WEATHER], tool_choice="required",
+                                 max_output_tokens=8, temperature=0) as stream:
+        events = list(stream)
+    assert events[-1].type == "response.incomplete"
+    final = events[-1].response
+    assert final.output[0].type == "message"
+    item_id = final.output[0].id
+    for e in events:
+        if e.type in ("response.output_item.added", "response.output_item.done"):
+            assert e.item.id == item_id, e.type
+        elif hasattr(e, "item_id"):
+            assert e.item_id == item_id, e.type
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") \
+        == final.output[0].content[0].text
+
+
 def test_streamed_cut_short_ends_incomplete(client):
     with client.responses.stream(model=MODEL, input="Tell me a story.",
                                  max_output_tokens=2) as stream:

@@ -45,8 +45,12 @@ struct State {
     /// Bytes of `text` already sent as deltas.
     sent: usize,
     decision: Option<Decision>,
-    /// The message item, once opened.
+    /// The message item's id, made when it is first needed: when the item opens, or
+    /// when the answer ends with text held back (a client's SDK checks that an item's
+    /// id stays the same from `output_item.added` to `output_item.done`).
     message_id: Option<String>,
+    /// Whether the message item's opening events were sent.
+    message_open: bool,
 }
 
 impl State {
@@ -67,27 +71,30 @@ impl State {
         self.event(kind, json!({"response": response}))
     }
 
+    /// The message item's id, the same every time.
+    fn message_id(&mut self) -> String {
+        self.message_id
+            .get_or_insert_with(|| super::wire::new_id("msg"))
+            .clone()
+    }
+
     /// Opens the message item (once) and sends the text not sent yet.
     fn send_text(&mut self) -> String {
         let mut out = String::new();
-        let id = match &self.message_id {
-            Some(id) => id.clone(),
-            None => {
-                let id = super::wire::new_id("msg");
-                self.message_id = Some(id.clone());
-                let item = json!({"id": id, "type": "message", "status": "in_progress", "role": "assistant", "content": []});
-                out.push_str(&self.event(
-                    "response.output_item.added",
-                    json!({"output_index": 0, "item": item}),
-                ));
-                out.push_str(&self.event(
-                    "response.content_part.added",
-                    json!({"item_id": id, "output_index": 0, "content_index": 0,
-                           "part": Part::output_text(String::new())}),
-                ));
-                id
-            }
-        };
+        let id = self.message_id();
+        if !self.message_open {
+            self.message_open = true;
+            let item = json!({"id": id, "type": "message", "status": "in_progress", "role": "assistant", "content": []});
+            out.push_str(&self.event(
+                "response.output_item.added",
+                json!({"output_index": 0, "item": item}),
+            ));
+            out.push_str(&self.event(
+                "response.content_part.added",
+                json!({"item_id": id, "output_index": 0, "content_index": 0,
+                       "part": Part::output_text(String::new())}),
+            ));
+        }
         if self.sent < self.text.len() {
             let delta = self.text[self.sent..].to_string();
             self.sent = self.text.len();
@@ -185,6 +192,7 @@ pub fn stream(
         sent: 0,
         decision: None,
         message_id: None,
+        message_open: false,
     };
     futures_util::stream::unfold(state, |mut st| async move {
         if st.ended {
@@ -223,12 +231,8 @@ async fn next(st: &mut State) -> String {
         Some(Event::Done {
             finish: f, usage, ..
         }) => {
-            let items = output(
-                st.s.reader.as_ref(),
-                st.text.clone(),
-                f,
-                st.message_id.clone(),
-            );
+            let message_id = st.message_id();
+            let items = output(st.s.reader.as_ref(), st.text.clone(), f, Some(message_id));
             let mut out = st.close_items(&items);
             finish(&mut st.s.response, items, f, usage, &st.s.metrics);
             if let Some(k) = &st.s.keep {

@@ -5,6 +5,7 @@
 //! - [`wire`]: the request, the response object and its items (also the stored form).
 //! - [`input`]: `input` read into items; items into the chat messages the template renders.
 //! - [`events`]: a streamed response as OpenAI's typed events.
+//! - [`pages`]: a stored response's input items, a page at a time.
 //!
 //! A turn's prompt is the whole conversation rendered again: the chain's stored items, then
 //! this request's. It shares its start with the previous turn's prompt and answer, whose
@@ -12,6 +13,7 @@
 
 pub mod events;
 pub mod input;
+pub mod pages;
 pub mod wire;
 
 use std::sync::Arc;

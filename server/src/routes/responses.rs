@@ -1,14 +1,17 @@
 //! `POST /v1/responses`, and `GET` / `DELETE /v1/responses/{id}`,
 //! `GET /v1/responses/{id}/input_items` for stored responses.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
 use crate::error::ApiError;
 use crate::responses::events::{self, Streamed};
+use crate::responses::pages::Page;
 use crate::responses::wire::{Deleted, Item, ItemList, ResponseObject};
 use crate::responses::{self, finish, output};
 use crate::routes::{JsonBody, RequestId};
@@ -66,20 +69,18 @@ pub async fn get(
     Ok(Json(response))
 }
 
+/// A page of the items, as `limit`, `order`, `after` and `before` ask ([`Page`]).
 pub async fn input_items(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<ItemList>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad("query", e.body_text()))?;
+    let page = Page::from_query(&query)?;
     let row = blocking(app.store_or_404()?, move |s| s.get(&id)).await?;
-    let data: Vec<Item> = serde_json::from_str(&row.input)
+    let items: Vec<Item> = serde_json::from_str(&row.input)
         .map_err(|e| ApiError::Internal(format!("stored input is unreadable: {e}")))?;
-    Ok(Json(ItemList {
-        object: "list",
-        first_id: data.first().map(|i| i.id().to_string()),
-        last_id: data.last().map(|i| i.id().to_string()),
-        has_more: false,
-        data,
-    }))
+    Ok(Json(page.of(items)?))
 }
 
 pub async fn delete(
