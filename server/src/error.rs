@@ -15,6 +15,9 @@ pub enum ApiError {
         message: String,
         param: Option<&'static str>,
     },
+    /// A field of the body is not what its type says; the field is the client's.
+    #[error("{message}")]
+    BadField { message: String, param: String },
     #[error("{0}")]
     ModelNotFound(String),
     #[error("{0}")]
@@ -52,7 +55,7 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest { .. } | ApiError::BadField { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) | ApiError::NotFound { .. } => {
                 StatusCode::NOT_FOUND
             }
@@ -69,7 +72,9 @@ impl ApiError {
     /// The envelope's body, also used for an error event inside a stream.
     pub fn body(&self) -> ErrorBody {
         let (kind, code) = match self {
-            ApiError::BadRequest { .. } => ("invalid_request_error", None),
+            ApiError::BadRequest { .. } | ApiError::BadField { .. } => {
+                ("invalid_request_error", None)
+            }
             ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             ApiError::RouteNotFound(_) => ("invalid_request_error", Some("not_found")),
             ApiError::NotFound { code, .. } => ("invalid_request_error", Some(*code)),
@@ -82,8 +87,11 @@ impl ApiError {
             ApiError::Internal(_) => ("internal_error", Some("internal_error")),
         };
         let param = match self {
-            ApiError::BadRequest { param, .. } | ApiError::NotFound { param, .. } => *param,
-            ApiError::ModelNotFound(_) => Some("model"),
+            ApiError::BadRequest { param, .. } | ApiError::NotFound { param, .. } => {
+                param.map(str::to_string)
+            }
+            ApiError::BadField { param, .. } => Some(param.clone()),
+            ApiError::ModelNotFound(_) => Some("model".to_string()),
             _ => None,
         };
         ErrorBody {
@@ -107,7 +115,7 @@ pub struct ErrorDetail {
     pub message: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub param: Option<&'static str>,
+    pub param: Option<String>,
     pub code: Option<&'static str>,
 }
 

@@ -140,13 +140,13 @@ async fn bad_requests_get_the_error_envelope_and_the_server_carries_on() {
             r#"{"model": "smollm2-135m-instruct"}"#.into(),
             "application/json",
             400,
-            None,
+            Some("messages"),
         ),
         (
             r#"{"messages": "hello"}"#.into(),
             "application/json",
             400,
-            None,
+            Some("messages"),
         ),
         (
             r#"{"messages": [{"role": "user", "content": "hi"}]}"#.into(),
@@ -176,7 +176,26 @@ async fn bad_requests_get_the_error_envelope_and_the_server_carries_on() {
             chat("hi", json!({"temperature": "hot"})).to_string(),
             "application/json",
             400,
-            None,
+            Some("temperature"),
+        ),
+        // Sampling fields are read flattened, where serde's message loses their names.
+        (
+            chat("hi", json!({"max_tokens": "4"})).to_string(),
+            "application/json",
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            chat("hi", json!({"seed": 1e30})).to_string(),
+            "application/json",
+            400,
+            Some("seed"),
+        ),
+        (
+            chat("hi", json!({"stream": "yes"})).to_string(),
+            "application/json",
+            400,
+            Some("stream"),
         ),
         (
             chat("hi", json!({"top_p": 1.5})).to_string(),

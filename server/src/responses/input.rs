@@ -83,6 +83,13 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
                 None | Some(Value::Null) => "{}".into(),
                 Some(v) => v.to_string(),
             };
+            // Checked here, where the item's place is known: the chat messages it becomes
+            // sit after the instructions and the stored history.
+            if !arguments.trim().is_empty() {
+                if let Err(e) = serde_json::from_str::<Value>(&arguments) {
+                    return Err(bad(format!("`input[{i}].arguments` is not JSON: {e}")));
+                }
+            }
             Ok(Item::FunctionCall {
                 id: id("fc"),
                 call_id: required("call_id")?,
@@ -279,6 +286,11 @@ mod tests {
             ),
             (json!([{"type": "function_call", "name": "f"}]), "call_id"),
             (
+                json!([{"role": "user", "content": "hi"},
+                       {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{bad"}]),
+                "`input[1].arguments` is not JSON",
+            ),
+            (
                 json!([{"type": "function_call_output", "call_id": "c"}]),
                 "output",
             ),
@@ -286,6 +298,16 @@ mod tests {
         for (input, needle) in cases {
             let e = read(Some(input.clone())).expect_err("refused");
             assert!(e.to_string().contains(needle), "{input}: {e}");
+            assert!(
+                matches!(
+                    e,
+                    ApiError::BadRequest {
+                        param: Some("input"),
+                        ..
+                    }
+                ),
+                "{input}"
+            );
         }
     }
 }

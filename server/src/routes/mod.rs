@@ -9,10 +9,13 @@ pub mod tokenize;
 pub mod web;
 
 use axum::body::Bytes;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::header;
 use axum::Json;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
+use serde_path_to_error::Segment;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -53,11 +56,55 @@ impl FromRequest<AppState> for JsonBody {
 
 impl JsonBody {
     /// Parses the body (call it off the runtime); errors name what is wrong as axum's
-    /// JSON extractor does.
+    /// JSON extractor does, and `param` names the field at fault.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        let Json(value) = Json::<T>::from_bytes(&self.0)?;
-        Ok(value)
+        match Json::<T>::from_bytes(&self.0) {
+            Ok(Json(value)) => Ok(value),
+            Err(JsonRejection::JsonDataError(e)) => {
+                Err(field_at_fault::<T>(&self.0).unwrap_or_else(|| JsonRejection::from(e).into()))
+            }
+            Err(rejection) => Err(rejection.into()),
+        }
     }
+}
+
+/// For a body that is a JSON object but not a `T`, an error naming the top-level field at
+/// fault: a missing one, the one on serde's path, or (for fields read into a flattened
+/// struct, as the sampling fields are, which lose their path) the first whose removal
+/// changes the error.
+fn field_at_fault<T: DeserializeOwned>(bytes: &[u8]) -> Option<ApiError> {
+    let mut body: Value = serde_json::from_slice(bytes).ok()?;
+    let error = |body: &Value| T::deserialize(body).err().map(|e| e.to_string());
+    let original = error(&body)?;
+    let named = |param: String| ApiError::BadField {
+        message: format!("invalid request: `{param}`: {original}"),
+        param,
+    };
+    if let Some(missing) = original
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        return Some(named(missing.to_string()));
+    }
+    // A field serde reads itself has a path.
+    if let Err(e) = serde_path_to_error::deserialize::<_, T>(&body) {
+        if let Some(Segment::Map { key }) = e.path().iter().next() {
+            return Some(named(key.clone()));
+        }
+    }
+    let keys: Vec<String> = body.as_object()?.keys().cloned().collect();
+    for key in keys {
+        let value = body.as_object_mut()?.remove(&key)?;
+        // Without the field at fault the body passes, or fails elsewhere; without a
+        // required field (not at fault: it would have had a path), for its absence.
+        let without = error(&body);
+        body.as_object_mut()?.insert(key.clone(), value);
+        let absent = format!("missing field `{key}`");
+        if without.as_ref() != Some(&original) && !without.is_some_and(|e| e.starts_with(&absent)) {
+            return Some(named(key));
+        }
+    }
+    None
 }
 
 fn is_length_limit(e: &axum::Error) -> bool {

@@ -115,8 +115,11 @@ impl CallFormat {
             .map(|f| {
                 // Only the declared properties, as OpenAI's strict mode has it, unless the
                 // schema says otherwise (left free, a small model invents keys forever).
+                // A schema that names no type (`{}`, or properties alone) is an object's:
+                // arguments are a JSON object.
                 let mut parameters = f.parameters.clone();
                 if let Some(obj) = parameters.as_object_mut() {
+                    obj.entry("type").or_insert(json!("object"));
                     obj.entry("additionalProperties").or_insert(json!(false));
                 }
                 json!({

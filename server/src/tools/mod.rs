@@ -99,6 +99,16 @@ impl ToolRequest {
                     format!("`tools[{i}].function.parameters` must be a JSON schema object"),
                 ));
             }
+            // Arguments are a JSON object (OpenAI's rule); a schema of another type could
+            // never be read back as a call.
+            if let Some(t) = f.parameters.get("type").filter(|t| *t != "object") {
+                return Err(ApiError::bad(
+                    "tools",
+                    format!(
+                        "`tools[{i}].function.parameters` must be a schema of `\"type\": \"object\"`, not {t}"
+                    ),
+                ));
+            }
         }
         let choice = match tool_choice {
             None | Some(Value::Null) => Choice::Auto,
@@ -239,6 +249,22 @@ mod tests {
             (
                 vec![FunctionSpec {
                     parameters: json!("a string"),
+                    ..weather()
+                }],
+                None,
+                "tools",
+            ),
+            (
+                vec![FunctionSpec {
+                    parameters: json!({"type": "string"}),
+                    ..weather()
+                }],
+                None,
+                "tools",
+            ),
+            (
+                vec![FunctionSpec {
+                    parameters: json!({"type": ["object", "null"]}),
                     ..weather()
                 }],
                 None,
