@@ -36,7 +36,7 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .map(|k| digest(k.trim()));
     match given {
         Some(d) if same(&d, expected) => next.run(req).await,
@@ -46,6 +46,13 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
         )
         .into_response(),
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme's name is
+/// case-insensitive (RFC 9110).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
 /// The CORS layer for `--cors-origin`, if one was given.
@@ -86,6 +93,16 @@ mod tests {
         assert_eq!(configured_key(Some("  secret \r\n")), Some("secret"));
         assert_eq!(configured_key(Some(" \n")), None);
         assert_eq!(configured_key(None), None);
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer k"), Some("k"));
+        assert_eq!(bearer_token("bearer k"), Some("k"));
+        assert_eq!(bearer_token("BEARER k"), Some("k"));
+        assert_eq!(bearer_token("Basic k"), None);
+        assert_eq!(bearer_token("Bearerk"), None);
+        assert_eq!(bearer_token("k"), None);
     }
 
     #[test]

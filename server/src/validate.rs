@@ -57,12 +57,6 @@ pub fn chat(
     req: ChatCompletionRequest,
 ) -> Result<ValidRequest, ApiError> {
     check_model(info, req.model.as_deref())?;
-    if req.messages.is_empty() {
-        return Err(ApiError::bad(
-            "messages",
-            "`messages` must contain at least one message",
-        ));
-    }
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS).contains(&k) => {
             return Err(ApiError::bad(
@@ -196,6 +190,12 @@ pub fn chat_messages(
     info: &ModelInfo,
     wire: Vec<WireMessage>,
 ) -> Result<Vec<ChatMessage>, ApiError> {
+    if wire.is_empty() {
+        return Err(ApiError::bad(
+            "messages",
+            "`messages` must contain at least one message",
+        ));
+    }
     let mut messages: Vec<ChatMessage> = Vec::with_capacity(wire.len());
     // Ids and names of the calls made so far.
     let mut calls: Vec<(String, String)> = Vec::new();

@@ -364,6 +364,10 @@ async fn models_tokenize_and_health() {
     assert_eq!(v["prompt"], "Hello, world!");
     let (status, _) = post(&url, "/detokenize", &json!({"tokens": [99999999]})).await;
     assert_eq!(status, 400);
+    // No messages: what the chat endpoint refuses, so does this.
+    let (status, v) = post(&url, "/tokenize", &json!({"messages": []})).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "messages");
 
     let h = common::health(&url).await;
     assert_eq!(h["status"], "ok");
