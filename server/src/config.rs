@@ -107,7 +107,7 @@ pub struct Config {
     pub no_device_argmax: bool,
 
     /// Most sequences decoding at once (continuous-batching slots).
-    #[arg(long, env = "CHORUS_MAX_RUNNING", default_value_t = 64)]
+    #[arg(long, env = "CHORUS_MAX_RUNNING", default_value_t = 64, value_parser = count(1))]
     pub max_running: usize,
 
     /// Most requests waiting for a slot; beyond it requests get 429 with Retry-After.
@@ -158,32 +158,32 @@ pub struct Config {
     pub threads: Option<usize>,
 
     /// Seconds a request may wait in the queue for a slot before it is refused (503).
-    #[arg(long, env = "CHORUS_REQUEST_TIMEOUT", default_value_t = 300)]
+    #[arg(long, env = "CHORUS_REQUEST_TIMEOUT", default_value_t = 300, value_parser = seconds())]
     pub request_timeout: u64,
 
     /// Seconds a client connection may stay without sending a complete request's headers
     /// (idle keep-alive included) before it is closed.
-    #[arg(long, env = "CHORUS_IDLE_TIMEOUT", default_value_t = 30)]
+    #[arg(long, env = "CHORUS_IDLE_TIMEOUT", default_value_t = 30, value_parser = seconds())]
     pub idle_timeout: u64,
 
     /// Seconds a client may take to send a whole request body once its headers arrived
     /// (408 beyond): a trickled or withheld body cannot hold a connection open.
-    #[arg(long, env = "CHORUS_BODY_TIMEOUT", default_value_t = 30)]
+    #[arg(long, env = "CHORUS_BODY_TIMEOUT", default_value_t = 30, value_parser = seconds())]
     pub body_timeout: u64,
 
     /// Most client connections open at once; one more is answered 503 and closed.
-    #[arg(long, env = "CHORUS_MAX_CONNECTIONS", default_value_t = 2048)]
+    #[arg(long, env = "CHORUS_MAX_CONNECTIONS", default_value_t = 2048, value_parser = count(1))]
     pub max_connections: usize,
 
     /// Threads that render chat templates, tokenize prompts and compile grammars
     /// (default: one per core but one, left to the inference thread; at least 1). Requests
     /// beyond --max-queue waiting for one get 429.
-    #[arg(long, env = "CHORUS_PREPROCESS_THREADS")]
+    #[arg(long, env = "CHORUS_PREPROCESS_THREADS", value_parser = count(1))]
     pub preprocess_threads: Option<usize>,
 
     /// On SIGTERM or ctrl-c: seconds running streams may take to finish before they are
     /// ended with an error event.
-    #[arg(long, env = "CHORUS_SHUTDOWN_GRACE", default_value_t = 30)]
+    #[arg(long, env = "CHORUS_SHUTDOWN_GRACE", default_value_t = 30, value_parser = seconds())]
     pub shutdown_grace: u64,
 
     /// Require `Authorization: Bearer <key>` on /v1/* and /tokenize, /detokenize.
@@ -230,7 +230,7 @@ pub struct Config {
 
     /// Hours a stored response is kept after it was created or last continued (0: no
     /// age limit).
-    #[arg(long, env = "CHORUS_STORE_MAX_AGE", default_value_t = 30 * 24)]
+    #[arg(long, env = "CHORUS_STORE_MAX_AGE", default_value_t = 30 * 24, value_parser = clap::value_parser!(u64).range(..=MAX_HOURS))]
     pub store_max_age: u64,
 
     /// Most stored responses; beyond it the least recently used are deleted.
@@ -375,6 +375,24 @@ pub enum LogFormat {
     Json,
 }
 
+/// The longest duration a flag may give, in seconds (about 11 days): beyond it, adding
+/// it to a time could overflow.
+const MAX_SECONDS: u64 = 1_000_000;
+/// The longest age a flag may give, in hours (about 114 years).
+const MAX_HOURS: u64 = 1_000_000;
+/// The largest count a flag may give (threads, slots, connections).
+const MAX_COUNT: u64 = 1 << 20;
+
+/// A duration flag in seconds, at most [`MAX_SECONDS`].
+fn seconds() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(..=MAX_SECONDS)
+}
+
+/// A count flag from `lo` to [`MAX_COUNT`].
+fn count(lo: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(lo..=MAX_COUNT)
+}
+
 impl Config {
     /// Settings that cannot work together.
     pub fn check(&self) -> Result<(), String> {
@@ -404,6 +422,26 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Values that would overflow what the server computes from them, or mean nothing,
+    /// are refused by name at start, never a panic later.
+    #[test]
+    fn out_of_range_values_are_refused_by_flag() {
+        for (flag, value) in [
+            ("--max-running", "0"),
+            ("--max-connections", "0"),
+            ("--max-connections", "18446744073709551615"),
+            ("--preprocess-threads", "18446744073709551615"),
+            ("--shutdown-grace", "18446744073709551615"),
+            ("--idle-timeout", "18446744073709551615"),
+            ("--request-timeout", "1000001"),
+            ("--store-max-age", "18446744073709551615"),
+        ] {
+            let e = Config::try_parse_from(["chorus", flag, value]).expect_err(flag);
+            assert!(e.to_string().contains(flag), "{flag} {value}: {e}");
+        }
+        assert!(Config::try_parse_from(["chorus", "--idle-timeout", "1000000"]).is_ok());
+    }
 
     #[test]
     fn a_batch_budget_below_the_running_limit_is_refused() {

@@ -166,8 +166,18 @@ impl Engine {
         if self.stats.draining.load(Ordering::Acquire) {
             return Err(ApiError::Unavailable("the server is shutting down".into()));
         }
+        // The scheduler admits in order, and a prompt of no tokens would never be
+        // admitted: it would hold up every request behind it.
+        if req.prompt.is_empty() {
+            return Err(ApiError::bad("messages", "the prompt has no tokens"));
+        }
+        // A request that finds a free slot does not wait for one: only those beyond the
+        // free slots count against --max-queue.
+        let free = self
+            .max_running
+            .saturating_sub(self.stats.running.load(Ordering::Acquire));
         let queued = self.stats.queued.fetch_add(1, Ordering::AcqRel);
-        if queued >= self.max_queue {
+        if queued >= self.max_queue.saturating_add(free) {
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(ApiError::Overloaded {
                 queued,
@@ -268,6 +278,8 @@ mod tests {
     #[test]
     fn the_queue_bound_is_a_429_and_shutdown_a_503() {
         let (engine, _rx) = engine();
+        // Every slot busy: two may wait (--max-queue 2), the third is refused.
+        engine.stats.running.store(4, Ordering::Release);
         assert!(engine.submit(request()).is_ok());
         assert!(engine.submit(request()).is_ok());
         assert!(matches!(
@@ -276,6 +288,35 @@ mod tests {
         ));
         engine.stats.draining.store(true, Ordering::Release);
         assert!(unavailable(engine.submit(request())));
+    }
+
+    #[test]
+    fn an_empty_prompt_is_refused_not_queued() {
+        let (engine, _rx) = engine();
+        let empty = GenRequest {
+            prompt: Vec::new(),
+            ..request()
+        };
+        assert!(matches!(
+            engine.submit(empty),
+            Err(ApiError::BadRequest { .. })
+        ));
+        assert_eq!(engine.stats.queued.load(Ordering::Acquire), 0);
+    }
+
+    /// Requests that find free slots are not waiting for one, even before the worker has
+    /// started them: with no queue allowed, an idle server takes as many as it has slots.
+    #[test]
+    fn requests_for_free_slots_do_not_count_as_queued() {
+        let (mut engine, _rx) = engine();
+        engine.max_queue = 0;
+        for _ in 0..4 {
+            assert!(engine.submit(request()).is_ok());
+        }
+        assert!(matches!(
+            engine.submit(request()),
+            Err(ApiError::Overloaded { .. })
+        ));
     }
 
     /// A request whose worker dies mid-way ends with an error instead of waiting forever.

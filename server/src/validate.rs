@@ -324,9 +324,17 @@ pub fn encode_chat(
             )
         })?;
     check_prompt_bytes(info, limits, "messages", rendered.len())?;
-    info.tokenizer
+    let prompt = info
+        .tokenizer
         .encode_chat(&rendered)
-        .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))
+        .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))?;
+    if prompt.is_empty() {
+        return Err(ApiError::bad(
+            "messages",
+            "the chat template rendered the conversation to no tokens",
+        ));
+    }
+    Ok(prompt)
 }
 
 /// The most prompt tokens a request may have, and what sets that bound.

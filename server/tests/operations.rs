@@ -46,6 +46,45 @@ async fn max_prompt_tokens_is_a_400_naming_the_limit() {
     assert_eq!(status, 200);
 }
 
+/// A conversation the chat template renders to no tokens is a 400, not a request that
+/// waits at the head of the queue (the scheduler admits in order) and holds up every
+/// one behind it until `--request-timeout`.
+#[tokio::test]
+async fn a_conversation_rendered_to_nothing_is_refused_and_holds_up_nobody() {
+    let _turn = TURN.lock().await;
+    let dir = std::env::temp_dir().join(format!("chorus-empty-template-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let template = dir.join("users-only.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}",
+    )
+    .unwrap();
+    // Were it queued, it would wait this long (a 503), and the next request after it.
+    let url = start(config(&[
+        "--chat-template",
+        template.to_str().unwrap(),
+        "--request-timeout",
+        "20",
+    ]));
+    wait_ready(&url).await;
+    let system_only = json!({
+        "messages": [{"role": "system", "content": "Be brief."}],
+        "max_tokens": 2,
+    });
+    let (status, v) = post(&url, "/v1/chat/completions", &system_only).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "messages");
+    let (status, v) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("Hi", json!({"max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A connection that sends nothing is closed after `--idle-timeout`; a request that
 /// takes longer than that to answer is not cut.
 #[tokio::test]
