@@ -17,13 +17,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 /// The migrations, in order; `PRAGMA user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_responses.sql")];
 
 /// The database file inside `--state-dir`.
 pub const FILE_NAME: &str = "chorus.sqlite3";
+
+/// How long a statement waits for another connection's lock (another server on the
+/// same --state-dir) before it fails.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -92,16 +96,13 @@ impl Store {
         })?;
         let path = dir.join(FILE_NAME);
         let mut conn = Connection::open(&path)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        wal(&conn)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         migrate(&mut conn, &path)?;
-        let rows: i64 = conn.query_row("SELECT COUNT(*) FROM responses", [], |r| r.get(0))?;
+        let rows = count(&conn)?;
         let store = Self {
-            db: Mutex::new(Db {
-                conn,
-                rows: rows.max(0) as usize,
-            }),
+            db: Mutex::new(Db { conn, rows }),
             retention,
             path,
         };
@@ -114,7 +115,7 @@ impl Store {
         &self.path
     }
 
-    /// Rows stored now.
+    /// Rows stored, as of this server's last write (another server may share the file).
     pub fn len(&self) -> Result<usize, StoreError> {
         Ok(self.db()?.rows)
     }
@@ -128,7 +129,11 @@ impl Store {
     pub fn insert(&self, row: &Row, chain: &[String]) -> Result<(), StoreError> {
         let now = now();
         let mut db = self.db()?;
-        let tx = db.conn.transaction()?;
+        // Immediate: the write lock from the start, so that the rows counted for
+        // retention are the file's, whatever another server on this --state-dir did.
+        let tx = db
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO responses (id, previous_response_id, created_at, used_at, input, response)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -147,9 +152,10 @@ impl Store {
                 touch.execute(params![now as i64, id])?;
             }
         }
+        let rows = evict_in(&tx, self.retention, now)?;
         tx.commit()?;
-        db.rows += 1;
-        evict_in(&mut db, self.retention, now)
+        db.rows = rows;
+        Ok(())
     }
 
     pub fn get(&self, id: &str) -> Result<Row, StoreError> {
@@ -207,7 +213,13 @@ impl Store {
     /// Applies retention as of `now` (unix seconds).
     pub fn evict(&self, now: u64) -> Result<(), StoreError> {
         let mut db = self.db()?;
-        evict_in(&mut db, self.retention, now)
+        let tx = db
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let rows = evict_in(&tx, self.retention, now)?;
+        tx.commit()?;
+        db.rows = rows;
+        Ok(())
     }
 
     fn db(&self) -> Result<MutexGuard<'_, Db>, StoreError> {
@@ -225,45 +237,71 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     })
 }
 
-fn evict_in(db: &mut Db, retention: Retention, now: u64) -> Result<(), StoreError> {
+/// Applies retention inside a write transaction; returns the rows left. The rows are
+/// counted in the file, not in this process: other servers may share it.
+fn evict_in(conn: &Connection, retention: Retention, now: u64) -> Result<usize, StoreError> {
     if let Some(age) = retention.max_age {
         let cutoff = now.saturating_sub(age.as_secs()) as i64;
-        let n = db
-            .conn
-            .execute("DELETE FROM responses WHERE used_at < ?1", [cutoff])?;
-        db.rows = db.rows.saturating_sub(n);
+        conn.execute("DELETE FROM responses WHERE used_at < ?1", [cutoff])?;
     }
-    if db.rows > retention.max_rows {
-        let excess = (db.rows - retention.max_rows) as i64;
-        let n = db.conn.execute(
-            "DELETE FROM responses WHERE id IN
-                 (SELECT id FROM responses ORDER BY used_at, created_at LIMIT ?1)",
-            [excess],
-        )?;
-        db.rows = db.rows.saturating_sub(n);
+    let rows = count(conn)?;
+    if rows <= retention.max_rows {
+        return Ok(rows);
     }
-    Ok(())
+    let n = conn.execute(
+        "DELETE FROM responses WHERE id IN
+             (SELECT id FROM responses ORDER BY used_at, created_at LIMIT ?1)",
+        [(rows - retention.max_rows) as i64],
+    )?;
+    Ok(rows.saturating_sub(n))
 }
 
-/// Applies the migrations this database has not seen, each in its own transaction.
+fn count(conn: &Connection) -> Result<usize, StoreError> {
+    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM responses", [], |r| r.get(0))?;
+    Ok(rows.max(0) as usize)
+}
+
+/// Puts the file in WAL mode. Switching a new file's mode takes its exclusive lock, and
+/// SQLite answers "busy" at once, without its busy handler, while another server opening
+/// the same file holds it: try again for as long as the busy timeout.
+fn wal(conn: &Connection) -> Result<(), StoreError> {
+    let start = std::time::Instant::now();
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && start.elapsed() < BUSY_TIMEOUT =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            done => return Ok(done?),
+        }
+    }
+}
+
+/// Applies the migrations this database has not seen, each in its own transaction. The
+/// version is read inside the transaction that holds the write lock, so two servers
+/// starting on one fresh --state-dir do not both apply a migration.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let version = version.max(0) as usize;
-    if version > MIGRATIONS.len() {
-        return Err(StoreError::NewerSchema {
-            path: path.to_path_buf(),
-            found: version,
-            known: MIGRATIONS.len(),
-        });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.transaction()?;
+    loop {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let version = version.max(0) as usize;
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::NewerSchema {
+                path: path.to_path_buf(),
+                found: version,
+                known: MIGRATIONS.len(),
+            });
+        }
+        let Some(sql) = MIGRATIONS.get(version) else {
+            return Ok(());
+        };
         tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.pragma_update(None, "user_version", (version + 1) as i64)?;
         tx.commit()?;
-        tracing::info!(path = %path.display(), version = i + 1, "store migrated");
+        tracing::info!(path = %path.display(), version = version + 1, "store migrated");
     }
-    Ok(())
 }
 
 fn now() -> u64 {
@@ -299,6 +337,33 @@ mod tests {
             input: "[]".into(),
             response: format!("{{\"id\":\"{id}\"}}"),
         }
+    }
+
+    /// Two servers on one --state-dir: both open a fresh file at once (the schema is
+    /// made once), and retention counts the file's rows, not what one server believes
+    /// (it deleted the response just stored, when the other had deleted the rest).
+    #[test]
+    fn two_servers_share_a_state_dir() {
+        let d = dir("shared");
+        let opened: Vec<Store> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| Store::open(&d, keep(5))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect()
+        });
+        let (a, b) = (&opened[0], &opened[1]);
+        for i in 0..5 {
+            a.insert(&row(&format!("r{i}"), None), &[]).unwrap();
+        }
+        for i in 0..5 {
+            assert!(b.delete(&format!("r{i}")).unwrap());
+        }
+        a.insert(&row("new", None), &[]).unwrap();
+        assert_eq!(b.get("new").unwrap(), row("new", None));
+        assert_eq!(a.len().unwrap(), 1);
     }
 
     #[test]
