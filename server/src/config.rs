@@ -404,6 +404,14 @@ impl Config {
                 self.max_batch_tokens, self.max_running
             ));
         }
+        // A key read from an empty secret would otherwise leave the server open.
+        if self.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+            return Err(
+                "--api-key (CHORUS_API_KEY) is empty: give a key, or leave it unset \
+                        to serve without one"
+                    .into(),
+            );
+        }
         if !self.max_step_ratio.is_finite() || self.max_step_ratio < 0.0 {
             return Err(format!(
                 "--max-step-ratio ({}) must be a number of at least 0",
@@ -441,6 +449,19 @@ mod tests {
             assert!(e.to_string().contains(flag), "{flag} {value}: {e}");
         }
         assert!(Config::try_parse_from(["chorus", "--idle-timeout", "1000000"]).is_ok());
+    }
+
+    #[test]
+    fn a_blank_api_key_is_refused_not_read_as_none() {
+        for key in ["", "  ", "\n"] {
+            let e = Config::parse_from(["chorus", "--api-key", key])
+                .check()
+                .expect_err("refused");
+            assert!(e.contains("--api-key"), "{e}");
+        }
+        assert!(Config::parse_from(["chorus", "--api-key", "k"])
+            .check()
+            .is_ok());
     }
 
     #[test]

@@ -385,7 +385,7 @@ pub async fn run(
     };
     let limits = serve::ConnLimits {
         idle: std::time::Duration::from_secs(config.idle_timeout.max(1)),
-        max_connections: config.max_connections.max(1),
+        max_connections: serve::fit_open_files(config.max_connections.max(1)),
         // Streams end with an error event at the end of the grace period; a connection
         // still open a few seconds later (a client not reading) is dropped.
         drain: grace + std::time::Duration::from_secs(5),

@@ -1,5 +1,7 @@
 //! The `chorus` binary: parse flags, resolve the model, serve until ctrl-c or SIGTERM.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -44,8 +46,15 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let name = config.served_model_name.clone().unwrap_or(resolved.name);
-    let listener = TcpListener::bind((config.host.as_str(), config.port)).await?;
-    tracing::info!(address = %listener.local_addr()?, model = %name, "chorus listening");
+    let listener = TcpListener::bind((config.host.as_str(), config.port))
+        .await
+        .map_err(|e| format!("--host {} --port {}: {e}", config.host, config.port))?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        model = %name,
+        api_key = if config.api_key.is_some() { "required" } else { "off" },
+        "chorus listening"
+    );
     chorus_server::run(listener, config, resolved.path, name, shutdown_signal()).await?;
     tracing::info!("shut down");
     Ok(())
@@ -53,8 +62,10 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a terminal: not in files, pipes, journald or kubectl logs.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

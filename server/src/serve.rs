@@ -40,6 +40,37 @@ pub struct ConnLimits {
     pub drain: Duration,
 }
 
+/// Open files a server needs besides one per connection: the model, the store, logs.
+const OTHER_FILES: u64 = 256;
+
+/// Raises the process's soft limit of open files toward its hard limit so that
+/// `max_connections` connections (a file each) can be open, and returns how many can:
+/// `max_connections`, or fewer (logged) when the hard limit is lower. Beyond the limit
+/// `accept` itself fails, and a connection would get no answer, not the 503 the cap gives.
+pub fn fit_open_files(max_connections: usize) -> usize {
+    #[cfg(unix)]
+    {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let Ok((mut soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+            return max_connections;
+        };
+        let want = (max_connections as u64).saturating_add(OTHER_FILES);
+        if soft < want && setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard).is_ok() {
+            soft = want.min(hard);
+        }
+        let fits = usize::try_from(soft.saturating_sub(OTHER_FILES)).unwrap_or(usize::MAX);
+        if fits < max_connections {
+            tracing::warn!(
+                open_files = soft,
+                max_connections = fits.max(1),
+                "the open-files limit (ulimit -n) holds fewer connections than --max-connections"
+            );
+            return fits.max(1);
+        }
+    }
+    max_connections
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits
 /// for the open requests to finish (for `limits.drain` at most).
 pub async fn serve(
@@ -285,5 +316,27 @@ impl AsyncWrite for IdleIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use nix::sys::resource::{getrlimit, Resource};
+
+    use super::*;
+
+    /// However many connections are asked for, the cap returned fits in the open-files
+    /// limit the process has afterwards; a small ask is granted whole.
+    #[test]
+    fn the_connection_cap_fits_the_open_files_limit() {
+        let asked = 1 << 20;
+        let cap = fit_open_files(asked);
+        let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        assert!(cap >= 1 && cap <= asked);
+        assert!(
+            cap as u64 + OTHER_FILES <= soft.max(OTHER_FILES + 1),
+            "{cap} in {soft}"
+        );
+        assert_eq!(fit_open_files(16), 16);
     }
 }
