@@ -427,6 +427,16 @@ fn start_engine(
     }
     let cfg = loaded.model.config().clone();
     let shape = cfg.kv_shape();
+    // On the host the cache is written through at start: more than the memory there is
+    // would be the kernel's OOM kill, not an error.
+    if device.as_ref().is_none_or(|d| d.device.is_cpu()) {
+        if let Some(available) = available_memory_mb().filter(|&a| config.kv_cache_mb > a) {
+            return Err(format!(
+                "--kv-cache-mb {} is more than the memory available ({available} MiB)",
+                config.kv_cache_mb
+            ));
+        }
+    }
     let num_blocks = shape.blocks_in(config.kv_cache_mb * 1024 * 1024);
     let backend = Backend::new(loaded.model, device.as_ref(), num_blocks)
         .map_err(|e| format!("{e} (--kv-cache-mb {})", config.kv_cache_mb))?;
@@ -504,4 +514,19 @@ fn start_engine(
         next_id: 0,
     };
     Ok((engine, worker))
+}
+
+/// The memory the system can still give, in MiB (Linux's `MemAvailable`); `None` where
+/// it cannot say.
+fn available_memory_mb() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
 }

@@ -169,6 +169,35 @@ async fn a_small_kv_cache_bounds_requests_with_a_clear_error() {
     .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "length");
+    // What a router reads as the longest sequence is what the cache holds, not the
+    // model's 8,192-token context.
+    let models: Value = reqwest::get(format!("{url}/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let len = models["data"][0]["max_model_len"].as_u64().unwrap();
+    assert!(len > 0 && len < 8192, "{models}");
+}
+
+/// A KV cache larger than the host's free memory is a start-up error naming the flag,
+/// not the kernel's OOM kill once its pages are written.
+#[test]
+fn a_kv_cache_beyond_the_memory_is_refused_at_start() {
+    let state = std::env::temp_dir().join(format!("chorus-kv-oom-{}", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["--port", "0", "--kv-cache-mb", "1048576", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--kv-cache-mb 1048576 is more than the memory available"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&state).ok();
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ fn card(info: &ModelInfo) -> ModelCard {
         object: "model",
         created: info.created,
         owned_by: "chorus",
-        max_model_len: info.context_len,
+        max_model_len: info.max_seq_tokens,
     }
 }
 

@@ -77,7 +77,7 @@ pub async fn tokenize(
                     ))
                 }
             };
-            Ok((tokens, info.context_len))
+            Ok((tokens, info.max_seq_tokens))
         })
         .await?;
     Ok(Json(TokenizeResponse {
