@@ -188,6 +188,7 @@ fn fetch(
     };
     let io = |e| ResolveError::Io(cache_dir.to_path_buf(), e);
     std::fs::create_dir_all(cache_dir).map_err(io)?;
+    remove_abandoned_staging(cache_dir);
     let staging = cache_dir.join(format!(".fetch-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(staging.clone());
     std::fs::create_dir_all(&staging).map_err(io)?;
@@ -285,6 +286,30 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
+/// Removes the staging folders of fetches whose process is gone (killed by a signal, its
+/// own cleanup never ran). Linux tells through `/proc`; elsewhere they stay.
+fn remove_abandoned_staging(cache_dir: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(cache_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".fetch-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
@@ -302,6 +327,24 @@ mod tests {
         let c = catalog().unwrap();
         assert_eq!(c.default, DEFAULT_MODEL);
         assert!(c.models.contains_key(DEFAULT_MODEL));
+    }
+
+    /// A killed fetch's staging folder goes at the next fetch; a live process's stays.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn abandoned_staging_folders_are_removed() {
+        let dir = std::env::temp_dir().join(format!("chorus-staging-{}", std::process::id()));
+        // No process has a pid this large (the kernel's limit is 2^22).
+        let dead = dir.join(format!(".fetch-{}", u32::MAX - 1));
+        let alive = dir.join(".fetch-1");
+        let other = dir.join("model.gguf.d");
+        for d in [&dead, &alive, &other] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        remove_abandoned_staging(&dir);
+        assert!(!dead.exists());
+        assert!(alive.exists() && other.exists());
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
