@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{base, chat, post, stream_events};
+use common::{base, chat, get_json, post, stream_events};
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -328,12 +328,7 @@ async fn null_and_unknown_fields_are_tolerated() {
 #[tokio::test]
 async fn models_tokenize_and_health() {
     let url = base().await;
-    let v: Value = reqwest::get(format!("{url}/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&url, "/v1/models").await;
     assert_eq!(v["object"], "list");
     assert_eq!(v["data"][0]["id"], "smollm2-135m-instruct");
     let r = reqwest::get(format!("{url}/v1/models/smollm2-135m-instruct"))
@@ -474,12 +469,7 @@ async fn metrics_expose_the_designed_names_and_count_requests() {
 #[tokio::test]
 async fn metrics_also_speak_vllm_names() {
     let url = served_one_chat().await;
-    let models: Value = reqwest::get(format!("{url}/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = get_json(&url, "/v1/models").await;
     let model = models["data"][0]["id"]
         .as_str()
         .expect("model id")

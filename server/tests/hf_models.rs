@@ -23,8 +23,8 @@ use chorus_model::{
 };
 use chorus_server::config::Config;
 use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
-use common::{chat, post, start, wait_ready};
-use serde_json::{json, Value};
+use common::{chat, get_json, post, start, wait_ready};
+use serde_json::json;
 
 const REPO: &str = "chorus-test/smollm2-hf";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -280,12 +280,7 @@ async fn a_local_hf_directory_is_served_under_its_given_name() {
     ]);
     let url = start(config);
     wait_ready(&url).await;
-    let models: Value = reqwest::get(format!("{url}/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = get_json(&url, "/v1/models").await;
     assert_eq!(models["data"][0]["id"], "smollm2-hf", "{models}");
     let mut body = chat(
         "What is the capital of France?",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chorus_server::config::Config;
 use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
-use common::{chat, health, parse_sse, post, send_chat, start, wait_ready};
+use common::{chat, get_json, health, parse_sse, post, send_chat, start, wait_ready};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
@@ -171,12 +171,7 @@ async fn a_small_kv_cache_bounds_requests_with_a_clear_error() {
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     // What a router reads as the longest sequence is what the cache holds, not the
     // model's 8,192-token context.
-    let models: Value = reqwest::get(format!("{url}/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = get_json(&url, "/v1/models").await;
     let len = models["data"][0]["max_model_len"].as_u64().unwrap();
     assert!(len > 0 && len < 8192, "{models}");
 }

@@ -85,9 +85,14 @@ pub async fn wait_ready(url: &str) {
 }
 
 pub async fn health(url: &str) -> Value {
-    reqwest::get(format!("{url}/health"))
+    get_json(url, "/health").await
+}
+
+/// `GET path` as JSON, whatever the status.
+pub async fn get_json(url: &str, path: &str) -> Value {
+    reqwest::get(format!("{url}{path}"))
         .await
-        .expect("health")
+        .expect(path)
         .json()
         .await
         .expect("json")
