@@ -68,6 +68,9 @@ impl JsonBody {
     }
 }
 
+/// The most top-level fields [`field_at_fault`] tries one by one.
+const MOST_FIELDS_SEARCHED: usize = 64;
+
 /// For a body that is a JSON object but not a `T`, an error naming the top-level field at
 /// fault: a missing one, the one on serde's path, or (for fields read into a flattened
 /// struct, as the sampling fields are, which lose their path) the first whose removal
@@ -92,7 +95,12 @@ fn field_at_fault<T: DeserializeOwned>(bytes: &[u8]) -> Option<ApiError> {
             return Some(named(key.clone()));
         }
     }
+    // Each try reads the whole body again: a body of thousands of keys (no request has
+    // that many fields) is not searched.
     let keys: Vec<String> = body.as_object()?.keys().cloned().collect();
+    if keys.len() > MOST_FIELDS_SEARCHED {
+        return None;
+    }
     for key in keys {
         let value = body.as_object_mut()?.remove(&key)?;
         // Without the field at fault the body passes, or fails elsewhere; without a
@@ -131,3 +139,55 @@ fn is_json(content_type: &str) -> bool {
 /// The id a request carries through logs, response headers and completion ids.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
+
+#[cfg(test)]
+mod tests {
+    #![allow(dead_code)] // the fields exist to be deserialized
+    use serde::Deserialize;
+    use serde_json::json;
+
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct Sampling {
+        temperature: Option<f64>,
+    }
+
+    #[derive(Deserialize)]
+    struct Request {
+        messages: Vec<String>,
+        stream: Option<bool>,
+        #[serde(flatten)]
+        sampling: Sampling,
+    }
+
+    fn param(body: Value) -> Option<String> {
+        match field_at_fault::<Request>(body.to_string().as_bytes()) {
+            Some(ApiError::BadField { param, .. }) => Some(param),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_field_at_fault_is_named() {
+        let named = |body: Value, field: &str| assert_eq!(param(body).as_deref(), Some(field));
+        // Flattened: serde's own message does not say which.
+        named(
+            json!({"messages": ["a"], "temperature": "hot"}),
+            "temperature",
+        );
+        // On serde's path, and missing.
+        named(json!({"messages": "a"}), "messages");
+        named(json!({"messages": ["a"], "stream": "yes"}), "stream");
+        named(json!({"temperature": 1.0}), "messages");
+        // Not an object, or too many fields to try one by one: no name.
+        assert_eq!(param(json!(["a"])), None);
+        let mut many = serde_json::Map::new();
+        for i in 0..=MOST_FIELDS_SEARCHED {
+            many.insert(format!("x{i}"), json!(i));
+        }
+        many.insert("messages".into(), json!(["a"]));
+        many.insert("temperature".into(), json!("hot"));
+        assert_eq!(param(Value::Object(many)), None);
+    }
+}
