@@ -516,17 +516,28 @@ fn start_engine(
     Ok((engine, worker))
 }
 
-/// The memory the system can still give, in MiB (Linux's `MemAvailable`); `None` where
-/// it cannot say.
+/// The memory the system can still give, in MiB: Linux's `MemAvailable`, or less when
+/// the process's cgroup (a container's memory limit) leaves less; `None` where neither
+/// says.
 fn available_memory_mb() -> Option<usize> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: usize = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024)
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let system = read("/proc/meminfo").and_then(|m| {
+        let kib: usize = m
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib / 1024)
+    });
+    // cgroup v2: `memory.max` is "max" when unlimited.
+    let bytes = |path: &str| read(path).and_then(|v| v.trim().parse::<usize>().ok());
+    let container = bytes("/sys/fs/cgroup/memory.max")
+        .map(|max| max.saturating_sub(bytes("/sys/fs/cgroup/memory.current").unwrap_or(0)) >> 20);
+    match (system, container) {
+        (Some(s), Some(c)) => Some(s.min(c)),
+        (s, c) => s.or(c),
+    }
 }

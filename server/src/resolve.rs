@@ -286,6 +286,9 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
+/// How long a staging folder must have been untouched to be removed as abandoned.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
 /// Removes the staging folders of fetches whose process is gone (killed by a signal, its
 /// own cleanup never ran). Linux tells through `/proc`; elsewhere they stay.
 fn remove_abandoned_staging(cache_dir: &Path) {
@@ -304,7 +307,15 @@ fn remove_abandoned_staging(cache_dir: &Path) {
         else {
             continue;
         };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+        // Another machine or PID namespace sharing the folder may run that pid's fetch:
+        // only a folder untouched for hours is taken for abandoned.
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > ABANDONED_AFTER);
+        if stale && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -329,7 +340,8 @@ mod tests {
         assert!(c.models.contains_key(DEFAULT_MODEL));
     }
 
-    /// A killed fetch's staging folder goes at the next fetch; a live process's stays.
+    /// A killed fetch's staging folder goes at the next fetch, once untouched for hours;
+    /// a live process's stays.
     #[cfg(target_os = "linux")]
     #[test]
     fn abandoned_staging_folders_are_removed() {
@@ -338,12 +350,18 @@ mod tests {
         let dead = dir.join(format!(".fetch-{}", u32::MAX - 1));
         let alive = dir.join(".fetch-1");
         let other = dir.join("model.gguf.d");
-        for d in [&dead, &alive, &other] {
+        let recent = dir.join(format!(".fetch-{}", u32::MAX - 2));
+        for d in [&dead, &alive, &other, &recent] {
             std::fs::create_dir_all(d).unwrap();
+        }
+        let old = std::time::SystemTime::now() - 2 * ABANDONED_AFTER;
+        for d in [&dead, &alive, &other] {
+            std::fs::File::open(d).unwrap().set_modified(old).unwrap();
         }
         remove_abandoned_staging(&dir);
         assert!(!dead.exists());
-        assert!(alive.exists() && other.exists());
+        // A live pid's, another folder, and a recent one (another machine's fetch?) stay.
+        assert!(alive.exists() && other.exists() && recent.exists());
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chorus_server::config::Config;
 use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
-use common::{chat, get_json, health, parse_sse, post, send_chat, start, wait_ready};
+use common::{chat, get_json, health, parse_sse, post, send_chat, settled, start, wait_ready};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
@@ -410,7 +410,7 @@ async fn the_device_path_serves_on_candle_cpu() {
         Some("[DONE]"),
         "{events:?}"
     );
-    assert_eq!(health(&url).await["kv_blocks_used"], 0);
+    assert_eq!(settled(&url).await["kv_blocks_used"], 0);
 
     let url = start(config(&[
         "--device",
@@ -464,7 +464,7 @@ async fn forked_choices_under_kv_pressure_all_complete() {
         );
         assert_eq!(v["usage"]["completion_tokens"], 4 * 48, "{v}");
     }
-    let h = health(&url).await;
+    let h = settled(&url).await;
     assert_eq!(h["running"], 0, "{h}");
     assert_eq!(h["kv_blocks_used"], 0, "{h}");
     let metrics = reqwest::get(format!("{url}/metrics"))

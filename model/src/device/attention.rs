@@ -23,10 +23,12 @@ use crate::attention::RowSpan;
 use crate::error::{ModelError, Result};
 
 /// The most attention scores (f32) a gathered group computes at once: a long prompt's
-/// chunk beside a long context takes its query rows a tile at a time. Its scores are
-/// then at most 512 MiB, and stay within the 32-bit element indices candle's CUDA
-/// kernels use (its softmax's among them), which a `[n, heads, rows, len]` tensor of a
-/// 4,096-token chunk over a 16,384-token context with 32 heads would pass.
+/// chunk beside a long context takes its query rows a tile at a time, so that its scores
+/// stay within 512 MiB and within the 32-bit element indices candle's CUDA kernels use
+/// (its softmax's among them), which a `[n, heads, rows, len]` tensor of a 4,096-token
+/// chunk over a 16,384-token context with 32 heads would pass. A tile is one row at
+/// least: decoding rows under `--device-attention gather` (one row each) are not split,
+/// and hundreds of them over tens of thousands of positions can still pass the bound.
 const MAX_SCORES: usize = 1 << 27;
 
 /// The shape of attention in one model.

@@ -1,7 +1,8 @@
 //! A page of a stored response's input items (`GET /v1/responses/{id}/input_items`), as
 //! OpenAI pages them: `order` `desc` (its default: the last item first) or `asc`, at
-//! most `limit` items (1–100, default 20), after the item named by `after` or before the
-//! one named by `before`, and `has_more` when the list goes on past the page.
+//! most `limit` items (1–100, default 20): the first after the item named by `after`, or
+//! (with `before` alone) the last before the one named by `before`, and `has_more` when
+//! the list goes on past the page in that direction.
 
 use std::collections::HashMap;
 
@@ -69,10 +70,20 @@ impl Page {
                 .transpose()
         };
         let start = find(&self.after, "after")?.map_or(0, |i| i + 1);
-        let end = find(&self.before, "before")?.unwrap_or(items.len());
-        let page_end = end.min(start.saturating_add(self.limit)).max(start);
-        let has_more = page_end < end;
-        let data: Vec<Item> = items.into_iter().take(page_end).skip(start).collect();
+        let end = find(&self.before, "before")?
+            .unwrap_or(items.len())
+            .max(start);
+        // `before` alone pages backwards: the `limit` items just before it.
+        let backwards = self.before.is_some() && self.after.is_none();
+        let (from, to) = match backwards {
+            true => (end.saturating_sub(self.limit).max(start), end),
+            false => (start, end.min(start.saturating_add(self.limit))),
+        };
+        let has_more = match backwards {
+            true => from > start,
+            false => to < end,
+        };
+        let data: Vec<Item> = items.into_iter().take(to).skip(from).collect();
         Ok(ItemList {
             object: "list",
             first_id: data.first().map(|i| i.id().to_string()),
@@ -142,6 +153,23 @@ mod tests {
             after = list.last_id.clone();
         }
         assert_eq!(seen, ["i0", "i1", "i2", "i3", "i4"]);
+    }
+
+    /// `before` alone is the page just before it, as a previous-page link asks.
+    #[test]
+    fn before_pages_backwards() {
+        let list = page(&[("before", "i20"), ("limit", "2")])
+            .unwrap()
+            .of(items(25))
+            .unwrap();
+        assert_eq!(ids(&list), ["i22", "i21"]);
+        assert!(list.has_more);
+        let first = page(&[("before", "i23"), ("limit", "5")])
+            .unwrap()
+            .of(items(25))
+            .unwrap();
+        assert_eq!(ids(&first), ["i24"]);
+        assert!(!first.has_more);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use serde_json::Value;
 use serde_path_to_error::Segment;
 
 use crate::error::ApiError;
+use crate::openai::WireSampling;
 use crate::AppState;
 
 /// A JSON request body, read whole within `--body-timeout` and `--max-request-bytes`
@@ -60,59 +61,42 @@ impl JsonBody {
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         match Json::<T>::from_bytes(&self.0) {
             Ok(Json(value)) => Ok(value),
-            Err(JsonRejection::JsonDataError(e)) => {
-                Err(field_at_fault::<T>(&self.0).unwrap_or_else(|| JsonRejection::from(e).into()))
-            }
+            Err(JsonRejection::JsonDataError(e)) => Err(field_at_fault::<T, WireSampling>(&self.0)
+                .unwrap_or_else(|| JsonRejection::from(e).into())),
             Err(rejection) => Err(rejection.into()),
         }
     }
 }
 
-/// The most top-level fields [`field_at_fault`] tries one by one.
-const MOST_FIELDS_SEARCHED: usize = 64;
-
 /// For a body that is a JSON object but not a `T`, an error naming the top-level field at
-/// fault: a missing one, the one on serde's path, or (for fields read into a flattened
-/// struct, as the sampling fields are, which lose their path) the first whose removal
-/// changes the error.
-fn field_at_fault<T: DeserializeOwned>(bytes: &[u8]) -> Option<ApiError> {
-    let mut body: Value = serde_json::from_slice(bytes).ok()?;
-    let error = |body: &Value| T::deserialize(body).err().map(|e| e.to_string());
-    let original = error(&body)?;
+/// fault: the first key of serde's path to the error; else a missing top-level field;
+/// else (the fields of `Flat`, read flattened into `T`, lose their path in serde's
+/// message) the first key of the path when the body is read as a `Flat` alone. At most
+/// three reads of the body, whatever it holds.
+fn field_at_fault<T: DeserializeOwned, Flat: DeserializeOwned>(bytes: &[u8]) -> Option<ApiError> {
+    let body: Value = serde_json::from_slice(bytes).ok()?;
+    body.as_object()?;
+    let error = serde_path_to_error::deserialize::<_, T>(&body).err()?;
+    let original = error.inner().to_string();
     let named = |param: String| ApiError::BadField {
         message: format!("invalid request: `{param}`: {original}"),
         param,
     };
+    let first_key = |path: &serde_path_to_error::Path| match path.iter().next() {
+        Some(Segment::Map { key }) => Some(key.clone()),
+        _ => None,
+    };
+    if let Some(key) = first_key(error.path()) {
+        return Some(named(key));
+    }
     if let Some(missing) = original
         .strip_prefix("missing field `")
         .and_then(|rest| rest.split('`').next())
     {
         return Some(named(missing.to_string()));
     }
-    // A field serde reads itself has a path.
-    if let Err(e) = serde_path_to_error::deserialize::<_, T>(&body) {
-        if let Some(Segment::Map { key }) = e.path().iter().next() {
-            return Some(named(key.clone()));
-        }
-    }
-    // Each try reads the whole body again: a body of thousands of keys (no request has
-    // that many fields) is not searched.
-    let keys: Vec<String> = body.as_object()?.keys().cloned().collect();
-    if keys.len() > MOST_FIELDS_SEARCHED {
-        return None;
-    }
-    for key in keys {
-        let value = body.as_object_mut()?.remove(&key)?;
-        // Without the field at fault the body passes, or fails elsewhere; without a
-        // required field (not at fault: it would have had a path), for its absence.
-        let without = error(&body);
-        body.as_object_mut()?.insert(key.clone(), value);
-        let absent = format!("missing field `{key}`");
-        if without.as_ref() != Some(&original) && !without.is_some_and(|e| e.starts_with(&absent)) {
-            return Some(named(key));
-        }
-    }
-    None
+    let flat = serde_path_to_error::deserialize::<_, Flat>(&body).err()?;
+    first_key(flat.path()).map(named)
 }
 
 fn is_length_limit(e: &axum::Error) -> bool {
@@ -151,6 +135,7 @@ mod tests {
     #[derive(Deserialize)]
     struct Sampling {
         temperature: Option<f64>,
+        max_tokens: Option<u32>,
     }
 
     #[derive(Deserialize)]
@@ -162,7 +147,7 @@ mod tests {
     }
 
     fn param(body: Value) -> Option<String> {
-        match field_at_fault::<Request>(body.to_string().as_bytes()) {
+        match field_at_fault::<Request, Sampling>(body.to_string().as_bytes()) {
             Some(ApiError::BadField { param, .. }) => Some(param),
             _ => None,
         }
@@ -180,14 +165,14 @@ mod tests {
         named(json!({"messages": "a"}), "messages");
         named(json!({"messages": ["a"], "stream": "yes"}), "stream");
         named(json!({"temperature": 1.0}), "messages");
-        // Not an object, or too many fields to try one by one: no name.
+        // Inside a field: that field, not the nested one's name.
+        named(json!({"messages": [1]}), "messages");
+        // Two bad fields: one of them, never a valid one.
+        let both = param(
+            json!({"messages": ["a"], "stream": false, "temperature": "hot", "max_tokens": "4"}),
+        );
+        assert_eq!(both.as_deref(), Some("temperature"));
+        // Not an object: no name.
         assert_eq!(param(json!(["a"])), None);
-        let mut many = serde_json::Map::new();
-        for i in 0..=MOST_FIELDS_SEARCHED {
-            many.insert(format!("x{i}"), json!(i));
-        }
-        many.insert("messages".into(), json!(["a"]));
-        many.insert("temperature".into(), json!("hot"));
-        assert_eq!(param(Value::Object(many)), None);
     }
 }

@@ -88,6 +88,21 @@ pub async fn health(url: &str) -> Value {
     get_json(url, "/health").await
 }
 
+/// `/health` once nothing runs and no KV block is held, or after 10 s as it is then. A
+/// request's last event reaches its client before the worker retires it and publishes
+/// what it freed.
+pub async fn settled(url: &str) -> Value {
+    let mut h = health(url).await;
+    for _ in 0..100 {
+        if h["running"] == 0 && h["kv_blocks_used"] == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        h = health(url).await;
+    }
+    h
+}
+
 /// `GET path` as JSON, whatever the status.
 pub async fn get_json(url: &str, path: &str) -> Value {
     reqwest::get(format!("{url}{path}"))
