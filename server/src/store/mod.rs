@@ -83,8 +83,6 @@ pub struct Store {
 
 struct Db {
     conn: Connection,
-    /// Rows in the table, kept here so that eviction need not count them.
-    rows: usize,
 }
 
 impl Store {
@@ -100,9 +98,8 @@ impl Store {
         wal(&conn)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         migrate(&mut conn, &path)?;
-        let rows = count(&conn)?;
         let store = Self {
-            db: Mutex::new(Db { conn, rows }),
+            db: Mutex::new(Db { conn }),
             retention,
             path,
         };
@@ -115,9 +112,9 @@ impl Store {
         &self.path
     }
 
-    /// Rows stored, as of this server's last write (another server may share the file).
+    /// Rows stored now (by every server sharing the file).
     pub fn len(&self) -> Result<usize, StoreError> {
-        Ok(self.db()?.rows)
+        count(&self.db()?.conn)
     }
 
     pub fn is_empty(&self) -> Result<bool, StoreError> {
@@ -152,9 +149,8 @@ impl Store {
                 touch.execute(params![now as i64, id])?;
             }
         }
-        let rows = evict_in(&tx, self.retention, now)?;
+        evict_in(&tx, self.retention, now)?;
         tx.commit()?;
-        db.rows = rows;
         Ok(())
     }
 
@@ -202,11 +198,10 @@ impl Store {
 
     /// Deletes `id`; false when it was not stored.
     pub fn delete(&self, id: &str) -> Result<bool, StoreError> {
-        let mut db = self.db()?;
+        let db = self.db()?;
         let n = db
             .conn
             .execute("DELETE FROM responses WHERE id = ?1", [id])?;
-        db.rows = db.rows.saturating_sub(n);
         Ok(n > 0)
     }
 
@@ -216,9 +211,8 @@ impl Store {
         let tx = db
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let rows = evict_in(&tx, self.retention, now)?;
+        evict_in(&tx, self.retention, now)?;
         tx.commit()?;
-        db.rows = rows;
         Ok(())
     }
 
@@ -237,23 +231,23 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     })
 }
 
-/// Applies retention inside a write transaction; returns the rows left. The rows are
-/// counted in the file, not in this process: other servers may share it.
-fn evict_in(conn: &Connection, retention: Retention, now: u64) -> Result<usize, StoreError> {
+/// Applies retention inside a write transaction. The rows are counted in the file, not
+/// in this process: other servers may share it.
+fn evict_in(conn: &Connection, retention: Retention, now: u64) -> Result<(), StoreError> {
     if let Some(age) = retention.max_age {
         let cutoff = now.saturating_sub(age.as_secs()) as i64;
         conn.execute("DELETE FROM responses WHERE used_at < ?1", [cutoff])?;
     }
     let rows = count(conn)?;
     if rows <= retention.max_rows {
-        return Ok(rows);
+        return Ok(());
     }
-    let n = conn.execute(
+    conn.execute(
         "DELETE FROM responses WHERE id IN
              (SELECT id FROM responses ORDER BY used_at, created_at LIMIT ?1)",
         [(rows - retention.max_rows) as i64],
     )?;
-    Ok(rows.saturating_sub(n))
+    Ok(())
 }
 
 fn count(conn: &Connection) -> Result<usize, StoreError> {
