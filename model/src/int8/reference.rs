@@ -38,3 +38,47 @@ pub fn tile(strip: &Strip, x: &Acts, first: usize, rows: usize, out: &mut [f32])
         }
     }
 }
+
+/// Activations rounded per block: the definition [`Acts::quantize`] must equal bit for bit.
+#[cfg_attr(not(test), allow(dead_code))]
+pub fn quantize(x: &[f32], rows: usize, k: usize, two_limbs: bool) -> Acts {
+    let blocks = rows * (k / QK);
+    let mut out = Acts {
+        k,
+        q: vec![0; rows * k],
+        q2: if two_limbs {
+            vec![0; rows * k]
+        } else {
+            Vec::new()
+        },
+        scale: Vec::with_capacity(blocks),
+        sx: Vec::with_capacity(blocks),
+        qsum: Vec::with_capacity(blocks),
+    };
+    let limb = (1 << LIMB_SHIFT) as f32;
+    for (b, xs) in x.chunks_exact(QK).enumerate() {
+        let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (i, &v) in xs.iter().enumerate() {
+            let at = b * QK + i;
+            let scaled = v * id;
+            // `as` saturates (and maps NaN to 0): never outside -127..=127 here.
+            let q = scaled.round().clamp(-127.0, 127.0);
+            out.q[at] = q as i8;
+            if two_limbs {
+                let q2 = ((scaled - q) * limb).round().clamp(-127.0, 127.0) as i8;
+                out.q2[at] = q2;
+                sum += (i32::from(q as i8) << LIMB_SHIFT) + i32::from(q2);
+            } else {
+                sum += i32::from(q as i8);
+            }
+        }
+        let step = if two_limbs { d / limb } else { d };
+        out.scale.push(step);
+        out.sx.push(step * sum as f32);
+        out.qsum.push(sum);
+    }
+    out
+}

@@ -136,6 +136,56 @@ fn float_weights_are_declined() {
     assert!(Int8Linear::from_parts(&[q], false).unwrap().is_none());
 }
 
+/// The vectorized rounding equals the scalar definition bit for bit: random blocks of many
+/// magnitudes, exact ties of both limbs (a block whose largest value is 127 has step 1),
+/// zeros, and the values no activation should be but a broken checkpoint can make (NaN,
+/// infinities, subnormal and huge blocks).
+#[test]
+fn activations_round_as_the_reference() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut x: Vec<f32> = Vec::new();
+    for b in 0..64 {
+        let magnitude = 10f32.powi(b % 13 - 6);
+        x.extend((0..QK).map(|_| rng.random_range(-1.0..1.0) * magnitude));
+    }
+    let ties: Vec<f32> = (0..QK)
+        .map(|i| {
+            let sign = if i % 2 == 0 { 1.0 } else { -1.0 };
+            sign * (i as f32 * 3.0 + 0.5 + (i % 5) as f32 / 512.0)
+        })
+        .collect();
+    x.extend(&ties[..QK - 1]);
+    x.push(127.0);
+    x.extend([0.0f32; QK]);
+    let specials = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e-40,
+        f32::MAX,
+        -0.0,
+    ];
+    for (i, &special) in specials.iter().enumerate() {
+        let mut block: Vec<f32> = (0..QK).map(|j| j as f32 * 1e-3 - 0.01).collect();
+        block[i * 5] = special;
+        x.extend(block);
+    }
+    x.extend((0..QK).map(|i| i as f32 * 1e-41));
+    let k = 4 * QK;
+    x.resize(x.len().next_multiple_of(k), 0.5);
+    let rows = x.len() / k;
+    for two in [false, true] {
+        let want = reference::quantize(&x, rows, k, two);
+        let got = Acts::quantize(&x, rows, k, two);
+        assert_eq!(got.q, want.q, "two limbs: {two}");
+        assert_eq!(got.q2, want.q2, "two limbs: {two}");
+        assert_eq!(got.qsum, want.qsum, "two limbs: {two}");
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.scale), bits(&want.scale), "two limbs: {two}");
+        assert_eq!(bits(&got.sx), bits(&want.sx), "two limbs: {two}");
+    }
+}
+
 #[test]
 fn activations_round_per_block() {
     let mut x = random(2 * 64, 10);
