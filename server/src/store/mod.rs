@@ -306,14 +306,30 @@ fn now() -> u64 {
 mod tests {
     use super::*;
 
-    fn dir(name: &str) -> PathBuf {
+    /// A fresh state folder, removed when the test ends.
+    struct TempDir(PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(name: &str) -> TempDir {
         let d = std::env::temp_dir().join(format!(
             "chorus-store-{name}-{}-{:x}",
             std::process::id(),
             rand::random::<u64>()
         ));
         let _ = std::fs::remove_dir_all(&d);
-        d
+        TempDir(d)
     }
 
     fn keep(max_rows: usize) -> Retention {
@@ -362,7 +378,8 @@ mod tests {
 
     #[test]
     fn chains_read_from_first_turn_to_last() {
-        let store = Store::open(&dir("chain"), keep(100)).unwrap();
+        let d = dir("chain");
+        let store = Store::open(&d, keep(100)).unwrap();
         store.insert(&row("a", None), &[]).unwrap();
         store.insert(&row("b", Some("a")), &["a".into()]).unwrap();
         store
@@ -412,7 +429,8 @@ mod tests {
 
     #[test]
     fn retention_evicts_the_least_recently_used() {
-        let store = Store::open(&dir("evict"), keep(3)).unwrap();
+        let d = dir("evict");
+        let store = Store::open(&d, keep(3)).unwrap();
         store.insert(&row("a", None), &[]).unwrap();
         store.insert(&row("b", None), &[]).unwrap();
         store.insert(&row("c", None), &[]).unwrap();
@@ -438,8 +456,9 @@ mod tests {
             1
         );
 
+        let d = dir("age");
         let aged = Store::open(
-            &dir("age"),
+            &d,
             Retention {
                 max_age: Some(Duration::from_secs(3600)),
                 max_rows: 100,
@@ -465,7 +484,8 @@ mod tests {
 
     #[test]
     fn a_duplicate_id_is_an_error_and_changes_nothing() {
-        let store = Store::open(&dir("dup"), keep(10)).unwrap();
+        let d = dir("dup");
+        let store = Store::open(&d, keep(10)).unwrap();
         store.insert(&row("a", None), &[]).unwrap();
         assert!(store.insert(&row("a", None), &[]).is_err());
         assert_eq!(store.len().unwrap(), 1);

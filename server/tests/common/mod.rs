@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -24,11 +25,7 @@ pub async fn base() -> String {
 pub fn start(mut config: Config) -> String {
     // Stored responses go to a directory of this test run, not the user's state.
     if config.state_dir == Config::defaults().state_dir {
-        config.state_dir = std::env::temp_dir().join(format!(
-            "chorus-test-state-{}-{:x}",
-            std::process::id(),
-            rand_suffix()
-        ));
+        config.state_dir = state_root().join(format!("{:x}", rand_suffix()));
     }
     let resolved = resolve_at(&config.model, &config.models_dir, &config.revision)
         .expect("the model resolves");
@@ -59,6 +56,25 @@ pub fn start(mut config: Config) -> String {
     });
     let addr = rx.recv().expect("server thread started");
     format!("http://{addr}")
+}
+
+/// This test process's folder for its servers' state. The servers run until the process
+/// exits, so nothing can remove it then: each process removes the folders of test
+/// processes that are gone instead.
+fn state_root() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let all = std::env::temp_dir().join("chorus-test-state");
+        if let Ok(entries) = std::fs::read_dir(&all) {
+            for entry in entries.flatten() {
+                let pid = entry.file_name().to_string_lossy().parse::<u32>();
+                if pid.is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        all.join(std::process::id().to_string())
+    })
 }
 
 fn rand_suffix() -> u128 {
