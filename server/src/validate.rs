@@ -129,7 +129,7 @@ pub fn conversation(
     let knows_tools = info.template.knows_tools();
     let format = tools::prompt::format_for(knows_tools, info.template.source());
     let (messages, tools_value) = tools::prompt::prepare(knows_tools, tools, messages);
-    let prompt = encode_chat(info, limits, &messages, tools_value.as_ref(), true)?;
+    let prompt = encode_chat(info, limits, &messages, tools_value.as_ref(), true, param)?;
     let mut reader = None;
     if let Some(t) = tools.filter(|t| t.active()) {
         let grammars = info.grammars.as_ref().map_err(|e| {
@@ -296,12 +296,14 @@ fn escape_strings(info: &ModelInfo, value: &mut Value) {
 /// The ids of a conversation as the model's template renders it: what clients wrote is
 /// plain text (special tokens in it are escaped), only the template's markers are control
 /// tokens. A rendering provably too long for the context is refused before tokenizing.
+/// `param`: the request field the conversation came from, named in errors.
 pub fn encode_chat(
     info: &ModelInfo,
     limits: Limits,
     messages: &[ChatMessage],
     tools: Option<&Value>,
     add_generation_prompt: bool,
+    param: &'static str,
 ) -> Result<Vec<u32>, ApiError> {
     let escaped: Vec<ChatMessage> = messages
         .iter()
@@ -319,18 +321,18 @@ pub fn encode_chat(
         .render_with_tools(&escaped, add_generation_prompt, tools.as_ref())
         .map_err(|e| {
             ApiError::bad(
-                "messages",
+                param,
                 format!("the chat template rejected the conversation: {e}"),
             )
         })?;
-    check_prompt_bytes(info, limits, "messages", rendered.len())?;
+    check_prompt_bytes(info, limits, param, rendered.len())?;
     let prompt = info
         .tokenizer
         .encode_chat(&rendered)
         .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))?;
     if prompt.is_empty() {
         return Err(ApiError::bad(
-            "messages",
+            param,
             "the chat template rendered the conversation to no tokens",
         ));
     }

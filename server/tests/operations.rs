@@ -75,6 +75,14 @@ async fn a_conversation_rendered_to_nothing_is_refused_and_holds_up_nobody() {
     let (status, v) = post(&url, "/v1/chat/completions", &system_only).await;
     assert_eq!(status, 400, "{v}");
     assert_eq!(v["error"]["param"], "messages");
+    // The Responses API names its own field.
+    let system_only = json!({
+        "input": [{"role": "system", "content": "Be brief."}],
+        "max_output_tokens": 2,
+    });
+    let (status, v) = post(&url, "/v1/responses", &system_only).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "input");
     let (status, v) = post(
         &url,
         "/v1/chat/completions",

@@ -68,6 +68,7 @@ pub async fn tokenize(
                         &messages,
                         tools.as_ref(),
                         add_generation_prompt,
+                        "messages",
                     )?
                 }
                 _ => {
