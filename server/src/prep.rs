@@ -5,8 +5,9 @@
 //! client's big prompt cannot freeze the other clients' streams.
 //!
 //! At most `threads` jobs run at once (by default one per core but one, which is left to
-//! the inference thread); at most `max_waiting` requests wait for a thread, beyond that
-//! they get the same 429 as a full `--max-queue`. A request whose client goes away while
+//! the inference thread). A request that finds a thread free takes it; at most
+//! `max_waiting` wait for one (the server passes `--max-running` + `--max-queue`, what the
+//! engine could still take), beyond that they get the same 429 as a full `--max-queue`. A request whose client goes away while
 //! it waits leaves the line (its future is dropped with the semaphore's queue entry).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,21 +55,24 @@ impl Prep {
         F: FnOnce() -> Result<T, ApiError> + Send + 'static,
         T: Send + 'static,
     {
-        let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
-        let waiting = Waiting(&self.waiting);
-        if queued >= self.max_waiting {
-            return Err(ApiError::Overloaded {
-                queued,
-                retry_after_s: 1,
-            });
-        }
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
-        drop(waiting);
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
+                let _waiting = Waiting(&self.waiting);
+                if queued >= self.max_waiting {
+                    return Err(ApiError::Overloaded {
+                        queued,
+                        retry_after_s: 1,
+                    });
+                }
+                self.permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?
+            }
+        };
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             job()
@@ -121,6 +125,16 @@ mod tests {
         for (i, w) in waiters.into_iter().enumerate() {
             assert_eq!(w.await.expect("joined").expect("ran"), 10 + i);
         }
+        assert_eq!(prep.waiting(), 0);
+    }
+
+    /// With no line at all, a request that finds a thread free still runs: only waiting
+    /// for one is bounded (`--max-queue 0` refused every request).
+    #[tokio::test]
+    async fn a_free_thread_is_taken_even_with_no_line() {
+        let prep = Prep::new(1, 0);
+        assert_eq!(prep.run(|| Ok(7)).await.expect("ran"), 7);
+        assert_eq!(prep.run(|| Ok(8)).await.expect("ran"), 8);
         assert_eq!(prep.waiting(), 0);
     }
 

@@ -504,6 +504,26 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// `--max-queue 0` means no waiting, not no serving: requests that find free slots run,
+/// a burst of them included (the preprocessing line refused every request).
+#[tokio::test]
+async fn no_queue_still_serves_the_free_slots() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--max-queue", "0", "--max-running", "4"]));
+    wait_ready(&url).await;
+    let burst = (0..4).map(|i| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let body = chat(&format!("Say {i}."), json!({"max_tokens": 2}));
+            post(&url, "/v1/chat/completions", &body).await
+        })
+    });
+    for r in futures_util::future::join_all(burst).await {
+        let (status, v) = r.unwrap();
+        assert_eq!(status, 200, "{v}");
+    }
+}
+
 /// 256 concurrent streams against `--max-queue 64`: each gets a complete stream or a 429,
 /// none hangs, none gets a 5xx, and memory comes back to where it was.
 #[tokio::test]
