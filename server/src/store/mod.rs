@@ -149,7 +149,7 @@ impl Store {
                 touch.execute(params![now as i64, id])?;
             }
         }
-        evict_in(&tx, self.retention, now)?;
+        evict_in(&tx, self.retention, now, Some(&row.id))?;
         tx.commit()?;
         Ok(())
     }
@@ -211,7 +211,7 @@ impl Store {
         let tx = db
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        evict_in(&tx, self.retention, now)?;
+        evict_in(&tx, self.retention, now, None)?;
         tx.commit()?;
         Ok(())
     }
@@ -231,9 +231,16 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     })
 }
 
-/// Applies retention inside a write transaction. The rows are counted in the file, not
-/// in this process: other servers may share it.
-fn evict_in(conn: &Connection, retention: Retention, now: u64) -> Result<(), StoreError> {
+/// Applies retention inside a write transaction (the one that stored `new`, if any). The
+/// rows are counted in the file, not in this process: other servers may share it. Rows
+/// used in the same second go in the order they were written (`rowid`), and `new` never
+/// goes: its client is being handed its id.
+fn evict_in(
+    conn: &Connection,
+    retention: Retention,
+    now: u64,
+    new: Option<&str>,
+) -> Result<(), StoreError> {
     if let Some(age) = retention.max_age {
         let cutoff = now.saturating_sub(age.as_secs()) as i64;
         conn.execute("DELETE FROM responses WHERE used_at < ?1", [cutoff])?;
@@ -244,8 +251,8 @@ fn evict_in(conn: &Connection, retention: Retention, now: u64) -> Result<(), Sto
     }
     conn.execute(
         "DELETE FROM responses WHERE id IN
-             (SELECT id FROM responses ORDER BY used_at, created_at LIMIT ?1)",
-        [(rows - retention.max_rows) as i64],
+             (SELECT id FROM responses WHERE id IS NOT ?2 ORDER BY used_at, rowid LIMIT ?1)",
+        params![(rows - retention.max_rows) as i64, new],
     )?;
     Ok(())
 }
@@ -455,6 +462,25 @@ mod tests {
                 .count(),
             1
         );
+
+        // Used in the same second: the one written last stays, however long ago its
+        // request began (a long answer finishing after a short one was evicted by its
+        // own write, its id already sent).
+        let d = dir("evict-tie");
+        let store = Store::open(&d, keep(1)).unwrap();
+        let long = Row {
+            created_at: 1,
+            ..row("long", None)
+        };
+        let short = Row {
+            created_at: 2,
+            ..row("short", None)
+        };
+        store.insert(&short, &[]).unwrap();
+        store.insert(&long, &[]).unwrap();
+        assert!(store.get("long").is_ok());
+        assert!(store.get("short").is_err());
+        assert_eq!(store.len().unwrap(), 1);
 
         let d = dir("age");
         let aged = Store::open(
