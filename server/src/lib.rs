@@ -368,16 +368,24 @@ pub async fn run(
     let stop = async move {
         tokio::select! {
             () = shutdown => {
-                // Refuse new requests now; end the running ones after the grace period.
-                // axum stops accepting and waits for open connections to finish.
+                // Refuse new requests now (503, `/health` too), still accepting, so that
+                // a router's pooled connection or a readiness probe is told, not cut
+                // off; once the running requests are done, or the grace period is over
+                // and they are ended, stop accepting and close the connections.
                 if let Ok(engine) = drain_state.engine() {
+                    use std::sync::atomic::Ordering;
                     tracing::info!(grace_s = grace.as_secs(), "shutting down: draining");
                     let stats = engine.stats.clone();
-                    stats.draining.store(true, std::sync::atomic::Ordering::Release);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(grace).await;
-                        stats.abort.store(true, std::sync::atomic::Ordering::Release);
-                    });
+                    stats.draining.store(true, Ordering::Release);
+                    let deadline = tokio::time::Instant::now() + grace;
+                    while tokio::time::Instant::now() < deadline
+                        && stats.running.load(Ordering::Acquire)
+                            + stats.queued.load(Ordering::Acquire)
+                            > 0
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    stats.abort.store(true, Ordering::Release);
                 }
             }
             Ok(e) = failed_rx => { let _ = failure_slot.set(e); }
@@ -386,9 +394,10 @@ pub async fn run(
     let limits = serve::ConnLimits {
         idle: std::time::Duration::from_secs(config.idle_timeout.max(1)),
         max_connections: serve::fit_open_files(config.max_connections.max(1)),
-        // Streams end with an error event at the end of the grace period; a connection
-        // still open a few seconds later (a client not reading) is dropped.
-        drain: grace + std::time::Duration::from_secs(5),
+        // The grace period is over when accepting stops (streams still running get an
+        // error event then); a connection still open a few seconds later (a client not
+        // reading) is dropped.
+        drain: std::time::Duration::from_secs(5),
     };
     serve::serve(listener, app, limits, stop).await;
     match failure.get() {

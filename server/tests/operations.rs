@@ -588,8 +588,9 @@ async fn overload_answers_429_and_never_hangs() {
     );
 }
 
-/// SIGTERM/ctrl-c: new requests are refused, a running stream may finish within the
-/// grace period, and one that does not is ended with an error event; `run` returns.
+/// SIGTERM/ctrl-c: new requests are refused (`/health` says draining), a running stream
+/// may finish within the grace period, and one that does not is ended with an error
+/// event; `run` returns.
 #[tokio::test]
 async fn shutdown_drains_then_ends_streams_with_an_error_event() {
     let _turn = TURN.lock().await;
@@ -600,7 +601,7 @@ async fn shutdown_drains_then_ends_streams_with_an_error_event() {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(chorus_server::run(
         listener,
-        config(&["--shutdown-grace", "1", "--no-store"]),
+        config(&["--shutdown-grace", "3", "--no-store"]),
         resolved.path,
         resolved.name,
         async move {
@@ -624,6 +625,16 @@ async fn shutdown_drains_then_ends_streams_with_an_error_event() {
 
     let stopped = Instant::now();
     stop_tx.send(()).unwrap();
+    // While the stream drains, the server still answers: a router or a readiness probe
+    // is told it is draining (new connections too), not cut off.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = reqwest::get(format!("{url}/health"))
+        .await
+        .expect("answered");
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "draining");
+    let (status, v) = post(&url, "/v1/chat/completions", &chat("Hi", json!({}))).await;
+    assert_eq!(status, 503, "{v}");
     while let Some(piece) = tokio::time::timeout(Duration::from_secs(30), stream.next())
         .await
         .expect("the stream ended after the grace period")
@@ -632,7 +643,7 @@ async fn shutdown_drains_then_ends_streams_with_an_error_event() {
     }
     let waited = stopped.elapsed();
     assert!(
-        waited >= Duration::from_millis(900),
+        waited >= Duration::from_millis(2900),
         "ended before the grace period: {waited:?}"
     );
     assert!(text.contains("shutting down"), "no error event: {text}");
