@@ -147,7 +147,7 @@ pub struct Config {
     pub max_step_ratio: f64,
 
     /// Memory for the KV cache, in MiB; fixes how many tokens can be held at once (the
-    /// default model: 69,888, so that 16 conversations of 2,000+ tokens keep their
+    /// default model: 69,904, so that 16 conversations of 2,000+ tokens keep their
     /// histories cached; 768 MiB held 34,944 and evicted them).
     #[arg(long, env = "CHORUS_KV_CACHE_MB", default_value_t = 1536, value_parser = count(1))]
     pub kv_cache_mb: usize,
