@@ -7,8 +7,9 @@
 //! At most `threads` jobs run at once (by default one per core but one, which is left to
 //! the inference thread). A request that finds a thread free takes it; at most
 //! `max_waiting` wait for one (the server passes `--max-running` + `--max-queue`, what the
-//! engine could still take), beyond that they get the same 429 as a full `--max-queue`. A request whose client goes away while
-//! it waits leaves the line (its future is dropped with the semaphore's queue entry).
+//! engine could still take), beyond that they get the same 429 as a full `--max-queue`.
+//! A request whose client goes away while it waits leaves the line (its future is
+//! dropped with the semaphore's queue entry).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
