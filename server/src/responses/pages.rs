@@ -75,13 +75,12 @@ impl Page {
             .max(start);
         // `before` alone pages backwards: the `limit` items just before it.
         let backwards = self.before.is_some() && self.after.is_none();
-        let (from, to) = match backwards {
-            true => (end.saturating_sub(self.limit).max(start), end),
-            false => (start, end.min(start.saturating_add(self.limit))),
-        };
-        let has_more = match backwards {
-            true => from > start,
-            false => to < end,
+        let (from, to, has_more) = if backwards {
+            let from = end.saturating_sub(self.limit).max(start);
+            (from, end, from > start)
+        } else {
+            let to = end.min(start.saturating_add(self.limit));
+            (start, to, to < end)
         };
         let data: Vec<Item> = items.into_iter().take(to).skip(from).collect();
         Ok(ItemList {
