@@ -134,6 +134,13 @@ impl IntoResponse for ApiError {
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
             }
+            // Loading, draining, a queue wait past --request-timeout: a client or a
+            // router may try again (elsewhere) in a second.
+            ApiError::Unavailable(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(1));
+            }
             ApiError::Unauthorized(_) => {
                 response
                     .headers_mut()

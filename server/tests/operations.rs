@@ -633,8 +633,9 @@ async fn shutdown_drains_then_ends_streams_with_an_error_event() {
         .expect("answered");
     assert_eq!(r.status(), 503);
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "draining");
-    let (status, v) = post(&url, "/v1/chat/completions", &chat("Hi", json!({}))).await;
-    assert_eq!(status, 503, "{v}");
+    let r = send_chat(&url, &chat("Hi", json!({}))).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
     while let Some(piece) = tokio::time::timeout(Duration::from_secs(30), stream.next())
         .await
         .expect("the stream ended after the grace period")
