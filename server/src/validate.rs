@@ -141,7 +141,10 @@ pub fn conversation(
         constraint = Some(grammars.lark(format.grammar(t)).map_err(|e| {
             ApiError::bad(
                 "tools",
-                format!("a function's `parameters` cannot be enforced: {e}"),
+                format!(
+                    "a function's `parameters` cannot be enforced: {}",
+                    tools::format::explain(&e)
+                ),
             )
         })?);
         reader = Some(CallReader {

@@ -176,6 +176,49 @@ def test_fifty_required_calls_all_validate(client):
         check_calls(r.choices[0].message, [tool])
 
 
+def test_pydantic_tools_with_nested_models_are_called_with_valid_arguments(client):
+    # The SDK's own helper writes a nested model as `$defs` + `$ref`, which must resolve
+    # within the function's parameters.
+    import pydantic
+
+    class Place(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=30)
+        country: str = pydantic.Field(max_length=30)
+
+    class Book(pydantic.BaseModel):
+        where: Place
+        nights: int = pydantic.Field(ge=1, le=14)
+
+    tool = openai.pydantic_function_tool(Book)
+    assert "$defs" in tool["function"]["parameters"]
+    for seed in range(3):
+        r = client.chat.completions.parse(
+            model=MODEL, messages=ask("Book two nights in Paris."), tools=[tool],
+            tool_choice="required", max_tokens=300, temperature=1.0, seed=seed)
+        assert r.choices[0].finish_reason == "tool_calls", r
+        call = check_calls(r.choices[0].message, [tool])[0]
+        assert isinstance(call.function.parsed_arguments, Book)
+
+
+def test_a_recursive_schema_refers_to_the_function_not_the_call(client):
+    tree = {"type": "function", "function": {"name": "tree", "parameters": {
+        "type": "object",
+        "properties": {"label": {"type": "string", "maxLength": 8},
+                       "child": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+        "required": ["label", "child"], "additionalProperties": False}}}
+    finished = 0
+    for seed in range(4):
+        r = client.chat.completions.create(
+            model=MODEL, messages=ask("Make a small tree."), tools=[tree],
+            tool_choice="required", parallel_tool_calls=False, max_tokens=160,
+            temperature=1.0, seed=seed)
+        if r.choices[0].finish_reason == "length":
+            continue
+        check_calls(r.choices[0].message, [tree])
+        finished += 1
+    assert finished
+
+
 def test_streamed_deltas_reassemble_to_the_same_call(client):
     kwargs = dict(model=MODEL, messages=ask(), tools=[WEATHER], tool_choice="required",
                   max_tokens=100, temperature=0, seed=7)

@@ -4,7 +4,7 @@
 //! llguidance. With `tool_choice: "auto"` the answer is either free text (which does not
 //! start like a call) or calls; once a call starts, it is held to the schema.
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::{Choice, ToolRequest};
 
@@ -66,7 +66,7 @@ impl CallFormat {
 
     /// The grammar (llguidance's Lark) of an answer to `tools` in this format.
     pub fn grammar(self, tools: &ToolRequest) -> String {
-        let call = self.call_schema(tools);
+        let (call, defs) = self.call_schema(tools);
         let calls = match self {
             CallFormat::Generic => {
                 let array = json!({
@@ -75,15 +75,19 @@ impl CallFormat {
                     "maxItems": tools.most_calls(),
                     "items": call,
                 });
-                compact(json!({
+                json!({
                     "type": "object",
                     "properties": {"tool_calls": array},
                     "required": ["tool_calls"],
                     "additionalProperties": false,
-                }))
+                })
             }
-            _ => compact(call),
+            _ => call,
         };
+        let mut calls = compact(calls);
+        if let Some(obj) = calls.as_object_mut() {
+            obj.insert("$defs".into(), Value::Object(defs));
+        }
         let (calls_rule, opener) = match self {
             CallFormat::Hermes => {
                 let block = format!("\"<tool_call>\\n\" %json {calls} \"\\n</tool_call>\"");
@@ -107,12 +111,16 @@ impl CallFormat {
         }
     }
 
-    /// One call: `{"name": <one of the callable functions>, <arguments key>: <its schema>}`.
-    fn call_schema(self, tools: &ToolRequest) -> Value {
+    /// One call: `{"name": <one of the callable functions>, <arguments key>: <its schema>}`,
+    /// and the functions' `parameters`, which the calls refer to, to be put under the
+    /// root's `$defs`.
+    fn call_schema(self, tools: &ToolRequest) -> (Value, Map<String, Value>) {
         let key = self.arguments_key();
+        let mut defs = Map::new();
         let options: Vec<Value> = tools
             .callable()
-            .map(|f| {
+            .enumerate()
+            .map(|(i, f)| {
                 // Only the declared properties, as OpenAI's strict mode has it, unless the
                 // schema says otherwise (left free, a small model invents keys forever).
                 // A schema that names no type (`{}`, or properties alone) is an object's:
@@ -122,21 +130,73 @@ impl CallFormat {
                     obj.entry("type").or_insert(json!("object"));
                     obj.entry("additionalProperties").or_insert(json!(false));
                 }
+                let name = format!("function{i}");
+                reroot(&mut parameters, &format!("#/$defs/{name}"));
+                defs.insert(name.clone(), parameters);
                 json!({
                     "type": "object",
                     "properties": {
                         "name": {"const": f.name},
-                        key: parameters,
+                        key: {"$ref": format!("#/$defs/{name}")},
                     },
                     "required": ["name", key],
                     "additionalProperties": false,
                 })
             })
             .collect();
-        match options.len() {
+        let call = match options.len() {
             1 => options.into_iter().next().unwrap_or_default(),
             _ => json!({"anyOf": options}),
+        };
+        (call, defs)
+    }
+}
+
+/// A grammar compile error as a client can read it: its first line, without the Lark
+/// position or the path where the call grammar keeps the function's schema (the rest
+/// of the message is the internal grammar).
+pub fn explain(error: &str) -> String {
+    let line = error.lines().next().unwrap_or_default();
+    let line = match line.split_once("): ") {
+        Some((at, rest)) if at.starts_with("at ") => rest,
+        _ => line,
+    };
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(i) = rest.find("/$defs/function") {
+        out.push_str(&rest[..i]);
+        rest = rest[i + "/$defs/function".len()..].trim_start_matches(|c: char| c.is_ascii_digit());
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Re-roots a function's local references (`#`, `#/$defs/..`, `#/definitions/..`,
+/// `#/properties/..`), written against its `parameters` as their own document, at `root`,
+/// where the call grammar keeps that schema; pydantic's nested models and recursive
+/// schemas refer to themselves this way. Values that are data, not schemas (`const`,
+/// `enum`, `default`, `examples`), are left as they are.
+fn reroot(schema: &mut Value, root: &str) {
+    match schema {
+        Value::Object(obj) => {
+            for (k, v) in obj.iter_mut() {
+                match (k.as_str(), v) {
+                    ("$ref", Value::String(r)) if r.starts_with('#') => {
+                        *r = format!("{root}{}", &r[1..]);
+                    }
+                    ("const" | "enum" | "default" | "examples", _) => {}
+                    // Maps from names (which may be `const` or `$ref`) to schemas.
+                    (
+                        "properties" | "patternProperties" | "$defs" | "definitions"
+                        | "dependentSchemas",
+                        Value::Object(named),
+                    ) => named.values_mut().for_each(|v| reroot(v, root)),
+                    (_, v) => reroot(v, root),
+                }
+            }
         }
+        Value::Array(items) => items.iter_mut().for_each(|v| reroot(v, root)),
+        _ => {}
     }
 }
 
@@ -180,6 +240,45 @@ mod tests {
         assert_eq!(CallFormat::Generic.starts_call("{\"tool"), Some(true));
         assert_eq!(CallFormat::Generic.starts_call("Sure"), Some(false));
         assert_eq!(CallFormat::Generic.starts_call(""), None);
+    }
+
+    /// A function's own references (`#`, its `$defs`, its properties) still point into
+    /// its `parameters` once they sit inside the call grammar; data is left alone.
+    #[test]
+    fn references_are_rerooted_at_the_function() {
+        let mut schema = json!({
+            "type": "object",
+            "properties": {
+                "where": {"$ref": "#/$defs/Place"},
+                "child": {"anyOf": [{"$ref": "#"}, {"type": "null"}]},
+                "same": {"$ref": "#/properties/where"},
+                "const": {"$ref": "#/definitions/Old"},
+                "tag": {"const": {"$ref": "#"}, "default": {"$ref": "#"}},
+                "url": {"$ref": "https://example.invalid/schema"},
+            },
+            "$defs": {"Place": {"type": "object", "properties": {"in": {"$ref": "#/$defs/Place"}}}},
+        });
+        reroot(&mut schema, "#/$defs/function2");
+        let p = &schema["properties"];
+        assert_eq!(p["where"]["$ref"], "#/$defs/function2/$defs/Place");
+        assert_eq!(p["child"]["anyOf"][0]["$ref"], "#/$defs/function2");
+        assert_eq!(p["same"]["$ref"], "#/$defs/function2/properties/where");
+        assert_eq!(p["const"]["$ref"], "#/$defs/function2/definitions/Old");
+        assert_eq!(p["tag"]["const"]["$ref"], "#");
+        assert_eq!(p["tag"]["default"]["$ref"], "#");
+        assert_eq!(p["url"]["$ref"], "https://example.invalid/schema");
+        let place = &schema["$defs"]["Place"]["properties"]["in"]["$ref"];
+        assert_eq!(place, "#/$defs/function2/$defs/Place");
+    }
+
+    #[test]
+    fn compile_errors_read_as_the_client_wrote_the_schema() {
+        let e = "at 2(8): failed to compile JSON schema: Pointer '/$defs/function12/$defs/Nope' does not exist\n   1 | start: calls\n   2 | calls: %json {}";
+        assert_eq!(
+            explain(e),
+            "failed to compile JSON schema: Pointer '/$defs/Nope' does not exist"
+        );
+        assert_eq!(explain("plain"), "plain");
     }
 
     #[test]
