@@ -47,9 +47,87 @@ pub fn chat(info: &ModelInfo, entries: &[TokenLogprob]) -> Value {
     serde_json::to_value(ChatLogprobs { content }).unwrap_or(Value::Null)
 }
 
-/// `offset`: characters of text before the first of `entries` (in this response).
-pub fn completion(info: &ModelInfo, entries: &[TokenLogprob], offset: usize) -> Value {
-    completion_with_prompt(info, None, &[], entries, offset)
+/// Completions' name of a token: its text, or where its bytes are not whole UTF-8
+/// characters (a byte-level vocabulary splits them), `bytes:` and their escapes, as
+/// OpenAI writes them, so that the pieces of different characters stay apart as
+/// `top_logprobs` keys.
+fn completion_token(info: &ModelInfo, id: u32) -> (String, Vec<u8>) {
+    let (text, bytes) = token(info, id);
+    match std::str::from_utf8(&bytes) {
+        Ok(_) => (text, bytes),
+        Err(_) => {
+            let escaped: String = bytes.iter().map(|b| format!("\\x{b:02x}")).collect();
+            (format!("bytes:{escaped}"), bytes)
+        }
+    }
+}
+
+/// Where each token starts in a completion's text, in characters, as tokens are
+/// appended. The text holds a character once its last byte has come, so a token that
+/// starts inside a character (a byte-level vocabulary splits them) starts where that
+/// character does; an invalid byte sequence is one replacement character, as the text
+/// shows it. Offsets never decrease.
+#[derive(Debug, Default, Clone)]
+pub struct TextOffsets {
+    chars: usize,
+    /// The bytes of an incomplete character.
+    pending: Vec<u8>,
+}
+
+impl TextOffsets {
+    /// Offsets of tokens that follow `chars` characters of text.
+    pub fn after(chars: usize) -> Self {
+        Self {
+            chars,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The offset of a token of these bytes; moves past it.
+    pub fn push(&mut self, bytes: &[u8]) -> usize {
+        let start = self.chars;
+        self.pending.extend_from_slice(bytes);
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    self.chars += s.chars().count();
+                    self.pending.clear();
+                    break;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    let whole = std::str::from_utf8(&self.pending[..valid]).unwrap_or_default();
+                    self.chars += whole.chars().count();
+                    match e.error_len() {
+                        Some(bad) => {
+                            self.chars += 1;
+                            self.pending.drain(..valid + bad);
+                        }
+                        None => {
+                            self.pending.drain(..valid);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        start
+    }
+}
+
+/// The scores of a completion's `entries`, placed by `offsets` (kept across a stream's
+/// chunks).
+pub fn completion(info: &ModelInfo, entries: &[TokenLogprob], offsets: &mut TextOffsets) -> Value {
+    let mut out = CompletionLogprobs {
+        tokens: Vec::new(),
+        token_logprobs: Vec::new(),
+        top_logprobs: Vec::new(),
+        text_offset: Vec::new(),
+    };
+    for e in entries {
+        push_scored(info, e, offsets, &mut out);
+    }
+    serde_json::to_value(out).unwrap_or(Value::Null)
 }
 
 /// As [`completion`], led by an echoed prompt whose text starts at offset 0: its first
@@ -70,29 +148,60 @@ pub fn completion_with_prompt(
         top_logprobs: Vec::new(),
         text_offset: Vec::new(),
     };
-    let mut at = 0;
+    let mut offsets = TextOffsets::default();
     if let Some(id) = first {
-        let (text, _) = token(info, id);
-        out.text_offset.push(at);
-        at += text.chars().count();
+        let (text, bytes) = completion_token(info, id);
+        out.text_offset.push(offsets.push(&bytes));
         out.tokens.push(text);
         out.token_logprobs.push(None);
         out.top_logprobs.push(None);
     }
-    for (i, e) in prompt.iter().chain(entries).enumerate() {
-        if i == prompt.len() {
-            at = offset;
-        }
-        let (text, _) = token(info, e.token);
-        out.text_offset.push(at);
-        at += text.chars().count();
-        out.tokens.push(text);
-        out.token_logprobs.push(Some(e.logprob));
-        let mut top = Map::new();
-        for &(id, lp) in &e.top {
-            top.insert(token(info, id).0, Value::from(lp));
-        }
-        out.top_logprobs.push(Some(top));
+    for e in prompt {
+        push_scored(info, e, &mut offsets, &mut out);
+    }
+    let mut offsets = TextOffsets::after(offset);
+    for e in entries {
+        push_scored(info, e, &mut offsets, &mut out);
     }
     serde_json::to_value(out).unwrap_or(Value::Null)
+}
+
+/// One scored token: its alternatives always include itself, as OpenAI's do ("up to
+/// logprobs + 1 elements"), so `top_logprobs[i][tokens[i]]` is always there.
+fn push_scored(
+    info: &ModelInfo,
+    e: &TokenLogprob,
+    offsets: &mut TextOffsets,
+    out: &mut CompletionLogprobs,
+) {
+    let (text, bytes) = completion_token(info, e.token);
+    out.text_offset.push(offsets.push(&bytes));
+    let mut top = Map::new();
+    for &(id, lp) in &e.top {
+        top.insert(completion_token(info, id).0, Value::from(lp));
+    }
+    top.entry(text.clone()).or_insert(Value::from(e.logprob));
+    out.tokens.push(text);
+    out.token_logprobs.push(Some(e.logprob));
+    out.top_logprobs.push(Some(top));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TextOffsets;
+
+    #[test]
+    fn offsets_count_whole_characters() {
+        // "é" is 2 bytes, "你" 3, split across tokens as a byte-level vocabulary does.
+        let mut o = TextOffsets::default();
+        let tokens: [&[u8]; 6] = [b"h", b"\xc3", b"\xa9l", b"\xe4\xbd", b"\xa0!", b"\xff."];
+        let got: Vec<usize> = tokens.iter().map(|t| o.push(t)).collect();
+        // h at 0; both pieces of é at 1 (the second brings `l` too); both of 你 at 3
+        // (the second brings `!`); an invalid byte, one replacement character, at 5.
+        assert_eq!(got, [0, 1, 1, 3, 3, 5]);
+        assert_eq!(o.push(b"x"), 7);
+        let mut o = TextOffsets::after(10);
+        assert_eq!(o.push("ab".as_bytes()), 10);
+        assert_eq!(o.push(b"c"), 12);
+    }
 }

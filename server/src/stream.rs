@@ -10,7 +10,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::engine::{Event, FinishReason, ModelInfo, TokenLogprob};
 use crate::error::ApiError;
-use crate::logprobs;
+use crate::logprobs::{self, TextOffsets};
 use crate::metrics::Metrics;
 use crate::openai::{
     ChatChunk, ChunkChoice, Completion, CompletionChoice, Delta, FunctionDelta, ToolCallDelta,
@@ -138,14 +138,14 @@ impl ChunkMeta {
     }
 
     /// The wire form of `entries` (chat: `{content: [...]}`; completions: the arrays,
-    /// with offsets counted from `offset` characters).
-    fn logprobs_value(&self, entries: &[TokenLogprob], offset: usize) -> Option<Value> {
+    /// placed by the choice's `offsets`).
+    fn logprobs_value(&self, entries: &[TokenLogprob], offsets: &mut TextOffsets) -> Option<Value> {
         if !self.logprobs {
             return None;
         }
         Some(match self.shape {
             Shape::Chat => logprobs::chat(&self.info, entries),
-            Shape::Completion => logprobs::completion(&self.info, entries, offset),
+            Shape::Completion => logprobs::completion(&self.info, entries, offsets),
         })
     }
 }
@@ -186,8 +186,9 @@ struct State {
     ended: bool,
     done: usize,
     usage: UsageSum,
-    /// Characters sent so far per choice (completion log-probability offsets).
-    sent: Vec<usize>,
+    /// Per choice, where the next token starts in the text sent (completion
+    /// log-probability offsets).
+    offsets: Vec<TextOffsets>,
     /// Per choice, with functions to call: the answer held back until it is known to be
     /// text (then sent as it comes) or calls (sent as call deltas when complete).
     held: Vec<Held>,
@@ -208,7 +209,7 @@ pub fn events(
     rx: UnboundedReceiver<Event>,
 ) -> impl Stream<Item = String> {
     let state = State {
-        sent: vec![0; meta.n],
+        offsets: vec![TextOffsets::default(); meta.n],
         held: (0..meta.n).map(|_| Held::default()).collect(),
         meta,
         first: Some(first),
@@ -244,7 +245,7 @@ fn opening(st: &mut State) -> String {
             // With log-probabilities the prompt waits for its scores (`Event::Prompt`).
             (Shape::Completion, Some(prompt)) if !meta.logprobs => {
                 out.push_str(&meta.chunk(index, false, Some(prompt), None, None));
-                st.sent[index] = prompt.chars().count();
+                st.offsets[index] = TextOffsets::after(prompt.chars().count());
             }
             (Shape::Completion, Some(_)) => {}
             (Shape::Completion, None) => {}
@@ -281,11 +282,10 @@ async fn next_event(st: &mut State) -> String {
                 }
                 _ => (text, logprobs),
             };
-            let offset = st.sent.get(index).copied().unwrap_or(0);
-            let lp = meta.logprobs_value(&logprobs, offset);
-            if let Some(sent) = st.sent.get_mut(index) {
-                *sent += text.chars().count();
-            }
+            let lp = match st.offsets.get_mut(index) {
+                Some(offsets) => meta.logprobs_value(&logprobs, offsets),
+                None => None,
+            };
             meta.chunk(index, false, Some(&text), lp, None)
         }
         Some(Event::Prompt {
@@ -296,8 +296,8 @@ async fn next_event(st: &mut State) -> String {
             Some(prompt) if meta.logprobs => {
                 let first = tokens.first().copied().filter(|_| !meta.echo_skips_bos);
                 let lp = logprobs::completion_with_prompt(&meta.info, first, &logprobs, &[], 0);
-                if let Some(sent) = st.sent.get_mut(index) {
-                    *sent = prompt.chars().count();
+                if let Some(offsets) = st.offsets.get_mut(index) {
+                    *offsets = TextOffsets::after(prompt.chars().count());
                 }
                 meta.chunk(index, false, Some(prompt), Some(lp), None)
             }
@@ -325,7 +325,9 @@ async fn next_event(st: &mut State) -> String {
                         finish = reader.finish_reason();
                     }
                     None if !text.is_empty() => {
-                        let lp = meta.logprobs_value(&std::mem::take(&mut held.logprobs), 0);
+                        // Only chat answers hold text back: no offsets to keep.
+                        let held_lp = std::mem::take(&mut held.logprobs);
+                        let lp = meta.logprobs_value(&held_lp, &mut TextOffsets::default());
                         out.push_str(&meta.chunk(index, false, Some(&text), lp, None));
                     }
                     None => {}

@@ -269,6 +269,45 @@ def test_bad_values_are_400s_naming_the_field(client, field, kw):
     assert field in e.value.body["message"] or field == "response_format"
 
 
+def test_completion_offsets_of_split_characters_agree_streamed_or_not(client):
+    # This vocabulary is byte-level: 你 and 🎉 come in pieces. A piece is named by its
+    # bytes, starts where its character does, and offsets never go back or past the text.
+    for echo in (False, True):
+        args = dict(model=MODEL, prompt="你好, 🎉 emoji:", max_tokens=12, temperature=0,
+                    logprobs=2, echo=echo)
+        whole = client.completions.create(**args).choices[0]
+        lp = whole.logprobs
+        assert any(t.startswith("bytes:\\x") for t in lp.tokens), lp.tokens
+        assert lp.text_offset == sorted(lp.text_offset)
+        assert max(lp.text_offset) < len(whole.text)
+        text, tokens, offsets = "", [], []
+        for chunk in client.completions.create(stream=True, **args):
+            if chunk.choices:
+                text += chunk.choices[0].text
+                if chunk.choices[0].logprobs:
+                    tokens += chunk.choices[0].logprobs.tokens
+                    offsets += chunk.choices[0].logprobs.text_offset
+        assert text == whole.text
+        assert tokens == lp.tokens
+        assert offsets == lp.text_offset
+
+
+def test_completion_alternatives_always_hold_the_chosen_token(client):
+    # OpenAI: "the API will always return the logprob of the sampled token, so there may
+    # be up to logprobs+1 elements".
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8,
+                                  temperature=2, seed=3, logprobs=1)
+    lp = r.choices[0].logprobs
+    for token, score, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 2 and top[token] == score
+    r = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=2, echo=True,
+                                  logprobs=0)
+    lp = r.choices[0].logprobs
+    assert lp.top_logprobs[0] is None
+    assert all(top == {t: s} for t, s, top in
+               zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]))
+
+
 def test_echo_with_logprobs_scores_the_prompt(client):
     prompt = "The capital of France is Paris"
 

@@ -158,7 +158,11 @@ async fn respond(
                                     offset,
                                 )
                             }
-                            None => logprobs::completion(&info, &c.logprobs, offset),
+                            None => logprobs::completion(
+                                &info,
+                                &c.logprobs,
+                                &mut logprobs::TextOffsets::after(offset),
+                            ),
                         }),
                         text: format!("{echo}{}", c.text),
                     })
