@@ -1,6 +1,8 @@
 //! `input` read into items, and a conversation's items turned into the chat messages the
 //! template renders (the same path `/v1/chat/completions` takes from there).
 
+use std::collections::HashSet;
+
 use serde_json::Value;
 
 use super::wire::{new_id, Item, Part};
@@ -59,11 +61,23 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
                     vec![Part::output_text(text.clone())]
                 }
                 Some(Value::String(text)) => vec![Part::InputText { text: text.clone() }],
+                // Stored as the role's kind of part (an assistant's `output_text`, the
+                // others' `input_text`), whichever the client wrote, as the SDK's
+                // types of the items listed back have them.
                 Some(Value::Array(parts)) => parts
                     .iter()
                     .enumerate()
-                    .map(|(j, p)| text_part(&format!("input[{i}].content[{j}]"), p))
-                    .collect::<Result<_, _>>()?,
+                    .map(|(j, p)| {
+                        let text = text_part(&format!("input[{i}].content[{j}]"), p)?;
+                        Ok(match (role.as_str(), text) {
+                            ("assistant", Part::InputText { text }) => Part::output_text(text),
+                            ("assistant", part) => part,
+                            (_, part) => Part::InputText {
+                                text: part.text().to_string(),
+                            },
+                        })
+                    })
+                    .collect::<Result<_, ApiError>>()?,
                 _ => {
                     return Err(bad(format!(
                         "`input[{i}].content` must be a string or a list of text parts"
@@ -129,9 +143,23 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
     }
 }
 
-/// Checks that every `function_call_output` of `items` answers a call made before it, in
-/// `history` or earlier in `items` (errors index `items`, the request's `input`).
-pub fn check_outputs(history: &[Item], items: &[Item]) -> Result<(), ApiError> {
+/// Checks `items` (the request's `input`, which errors index) against the conversation
+/// so far, `history`:
+/// - every item id is new: ids name items in `input_items` pages (a repeated one would
+///   send a page cursor back), and an item resent from the history would be seen twice;
+/// - every `function_call_output` answers a call made before it;
+/// - every call the history left unanswered is answered in `items`, as OpenAI requires
+///   of a turn that continues one that ended in calls.
+pub fn check_items(history: &[Item], items: &[Item]) -> Result<(), ApiError> {
+    let mut ids: HashSet<&str> = history.iter().map(Item::id).collect();
+    for (i, item) in items.iter().enumerate() {
+        if !ids.insert(item.id()) {
+            return Err(bad(format!(
+                "`input[{i}]`: duplicate item id {:?} (already in this input or in the previous responses)",
+                item.id()
+            )));
+        }
+    }
     let mut calls: Vec<&str> = history
         .iter()
         .filter_map(|i| match i {
@@ -139,6 +167,17 @@ pub fn check_outputs(history: &[Item], items: &[Item]) -> Result<(), ApiError> {
             _ => None,
         })
         .collect();
+    let answered = |call_id: &str| {
+        history
+            .iter()
+            .chain(items)
+            .any(|i| matches!(i, Item::FunctionCallOutput { call_id: c, .. } if c == call_id))
+    };
+    if let Some(open) = calls.iter().find(|c| !answered(c)) {
+        return Err(bad(format!(
+            "no function_call_output for the previous response's function_call with call_id {open:?}"
+        )));
+    }
     for (i, item) in items.iter().enumerate() {
         match item {
             Item::FunctionCall { call_id, .. } => calls.push(call_id),
@@ -269,6 +308,53 @@ mod tests {
         );
         assert_eq!(wire[5].tool_call_id.as_deref(), Some("c2"));
         assert!(matches!(&wire[5].content, Some(MessageContent::Text(t)) if t == "sun"));
+    }
+
+    #[test]
+    fn parts_take_their_role_s_kind() {
+        let items = read(Some(json!([
+            {"role": "user", "content": [{"type": "output_text", "text": "a"}]},
+            {"role": "assistant", "content": [{"type": "input_text", "text": "b"}]},
+        ])))
+        .unwrap();
+        let kinds: Vec<Value> = items
+            .iter()
+            .map(|i| serde_json::to_value(i).unwrap()["content"][0]["type"].clone())
+            .collect();
+        assert_eq!(kinds, [json!("input_text"), json!("output_text")]);
+    }
+
+    #[test]
+    fn ids_are_unique_and_calls_answered() {
+        let first = read(Some(json!([
+            {"role": "user", "content": "weather?"},
+            {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": "{}"},
+        ])))
+        .unwrap();
+        let items = |v: Value| read(Some(v)).unwrap();
+        let output = json!({"type": "function_call_output", "call_id": "c1", "output": "x"});
+        check_items(&first, &items(json!([output.clone()]))).unwrap();
+        let refused = [
+            // The call is left unanswered.
+            (
+                json!([{"role": "user", "content": "and?"}]),
+                "call_id \"c1\"",
+            ),
+            // An id of the history again.
+            (
+                json!([output.clone(), {"type": "function_call", "id": "fc_1", "call_id": "c2", "name": "f"}]),
+                "duplicate item id \"fc_1\"",
+            ),
+            // An id twice in the input.
+            (
+                json!([output, {"id": "m", "role": "user", "content": "a"}, {"id": "m", "role": "user", "content": "b"}]),
+                "`input[2]`: duplicate",
+            ),
+        ];
+        for (input, needle) in refused {
+            let e = check_items(&first, &items(input.clone())).expect_err("refused");
+            assert!(e.to_string().contains(needle), "{input}: {e}");
+        }
     }
 
     #[test]

@@ -110,7 +110,7 @@ pub fn prepare(
             "`input` must be a string or a non-empty list of items",
         ));
     }
-    input::check_outputs(&history, &items)?;
+    input::check_items(&history, &items)?;
     let wire = input::messages(
         req.instructions.as_deref(),
         history.iter().chain(items.iter()),
