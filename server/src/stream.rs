@@ -324,13 +324,14 @@ async fn next_event(st: &mut State) -> String {
                         }
                         finish = reader.finish_reason();
                     }
-                    None if !text.is_empty() => {
-                        // Only chat answers hold text back: no offsets to keep.
-                        let held_lp = std::mem::take(&mut held.logprobs);
-                        let lp = meta.logprobs_value(&held_lp, &mut TextOffsets::default());
-                        out.push_str(&meta.chunk(index, false, Some(&text), lp, None));
+                    None => {
+                        if let Some(text) = reader.text_of(text).filter(|t| !t.is_empty()) {
+                            // Only chat answers hold text back: no offsets to keep.
+                            let held_lp = std::mem::take(&mut held.logprobs);
+                            let lp = meta.logprobs_value(&held_lp, &mut TextOffsets::default());
+                            out.push_str(&meta.chunk(index, false, Some(&text), lp, None));
+                        }
                     }
-                    None => {}
                 }
             }
             out.push_str(&match meta.shape {

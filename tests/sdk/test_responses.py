@@ -147,6 +147,46 @@ def test_function_call_and_its_output(client):
     assert resent.output_text == follow.output_text
 
 
+def test_a_call_cut_short_leaves_no_output(client):
+    # Neither a call nor the call syntax as a message (which the next turn would replay).
+    kwargs = dict(model=MODEL, input="Weather in Oslo?", tools=[WEATHER],
+                  tool_choice="required", max_output_tokens=6)
+    r = client.responses.create(**kwargs)
+    assert r.status == "incomplete" and r.output == [], r.output
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+    types = event_types(events)
+    final = events[-1].response
+    assert final.status == "incomplete" and final.output == []
+    assert types == ["response.created", "response.in_progress", "response.incomplete"]
+
+
+def test_item_ids_are_unique_and_calls_are_answered(client):
+    r = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER],
+                                tool_choice="required", parallel_tool_calls=False,
+                                max_output_tokens=100, temperature=0)
+    call = r.output[0]
+    assert call.type == "function_call"
+
+    def refused(**kwargs):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=MODEL, max_output_tokens=4, **kwargs)
+        assert e.value.body["param"] == "input", e.value.body
+        return e.value.body["message"]
+
+    assert "duplicate item id" in refused(input=[
+        {"type": "message", "id": "msg_same", "role": "user", "content": "a"},
+        {"type": "message", "id": "msg_same", "role": "user", "content": "b"}])
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny."}
+    # The call resent beside `previous_response_id` would be rendered twice.
+    assert call.id in refused(previous_response_id=r.id,
+                              input=[call.model_dump(exclude_none=True), output])
+    assert call.call_id in refused(previous_response_id=r.id, input="And in Rome?")
+    ok = client.responses.create(model=MODEL, previous_response_id=r.id, input=[output],
+                                 max_output_tokens=4)
+    assert ok.status in ("completed", "incomplete")
+
+
 def event_types(events):
     return [e.type for e in events]
 
@@ -209,27 +249,6 @@ def test_input_items_come_a_page_at_a_time(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.input_items.list(r.id, limit=0)
     assert e.value.body["param"] == "limit"
-
-
-def test_streamed_held_text_keeps_its_item_id(client):
-    # A call cut short by the limit comes back as text, held back while it could still be
-    # a call: its message item opens when the answer ends, under the id it closes with
-    # (the SDK's stream checks that, and raised here when the two differed).
-    with client.responses.stream(model=MODEL, input="What is the weather in Paris?",
-                                 tools=[WEATHER], tool_choice="required",
-                                 max_output_tokens=8, temperature=0) as stream:
-        events = list(stream)
-    assert events[-1].type == "response.incomplete"
-    final = events[-1].response
-    assert final.output[0].type == "message"
-    item_id = final.output[0].id
-    for e in events:
-        if e.type in ("response.output_item.added", "response.output_item.done"):
-            assert e.item.id == item_id, e.type
-        elif hasattr(e, "item_id"):
-            assert e.item_id == item_id, e.type
-    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") \
-        == final.output[0].content[0].text
 
 
 def test_streamed_cut_short_ends_incomplete(client):

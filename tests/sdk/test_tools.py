@@ -219,6 +219,21 @@ def test_a_recursive_schema_refers_to_the_function_not_the_call(client):
     assert finished
 
 
+def test_a_call_cut_short_is_neither_text_nor_a_call(client):
+    # The call syntax is the server's instruction to the model: a client shown it as
+    # text (and sending it back as history) would teach the model to write it as text.
+    kwargs = dict(model=MODEL, messages=ask(), tools=[WEATHER], tool_choice="required",
+                  max_tokens=5, temperature=0)
+    r = client.chat.completions.create(**kwargs)
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "length"
+    assert m.content is None and not m.tool_calls, m
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.content or d.tool_calls for d in deltas), deltas
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_streamed_deltas_reassemble_to_the_same_call(client):
     kwargs = dict(model=MODEL, messages=ask(), tools=[WEATHER], tool_choice="required",
                   max_tokens=100, temperature=0, seed=7)

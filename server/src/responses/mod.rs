@@ -352,7 +352,8 @@ fn history(store: &Store, id: &str) -> Result<(Vec<Item>, Vec<String>), ApiError
     Ok((items, chain))
 }
 
-/// A whole answer as output items: the calls the reader finds in it, or one message.
+/// A whole answer as output items: the calls the reader finds in it, or one message, or
+/// nothing when it began a call that did not finish.
 /// `message_id` is the id a stream already announced for the message.
 pub fn output(
     reader: Option<&CallReader>,
@@ -372,6 +373,13 @@ pub fn output(
             })
             .collect();
     }
+    let text = match reader {
+        Some(reader) => reader.text_of(text),
+        None => Some(text),
+    };
+    let Some(text) = text else {
+        return Vec::new();
+    };
     let status = match finish {
         FinishReason::Length => "incomplete",
         FinishReason::Stop => "completed",
@@ -396,10 +404,9 @@ pub fn finish(
         .filter(|i| matches!(i, Item::FunctionCall { .. }))
         .count();
     metrics.tool_calls.inc_by(calls as u64);
-    let cut = finish == FinishReason::Length
-        && !output
-            .iter()
-            .all(|i| matches!(i, Item::FunctionCall { .. }));
+    // Calls that parsed are whole, even where the limit came with their last token.
+    let made_calls = calls > 0 && calls == output.len();
+    let cut = finish == FinishReason::Length && !made_calls;
     response.status = if cut { "incomplete" } else { "completed" }.into();
     response.incomplete_details = cut.then(|| IncompleteDetails {
         reason: "max_output_tokens".into(),

@@ -115,7 +115,10 @@ async fn respond(
                             finish(&c),
                             AssistantMessage {
                                 role: "assistant",
-                                content: Some(c.text),
+                                content: match &valid.tools {
+                                    Some(reader) => reader.text_of(c.text),
+                                    None => Some(c.text),
+                                },
                                 tool_calls: Vec::new(),
                             },
                         ),

@@ -1,6 +1,7 @@
 //! Reading an answer back: is it text or calls, and which calls. The constraint made
-//! every call parse, so reading is exact; an answer cut short by `max_tokens` is returned
-//! as the text it is.
+//! every call parse, so reading is exact. A call cut short (by `max_tokens` or a stop
+//! string) is dropped, not returned as text: its syntax is the server's instruction to
+//! the model, not an answer to show or to send back as history.
 
 use serde_json::Value;
 
@@ -75,6 +76,12 @@ impl CallReader {
             }
         }
         (!calls.is_empty()).then_some(calls)
+    }
+
+    /// The text of an answer that holds no calls: `None` when it began a call that did
+    /// not finish.
+    pub fn text_of(&self, text: String) -> Option<String> {
+        (self.decide(&text) != Decision::Calls).then_some(text)
     }
 
     /// `finish_reason` of an answer that made calls (OpenAI: `tool_calls`, but `stop`
