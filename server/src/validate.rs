@@ -79,13 +79,7 @@ pub fn chat(
         req.parallel_tool_calls,
         limits.max_tool_calls,
     )?;
-    let constraint = response_format(info, req.response_format.as_ref())?;
-    if constraint.is_some() && tools.as_ref().is_some_and(ToolRequest::active) {
-        return Err(ApiError::bad(
-            "response_format",
-            "`response_format` cannot be combined with `tools` (calls are already held to their schemas); use one or the other",
-        ));
-    }
+    let answer = response_format(req.response_format.as_ref())?.map(|s| ("response_format", s));
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
     let (mut gen, reader) = conversation(
@@ -94,7 +88,7 @@ pub fn chat(
         request_id,
         req.messages,
         tools.as_ref(),
-        constraint,
+        answer,
         &req.sampling,
         "messages",
     )?;
@@ -112,8 +106,9 @@ pub fn chat(
 
 /// A chat-shaped request once its endpoint's own fields are read (`/v1/chat/completions`
 /// and `/v1/responses` share it): the conversation rendered with the offered tools and
-/// tokenized, the constraint that holds calls to their schemas (or the structured-output
-/// one), and how the answer is read back.
+/// tokenized, the constraint that holds calls to their schemas and a text answer to
+/// `answer`'s (the structured-output schema and the field that gave it), and how the
+/// answer is read back.
 #[allow(clippy::too_many_arguments)]
 pub fn conversation(
     info: &ModelInfo,
@@ -121,7 +116,7 @@ pub fn conversation(
     request_id: String,
     wire: Vec<WireMessage>,
     tools: Option<&ToolRequest>,
-    mut constraint: Option<Constraint>,
+    answer: Option<(&'static str, Value)>,
     sampling: &WireSampling,
     param: &'static str,
 ) -> Result<(GenRequest, Option<CallReader>), ApiError> {
@@ -131,6 +126,11 @@ pub fn conversation(
     let (messages, tools_value) = tools::prompt::prepare(knows_tools, tools, messages);
     let prompt = encode_chat(info, limits, &messages, tools_value.as_ref(), true, param)?;
     let mut reader = None;
+    // Compiled alone first, so that a schema that cannot be enforced is blamed on its field.
+    let mut constraint = match &answer {
+        Some((field, schema)) => Some(json_constraint(info, field, schema.clone())?),
+        None => None,
+    };
     if let Some(t) = tools.filter(|t| t.active()) {
         let grammars = info.grammars.as_ref().map_err(|e| {
             ApiError::bad(
@@ -138,7 +138,8 @@ pub fn conversation(
                 format!("function calling is unavailable for this model: {e}"),
             )
         })?;
-        constraint = Some(grammars.lark(format.grammar(t)).map_err(|e| {
+        let answer = answer.as_ref().map(|(_, schema)| schema);
+        constraint = Some(grammars.lark(format.grammar(t, answer)).map_err(|e| {
             ApiError::bad(
                 "tools",
                 format!(
@@ -150,6 +151,7 @@ pub fn conversation(
         reader = Some(CallReader {
             format,
             choice: t.choice.clone(),
+            json_answer: answer.is_some(),
         });
     }
     let mut gen = generation(info, limits, request_id, prompt, sampling, false, param)?;
@@ -466,9 +468,9 @@ pub fn completion(
     })
 }
 
-/// `response_format`: `text` (no constraint), `json_object` (any JSON object) or
-/// `json_schema` (`{"json_schema": {"schema": {...}}}`), compiled for this vocabulary.
-fn response_format(info: &ModelInfo, rf: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
+/// `response_format`: `text` (no schema), `json_object` (any JSON object) or
+/// `json_schema` (`{"json_schema": {"schema": {...}}}`): the schema an answer follows.
+fn response_format(rf: Option<&Value>) -> Result<Option<Value>, ApiError> {
     let Some(rf) = rf.filter(|v| !v.is_null()) else {
         return Ok(None);
     };
@@ -491,7 +493,7 @@ fn response_format(info: &ModelInfo, rf: Option<&Value>) -> Result<Option<Constr
         )))
         }
     };
-    json_constraint(info, "response_format", schema).map(Some)
+    Ok(Some(schema))
 }
 
 /// A JSON schema compiled into a constraint for this vocabulary; errors name `param`.

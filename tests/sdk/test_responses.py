@@ -311,3 +311,49 @@ def test_openai_agents_sdk_default_model_runs_a_tool_loop():
             assert isinstance(result.final_output, str) and result.final_output.strip()
 
     asyncio.run(both())
+
+
+def test_openai_agents_sdk_with_a_typed_answer_and_a_tool():
+    # `output_type` beside `tools`: the answer after the call follows the type's schema.
+    import pydantic
+    from agents import (RunConfig, Runner, set_default_openai_api, set_default_openai_client,
+                        set_tracing_disabled)
+    from openai import AsyncOpenAI
+    from weather_agent import weather_agent
+
+    class Report(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=20)
+        summary: str = pydantic.Field(max_length=60)
+
+    set_tracing_disabled(True)
+    set_default_openai_client(AsyncOpenAI(base_url=f"{BASE}/v1", api_key="unused",
+                                          max_retries=0), use_for_tracing=False)
+    set_default_openai_api("responses")
+    calls = []
+    agent = weather_agent(MODEL, calls, output_type=Report)
+    result = asyncio.run(Runner.run(agent, "What is the weather in Paris?", max_turns=4,
+                                    run_config=RunConfig(tracing_disabled=True)))
+    assert calls, "the tool was never called"
+    assert isinstance(result.final_output, Report), result.final_output
+
+
+def test_text_format_beside_tools_answers_in_calls_or_in_the_schema(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+              "required": ["city"], "additionalProperties": False}
+    seen = set()
+    for i, q in enumerate(["What is the weather in Paris?", "Name a city as JSON.",
+                           "Hello!", "Weather in Oslo?"]):
+        r = client.responses.create(
+            model=MODEL, input=q, tools=[WEATHER], max_output_tokens=100, temperature=1.0,
+            text={"format": {"type": "json_schema", "name": "city", "schema": schema}})
+        if r.status != "completed":
+            continue
+        kinds = {o.type for o in r.output}
+        if kinds == {"function_call"}:
+            for call in r.output:
+                jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+        else:
+            assert kinds == {"message"}, r.output
+            jsonschema.validate(json.loads(r.output_text), schema)
+        seen |= kinds
+    assert seen, "every answer was cut short"

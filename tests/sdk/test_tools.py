@@ -234,6 +234,43 @@ def test_a_call_cut_short_is_neither_text_nor_a_call(client):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+REPORT = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 20},
+    "summary": {"type": "string", "maxLength": 60}},
+    "required": ["city", "summary"], "additionalProperties": False}
+
+
+def test_tools_beside_a_response_format_answer_in_calls_or_in_the_schema(client):
+    # An agent with tools and a typed final answer: each answer is valid calls or JSON
+    # that follows the schema, streamed or not.
+    seen = set()
+    for i, q in enumerate(["What is the weather in Paris?", "Summarize: Paris is sunny.",
+                           "Hello!", "Call get_weather for Oslo.", "Report on Rome.",
+                           "Weather in Tokyo?"]):
+        kwargs = dict(model=MODEL, messages=ask(q), tools=[WEATHER], max_tokens=120,
+                      temperature=1.0, seed=i, response_format={
+                          "type": "json_schema",
+                          "json_schema": {"name": "report", "schema": REPORT}})
+        r = client.chat.completions.create(**kwargs)
+        choice = r.choices[0]
+        if choice.finish_reason == "length":
+            continue
+        if choice.message.tool_calls:
+            check_calls(choice.message, [WEATHER])
+            seen.add("calls")
+        else:
+            jsonschema.validate(json.loads(choice.message.content), REPORT)
+            seen.add("json")
+        with client.chat.completions.stream(**kwargs) as stream:
+            final = stream.get_final_completion().choices[0].message
+        if choice.message.tool_calls:
+            assert [c.function.arguments for c in final.tool_calls] == \
+                [c.function.arguments for c in choice.message.tool_calls]
+        else:
+            assert final.content == choice.message.content
+    assert seen == {"calls", "json"}, seen
+
+
 def test_streamed_deltas_reassemble_to_the_same_call(client):
     kwargs = dict(model=MODEL, messages=ask(), tools=[WEATHER], tool_choice="required",
                   max_tokens=100, temperature=0, seed=7)
@@ -290,7 +327,9 @@ def test_bad_tool_requests_name_the_field(client):
     bad(client, "messages", tools=[WEATHER], messages=ask() + [
         {"role": "tool", "tool_call_id": "call_unknown", "content": "x"}])
     bad(client, "response_format", messages=ask(), tools=[WEATHER],
-        response_format={"type": "json_object"})
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "if": {"properties": {"a": {"const": 1}}},
+            "then": {"required": ["b"]}}}})
 
 
 def test_tool_calls_are_counted_in_metrics(client):

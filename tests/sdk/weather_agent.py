@@ -15,8 +15,9 @@ class AnswerAfterTheTool(AgentHooks):
         agent.model_settings = dataclasses.replace(agent.model_settings, tool_choice="none")
 
 
-def weather_agent(model, calls):
-    """An agent on `model` whose tool appends each city it is asked for to `calls`."""
+def weather_agent(model, calls, output_type=None):
+    """An agent on `model` whose tool appends each city it is asked for to `calls`;
+    `output_type`: the type of its final answer (text by default)."""
 
     @function_tool
     def get_weather(city: str) -> str:
@@ -32,4 +33,5 @@ def weather_agent(model, calls):
         model_settings=ModelSettings(tool_choice="required", max_tokens=80, temperature=0),
         hooks=AnswerAfterTheTool(),
         reset_tool_choice=False,
+        output_type=output_type,
     )

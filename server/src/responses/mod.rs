@@ -86,13 +86,7 @@ pub fn prepare(
         .text
         .filter(|t| !t.is_null())
         .unwrap_or_else(|| json!({"format": {"type": "text"}}));
-    let constraint = text_format(info, &text)?;
-    if constraint.is_some() && tools.as_ref().is_some_and(ToolRequest::active) {
-        return Err(ApiError::bad(
-            "text",
-            "`text.format` cannot be combined with `tools` (calls are already held to their schemas); use one or the other",
-        ));
-    }
+    let answer = text_format(&text)?.map(|schema| ("text", schema));
 
     let items = input::read(req.input)?;
     let (history, chain) =
@@ -127,7 +121,7 @@ pub fn prepare(
         request_id.clone(),
         wire,
         tools.as_ref(),
-        constraint,
+        answer,
         &sampling,
         "input",
     )?;
@@ -264,10 +258,7 @@ fn functions(tools: &[Value]) -> Result<Vec<FunctionSpec>, ApiError> {
 }
 
 /// `text.format`: `text`, `json_object`, or `json_schema` with its `schema` inline.
-fn text_format(
-    info: &ModelInfo,
-    text: &Value,
-) -> Result<Option<crate::grammar::Constraint>, ApiError> {
+fn text_format(text: &Value) -> Result<Option<Value>, ApiError> {
     let Some(format) = text.get("format").filter(|f| !f.is_null()) else {
         return Ok(None);
     };
@@ -293,7 +284,7 @@ fn text_format(
             ))
         }
     };
-    validate::json_constraint(info, "text", schema).map(Some)
+    Ok(Some(schema))
 }
 
 fn metadata(metadata: Option<Map<String, Value>>) -> Result<Map<String, Value>, ApiError> {

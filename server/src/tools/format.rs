@@ -50,10 +50,14 @@ impl CallFormat {
 
     /// Whether text that starts with `trimmed` (leading whitespace removed) can be a call:
     /// `Some(true)` it is one, `Some(false)` it is not, `None` not known yet.
-    pub fn starts_call(self, trimmed: &str) -> Option<bool> {
-        let opener = match self {
-            CallFormat::Hermes => "<tool_call>",
-            CallFormat::Llama3Json | CallFormat::Generic => "{",
+    /// `json_answer`: a text answer is JSON too (structured output beside tools), told
+    /// from a JSON call by the call's first key, which the grammar writes compactly.
+    pub fn starts_call(self, trimmed: &str, json_answer: bool) -> Option<bool> {
+        let opener = match (self, json_answer) {
+            (CallFormat::Hermes, _) => "<tool_call>",
+            (CallFormat::Generic, true) => "{\"tool_calls\":",
+            (CallFormat::Llama3Json, true) => "{\"name\":",
+            (CallFormat::Llama3Json | CallFormat::Generic, false) => "{",
         };
         if trimmed.len() >= opener.len() {
             Some(trimmed.starts_with(opener))
@@ -64,8 +68,11 @@ impl CallFormat {
         }
     }
 
-    /// The grammar (llguidance's Lark) of an answer to `tools` in this format.
-    pub fn grammar(self, tools: &ToolRequest) -> String {
+    /// The grammar (llguidance's Lark) of an answer to `tools` in this format; with
+    /// `tool_choice: "auto"`, a text answer is free or, given `answer`, JSON following
+    /// that schema (a JSON call is then told apart by its first key: a schema whose
+    /// answer starts with the same key would be read as a call).
+    pub fn grammar(self, tools: &ToolRequest, answer: Option<&Value>) -> String {
         let (call, defs) = self.call_schema(tools);
         let calls = match self {
             CallFormat::Generic => {
@@ -103,8 +110,12 @@ impl CallFormat {
                 (format!("calls: %json {calls}\n"), "\\{")
             }
         };
-        match tools.choice {
-            Choice::Auto => format!(
+        match (&tools.choice, answer) {
+            (Choice::Auto, Some(schema)) => format!(
+                "start: calls | text\n{calls_rule}text: %json {}\n",
+                compact(schema.clone())
+            ),
+            (Choice::Auto, None) => format!(
                 "start: calls | text\n{calls_rule}text: TEXT\nTEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{opener}.*)/\n"
             ),
             _ => format!("start: calls\n{calls_rule}"),
@@ -233,13 +244,35 @@ mod tests {
 
     #[test]
     fn a_call_is_recognised_by_its_start() {
-        assert_eq!(CallFormat::Hermes.starts_call("<tool"), None);
-        assert_eq!(CallFormat::Hermes.starts_call("<tool_call>\n{"), Some(true));
-        assert_eq!(CallFormat::Hermes.starts_call("<b>"), Some(false));
-        assert_eq!(CallFormat::Hermes.starts_call("Hello"), Some(false));
-        assert_eq!(CallFormat::Generic.starts_call("{\"tool"), Some(true));
-        assert_eq!(CallFormat::Generic.starts_call("Sure"), Some(false));
-        assert_eq!(CallFormat::Generic.starts_call(""), None);
+        assert_eq!(CallFormat::Hermes.starts_call("<tool", false), None);
+        assert_eq!(
+            CallFormat::Hermes.starts_call("<tool_call>\n{", false),
+            Some(true)
+        );
+        assert_eq!(CallFormat::Hermes.starts_call("<b>", false), Some(false));
+        assert_eq!(CallFormat::Hermes.starts_call("Hello", false), Some(false));
+        assert_eq!(
+            CallFormat::Generic.starts_call("{\"tool", false),
+            Some(true)
+        );
+        assert_eq!(CallFormat::Generic.starts_call("Sure", false), Some(false));
+        assert_eq!(CallFormat::Generic.starts_call("", false), None);
+        // Beside a JSON answer, a call is told by its first key.
+        assert_eq!(CallFormat::Generic.starts_call("{\"tool", true), None);
+        assert_eq!(
+            CallFormat::Generic.starts_call("{\"city\"", true),
+            Some(false)
+        );
+        assert_eq!(
+            CallFormat::Generic.starts_call("{\"tool_calls\": [", true),
+            Some(true)
+        );
+        assert_eq!(CallFormat::Llama3Json.starts_call("{\"nam", true), None);
+        assert_eq!(
+            CallFormat::Llama3Json.starts_call("{\"n\":", true),
+            Some(false)
+        );
+        assert_eq!(CallFormat::Hermes.starts_call("{\"a\"", true), Some(false));
     }
 
     /// A function's own references (`#`, its `$defs`, its properties) still point into
@@ -294,19 +327,26 @@ mod tests {
             parallel: true,
             max_calls: 3,
         };
-        let auto = CallFormat::Hermes.grammar(&tools(Choice::Auto));
+        let auto = CallFormat::Hermes.grammar(&tools(Choice::Auto), None);
         assert!(auto.starts_with("start: calls | text\n"), "{auto}");
         assert!(
             auto.contains("calls: call (\"\\n\" call (\"\\n\" call )?)?\n"),
             "{auto}"
         );
-        let named = CallFormat::Hermes.grammar(&tools(Choice::Named("f".into())));
+        let named = CallFormat::Hermes.grammar(&tools(Choice::Named("f".into())), None);
         assert!(named.starts_with("start: calls\ncalls: call \n"), "{named}");
-        let generic = CallFormat::Generic.grammar(&tools(Choice::Required));
+        let generic = CallFormat::Generic.grammar(&tools(Choice::Required), None);
         assert!(
             generic.starts_with("start: calls\ncalls: %json {"),
             "{generic}"
         );
         assert!(generic.contains("\"maxItems\":3"), "{generic}");
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let json_answer = CallFormat::Generic.grammar(&tools(Choice::Auto), Some(&schema));
+        assert!(json_answer.contains("\ntext: %json {"), "{json_answer}");
+        assert!(!json_answer.contains("TEXT"), "{json_answer}");
+        // A forced call ignores the answer's schema.
+        let forced = CallFormat::Generic.grammar(&tools(Choice::Required), Some(&schema));
+        assert_eq!(forced, generic);
     }
 }

@@ -21,6 +21,8 @@ pub struct ToolCall {
 pub struct CallReader {
     pub format: CallFormat,
     pub choice: Choice,
+    /// A text answer is JSON (structured output beside tools).
+    pub json_answer: bool,
 }
 
 /// What the start of an answer says about it.
@@ -37,7 +39,7 @@ impl CallReader {
         if matches!(self.choice, Choice::Required | Choice::Named(_)) {
             return Decision::Calls;
         }
-        match self.format.starts_call(text.trim_start()) {
+        match self.format.starts_call(text.trim_start(), self.json_answer) {
             Some(true) => Decision::Calls,
             Some(false) => Decision::Text,
             None => Decision::Undecided,
@@ -99,7 +101,11 @@ mod tests {
     use super::*;
 
     fn reader(format: CallFormat, choice: Choice) -> CallReader {
-        CallReader { format, choice }
+        CallReader {
+            format,
+            choice,
+            json_answer: false,
+        }
     }
 
     #[test]
