@@ -87,6 +87,9 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     #[serde(default)]
     pub suffix: Option<String>,
+    /// Only 1 (the default) is served: one sample per choice, not the best of several.
+    #[serde(default)]
+    pub best_of: Option<i64>,
 }
 
 /// Sampling fields shared by both endpoints.
@@ -136,14 +139,17 @@ pub struct StreamOptions {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of strings")]
 pub enum StopInput {
     One(String),
     Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string, a list of strings, a list of token ids or a list of such lists"
+)]
 pub enum PromptInput {
     Text(String),
     Texts(Vec<String>),
@@ -167,7 +173,7 @@ pub struct WireMessage {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of content parts")]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
@@ -179,6 +185,9 @@ pub struct ContentPart {
     pub kind: String,
     #[serde(default)]
     pub text: Option<String>,
+    /// An assistant's `refusal` part.
+    #[serde(default)]
+    pub refusal: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]

@@ -170,6 +170,12 @@ pub fn tool_request(
     for (i, t) in wire.into_iter().flatten().enumerate() {
         let f = match (t.kind.as_str(), t.function) {
             ("function", Some(f)) => f,
+            ("function", None) => {
+                return Err(ApiError::bad(
+                    "tools",
+                    format!("`tools[{i}].function` is required: {{\"type\": \"function\", \"function\": {{\"name\": ..., \"parameters\": ...}}}}"),
+                ))
+            }
             (kind, _) => {
                 return Err(ApiError::bad(
                     "tools",
@@ -186,7 +192,13 @@ pub fn tool_request(
                 .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
         });
     }
-    ToolRequest::new(functions, tool_choice, parallel, max_calls)
+    ToolRequest::new(
+        tools::Shape::Chat,
+        functions,
+        tool_choice,
+        parallel,
+        max_calls,
+    )
 }
 
 /// The conversation as the template sees it: roles checked, text parts joined, earlier
@@ -220,9 +232,11 @@ pub fn chat_messages(
             Some(MessageContent::Parts(parts)) => {
                 let mut text = String::new();
                 for (j, p) in parts.into_iter().enumerate() {
-                    match (p.kind.as_str(), p.text) {
-                        ("text", Some(t)) => text.push_str(&t),
-                        (kind, _) => {
+                    match (p.kind.as_str(), p.text, p.refusal) {
+                        ("text", Some(t), _) => text.push_str(&t),
+                        // An assistant's earlier refusal is what it said.
+                        ("refusal", _, Some(t)) if m.role == "assistant" => text.push_str(&t),
+                        (kind, _, _) => {
                             return Err(ApiError::bad(
                                 "messages",
                                 format!("`messages[{i}].content[{j}]`: only parts of type \"text\" with a `text` field are supported, got type {kind:?}"),
@@ -394,6 +408,12 @@ pub fn completion(
         return Err(ApiError::bad(
             "suffix",
             "`suffix` (fill-in-the-middle) is not supported by this model",
+        ));
+    }
+    if let Some(b) = req.best_of.filter(|&b| b != 1) {
+        return Err(ApiError::bad(
+            "best_of",
+            format!("`best_of` must be 1 (the best of several samples is not supported), got {b}"),
         ));
     }
     let logprobs = match req.logprobs {

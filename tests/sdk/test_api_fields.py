@@ -308,6 +308,36 @@ def test_completion_alternatives_always_hold_the_chosen_token(client):
                zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]))
 
 
+def test_odd_but_valid_shapes_and_clear_refusals(client):
+    # An assistant's refusal part (the SDK's types allow it) is history like any text.
+    r = client.chat.completions.create(model=MODEL, max_tokens=2, messages=[
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+        {"role": "user", "content": "Why?"}])
+    assert r.choices[0].finish_reason == "length"
+
+    def refused(path, body, param):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.post(path, body={"model": MODEL, "max_tokens": 2, **body}, cast_to=object)
+        assert e.value.body["param"] == param, e.value.body
+        assert "untagged" not in e.value.body["message"], e.value.body
+        return e.value.body["message"]
+
+    assert "list of strings" in refused("/chat/completions", {"messages": [
+        {"role": "user", "content": "Hi"}], "stop": [1, 2]}, "stop")
+    assert "content parts" in refused("/chat/completions", {"messages": [
+        {"role": "user", "content": 5}]}, "messages")
+    refused("/completions", {"prompt": {"x": 1}}, "prompt")
+    assert "`tools[0].function` is required" in refused("/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]},
+        "tools")
+    # One sample per choice: `best_of` other than 1 is refused, not silently ignored.
+    refused("/completions", {"prompt": "Hi", "best_of": 2}, "best_of")
+    refused("/completions", {"prompt": "Hi", "best_of": 0}, "best_of")
+    ok = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, best_of=1)
+    assert ok.choices[0].text is not None
+
+
 def test_echo_with_logprobs_scores_the_prompt(client):
     prompt = "The capital of France is Paris"
 

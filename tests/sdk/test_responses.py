@@ -275,6 +275,22 @@ def test_unsupported_fields_are_refused_by_name(client, fields, param):
     assert e.value.body["param"] == param, e.value.body
 
 
+@pytest.mark.parametrize("fields,needle", [
+    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]},
+     "`tools[0].parameters`"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, '{"type": "function", "name": ...}'),
+    ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "mode": "auto"}},
+     "allowed_tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "Responses tools are flat"),
+])
+def test_tool_errors_describe_the_responses_shapes(client, fields, needle):
+    body = {"model": MODEL, "input": "hi", **fields}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.post("/responses", body=body, cast_to=object)
+    assert needle in e.value.body["message"], e.value.body
+    assert "function.parameters" not in e.value.body["message"]
+
+
 def test_openai_agents_sdk_default_model_runs_a_tool_loop():
     import dataclasses
 

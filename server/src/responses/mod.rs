@@ -77,6 +77,7 @@ pub fn prepare(
     let metadata = metadata(req.metadata)?;
     let wire_tools = req.tools.unwrap_or_default();
     let tools = ToolRequest::new(
+        crate::tools::Shape::Responses,
         functions(&wire_tools)?,
         req.tool_choice.as_ref(),
         req.parallel_tool_calls,
@@ -239,7 +240,11 @@ fn functions(tools: &[Value]) -> Result<Vec<FunctionSpec>, ApiError> {
                 ));
             }
             let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
-                ApiError::bad("tools", format!("`tools[{i}].name` is required"))
+                let hint = match t.get("function") {
+                    Some(_) => " (Responses tools are flat, `{\"type\": \"function\", \"name\": ..., \"parameters\": ...}`, not Chat Completions' `function` object)",
+                    None => "",
+                };
+                ApiError::bad("tools", format!("`tools[{i}].name` is required{hint}"))
             })?;
             Ok(FunctionSpec {
                 name: name.to_string(),

@@ -55,6 +55,31 @@ pub enum Choice {
     Named(String),
 }
 
+/// Which endpoint's shapes a request's tools come in (errors describe them as sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `{"type": "function", "function": {"name", "parameters"}}`.
+    Chat,
+    /// `{"type": "function", "name", "parameters"}`.
+    Responses,
+}
+
+impl Shape {
+    fn parameters(self, i: usize) -> String {
+        match self {
+            Shape::Chat => format!("`tools[{i}].function.parameters`"),
+            Shape::Responses => format!("`tools[{i}].parameters`"),
+        }
+    }
+
+    fn named_choice(self) -> &'static str {
+        match self {
+            Shape::Chat => "{\"type\": \"function\", \"function\": {\"name\": ...}}",
+            Shape::Responses => "{\"type\": \"function\", \"name\": ...}",
+        }
+    }
+}
+
 /// What a request offers the model to call, validated.
 #[derive(Debug, Clone)]
 pub struct ToolRequest {
@@ -69,8 +94,9 @@ pub struct ToolRequest {
 impl ToolRequest {
     /// Reads `tools`, `tool_choice` and `parallel_tool_calls` of a request; `None` when
     /// it offers no tools. `functions` are `(name, description, parameters)` as the
-    /// endpoint's wire shape holds them.
+    /// endpoint's wire shape (`shape`) holds them.
     pub fn new(
+        shape: Shape,
         functions: Vec<FunctionSpec>,
         tool_choice: Option<&Value>,
         parallel: Option<bool>,
@@ -96,7 +122,7 @@ impl ToolRequest {
             if !f.parameters.is_object() {
                 return Err(ApiError::bad(
                     "tools",
-                    format!("`tools[{i}].function.parameters` must be a JSON schema object"),
+                    format!("{} must be a JSON schema object", shape.parameters(i)),
                 ));
             }
             // Arguments are a JSON object (OpenAI's rule); a schema of another type could
@@ -105,7 +131,8 @@ impl ToolRequest {
                 return Err(ApiError::bad(
                     "tools",
                     format!(
-                        "`tools[{i}].function.parameters` must be a schema of `\"type\": \"object\"`, not {t}"
+                        "{} must be a schema of `\"type\": \"object\"`, not {t}",
+                        shape.parameters(i)
                     ),
                 ));
             }
@@ -118,10 +145,16 @@ impl ToolRequest {
                 "required" => Choice::Required,
                 other => {
                     return Err(bad(format!(
-                        "`tool_choice` must be \"none\", \"auto\", \"required\" or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {other:?}"
-                    )))
+                    "`tool_choice` must be \"none\", \"auto\", \"required\" or {}, got {other:?}",
+                    shape.named_choice()
+                )))
                 }
             },
+            Some(v) if v.get("type").and_then(Value::as_str) == Some("allowed_tools") => {
+                return Err(bad(
+                    "`tool_choice` of type \"allowed_tools\" is not supported: offer only the allowed functions in `tools`".into(),
+                ));
+            }
             Some(v) => {
                 let name = v
                     .get("function")
@@ -130,7 +163,10 @@ impl ToolRequest {
                     .and_then(Value::as_str)
                     .filter(|_| v.get("type").and_then(Value::as_str) == Some("function"))
                     .ok_or_else(|| {
-                        bad("`tool_choice` must name a function: {\"type\": \"function\", \"function\": {\"name\": ...}}".into())
+                        bad(format!(
+                            "`tool_choice` must name a function: {}",
+                            shape.named_choice()
+                        ))
                     })?;
                 if !functions.iter().any(|f| f.name == name) {
                     return Err(bad(format!(
@@ -222,7 +258,7 @@ mod tests {
             ),
         ];
         for (given, want) in forms {
-            let t = ToolRequest::new(vec![weather()], given.as_ref(), None, 8)
+            let t = ToolRequest::new(Shape::Chat, vec![weather()], given.as_ref(), None, 8)
                 .unwrap()
                 .unwrap();
             assert_eq!(t.choice, want);
@@ -272,14 +308,19 @@ mod tests {
             ),
         ];
         for (functions, choice, field) in cases {
-            let e = ToolRequest::new(functions, choice.as_ref(), None, 8).expect_err("refused");
+            let e = ToolRequest::new(Shape::Chat, functions, choice.as_ref(), None, 8)
+                .expect_err("refused");
             assert_eq!(param(e), Some(field));
         }
         // No tools and no choice (or "none"): nothing to do.
-        assert!(ToolRequest::new(vec![], None, None, 8).unwrap().is_none());
-        assert!(ToolRequest::new(vec![], Some(&json!("none")), None, 8)
+        assert!(ToolRequest::new(Shape::Chat, vec![], None, None, 8)
             .unwrap()
             .is_none());
+        assert!(
+            ToolRequest::new(Shape::Chat, vec![], Some(&json!("none")), None, 8)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
