@@ -95,8 +95,9 @@ impl ChunkMeta {
         }
     }
 
-    /// A chat chunk with one choice's call deltas.
-    fn tool_chunk(&self, index: usize, delta: ToolCallDelta) -> String {
+    /// A chat chunk with one choice's call deltas (and `logprobs`, the answer's, on the
+    /// first, as the unstreamed message carries them).
+    fn tool_chunk(&self, index: usize, delta: ToolCallDelta, logprobs: Option<Value>) -> String {
         frame(&ChatChunk {
             id: &self.id,
             object: "chat.completion.chunk",
@@ -108,7 +109,7 @@ impl ChunkMeta {
                     tool_calls: Some(vec![delta]),
                     ..Delta::default()
                 },
-                logprobs: None,
+                logprobs,
                 finish_reason: None,
             }],
             usage: self.usage_field(None),
@@ -241,7 +242,13 @@ fn opening(st: &mut State) -> String {
     let mut out = String::new();
     for index in 0..meta.n {
         match (meta.shape, &meta.echo) {
-            (Shape::Chat, _) => out.push_str(&meta.chunk(index, true, Some(""), None, None)),
+            // An answer that can only be calls has no content (`null`, as its
+            // unstreamed message says); any other may be text.
+            (Shape::Chat, _) => {
+                let forced = meta.tools.as_ref().is_some_and(CallReader::forced);
+                let content = (!forced).then_some("");
+                out.push_str(&meta.chunk(index, true, content, None, None));
+            }
             // With log-probabilities the prompt waits for its scores (`Event::Prompt`).
             (Shape::Completion, Some(prompt)) if !meta.logprobs => {
                 out.push_str(&meta.chunk(index, false, Some(prompt), None, None));
@@ -317,9 +324,11 @@ async fn next_event(st: &mut State) -> String {
                 match reader.calls(&text) {
                     Some(calls) => {
                         meta.metrics.tool_calls.inc_by(calls.len() as u64);
+                        let held_lp = std::mem::take(&mut held.logprobs);
+                        let mut lp = meta.logprobs_value(&held_lp, &mut TextOffsets::default());
                         for (i, call) in calls.into_iter().enumerate() {
                             for delta in call_deltas(i, call) {
-                                out.push_str(&meta.tool_chunk(index, delta));
+                                out.push_str(&meta.tool_chunk(index, delta, lp.take()));
                             }
                         }
                         finish = reader.finish_reason();

@@ -292,6 +292,19 @@ def test_streamed_deltas_reassemble_to_the_same_call(client):
     assert call.function.name == whole.function.name
     assert call.function.arguments == whole.function.arguments
     assert final.choices[0].finish_reason == "tool_calls"
+    # A forced call has no content, streamed or not (the role chunk says null, not "").
+    assert final.choices[0].message.content is None
+
+
+def test_a_call_s_logprobs_come_streamed_or_not(client):
+    kwargs = dict(model=MODEL, messages=ask(), tools=[WEATHER], tool_choice="required",
+                  max_tokens=100, temperature=0, logprobs=True)
+    whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    streamed = []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert whole and [t.token for t in streamed] == [t.token for t in whole]
 
 
 def test_a_second_turn_with_the_result_is_answered(client):

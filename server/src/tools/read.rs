@@ -34,9 +34,14 @@ pub enum Decision {
 }
 
 impl CallReader {
+    /// Whether every answer is calls (`tool_choice` required or a named function).
+    pub fn forced(&self) -> bool {
+        matches!(self.choice, Choice::Required | Choice::Named(_))
+    }
+
     /// Whether the answer that starts with `text` is text or calls.
     pub fn decide(&self, text: &str) -> Decision {
-        if matches!(self.choice, Choice::Required | Choice::Named(_)) {
+        if self.forced() {
             return Decision::Calls;
         }
         match self.format.starts_call(text.trim_start(), self.json_answer) {
