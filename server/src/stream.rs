@@ -334,11 +334,13 @@ async fn next_event(st: &mut State) -> String {
                         finish = reader.finish_reason();
                     }
                     None => {
-                        if let Some(text) = reader.text_of(text).filter(|t| !t.is_empty()) {
-                            // Only chat answers hold text back: no offsets to keep.
-                            let held_lp = std::mem::take(&mut held.logprobs);
-                            let lp = meta.logprobs_value(&held_lp, &mut TextOffsets::default());
-                            out.push_str(&meta.chunk(index, false, Some(&text), lp, None));
+                        // Only chat answers hold text back: no offsets to keep. A dropped
+                        // call's tokens keep their logprobs, as the unstreamed answer does.
+                        let held_lp = std::mem::take(&mut held.logprobs);
+                        let lp = meta.logprobs_value(&held_lp, &mut TextOffsets::default());
+                        let text = reader.text_of(text).filter(|t| !t.is_empty());
+                        if text.is_some() || !held_lp.is_empty() {
+                            out.push_str(&meta.chunk(index, false, text.as_deref(), lp, None));
                         }
                     }
                 }

@@ -123,7 +123,8 @@ pub fn conversation(
     let messages = chat_messages(info, wire)?;
     let knows_tools = info.template.knows_tools();
     let format = tools::prompt::format_for(knows_tools, info.template.source());
-    let (messages, tools_value) = tools::prompt::prepare(knows_tools, tools, messages);
+    let (messages, tools_value) =
+        tools::prompt::prepare(knows_tools, tools, answer.is_some(), messages);
     let prompt = encode_chat(info, limits, &messages, tools_value.as_ref(), true, param)?;
     let mut reader = None;
     // Compiled alone first, so that a schema that cannot be enforced is blamed on its field.
@@ -152,6 +153,7 @@ pub fn conversation(
             format,
             choice: t.choice.clone(),
             json_answer: answer.is_some(),
+            functions: t.callable().map(|f| f.name.clone()).collect(),
         });
     }
     let mut gen = generation(info, limits, request_id, prompt, sampling, false, param)?;

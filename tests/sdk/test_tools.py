@@ -206,18 +206,25 @@ def test_a_recursive_schema_refers_to_the_function_not_the_call(client):
         "properties": {"label": {"type": "string", "maxLength": 8},
                        "child": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
         "required": ["label", "child"], "additionalProperties": False}}}
-    finished = 0
-    for seed in range(4):
-        r = client.chat.completions.create(
-            model=MODEL, messages=ask("Make a small tree."), tools=[tree],
-            tool_choice="required", parallel_tool_calls=False, max_tokens=160,
-            temperature=1.0, seed=seed)
-        if r.choices[0].finish_reason == "length":
-            continue
-        check_calls(r.choices[0].message, [tree])
-        finished += 1
-    assert finished
-
+    # pydantic's form of a recursive model: a root `$ref` into its own `$defs`.
+    node = {"type": "function", "function": {"name": "node", "parameters": {
+        "$ref": "#/$defs/Node",
+        "$defs": {"Node": {"type": "object", "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "children": {"type": "array", "maxItems": 1, "items": {"$ref": "#/$defs/Node"}}},
+            "required": ["name", "children"], "additionalProperties": False}}}}}
+    for tool, temperature in ((tree, 1.0), (node, 0.7)):
+        finished = 0
+        for seed in range(6):
+            r = client.chat.completions.create(
+                model=MODEL, messages=ask("Make a small tree."), tools=[tool],
+                tool_choice="required", parallel_tool_calls=False, max_tokens=300,
+                temperature=temperature, seed=seed)
+            if r.choices[0].finish_reason == "length":
+                continue
+            check_calls(r.choices[0].message, [tool])
+            finished += 1
+        assert finished, tool["function"]["name"]
 
 def test_a_call_cut_short_is_neither_text_nor_a_call(client):
     # The call syntax is the server's instruction to the model: a client shown it as

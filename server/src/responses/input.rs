@@ -148,9 +148,10 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
 /// - every item id is new: ids name items in `input_items` pages (a repeated one would
 ///   send a page cursor back), and an item resent from the history would be seen twice;
 /// - every `function_call_output` answers a call made before it;
-/// - every call the history left unanswered is answered in `items`, as OpenAI requires
-///   of a turn that continues one that ended in calls.
-pub fn check_items(history: &[Item], items: &[Item]) -> Result<(), ApiError> {
+/// - every call of the previous response's output (`previous`, the end of `history`) is
+///   answered in `items`, as OpenAI requires of a turn that continues one that ended in
+///   calls.
+pub fn check_items(history: &[Item], previous: &[Item], items: &[Item]) -> Result<(), ApiError> {
     let mut ids: HashSet<&str> = history.iter().map(Item::id).collect();
     for (i, item) in items.iter().enumerate() {
         if !ids.insert(item.id()) {
@@ -168,12 +169,15 @@ pub fn check_items(history: &[Item], items: &[Item]) -> Result<(), ApiError> {
         })
         .collect();
     let answered = |call_id: &str| {
-        history
+        items
             .iter()
-            .chain(items)
             .any(|i| matches!(i, Item::FunctionCallOutput { call_id: c, .. } if c == call_id))
     };
-    if let Some(open) = calls.iter().find(|c| !answered(c)) {
+    let open = previous.iter().find_map(|i| match i {
+        Item::FunctionCall { call_id, .. } if !answered(call_id) => Some(call_id),
+        _ => None,
+    });
+    if let Some(open) = open {
         return Err(bad(format!(
             "no function_call_output for the previous response's function_call with call_id {open:?}"
         )));
@@ -333,7 +337,15 @@ mod tests {
         .unwrap();
         let items = |v: Value| read(Some(v)).unwrap();
         let output = json!({"type": "function_call_output", "call_id": "c1", "output": "x"});
-        check_items(&first, &items(json!([output.clone()]))).unwrap();
+        // `first` as a stored response's output (its input empty).
+        check_items(&first, &first, &items(json!([output.clone()]))).unwrap();
+        // A call in an earlier turn's input is the client's own: not asked to be answered.
+        check_items(
+            &first,
+            &[],
+            &items(json!([{"role": "user", "content": "hi"}])),
+        )
+        .unwrap();
         let refused = [
             // The call is left unanswered.
             (
@@ -352,7 +364,7 @@ mod tests {
             ),
         ];
         for (input, needle) in refused {
-            let e = check_items(&first, &items(input.clone())).expect_err("refused");
+            let e = check_items(&first, &first, &items(input.clone())).expect_err("refused");
             assert!(e.to_string().contains(needle), "{input}: {e}");
         }
     }

@@ -90,9 +90,9 @@ pub fn prepare(
     let answer = text_format(&text)?.map(|schema| ("text", schema));
 
     let items = input::read(req.input)?;
-    let (history, chain) =
+    let (history, chain, last_output) =
         match (&req.previous_response_id, &store) {
-            (None, _) => (Vec::new(), Vec::new()),
+            (None, _) => (Vec::new(), Vec::new(), 0),
             (Some(_), None) => return Err(ApiError::bad(
                 "previous_response_id",
                 "responses are not stored on this server (--no-store), so none can be continued",
@@ -105,7 +105,7 @@ pub fn prepare(
             "`input` must be a string or a non-empty list of items",
         ));
     }
-    input::check_items(&history, &items)?;
+    input::check_items(&history, &history[last_output..], &items)?;
     let wire = input::messages(
         req.instructions.as_deref(),
         history.iter().chain(items.iter()),
@@ -321,7 +321,9 @@ fn metadata(metadata: Option<Map<String, Value>>) -> Result<Map<String, Value>, 
 
 /// The items of the conversation ending with response `id` (each turn's input, then its
 /// output), and the ids of its responses.
-fn history(store: &Store, id: &str) -> Result<(Vec<Item>, Vec<String>), ApiError> {
+/// The stored conversation up to and including response `id`: its items, the chain's
+/// ids, and where the last response's output starts among the items.
+fn history(store: &Store, id: &str) -> Result<(Vec<Item>, Vec<String>, usize), ApiError> {
     let rows = store.chain(id).map_err(|e| match e {
         StoreError::NotFound(_) | StoreError::BrokenChain { .. } => ApiError::NotFound {
             message: match e {
@@ -335,6 +337,7 @@ fn history(store: &Store, id: &str) -> Result<(Vec<Item>, Vec<String>), ApiError
     })?;
     let mut items = Vec::new();
     let mut chain = Vec::with_capacity(rows.len());
+    let mut last_output = 0;
     for row in rows {
         let corrupt = |e: serde_json::Error| {
             ApiError::Internal(format!("stored response {:?} is unreadable: {e}", row.id))
@@ -342,10 +345,11 @@ fn history(store: &Store, id: &str) -> Result<(Vec<Item>, Vec<String>), ApiError
         let input: Vec<Item> = serde_json::from_str(&row.input).map_err(corrupt)?;
         let response: ResponseObject = serde_json::from_str(&row.response).map_err(corrupt)?;
         items.extend(input);
+        last_output = items.len();
         items.extend(response.output);
         chain.push(row.id);
     }
-    Ok((items, chain))
+    Ok((items, chain, last_output))
 }
 
 /// A whole answer as output items: the calls the reader finds in it, or one message, or

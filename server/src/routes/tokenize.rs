@@ -61,7 +61,7 @@ pub async fn tokenize(
                         validate::tool_request(req.tools, None, None, limits.max_tool_calls)?;
                     let knows_tools = info.template.knows_tools();
                     let (messages, tools) =
-                        tools::prompt::prepare(knows_tools, tools.as_ref(), messages);
+                        tools::prompt::prepare(knows_tools, tools.as_ref(), false, messages);
                     validate::encode_chat(
                         &info,
                         limits,

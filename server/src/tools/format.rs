@@ -139,7 +139,14 @@ impl CallFormat {
                 let mut parameters = f.parameters.clone();
                 if let Some(obj) = parameters.as_object_mut() {
                     obj.entry("type").or_insert(json!("object"));
-                    obj.entry("additionalProperties").or_insert(json!(false));
+                    // Not beside a root `$ref` or combinator without `properties` (as
+                    // pydantic writes a recursive model): no property would be allowed.
+                    let composed = ["$ref", "allOf", "anyOf", "oneOf"]
+                        .iter()
+                        .any(|k| obj.contains_key(*k));
+                    if obj.contains_key("properties") || !composed {
+                        obj.entry("additionalProperties").or_insert(json!(false));
+                    }
                 }
                 let name = format!("function{i}");
                 reroot(&mut parameters, &format!("#/$defs/{name}"));
@@ -186,20 +193,22 @@ pub fn explain(error: &str) -> String {
 /// `#/properties/..`), written against its `parameters` as their own document, at `root`,
 /// where the call grammar keeps that schema; pydantic's nested models and recursive
 /// schemas refer to themselves this way. Values that are data, not schemas (`const`,
-/// `enum`, `default`, `examples`), are left as they are.
+/// `enum`, `default`, `examples`), are left as they are, and so are anchors (`#name`)
+/// and everything under an `$id`, whose references resolve against that resource.
 fn reroot(schema: &mut Value, root: &str) {
     match schema {
+        Value::Object(obj) if obj.contains_key("$id") => {}
         Value::Object(obj) => {
             for (k, v) in obj.iter_mut() {
                 match (k.as_str(), v) {
-                    ("$ref", Value::String(r)) if r.starts_with('#') => {
+                    ("$ref", Value::String(r)) if r == "#" || r.starts_with("#/") => {
                         *r = format!("{root}{}", &r[1..]);
                     }
                     ("const" | "enum" | "default" | "examples", _) => {}
                     // Maps from names (which may be `const` or `$ref`) to schemas.
                     (
                         "properties" | "patternProperties" | "$defs" | "definitions"
-                        | "dependentSchemas",
+                        | "dependentSchemas" | "dependencies",
                         Value::Object(named),
                     ) => named.values_mut().for_each(|v| reroot(v, root)),
                     (_, v) => reroot(v, root),
@@ -211,18 +220,18 @@ fn reroot(schema: &mut Value, root: &str) {
     }
 }
 
-/// JSON written compactly (`, ` and `: `), as structured output is: a small model left
-/// free to indent can spend its tokens on spaces.
+/// JSON written compactly (`, ` and `: `), as structured output is, unless the schema's
+/// `x-guidance` says otherwise: a small model left free to indent can spend its tokens
+/// on spaces.
 fn compact(mut schema: Value) -> Value {
     if let Some(obj) = schema.as_object_mut() {
-        obj.insert(
-            "x-guidance".into(),
+        obj.entry("x-guidance").or_insert_with(|| {
             json!({
                 "whitespace_flexible": false,
                 "item_separator": ", ",
                 "key_separator": ": ",
-            }),
-        );
+            })
+        });
     }
     schema
 }
@@ -291,7 +300,12 @@ mod tests {
             },
             "$defs": {"Place": {"type": "object", "properties": {"in": {"$ref": "#/$defs/Place"}}}},
         });
+        schema["properties"]["anchored"] = json!({"$ref": "#place"});
+        schema["properties"]["own"] =
+            json!({"$id": "urn:own", "$ref": "#/$defs/X", "$defs": {"X": {}}});
         reroot(&mut schema, "#/$defs/function2");
+        assert_eq!(schema["properties"]["anchored"]["$ref"], "#place");
+        assert_eq!(schema["properties"]["own"]["$ref"], "#/$defs/X");
         let p = &schema["properties"];
         assert_eq!(p["where"]["$ref"], "#/$defs/function2/$defs/Place");
         assert_eq!(p["child"]["anyOf"][0]["$ref"], "#/$defs/function2");

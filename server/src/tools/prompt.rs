@@ -13,9 +13,11 @@ use serde_json::{json, Value};
 use super::{CallFormat, Choice, ToolRequest};
 
 /// The messages and `tools` value to render the conversation with.
+/// `json_answer`: a text answer is JSON (structured output beside the tools).
 pub fn prepare(
     knows_tools: bool,
     tools: Option<&ToolRequest>,
+    json_answer: bool,
     messages: Vec<ChatMessage>,
 ) -> (Vec<ChatMessage>, Option<Value>) {
     let offered = tools.filter(|t| t.active());
@@ -25,7 +27,7 @@ pub fn prepare(
     }
     let mut messages: Vec<ChatMessage> = messages.into_iter().map(fallback_turn).collect();
     if let Some(t) = offered {
-        let text = describe(t);
+        let text = describe(t, json_answer);
         match messages.first_mut().filter(|m| m.role == "system") {
             Some(system) => {
                 system.content.push_str("\n\n");
@@ -38,7 +40,7 @@ pub fn prepare(
 }
 
 /// The system text that tells a model without native tools what it may call and how.
-fn describe(tools: &ToolRequest) -> String {
+fn describe(tools: &ToolRequest, json_answer: bool) -> String {
     let mut text = String::from("You can call these functions:\n");
     for f in tools.callable() {
         let entry = json!({
@@ -53,9 +55,14 @@ fn describe(tools: &ToolRequest) -> String {
         "To call functions, reply with only this JSON: {\"tool_calls\": [{\"name\": \"<function name>\", \"arguments\": {<arguments>}}]}",
     );
     if tools.choice == Choice::Auto {
-        text.push_str(
-            "\nOtherwise, answer in plain text. Once a function's result is given, answer the user with it in plain text.",
-        );
+        let form = if json_answer {
+            "the JSON the user asked for"
+        } else {
+            "plain text"
+        };
+        text.push_str(&format!(
+            "\nOtherwise, answer in {form}. Once a function's result is given, answer the user with it in {form}."
+        ));
     }
     text
 }
@@ -133,20 +140,20 @@ mod tests {
 
     #[test]
     fn a_template_with_tools_gets_them_and_the_history_as_it_is() {
-        let (messages, value) = prepare(true, Some(&tools(Choice::Auto)), history());
+        let (messages, value) = prepare(true, Some(&tools(Choice::Auto)), false, history());
         assert_eq!(messages, history());
         let value = value.expect("tools passed");
         assert_eq!(value[0]["function"]["name"], "get_weather");
         assert_eq!(value[0]["type"], "function");
         // `none`: the model is not shown the tools.
-        assert!(prepare(true, Some(&tools(Choice::None)), history())
+        assert!(prepare(true, Some(&tools(Choice::None)), false, history())
             .1
             .is_none());
     }
 
     #[test]
     fn the_fallback_writes_calls_and_results_as_text() {
-        let (messages, value) = prepare(false, Some(&tools(Choice::Required)), history());
+        let (messages, value) = prepare(false, Some(&tools(Choice::Required)), false, history());
         assert!(value.is_none());
         assert_eq!(messages[0].role, "system");
         assert!(messages[0].content.contains("\"name\":\"get_weather\""));

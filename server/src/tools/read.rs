@@ -23,6 +23,8 @@ pub struct CallReader {
     pub choice: Choice,
     /// A text answer is JSON (structured output beside tools).
     pub json_answer: bool,
+    /// The names a call may have.
+    pub functions: Vec<String>,
 }
 
 /// What the start of an answer says about it.
@@ -56,7 +58,6 @@ impl CallReader {
         if self.decide(text) == Decision::Text {
             return None;
         }
-        let key = self.format.arguments_key();
         let body = match self.format {
             CallFormat::Hermes => text.replace("<tool_call>", "").replace("</tool_call>", ""),
             _ => text.replace("<|python_tag|>", ""),
@@ -65,30 +66,51 @@ impl CallReader {
         for value in serde_json::Deserializer::from_str(&body).into_iter::<Value>() {
             let value = value.ok()?;
             let items = match self.format {
-                CallFormat::Generic => value.get("tool_calls")?.as_array()?.clone(),
+                CallFormat::Generic => {
+                    let obj = value.as_object().filter(|o| o.len() == 1)?;
+                    obj.get("tool_calls")?.as_array()?.clone()
+                }
                 _ => vec![value],
             };
             for item in items {
-                let name = item.get("name")?.as_str()?.to_string();
-                let arguments = match item.get(key) {
-                    Some(Value::Object(args)) => Value::Object(args.clone()).to_string(),
-                    None | Some(Value::Null) => "{}".to_string(),
-                    Some(_) => return None,
-                };
-                calls.push(ToolCall {
-                    id: call_id(),
-                    name,
-                    arguments,
-                });
+                calls.push(self.call(&item)?);
             }
         }
         (!calls.is_empty()).then_some(calls)
     }
 
     /// The text of an answer that holds no calls: `None` when it began a call that did
-    /// not finish.
+    /// not finish. Beside a JSON answer, whole JSON that is not calls is the answer
+    /// (whatever its start looked like).
     pub fn text_of(&self, text: String) -> Option<String> {
-        (self.decide(&text) != Decision::Calls).then_some(text)
+        let whole_json = || serde_json::from_str::<Value>(&text).is_ok();
+        (self.decide(&text) != Decision::Calls || (self.json_answer && whole_json()))
+            .then_some(text)
+    }
+
+    /// One call as the grammar writes it: an object of exactly a callable `name` and
+    /// (optionally) the arguments key; anything else is not a call (beside a JSON
+    /// answer, it is the answer).
+    fn call(&self, item: &Value) -> Option<ToolCall> {
+        let key = self.format.arguments_key();
+        let obj = item.as_object()?;
+        if obj.keys().any(|k| k != "name" && k != key) {
+            return None;
+        }
+        let name = obj.get("name")?.as_str()?;
+        if !self.functions.iter().any(|f| f == name) {
+            return None;
+        }
+        let arguments = match obj.get(key) {
+            Some(Value::Object(args)) => Value::Object(args.clone()).to_string(),
+            None | Some(Value::Null) => "{}".to_string(),
+            Some(_) => return None,
+        };
+        Some(ToolCall {
+            id: call_id(),
+            name: name.to_string(),
+            arguments,
+        })
     }
 
     /// `finish_reason` of an answer that made calls (OpenAI: `tool_calls`, but `stop`
@@ -110,6 +132,7 @@ mod tests {
             format,
             choice,
             json_answer: false,
+            functions: vec!["a".into(), "b".into()],
         }
     }
 
@@ -130,6 +153,31 @@ mod tests {
         assert_eq!(r.decide(" Sure"), Decision::Text);
         // Cut short by max_tokens: not calls.
         assert_eq!(r.calls(r#"{"tool_calls": [{"name": "a", "argu"#), None);
+        // Not a function offered, or not the call's shape: not calls.
+        assert_eq!(r.calls(r#"{"tool_calls": [{"name": "z"}]}"#), None);
+        assert_eq!(r.calls(r#"{"tool_calls": [{"name": "a", "x": 1}]}"#), None);
+        assert_eq!(r.calls(r#"{"tool_calls": [], "more": 1}"#), None);
+    }
+
+    /// Beside a JSON answer, JSON that is not calls is the answer even where it starts
+    /// like one; a call cut short is dropped.
+    #[test]
+    fn a_json_answer_is_told_from_calls() {
+        let r = CallReader {
+            json_answer: true,
+            ..reader(CallFormat::Llama3Json, Choice::Auto)
+        };
+        let person = r#"{"name": "Alice", "age": 30}"#;
+        assert_eq!(r.decide(person), Decision::Calls);
+        assert_eq!(r.calls(person), None);
+        assert_eq!(r.text_of(person.into()).as_deref(), Some(person));
+        let call = r#"{"name": "a", "parameters": {}}"#;
+        assert_eq!(r.calls(call).expect("a call")[0].name, "a");
+        assert_eq!(r.text_of(r#"{"name": "a", "param"#.into()), None);
+        assert_eq!(
+            r.text_of(r#"{"age": 3"#.into()).as_deref(),
+            Some(r#"{"age": 3"#)
+        );
     }
 
     #[test]
