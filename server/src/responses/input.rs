@@ -11,6 +11,9 @@ use crate::openai::{MessageContent, WireCalledFunction, WireMessage, WireToolCal
 
 const ROLES: [&str; 4] = ["user", "system", "developer", "assistant"];
 
+/// The longest item `id` or `call_id` taken (OpenAI's are ~30-50 bytes).
+const MAX_ID_BYTES: usize = 256;
+
 /// `input` as items, each with an id (given ones kept), in the order given.
 pub fn read(input: Option<Value>) -> Result<Vec<Item>, ApiError> {
     match input {
@@ -43,6 +46,15 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
         return Err(bad(format!("`input[{i}]` must be an object")));
     };
     let str_field = |key: &str| map.get(key).and_then(Value::as_str).map(str::to_string);
+    // Identifiers are not part of the prompt, so its limit does not bound them: they are
+    // bounded here, as every later turn of the conversation reads them back.
+    for key in ["id", "call_id"] {
+        if str_field(key).is_some_and(|v| v.len() > MAX_ID_BYTES) {
+            return Err(bad(format!(
+                "`input[{i}].{key}` is longer than {MAX_ID_BYTES} bytes"
+            )));
+        }
+    }
     let kind = str_field("type");
     let id = |prefix: &str| str_field("id").unwrap_or_else(|| new_id(prefix));
     let required = |key: &str| {
@@ -391,6 +403,10 @@ mod tests {
             (
                 json!([{"type": "function_call_output", "call_id": "c"}]),
                 "output",
+            ),
+            (
+                json!([{"id": "m".repeat(300), "role": "user", "content": "x"}]),
+                "`input[0].id` is longer than 256 bytes",
             ),
         ];
         for (input, needle) in cases {

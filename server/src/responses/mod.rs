@@ -343,10 +343,10 @@ fn history(store: &Store, id: &str) -> Result<(Vec<Item>, Vec<String>, usize), A
             ApiError::Internal(format!("stored response {:?} is unreadable: {e}", row.id))
         };
         let input: Vec<Item> = serde_json::from_str(&row.input).map_err(corrupt)?;
-        let response: ResponseObject = serde_json::from_str(&row.response).map_err(corrupt)?;
+        let output: Vec<Item> = serde_json::from_str(&row.output).map_err(corrupt)?;
         items.extend(input);
         last_output = items.len();
-        items.extend(response.output);
+        items.extend(output);
         chain.push(row.id);
     }
     Ok((items, chain, last_output))

@@ -75,6 +75,17 @@ pub struct Row {
     pub response: String,
 }
 
+/// One turn of a stored conversation, as a continuation reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub id: String,
+    pub previous_response_id: Option<String>,
+    /// JSON array of the request's own input items.
+    pub input: String,
+    /// JSON array of the response's output items.
+    pub output: String,
+}
+
 pub struct Store {
     db: Mutex<Db>,
     retention: Retention,
@@ -167,24 +178,34 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(id.to_string()))
     }
 
-    /// The conversation that ends with `id`: its rows from the first turn to `id`.
-    pub fn chain(&self, id: &str) -> Result<Vec<Row>, StoreError> {
+    /// The conversation that ends with `id`: its turns from the first to `id`. Only each
+    /// row's input and the output items of its response are read (by SQLite, in place):
+    /// the rest of a stored response (echoed request fields, which a client may make
+    /// large) costs a continuation nothing.
+    pub fn chain(&self, id: &str) -> Result<Vec<Turn>, StoreError> {
         let db = self.db()?;
         let mut query = db.conn.prepare_cached(
-            "WITH RECURSIVE chain(id, previous_response_id, created_at, input, response, depth) AS (
-                 SELECT id, previous_response_id, created_at, input, response, 0
-                 FROM responses WHERE id = ?1
+            "WITH RECURSIVE chain(id, previous_response_id, depth) AS (
+                 SELECT id, previous_response_id, 0 FROM responses WHERE id = ?1
                  UNION ALL
-                 SELECT r.id, r.previous_response_id, r.created_at, r.input, r.response, c.depth + 1
+                 SELECT r.id, r.previous_response_id, c.depth + 1
                  FROM responses r JOIN chain c ON r.id = c.previous_response_id
              )
-             SELECT id, previous_response_id, created_at, input, response
-             FROM chain ORDER BY depth DESC",
+             SELECT c.id, c.previous_response_id, r.input,
+                    coalesce(json_extract(r.response, '$.output'), '[]')
+             FROM chain c JOIN responses r ON r.id = c.id ORDER BY c.depth DESC",
         )?;
-        let rows = query
-            .query_map([id], read_row)?
-            .collect::<Result<Vec<Row>, _>>()?;
-        let Some(first) = rows.first() else {
+        let turns = query
+            .query_map([id], |r| {
+                Ok(Turn {
+                    id: r.get(0)?,
+                    previous_response_id: r.get(1)?,
+                    input: r.get(2)?,
+                    output: r.get(3)?,
+                })
+            })?
+            .collect::<Result<Vec<Turn>, _>>()?;
+        let Some(first) = turns.first() else {
             return Err(StoreError::NotFound(id.to_string()));
         };
         if let Some(missing) = &first.previous_response_id {
@@ -193,7 +214,7 @@ impl Store {
                 missing: missing.clone(),
             });
         }
-        Ok(rows)
+        Ok(turns)
     }
 
     /// Deletes `id`; false when it was not stored.
@@ -352,7 +373,7 @@ mod tests {
             previous_response_id: previous.map(Into::into),
             created_at: 1,
             input: "[]".into(),
-            response: format!("{{\"id\":\"{id}\"}}"),
+            response: format!("{{\"id\":\"{id}\",\"output\":[{{\"n\":\"{id}\"}}]}}"),
         }
     }
 
@@ -399,6 +420,11 @@ mod tests {
             .map(|r| r.id)
             .collect();
         assert_eq!(ids, ["a", "b", "c"]);
+        let turn = &store.chain("b").unwrap()[1];
+        assert_eq!(
+            (turn.input.as_str(), turn.output.as_str()),
+            ("[]", r#"[{"n":"b"}]"#)
+        );
         assert_eq!(store.get("b").unwrap(), row("b", Some("a")));
         assert!(matches!(store.chain("x"), Err(StoreError::NotFound(_))));
         // Deleting a middle turn breaks the chains through it, by name.
