@@ -157,7 +157,8 @@ pub struct Config {
     #[arg(long, env = "CHORUS_THREADS")]
     pub threads: Option<usize>,
 
-    /// Seconds a request may wait in the queue for a slot before it is refused (503).
+    /// Seconds a request may wait in the queue for a slot (or for a preprocessing thread)
+    /// before it is refused (503).
     #[arg(long, env = "CHORUS_REQUEST_TIMEOUT", default_value_t = 300, value_parser = seconds())]
     pub request_timeout: u64,
 

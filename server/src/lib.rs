@@ -136,7 +136,11 @@ impl AppState {
                     max_request_bytes: config.max_request_bytes,
                     body_timeout: std::time::Duration::from_secs(config.body_timeout.max(1)),
                 },
-                prep: Prep::new(threads, config.max_running.saturating_add(config.max_queue)),
+                prep: Prep::new(
+                    threads,
+                    config.max_running.saturating_add(config.max_queue),
+                    std::time::Duration::from_secs(config.request_timeout),
+                ),
                 metrics: Arc::new(Metrics::new(served_name)),
                 api_key: auth::configured_key(config.api_key.as_deref()).map(auth::digest),
                 store,

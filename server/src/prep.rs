@@ -7,12 +7,14 @@
 //! At most `threads` jobs run at once (by default one per core but one, which is left to
 //! the inference thread). A request that finds a thread free takes it; at most
 //! `max_waiting` wait for one (the server passes `--max-running` + `--max-queue`, what the
-//! engine could still take), beyond that they get the same 429 as a full `--max-queue`.
-//! A request whose client goes away while it waits leaves the line (its future is
-//! dropped with the semaphore's queue entry).
+//! engine could still take), beyond that they get the same 429 as a full `--max-queue`;
+//! one that waits longer than `--request-timeout` gets the 503 of a queued request that
+//! waits too long. A request whose client goes away while it waits leaves the line (its
+//! future is dropped with the semaphore's queue entry).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
@@ -22,6 +24,7 @@ pub struct Prep {
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
     max_waiting: usize,
+    max_wait: Duration,
 }
 
 /// Counts a request as waiting until it has a thread (or its client left).
@@ -34,11 +37,12 @@ impl Drop for Waiting<'_> {
 }
 
 impl Prep {
-    pub fn new(threads: usize, max_waiting: usize) -> Self {
+    pub fn new(threads: usize, max_waiting: usize, max_wait: Duration) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(threads.max(1))),
             waiting: AtomicUsize::new(0),
             max_waiting,
+            max_wait,
         }
     }
 
@@ -67,10 +71,14 @@ impl Prep {
                         retry_after_s: 1,
                     });
                 }
-                self.permits
-                    .clone()
-                    .acquire_owned()
+                tokio::time::timeout(self.max_wait, self.permits.clone().acquire_owned())
                     .await
+                    .map_err(|_| {
+                        ApiError::Unavailable(format!(
+                            "the request waited {} s for preprocessing (--request-timeout)",
+                            self.max_wait.as_secs()
+                        ))
+                    })?
                     .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?
             }
         };
@@ -95,7 +103,7 @@ mod tests {
 
     #[tokio::test]
     async fn at_most_threads_jobs_run_and_the_line_is_bounded() {
-        let prep = Arc::new(Prep::new(1, 2));
+        let prep = Arc::new(Prep::new(1, 2, Duration::from_secs(60)));
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let busy = {
             let prep = prep.clone();
@@ -133,16 +141,42 @@ mod tests {
     /// for one is bounded (`--max-queue 0` refused every request).
     #[tokio::test]
     async fn a_free_thread_is_taken_even_with_no_line() {
-        let prep = Prep::new(1, 0);
+        let prep = Prep::new(1, 0, Duration::from_secs(60));
         assert_eq!(prep.run(|| Ok(7)).await.expect("ran"), 7);
         assert_eq!(prep.run(|| Ok(8)).await.expect("ran"), 8);
         assert_eq!(prep.waiting(), 0);
     }
 
+    /// A request that cannot get a thread within the wait limit is refused with a 503.
+    #[tokio::test]
+    async fn a_wait_past_the_limit_is_refused() {
+        let prep = Arc::new(Prep::new(1, 8, Duration::from_millis(100)));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let busy = {
+            let prep = prep.clone();
+            tokio::spawn(async move {
+                prep.run(move || {
+                    let _ = release_rx.recv();
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let waited = prep.run(|| Ok(())).await;
+        assert!(
+            matches!(&waited, Err(ApiError::Unavailable(m)) if m.contains("--request-timeout")),
+            "{waited:?}"
+        );
+        assert_eq!(prep.waiting(), 0);
+        release_tx.send(()).expect("job waits");
+        busy.await.expect("joined").expect("ran");
+    }
+
     /// A request whose client left while it waited does not count any more.
     #[tokio::test]
     async fn a_cancelled_wait_leaves_the_line() {
-        let prep = Arc::new(Prep::new(1, 8));
+        let prep = Arc::new(Prep::new(1, 8, Duration::from_secs(60)));
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let busy = {
             let prep = prep.clone();
