@@ -101,20 +101,30 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Takes `prep`'s one thread with a job that returns `value` once `release` is sent.
+    fn occupy<T: Send + 'static>(
+        prep: &Arc<Prep>,
+        value: T,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<T, ApiError>>,
+    ) {
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let prep = prep.clone();
+        let busy = tokio::spawn(async move {
+            prep.run(move || {
+                let _ = wait.recv();
+                Ok(value)
+            })
+            .await
+        });
+        (release, busy)
+    }
+
     #[tokio::test]
     async fn at_most_threads_jobs_run_and_the_line_is_bounded() {
         let prep = Arc::new(Prep::new(1, 2, Duration::from_secs(60)));
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let busy = {
-            let prep = prep.clone();
-            tokio::spawn(async move {
-                prep.run(move || {
-                    let _ = release_rx.recv();
-                    Ok(1)
-                })
-                .await
-            })
-        };
+        let (release_tx, busy) = occupy(&prep, 1);
         // The one thread is taken: two wait, the third is turned away.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let waiters: Vec<_> = (0..2)
@@ -151,17 +161,7 @@ mod tests {
     #[tokio::test]
     async fn a_wait_past_the_limit_is_refused() {
         let prep = Arc::new(Prep::new(1, 8, Duration::from_millis(100)));
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let busy = {
-            let prep = prep.clone();
-            tokio::spawn(async move {
-                prep.run(move || {
-                    let _ = release_rx.recv();
-                    Ok(())
-                })
-                .await
-            })
-        };
+        let (release_tx, busy) = occupy(&prep, ());
         tokio::time::sleep(Duration::from_millis(50)).await;
         let waited = prep.run(|| Ok(())).await;
         assert!(
@@ -177,17 +177,7 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_wait_leaves_the_line() {
         let prep = Arc::new(Prep::new(1, 8, Duration::from_secs(60)));
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let busy = {
-            let prep = prep.clone();
-            tokio::spawn(async move {
-                prep.run(move || {
-                    let _ = release_rx.recv();
-                    Ok(())
-                })
-                .await
-            })
-        };
+        let (release_tx, busy) = occupy(&prep, ());
         tokio::time::sleep(Duration::from_millis(50)).await;
         let waiter = {
             let prep = prep.clone();
