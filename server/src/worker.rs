@@ -632,13 +632,19 @@ impl Worker {
         if let Some(h) = &mut seq.history {
             h.push(token);
         }
+        // The grammar engine's errors go on with its whole state: the client gets the
+        // first line (the log keeps the rest).
+        let first_line = |e: &str| e.lines().next().unwrap_or_default().to_string();
         if let Some(e) = seq.constraint_error.take() {
-            return Err(format!("structured output: {e}"));
+            tracing::warn!(error = %e, "structured output failed");
+            return Err(format!("structured output: {}", first_line(&e)));
         }
         let mut grammar_done = false;
         if let Some(c) = &mut seq.constraint {
-            c.consume(token)
-                .map_err(|e| format!("structured output rejected a token: {e}"))?;
+            c.consume(token).map_err(|e| {
+                tracing::warn!(error = %e, "structured output rejected a token");
+                format!("structured output rejected a token: {}", first_line(&e))
+            })?;
             grammar_done = c.is_done();
         }
         let stop_token = seq.stop_token_ids.contains(&token)

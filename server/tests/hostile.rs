@@ -542,6 +542,35 @@ async fn lookups_of_unknown_stored_responses_are_404() {
     }
 }
 
+/// A schema past a limit of the grammar engine (3,000 optional properties: too many
+/// items in one parser row once the object opens) fails the request with one line, not
+/// the engine's dumped state, and the server carries on.
+#[tokio::test]
+async fn a_grammar_engine_limit_fails_with_one_line() {
+    let url = base().await;
+    let props: serde_json::Map<String, Value> = (0..3000)
+        .map(|i| (format!("p{i}"), json!({"type": "integer"})))
+        .collect();
+    let format = json!({"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "object", "properties": props}}});
+    let (status, v) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("x", json!({"max_tokens": 5, "response_format": format})),
+    )
+    .await;
+    assert!(status == 400 || status == 500, "{status}: {v}");
+    let message = v["error"]["message"].as_str().expect("a message");
+    assert!(!message.contains('\n') && message.len() < 400, "{message}");
+    let (status, _) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("Hi", json!({"max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
 /// Text that looks like template syntax or control tokens is content, not code: the
 /// request is served normally.
 #[tokio::test]
