@@ -238,6 +238,12 @@ pub struct Config {
     #[arg(long, env = "CHORUS_STORE_MAX_RESPONSES", default_value_t = 100_000)]
     pub store_max_responses: usize,
 
+    /// Most MiB of stored responses (their input items and response objects; 0: no
+    /// budget); beyond it the least recently used are deleted. A response's echoed
+    /// request fields are stored with it, so a row's size is not bounded by the prompt.
+    #[arg(long, env = "CHORUS_STORE_MAX_MB", default_value_t = 4096)]
+    pub store_max_mb: u64,
+
     /// Fetch the model into the cache (if needed) and exit without serving.
     #[arg(long)]
     pub download_only: bool,

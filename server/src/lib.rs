@@ -121,6 +121,8 @@ impl AppState {
                     max_age: (config.store_max_age > 0)
                         .then(|| std::time::Duration::from_secs(config.store_max_age * 3600)),
                     max_rows: config.store_max_responses.max(1),
+                    max_bytes: (config.store_max_mb > 0)
+                        .then(|| config.store_max_mb.saturating_mul(1 << 20)),
                 };
                 let store = store::Store::open(&config.state_dir, retention)
                     .map_err(|e| ServerError::Config(format!("--state-dir: {e}")))?;

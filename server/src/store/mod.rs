@@ -7,8 +7,8 @@
 //! - Schema changes are the numbered files in `migrations/`, applied in order at open and
 //!   recorded in `PRAGMA user_version`; a database from a newer chorus is refused.
 //! - Retention: rows unused for `--store-max-age` hours go, and beyond
-//!   `--store-max-responses` the least recently used go first. Chaining on a response
-//!   marks its whole chain used.
+//!   `--store-max-responses` rows or `--store-max-mb` of them the least recently used go
+//!   first. Chaining on a response marks its whole chain used.
 //!
 //! One connection behind a mutex: SQLite has one writer at a time anyway, and every call
 //! is short. Callers run it off the async runtime.
@@ -20,7 +20,10 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 /// The migrations, in order; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_responses.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_responses.sql"),
+    include_str!("migrations/0002_response_bytes.sql"),
+];
 
 /// The database file inside `--state-dir`.
 pub const FILE_NAME: &str = "chorus.sqlite3";
@@ -61,6 +64,9 @@ pub struct Retention {
     pub max_age: Option<Duration>,
     /// Most rows; beyond, the least recently used go.
     pub max_rows: usize,
+    /// Most bytes of rows (their input and response JSON); beyond, the least recently
+    /// used go (`None`: no budget).
+    pub max_bytes: Option<u64>,
 }
 
 /// One stored response.
@@ -73,6 +79,13 @@ pub struct Row {
     pub input: String,
     /// JSON of the response object.
     pub response: String,
+}
+
+impl Row {
+    /// The bytes it takes against `--store-max-mb`.
+    pub fn bytes(&self) -> usize {
+        self.input.len() + self.response.len()
+    }
 }
 
 /// One turn of a stored conversation, as a continuation reads it.
@@ -143,15 +156,17 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
-            "INSERT INTO responses (id, previous_response_id, created_at, used_at, input, response)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO responses
+                 (id, previous_response_id, created_at, used_at, input, response, bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 row.id,
                 row.previous_response_id,
                 row.created_at as i64,
                 now as i64,
                 row.input,
-                row.response
+                row.response,
+                row.bytes() as i64
             ],
         )?;
         {
@@ -267,15 +282,38 @@ fn evict_in(
         conn.execute("DELETE FROM responses WHERE used_at < ?1", [cutoff])?;
     }
     let rows = count(conn)?;
-    if rows <= retention.max_rows {
-        return Ok(());
+    if rows > retention.max_rows {
+        conn.execute(
+            "DELETE FROM responses WHERE id IN
+                 (SELECT id FROM responses WHERE id IS NOT ?2 ORDER BY used_at, rowid LIMIT ?1)",
+            params![(rows - retention.max_rows) as i64, new],
+        )?;
     }
-    conn.execute(
-        "DELETE FROM responses WHERE id IN
-             (SELECT id FROM responses WHERE id IS NOT ?2 ORDER BY used_at, rowid LIMIT ?1)",
-        params![(rows - retention.max_rows) as i64, new],
-    )?;
+    let Some(max_bytes) = retention.max_bytes else {
+        return Ok(());
+    };
+    let over = stored_bytes(conn)?.saturating_sub(max_bytes);
+    if over > 0 {
+        // The least recently used rows until `over` bytes are freed: each row whose
+        // older rows free less than that.
+        conn.execute(
+            "DELETE FROM responses WHERE id IN (
+                 SELECT id FROM (
+                     SELECT id, bytes,
+                            sum(bytes) OVER (ORDER BY used_at, rowid) AS freed
+                     FROM responses WHERE id IS NOT ?2
+                 ) WHERE freed - bytes < ?1
+             )",
+            params![over as i64, new],
+        )?;
+    }
     Ok(())
+}
+
+/// Bytes of the rows stored now (their input and response JSON).
+fn stored_bytes(conn: &Connection) -> Result<u64, StoreError> {
+    let bytes: i64 = conn.query_row("SELECT bytes FROM totals WHERE id = 0", [], |r| r.get(0))?;
+    Ok(bytes.max(0) as u64)
 }
 
 fn count(conn: &Connection) -> Result<usize, StoreError> {
@@ -364,6 +402,7 @@ mod tests {
         Retention {
             max_age: None,
             max_rows,
+            max_bytes: None,
         }
     }
 
@@ -460,6 +499,64 @@ mod tests {
         ));
     }
 
+    /// A store written before sizes were kept (schema 1) gets its rows' sizes and their
+    /// sum when it is opened.
+    #[test]
+    fn an_older_store_is_migrated_with_its_sizes() {
+        let d = dir("migrate");
+        std::fs::create_dir_all(&*d).unwrap();
+        {
+            let conn = Connection::open(d.join(FILE_NAME)).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO responses (id, created_at, used_at, input, response)
+                 VALUES ('old', 1, 1, '[]', '{\"id\":\"old\"}')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&d, keep(100)).unwrap();
+        assert_eq!(store.get("old").unwrap().bytes(), 2 + 12);
+        assert_eq!(stored_bytes(&store.db().unwrap().conn).unwrap(), 14);
+    }
+
+    /// Beyond the byte budget the least recently used rows go until the rest fit; the
+    /// row just written stays, and the running total follows inserts and deletes.
+    #[test]
+    fn the_byte_budget_evicts_the_least_recently_used() {
+        let d = dir("bytes");
+        let sized = |id: &str, n: usize| Row {
+            input: format!("[\"{}\"]", "x".repeat(n)),
+            ..row(id, None)
+        };
+        let budget = |max_bytes| Retention {
+            max_bytes: Some(max_bytes),
+            ..keep(100)
+        };
+        let store = Store::open(&d, budget(10_000)).unwrap();
+        for id in ["a", "b", "c", "d"] {
+            store.insert(&sized(id, 3_000), &[]).unwrap();
+        }
+        // 4 rows of ~3 KB in 10 KB: the oldest went.
+        assert!(store.get("a").is_err());
+        for id in ["b", "c", "d"] {
+            assert!(store.get(id).is_ok(), "{id}");
+        }
+        let total = |s: &Store| stored_bytes(&s.db().unwrap().conn).unwrap();
+        let expected: usize = ["b", "c", "d"]
+            .map(|id| sized(id, 3_000).bytes())
+            .iter()
+            .sum();
+        assert_eq!(total(&store), expected as u64);
+        // One row larger than the whole budget stays alone.
+        store.insert(&sized("big", 20_000), &[]).unwrap();
+        assert_eq!(store.len().unwrap(), 1);
+        assert!(store.get("big").is_ok());
+        assert!(store.delete("big").unwrap());
+        assert_eq!(total(&store), 0);
+    }
+
     #[test]
     fn retention_evicts_the_least_recently_used() {
         let d = dir("evict");
@@ -514,6 +611,7 @@ mod tests {
             Retention {
                 max_age: Some(Duration::from_secs(3600)),
                 max_rows: 100,
+                max_bytes: None,
             },
         )
         .unwrap();
