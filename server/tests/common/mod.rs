@@ -138,6 +138,15 @@ pub async fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
     (status, value)
 }
 
+/// Asserts that the server at `url` still answers a short chat (after something that
+/// might have hurt it).
+#[allow(dead_code)]
+pub async fn assert_serves(url: &str) {
+    let body = chat("Say hi.", serde_json::json!({"max_tokens": 2}));
+    let (status, v) = post(url, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+}
+
 /// POSTs `body` as JSON and returns the response as it starts (for reading a stream).
 pub async fn send(url: &str, path: &str, body: &Value) -> reqwest::Response {
     reqwest::Client::new()
