@@ -12,6 +12,22 @@ use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 
+/// JSON written compactly (`, ` and `: `, no free whitespace), unless the schema's
+/// `x-guidance` says otherwise: a small model left free to indent can spend its tokens
+/// on spaces. Structured output and function calls both write it so.
+pub fn compact(mut schema: Value) -> Value {
+    if let Some(obj) = schema.as_object_mut() {
+        obj.entry("x-guidance").or_insert_with(|| {
+            serde_json::json!({
+                "whitespace_flexible": false,
+                "item_separator": ", ",
+                "key_separator": ": ",
+            })
+        });
+    }
+    schema
+}
+
 /// A request's constraint, advanced token by token on the inference thread.
 pub struct Constraint(Matcher);
 
@@ -120,18 +136,8 @@ impl Grammars {
 
     /// A constraint that admits exactly the JSON documents `schema` describes. A schema
     /// llguidance cannot compile (or a feature it does not support) is an error naming it.
-    pub fn json_schema(&self, mut schema: Value) -> Result<Constraint, String> {
-        // Compact JSON (`, ` and `: `, no free whitespace) unless the schema says
-        // otherwise: a small model left free to indent can spend its tokens on spaces.
-        if let Some(obj) = schema.as_object_mut() {
-            obj.entry("x-guidance").or_insert_with(|| {
-                serde_json::json!({
-                    "whitespace_flexible": false,
-                    "item_separator": ", ",
-                    "key_separator": ": ",
-                })
-            });
-        }
+    pub fn json_schema(&self, schema: Value) -> Result<Constraint, String> {
+        let schema = compact(schema);
         let key = format!("json:{schema}");
         self.compile(key, || TopLevelGrammar::from_json_schema(schema))
     }

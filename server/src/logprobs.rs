@@ -118,12 +118,7 @@ impl TextOffsets {
 /// The scores of a completion's `entries`, placed by `offsets` (kept across a stream's
 /// chunks).
 pub fn completion(info: &ModelInfo, entries: &[TokenLogprob], offsets: &mut TextOffsets) -> Value {
-    let mut out = CompletionLogprobs {
-        tokens: Vec::new(),
-        token_logprobs: Vec::new(),
-        top_logprobs: Vec::new(),
-        text_offset: Vec::new(),
-    };
+    let mut out = CompletionLogprobs::default();
     for e in entries {
         push_scored(info, e, offsets, &mut out);
     }
@@ -142,12 +137,7 @@ pub fn completion_with_prompt(
     entries: &[TokenLogprob],
     offset: usize,
 ) -> Value {
-    let mut out = CompletionLogprobs {
-        tokens: Vec::new(),
-        token_logprobs: Vec::new(),
-        top_logprobs: Vec::new(),
-        text_offset: Vec::new(),
-    };
+    let mut out = CompletionLogprobs::default();
     let mut offsets = TextOffsets::default();
     if let Some(id) = first {
         let (text, bytes) = completion_token(info, id);

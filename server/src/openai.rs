@@ -362,7 +362,7 @@ pub struct TopLogprob {
 }
 
 /// `choices[].logprobs` of a (legacy) completion.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     /// `null` for the first token of an echoed prompt (nothing precedes it).

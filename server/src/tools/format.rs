@@ -7,6 +7,7 @@
 use serde_json::{json, Map, Value};
 
 use super::{Choice, ToolRequest};
+use crate::grammar::compact;
 
 /// How a model writes its calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,22 +219,6 @@ fn reroot(schema: &mut Value, root: &str) {
         Value::Array(items) => items.iter_mut().for_each(|v| reroot(v, root)),
         _ => {}
     }
-}
-
-/// JSON written compactly (`, ` and `: `), as structured output is, unless the schema's
-/// `x-guidance` says otherwise: a small model left free to indent can spend its tokens
-/// on spaces.
-fn compact(mut schema: Value) -> Value {
-    if let Some(obj) = schema.as_object_mut() {
-        obj.entry("x-guidance").or_insert_with(|| {
-            json!({
-                "whitespace_flexible": false,
-                "item_separator": ", ",
-                "key_separator": ": ",
-            })
-        });
-    }
-    schema
 }
 
 #[cfg(test)]
