@@ -6,10 +6,12 @@
 //! 1. every running sequence that is decoding gets its one token (even beyond the budget:
 //!    no running stream is ever starved);
 //! 2. prompts get chunks (chunked prefill): running sequences still prefilling, and the
-//!    waiting ones that free slots (`max_running`) admit first-come-first-served, the
-//!    least left to compute first, while there is budget and KV blocks. The prompt first
-//!    in line keeps a share of the budget, and its blocks while it waits, so short
-//!    prompts go first without starving a long one.
+//!    waiting ones that free slots (`max_running`) admit first-come-first-served, while
+//!    there is budget and KV blocks. Half the budget goes to the oldest prompts first,
+//!    the rest to the least left to compute first: a short prompt's first token does not
+//!    wait out a long one's prefill, and short ones arriving without pause at most halve
+//!    the pace of those queued before them. A waiting oldest keeps the blocks its chunk
+//!    needs.
 //!
 //! When a running sequence needs a block and none is free, the newest running sequence is
 //! preempted: its blocks are freed and it goes back to the head of the queue, to be
@@ -39,6 +41,11 @@ pub const PREFILL_HORIZON: usize = 12;
 /// token comes a step or two later than without a target, a long chat's new turn is
 /// spread thin enough to leave the decoders' steps near it.
 pub const PREFILL_STRETCH: usize = 4;
+
+/// The oldest prompts get this fraction (one over it) of a step's prefill budget first,
+/// the rest goes to the least left to compute: short prompts arriving without pause at
+/// most halve a long one's pace, and each prompt in turn becomes the oldest.
+pub const OLDEST_SHARE: usize = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
@@ -465,12 +472,11 @@ impl Scheduler {
     }
 
     /// The prompts that may get a chunk this step, with where each starts computing and
-    /// what the rest of it costs, in the order they get their chunks: running prompts
-    /// and the waiting ones that a free slot would admit (slots go first-come,
-    /// first-served), the least left to compute first, ties oldest first. A short prompt
-    /// is then not queued behind a long one's whole prefill (its first token came 26 s
-    /// late behind two 7,000-token prompts here); a long one still gets what the short
-    /// ones leave, and [`Self::plan`] keeps it a share of every step.
+    /// what the rest of it costs: running prompts and the waiting ones that a free slot
+    /// would admit (slots go first-come, first-served), the least left to compute first,
+    /// ties oldest first. [`Self::plan`] gives the oldest their part first, then the rest
+    /// in this order: a short prompt is not queued behind a long one's whole prefill (its
+    /// first token came 30 s late beside two 6,000-word prompts here).
     fn prompts(&self) -> Vec<(SeqId, usize, usize)> {
         let slots = self.cfg.max_running.saturating_sub(self.running.len());
         let mut prompts: Vec<(SeqId, usize, usize)> = (self.running.iter())
@@ -531,56 +537,68 @@ impl Scheduler {
             }
         }
 
-        // 2: prompts share what is left, at least the floor, the least left first. The
-        // first in line (the longest queued) keeps `least` of it until its turn, so
-        // short prompts arriving one after another slow a long one and never stop it.
+        // 2: prompts share what is left, at least the floor: a part goes to the oldest
+        // first, the rest (and what they leave) to the least left to compute first.
         budget = budget.max(floor);
-        let mut prompts: Vec<(SeqId, bool)> = (self.prompts().into_iter())
-            .map(|(id, ..)| (id, self.waiting.contains(&id)))
-            .collect();
-        let first_in_line = (prompts.iter().enumerate())
-            .min_by_key(|(_, (id, _))| self.entries[id].arrival)
-            .map(|(at, _)| at)
-            .filter(|&at| at > 0);
-        // A waiting first in line also keeps the blocks its chunk needs: a short prompt
-        // is admitted before it only when the KV cache holds both.
-        let (mut kept, mut held) = (0, 0);
-        if let Some(at) = first_in_line {
-            let first = prompts.remove(at);
-            if first.1 {
-                held = blocks_for(self.remaining(first.0).min(budget));
-            }
-            prompts.push(first);
-            kept = least.min(budget);
+        let prompts = self.prompts();
+        let mut by_age: Vec<(SeqId, usize)> = prompts.iter().map(|&(id, _, c)| (id, c)).collect();
+        by_age.sort_by_key(|(id, _)| self.entries[id].arrival);
+        let mut allot: HashMap<SeqId, usize> = HashMap::new();
+        let mut share = budget / OLDEST_SHARE;
+        let mut rest = budget - share;
+        for &(id, cost) in &by_age {
+            let given = cost.min(share);
+            allot.insert(id, given);
+            share -= given;
         }
+        rest += share;
+        for &(id, _, cost) in &prompts {
+            let given = allot.entry(id).or_default();
+            let more = cost.saturating_sub(*given).min(rest);
+            *given += more;
+            rest -= more;
+        }
+        // A waiting oldest also keeps the blocks its part needs: a shorter prompt is
+        // admitted before it only when the KV cache holds both.
+        let oldest = by_age.first().map(|&(id, _)| id);
+        let mut held = oldest
+            .filter(|id| self.waiting.contains(id))
+            .map_or(0, |id| blocks_for(allot[&id].min(self.remaining(id))));
         let mut admitting = true;
-        let last = prompts.len().saturating_sub(1);
-        for (i, (id, waiting)) in prompts.into_iter().enumerate() {
-            if i == last {
-                (kept, held) = (0, 0);
-            }
-            let avail = budget - kept.min(budget);
-            if avail == 0 {
-                continue;
-            }
+        let mut carry = 0;
+        for (id, ..) in prompts {
+            let avail = (allot[&id] + carry).min(budget);
             // Each as it was when the step began: one preempted by an older sequence's
             // reservation this step waits for the next.
-            match waiting {
+            let waiting = self.waiting.contains(&id);
+            let is_oldest = oldest == Some(id);
+            let cost = match waiting {
+                _ if avail == 0 => 0,
                 false if self.running.contains(&id) => {
-                    self.run(id, avail, &mut budget, &mut plan, &mut taken);
+                    self.run(id, avail, &mut budget, &mut plan, &mut taken)
                 }
-                true if (admitting || i == last) && self.running.len() < self.cfg.max_running => {
-                    admitting = self.admit(id, avail, held, &mut budget, &mut plan, &mut taken);
+                true if (admitting || is_oldest) && self.running.len() < self.cfg.max_running => {
+                    let spare = if is_oldest { 0 } else { held };
+                    let (more, cost) =
+                        self.admit(id, avail, spare, &mut budget, &mut plan, &mut taken);
+                    admitting &= more;
+                    cost
                 }
-                _ => {}
+                _ => 0,
+            };
+            if is_oldest {
+                held = 0;
             }
+            // What a chunk leaves of its part (it ends on a whole token) goes on.
+            carry = avail.saturating_sub(cost);
         }
         plan
     }
 
     /// Schedules running `id`'s next chunk within `avail` of the step's `budget`, making
-    /// room in the KV cache by preempting the newest sequences. One preempted after it
-    /// was scheduled this step leaves the batch and gives its share of the budget back.
+    /// room in the KV cache by preempting the newest sequences, and returns its cost. One
+    /// preempted after it was scheduled this step leaves the batch and gives its share of
+    /// the budget back.
     fn run(
         &mut self,
         id: SeqId,
@@ -588,11 +606,11 @@ impl Scheduler {
         budget: &mut usize,
         plan: &mut Plan,
         taken: &mut Vec<(SeqId, usize, bool)>,
-    ) {
+    ) -> usize {
         let decodes = self.remaining(id) == 1;
         let (len, cost) = self.chunk(id, avail);
         if len == 0 {
-            return;
+            return 0;
         }
         let before = plan.preempted.len();
         let reserved = self.reserve(id, len, &mut plan.preempted);
@@ -610,7 +628,7 @@ impl Scheduler {
             }
         }
         if !reserved {
-            return;
+            return 0;
         }
         *budget = budget.saturating_sub(cost);
         plan.cost += cost;
@@ -619,12 +637,14 @@ impl Scheduler {
         }
         taken.push((id, cost, decodes));
         plan.batch.push(self.advance(id, len));
+        cost
     }
 
     /// Admits waiting `id` with a first chunk within `avail` of the step's `budget`,
-    /// taking what the prefix cache holds of it. False when the free blocks, less `held`,
-    /// cannot hold the chunk: no later waiting sequence is admitted this step either
-    /// (waiting ones hold no blocks, and could otherwise hold them all).
+    /// taking what the prefix cache holds of it; returns whether later waiting sequences
+    /// may be admitted, and the chunk's cost. Not when the free blocks, less `held`,
+    /// cannot hold the chunk (waiting ones hold no blocks, and could otherwise hold them
+    /// all).
     fn admit(
         &mut self,
         id: SeqId,
@@ -633,14 +653,14 @@ impl Scheduler {
         budget: &mut usize,
         plan: &mut Plan,
         taken: &mut Vec<(SeqId, usize, bool)>,
-    ) -> bool {
+    ) -> (bool, usize) {
         self.reuse_prefix(id);
         let (len, cost) = self.chunk(id, avail);
         let e = &self.entries[&id];
         let needed = blocks_for(e.computed + len).saturating_sub(e.blocks.len());
         if len == 0 || needed + held > self.alloc.free_count() {
             self.return_prefix(id);
-            return len == 0;
+            return (len == 0, 0);
         }
         self.waiting.retain(|&w| w != id);
         self.running.push(id);
@@ -657,7 +677,7 @@ impl Scheduler {
         plan.cost += cost;
         taken.push((id, cost, false));
         plan.batch.push(self.advance(id, len));
-        true
+        (true, cost)
     }
 
     /// How many of `id`'s tokens run this step within `budget`, and what they cost of it.
@@ -1197,27 +1217,46 @@ mod tests {
         }
     }
 
-    /// Short prompts arriving one after another, each as large as a step's budget, never
-    /// stop the prefill of the long prompt first in line: it keeps its share of every
-    /// step (an eighth of the budget) and reaches its first token.
+    /// Short prompts arriving one after another, each as large as a step's budget, at
+    /// most halve the pace of the prompts queued before them: the oldest gets half of
+    /// every step, and the next oldest in turn (failed with only a small share for the
+    /// single oldest: a long prompt was 57× slower beside a stream of short ones, and the
+    /// next prompt after it got nothing until it was done).
     #[test]
-    fn a_long_prompt_keeps_its_share_beside_a_stream_of_short_ones() {
+    fn prompts_queued_first_keep_half_of_each_step_beside_a_stream_of_short_ones() {
         let mut s = sched(64, 64, 1000);
         s.add(1, &toks(1, 400), 500).unwrap();
+        s.add(2, &toks(2, 200), 300).unwrap();
         let mut steps = 0;
-        while !s.entries[&1].started || s.remaining(1) > 1 {
-            let short = 100 + steps;
+        let prefilling = |s: &Scheduler, id| !s.entries[&id].started || s.remaining(id) > 1;
+        let mut first_done = None;
+        while prefilling(&s, 1) || prefilling(&s, 2) {
+            let short = 100 + steps as SeqId;
             s.add(short, &toks(short, 64), 70).unwrap();
+            let left = (s.entries[&1].ids.len() - s.entries[&1].computed).min(64 / OLDEST_SHARE);
+            let was_prefilling = prefilling(&s, 1);
             let plan = step(&mut s);
-            let long = plan.batch.iter().find(|x| x.id == 1).map_or(0, |x| x.len);
-            assert!(long >= 64 / 8, "step {steps}: {plan:?}");
+            let len = |id| plan.batch.iter().find(|x| x.id == id).map_or(0, |x| x.len);
+            match was_prefilling {
+                true => assert!(len(1) >= left, "step {steps}: {plan:?}"),
+                false => {
+                    first_done.get_or_insert(steps);
+                }
+            }
             // Finished shorts leave, as a client's request does.
             for x in plan.batch.iter().filter(|x| x.id >= 100 && x.samples) {
                 s.finish(x.id);
             }
             steps += 1;
-            assert!(steps <= 400 / 8 + 1, "still prefilling after {steps} steps");
+            assert!(
+                steps <= (400 + 200) / 32 + 2,
+                "still prefilling after {steps} steps"
+            );
         }
+        assert!(
+            first_done.is_some_and(|at| at <= 400 / 32 + 1),
+            "{first_done:?}"
+        );
     }
 
     /// Under KV pressure a short waiting prompt is not admitted with blocks that the
