@@ -35,9 +35,11 @@ where
     let mut r = Response::new(body);
     *r.status_mut() = StatusCode::OK;
     let h = r.headers_mut();
+    // The charset, as OpenAI's: clients that decode by the header (Python's
+    // `requests`) read text as ISO-8859-1 without it.
     h.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Tells reverse proxies (nginx) not to buffer the stream.

@@ -37,7 +37,10 @@ async fn snapshots_show_requests_by_id_and_are_rate_limited() {
         .await
         .expect("view opens");
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    assert_eq!(
+        r.headers()["content-type"],
+        "text/event-stream; charset=utf-8"
+    );
     let mut body = r.bytes_stream();
     let mut text = String::new();
     let started = Instant::now();
