@@ -218,7 +218,19 @@ pub fn chat_messages(
     let mut messages: Vec<ChatMessage> = Vec::with_capacity(wire.len());
     // Ids and names of the calls made so far.
     let mut calls: Vec<(String, String)> = Vec::new();
+    // The last assistant turn's calls that no tool message has answered yet: as OpenAI,
+    // the tool messages right after a turn answer each of its calls once.
+    let mut open: Vec<String> = Vec::new();
+    let unanswered = |at: String, open: &[String]| {
+        ApiError::bad(
+            "messages",
+            format!("an assistant message with `tool_calls` must be followed by tool messages answering each call; {at} the calls {open:?} have none"),
+        )
+    };
     for (i, m) in wire.into_iter().enumerate() {
+        if m.role != "tool" && !open.is_empty() {
+            return Err(unanswered(format!("at `messages[{i}]`"), &open));
+        }
         if !ROLES.contains(&m.role.as_str()) {
             return Err(ApiError::bad(
                 "messages",
@@ -277,7 +289,14 @@ pub fn chat_messages(
                     _ => json!({}),
                 };
                 let id = c.id.unwrap_or_else(tools::call_id);
+                if calls.iter().any(|(c, _)| *c == id) {
+                    return Err(ApiError::bad(
+                        "messages",
+                        format!("`messages[{i}].tool_calls[{j}].id` {id:?} is the id of an earlier call: a result could not say which it answers"),
+                    ));
+                }
                 calls.push((id.clone(), c.function.name.clone()));
+                open.push(id.clone());
                 let mut call = json!({
                     "id": id,
                     "type": "function",
@@ -296,10 +315,20 @@ pub fn chat_messages(
                     format!("`messages[{i}].tool_call_id` {id:?} answers no earlier call"),
                 ));
             };
+            let Some(at) = open.iter().position(|c| *c == id) else {
+                return Err(ApiError::bad(
+                    "messages",
+                    format!("`messages[{i}].tool_call_id` {id:?} answers a call that is already answered, or not the last assistant message's"),
+                ));
+            };
+            open.remove(at);
             message.name = Some(m.name.unwrap_or_else(|| name.clone()));
             message.tool_call_id = Some(id);
         }
         messages.push(message);
+    }
+    if !open.is_empty() {
+        return Err(unanswered("at the end".into(), &open));
     }
     Ok(messages)
 }
@@ -530,9 +559,10 @@ pub fn json_constraint(
             format!("structured output is unavailable for this model: {e}"),
         )
     })?;
-    grammars
-        .json_schema(schema)
-        .map_err(|e| ApiError::bad(param, format!("the schema cannot be enforced: {e}")))
+    grammars.json_schema(schema).map_err(|e| {
+        let e = tools::format::explain(&e);
+        ApiError::bad(param, format!("the schema cannot be enforced: {e}"))
+    })
 }
 
 /// A missing or empty `model` means the served one.

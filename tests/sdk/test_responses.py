@@ -182,6 +182,13 @@ def test_item_ids_are_unique_and_calls_are_answered(client):
     assert call.id in refused(previous_response_id=r.id,
                               input=[call.model_dump(exclude_none=True), output])
     assert call.call_id in refused(previous_response_id=r.id, input="And in Rome?")
+    # Calls in `input` itself are answered as well (OpenAI: "No tool output found"), once.
+    mine = {"type": "function_call", "call_id": "call_mine", "name": "get_weather",
+            "arguments": '{"city": "Oslo"}'}
+    answer = {"type": "function_call_output", "call_id": "call_mine", "output": "Cold."}
+    assert "call_mine" in refused(input=[mine, {"role": "user", "content": "and?"}])
+    assert "already answered" in refused(input=[mine, answer, answer])
+    assert "call_mine" in refused(input=[mine, dict(mine, arguments="{}"), answer])
     ok = client.responses.create(model=MODEL, previous_response_id=r.id, input=[output],
                                  max_output_tokens=4)
     assert ok.status in ("completed", "incomplete")

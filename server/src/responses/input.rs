@@ -159,10 +159,11 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
 /// so far, `history`:
 /// - every item id is new: ids name items in `input_items` pages (a repeated one would
 ///   send a page cursor back), and an item resent from the history would be seen twice;
-/// - every `function_call_output` answers a call made before it;
 /// - every call of the previous response's output (`previous`, the end of `history`) is
 ///   answered in `items`, as OpenAI requires of a turn that continues one that ended in
-///   calls.
+///   calls;
+/// - as in chat's messages, the outputs right after a run of calls answer each of them
+///   once, before the next message or run of calls, and no two calls share a `call_id`.
 pub fn check_items(history: &[Item], previous: &[Item], items: &[Item]) -> Result<(), ApiError> {
     let mut ids: HashSet<&str> = history.iter().map(Item::id).collect();
     for (i, item) in items.iter().enumerate() {
@@ -173,13 +174,6 @@ pub fn check_items(history: &[Item], previous: &[Item], items: &[Item]) -> Resul
             )));
         }
     }
-    let mut calls: Vec<&str> = history
-        .iter()
-        .filter_map(|i| match i {
-            Item::FunctionCall { call_id, .. } => Some(call_id.as_str()),
-            _ => None,
-        })
-        .collect();
     let answered = |call_id: &str| {
         items
             .iter()
@@ -194,16 +188,68 @@ pub fn check_items(history: &[Item], previous: &[Item], items: &[Item]) -> Resul
             "no function_call_output for the previous response's function_call with call_id {open:?}"
         )));
     }
-    for (i, item) in items.iter().enumerate() {
+    // Errors index `input`; the history's items were checked when they were sent.
+    let at = |i: usize| match i.checked_sub(history.len()) {
+        Some(i) => format!("`input[{i}]`"),
+        None => "the stored conversation (previous_response_id)".to_string(),
+    };
+    let unanswered = |open: &[&str]| {
+        format!(
+            "has no function_call_output for the function_call with call_id {:?} before it",
+            open[0]
+        )
+    };
+    let (mut calls, mut open): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    let mut in_calls = false;
+    for (i, item) in history.iter().chain(items).enumerate() {
         match item {
-            Item::FunctionCall { call_id, .. } => calls.push(call_id),
-            Item::FunctionCallOutput { call_id, .. } if !calls.contains(&call_id.as_str()) => {
-                return Err(bad(format!(
-                    "`input[{i}]`: function_call_output with call_id {call_id:?} answers no earlier function_call"
-                )))
+            Item::FunctionCall { call_id, .. } => {
+                if !in_calls && !open.is_empty() {
+                    return Err(bad(format!("{} {}", at(i), unanswered(&open))));
+                }
+                if calls.contains(&call_id.as_str()) {
+                    return Err(bad(format!(
+                        "{}: call_id {call_id:?} is an earlier function_call's: an output could not say which it answers",
+                        at(i)
+                    )));
+                }
+                calls.push(call_id);
+                open.push(call_id);
+                in_calls = true;
             }
-            _ => {}
+            Item::FunctionCallOutput { call_id, .. } => {
+                in_calls = false;
+                match open.iter().position(|c| c == call_id) {
+                    Some(p) => {
+                        open.remove(p);
+                    }
+                    None if calls.contains(&call_id.as_str()) => {
+                        return Err(bad(format!(
+                            "{}: function_call_output with call_id {call_id:?} answers a call that is already answered, or not of the last run of calls",
+                            at(i)
+                        )))
+                    }
+                    None => {
+                        return Err(bad(format!(
+                            "{}: function_call_output with call_id {call_id:?} answers no earlier function_call",
+                            at(i)
+                        )))
+                    }
+                }
+            }
+            Item::Message { .. } => {
+                if !open.is_empty() {
+                    return Err(bad(format!("{} {}", at(i), unanswered(&open))));
+                }
+                in_calls = false;
+            }
         }
+    }
+    if !open.is_empty() {
+        return Err(bad(format!(
+            "no function_call_output for the function_call with call_id {:?}: every call in `input` must be answered",
+            open[0]
+        )));
     }
     Ok(())
 }
@@ -351,13 +397,42 @@ mod tests {
         let output = json!({"type": "function_call_output", "call_id": "c1", "output": "x"});
         // `first` as a stored response's output (its input empty).
         check_items(&first, &first, &items(json!([output.clone()]))).unwrap();
-        // A call in an earlier turn's input is the client's own: not asked to be answered.
-        check_items(
+        // A call in an earlier turn's input must be answered before the next message too
+        // (OpenAI: "No tool output found for function call").
+        let e = check_items(
             &first,
             &[],
             &items(json!([{"role": "user", "content": "hi"}])),
         )
+        .expect_err("refused");
+        assert!(
+            e.to_string().contains(
+                "`input[0]` has no function_call_output for the function_call with call_id \"c1\""
+            ),
+            "{e}"
+        );
+        let answer = |i: usize| json!({"type": "function_call_output", "call_id": format!("c{i}"), "output": "x"});
+        let call = |i: usize| json!({"type": "function_call", "call_id": format!("c{i}"), "name": "f", "arguments": "{}"});
+        // Calls answered in any order right after their run, then a message: accepted.
+        check_items(
+            &[],
+            &[],
+            &items(
+                json!([call(1), call(2), answer(2), answer(1), {"role": "user", "content": "ok"}]),
+            ),
+        )
         .unwrap();
+        let refused_alone = [
+            (json!([call(1), call(2), answer(1)]), "no function_call_output for the function_call with call_id \"c2\""),
+            (json!([call(1), {"role": "user", "content": "ok"}, answer(1)]), "`input[1]` has no function_call_output"),
+            (json!([call(1), answer(1), answer(1)]), "`input[2]`: function_call_output with call_id \"c1\" answers a call that is already answered"),
+            (json!([call(1), call(1), answer(1)]), "`input[1]`: call_id \"c1\" is an earlier function_call's"),
+            (json!([call(1), call(2), answer(1), call(3), answer(2), answer(3)]), "`input[3]` has no function_call_output for the function_call with call_id \"c2\""),
+        ];
+        for (input, needle) in refused_alone {
+            let e = check_items(&[], &[], &items(input.clone())).expect_err("refused");
+            assert!(e.to_string().contains(needle), "{input}: {e}");
+        }
         let refused = [
             // The call is left unanswered.
             (

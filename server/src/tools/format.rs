@@ -171,17 +171,35 @@ impl CallFormat {
     }
 }
 
-/// A grammar compile error as a client can read it: its first line, without the Lark
-/// position or the path where the call grammar keeps the function's schema (the rest
-/// of the message is the internal grammar).
+/// A grammar compile error as a client can read it, on one line: without the Lark
+/// position, the listing of the internal grammar that follows, or the path where the
+/// call grammar keeps the function's schema. A first line that ends in `:` has its
+/// reason on the next ones (a regex error: the pattern, carets under it, `error: ..`).
 pub fn explain(error: &str) -> String {
-    let line = error.lines().next().unwrap_or_default();
-    let line = match line.split_once("): ") {
+    let mut lines = error.lines();
+    let first = lines.next().unwrap_or_default();
+    let mut line = match first.split_once("): ") {
         Some((at, rest)) if at.starts_with("at ") => rest,
-        _ => line,
-    };
+        _ => first,
+    }
+    .to_string();
+    if line.ends_with(':') {
+        let listing = |l: &str| {
+            l.split_once(" |")
+                .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        };
+        for next in lines.map(str::trim) {
+            if next.is_empty() || listing(next) {
+                break;
+            }
+            if !next.bytes().all(|b| b == b'^') {
+                line.push(' ');
+                line.push_str(next);
+            }
+        }
+    }
     let mut out = String::with_capacity(line.len());
-    let mut rest = line;
+    let mut rest = line.as_str();
     while let Some(i) = rest.find("/$defs/function") {
         out.push_str(&rest[..i]);
         rest = rest[i + "/$defs/function".len()..].trim_start_matches(|c: char| c.is_ascii_digit());
@@ -311,6 +329,12 @@ mod tests {
             "failed to compile JSON schema: Pointer '/$defs/Nope' does not exist"
         );
         assert_eq!(explain("plain"), "plain");
+        // The regex crate's reason is on the lines after the first.
+        let e = "at 2(8): failed to compile JSON schema: regex parse error:\n    (?<=x)y\n    ^^^^\nerror: look-around is not supported\n   1 | start: calls";
+        assert_eq!(
+            explain(e),
+            "failed to compile JSON schema: regex parse error: (?<=x)y error: look-around is not supported"
+        );
     }
 
     #[test]
