@@ -321,8 +321,14 @@ async fn next_event(st: &mut State) -> String {
             let mut finish = finish.as_str();
             if let (Some(reader), Some(held)) = (&meta.tools, st.held.get_mut(index)) {
                 let text = std::mem::take(&mut held.text);
-                match reader.calls(&text) {
-                    Some(calls) => {
+                // Every call, or those finished before a cut one (the answer's own
+                // finish reason then).
+                let calls = match reader.calls(&text) {
+                    Some(calls) => Some((reader.finish_reason(), calls)),
+                    None => reader.finished_calls(&text).map(|calls| (finish, calls)),
+                };
+                match calls {
+                    Some((reason, calls)) => {
                         meta.metrics.tool_calls.inc_by(calls.len() as u64);
                         let held_lp = std::mem::take(&mut held.logprobs);
                         let mut lp = meta.logprobs_value(&held_lp, &mut TextOffsets::default());
@@ -331,7 +337,7 @@ async fn next_event(st: &mut State) -> String {
                                 out.push_str(&meta.tool_chunk(index, delta, lp.take()));
                             }
                         }
-                        finish = reader.finish_reason();
+                        finish = reason;
                     }
                     None => {
                         // Only chat answers hold text back: no offsets to keep. A dropped

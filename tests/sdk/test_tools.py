@@ -241,6 +241,39 @@ def test_a_call_cut_short_is_neither_text_nor_a_call(client):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"]}}}
+
+
+def test_calls_finished_before_a_cut_one_are_kept(client):
+    # Greedy, this model writes the same call again and again: 40 tokens hold one whole
+    # call and cut the next. The whole one is returned (all were dropped before), with
+    # `length`, streamed or not.
+    kwargs = dict(model=MODEL, messages=ask("2+3?"), tools=[ADD], tool_choice="required",
+                  max_tokens=40, temperature=0)
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "length"
+    check_calls(choice.message, [ADD])
+    streamed, finish = {}, None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            name, arguments = streamed.get(d.index, ("", ""))
+            streamed[d.index] = (name + (d.function.name or ""),
+                                 arguments + (d.function.arguments or ""))
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "length"
+    assert list(streamed.values()) == \
+        [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    r = client.responses.create(model=MODEL, input="2+3?", tools=[{
+        "type": "function", **ADD["function"]}], tool_choice="required",
+        max_output_tokens=40, temperature=0)
+    assert r.status == "incomplete", r
+    assert [(o.name, o.arguments) for o in r.output] == \
+        [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+
+
 REPORT = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 20},
     "summary": {"type": "string", "maxLength": 60}},
@@ -346,10 +379,43 @@ def test_bad_tool_requests_name_the_field(client):
     bad(client, "tools", messages=ask(), tools=[unenforceable], tool_choice="required")
     bad(client, "messages", tools=[WEATHER], messages=ask() + [
         {"role": "tool", "tool_call_id": "call_unknown", "content": "x"}])
+    # Each call is answered by the tool messages right after it, once (OpenAI: "An
+    # assistant message with 'tool_calls' must be followed by tool messages responding
+    # to each 'tool_call_id'"); they were accepted, and rendered, unanswered.
+    def called(*ids):
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": i, "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+            for i in ids]}
+
+    def result(i):
+        return {"role": "tool", "tool_call_id": i, "content": "Cold."}
+
+    for messages, needle in [
+            ([called("c1"), {"role": "user", "content": "and?"}], '["c1"] have none'),
+            ([called("c1", "c2"), result("c1")], '["c2"] have none'),
+            ([called("c1"), result("c1"), result("c1")], "already answered"),
+            ([called("c1", "c1"), result("c1")], "an earlier call"),
+            ([called("c1"), result("c1"), called("c1"), result("c1")], "an earlier call")]:
+        assert needle in bad(client, "messages", tools=[WEATHER], messages=ask() + messages)
+    ok = client.chat.completions.create(
+        model=MODEL, max_tokens=4, tools=[WEATHER],
+        messages=ask() + [called("c1", "c2"), result("c2"), result("c1")])
+    assert ok.choices[0].finish_reason
     bad(client, "response_format", messages=ask(), tools=[WEATHER],
         response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
             "type": "object", "if": {"properties": {"a": {"const": 1}}},
             "then": {"required": ["b"]}}}})
+    # A regex the engine refuses: the reason (on the error's later lines) is told, on one
+    # line, wherever the schema is (a function's parameters said only "regex parse error:").
+    look_around = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=x)y"}}}
+    for field, kwargs in [
+            ("tools", dict(tools=[{"type": "function", "function": {
+                "name": "x", "parameters": look_around}}], tool_choice="required")),
+            ("response_format", dict(response_format={"type": "json_schema", "json_schema": {
+                "name": "x", "schema": look_around}}))]:
+        message = bad(client, field, messages=ask(), **kwargs)
+        assert "look-around" in message and "\n" not in message, message
 
 
 def test_tool_calls_are_counted_in_metrics(client):

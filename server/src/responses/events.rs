@@ -232,9 +232,9 @@ async fn next(st: &mut State) -> String {
             finish: f, usage, ..
         }) => {
             let message_id = st.message_id();
-            let items = output(st.s.reader.as_ref(), st.text.clone(), f, Some(message_id));
-            let mut out = st.close_items(&items);
-            finish(&mut st.s.response, items, f, usage, &st.s.metrics);
+            let answer = output(st.s.reader.as_ref(), st.text.clone(), f, Some(message_id));
+            let mut out = st.close_items(&answer.0);
+            finish(&mut st.s.response, answer, usage, &st.s.metrics);
             if let Some(k) = &st.s.keep {
                 if let Err(e) = keep(k, &st.s.response).await {
                     out.push_str(&st.fail(e));

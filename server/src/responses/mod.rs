@@ -352,17 +352,24 @@ fn history(store: &Store, id: &str) -> Result<(Vec<Item>, Vec<String>, usize), A
     Ok((items, chain, last_output))
 }
 
-/// A whole answer as output items: the calls the reader finds in it, or one message, or
-/// nothing when it began a call that did not finish.
+/// A whole answer as output items, and whether `max_output_tokens` cut it short: the
+/// calls the reader finds in it (those finished before one cut short), or one message,
+/// or nothing when it began a call that did not finish. Calls that parsed whole are
+/// not cut, even where the limit came with their last token.
 /// `message_id` is the id a stream already announced for the message.
 pub fn output(
     reader: Option<&CallReader>,
     text: String,
     finish: FinishReason,
     message_id: Option<String>,
-) -> Vec<Item> {
-    if let Some(calls) = reader.and_then(|r| r.calls(&text)) {
-        return calls
+) -> (Vec<Item>, bool) {
+    let limited = finish == FinishReason::Length;
+    let calls = reader.and_then(|r| match r.calls(&text) {
+        Some(calls) => Some((calls, false)),
+        None => Some((r.finished_calls(&text)?, limited)),
+    });
+    if let Some((calls, cut)) = calls {
+        let items = calls
             .into_iter()
             .map(|c| Item::FunctionCall {
                 id: wire::new_id("fc"),
@@ -372,13 +379,14 @@ pub fn output(
                 status: "completed".into(),
             })
             .collect();
+        return (items, cut);
     }
     let text = match reader {
         Some(reader) => reader.text_of(text),
         None => Some(text),
     };
     let Some(text) = text else {
-        return Vec::new();
+        return (Vec::new(), limited);
     };
     let status = match finish {
         FinishReason::Length => "incomplete",
@@ -388,14 +396,13 @@ pub fn output(
     if let (Item::Message { id, .. }, Some(given)) = (&mut item, message_id) {
         *id = given;
     }
-    vec![item]
+    (vec![item], limited)
 }
 
 /// Fills in the end of `response` (its output, usage and status) and counts its calls.
 pub fn finish(
     response: &mut ResponseObject,
-    output: Vec<Item>,
-    finish: FinishReason,
+    (output, cut): (Vec<Item>, bool),
     usage: Usage,
     metrics: &Metrics,
 ) {
@@ -404,9 +411,6 @@ pub fn finish(
         .filter(|i| matches!(i, Item::FunctionCall { .. }))
         .count();
     metrics.tool_calls.inc_by(calls as u64);
-    // Calls that parsed are whole, even where the limit came with their last token.
-    let made_calls = calls > 0 && calls == output.len();
-    let cut = finish == FinishReason::Length && !made_calls;
     response.status = if cut { "incomplete" } else { "completed" }.into();
     response.incomplete_details = cut.then(|| IncompleteDetails {
         reason: "max_output_tokens".into(),

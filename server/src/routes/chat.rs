@@ -97,19 +97,21 @@ async fn respond(
                 .enumerate()
                 .map(|(i, c)| {
                     let logprobs = valid.logprobs.then(|| logprobs::chat(&info, &c.logprobs));
-                    let calls = valid
-                        .tools
-                        .as_ref()
-                        .and_then(|r| Some((r, r.calls(&c.text)?)));
+                    // Every call, or those finished before a cut one (the answer's own
+                    // finish reason then).
+                    let calls = valid.tools.as_ref().and_then(|r| match r.calls(&c.text) {
+                        Some(calls) => Some((r.finish_reason(), calls)),
+                        None => Some((finish(&c), r.finished_calls(&c.text)?)),
+                    });
                     let (finish_reason, message) = match calls {
-                        Some((reader, calls)) => {
+                        Some((finish_reason, calls)) => {
                             app.metrics().tool_calls.inc_by(calls.len() as u64);
                             let message = AssistantMessage {
                                 role: "assistant",
                                 content: None,
                                 tool_calls: calls.into_iter().map(Into::into).collect(),
                             };
-                            (reader.finish_reason(), message)
+                            (finish_reason, message)
                         }
                         None => (
                             finish(&c),

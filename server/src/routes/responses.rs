@@ -45,14 +45,8 @@ pub async fn create(
     let mut done = stream::collect(rx, 1).await?;
     let answer = done.choices.pop().unwrap_or_default();
     let finish_reason = answer.finish.unwrap_or(crate::engine::FinishReason::Stop);
-    let items = output(prepared.reader.as_ref(), answer.text, finish_reason, None);
-    finish(
-        &mut response,
-        items,
-        finish_reason,
-        done.usage,
-        app.metrics(),
-    );
+    let answer = output(prepared.reader.as_ref(), answer.text, finish_reason, None);
+    finish(&mut response, answer, done.usage, app.metrics());
     if let Some(keep) = &prepared.keep {
         responses::keep(keep, &response).await?;
     }

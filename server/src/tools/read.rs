@@ -1,7 +1,8 @@
 //! Reading an answer back: is it text or calls, and which calls. The constraint made
 //! every call parse, so reading is exact. A call cut short (by `max_tokens` or a stop
 //! string) is dropped, not returned as text: its syntax is the server's instruction to
-//! the model, not an answer to show or to send back as history.
+//! the model, not an answer to show or to send back as history. The calls finished
+//! before it are kept, with the answer's own finish reason (as OpenAI's `length`).
 
 use serde_json::Value;
 
@@ -75,6 +76,54 @@ impl CallReader {
             for item in items {
                 calls.push(self.call(&item)?);
             }
+        }
+        (!calls.is_empty()).then_some(calls)
+    }
+
+    /// The calls an answer finished before it was cut short in the next one (by
+    /// `max_tokens` or a stop string); `None` when it was not cut in a call or finished
+    /// none. What [`Self::calls`] reads whole is never read here.
+    pub fn finished_calls(&self, text: &str) -> Option<Vec<ToolCall>> {
+        if self.decide(text) != Decision::Calls {
+            return None;
+        }
+        let mut calls = Vec::new();
+        match self.format {
+            CallFormat::Hermes => {
+                let blocks: Vec<&str> = text.split("<tool_call>").skip(1).collect();
+                let (last, done) = blocks.split_last()?;
+                if last.contains("</tool_call>") {
+                    return None;
+                }
+                for block in done {
+                    let (json, _) = block.split_once("</tool_call>")?;
+                    calls.push(self.call(&serde_json::from_str(json).ok()?)?);
+                }
+            }
+            CallFormat::Generic => {
+                if serde_json::from_str::<Value>(text).is_ok() {
+                    return None;
+                }
+                let (head, mut rest) = text.split_once('[')?;
+                if head.trim() != r#"{"tool_calls":"# {
+                    return None;
+                }
+                // Each item and the `,` after it; the cut one does not parse.
+                loop {
+                    let mut items = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+                    let Some(Ok(item)) = items.next() else {
+                        break;
+                    };
+                    let after = rest[items.byte_offset()..].trim_start();
+                    calls.push(self.call(&item)?);
+                    match after.strip_prefix(',') {
+                        Some(next) => rest = next,
+                        None => break,
+                    }
+                }
+            }
+            // One call, cut.
+            CallFormat::Llama3Json => {}
         }
         (!calls.is_empty()).then_some(calls)
     }
@@ -153,6 +202,27 @@ mod tests {
         assert_eq!(r.decide(" Sure"), Decision::Text);
         // Cut short by max_tokens: not calls.
         assert_eq!(r.calls(r#"{"tool_calls": [{"name": "a", "argu"#), None);
+        assert_eq!(
+            r.finished_calls(r#"{"tool_calls": [{"name": "a", "argu"#),
+            None
+        );
+        // Cut in the second call: the first is kept (in the compact form the grammar
+        // writes, and with free whitespace).
+        for cut in [
+            r#"{"tool_calls": [{"name": "a", "arguments": {"x": 1}}, {"name": "b", "argu"#,
+            "{\"tool_calls\": [ {\"name\": \"a\", \"arguments\": {\"x\": 1}} ,\n {\"na",
+            r#"{"tool_calls": [{"name": "a", "arguments": {"x": 1}}"#,
+        ] {
+            let kept = r.finished_calls(cut).expect("the first call");
+            assert_eq!(kept.len(), 1, "{cut}");
+            assert_eq!(
+                (kept[0].name.as_str(), kept[0].arguments.as_str()),
+                ("a", r#"{"x":1}"#)
+            );
+        }
+        // Whole answers are not read here.
+        assert_eq!(r.finished_calls(text), None);
+        assert_eq!(r.finished_calls(r#"{"tool_calls": [], "more": 1}"#), None);
         // Not a function offered, or not the call's shape: not calls.
         assert_eq!(r.calls(r#"{"tool_calls": [{"name": "z"}]}"#), None);
         assert_eq!(r.calls(r#"{"tool_calls": [{"name": "a", "x": 1}]}"#), None);
@@ -188,6 +258,14 @@ mod tests {
         assert_eq!(
             calls.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
             ["a", "b"]
+        );
+        // Cut in the second block: the first is kept; a whole answer is not read there.
+        let cut = "<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"b\", \"argu";
+        assert_eq!(r.finished_calls(cut).expect("kept")[0].name, "a");
+        assert_eq!(r.finished_calls(text), None);
+        assert_eq!(
+            r.finished_calls("<tool_call>\n{\"name\": \"a\", \"ar"),
+            None
         );
         // The tags may be special tokens the decoder skips: the JSON alone reads the same.
         let bare = "\n{\"name\": \"a\", \"arguments\": {\"x\": \"y\"}}\n";
