@@ -42,9 +42,10 @@ pub const PREFILL_HORIZON: usize = 12;
 /// spread thin enough to leave the decoders' steps near it.
 pub const PREFILL_STRETCH: usize = 4;
 
-/// The oldest prompts get this fraction (one over it) of a step's prefill budget first,
-/// the rest goes to the least left to compute: short prompts arriving without pause at
-/// most halve a long one's pace, and each prompt in turn becomes the oldest.
+/// The oldest prompts get this fraction (one over it) of a step's prefill budget first
+/// (all of it that the oldest needs, when it finishes in the step), the rest goes to the
+/// least left to compute: short prompts arriving without pause at most halve a long
+/// one's pace, and each prompt in turn becomes the oldest.
 pub const OLDEST_SHARE: usize = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -544,7 +545,12 @@ impl Scheduler {
         let mut by_age: Vec<(SeqId, usize)> = prompts.iter().map(|&(id, _, c)| (id, c)).collect();
         by_age.sort_by_key(|(id, _)| self.entries[id].arrival);
         let mut allot: HashMap<SeqId, usize> = HashMap::new();
-        let mut share = budget / OLDEST_SHARE;
+        // An oldest prompt that this step finishes gets all it needs, as first-come,
+        // first-served would give it: prompts that each fit in a step keep their order.
+        let mut share = match by_age.first() {
+            Some(&(_, cost)) if cost <= budget => cost.max(budget / OLDEST_SHARE),
+            _ => budget / OLDEST_SHARE,
+        };
         let mut rest = budget - share;
         for &(id, cost) in &by_age {
             let given = cost.min(share);
@@ -1257,6 +1263,19 @@ mod tests {
             first_done.is_some_and(|at| at <= 400 / 32 + 1),
             "{first_done:?}"
         );
+    }
+
+    /// An oldest prompt that the step can finish gets all it needs first, as without the
+    /// reordering: prompts that each fit in a step are served in their order.
+    #[test]
+    fn an_oldest_prompt_that_fits_in_the_step_goes_first_whole() {
+        let mut s = sched(8, 64, 100);
+        s.add(1, &toks(1, 50), 100).unwrap();
+        s.add(2, &toks(2, 20), 100).unwrap();
+        let plan = step(&mut s);
+        let mut lens = lens(&plan);
+        lens.sort_unstable();
+        assert_eq!(lens, vec![(1, 50), (2, 14)]);
     }
 
     /// Under KV pressure a short waiting prompt is not admitted with blocks that the
