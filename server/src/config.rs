@@ -219,6 +219,11 @@ pub struct Config {
     #[arg(long, env = "CHORUS_MAX_N", default_value_t = 8)]
     pub max_n: usize,
 
+    /// Most prompts one completions request may list (a batch: each prompt is served as
+    /// its own sequence).
+    #[arg(long, env = "CHORUS_MAX_PROMPTS", default_value_t = 64)]
+    pub max_prompts: usize,
+
     /// Directory of the server's state: stored responses (`chorus.sqlite3`). Default:
     /// $XDG_STATE_HOME/chorus, else ~/.local/state/chorus, else ./chorus-state.
     #[arg(long, env = "CHORUS_STATE_DIR", default_value_os_t = default_state_dir())]

@@ -88,6 +88,19 @@ pub enum Event {
     Error(Failure),
 }
 
+impl Event {
+    /// The same event with its choice numbered `offset` later (a batch's later prompts).
+    pub fn reindexed(mut self, offset: usize) -> Event {
+        match &mut self {
+            Event::Text { index, .. } | Event::Prompt { index, .. } | Event::Done { index, .. } => {
+                *index += offset
+            }
+            Event::Error(_) => {}
+        }
+        self
+    }
+}
+
 /// Why the engine ended a request early.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
@@ -335,7 +348,7 @@ mod tests {
             .expect("open");
         drop(submission);
         assert!(matches!(
-            crate::stream::collect(events, 1).await,
+            crate::stream::collect(events, 1, 1).await,
             Err(ApiError::Unavailable(_))
         ));
     }

@@ -109,6 +109,7 @@ impl AppState {
             max_stop_bytes: config.max_stop_bytes,
             max_prompt_tokens: config.max_prompt_tokens,
             max_n: config.max_n.max(1),
+            max_prompts: config.max_prompts.max(1),
             max_tool_calls: config.max_tool_calls.max(1),
         };
         let threads = config

@@ -1,12 +1,13 @@
 //! Turns a request's event channel into OpenAI's streamed chunks (chat or completion
 //! shape), or collects it into one reply. A request with `n` choices ends when every
-//! choice has; its usage counts the prompt once and every choice's tokens.
+//! choice has; its usage counts each prompt once and every choice's tokens. A batch of
+//! prompts is one channel too ([`merge`]).
 
 use std::sync::Arc;
 
 use futures_util::Stream;
 use serde_json::Value;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use crate::engine::{Event, FinishReason, ModelInfo, TokenLogprob};
 use crate::error::ApiError;
@@ -18,6 +19,7 @@ use crate::openai::{
 };
 use crate::sse::{frame, DONE};
 use crate::tools::{CallReader, Decision, ToolCall};
+use crate::validate::Echo;
 
 /// Which endpoint's chunk shape to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,14 +35,13 @@ pub struct ChunkMeta {
     pub model: String,
     pub created: u64,
     pub include_usage: bool,
-    /// Choices in the response.
+    /// Choices in the response: `per_prompt` for each prompt.
     pub n: usize,
+    pub per_prompt: usize,
     /// Log-probabilities were asked for.
     pub logprobs: bool,
-    /// Completions with `echo`: the prompt, sent first in each choice.
-    pub echo: Option<String>,
-    /// The prompt's log-probabilities start after a BOS the server added.
-    pub echo_skips_bos: bool,
+    /// Completions with `echo`: each prompt, sent first in each of its choices.
+    pub echo: Vec<Echo>,
     /// Chat with functions to call: how answers are read.
     pub tools: Option<CallReader>,
     pub metrics: Arc<Metrics>,
@@ -48,6 +49,11 @@ pub struct ChunkMeta {
 }
 
 impl ChunkMeta {
+    /// The echoed prompt of choice `index`.
+    fn echo(&self, index: usize) -> Option<&Echo> {
+        self.echo.get(index / self.per_prompt.max(1))
+    }
+
     fn usage_field(&self, usage: Option<Usage>) -> Option<Option<Usage>> {
         self.include_usage.then_some(usage)
     }
@@ -151,30 +157,38 @@ impl ChunkMeta {
     }
 }
 
-/// Usage of a whole request from its choices': the prompt once, every choice's tokens.
-#[derive(Debug, Default, Clone, Copy)]
-struct UsageSum(Option<Usage>);
+/// Usage of a whole request from its choices': each prompt once (as its first choice
+/// counted it), every choice's tokens.
+#[derive(Debug, Clone, Copy)]
+struct UsageSum {
+    per_prompt: usize,
+    sum: Usage,
+}
 
 impl UsageSum {
+    fn new(per_prompt: usize) -> Self {
+        UsageSum {
+            per_prompt: per_prompt.max(1),
+            sum: Usage::new(0, 0, 0),
+        }
+    }
+
     fn add(&mut self, index: usize, u: Usage) {
-        self.0 = Some(match self.0 {
-            None => u,
-            Some(sum) => {
-                let cached = match index {
-                    0 => u.prompt_tokens_details.cached_tokens,
-                    _ => sum.prompt_tokens_details.cached_tokens,
-                };
-                Usage::new(
-                    sum.prompt_tokens,
-                    sum.completion_tokens + u.completion_tokens,
-                    cached,
-                )
-            }
-        });
+        let first = index.is_multiple_of(self.per_prompt);
+        let (prompt, cached) = match first {
+            true => (u.prompt_tokens, u.prompt_tokens_details.cached_tokens),
+            false => (0, 0),
+        };
+        let sum = self.sum;
+        self.sum = Usage::new(
+            sum.prompt_tokens + prompt,
+            sum.completion_tokens + u.completion_tokens,
+            sum.prompt_tokens_details.cached_tokens + cached,
+        );
     }
 
     fn total(self) -> Usage {
-        self.0.unwrap_or_else(|| Usage::new(0, 0, 0))
+        self.sum
     }
 }
 
@@ -210,6 +224,7 @@ pub fn events(
     rx: UnboundedReceiver<Event>,
 ) -> impl Stream<Item = String> {
     let state = State {
+        usage: UsageSum::new(meta.per_prompt),
         offsets: vec![TextOffsets::default(); meta.n],
         held: (0..meta.n).map(|_| Held::default()).collect(),
         meta,
@@ -218,7 +233,6 @@ pub fn events(
         started: false,
         ended: false,
         done: 0,
-        usage: UsageSum::default(),
     };
     futures_util::stream::unfold(state, |mut st| async move {
         if st.ended {
@@ -241,7 +255,7 @@ fn opening(st: &mut State) -> String {
     let meta = &st.meta;
     let mut out = String::new();
     for index in 0..meta.n {
-        match (meta.shape, &meta.echo) {
+        match (meta.shape, meta.echo(index)) {
             // An answer that can only be calls has no content (`null`, as its
             // unstreamed message says); any other may be text.
             (Shape::Chat, _) => {
@@ -251,8 +265,8 @@ fn opening(st: &mut State) -> String {
             }
             // With log-probabilities the prompt waits for its scores (`Event::Prompt`).
             (Shape::Completion, Some(prompt)) if !meta.logprobs => {
-                out.push_str(&meta.chunk(index, false, Some(prompt), None, None));
-                st.offsets[index] = TextOffsets::after(prompt.chars().count());
+                out.push_str(&meta.chunk(index, false, Some(&prompt.text), None, None));
+                st.offsets[index] = TextOffsets::after(prompt.text.chars().count());
             }
             (Shape::Completion, Some(_)) => {}
             (Shape::Completion, None) => {}
@@ -299,14 +313,14 @@ async fn next_event(st: &mut State) -> String {
             index,
             tokens,
             logprobs,
-        }) => match &meta.echo {
+        }) => match meta.echo(index) {
             Some(prompt) if meta.logprobs => {
-                let first = tokens.first().copied().filter(|_| !meta.echo_skips_bos);
+                let first = tokens.first().copied().filter(|_| !prompt.skips_bos);
                 let lp = logprobs::completion_with_prompt(&meta.info, first, &logprobs, &[], 0);
                 if let Some(offsets) = st.offsets.get_mut(index) {
-                    *offsets = TextOffsets::after(prompt.chars().count());
+                    *offsets = TextOffsets::after(prompt.text.chars().count());
                 }
-                meta.chunk(index, false, Some(prompt), Some(lp), None)
+                meta.chunk(index, false, Some(&prompt.text), Some(lp), None)
             }
             _ => String::new(),
         },
@@ -433,9 +447,14 @@ pub struct Collected {
     pub usage: Usage,
 }
 
-pub async fn collect(mut rx: UnboundedReceiver<Event>, n: usize) -> Result<Collected, ApiError> {
+/// Collects `n` choices, `per_prompt` for each prompt.
+pub async fn collect(
+    mut rx: UnboundedReceiver<Event>,
+    n: usize,
+    per_prompt: usize,
+) -> Result<Collected, ApiError> {
     let mut choices: Vec<ChoiceOut> = (0..n).map(|_| ChoiceOut::default()).collect();
-    let mut usage = UsageSum::default();
+    let mut usage = UsageSum::new(per_prompt);
     let mut done = 0;
     while done < n {
         match rx.recv().await {
@@ -477,4 +496,28 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, n: usize) -> Result<Colle
         choices,
         usage: usage.total(),
     })
+}
+
+/// The events of a batch's requests (one per prompt, `per_prompt` choices each) as one
+/// request's: prompt `i`'s choices become `i · per_prompt …`, as OpenAI numbers a batch's
+/// choices. A request's channel closes when the merged one does (its client went away
+/// or another prompt failed), which frees its sequences.
+pub fn merge(rxs: Vec<UnboundedReceiver<Event>>, per_prompt: usize) -> UnboundedReceiver<Event> {
+    let (tx, merged) = mpsc::unbounded_channel();
+    for (i, mut rx) in rxs.into_iter().enumerate() {
+        let (tx, offset) = (tx.clone(), i * per_prompt);
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = rx.recv() => event,
+                    () = tx.closed() => None,
+                };
+                let Some(event) = event else { break };
+                if tx.send(event.reindexed(offset)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    merged
 }

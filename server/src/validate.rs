@@ -27,6 +27,8 @@ pub struct Limits {
     pub max_prompt_tokens: Option<usize>,
     /// `--max-n`: most choices per request.
     pub max_n: usize,
+    /// `--max-prompts`: most prompts in one completions request.
+    pub max_prompts: usize,
     /// `--max-tool-calls`: most function calls in one answer.
     pub max_tool_calls: usize,
 }
@@ -34,18 +36,26 @@ pub struct Limits {
 /// A request that passed every check.
 #[derive(Debug)]
 pub struct ValidRequest {
-    pub gen: GenRequest,
+    /// One per prompt: chat has one, completions may list several (a batch; prompt `i`'s
+    /// choices are numbered from `i · n`, as OpenAI numbers them).
+    pub gens: Vec<GenRequest>,
     pub stream: bool,
     pub include_usage: bool,
     /// Log-probabilities go into the response.
     pub logprobs: bool,
-    /// Completions with `echo`: the prompt text, which the response repeats first.
-    pub echo: Option<String>,
-    /// The prompt's first token is a BOS the server put in front of the text: its
-    /// log-probabilities start after it.
-    pub echo_skips_bos: bool,
+    /// Completions with `echo`: each prompt as its choices repeat it first (else empty).
+    pub echo: Vec<Echo>,
     /// The request offers functions to call: how its answers are read back.
     pub tools: Option<CallReader>,
+}
+
+/// A completions prompt as the response repeats it (`echo`).
+#[derive(Debug, Clone)]
+pub struct Echo {
+    pub text: String,
+    /// The prompt's first token is a BOS the server put in front of the text: its
+    /// log-probabilities start after it.
+    pub skips_bos: bool,
 }
 
 const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
@@ -94,12 +104,11 @@ pub fn chat(
     )?;
     gen.logprobs = logprobs;
     Ok(ValidRequest {
-        gen,
+        gens: vec![gen],
         stream,
         include_usage,
         logprobs: logprobs.is_some(),
-        echo: None,
-        echo_skips_bos: false,
+        echo: Vec::new(),
         tools: reader,
     })
 }
@@ -458,16 +467,80 @@ pub fn completion(
         }
     };
     let echo = req.echo.unwrap_or(false);
-    let one_prompt =
-        "`prompt` must be one string or one list of token ids (batches are not supported)";
-    let text = match req.prompt {
-        PromptInput::Text(t) => Ok(t),
-        PromptInput::Texts(mut v) if v.len() == 1 => Ok(v.remove(0)),
-        PromptInput::Tokens(ids) => Err(ids),
-        PromptInput::TokenBatches(mut v) if v.len() == 1 => Err(v.remove(0)),
-        _ => return Err(ApiError::bad("prompt", one_prompt)),
+    // A list of prompts is a batch: each prompt is its own sequence with `n` choices.
+    let prompts: Vec<Result<String, Vec<u32>>> = match req.prompt {
+        PromptInput::Text(t) => vec![Ok(t)],
+        PromptInput::Texts(v) => v.into_iter().map(Ok).collect(),
+        PromptInput::Tokens(ids) => vec![Err(ids)],
+        PromptInput::TokenBatches(v) => v.into_iter().map(Err).collect(),
     };
-    let (prompt, prompt_text, added_bos) = match text {
+    if prompts.is_empty() {
+        return Err(ApiError::bad(
+            "prompt",
+            "`prompt` must not be an empty list",
+        ));
+    }
+    if prompts.len() > limits.max_prompts {
+        return Err(ApiError::bad(
+            "prompt",
+            format!(
+                "`prompt` lists {} prompts, more than this server takes in one request ({}, --max-prompts)",
+                prompts.len(),
+                limits.max_prompts
+            ),
+        ));
+    }
+    let stream = req.stream.unwrap_or(false);
+    let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
+    let batch = prompts.len() > 1;
+    let (mut gens, mut echoes) = (Vec::with_capacity(prompts.len()), Vec::new());
+    for (i, prompt) in prompts.into_iter().enumerate() {
+        let id = match batch {
+            true => format!("{request_id}-{i}"),
+            false => request_id.clone(),
+        };
+        let (gen, echoed) =
+            completion_prompt(info, limits, id, prompt, &req.sampling, echo, logprobs).map_err(
+                |e| match (e, batch) {
+                    // Which prompt of a batch is wrong.
+                    (
+                        ApiError::BadRequest {
+                            message,
+                            param: Some("prompt"),
+                        },
+                        true,
+                    ) => ApiError::BadField {
+                        message,
+                        param: format!("prompt[{i}]"),
+                    },
+                    (e, _) => e,
+                },
+            )?;
+        gens.push(gen);
+        echoes.extend(echoed);
+    }
+    Ok(ValidRequest {
+        gens,
+        stream,
+        include_usage,
+        logprobs: logprobs.is_some(),
+        echo: echoes,
+        tools: None,
+    })
+}
+
+/// One prompt of a completions request: its generation, and with `echo` the prompt as
+/// the response repeats it (as sent; token prompts as their text).
+fn completion_prompt(
+    info: &ModelInfo,
+    limits: Limits,
+    request_id: String,
+    prompt: Result<String, Vec<u32>>,
+    sampling: &WireSampling,
+    echo: bool,
+    logprobs: Option<usize>,
+) -> Result<(GenRequest, Option<Echo>), ApiError> {
+    let (prompt, prompt_text, added_bos) = match prompt {
         Ok(t) => {
             let (ids, added_bos) = tokenize_prompt(info, limits, &t)?;
             (ids, Some(t), added_bos)
@@ -484,39 +557,27 @@ pub fn completion(
     if prompt.is_empty() {
         return Err(ApiError::bad("prompt", "`prompt` must not be empty"));
     }
-    let stream = req.stream.unwrap_or(false);
-    let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
-    // `echo` repeats the prompt as sent (token prompts as their text).
     let echo = match (echo, prompt_text) {
         (false, _) => None,
-        (true, Some(t)) => Some(t),
+        (true, Some(text)) => Some(text),
         (true, None) => Some(
             info.tokenizer
                 .decode(&prompt, false)
                 .map_err(|e| ApiError::Internal(format!("detokenization failed: {e}")))?,
         ),
     };
+    let score_only = echo.is_some() && logprobs.is_some();
     let mut gen = generation(
-        info,
-        limits,
-        request_id,
-        prompt,
-        &req.sampling,
-        echo.is_some() && logprobs.is_some(),
-        "prompt",
+        info, limits, request_id, prompt, sampling, score_only, "prompt",
     )?;
     gen.logprobs = logprobs;
     // Echoed prompts carry their tokens' log-probabilities too.
     gen.prompt_logprobs = logprobs.filter(|_| echo.is_some());
-    Ok(ValidRequest {
-        gen,
-        stream,
-        include_usage,
-        logprobs: logprobs.is_some(),
-        echo_skips_bos: added_bos && echo.is_some(),
-        echo,
-        tools: None,
-    })
+    let echo = echo.map(|text| Echo {
+        text,
+        skips_bos: added_bos,
+    });
+    Ok((gen, echo))
 }
 
 /// `response_format`: `text` (no schema), `json_object` (any JSON object) or

@@ -604,3 +604,94 @@ async fn forced_invalid_bytes_come_back_whole() {
         .collect();
     assert_eq!(streamed, text);
 }
+
+/// A list of prompts is a batch: prompt i's choices are numbered from i·n, each echoes its
+/// own prompt with its own log-probabilities, and usage counts every prompt once.
+#[tokio::test]
+async fn completions_batch_echoes_each_prompt_and_sums_usage() {
+    let url = base().await;
+    let prompts = ["The capital of France is", "1, 2, 3,"];
+    let extra = json!({"max_tokens": 4, "temperature": 0, "echo": true, "logprobs": 1});
+    let mut alone = Vec::new();
+    for p in prompts {
+        let mut body = extra.clone();
+        body["prompt"] = json!(p);
+        let (status, v) = post(&url, "/v1/completions", &body).await;
+        assert_eq!(status, 200, "{v}");
+        alone.push(v);
+    }
+    let mut body = extra.clone();
+    body["prompt"] = json!(prompts);
+    body["n"] = json!(2);
+    let (status, v) = post(&url, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4, "{v}");
+    for (i, c) in choices.iter().enumerate() {
+        let one = &alone[i / 2]["choices"][0];
+        assert_eq!(c["index"], i, "{v}");
+        assert_eq!(c["text"], one["text"], "{v}");
+        assert!(
+            c["text"].as_str().unwrap().starts_with(prompts[i / 2]),
+            "{v}"
+        );
+        assert_eq!(c["logprobs"]["tokens"], one["logprobs"]["tokens"], "{v}");
+        assert_eq!(
+            c["logprobs"]["text_offset"], one["logprobs"]["text_offset"],
+            "{v}"
+        );
+    }
+    let sum = |field: &str| -> u64 {
+        alone
+            .iter()
+            .map(|a| a["usage"][field].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(v["usage"]["prompt_tokens"], sum("prompt_tokens"), "{v}");
+    assert_eq!(
+        v["usage"]["completion_tokens"],
+        2 * sum("completion_tokens"),
+        "{v}"
+    );
+
+    // Streamed: the same choices, then one usage chunk that sums them.
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let events = stream_events(&url, "/v1/completions", &body).await;
+    let mut texts = vec![String::new(); 4];
+    let mut usage = Value::Null;
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let chunk: Value = serde_json::from_str(e).unwrap();
+        for c in chunk["choices"].as_array().unwrap() {
+            texts[c["index"].as_u64().unwrap() as usize] += c["text"].as_str().unwrap();
+        }
+        if !chunk["usage"].is_null() {
+            usage = chunk["usage"].clone();
+        }
+    }
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(json!(text), choices[i]["text"], "{events:?}");
+    }
+    assert_eq!(usage, v["usage"], "{events:?}");
+}
+
+#[tokio::test]
+async fn completions_batch_limits_are_400s_naming_the_prompt() {
+    let url = base().await;
+    let cases = [
+        (json!([]), "prompt"),
+        (json!(vec!["a"; 65]), "prompt"),
+        (json!(["a", "word ".repeat(10_000)]), "prompt[1]"),
+        (json!([[1, 2], [1, 1_000_000_000u32]]), "prompt[1]"),
+    ];
+    for (prompt, param) in cases {
+        let (status, v) = post(
+            &url,
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 2}),
+        )
+        .await;
+        assert_eq!(status, 400, "{prompt}: {v}");
+        assert_eq!(v["error"]["param"], param, "{prompt}: {v}");
+    }
+}

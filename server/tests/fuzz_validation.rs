@@ -42,6 +42,7 @@ const LIMITS: Limits = Limits {
     max_prompt_tokens: Some(4096),
     max_n: 8,
     max_tool_calls: 4,
+    max_prompts: 4,
 };
 
 fn check(body: &str) {
@@ -60,7 +61,16 @@ fn check(body: &str) {
 /// An accepted request's sampling values, as f32, are what the sampler can use (before
 /// the fix `repetition_penalty: 1e-300` passed as f64 and became 0 as f32: NaN logits).
 fn usable(valid: &validate::ValidRequest, body: &str) {
-    let p = &valid.gen.params;
+    assert!(
+        (1..=LIMITS.max_prompts).contains(&valid.gens.len()),
+        "{body}"
+    );
+    for gen in &valid.gens {
+        sampling_usable(&gen.params, body);
+    }
+}
+
+fn sampling_usable(p: &chorus_model::SamplingParams, body: &str) {
     assert!((0.0..=2.0).contains(&p.temperature), "{body}");
     assert!(p.top_p > 0.0 && p.top_p <= 1.0, "{body}");
     assert!((0.0..=1.0).contains(&p.min_p), "{body}");

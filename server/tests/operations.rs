@@ -353,6 +353,41 @@ async fn a_disconnect_storm_leaves_nothing_running() {
     }
 }
 
+/// A client that leaves a batch of prompts frees every prompt's sequences, streamed or
+/// not, and one that leaves while the batch waits for a slot frees the waiting ones.
+#[tokio::test]
+async fn a_batch_whose_client_leaves_leaves_nothing_running() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--max-running", "4"]));
+    wait_ready(&url).await;
+    let client = reqwest::Client::new();
+    for stream in [true, false] {
+        let body = json!({
+            "prompt": (0..8).map(|i| format!("Story {i}: once upon a time")).collect::<Vec<_>>(),
+            "max_tokens": 2000, "ignore_eos": true, "stream": stream, "n": 2,
+        });
+        let request = client
+            .post(format!("{url}/v1/completions"))
+            .json(&body)
+            .send();
+        // Gone after a second: some prompts decode, the rest wait for a slot.
+        let _ = tokio::time::timeout(Duration::from_secs(1), request).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let h = health(&url).await;
+            if h["running"] == 0 && h["queued"] == 0 && h["kv_blocks_used"] == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still busy (stream: {stream}): {h}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_serves(&url).await;
+}
+
 /// The device path (`--device candle-cpu`: the code a GPU runs, on candle's CPU device)
 /// serves through the same engine: concurrent requests, forked choices (whose partial
 /// last block is copied on the device), greedy picks on the device as on the host, and a

@@ -105,6 +105,46 @@ def test_completions_stream(client):
     assert text
 
 
+def test_completions_batch_of_prompts(client):
+    prompts = ["The capital of France is", "Once upon a time", "1, 2, 3,"]
+    alone = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)
+        for p in prompts
+    ]
+    r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=8, temperature=0, n=2)
+    # Prompt i's choices are 2i and 2i + 1, each what the prompt gets alone.
+    assert [c.index for c in r.choices] == list(range(6))
+    for c in r.choices:
+        assert c.text == alone[c.index // 2].choices[0].text
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert r.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+
+    texts = ["", "", ""]
+    for chunk in client.completions.create(model=MODEL, prompt=prompts, max_tokens=8,
+                                           temperature=0, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [a.choices[0].text for a in alone]
+
+
+def test_completions_batch_names_the_bad_prompt(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[[1, 2], [1, 10**9]], max_tokens=2)
+    assert e.value.body["param"] == "prompt[1]"
+
+
+def test_langchain_completions_llm_batch():
+    # LangChain's completions LLM sends its batch as one request with a list of prompts.
+    from langchain_openai import OpenAI
+
+    llm = OpenAI(model=MODEL, base_url=f"{BASE}/v1", api_key="unused", temperature=0,
+                 max_tokens=8, max_retries=0)
+    prompts = ["The capital of France is", "Once upon a time"]
+    batched = llm.batch(prompts)
+    assert batched == [llm.invoke(p) for p in prompts]
+    assert all(t.strip() for t in batched)
+
+
 def test_unknown_model_is_not_found(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])

@@ -63,8 +63,18 @@ async fn respond(
     let info = engine.info.clone();
     let model = info.id.clone();
     let created = unix_now();
-    let n = valid.gen.n;
-    let mut rx = engine.submit(valid.gen)?;
+    // A batch of prompts is answered as one request: prompt i's choices are i·n … .
+    let per_prompt = valid.gens.first().map_or(1, |g| g.n);
+    let n = per_prompt * valid.gens.len();
+    let mut rxs = Vec::with_capacity(valid.gens.len());
+    for gen in valid.gens {
+        // On a refusal the batch's earlier requests end with their dropped channels.
+        rxs.push(engine.submit(gen)?);
+    }
+    let mut rx = match rxs.len() {
+        1 => rxs.pop().expect("one prompt"),
+        _ => stream::merge(rxs, per_prompt),
+    };
     if valid.stream {
         let first = stream::first_event(&mut rx).await?;
         let meta = ChunkMeta {
@@ -74,16 +84,16 @@ async fn respond(
             created,
             include_usage: valid.include_usage,
             n,
+            per_prompt,
             logprobs: valid.logprobs,
             echo: valid.echo,
-            echo_skips_bos: valid.echo_skips_bos,
             tools: valid.tools.clone(),
             metrics: app.metrics_handle(),
             info,
         };
         return Ok(sse::response(stream::events(meta, first, rx)));
     }
-    let done = stream::collect(rx, n).await?;
+    let done = stream::collect(rx, n, per_prompt).await?;
     let finish = |c: &ChoiceOut| c.finish.map_or("stop", FinishReason::as_str);
     Ok(match shape {
         Shape::Chat => Json(ChatCompletion {
@@ -137,8 +147,7 @@ async fn respond(
         })
         .into_response(),
         Shape::Completion => {
-            let echo = valid.echo.unwrap_or_default();
-            let offset = echo.chars().count();
+            let echo = |i: usize| valid.echo.get(i / per_prompt);
             Json(Completion {
                 id,
                 object: "text_completion",
@@ -148,28 +157,34 @@ async fn respond(
                     .choices
                     .into_iter()
                     .enumerate()
-                    .map(|(i, c)| CompletionChoice {
-                        index: i as u32,
-                        finish_reason: Some(finish(&c)),
-                        logprobs: valid.logprobs.then(|| match &c.prompt {
-                            // Echoed: the prompt's tokens lead, then the completion's.
-                            Some((first, scores)) => {
-                                let first = first.filter(|_| !valid.echo_skips_bos);
-                                logprobs::completion_with_prompt(
+                    .map(|(i, c)| {
+                        let echo = echo(i);
+                        let prompt = echo.map_or("", |e| e.text.as_str());
+                        let offset = prompt.chars().count();
+                        CompletionChoice {
+                            index: i as u32,
+                            finish_reason: Some(finish(&c)),
+                            logprobs: valid.logprobs.then(|| match &c.prompt {
+                                // Echoed: the prompt's tokens lead, then the completion's.
+                                Some((first, scores)) => {
+                                    let first =
+                                        first.filter(|_| !echo.is_some_and(|e| e.skips_bos));
+                                    logprobs::completion_with_prompt(
+                                        &info,
+                                        first,
+                                        scores,
+                                        &c.logprobs,
+                                        offset,
+                                    )
+                                }
+                                None => logprobs::completion(
                                     &info,
-                                    first,
-                                    scores,
                                     &c.logprobs,
-                                    offset,
-                                )
-                            }
-                            None => logprobs::completion(
-                                &info,
-                                &c.logprobs,
-                                &mut logprobs::TextOffsets::after(offset),
-                            ),
-                        }),
-                        text: format!("{echo}{}", c.text),
+                                    &mut logprobs::TextOffsets::after(offset),
+                                ),
+                            }),
+                            text: format!("{prompt}{}", c.text),
+                        }
                     })
                     .collect(),
                 usage: Some(Some(done.usage)),

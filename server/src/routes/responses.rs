@@ -42,7 +42,7 @@ pub async fn create(
         };
         return Ok(sse::response(events::stream(streamed, first, rx)));
     }
-    let mut done = stream::collect(rx, 1).await?;
+    let mut done = stream::collect(rx, 1, 1).await?;
     let answer = done.choices.pop().unwrap_or_default();
     let finish_reason = answer.finish.unwrap_or(crate::engine::FinishReason::Stop);
     let answer = output(prepared.reader.as_ref(), answer.text, finish_reason, None);
