@@ -108,6 +108,12 @@ pub enum Failure {
     Internal(String),
     /// Not the request's fault: shutting down, waited too long (503, retry later).
     Unavailable(String),
+    /// The request's: the grammar engine gave up on its schema mid-answer (400 naming
+    /// the field).
+    Invalid {
+        param: &'static str,
+        message: String,
+    },
 }
 
 impl From<Failure> for ApiError {
@@ -115,6 +121,7 @@ impl From<Failure> for ApiError {
         match f {
             Failure::Internal(m) => ApiError::Internal(m),
             Failure::Unavailable(m) => ApiError::Unavailable(m),
+            Failure::Invalid { param, message } => ApiError::bad(param, message),
         }
     }
 }

@@ -29,7 +29,11 @@ pub fn compact(mut schema: Value) -> Value {
 }
 
 /// A request's constraint, advanced token by token on the inference thread.
-pub struct Constraint(Matcher);
+pub struct Constraint {
+    matcher: Matcher,
+    /// The request field it enforces: the grammar engine's failures are blamed on it.
+    param: &'static str,
+}
 
 impl std::fmt::Debug for Constraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,7 +45,7 @@ impl Constraint {
     /// Sets every token the grammar does not allow next to minus infinity. An error in
     /// the grammar engine leaves the logits alone (and is returned).
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
-        let allowed = self.0.compute_mask().map_err(|e| e.to_string())?;
+        let allowed = self.matcher.compute_mask().map_err(|e| e.to_string())?;
         for (id, l) in logits.iter_mut().enumerate() {
             if !allowed.is_allowed(id as TokenId) {
                 *l = f32::NEG_INFINITY;
@@ -51,17 +55,25 @@ impl Constraint {
     }
 
     pub fn consume(&mut self, token: u32) -> Result<(), String> {
-        self.0.consume_token(token).map_err(|e| e.to_string())
+        self.matcher.consume_token(token).map_err(|e| e.to_string())
+    }
+
+    /// The request field it enforces (`response_format`, `text.format`, `tools`).
+    pub fn param(&self) -> &'static str {
+        self.param
     }
 
     /// The grammar is complete and allows nothing more.
     pub fn is_done(&self) -> bool {
-        self.0.is_stopped()
+        self.matcher.is_stopped()
     }
 
     /// A copy in the same state, for another choice of the same request.
     pub fn fork(&self) -> Self {
-        Self(self.0.deep_clone())
+        Self {
+            matcher: self.matcher.deep_clone(),
+            param: self.param,
+        }
     }
 }
 
@@ -134,24 +146,26 @@ impl Grammars {
         })
     }
 
-    /// A constraint that admits exactly the JSON documents `schema` describes. A schema
-    /// llguidance cannot compile (or a feature it does not support) is an error naming it.
-    pub fn json_schema(&self, schema: Value) -> Result<Constraint, String> {
+    /// A constraint that admits exactly the JSON documents `schema` (request field
+    /// `param`) describes. A schema llguidance cannot compile (or a feature it does not
+    /// support) is an error naming it.
+    pub fn json_schema(&self, param: &'static str, schema: Value) -> Result<Constraint, String> {
         let schema = compact(schema);
         let key = format!("json:{schema}");
-        self.compile(key, || TopLevelGrammar::from_json_schema(schema))
+        self.compile(param, key, || TopLevelGrammar::from_json_schema(schema))
     }
 
     /// A constraint from a grammar in llguidance's Lark dialect (which embeds JSON
     /// schemas with `%json`): function calls use it.
-    pub fn lark(&self, grammar: String) -> Result<Constraint, String> {
+    pub fn lark(&self, param: &'static str, grammar: String) -> Result<Constraint, String> {
         let key = format!("lark:{grammar}");
-        self.compile(key, || TopLevelGrammar::from_lark(grammar))
+        self.compile(param, key, || TopLevelGrammar::from_lark(grammar))
     }
 
     /// Compiles the grammar, or copies the compiled one kept under `key`.
     fn compile(
         &self,
+        param: &'static str,
         key: String,
         grammar: impl FnOnce() -> TopLevelGrammar,
     ) -> Result<Constraint, String> {
@@ -163,7 +177,10 @@ impl Grammars {
             if let Some(hit) = hit {
                 let copy = hit.1.deep_clone();
                 kept.push_back(hit);
-                return Ok(Constraint(copy));
+                return Ok(Constraint {
+                    matcher: copy,
+                    param,
+                });
             }
         }
         let parser = self
@@ -180,7 +197,7 @@ impl Grammars {
             }
             kept.push_back((key, matcher.deep_clone()));
         }
-        Ok(Constraint(matcher))
+        Ok(Constraint { matcher, param })
     }
 
     pub fn token_bytes(&self, id: u32) -> &[u8] {

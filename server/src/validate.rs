@@ -149,15 +149,19 @@ pub fn conversation(
             )
         })?;
         let answer = answer.as_ref().map(|(_, schema)| schema);
-        constraint = Some(grammars.lark(format.grammar(t, answer)).map_err(|e| {
-            ApiError::bad(
-                "tools",
-                format!(
-                    "a function's `parameters` cannot be enforced: {}",
-                    tools::format::explain(&e)
-                ),
-            )
-        })?);
+        constraint = Some(
+            grammars
+                .lark("tools", format.grammar(t, answer))
+                .map_err(|e| {
+                    ApiError::bad(
+                        "tools",
+                        format!(
+                            "a function's `parameters` cannot be enforced: {}",
+                            tools::format::explain(&e)
+                        ),
+                    )
+                })?,
+        );
         reader = Some(CallReader {
             format,
             choice: t.choice.clone(),
@@ -620,7 +624,7 @@ pub fn json_constraint(
             format!("structured output is unavailable for this model: {e}"),
         )
     })?;
-    grammars.json_schema(schema).map_err(|e| {
+    grammars.json_schema(param, schema).map_err(|e| {
         let e = tools::format::explain(&e);
         ApiError::bad(param, format!("the schema cannot be enforced: {e}"))
     })

@@ -525,10 +525,9 @@ impl Worker {
                         self.complete(id, seq, finish);
                     }
                 }
-                Err(message) => {
+                Err(failure) => {
                     if let Some(seq) = seqs.remove(&id) {
-                        tracing::error!(request_id = %seq.request_id, %message, "structured output failed");
-                        let _ = seq.events.send(Event::Error(Failure::Internal(message)));
+                        let _ = seq.events.send(Event::Error(failure));
                         self.retire(id, &seq);
                     }
                 }
@@ -618,8 +617,8 @@ impl Worker {
     }
 
     /// Takes one sampled token; returns why the sequence ends, if it does, or why it
-    /// cannot go on (the structured-output engine failed).
-    fn accept(&self, seq: &mut Seq, pick: Pick) -> Result<Option<FinishReason>, String> {
+    /// cannot go on (the structured-output engine gave up on the request's schema).
+    fn accept(&self, seq: &mut Seq, pick: Pick) -> Result<Option<FinishReason>, Failure> {
         let token = pick.token;
         seq.generated += 1;
         let now = Instant::now();
@@ -632,19 +631,27 @@ impl Worker {
         if let Some(h) = &mut seq.history {
             h.push(token);
         }
-        // The grammar engine's errors go on with its whole state: the client gets the
-        // first line (the log keeps the rest).
-        let first_line = |e: &str| e.lines().next().unwrap_or_default().to_string();
-        if let Some(e) = seq.constraint_error.take() {
-            tracing::warn!(error = %e, "structured output failed");
-            return Err(format!("structured output: {}", first_line(&e)));
-        }
+        // The grammar engine fails on what a schema makes it do (its limits on the
+        // alternatives open at once: a schema of thousands of `anyOf` branches passes
+        // them on its first token), so its errors are the schema's field's. They go on
+        // with its whole state: the client gets the first line (the log keeps the rest).
         let mut grammar_done = false;
         if let Some(c) = &mut seq.constraint {
-            c.consume(token).map_err(|e| {
-                tracing::warn!(error = %e, "structured output rejected a token");
-                format!("structured output rejected a token: {}", first_line(&e))
-            })?;
+            let error = match seq.constraint_error.take() {
+                Some(e) => Err(e),
+                None => c.consume(token),
+            };
+            if let Err(e) = error {
+                tracing::warn!(request_id = %seq.request_id, error = %e, "structured output failed");
+                let param = c.param();
+                let first = e.lines().next().unwrap_or_default();
+                return Err(Failure::Invalid {
+                    param,
+                    message: format!(
+                        "`{param}` cannot be enforced: the grammar engine gave up on it ({first})"
+                    ),
+                });
+            }
             grammar_done = c.is_done();
         }
         let stop_token = seq.stop_token_ids.contains(&token)
