@@ -215,12 +215,13 @@ pub struct Config {
     #[arg(long, env = "CHORUS_MAX_TOOL_CALLS", default_value_t = 4)]
     pub max_tool_calls: usize,
 
-    /// Most choices (`n`) one request may ask for.
+    /// Most choices (`n`) one request may ask for (for each of its prompts).
     #[arg(long, env = "CHORUS_MAX_N", default_value_t = 8)]
     pub max_n: usize,
 
     /// Most prompts one completions request may list (a batch: each prompt is served as
-    /// its own sequence).
+    /// its own sequence, and all are queued at once, so at most --max-running +
+    /// --max-queue).
     #[arg(long, env = "CHORUS_MAX_PROMPTS", default_value_t = 64)]
     pub max_prompts: usize,
 

@@ -178,6 +178,17 @@ pub struct Engine {
 
 impl Engine {
     pub fn submit(&self, req: GenRequest) -> Result<UnboundedReceiver<Event>, ApiError> {
+        let mut rxs = self.submit_all(vec![req])?;
+        rxs.pop()
+            .ok_or_else(|| ApiError::Internal("no request was submitted".into()))
+    }
+
+    /// Submits a batch's requests (a completions request's prompts) all or none: their
+    /// places in the queue are taken at once, so a batch is refused before any of it runs.
+    pub fn submit_all(
+        &self,
+        reqs: Vec<GenRequest>,
+    ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
         if !self.stats.alive.load(Ordering::Acquire) {
             return Err(ApiError::Unavailable(
                 "the inference thread has stopped".into(),
@@ -188,7 +199,7 @@ impl Engine {
         }
         // The scheduler admits in order, and a prompt of no tokens would never be
         // admitted: it would hold up every request behind it.
-        if req.prompt.is_empty() {
+        if reqs.iter().any(|r| r.prompt.is_empty()) {
             return Err(ApiError::bad("messages", "the prompt has no tokens"));
         }
         // A request that finds a free slot does not wait for one: only those beyond the
@@ -196,27 +207,33 @@ impl Engine {
         let free = self
             .max_running
             .saturating_sub(self.stats.running.load(Ordering::Acquire));
-        let queued = self.stats.queued.fetch_add(1, Ordering::AcqRel);
-        if queued >= self.max_queue.saturating_add(free) {
-            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+        let count = reqs.len();
+        let queued = self.stats.queued.fetch_add(count, Ordering::AcqRel);
+        if queued + count > self.max_queue.saturating_add(free) {
+            self.stats.queued.fetch_sub(count, Ordering::AcqRel);
             return Err(ApiError::Overloaded {
                 queued,
                 retry_after_s: 1,
             });
         }
-        let (events, rx) = unbounded_channel();
-        let submission = Submission {
-            req,
-            events,
-            arrived: Instant::now(),
-        };
-        if self.tx.send(submission).is_err() {
-            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(ApiError::Unavailable(
-                "the inference thread has stopped".into(),
-            ));
+        let mut rxs = Vec::with_capacity(count);
+        for (i, req) in reqs.into_iter().enumerate() {
+            let (events, rx) = unbounded_channel();
+            let submission = Submission {
+                req,
+                events,
+                arrived: Instant::now(),
+            };
+            if self.tx.send(submission).is_err() {
+                // Those sent end with their dropped channels; the rest never counted.
+                self.stats.queued.fetch_sub(count - i, Ordering::AcqRel);
+                return Err(ApiError::Unavailable(
+                    "the inference thread has stopped".into(),
+                ));
+            }
+            rxs.push(rx);
         }
-        Ok(rx)
+        Ok(rxs)
     }
 
     pub fn is_alive(&self) -> bool {
@@ -308,6 +325,29 @@ mod tests {
         ));
         engine.stats.draining.store(true, Ordering::Release);
         assert!(unavailable(engine.submit(request())));
+    }
+
+    /// A batch takes its places in the queue all at once, or none of them.
+    #[test]
+    fn a_batch_is_queued_whole_or_refused_whole() {
+        let (engine, rx) = engine();
+        // Every slot busy, two may wait: a batch of three is refused before any is sent.
+        engine.stats.running.store(4, Ordering::Release);
+        assert!(matches!(
+            engine.submit_all(vec![request(), request(), request()]),
+            Err(ApiError::Overloaded { .. })
+        ));
+        assert_eq!(engine.stats.queued.load(Ordering::Acquire), 0);
+        assert!(rx.try_recv().is_err());
+        let events = engine
+            .submit_all(vec![request(), request()])
+            .expect("queued");
+        assert_eq!(events.len(), 2);
+        assert_eq!(engine.stats.queued.load(Ordering::Acquire), 2);
+        assert!(matches!(
+            engine.submit(request()),
+            Err(ApiError::Overloaded { .. })
+        ));
     }
 
     #[test]

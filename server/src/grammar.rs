@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use chorus_model::Tokenizer;
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 
@@ -33,6 +33,18 @@ pub struct Constraint {
     matcher: Matcher,
     /// The request field it enforces: the grammar engine's failures are blamed on it.
     param: &'static str,
+    /// The tokens the last mask allowed.
+    allowed: Option<SimpleVob>,
+}
+
+/// Why the grammar engine did not take a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// A token the mask allowed: the engine gave up on the schema (its limits on what is
+    /// open at once), the request's fault.
+    GaveUp(String),
+    /// A token the mask did not allow (or no mask was computed): the server's fault.
+    NotAllowed(String),
 }
 
 impl std::fmt::Debug for Constraint {
@@ -45,17 +57,23 @@ impl Constraint {
     /// Sets every token the grammar does not allow next to minus infinity. An error in
     /// the grammar engine leaves the logits alone (and is returned).
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        self.allowed = None;
         let allowed = self.matcher.compute_mask().map_err(|e| e.to_string())?;
         for (id, l) in logits.iter_mut().enumerate() {
             if !allowed.is_allowed(id as TokenId) {
                 *l = f32::NEG_INFINITY;
             }
         }
+        self.allowed = Some(allowed);
         Ok(())
     }
 
-    pub fn consume(&mut self, token: u32) -> Result<(), String> {
-        self.matcher.consume_token(token).map_err(|e| e.to_string())
+    pub fn consume(&mut self, token: u32) -> Result<(), Rejection> {
+        let masked = self.allowed.take().is_some_and(|a| a.is_allowed(token));
+        self.matcher.consume_token(token).map_err(|e| match masked {
+            true => Rejection::GaveUp(e.to_string()),
+            false => Rejection::NotAllowed(e.to_string()),
+        })
     }
 
     /// The request field it enforces (`response_format`, `text.format`, `tools`).
@@ -73,6 +91,7 @@ impl Constraint {
         Self {
             matcher: self.matcher.deep_clone(),
             param: self.param,
+            allowed: self.allowed.clone(),
         }
     }
 }
@@ -180,6 +199,7 @@ impl Grammars {
                 return Ok(Constraint {
                     matcher: copy,
                     param,
+                    allowed: None,
                 });
             }
         }
@@ -197,7 +217,11 @@ impl Grammars {
             }
             kept.push_back((key, matcher.deep_clone()));
         }
-        Ok(Constraint { matcher, param })
+        Ok(Constraint {
+            matcher,
+            param,
+            allowed: None,
+        })
     }
 
     pub fn token_bytes(&self, id: u32) -> &[u8] {

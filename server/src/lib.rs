@@ -109,7 +109,10 @@ impl AppState {
             max_stop_bytes: config.max_stop_bytes,
             max_prompt_tokens: config.max_prompt_tokens,
             max_n: config.max_n.max(1),
-            max_prompts: config.max_prompts.max(1),
+            // A batch is queued whole: one larger than the queue could never be.
+            max_prompts: (config.max_prompts)
+                .min(config.max_running.saturating_add(config.max_queue))
+                .max(1),
             max_tool_calls: config.max_tool_calls.max(1),
         };
         let threads = config

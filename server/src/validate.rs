@@ -25,7 +25,7 @@ pub struct Limits {
     pub max_stop_bytes: usize,
     /// `--max-prompt-tokens`; the model's context always bounds it too.
     pub max_prompt_tokens: Option<usize>,
-    /// `--max-n`: most choices per request.
+    /// `--max-n`: most choices per prompt.
     pub max_n: usize,
     /// `--max-prompts`: most prompts in one completions request.
     pub max_prompts: usize,
@@ -488,14 +488,12 @@ pub fn completion(
         return Err(ApiError::bad(
             "prompt",
             format!(
-                "`prompt` lists {} prompts, more than this server takes in one request ({}, --max-prompts)",
+                "`prompt` lists {} prompts, more than this server takes in one request ({}: --max-prompts, at most --max-running + --max-queue)",
                 prompts.len(),
                 limits.max_prompts
             ),
         ));
     }
-    let stream = req.stream.unwrap_or(false);
-    let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
     let batch = prompts.len() > 1;
     let (mut gens, mut echoes) = (Vec::with_capacity(prompts.len()), Vec::new());
     for (i, prompt) in prompts.into_iter().enumerate() {
@@ -523,6 +521,8 @@ pub fn completion(
         gens.push(gen);
         echoes.extend(echoed);
     }
+    let stream = req.stream.unwrap_or(false);
+    let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
     Ok(ValidRequest {
         gens,
         stream,

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::engine::{Event, Failure, FinishReason, Stats, Submission, TokenLogprob};
-use crate::grammar::Constraint;
+use crate::grammar::{Constraint, Rejection};
 use crate::live::{
     self, Live, QueueSnapshot, SeqSnapshot, Snapshot, StepLog, StepSnapshot, Totals,
 };
@@ -631,28 +631,42 @@ impl Worker {
         if let Some(h) = &mut seq.history {
             h.push(token);
         }
-        // The grammar engine fails on what a schema makes it do (its limits on the
+        // The grammar engine gives up on what a schema makes it do (its limits on the
         // alternatives open at once: a schema of thousands of `anyOf` branches passes
-        // them on its first token), so its errors are the schema's field's. They go on
-        // with its whole state: the client gets the first line (the log keeps the rest).
+        // them on its first token): then the schema's field is to blame. A token its
+        // mask did not allow is ours. Its errors carry its whole state: the client gets
+        // the start of the first line (the log keeps the rest).
         let mut grammar_done = false;
         if let Some(c) = &mut seq.constraint {
             let error = match seq.constraint_error.take() {
-                Some(e) => Err(e),
+                Some(e) => Err(Rejection::GaveUp(e)),
                 None => c.consume(token),
             };
-            if let Err(e) = error {
-                tracing::warn!(request_id = %seq.request_id, error = %e, "structured output failed");
-                let param = c.param();
-                let first = e.lines().next().unwrap_or_default();
-                return Err(Failure::Invalid {
-                    param,
-                    message: format!(
-                        "`{param}` cannot be enforced: the grammar engine gave up on it ({first})"
-                    ),
-                });
+            let short = |e: &str| -> String {
+                let line = e.lines().next().unwrap_or_default();
+                line.chars().take(200).collect()
+            };
+            match error {
+                Ok(()) => grammar_done = c.is_done(),
+                Err(Rejection::GaveUp(e)) => {
+                    tracing::warn!(request_id = %seq.request_id, error = %e, "structured output: the grammar engine gave up");
+                    let param = c.param();
+                    return Err(Failure::Invalid {
+                        param,
+                        message: format!(
+                            "`{param}` cannot be enforced: the grammar engine gave up on it ({})",
+                            short(&e)
+                        ),
+                    });
+                }
+                Err(Rejection::NotAllowed(e)) => {
+                    tracing::error!(request_id = %seq.request_id, error = %e, "structured output rejected a token");
+                    return Err(Failure::Internal(format!(
+                        "structured output rejected a token: {}",
+                        short(&e)
+                    )));
+                }
             }
-            grammar_done = c.is_done();
         }
         let stop_token = seq.stop_token_ids.contains(&token)
             || (!seq.ignore_eos && self.tokenizer.is_stop(token));

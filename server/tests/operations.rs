@@ -388,6 +388,29 @@ async fn a_batch_whose_client_leaves_leaves_nothing_running() {
     assert_serves(&url).await;
 }
 
+/// A batch is queued whole, so one larger than `--max-running` + `--max-queue` is a 400
+/// that says so (it could never be queued), whatever `--max-prompts` says.
+#[tokio::test]
+async fn a_batch_larger_than_the_queue_is_a_400() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--max-running", "2", "--max-queue", "1"]));
+    wait_ready(&url).await;
+    let batch = |k: usize| json!({"prompt": vec!["Once upon a time"; k], "max_tokens": 2});
+    let (status, v) = post(&url, "/v1/completions", &batch(4)).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "prompt", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-queue"),
+        "{v}"
+    );
+    let (status, v) = post(&url, "/v1/completions", &batch(3)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 3, "{v}");
+}
+
 /// The device path (`--device candle-cpu`: the code a GPU runs, on candle's CPU device)
 /// serves through the same engine: concurrent requests, forked choices (whose partial
 /// last block is copied on the device), greedy picks on the device as on the host, and a

@@ -66,11 +66,7 @@ async fn respond(
     // A batch of prompts is answered as one request: prompt i's choices are i·n … .
     let per_prompt = valid.gens.first().map_or(1, |g| g.n);
     let n = per_prompt * valid.gens.len();
-    let mut rxs = Vec::with_capacity(valid.gens.len());
-    for gen in valid.gens {
-        // On a refusal the batch's earlier requests end with their dropped channels.
-        rxs.push(engine.submit(gen)?);
-    }
+    let mut rxs = engine.submit_all(valid.gens)?;
     let mut rx = match rxs.len() {
         1 => rxs.pop().expect("one prompt"),
         _ => stream::merge(rxs, per_prompt),
