@@ -76,7 +76,7 @@ impl Constraint {
         })
     }
 
-    /// The request field it enforces (`response_format`, `text.format`, `tools`).
+    /// The request field it enforces (`response_format`, `text` (Responses), `tools`).
     pub fn param(&self) -> &'static str {
         self.param
     }
