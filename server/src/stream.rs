@@ -335,13 +335,7 @@ async fn next_event(st: &mut State) -> String {
             let mut finish = finish.as_str();
             if let (Some(reader), Some(held)) = (&meta.tools, st.held.get_mut(index)) {
                 let text = std::mem::take(&mut held.text);
-                // Every call, or those finished before a cut one (the answer's own
-                // finish reason then).
-                let calls = match reader.calls(&text) {
-                    Some(calls) => Some((reader.finish_reason(), calls)),
-                    None => reader.finished_calls(&text).map(|calls| (finish, calls)),
-                };
-                match calls {
+                match reader.chat_calls(&text, finish) {
                     Some((reason, calls)) => {
                         meta.metrics.tool_calls.inc_by(calls.len() as u64);
                         let held_lp = std::mem::take(&mut held.logprobs);

@@ -364,11 +364,8 @@ pub fn output(
     message_id: Option<String>,
 ) -> (Vec<Item>, bool) {
     let limited = finish == FinishReason::Length;
-    let calls = reader.and_then(|r| match r.calls(&text) {
-        Some(calls) => Some((calls, false)),
-        None => Some((r.finished_calls(&text)?, limited)),
-    });
-    if let Some((calls, cut)) = calls {
+    if let Some((calls, whole)) = reader.and_then(|r| r.made_calls(&text)) {
+        let cut = limited && !whole;
         let items = calls
             .into_iter()
             .map(|c| Item::FunctionCall {

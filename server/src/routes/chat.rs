@@ -103,12 +103,8 @@ async fn respond(
                 .enumerate()
                 .map(|(i, c)| {
                     let logprobs = valid.logprobs.then(|| logprobs::chat(&info, &c.logprobs));
-                    // Every call, or those finished before a cut one (the answer's own
-                    // finish reason then).
-                    let calls = valid.tools.as_ref().and_then(|r| match r.calls(&c.text) {
-                        Some(calls) => Some((r.finish_reason(), calls)),
-                        None => Some((finish(&c), r.finished_calls(&c.text)?)),
-                    });
+                    let calls =
+                        (valid.tools.as_ref()).and_then(|r| r.chat_calls(&c.text, finish(&c)));
                     let (finish_reason, message) = match calls {
                         Some((finish_reason, calls)) => {
                             app.metrics().tool_calls.inc_by(calls.len() as u64);

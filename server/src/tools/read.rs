@@ -80,10 +80,31 @@ impl CallReader {
         (!calls.is_empty()).then_some(calls)
     }
 
+    /// The calls an answer made: every call of a whole answer (and `true`), or those it
+    /// finished before one cut short (and `false`); `None` when it made none.
+    pub fn made_calls(&self, text: &str) -> Option<(Vec<ToolCall>, bool)> {
+        match self.calls(text) {
+            Some(calls) => Some((calls, true)),
+            None => Some((self.finished_calls(text)?, false)),
+        }
+    }
+
+    /// Chat's reading of an answer that made calls: them, and its finish reason, the
+    /// calls' own when the answer is whole, else `finish` (the answer's, as OpenAI's
+    /// `length`).
+    pub fn chat_calls(
+        &self,
+        text: &str,
+        finish: &'static str,
+    ) -> Option<(&'static str, Vec<ToolCall>)> {
+        let (calls, whole) = self.made_calls(text)?;
+        Some((if whole { self.finish_reason() } else { finish }, calls))
+    }
+
     /// The calls an answer finished before it was cut short in the next one (by
     /// `max_tokens` or a stop string); `None` when it was not cut in a call or finished
     /// none. What [`Self::calls`] reads whole is never read here.
-    pub fn finished_calls(&self, text: &str) -> Option<Vec<ToolCall>> {
+    fn finished_calls(&self, text: &str) -> Option<Vec<ToolCall>> {
         if self.decide(text) != Decision::Calls {
             return None;
         }
