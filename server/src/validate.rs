@@ -12,7 +12,7 @@ use crate::openai::{
     ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, StopInput, WireMessage,
     WireSampling, WireTool,
 };
-use crate::tools::{self, CallReader, FunctionSpec, ToolRequest};
+use crate::tools::{self, Broken, CallReader, FunctionSpec, Ledger, ToolRequest};
 
 /// Most alternatives `top_logprobs` (chat) or `logprobs` (completions) may ask for.
 pub const MAX_TOP_LOGPROBS: i64 = 20;
@@ -229,11 +229,8 @@ pub fn chat_messages(
         ));
     }
     let mut messages: Vec<ChatMessage> = Vec::with_capacity(wire.len());
-    // Ids and names of the calls made so far.
-    let mut calls: Vec<(String, String)> = Vec::new();
-    // The last assistant turn's calls that no tool message has answered yet: as OpenAI,
-    // the tool messages right after a turn answer each of its calls once.
-    let mut open: Vec<String> = Vec::new();
+    // The tool messages right after an assistant turn answer each of its calls once.
+    let mut calls = Ledger::default();
     let unanswered = |at: String, open: &[String]| {
         ApiError::bad(
             "messages",
@@ -241,8 +238,8 @@ pub fn chat_messages(
         )
     };
     for (i, m) in wire.into_iter().enumerate() {
-        if m.role != "tool" && !open.is_empty() {
-            return Err(unanswered(format!("at `messages[{i}]`"), &open));
+        if m.role != "tool" && !calls.open().is_empty() {
+            return Err(unanswered(format!("at `messages[{i}]`"), calls.open()));
         }
         if !ROLES.contains(&m.role.as_str()) {
             return Err(ApiError::bad(
@@ -302,14 +299,12 @@ pub fn chat_messages(
                     _ => json!({}),
                 };
                 let id = c.id.unwrap_or_else(tools::call_id);
-                if calls.iter().any(|(c, _)| *c == id) {
+                if calls.call(id.clone(), c.function.name.clone()).is_err() {
                     return Err(ApiError::bad(
                         "messages",
                         format!("`messages[{i}].tool_calls[{j}].id` {id:?} is the id of an earlier call: a result could not say which it answers"),
                     ));
                 }
-                calls.push((id.clone(), c.function.name.clone()));
-                open.push(id.clone());
                 let mut call = json!({
                     "id": id,
                     "type": "function",
@@ -322,26 +317,24 @@ pub fn chat_messages(
         }
         if message.role == "tool" {
             let id = m.tool_call_id.unwrap_or_default();
-            let Some((_, name)) = calls.iter().find(|(c, _)| *c == id) else {
-                return Err(ApiError::bad(
-                    "messages",
-                    format!("`messages[{i}].tool_call_id` {id:?} answers no earlier call"),
-                ));
-            };
-            let Some(at) = open.iter().position(|c| *c == id) else {
-                return Err(ApiError::bad(
+            let name = match calls.answer(&id) {
+                Ok(name) => name,
+                Err(Broken::Answered) => return Err(ApiError::bad(
                     "messages",
                     format!("`messages[{i}].tool_call_id` {id:?} answers a call that is already answered, or not the last assistant message's"),
-                ));
+                )),
+                Err(_) => return Err(ApiError::bad(
+                    "messages",
+                    format!("`messages[{i}].tool_call_id` {id:?} answers no earlier call"),
+                )),
             };
-            open.remove(at);
-            message.name = Some(m.name.unwrap_or_else(|| name.clone()));
+            message.name = Some(m.name.unwrap_or_else(|| name.to_string()));
             message.tool_call_id = Some(id);
         }
         messages.push(message);
     }
-    if !open.is_empty() {
-        return Err(unanswered("at the end".into(), &open));
+    if !calls.open().is_empty() {
+        return Err(unanswered("at the end".into(), calls.open()));
     }
     Ok(messages)
 }

@@ -8,6 +8,7 @@ use serde_json::Value;
 use super::wire::{new_id, Item, Part};
 use crate::error::ApiError;
 use crate::openai::{MessageContent, WireCalledFunction, WireMessage, WireToolCall};
+use crate::tools::{Broken, Ledger};
 
 const ROLES: [&str; 4] = ["user", "system", "developer", "assistant"];
 
@@ -193,43 +194,40 @@ pub fn check_items(history: &[Item], previous: &[Item], items: &[Item]) -> Resul
         Some(i) => format!("`input[{i}]`"),
         None => "the stored conversation (previous_response_id)".to_string(),
     };
-    let unanswered = |open: &[&str]| {
+    let unanswered = |open: &[String]| {
         format!(
             "has no function_call_output for the function_call with call_id {:?} before it",
             open[0]
         )
     };
-    let (mut calls, mut open): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    // A run of calls is one turn: the outputs after it answer each of them.
+    let mut calls = Ledger::default();
     let mut in_calls = false;
     for (i, item) in history.iter().chain(items).enumerate() {
         match item {
-            Item::FunctionCall { call_id, .. } => {
-                if !in_calls && !open.is_empty() {
-                    return Err(bad(format!("{} {}", at(i), unanswered(&open))));
+            Item::FunctionCall { call_id, name, .. } => {
+                if !in_calls && !calls.open().is_empty() {
+                    return Err(bad(format!("{} {}", at(i), unanswered(calls.open()))));
                 }
-                if calls.contains(&call_id.as_str()) {
+                if calls.call(call_id.clone(), name.clone()).is_err() {
                     return Err(bad(format!(
                         "{}: call_id {call_id:?} is an earlier function_call's: an output could not say which it answers",
                         at(i)
                     )));
                 }
-                calls.push(call_id);
-                open.push(call_id);
                 in_calls = true;
             }
             Item::FunctionCallOutput { call_id, .. } => {
                 in_calls = false;
-                match open.iter().position(|c| c == call_id) {
-                    Some(p) => {
-                        open.remove(p);
-                    }
-                    None if calls.contains(&call_id.as_str()) => {
+                match calls.answer(call_id) {
+                    Ok(_) => {}
+                    Err(Broken::Answered) => {
                         return Err(bad(format!(
                             "{}: function_call_output with call_id {call_id:?} answers a call that is already answered, or not of the last run of calls",
                             at(i)
                         )))
                     }
-                    None => {
+                    Err(_) => {
                         return Err(bad(format!(
                             "{}: function_call_output with call_id {call_id:?} answers no earlier function_call",
                             at(i)
@@ -238,17 +236,16 @@ pub fn check_items(history: &[Item], previous: &[Item], items: &[Item]) -> Resul
                 }
             }
             Item::Message { .. } => {
-                if !open.is_empty() {
-                    return Err(bad(format!("{} {}", at(i), unanswered(&open))));
+                if !calls.open().is_empty() {
+                    return Err(bad(format!("{} {}", at(i), unanswered(calls.open()))));
                 }
                 in_calls = false;
             }
         }
     }
-    if !open.is_empty() {
+    if let Some(open) = calls.open().first() {
         return Err(bad(format!(
-            "no function_call_output for the function_call with call_id {:?}: every call in `input` must be answered",
-            open[0]
+            "no function_call_output for the function_call with call_id {open:?}: every call in `input` must be answered"
         )));
     }
     Ok(())

@@ -1,14 +1,16 @@
 //! Function calling, shared by every endpoint that takes tools: which functions a request
 //! offers and how it lets the model use them ([`ToolRequest`]), how the conversation's
 //! earlier calls and results reach the model ([`prompt`]), the constraint that makes
-//! every call parse and follow its function's schema ([`format`]), and how the generated
-//! text is read back into calls ([`read`]).
+//! every call parse and follow its function's schema ([`format`]), how the generated
+//! text is read back into calls ([`read`]), and the rule that a conversation's calls are
+//! answered ([`answers`]).
 //!
 //! Formats: templates that render `tools` themselves get their model's own call syntax
 //! when it is one we know (Hermes `<tool_call>` as Qwen2.5/Qwen3 use, Llama 3.x JSON);
 //! every other model gets one generic JSON form, `{"tool_calls": [{"name", "arguments"}]}`,
 //! described to it in the system turn.
 
+pub mod answers;
 pub mod format;
 pub mod prompt;
 pub mod read;
@@ -17,6 +19,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 
+pub use answers::{Broken, Ledger};
 pub use format::CallFormat;
 pub use read::{CallReader, Decision, ToolCall};
 
