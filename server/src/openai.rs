@@ -29,6 +29,28 @@ pub struct ChatCompletionRequest {
     pub tool_choice: Option<Value>,
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
+    /// Fields that would change what the answer is, which this server cannot honour:
+    /// refused by name rather than ignored (`validate::refuse_unsupported`).
+    #[serde(flatten)]
+    pub unsupported: UnsupportedChatFields,
+}
+
+/// Chat fields asking for what this server does not do: audio, web search, reasoning,
+/// and the deprecated `functions`/`function_call` (superseded by `tools`).
+#[derive(Debug, Default, Deserialize)]
+pub struct UnsupportedChatFields {
+    #[serde(default)]
+    pub modalities: Option<Value>,
+    #[serde(default)]
+    pub audio: Option<Value>,
+    #[serde(default)]
+    pub web_search_options: Option<Value>,
+    #[serde(default)]
+    pub reasoning_effort: Option<Value>,
+    #[serde(default)]
+    pub functions: Option<Value>,
+    #[serde(default)]
+    pub function_call: Option<Value>,
 }
 
 /// `{"type": "function", "function": {name, description, parameters, strict}}`.

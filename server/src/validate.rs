@@ -9,8 +9,8 @@ use crate::engine::{GenRequest, ModelInfo};
 use crate::error::ApiError;
 use crate::grammar::Constraint;
 use crate::openai::{
-    ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, StopInput, WireMessage,
-    WireSampling, WireTool,
+    ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, StopInput,
+    UnsupportedChatFields, WireMessage, WireSampling, WireTool,
 };
 use crate::tools::{self, Broken, CallReader, FunctionSpec, Ledger, ToolRequest};
 
@@ -67,6 +67,7 @@ pub fn chat(
     req: ChatCompletionRequest,
 ) -> Result<ValidRequest, ApiError> {
     check_model(info, req.model.as_deref())?;
+    refuse_unsupported(&req.unsupported)?;
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS).contains(&k) => {
             return Err(ApiError::bad(
@@ -111,6 +112,55 @@ pub fn chat(
         echo: Vec::new(),
         tools: reader,
     })
+}
+
+/// Chat fields that would change what the answer is, refused by name: ignoring them
+/// would answer a different question than the one asked (text for audio, a guess for a
+/// web search, a call-less reply to `functions`).
+fn refuse_unsupported(f: &UnsupportedChatFields) -> Result<(), ApiError> {
+    let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    if let Some(m) = f.modalities.as_ref().filter(|m| !m.is_null()) {
+        if *m != json!(["text"]) {
+            return Err(ApiError::bad(
+                "modalities",
+                format!("`modalities` must be [\"text\"]: this model only writes text, got {m}"),
+            ));
+        }
+    }
+    if set(&f.audio) {
+        return Err(ApiError::bad(
+            "audio",
+            "`audio` output is not supported: this model only writes text",
+        ));
+    }
+    if set(&f.web_search_options) {
+        return Err(ApiError::bad(
+            "web_search_options",
+            "web search is not supported; offer a search function in `tools` instead",
+        ));
+    }
+    if let Some(e) = f
+        .reasoning_effort
+        .as_ref()
+        .filter(|e| !e.is_null() && e.as_str() != Some("none"))
+    {
+        return Err(ApiError::bad(
+            "reasoning_effort",
+            format!("`reasoning_effort` {e} is not supported: this model does not reason (only \"none\" is accepted)"),
+        ));
+    }
+    for (field, value) in [
+        ("functions", &f.functions),
+        ("function_call", &f.function_call),
+    ] {
+        if set(value) {
+            return Err(ApiError::bad(
+                field,
+                format!("the deprecated `{field}` is not supported; use `tools` and `tool_choice`"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A chat-shaped request once its endpoint's own fields are read (`/v1/chat/completions`

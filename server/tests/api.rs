@@ -326,6 +326,35 @@ async fn null_and_unknown_fields_are_tolerated() {
 }
 
 #[tokio::test]
+async fn fields_asking_for_what_is_not_served_are_refused_by_name() {
+    let url = base().await;
+    let refused = [
+        (json!({"modalities": ["text", "audio"]}), "modalities"),
+        (
+            json!({"audio": {"voice": "alloy", "format": "wav"}}),
+            "audio",
+        ),
+        (json!({"web_search_options": {}}), "web_search_options"),
+        (json!({"reasoning_effort": "high"}), "reasoning_effort"),
+        (
+            json!({"functions": [{"name": "f", "parameters": {}}]}),
+            "functions",
+        ),
+        (json!({"function_call": "auto"}), "function_call"),
+    ];
+    for (fields, param) in refused {
+        let (status, v) = post(&url, "/v1/chat/completions", &chat("Hi", fields)).await;
+        assert_eq!(status, 400, "{param}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    // What asks for nothing beyond text is served.
+    let fields = json!({"modalities": ["text"], "reasoning_effort": "none", "audio": null,
+        "web_search_options": null, "functions": null, "max_tokens": 2});
+    let (status, v) = post(&url, "/v1/chat/completions", &chat("Hi", fields)).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+#[tokio::test]
 async fn models_tokenize_and_health() {
     let url = base().await;
     let v = get_json(&url, "/v1/models").await;

@@ -270,6 +270,7 @@ def test_streamed_cut_short_ends_incomplete(client):
     ({"tools": [{"type": "web_search"}]}, "tools"),
     ({"background": True}, "background"),
     ({"reasoning": {"effort": "low"}}, "reasoning"),
+    ({"reasoning": {"summary": "auto"}}, "reasoning"),
     ({"include": ["reasoning.encrypted_content"]}, "include"),
     ({"text": {"format": {"type": "yaml"}}}, "text"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
@@ -280,6 +281,12 @@ def test_unsupported_fields_are_refused_by_name(client, fields, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.post("/responses", body=body, cast_to=object)
     assert e.value.body["param"] == param, e.value.body
+
+
+def test_asking_for_no_reasoning_is_served(client):
+    r = client.responses.create(model=MODEL, input="hi", max_output_tokens=2,
+                                reasoning={"effort": "none"})
+    assert r.status == "incomplete"
 
 
 @pytest.mark.parametrize("fields,needle", [

@@ -177,7 +177,18 @@ fn refuse_unsupported(req: &ResponsesRequest) -> Result<(), ApiError> {
             "`background` responses are not supported; stream instead",
         ));
     }
-    if set(&req.reasoning) {
+    // `{"effort": "none"}` (or an empty object) asks for no reasoning, which is what it gets.
+    let no_reasoning = |r: &Value| {
+        r.as_object().is_some_and(|o| {
+            o.iter()
+                .all(|(k, v)| v.is_null() || (k == "effort" && v.as_str() == Some("none")))
+        })
+    };
+    if req
+        .reasoning
+        .as_ref()
+        .is_some_and(|r| !r.is_null() && !no_reasoning(r))
+    {
         return Err(ApiError::bad(
             "reasoning",
             "`reasoning` is not supported: this model does not reason",
