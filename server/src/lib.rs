@@ -221,6 +221,10 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/completions", post(routes::chat::completions))
         .route("/v1/responses", post(routes::responses::create))
         .route(
+            "/v1/responses/input_tokens",
+            post(routes::responses::input_tokens),
+        )
+        .route(
             "/v1/responses/{id}",
             get(routes::responses::get).delete(routes::responses::delete),
         )

@@ -349,7 +349,7 @@ async fn fields_asking_for_what_is_not_served_are_refused_by_name() {
     }
     // What asks for nothing beyond text is served.
     let fields = json!({"modalities": ["text"], "reasoning_effort": "none", "audio": null,
-        "web_search_options": null, "functions": null, "max_tokens": 2});
+        "web_search_options": null, "functions": null, "tool_choice": "auto", "max_tokens": 2});
     let (status, v) = post(&url, "/v1/chat/completions", &chat("Hi", fields)).await;
     assert_eq!(status, 200, "{v}");
 }

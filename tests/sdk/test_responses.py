@@ -48,6 +48,46 @@ def test_text_response_and_its_usage(client):
     assert u.input_tokens_details.cached_tokens <= u.input_tokens
 
 
+def test_a_stored_response_parses_as_the_sdks_type_strictly(client):
+    import httpx
+    from openai.types.responses import Response
+
+    r = client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=4)
+    stored = httpx.get(f"{BASE}/v1/responses/{r.id}").json()
+    # model_validate checks every field's type, which the SDK's own reading does not.
+    assert Response.model_validate(stored).usage.input_tokens_details.cache_write_tokens == 0
+
+
+def test_input_tokens_are_counted_as_a_response_would_use_them(client):
+    first = client.responses.create(model=MODEL, input="My name is Ada.", max_output_tokens=4,
+                                    instructions="Be brief.", tools=[WEATHER])
+    counted = client.responses.input_tokens.count(model=MODEL, input="My name is Ada.",
+                                                   instructions="Be brief.", tools=[WEATHER])
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == first.usage.input_tokens
+    # A chained turn counts the whole conversation it continues.
+    second = client.responses.create(model=MODEL, input="What is it?", max_output_tokens=4,
+                                     previous_response_id=first.id)
+    counted = client.responses.input_tokens.count(model=MODEL, input="What is it?",
+                                                   previous_response_id=first.id)
+    assert counted.input_tokens == second.usage.input_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.input_tokens.count(model=MODEL, input=[])
+    assert e.value.body["param"] == "input"
+
+
+def test_tool_choice_auto_without_tools_is_a_plain_answer(client):
+    # What every response reports back when it offered no tools; the Agents SDK sends
+    # its ModelSettings.tool_choice whether or not an agent has tools.
+    r = client.responses.create(model=MODEL, input="hi", tool_choice="auto", tools=[],
+                                max_output_tokens=2)
+    assert r.output[0].type == "message"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", tool_choice="required",
+                                max_output_tokens=2)
+    assert e.value.body["param"] == "tool_choice"
+
+
 def test_cut_short_is_incomplete(client):
     r = client.responses.create(model=MODEL, input="Tell me a long story.", max_output_tokens=3)
     assert r.status == "incomplete"
@@ -275,6 +315,8 @@ def test_streamed_cut_short_ends_incomplete(client):
     ({"text": {"format": {"type": "yaml"}}}, "text"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input"),
+    ({"input": [{"role": "user", "content": "hi", "id": 5}]}, "input"),
+    ({"text": "json"}, "text"),
 ])
 def test_unsupported_fields_are_refused_by_name(client, fields, param):
     body = {"model": MODEL, "input": "hi", **fields}

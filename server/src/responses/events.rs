@@ -159,18 +159,34 @@ impl State {
         out
     }
 
+    /// `response.failed`, after closing the message item the client saw open (as
+    /// `incomplete`, with the text it was sent), so that every item it was told of ends
+    /// and the failed response's `output` holds what was streamed.
     fn fail(&mut self, e: ApiError) -> String {
+        let mut out = String::new();
+        if self.message_open && self.s.response.output.is_empty() {
+            let item = Item::Message {
+                id: self.message_id(),
+                status: "incomplete".into(),
+                role: "assistant".into(),
+                content: vec![Part::output_text(self.text[..self.sent].to_string())],
+            };
+            out = self.close_items(std::slice::from_ref(&item));
+            self.s.response.output = vec![item];
+        }
         self.ended = true;
         self.s.response.status = "failed".into();
         self.s.response.error = Some(ResponseError {
             code: match e {
-                ApiError::Unavailable(_) | ApiError::Overloaded { .. } => "server_unavailable",
+                // The codes OpenAI's `ResponseError` lists.
+                ApiError::Overloaded { .. } => "rate_limit_exceeded",
                 _ => "server_error",
             }
             .into(),
             message: e.to_string(),
         });
-        self.response_event("response.failed")
+        out.push_str(&self.response_event("response.failed"));
+        out
     }
 }
 
@@ -251,5 +267,86 @@ async fn next(st: &mut State) -> String {
         }
         Some(Event::Error(failure)) => st.fail(failure.into()),
         None => st.fail(crate::stream::inference_stopped()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    fn started() -> ResponseObject {
+        serde_json::from_value(json!({
+            "id": "resp_1", "object": "response", "created_at": 0, "status": "in_progress",
+            "error": null, "incomplete_details": null, "instructions": null,
+            "max_output_tokens": null, "model": "m", "output": [], "parallel_tool_calls": true,
+            "previous_response_id": null, "store": false, "temperature": null, "top_p": null,
+            "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+            "truncation": "disabled", "usage": null, "metadata": {}, "user": null
+        }))
+        .expect("a response object")
+    }
+
+    fn text(t: &str) -> Event {
+        Event::Text {
+            index: 0,
+            text: t.into(),
+            logprobs: Vec::new(),
+        }
+    }
+
+    /// The engine stops mid-answer: the message item the client saw open is closed, as
+    /// incomplete and with the text it was sent, before `response.failed` holds it.
+    #[tokio::test]
+    async fn a_failed_stream_closes_the_message_it_opened() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(text(" world")).expect("open channel");
+        drop(tx);
+        let streamed = Streamed {
+            response: started(),
+            reader: None,
+            keep: None,
+            metrics: Arc::new(Metrics::new("m")),
+        };
+        let frames = stream(streamed, text("Hello"), rx)
+            .collect::<Vec<_>>()
+            .await
+            .concat();
+        let events: Vec<Value> = frames
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).expect("JSON event"))
+            .collect();
+        let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.failed",
+            ]
+        );
+        let added = &events[2]["item"]["id"];
+        let done = &events[8]["item"];
+        assert_eq!(&done["id"], added);
+        assert_eq!(done["status"], "incomplete");
+        assert_eq!(events[6]["text"], "Hello world");
+        let failed = &events[9]["response"];
+        assert_eq!(failed["status"], "failed");
+        assert_eq!(failed["error"]["code"], "server_error");
+        assert_eq!(failed["output"][0], *done);
+        let numbers: Vec<u64> = events
+            .iter()
+            .filter_map(|e| e["sequence_number"].as_u64())
+            .collect();
+        assert_eq!(numbers, (0..10).collect::<Vec<u64>>());
     }
 }

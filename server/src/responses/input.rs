@@ -50,6 +50,9 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
     // Identifiers are not part of the prompt, so its limit does not bound them: they are
     // bounded here, as every later turn of the conversation reads them back.
     for key in ["id", "call_id"] {
+        if map.get(key).is_some_and(|v| !v.is_null() && !v.is_string()) {
+            return Err(bad(format!("`input[{i}].{key}` must be a string")));
+        }
         if str_field(key).is_some_and(|v| v.len() > MAX_ID_BYTES) {
             return Err(bad(format!(
                 "`input[{i}].{key}` is longer than {MAX_ID_BYTES} bytes"

@@ -275,6 +275,12 @@ fn functions(tools: &[Value]) -> Result<Vec<FunctionSpec>, ApiError> {
 
 /// `text.format`: `text`, `json_object`, or `json_schema` with its `schema` inline.
 fn text_format(text: &Value) -> Result<Option<Value>, ApiError> {
+    if !text.is_object() {
+        return Err(ApiError::bad(
+            "text",
+            format!("`text` must be an object such as {{\"format\": {{\"type\": \"text\"}}}}, got {text}"),
+        ));
+    }
     let Some(format) = text.get("format").filter(|f| !f.is_null()) else {
         return Ok(None);
     };

@@ -190,6 +190,10 @@ pub struct ResponseUsage {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct InputTokensDetails {
     pub cached_tokens: usize,
+    /// OpenAI's count of tokens written to its cache; the prefix cache here keeps every
+    /// prompt's blocks without a charge, so 0 (responses stored before it was sent lack it).
+    #[serde(default)]
+    pub cache_write_tokens: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -203,6 +207,7 @@ impl From<crate::openai::Usage> for ResponseUsage {
             input_tokens: u.prompt_tokens,
             input_tokens_details: InputTokensDetails {
                 cached_tokens: u.prompt_tokens_details.cached_tokens,
+                cache_write_tokens: 0,
             },
             output_tokens: u.completion_tokens,
             output_tokens_details: OutputTokensDetails {
@@ -221,6 +226,13 @@ pub struct ItemList {
     pub first_id: Option<String>,
     pub last_id: Option<String>,
     pub has_more: bool,
+}
+
+/// `POST /v1/responses/input_tokens`.
+#[derive(Debug, Serialize)]
+pub struct InputTokens {
+    pub object: &'static str,
+    pub input_tokens: usize,
 }
 
 /// `DELETE /v1/responses/{id}`.

@@ -1,5 +1,6 @@
 //! `POST /v1/responses`, and `GET` / `DELETE /v1/responses/{id}`,
-//! `GET /v1/responses/{id}/input_items` for stored responses.
+//! `GET /v1/responses/{id}/input_items` for stored responses;
+//! `POST /v1/responses/input_tokens` to count a request's input.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use axum::{Extension, Json};
 use crate::error::ApiError;
 use crate::responses::events::{self, Streamed};
 use crate::responses::pages::Page;
-use crate::responses::wire::{Deleted, Item, ItemList, ResponseObject};
+use crate::responses::wire::{Deleted, InputTokens, Item, ItemList, ResponseObject};
 use crate::responses::{self, finish, output};
 use crate::routes::{JsonBody, RequestId};
 use crate::store::Store;
@@ -51,6 +52,28 @@ pub async fn create(
         responses::keep(keep, &response).await?;
     }
     Ok(Json(response).into_response())
+}
+
+/// `POST /v1/responses/input_tokens`: the tokens a request's input would take, counted
+/// as `POST /v1/responses` renders it (the chain of `previous_response_id`, the
+/// instructions, the tools offered), so the count is exactly what a response would use.
+pub async fn input_tokens(
+    State(app): State<AppState>,
+    Extension(RequestId(rid)): Extension<RequestId>,
+    body: JsonBody,
+) -> Result<Json<InputTokens>, ApiError> {
+    let info = app.engine()?.info.clone();
+    let (limits, store) = (app.limits(), app.store());
+    let input_tokens = app
+        .prep()
+        .run(move || {
+            responses::prepare(&info, limits, store, rid, body.parse()?).map(|p| p.gen.prompt.len())
+        })
+        .await?;
+    Ok(Json(InputTokens {
+        object: "response.input_tokens",
+        input_tokens,
+    }))
 }
 
 pub async fn get(

@@ -109,8 +109,12 @@ impl ToolRequest {
         if functions.is_empty() {
             return match tool_choice {
                 None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) if s == "none" => Ok(None),
-                Some(_) => Err(bad("`tool_choice` requires `tools`".into())),
+                // Nothing to call either way (and what every response reports back
+                // when it offered no tools, so a client resending it is not refused).
+                Some(Value::String(s)) if s == "none" || s == "auto" => Ok(None),
+                Some(_) => Err(bad(
+                    "`tool_choice` \"required\" or a named function requires `tools`".into(),
+                )),
             };
         }
         for (i, f) in functions.iter().enumerate() {
