@@ -179,12 +179,9 @@ pub fn conversation(
     sampling: &WireSampling,
     param: &'static str,
 ) -> Result<(GenRequest, Option<CallReader>), ApiError> {
-    let messages = chat_messages(info, wire)?;
     let knows_tools = info.template.knows_tools();
     let format = tools::prompt::format_for(knows_tools, info.template.source());
-    let (messages, tools_value) =
-        tools::prompt::prepare(knows_tools, tools, answer.is_some(), messages);
-    let prompt = encode_chat(info, limits, &messages, tools_value.as_ref(), true, param)?;
+    let prompt = chat_prompt(info, limits, wire, tools, answer.is_some(), true, param)?;
     let mut reader = None;
     // Compiled alone first, so that a schema that cannot be enforced is blamed on its field.
     let mut constraint = match &answer {
@@ -222,6 +219,31 @@ pub fn conversation(
     let mut gen = generation(info, limits, request_id, prompt, sampling, false, param)?;
     gen.constraint = constraint;
     Ok((gen, reader))
+}
+
+/// The ids of a conversation as the chat endpoint runs it: its messages checked, the
+/// offered tools rendered as the template (or the fallback system text) shows them, then
+/// [`encode_chat`]. `json_answer`: a structured-output schema is set beside the tools.
+pub fn chat_prompt(
+    info: &ModelInfo,
+    limits: Limits,
+    wire: Vec<WireMessage>,
+    tools: Option<&ToolRequest>,
+    json_answer: bool,
+    add_generation_prompt: bool,
+    param: &'static str,
+) -> Result<Vec<u32>, ApiError> {
+    let messages = chat_messages(info, wire)?;
+    let knows_tools = info.template.knows_tools();
+    let (messages, tools_value) = tools::prompt::prepare(knows_tools, tools, json_answer, messages);
+    encode_chat(
+        info,
+        limits,
+        &messages,
+        tools_value.as_ref(),
+        add_generation_prompt,
+        param,
+    )
 }
 
 /// `tools` as the functions they offer, with `tool_choice` and `parallel_tool_calls`.
@@ -629,7 +651,7 @@ fn completion_prompt(
 
 /// `response_format`: `text` (no schema), `json_object` (any JSON object) or
 /// `json_schema` (`{"json_schema": {"schema": {...}}}`): the schema an answer follows.
-fn response_format(rf: Option<&Value>) -> Result<Option<Value>, ApiError> {
+pub fn response_format(rf: Option<&Value>) -> Result<Option<Value>, ApiError> {
     let Some(rf) = rf.filter(|v| !v.is_null()) else {
         return Ok(None);
     };

@@ -354,6 +354,44 @@ async fn fields_asking_for_what_is_not_served_are_refused_by_name() {
     assert_eq!(status, 200, "{v}");
 }
 
+/// `/tokenize` with `messages` counts what chat runs, whatever the fields that change how
+/// the offered tools are shown (hidden by `"none"`, described with a JSON answer beside).
+#[tokio::test]
+async fn tokenize_counts_what_chat_runs_with_tools() {
+    let url = base().await;
+    let tool = json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}});
+    let variants = [
+        json!({}),
+        json!({"tool_choice": "none"}),
+        json!({"tool_choice": "required"}),
+        json!({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+        json!({"response_format": {"type": "json_object"}}),
+    ];
+    let mut counts = Vec::new();
+    for extra in variants {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi"}], "tools": [tool]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, tokenized) = post(&url, "/tokenize", &body).await;
+        assert_eq!(status, 200, "{extra}: {tokenized}");
+        body["max_tokens"] = json!(1);
+        let (status, chat) = post(&url, "/v1/chat/completions", &body).await;
+        assert_eq!(status, 200, "{extra}: {chat}");
+        assert_eq!(
+            tokenized["count"], chat["usage"]["prompt_tokens"],
+            "{extra}"
+        );
+        counts.push(tokenized["count"].as_u64().unwrap());
+    }
+    // The variants do render differently: the test compares something.
+    assert!(
+        counts[1] < counts[0] && counts[2] != counts[0] && counts[4] != counts[0],
+        "{counts:?}"
+    );
+}
+
 #[tokio::test]
 async fn models_tokenize_and_health() {
     let url = base().await;

@@ -7,12 +7,12 @@
 use axum::extract::State;
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::engine::ModelInfo;
 use crate::error::ApiError;
 use crate::openai::{WireMessage, WireTool};
 use crate::routes::JsonBody;
-use crate::tools;
 use crate::validate::{self, check_model};
 use crate::AppState;
 
@@ -26,9 +26,16 @@ pub struct TokenizeRequest {
     messages: Option<Vec<WireMessage>>,
     #[serde(default)]
     add_generation_prompt: Option<bool>,
-    /// Functions offered (as chat takes them): rendered as the chat would render them.
+    /// Functions offered, with the fields that change how chat shows them to the model
+    /// (`tool_choice: "none"` hides them; structured output beside them is described).
     #[serde(default)]
     tools: Option<Vec<WireTool>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    response_format: Option<Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,19 +62,21 @@ pub async fn tokenize(
                     .encode_prompt(&p)
                     .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))?,
                 (None, Some(messages)) => {
-                    let messages = validate::chat_messages(&info, messages)?;
-                    let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
-                    let tools =
-                        validate::tool_request(req.tools, None, None, limits.max_tool_calls)?;
-                    let knows_tools = info.template.knows_tools();
-                    let (messages, tools) =
-                        tools::prompt::prepare(knows_tools, tools.as_ref(), false, messages);
-                    validate::encode_chat(
+                    let tools = validate::tool_request(
+                        req.tools,
+                        req.tool_choice.as_ref(),
+                        req.parallel_tool_calls,
+                        limits.max_tool_calls,
+                    )?;
+                    let json_answer =
+                        validate::response_format(req.response_format.as_ref())?.is_some();
+                    validate::chat_prompt(
                         &info,
                         limits,
-                        &messages,
+                        messages,
                         tools.as_ref(),
-                        add_generation_prompt,
+                        json_answer,
+                        req.add_generation_prompt.unwrap_or(true),
                         "messages",
                     )?
                 }
