@@ -292,17 +292,44 @@ async fn request_id(State(state): State<AppState>, mut req: Request, next: Next)
         .map_or_else(new_request_id, str::to_string);
     req.extensions_mut().insert(RequestId(id.clone()));
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut count = Count {
+        metrics: state.metrics_handle(),
+        endpoint: Some(endpoint),
+    };
     let mut response = next.run(req).instrument(span).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", v);
     }
-    let status = response.status().as_u16();
-    state
-        .metrics()
-        .requests
-        .get_or_create(&RequestLabels { endpoint, status })
-        .inc();
+    count.status(response.status().as_u16());
     response
+}
+
+/// Counts a request once by endpoint and status: the status of its response, or 499
+/// (nginx's "client closed request") when the client left before the response was made
+/// and the handler was dropped with it, so that requests left behind are counted too.
+struct Count {
+    metrics: Arc<Metrics>,
+    endpoint: Option<String>,
+}
+
+/// The status counted for a request whose client went away before its response.
+const CLIENT_CLOSED: u16 = 499;
+
+impl Count {
+    fn status(&mut self, status: u16) {
+        if let Some(endpoint) = self.endpoint.take() {
+            self.metrics
+                .requests
+                .get_or_create(&RequestLabels { endpoint, status })
+                .inc();
+        }
+    }
+}
+
+impl Drop for Count {
+    fn drop(&mut self) {
+        self.status(CLIENT_CLOSED);
+    }
 }
 
 /// A body whose declared length is over `--max-request-bytes` is refused before it is

@@ -120,9 +120,17 @@ impl TextOffsets {
 pub fn completion(info: &ModelInfo, entries: &[TokenLogprob], offsets: &mut TextOffsets) -> Value {
     let mut out = CompletionLogprobs::default();
     for e in entries {
-        push_scored(info, e, offsets, &mut out);
+        push_scored(info, e, offsets, Text::Generated, &mut out);
     }
     serde_json::to_value(out).unwrap_or(Value::Null)
+}
+
+/// Whose text a scored token's offset counts in: an echoed prompt is the caller's text
+/// as written, special tokens and all; generated text leaves special tokens out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Text {
+    Prompt,
+    Generated,
 }
 
 /// As [`completion`], led by an echoed prompt whose text starts at offset 0: its first
@@ -147,11 +155,11 @@ pub fn completion_with_prompt(
         out.top_logprobs.push(None);
     }
     for e in prompt {
-        push_scored(info, e, &mut offsets, &mut out);
+        push_scored(info, e, &mut offsets, Text::Prompt, &mut out);
     }
     let mut offsets = TextOffsets::after(offset);
     for e in entries {
-        push_scored(info, e, &mut offsets, &mut out);
+        push_scored(info, e, &mut offsets, Text::Generated, &mut out);
     }
     serde_json::to_value(out).unwrap_or(Value::Null)
 }
@@ -162,10 +170,19 @@ fn push_scored(
     info: &ModelInfo,
     e: &TokenLogprob,
     offsets: &mut TextOffsets,
+    whose: Text,
     out: &mut CompletionLogprobs,
 ) {
     let (text, bytes) = completion_token(info, e.token);
-    out.text_offset.push(offsets.push(&bytes));
+    // A special token drawn is left out of the generated text: it takes no place there.
+    let skipped = whose == Text::Generated
+        && !bytes.is_empty()
+        && info
+            .tokenizer
+            .decode(&[e.token], true)
+            .is_ok_and(|t| t.is_empty());
+    out.text_offset
+        .push(offsets.push(if skipped { &[] } else { &bytes }));
     let mut top = Map::new();
     for &(id, lp) in &e.top {
         top.insert(completion_token(info, id).0, Value::from(lp));

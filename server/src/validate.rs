@@ -468,14 +468,20 @@ pub fn encode_chat(
 }
 
 /// The most prompt tokens a request may have, and what sets that bound.
-fn prompt_bound(info: &ModelInfo, limits: Limits) -> (usize, String) {
+fn prompt_bound(info: &ModelInfo, limits: Limits, scoring: bool) -> (usize, String) {
     let context = info.max_seq_tokens;
-    // At least one token must be left to generate.
+    // At least one token must be left to generate, unless the prompt is only scored.
+    let (leave, and) = match scoring {
+        true => (0, ""),
+        false => (1, ", and at least one must be left to generate"),
+    };
     let mut bound = (
-        context.saturating_sub(1),
+        context.saturating_sub(leave),
         match context < info.context_len {
-            true => format!("this server holds at most {context} tokens per sequence (--kv-cache-mb), and at least one must be left to generate"),
-            false => format!("this model's context is {context} tokens, and at least one must be left to generate"),
+            true => format!(
+                "this server holds at most {context} tokens per sequence (--kv-cache-mb){and}"
+            ),
+            false => format!("this model's context is {context} tokens{and}"),
         },
     );
     if let Some(limit) = limits.max_prompt_tokens.filter(|&l| l < bound.0) {
@@ -495,7 +501,8 @@ fn check_prompt_bytes(
     param: &'static str,
     bytes: usize,
 ) -> Result<(), ApiError> {
-    let (bound, why) = prompt_bound(info, limits);
+    // As a prompt only scored may fill the context, which this check does not know of.
+    let (bound, why) = prompt_bound(info, limits, true);
     let fewest = info.tokenizer.min_tokens(bytes);
     if fewest > bound {
         return Err(ApiError::bad(
@@ -735,6 +742,23 @@ fn stream_usage(
     Ok(include)
 }
 
+/// A sampling field's value as sent, and as the sampler's 32-bit float holds it where
+/// that differs in kind (1e-300 is 0 there, 1e39 infinite).
+fn sent(raw: Option<f64>, narrowed: f32) -> String {
+    let Some(raw) = raw else {
+        return narrowed.to_string();
+    };
+    // Written short: 1e-300, not three hundred digits.
+    let raw_text = match raw != 0.0 && !(1e-4..1e16).contains(&raw.abs()) {
+        true => format!("{raw:e}"),
+        false => raw.to_string(),
+    };
+    match (narrowed == 0.0 && raw != 0.0) || (narrowed.is_infinite() && raw.is_finite()) {
+        true => format!("{raw_text}, which is {narrowed} as the sampler's 32-bit float"),
+        false => raw_text,
+    }
+}
+
 /// `score_only`: the request echoes its prompt with log-probabilities, so it may ask for
 /// no new tokens at all.
 fn generation(
@@ -747,7 +771,15 @@ fn generation(
     prompt_param: &'static str,
 ) -> Result<GenRequest, ApiError> {
     let context = info.max_seq_tokens;
-    let (bound, why) = prompt_bound(info, limits);
+    let requested: Option<(&'static str, i64)> = match (s.max_completion_tokens, s.max_tokens) {
+        (Some(n), _) => Some(("max_completion_tokens", n)),
+        (None, Some(n)) => Some(("max_tokens", n)),
+        (None, None) => None,
+    };
+    // A prompt scored alone leaves nothing to generate: it may fill the context, as
+    // evaluation harnesses cut their windows to exactly the context.
+    let scoring = score_only && matches!(requested, Some((_, 0)));
+    let (bound, why) = prompt_bound(info, limits, scoring);
     if prompt.len() > bound {
         return Err(ApiError::bad(
             prompt_param,
@@ -755,11 +787,6 @@ fn generation(
         ));
     }
     let room = context - prompt.len();
-    let requested: Option<(&'static str, i64)> = match (s.max_completion_tokens, s.max_tokens) {
-        (Some(n), _) => Some(("max_completion_tokens", n)),
-        (None, Some(n)) => Some(("max_tokens", n)),
-        (None, None) => None,
-    };
     let max_tokens = match requested {
         // Scoring an echoed prompt alone (`echo`, `logprobs`, `max_tokens: 0`).
         Some((_, 0)) if score_only => 0,
@@ -778,14 +805,17 @@ fn generation(
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::bad(
             "temperature",
-            format!("`temperature` must be in [0, 2], got {temperature}"),
+            format!(
+                "`temperature` must be in [0, 2], got {}",
+                sent(s.temperature, temperature)
+            ),
         ));
     }
     let top_p = s.top_p.unwrap_or(1.0) as f32;
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::bad(
             "top_p",
-            format!("`top_p` must be in (0, 1], got {top_p}"),
+            format!("`top_p` must be in (0, 1], got {}", sent(s.top_p, top_p)),
         ));
     }
     let top_k = match s.top_k {
@@ -802,7 +832,7 @@ fn generation(
     if !(0.0..=1.0).contains(&min_p) {
         return Err(ApiError::bad(
             "min_p",
-            format!("`min_p` must be in [0, 1], got {min_p}"),
+            format!("`min_p` must be in [0, 1], got {}", sent(s.min_p, min_p)),
         ));
     }
     let n = match s.n {
@@ -831,7 +861,10 @@ fn generation(
     if !(repetition_penalty > 0.0 && repetition_penalty.is_finite()) {
         return Err(ApiError::bad(
             "repetition_penalty",
-            format!("`repetition_penalty` must be greater than 0, got {repetition_penalty}"),
+            format!(
+                "`repetition_penalty` must be a finite number greater than 0, got {}",
+                sent(s.repetition_penalty, repetition_penalty)
+            ),
         ));
     }
     let vocab = info.tokenizer.vocab_size();

@@ -392,6 +392,46 @@ async fn tokenize_counts_what_chat_runs_with_tools() {
     );
 }
 
+/// A key given twice is read at its last value, as Python's and JavaScript's JSON readers
+/// (and so vLLM) read it; a value the sampler's 32-bit floats cannot hold is refused with
+/// the value as sent.
+#[tokio::test]
+async fn a_key_given_twice_takes_its_last_value() {
+    let url = base().await;
+    let client = reqwest::Client::new();
+    let send = |body: &'static str| {
+        client
+            .post(format!("{url}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let r = send(r#"{"messages": [{"role": "user", "content": "hi"}], "ignore_eos": true, "max_tokens": 0, "max_tokens": 3}"#).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
+    let r = send(
+        r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "max_tokens": 0}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "max_tokens", "{v}");
+    let (status, v) = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("hi", json!({"top_p": 1e-300})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("got 1e-300, which is 0 as the sampler's 32-bit float"),
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn models_tokenize_and_health() {
     let url = base().await;

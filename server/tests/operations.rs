@@ -385,6 +385,20 @@ async fn a_batch_whose_client_leaves_leaves_nothing_running() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // The request left before its response (the one not streamed, at least) is
+    // counted, as 499.
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let left = r#"chorus_requests_total{endpoint="/v1/completions",status="499"} "#;
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(left))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(counted >= Some(1.0), "no {left} in:\n{metrics}");
     assert_serves(&url).await;
 }
 

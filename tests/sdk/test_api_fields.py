@@ -380,6 +380,39 @@ def test_scoring_a_prompt_alone(client):
     assert e.value.body["param"] == "max_tokens"
 
 
+def test_scoring_a_prompt_that_fills_the_context(client):
+    # Evaluation harnesses cut their windows to exactly the context: nothing is generated,
+    # so nothing needs to be left.
+    context = client.models.list().data[0].model_extra["max_model_len"]
+    r = client.completions.create(model=MODEL, prompt=[28] * context, max_tokens=0,
+                                  echo=True, logprobs=0)
+    assert r.usage.prompt_tokens == context
+    assert len(r.choices[0].logprobs.token_logprobs) == context
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[28] * (context + 1), max_tokens=0,
+                                  echo=True, logprobs=0)
+    assert e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[28] * context, max_tokens=1)
+    assert "left to generate" in e.value.body["message"]
+
+
+def test_text_offsets_place_each_token_in_the_text(client):
+    # A special token drawn (pushed by logit_bias) is left out of the text, so it takes
+    # no place there; one written in the echoed prompt is the caller's text and does.
+    special = "6"
+    r = client.completions.create(model=MODEL, prompt="<|im_start|>user\nhi", max_tokens=3,
+                                  temperature=0, echo=True, logprobs=0,
+                                  logit_bias={special: 100})
+    c = r.choices[0]
+    drawn = client.post(f"{BASE}/detokenize", body={"tokens": [int(special)]}, cast_to=object)["prompt"]
+    assert c.logprobs.tokens[-3:] == [drawn] * 3
+    assert c.text == "<|im_start|>user\nhi"
+    for token, offset in zip(c.logprobs.tokens[:-3], c.logprobs.text_offset):
+        assert c.text[offset:].startswith(token), (token, offset, c.text)
+    assert c.logprobs.text_offset[-3:] == [len(c.text)] * 3
+
+
 def test_echo_with_logprobs_streamed(client):
     prompt = "Once upon a time"
     chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,

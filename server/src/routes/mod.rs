@@ -61,8 +61,17 @@ impl JsonBody {
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         match Json::<T>::from_bytes(&self.0) {
             Ok(Json(value)) => Ok(value),
-            Err(JsonRejection::JsonDataError(e)) => Err(field_at_fault::<T, WireSampling>(&self.0)
-                .unwrap_or_else(|| JsonRejection::from(e).into())),
+            Err(JsonRejection::JsonDataError(e)) => {
+                // A key given twice, which serde's derive refuses, is taken at its last
+                // value, as Python's and JavaScript's JSON readers (and so vLLM) take it:
+                // a `Value` keeps the last one.
+                let body: Option<Value> = serde_json::from_slice(&self.0).ok();
+                match body.map(serde_json::from_value::<T>) {
+                    Some(Ok(value)) => Ok(value),
+                    _ => Err(field_at_fault::<T, WireSampling>(&self.0)
+                        .unwrap_or_else(|| JsonRejection::from(e).into())),
+                }
+            }
             Err(rejection) => Err(rejection.into()),
         }
     }
