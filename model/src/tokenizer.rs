@@ -309,6 +309,12 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Ids of `text` as plain text: special tokens' text in it is spelled in ordinary
+    /// pieces, never a control token (what a constrained answer forces is text).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.plain.encode_fast(text, false)?.get_ids().to_vec())
+    }
+
     /// Fewest tokens `bytes` of text can become: prompts that are provably too long are
     /// refused without tokenizing them.
     pub fn min_tokens(&self, bytes: usize) -> usize {

@@ -119,9 +119,11 @@ impl TokenizerEnv for Env {
         &self.trie
     }
 
+    /// Bytes the grammar forces, as plain text: a schema's `"<|im_end|>"` is those
+    /// characters, not the control token (which would end the answer in the middle).
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
         self.trie
-            .tokenize_with_greedy_fallback(s, |s| self.tokenizer.encode(s).unwrap_or_default())
+            .tokenize_with_greedy_fallback(s, |s| self.tokenizer.encode_text(s).unwrap_or_default())
     }
 }
 

@@ -370,7 +370,13 @@ pub fn chat_messages(
                     Some(v) if !v.is_null() => v,
                     _ => json!({}),
                 };
-                let id = c.id.unwrap_or_else(tools::call_id);
+                // The tool message that answers the call names it by this id.
+                let Some(id) = c.id.filter(|id| !id.is_empty()) else {
+                    return Err(ApiError::bad(
+                        "messages",
+                        format!("`messages[{i}].tool_calls[{j}].id` is required: the tool message answering the call names it"),
+                    ));
+                };
                 if calls.call(id.clone(), c.function.name.clone()).is_err() {
                     return Err(ApiError::bad(
                         "messages",
@@ -388,7 +394,12 @@ pub fn chat_messages(
             message.tool_calls = Some(Value::Array(written));
         }
         if message.role == "tool" {
-            let id = m.tool_call_id.unwrap_or_default();
+            let Some(id) = m.tool_call_id.filter(|id| !id.is_empty()) else {
+                return Err(ApiError::bad(
+                    "messages",
+                    format!("`messages[{i}].tool_call_id` is required: the id of the call the message answers"),
+                ));
+            };
             let name = match calls.answer(&id) {
                 Ok(name) => name,
                 Err(Broken::Answered) => return Err(ApiError::bad(

@@ -644,6 +644,43 @@ async fn message_text_cannot_forge_control_tokens() {
     assert_eq!(count(&raw), 2, "{raw}");
 }
 
+/// What a schema forces is text too: a `const` holding a control token's text is spelled
+/// in plain pieces, in a call and in a structured answer alike (before the fix the
+/// forced text became the end-of-turn token and the request a 400).
+#[tokio::test]
+async fn a_schema_forcing_control_token_text_writes_it_as_text() {
+    let url = base().await;
+    let forced = "a<|im_end|>b<|endoftext|>";
+    let schema = json!({"type": "object", "properties": {"k": {"const": forced}},
+        "required": ["k"], "additionalProperties": false});
+    let tool = json!({"type": "function", "function": {"name": "f", "parameters": schema}});
+    let body = chat(
+        "Call f.",
+        json!({"tools": [tool], "tool_choice": "required", "max_tokens": 60, "temperature": 0}),
+    );
+    let (status, v) = post(&url, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let arguments = v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+        .as_str()
+        .expect("a call");
+    assert_eq!(
+        serde_json::from_str::<Value>(arguments).unwrap(),
+        json!({"k": forced})
+    );
+    let format = json!({"type": "json_schema", "json_schema": {"name": "k", "schema": schema}});
+    let body = chat(
+        "Answer.",
+        json!({"response_format": format, "max_tokens": 60, "temperature": 0}),
+    );
+    let (status, v) = post(&url, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(content).unwrap(),
+        json!({"k": forced})
+    );
+}
+
 /// A 10 MB body is refused with 413 from its `Content-Length`, before it is read. (Sent
 /// over a raw socket that stops writing early: a client still pushing the body when the
 /// server answers and closes would see a reset instead of the reply.)

@@ -396,7 +396,11 @@ def test_bad_tool_requests_name_the_field(client):
             ([called("c1", "c2"), result("c1")], '["c2"] have none'),
             ([called("c1"), result("c1"), result("c1")], "already answered"),
             ([called("c1", "c1"), result("c1")], "an earlier call"),
-            ([called("c1"), result("c1"), called("c1"), result("c1")], "an earlier call")]:
+            ([called("c1"), result("c1"), called("c1"), result("c1")], "an earlier call"),
+            # Missing ids are named where they are missing, not as ids made up for them.
+            ([called(None), result("c1")], "`messages[1].tool_calls[0].id` is required"),
+            ([called("c1"), {"role": "tool", "content": "Cold."}],
+             "`messages[2].tool_call_id` is required")]:
         assert needle in bad(client, "messages", tools=[WEATHER], messages=ask() + messages)
     ok = client.chat.completions.create(
         model=MODEL, max_tokens=4, tools=[WEATHER],

@@ -140,15 +140,17 @@ impl CallFormat {
                 let mut parameters = f.parameters.clone();
                 if let Some(obj) = parameters.as_object_mut() {
                     obj.entry("type").or_insert(json!("object"));
-                    // Not beside a root `$ref` or combinator without `properties` (as
-                    // pydantic writes a recursive model): no property would be allowed.
-                    let composed = ["$ref", "allOf", "anyOf", "oneOf"]
+                    // A function that declares no properties takes `{}`; not beside a
+                    // root `$ref` or combinator (as pydantic writes a recursive model),
+                    // which says what the arguments hold.
+                    let composed = ["$ref", "allOf", "anyOf", "oneOf", "required"]
                         .iter()
                         .any(|k| obj.contains_key(*k));
-                    if obj.contains_key("properties") || !composed {
+                    if !obj.contains_key("properties") && !composed {
                         obj.entry("additionalProperties").or_insert(json!(false));
                     }
                 }
+                close_objects(&mut parameters, false);
                 let name = format!("function{i}");
                 reroot(&mut parameters, &format!("#/$defs/{name}"));
                 defs.insert(name.clone(), parameters);
@@ -239,6 +241,62 @@ fn reroot(schema: &mut Value, root: &str) {
     }
 }
 
+/// Closes every object schema that declares `properties` and says nothing of others to
+/// those properties, as OpenAI's strict mode has it, at any depth (nested objects, array
+/// items, `anyOf`/`oneOf` branches, `$defs`). Not where that could refuse what the schema
+/// allows: beside `$ref` or `allOf` (which may add properties), as a branch of `allOf`
+/// (each branch sees every key of the object), or where `required` names a property
+/// that is not declared. Data (`const`, `enum`, `default`, `examples`) and the schemas
+/// whose meaning closing would turn around (`not`, `if`) are left as they are.
+fn close_objects(schema: &mut Value, in_all_of: bool) {
+    let Some(obj) = schema.as_object_mut() else {
+        return;
+    };
+    if let Some(Value::Object(properties)) = obj.get("properties") {
+        let said = [
+            "additionalProperties",
+            "patternProperties",
+            "unevaluatedProperties",
+            "$ref",
+            "allOf",
+        ]
+        .iter()
+        .any(|k| obj.contains_key(*k));
+        let declared = obj
+            .get("required")
+            .and_then(Value::as_array)
+            .is_none_or(|r| {
+                r.iter()
+                    .all(|n| n.as_str().is_some_and(|n| properties.contains_key(n)))
+            });
+        if !said && !in_all_of && declared {
+            obj.insert("additionalProperties".into(), json!(false));
+        }
+    }
+    for (key, value) in obj.iter_mut() {
+        match (key.as_str(), value) {
+            // Maps from names to schemas.
+            (
+                "properties" | "patternProperties" | "$defs" | "definitions",
+                Value::Object(named),
+            ) => named.values_mut().for_each(|v| close_objects(v, false)),
+            ("items" | "prefixItems" | "anyOf" | "oneOf", Value::Array(schemas)) => {
+                schemas.iter_mut().for_each(|v| close_objects(v, false))
+            }
+            ("items" | "additionalProperties" | "additionalItems", v) => close_objects(v, false),
+            // Applied beside the schema they sit in, to the same object.
+            ("allOf", Value::Array(branches)) => {
+                branches.iter_mut().for_each(|v| close_objects(v, true))
+            }
+            ("dependentSchemas", Value::Object(named)) => {
+                named.values_mut().for_each(|v| close_objects(v, true))
+            }
+            ("then" | "else", v) => close_objects(v, true),
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +347,43 @@ mod tests {
 
     /// A function's own references (`#`, its `$defs`, its properties) still point into
     /// its `parameters` once they sit inside the call grammar; data is left alone.
+    #[test]
+    fn objects_are_closed_at_every_depth_where_nothing_else_is_said() {
+        let mut schema = json!({
+            "type": "object",
+            "properties": {
+                "v": {"type": "object", "properties": {"a": {"type": "integer"}}},
+                "open": {"type": "object", "properties": {"a": {}}, "additionalProperties": true},
+                "list": {"type": "array", "items": {"properties": {"x": {}}}},
+                "either": {"anyOf": [{"properties": {"x": {}}}, {"type": "string"}]},
+                "both": {"allOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}]},
+                "loose": {"properties": {"x": {}}, "required": ["x", "y"]},
+                "any": {"type": "object"},
+                "not": {"not": {"properties": {"x": {}}}},
+                "const": {"const": {"properties": {"x": {}}}},
+            },
+            "$defs": {"node": {"properties": {"next": {"$ref": "#/$defs/node"}}}},
+        });
+        close_objects(&mut schema, false);
+        let closed = |path: &str| schema.pointer(path).map(|s| s.get("additionalProperties"));
+        assert_eq!(closed(""), Some(Some(&json!(false))));
+        assert_eq!(closed("/properties/v"), Some(Some(&json!(false))));
+        assert_eq!(closed("/properties/open"), Some(Some(&json!(true))));
+        assert_eq!(closed("/properties/list/items"), Some(Some(&json!(false))));
+        assert_eq!(
+            closed("/properties/either/anyOf/0"),
+            Some(Some(&json!(false)))
+        );
+        assert_eq!(closed("/$defs/node"), Some(Some(&json!(false))));
+        // Each allOf branch sees the other's keys; `required` names one not declared; a
+        // free-form object; inside `not`, closing would widen; `const` is data.
+        assert_eq!(closed("/properties/both/allOf/0"), Some(None));
+        assert_eq!(closed("/properties/loose"), Some(None));
+        assert_eq!(closed("/properties/any"), Some(None));
+        assert_eq!(closed("/properties/not/not"), Some(None));
+        assert_eq!(closed("/properties/const/const"), Some(None));
+    }
+
     #[test]
     fn references_are_rerooted_at_the_function() {
         let mut schema = json!({

@@ -4,9 +4,41 @@
 //! the model, not an answer to show or to send back as history. The calls finished
 //! before it are kept, with the answer's own finish reason (as OpenAI's `length`).
 
-use serde_json::Value;
+use std::collections::HashMap;
+
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
 
 use super::{call_id, CallFormat, Choice};
+
+/// Whether `text` is one whole JSON value. Numbers are not converted (a `1e400` the
+/// grammar let through is JSON all the same).
+fn is_json(text: &str) -> bool {
+    serde_json::from_str::<IgnoredAny>(text).is_ok()
+}
+
+/// JSON text without the whitespace between its tokens; strings and numbers as written
+/// (a round trip through `f64` would change big integers and drop what overflows it).
+fn minified(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in json.chars() {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if matches!(c, ' ' | '\t' | '\n' | '\r') {
+            continue;
+        } else if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+    }
+    out
+}
 
 /// One call the model made, as the API returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,17 +96,20 @@ impl CallReader {
             _ => text.replace("<|python_tag|>", ""),
         };
         let mut calls = Vec::new();
-        for value in serde_json::Deserializer::from_str(&body).into_iter::<Value>() {
+        for value in serde_json::Deserializer::from_str(&body).into_iter::<&RawValue>() {
             let value = value.ok()?;
-            let items = match self.format {
+            let items: Vec<&RawValue> = match self.format {
                 CallFormat::Generic => {
-                    let obj = value.as_object().filter(|o| o.len() == 1)?;
-                    obj.get("tool_calls")?.as_array()?.clone()
+                    let obj: HashMap<String, &RawValue> = serde_json::from_str(value.get()).ok()?;
+                    if obj.len() != 1 {
+                        return None;
+                    }
+                    serde_json::from_str(obj.get("tool_calls")?.get()).ok()?
                 }
                 _ => vec![value],
             };
             for item in items {
-                calls.push(self.call(&item)?);
+                calls.push(self.call(item)?);
             }
         }
         (!calls.is_empty()).then_some(calls)
@@ -118,11 +153,11 @@ impl CallReader {
                 }
                 for block in done {
                     let (json, _) = block.split_once("</tool_call>")?;
-                    calls.push(self.call(&serde_json::from_str(json).ok()?)?);
+                    calls.push(self.call(serde_json::from_str(json).ok()?)?);
                 }
             }
             CallFormat::Generic => {
-                if serde_json::from_str::<Value>(text).is_ok() {
+                if is_json(text) {
                     return None;
                 }
                 let (head, mut rest) = text.split_once('[')?;
@@ -131,12 +166,13 @@ impl CallReader {
                 }
                 // Each item and the `,` after it; the cut one does not parse.
                 loop {
-                    let mut items = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+                    let mut items =
+                        serde_json::Deserializer::from_str(rest).into_iter::<&RawValue>();
                     let Some(Ok(item)) = items.next() else {
                         break;
                     };
                     let after = rest[items.byte_offset()..].trim_start();
-                    calls.push(self.call(&item)?);
+                    calls.push(self.call(item)?);
                     match after.strip_prefix(',') {
                         Some(next) => rest = next,
                         None => break,
@@ -153,32 +189,32 @@ impl CallReader {
     /// not finish. Beside a JSON answer, whole JSON that is not calls is the answer
     /// (whatever its start looked like).
     pub fn text_of(&self, text: String) -> Option<String> {
-        let whole_json = || serde_json::from_str::<Value>(&text).is_ok();
+        let whole_json = || is_json(&text);
         (self.decide(&text) != Decision::Calls || (self.json_answer && whole_json()))
             .then_some(text)
     }
 
     /// One call as the grammar writes it: an object of exactly a callable `name` and
     /// (optionally) the arguments key; anything else is not a call (beside a JSON
-    /// answer, it is the answer).
-    fn call(&self, item: &Value) -> Option<ToolCall> {
+    /// answer, it is the answer). The arguments are the model's text, minified.
+    fn call(&self, item: &RawValue) -> Option<ToolCall> {
         let key = self.format.arguments_key();
-        let obj = item.as_object()?;
+        let obj: HashMap<String, &RawValue> = serde_json::from_str(item.get()).ok()?;
         if obj.keys().any(|k| k != "name" && k != key) {
             return None;
         }
-        let name = obj.get("name")?.as_str()?;
-        if !self.functions.iter().any(|f| f == name) {
+        let name: String = serde_json::from_str(obj.get("name")?.get()).ok()?;
+        if !self.functions.contains(&name) {
             return None;
         }
-        let arguments = match obj.get(key) {
-            Some(Value::Object(args)) => Value::Object(args.clone()).to_string(),
-            None | Some(Value::Null) => "{}".to_string(),
+        let arguments = match obj.get(key).map(|a| a.get()) {
+            Some(args) if args.starts_with('{') => minified(args),
+            None | Some("null") => "{}".to_string(),
             Some(_) => return None,
         };
         Some(ToolCall {
             id: call_id(),
-            name: name.to_string(),
+            name,
             arguments,
         })
     }
@@ -248,6 +284,23 @@ mod tests {
         assert_eq!(r.calls(r#"{"tool_calls": [{"name": "z"}]}"#), None);
         assert_eq!(r.calls(r#"{"tool_calls": [{"name": "a", "x": 1}]}"#), None);
         assert_eq!(r.calls(r#"{"tool_calls": [], "more": 1}"#), None);
+    }
+
+    /// Arguments are the model's text, minified: numbers beyond `f64` (which the grammar
+    /// lets through) are neither dropped nor rounded, strings stay as written.
+    #[test]
+    fn arguments_keep_the_numbers_and_strings_written() {
+        let r = reader(CallFormat::Generic, Choice::Required);
+        let text = r#"{"tool_calls": [{"name": "a", "arguments": {"v": 1e400, "n": 12345678901234567890123, "f": 0.1000000000000000055511151231257827, "s": "a \" b\\", "o": {"k": [1, 2]}}}]}"#;
+        let calls = r.calls(text).expect("calls");
+        assert_eq!(
+            calls[0].arguments,
+            r#"{"v":1e400,"n":12345678901234567890123,"f":0.1000000000000000055511151231257827,"s":"a \" b\\","o":{"k":[1,2]}}"#
+        );
+        let cut =
+            r#"{"tool_calls": [{"name": "a", "arguments": {"v": 1e400}}, {"name": "b", "argu"#;
+        let kept = r.finished_calls(cut).expect("the first call");
+        assert_eq!(kept[0].arguments, r#"{"v":1e400}"#);
     }
 
     /// Beside a JSON answer, JSON that is not calls is the answer even where it starts
