@@ -154,12 +154,12 @@ pub struct Config {
 
     /// Compute threads for the forward pass (default: one per core). The inference
     /// thread is one of them.
-    #[arg(long, env = "CHORUS_THREADS")]
+    #[arg(long, env = "CHORUS_THREADS", value_parser = count(1))]
     pub threads: Option<usize>,
 
     /// Seconds a request may wait in the queue for a slot (or for a preprocessing thread)
     /// before it is refused (503).
-    #[arg(long, env = "CHORUS_REQUEST_TIMEOUT", default_value_t = 300, value_parser = seconds())]
+    #[arg(long, env = "CHORUS_REQUEST_TIMEOUT", default_value_t = 300, value_parser = seconds_from(1))]
     pub request_timeout: u64,
 
     /// Seconds a client connection may stay without sending a complete request's headers
@@ -169,7 +169,7 @@ pub struct Config {
 
     /// Seconds a client may take to send a whole request body once its headers arrived
     /// (408 beyond): a trickled or withheld body cannot hold a connection open.
-    #[arg(long, env = "CHORUS_BODY_TIMEOUT", default_value_t = 30, value_parser = seconds())]
+    #[arg(long, env = "CHORUS_BODY_TIMEOUT", default_value_t = 30, value_parser = seconds_from(1))]
     pub body_timeout: u64,
 
     /// Most client connections open at once; one more is answered 503 and closed.
@@ -195,12 +195,13 @@ pub struct Config {
     #[arg(long, env = "CHORUS_CORS_ORIGIN")]
     pub cors_origin: Option<String>,
 
-    /// Largest request body accepted, in bytes (413 beyond).
-    #[arg(long, env = "CHORUS_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
+    /// Largest request body accepted, in bytes (413 beyond; at least 1024).
+    #[arg(long, env = "CHORUS_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..))]
     pub max_request_bytes: usize,
 
     /// Most prompt tokens one request may send (default: the model's context).
-    #[arg(long, env = "CHORUS_MAX_PROMPT_TOKENS")]
+    #[arg(long, env = "CHORUS_MAX_PROMPT_TOKENS", value_parser = count(1))]
     pub max_prompt_tokens: Option<usize>,
 
     /// Most stop strings one request may give.
@@ -398,7 +399,13 @@ const MAX_COUNT: u64 = 1 << 20;
 
 /// A duration flag in seconds, at most [`MAX_SECONDS`].
 fn seconds() -> clap::builder::RangedU64ValueParser<u64> {
-    clap::value_parser!(u64).range(..=MAX_SECONDS)
+    seconds_from(0)
+}
+
+/// A duration flag in seconds from `lo` (where 0 would refuse everything) to
+/// [`MAX_SECONDS`].
+fn seconds_from(lo: u64) -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(lo..=MAX_SECONDS)
 }
 
 /// A count flag from `lo` to [`MAX_COUNT`].
@@ -456,6 +463,13 @@ mod tests {
             ("--shutdown-grace", "18446744073709551615"),
             ("--idle-timeout", "18446744073709551615"),
             ("--request-timeout", "1000001"),
+            // Values that would refuse every request, or spawn a million threads.
+            ("--request-timeout", "0"),
+            ("--body-timeout", "0"),
+            ("--max-request-bytes", "0"),
+            ("--max-prompt-tokens", "0"),
+            ("--threads", "0"),
+            ("--threads", "3000000"),
             ("--store-max-age", "18446744073709551615"),
         ] {
             let e = Config::try_parse_from(["chorus", flag, value]).expect_err(flag);

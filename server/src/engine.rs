@@ -130,6 +130,9 @@ pub(crate) struct Submission {
     pub req: GenRequest,
     pub events: UnboundedSender<Event>,
     pub arrived: Instant,
+    /// Set once any prompt of the request has started (a completions batch has several):
+    /// on shutdown, queued prompts are refused unless their request is already answering.
+    pub answering: Arc<AtomicBool>,
 }
 
 /// Live figures the worker publishes after every step.
@@ -217,12 +220,14 @@ impl Engine {
             });
         }
         let mut rxs = Vec::with_capacity(count);
+        let answering = Arc::new(AtomicBool::new(false));
         for (i, req) in reqs.into_iter().enumerate() {
             let (events, rx) = unbounded_channel();
             let submission = Submission {
                 req,
                 events,
                 arrived: Instant::now(),
+                answering: answering.clone(),
             };
             if self.tx.send(submission).is_err() {
                 // Those sent end with their dropped channels; the rest never counted.

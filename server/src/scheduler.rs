@@ -48,6 +48,11 @@ pub const PREFILL_STRETCH: usize = 4;
 /// one's pace, and each prompt in turn becomes the oldest.
 pub const OLDEST_SHARE: usize = 2;
 
+/// The allowance that asks [`Scheduler::chunk`] for one token of a prompt whatever it
+/// costs: what a step gives the oldest prompt whose next token costs more than any step
+/// holds. (A prompt's allowance is otherwise never 0: one of 0 gets no chunk.)
+const ONE_TOKEN: usize = 0;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
     pub max_running: usize,
@@ -570,6 +575,14 @@ impl Scheduler {
         let mut held = oldest
             .filter(|id| self.waiting.contains(id))
             .map_or(0, |id| blocks_for(allot[&id].min(self.remaining(id))));
+        let beyond_any_step: Vec<SeqId> = by_age
+            .iter()
+            .map(|&(id, _)| id)
+            .filter(|id| {
+                let start = prompts.iter().find(|p| p.0 == *id).map_or(0, |p| p.1);
+                self.cost_from(&self.entries[id], start, 1) > self.cfg.max_batch_tokens
+            })
+            .collect();
         let mut admitting = true;
         let mut carry = 0;
         for (id, ..) in prompts {
@@ -597,6 +610,23 @@ impl Scheduler {
             }
             // What a chunk leaves of its part (it ends on a whole token) goes on.
             carry = avail.saturating_sub(cost);
+        }
+        // 3: a prompt whose next token costs more than any step holds (deep in a long
+        // prompt, under a small `--max-batch-tokens` or `--context-cost`) would never
+        // move again, holding its slot: the oldest such that got nothing gets one token.
+        let stuck = beyond_any_step
+            .into_iter()
+            .find(|id| !plan.batch.iter().any(|b| b.id == *id) && !plan.preempted.contains(id));
+        if let Some(id) = stuck {
+            match self.waiting.contains(&id) {
+                false => {
+                    self.run(id, ONE_TOKEN, &mut budget, &mut plan, &mut taken);
+                }
+                true if self.running.len() < self.cfg.max_running => {
+                    self.admit(id, ONE_TOKEN, 0, &mut budget, &mut plan, &mut taken);
+                }
+                true => {}
+            }
         }
         plan
     }
@@ -692,11 +722,13 @@ impl Scheduler {
     /// of a long conversation's new turn costs more than the same chunk of a fresh
     /// prompt), times [`SCORED_TOKEN_COST`] for a prompt position whose logits are
     /// scored (`add_uncached`: the full-vocabulary projection, log-softmax and top-k).
+    /// A `budget` of [`ONE_TOKEN`] asks for one token whatever it costs.
     fn chunk(&self, id: SeqId, budget: usize) -> (usize, usize) {
         let remaining = self.remaining(id);
         let cost = |len: usize| self.cost(id, len);
-        if remaining <= 1 {
-            return (remaining, cost(remaining));
+        if remaining <= 1 || budget == ONE_TOKEN {
+            let len = remaining.min(1);
+            return (len, cost(len));
         }
         // The longest chunk that fits: cost grows with length.
         let (mut lo, mut hi) = (0, remaining);
@@ -1016,6 +1048,35 @@ mod tests {
             }
         }
         plan
+    }
+
+    /// A token that costs more than a whole step (deep in a prompt, under a small
+    /// `--max-batch-tokens` or `--context-cost`) still runs, one a step: the prompt stalled
+    /// for good, holding its slot, before.
+    #[test]
+    fn a_prompt_moves_when_one_token_costs_more_than_a_step() {
+        for within in [false, true] {
+            let mut s = Scheduler::new(SchedulerConfig {
+                max_running: 1,
+                max_batch_tokens: 4,
+                num_blocks: 100,
+                context_cost: 1,
+            });
+            s.add(1, &toks(1, 12), 50).unwrap();
+            let mut computed = 0;
+            for steps in 1.. {
+                let plan = match within {
+                    false => step(&mut s),
+                    true => step_within(&mut s, 4),
+                };
+                computed += plan.batch.iter().map(|x| x.len).sum::<usize>();
+                if plan.batch.iter().any(|x| x.samples) {
+                    break;
+                }
+                assert!(steps < 20, "stalled at {computed} of 12 (within: {within})");
+            }
+            assert_eq!(computed, 12);
+        }
     }
 
     #[test]

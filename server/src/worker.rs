@@ -6,7 +6,7 @@
 //! on the arrivals channel.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,8 @@ struct Seq {
     last_token: Option<Instant>,
     /// Has left the queue (counts against `queued` until then).
     started: bool,
+    /// Whether any sequence of the request has started (shared by a batch's prompts).
+    answering: Arc<AtomicBool>,
 }
 
 impl Seq {
@@ -116,6 +118,7 @@ impl Seq {
             first_token: None,
             last_token: None,
             started: true,
+            answering: self.answering.clone(),
         }
     }
 }
@@ -187,6 +190,9 @@ impl Worker {
             }
             self.drop_cancelled(&mut seqs);
             self.drop_expired(&mut seqs);
+            if self.stats.draining.load(Ordering::Acquire) {
+                self.refuse_queued(&mut seqs);
+            }
             if self.stats.abort.load(Ordering::Acquire) {
                 self.end_all(&mut seqs, "the server is shutting down");
             }
@@ -296,6 +302,7 @@ impl Worker {
                 first_token: None,
                 last_token: None,
                 started: false,
+                answering: s.answering,
             },
         );
     }
@@ -343,6 +350,28 @@ impl Worker {
         }
     }
 
+    /// Shutting down: requests still queued are refused (a 503, before any token, which
+    /// a router retries on another replica) rather than started in the grace period and
+    /// cut off at its end; the grace period is for requests already answering (a batch
+    /// whose first prompts stream keeps its queued ones).
+    fn refuse_queued(&mut self, seqs: &mut HashMap<SeqId, Seq>) {
+        let queued: Vec<SeqId> = seqs
+            .iter()
+            .filter(|(_, s)| !s.started && !s.answering.load(Ordering::Acquire))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in queued {
+            if let Some(seq) = seqs.remove(&id) {
+                let why = "the server is shutting down; retry on another replica";
+                let _ = seq
+                    .events
+                    .send(Event::Error(Failure::Unavailable(why.into())));
+                tracing::info!(request_id = %seq.request_id, "queued at shutdown; refused");
+                self.retire(id, &seq);
+            }
+        }
+    }
+
     /// Ends every request with an error event (shutdown after the grace period).
     fn end_all(&mut self, seqs: &mut HashMap<SeqId, Seq>, why: &str) {
         for (id, seq) in std::mem::take(seqs) {
@@ -366,6 +395,7 @@ impl Worker {
             // A choice forked from its first sequence has started already.
             if let Some(seq) = seqs.get_mut(id).filter(|s| !s.started) {
                 seq.started = true;
+                seq.answering.store(true, Ordering::Release);
                 self.stats.queued.fetch_sub(1, Ordering::AcqRel);
                 self.metrics.prompt_tokens.inc_by(seq.prompt_len as u64);
                 let cached = self.scheduler.cached_tokens(*id);

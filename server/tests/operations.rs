@@ -669,7 +669,7 @@ async fn shutdown_drains_then_ends_streams_with_an_error_event() {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(chorus_server::run(
         listener,
-        config(&["--shutdown-grace", "3", "--no-store"]),
+        config(&["--shutdown-grace", "3", "--no-store", "--max-running", "1"]),
         resolved.path,
         resolved.name,
         async move {
@@ -691,6 +691,20 @@ async fn shutdown_drains_then_ends_streams_with_an_error_event() {
         text.push_str(&String::from_utf8_lossy(&piece));
     }
 
+    // A request queued behind it (one slot): at shutdown it is refused at once with a
+    // 503 a router retries elsewhere, not started in the grace period and cut off.
+    let queued = tokio::spawn({
+        let url = url.clone();
+        let body = chat("Hi", json!({"stream": true, "max_tokens": 4}));
+        async move {
+            let r = send_chat(&url, &body).await;
+            (r.status().as_u16(), Instant::now())
+        }
+    });
+    while health(&url).await["queued"] != 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
     let stopped = Instant::now();
     stop_tx.send(()).unwrap();
     // While the stream drains, the server still answers: a router or a readiness probe
@@ -704,6 +718,12 @@ async fn shutdown_drains_then_ends_streams_with_an_error_event() {
     let r = send_chat(&url, &chat("Hi", json!({}))).await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
+    let (status, refused) = queued.await.unwrap();
+    assert_eq!(status, 503);
+    assert!(
+        refused - stopped < Duration::from_secs(2),
+        "the queued request waited out the grace period"
+    );
     while let Some(piece) = tokio::time::timeout(Duration::from_secs(30), stream.next())
         .await
         .expect("the stream ended after the grace period")
