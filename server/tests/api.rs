@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{base, chat, get_json, post, stream_events};
+use common::{base, chat, get_json, metrics, post, stream_events};
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -585,12 +585,7 @@ async fn metrics_also_speak_vllm_names() {
         models["data"][0]["max_model_len"].as_u64().unwrap_or(0) > 0,
         "{models}"
     );
-    let text = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&url).await;
     let sample = |name: &str| -> f64 {
         let prefix = match name.starts_with("vllm:") {
             true => format!("{name}{{model_name=\"{model}\"}} "),

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use chorus_server::config::Config;
 use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
 use common::{
-    assert_serves, chat, get_json, health, parse_sse, post, send_chat, settled, start, wait_ready,
+    assert_serves, chat, get_json, health, metrics, parse_sse, post, send_chat, settled, start,
+    wait_ready,
 };
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -387,18 +388,13 @@ async fn a_batch_whose_client_leaves_leaves_nothing_running() {
     }
     // The request left before its response (the one not streamed, at least) is
     // counted, as 499.
-    let metrics = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&url).await;
     let left = r#"chorus_requests_total{endpoint="/v1/completions",status="499"} "#;
-    let counted = metrics
+    let counted = text
         .lines()
         .find_map(|l| l.strip_prefix(left))
         .and_then(|v| v.parse::<f64>().ok());
-    assert!(counted >= Some(1.0), "no {left} in:\n{metrics}");
+    assert!(counted >= Some(1.0), "no {left} in:\n{text}");
     assert_serves(&url).await;
 }
 
@@ -543,13 +539,8 @@ async fn forked_choices_under_kv_pressure_all_complete() {
     let h = settled(&url).await;
     assert_eq!(h["running"], 0, "{h}");
     assert_eq!(h["kv_blocks_used"], 0, "{h}");
-    let metrics = reqwest::get(format!("{url}/metrics"))
+    let preemptions = metrics(&url)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let preemptions = metrics
         .lines()
         .find_map(|l| l.strip_prefix("chorus_preemptions_total "))
         .and_then(|v| v.parse::<f64>().ok())

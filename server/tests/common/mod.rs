@@ -104,6 +104,14 @@ pub async fn health(url: &str) -> Value {
     get_json(url, "/health").await
 }
 
+/// `/metrics` as text.
+pub async fn metrics(url: &str) -> String {
+    let r = reqwest::get(format!("{url}/metrics"))
+        .await
+        .expect("/metrics");
+    r.text().await.expect("the metrics' text")
+}
+
 /// `/health` once nothing runs and no KV block is held, or after 10 s as it is then. A
 /// request's last event reaches its client before the worker retires it and publishes
 /// what it freed.
