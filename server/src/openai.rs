@@ -35,6 +35,11 @@ pub struct ChatCompletionRequest {
     pub unsupported: UnsupportedChatFields,
 }
 
+/// Whether a field was sent with a value (absent and `null` are alike: not given).
+pub fn given(field: &Option<Value>) -> bool {
+    field.as_ref().is_some_and(|v| !v.is_null())
+}
+
 /// Chat fields asking for what this server does not do: audio, web search, reasoning,
 /// and the deprecated `functions`/`function_call` (superseded by `tools`).
 #[derive(Debug, Default, Deserialize)]

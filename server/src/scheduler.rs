@@ -575,14 +575,13 @@ impl Scheduler {
         let mut held = oldest
             .filter(|id| self.waiting.contains(id))
             .map_or(0, |id| blocks_for(allot[&id].min(self.remaining(id))));
-        let beyond_any_step: Vec<SeqId> = by_age
-            .iter()
-            .map(|&(id, _)| id)
-            .filter(|id| {
-                let start = prompts.iter().find(|p| p.0 == *id).map_or(0, |p| p.1);
-                self.cost_from(&self.entries[id], start, 1) > self.cfg.max_batch_tokens
+        let mut beyond_any_step: Vec<SeqId> = (prompts.iter())
+            .filter(|&&(id, start, _)| {
+                self.cost_from(&self.entries[&id], start, 1) > self.cfg.max_batch_tokens
             })
+            .map(|&(id, ..)| id)
             .collect();
+        beyond_any_step.sort_by_key(|id| self.entries[id].arrival);
         let mut admitting = true;
         let mut carry = 0;
         for (id, ..) in prompts {

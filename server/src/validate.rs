@@ -9,7 +9,7 @@ use crate::engine::{GenRequest, ModelInfo};
 use crate::error::ApiError;
 use crate::grammar::Constraint;
 use crate::openai::{
-    ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, StopInput,
+    given, ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, StopInput,
     UnsupportedChatFields, WireMessage, WireSampling, WireTool,
 };
 use crate::tools::{self, Broken, CallReader, FunctionSpec, Ledger, ToolRequest};
@@ -118,7 +118,6 @@ pub fn chat(
 /// would answer a different question than the one asked (text for audio, a guess for a
 /// web search, a call-less reply to `functions`).
 fn refuse_unsupported(f: &UnsupportedChatFields) -> Result<(), ApiError> {
-    let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
     if let Some(m) = f.modalities.as_ref().filter(|m| !m.is_null()) {
         if *m != json!(["text"]) {
             return Err(ApiError::bad(
@@ -127,13 +126,13 @@ fn refuse_unsupported(f: &UnsupportedChatFields) -> Result<(), ApiError> {
             ));
         }
     }
-    if set(&f.audio) {
+    if given(&f.audio) {
         return Err(ApiError::bad(
             "audio",
             "`audio` output is not supported: this model only writes text",
         ));
     }
-    if set(&f.web_search_options) {
+    if given(&f.web_search_options) {
         return Err(ApiError::bad(
             "web_search_options",
             "web search is not supported; offer a search function in `tools` instead",
@@ -153,7 +152,7 @@ fn refuse_unsupported(f: &UnsupportedChatFields) -> Result<(), ApiError> {
         ("functions", &f.functions),
         ("function_call", &f.function_call),
     ] {
-        if set(value) {
+        if given(value) {
             return Err(ApiError::bad(
                 field,
                 format!("the deprecated `{field}` is not supported; use `tools` and `tool_choice`"),

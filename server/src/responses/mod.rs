@@ -23,7 +23,7 @@ use serde_json::{json, Map, Value};
 use crate::engine::{FinishReason, GenRequest, ModelInfo};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::openai::{Usage, WireSampling};
+use crate::openai::{given, Usage, WireSampling};
 use crate::store::{Row, Store, StoreError};
 use crate::tools::{CallReader, FunctionSpec, ToolRequest};
 use crate::validate::{self, Limits};
@@ -170,7 +170,6 @@ pub fn prepare(
 
 /// Fields this server does not support, refused by name rather than ignored.
 fn refuse_unsupported(req: &ResponsesRequest) -> Result<(), ApiError> {
-    let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
     if req.background == Some(true) {
         return Err(ApiError::bad(
             "background",
@@ -194,13 +193,13 @@ fn refuse_unsupported(req: &ResponsesRequest) -> Result<(), ApiError> {
             "`reasoning` is not supported: this model does not reason",
         ));
     }
-    if set(&req.conversation) {
+    if given(&req.conversation) {
         return Err(ApiError::bad(
             "conversation",
             "`conversation` objects are not supported; chain turns with `previous_response_id`",
         ));
     }
-    if set(&req.prompt) {
+    if given(&req.prompt) {
         return Err(ApiError::bad(
             "prompt",
             "stored prompt templates (`prompt`) are not supported",

@@ -65,12 +65,13 @@ impl JsonBody {
                 // A key given twice, which serde's derive refuses, is taken at its last
                 // value, as Python's and JavaScript's JSON readers (and so vLLM) take it:
                 // a `Value` keeps the last one.
-                let body: Option<Value> = serde_json::from_slice(&self.0).ok();
-                match body.map(serde_json::from_value::<T>) {
-                    Some(Ok(value)) => Ok(value),
-                    _ => Err(field_at_fault::<T, WireSampling>(&self.0)
-                        .unwrap_or_else(|| JsonRejection::from(e).into())),
-                }
+                let Ok(body) = serde_json::from_slice::<Value>(&self.0) else {
+                    return Err(JsonRejection::from(e).into());
+                };
+                T::deserialize(&body).map_err(|_| {
+                    field_at_fault::<T, WireSampling>(&body)
+                        .unwrap_or_else(|| JsonRejection::from(e).into())
+                })
             }
             Err(rejection) => Err(rejection.into()),
         }
@@ -81,11 +82,10 @@ impl JsonBody {
 /// fault: the first key of serde's path to the error; else a missing top-level field;
 /// else (the fields of `Flat`, read flattened into `T`, lose their path in serde's
 /// message) the first key of the path when the body is read as a `Flat` alone. At most
-/// three reads of the body, whatever it holds.
-fn field_at_fault<T: DeserializeOwned, Flat: DeserializeOwned>(bytes: &[u8]) -> Option<ApiError> {
-    let body: Value = serde_json::from_slice(bytes).ok()?;
+/// two more reads of the body, whatever it holds.
+fn field_at_fault<T: DeserializeOwned, Flat: DeserializeOwned>(body: &Value) -> Option<ApiError> {
     body.as_object()?;
-    let error = serde_path_to_error::deserialize::<_, T>(&body).err()?;
+    let error = serde_path_to_error::deserialize::<_, T>(body).err()?;
     let original = error.inner().to_string();
     let named = |param: String| ApiError::BadField {
         message: format!("invalid request: `{param}`: {original}"),
@@ -104,7 +104,7 @@ fn field_at_fault<T: DeserializeOwned, Flat: DeserializeOwned>(bytes: &[u8]) -> 
     {
         return Some(named(missing.to_string()));
     }
-    let flat = serde_path_to_error::deserialize::<_, Flat>(&body).err()?;
+    let flat = serde_path_to_error::deserialize::<_, Flat>(body).err()?;
     first_key(flat.path()).map(named)
 }
 
@@ -156,7 +156,7 @@ mod tests {
     }
 
     fn param(body: Value) -> Option<String> {
-        match field_at_fault::<Request, Sampling>(body.to_string().as_bytes()) {
+        match field_at_fault::<Request, Sampling>(&body) {
             Some(ApiError::BadField { param, .. }) => Some(param),
             _ => None,
         }
