@@ -483,6 +483,7 @@ async fn the_device_path_serves_on_candle_cpu() {
         "{events:?}"
     );
     assert_eq!(settled(&url).await["kv_blocks_used"], 0);
+    drop(url);
 
     let url = start(config(&[
         "--device",

@@ -11,27 +11,68 @@ use chorus_server::config::Config;
 use chorus_server::resolve::{resolve_at, DEFAULT_MODEL};
 use serde_json::{json, Value};
 
-static SERVER: OnceLock<String> = OnceLock::new();
+static SERVER: OnceLock<Server> = OnceLock::new();
 
 /// Base URL of the shared server, once it answers `/health` with 200.
 pub async fn base() -> String {
-    let url = SERVER.get_or_init(|| start(Config::defaults())).clone();
+    let url = SERVER.get_or_init(|| start(Config::defaults())).url.clone();
     wait_ready(&url).await;
     url
 }
 
+/// A server of one test: it derefs to its base URL, and is shut down when dropped, so
+/// that the servers of a test binary do not pile up their weights and KV caches (written
+/// through at start) until the machine's memory runs out.
+pub struct Server {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::ops::Deref for Server {
+    type Target = String;
+
+    fn deref(&self) -> &String {
+        &self.url
+    }
+}
+
+impl std::fmt::Display for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+impl Drop for Server {
+    /// Shuts the server down as SIGTERM would and waits until `run` has returned.
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            // A server that failed has said so in its own panic; this one is a test's end.
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Starts a server with `config` (its `--model`, the default one unless set) on its own
-/// thread and runtime; returns its base URL.
-pub fn start(mut config: Config) -> String {
+/// thread and runtime; it serves until the returned [`Server`] is dropped.
+pub fn start(mut config: Config) -> Server {
     // Stored responses go to a directory of this test run, not the user's state.
     if config.state_dir == Config::defaults().state_dir {
         config.state_dir = state_root().join(format!("{:x}", rand_suffix()));
+    }
+    // Requests a test leaves running when it ends are not waited on for long.
+    if config.shutdown_grace == Config::defaults().shutdown_grace {
+        config.shutdown_grace = 1;
     }
     let resolved = resolve_at(&config.model, &config.models_dir, &config.revision)
         .expect("the model resolves");
     let name = config.served_model_name.clone().unwrap_or(resolved.name);
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -43,19 +84,19 @@ pub fn start(mut config: Config) -> String {
                 .expect("bind");
             tx.send(listener.local_addr().expect("addr"))
                 .expect("send addr");
-            chorus_server::run(
-                listener,
-                config,
-                resolved.path,
-                name,
-                std::future::pending(),
-            )
+            chorus_server::run(listener, config, resolved.path, name, async move {
+                let _ = stopped.await;
+            })
             .await
             .expect("server runs");
         });
     });
     let addr = rx.recv().expect("server thread started");
-    format!("http://{addr}")
+    Server {
+        url: format!("http://{addr}"),
+        stop: Some(stop),
+        thread: Some(thread),
+    }
 }
 
 /// This test process's folder for its servers' state. The servers run until the process
