@@ -21,6 +21,27 @@ async function health() {
   return (await fetch(`${BASE}/health`)).json();
 }
 
+/** The body of the next chat request `page` sends. */
+function nextChatBody(page) {
+  return new Promise((resolve) => {
+    const seen = (req) => {
+      if (req.method() === "POST" && req.url().endsWith("/v1/chat/completions")) {
+        page.off("request", seen);
+        resolve(JSON.parse(req.postData()));
+      }
+    };
+    page.on("request", seen);
+  });
+}
+
+/** Waits until the last answer on `page` has its stats line. */
+async function answered(page) {
+  await page.waitForFunction(
+    () => document.querySelector(".msg.assistant:last-child .stats")?.textContent.includes("finish:"),
+    null, { timeout: 120_000 },
+  );
+}
+
 async function setField(page, id, value) {
   if (await page.locator("#settings").isHidden()) await page.click("#toggle-settings");
   await page.fill(`#${id}`, String(value));
@@ -53,7 +74,11 @@ try {
     await setField(page, "set-max-tokens", 48);
     await setField(page, "set-temperature", 0);
     await page.fill("#input", "Write a short poem about the sea.");
+    const sent = nextChatBody(page);
     await page.press("#input", "Enter");
+    // The conversation as shown, ending with the question: not with the empty answer
+    // the page is about to fill in (the model would answer another conversation).
+    assert.deepEqual((await sent).messages, [{ role: "user", content: "Write a short poem about the sea." }]);
     const seen = new Set();
     const deadline = Date.now() + 120_000;
     while (Date.now() < deadline) {
@@ -89,6 +114,7 @@ try {
     let h = await health();
     while (h.running !== 0 && Date.now() < deadline) { await sleep(50); h = await health(); }
     assert.equal(h.running, 0, `server still running: ${JSON.stringify(h)}`);
+    assert.equal(await page.evaluate(() => document.activeElement.id), "input", "focus was lost with Stop");
   });
 
   await step("a refused request is shown in the conversation with a Retry that works", async () => {
@@ -105,6 +131,41 @@ try {
       null, { timeout: 120_000 },
     );
     assert.equal(await page.locator(".msg.error").count(), 0);
+  });
+
+  await step("an older error has no Retry, and its question is not sent again", async () => {
+    await setField(page, "set-max-tokens", 0);
+    await page.fill("#input", "A question that fails.");
+    await page.press("#input", "Enter");
+    await page.locator(".msg.error").waitFor();
+    await setField(page, "set-max-tokens", 8);
+    await page.fill("#input", "Say hi.");
+    const sent = nextChatBody(page);
+    await page.press("#input", "Enter");
+    const messages = (await sent).messages;
+    await answered(page);
+    assert.equal(await page.locator(".msg.error button").count(), 0, "an old error kept its Retry");
+    assert.ok(!messages.some((m) => m.content === "A question that fails."), JSON.stringify(messages));
+    assert.deepEqual(messages.at(-1), { role: "user", content: "Say hi." });
+    messages.slice(1).forEach((m, i) => assert.notEqual(m.role, messages[i].role, JSON.stringify(messages)));
+  });
+
+  await step("two tabs keep each other's conversations", async () => {
+    const other = await context.newPage();
+    await other.goto(BASE);
+    await page.click("#new-chat");
+    await page.fill("#input", "Alpha from the first tab.");
+    await page.press("#input", "Enter");
+    await answered(page);
+    await other.click("#new-chat");
+    await other.fill("#input", "Beta from the second tab.");
+    await other.press("#input", "Enter");
+    await answered(other);
+    await page.reload();
+    const titles = await page.locator("#conversations button").allTextContents();
+    assert.ok(titles.includes("Alpha from the first tab."), JSON.stringify(titles));
+    assert.ok(titles.includes("Beta from the second tab."), JSON.stringify(titles));
+    await other.close();
   });
 
   await step("after a reload the conversation is in the sidebar and shown again", async () => {
@@ -165,6 +226,34 @@ try {
     assert.equal(await page.locator("#messages b").count(), 0);
   });
 
+  await step("a numbered list keeps the model's numbers", async () => {
+    await page.evaluate(() => {
+      const convs = JSON.parse(localStorage.getItem("chorus.conversations") || "[]");
+      convs.unshift({
+        id: "list", title: "list reply",
+        messages: [{ role: "user", content: "steps?" },
+          { role: "assistant", content: "3. three\n4. four\n\n5. five", stats: null }],
+      });
+      localStorage.setItem("chorus.conversations", JSON.stringify(convs));
+      localStorage.setItem("chorus.current", JSON.stringify("list"));
+    });
+    await page.reload();
+    await page.locator(".msg.assistant ol").first().waitFor();
+    assert.deepEqual(await page.locator(".msg.assistant ol").evaluateAll((ls) => ls.map((l) => l.start)), [3, 5]);
+  });
+
+  await step("stored data of another shape is dropped, not a broken page", async () => {
+    const stored = await page.evaluate(() => localStorage.getItem("chorus.conversations"));
+    for (const bad of ['{}', '"hello"', '[null, {"id": "x", "title": 5, "messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "ok", "stats": {"tps": "fast"}}]}]']) {
+      await page.evaluate((v) => { localStorage.setItem("chorus.conversations", v); localStorage.setItem("chorus.settings", '"hello"'); }, bad);
+      await page.reload();
+      await page.waitForFunction(() => document.getElementById("messages").childElementCount > 0);
+      assert.deepEqual(errors, [], `with ${bad} stored`);
+    }
+    await page.evaluate((v) => { localStorage.setItem("chorus.conversations", v); localStorage.removeItem("chorus.settings"); }, stored);
+    await page.reload();
+  });
+
   await step("keyboard only: Tab reaches the controls with a visible focus ring", async () => {
     await page.focus("#input");
     await page.keyboard.press("Tab");
@@ -172,6 +261,11 @@ try {
     assert.equal(focused, "send");
     const outline = await page.evaluate(() => getComputedStyle(document.activeElement).outlineStyle);
     assert.notEqual(outline, "none");
+    // Choosing a conversation draws the page again; the focus stays on its button.
+    const item = page.locator("#conversations button").nth(1);
+    await item.focus();
+    await page.keyboard.press("Enter");
+    assert.match(await page.evaluate(() => document.activeElement.dataset.focusKey ?? ""), /^conversation-/);
   });
 
   await step("works at 360 px wide", async () => {
