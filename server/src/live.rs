@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -23,6 +23,9 @@ pub const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 /// Steps kept for the step-time and tokens-per-step history.
 pub const STEPS_KEPT: usize = 120;
+
+/// How far back the view's token rates look (within the kept steps).
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// The worker's side and the watchers' side of the view.
 pub struct Live {
@@ -143,7 +146,7 @@ pub struct Totals {
 /// The recent steps, as the worker records them while watched.
 #[derive(Debug, Default)]
 pub struct StepLog {
-    steps: VecDeque<(std::time::Instant, StepSnapshot)>,
+    steps: VecDeque<(Instant, StepSnapshot)>,
 }
 
 impl StepLog {
@@ -151,25 +154,31 @@ impl StepLog {
         if self.steps.len() == STEPS_KEPT {
             self.steps.pop_front();
         }
-        self.steps.push_back((std::time::Instant::now(), step));
+        self.steps.push_back((Instant::now(), step));
     }
 
     pub fn steps(&self) -> Vec<StepSnapshot> {
         self.steps.iter().map(|(_, s)| *s).collect()
     }
 
-    /// Prompt and generated tokens per second over the kept steps.
-    pub fn rates(&self) -> (f64, f64) {
-        let (Some((first, s)), Some((last, _))) = (self.steps.front(), self.steps.back()) else {
+    /// Prompt and generated tokens per second over the kept steps of the last
+    /// [`RATE_WINDOW`], up to `now`: an engine gone idle reads 0, not its last figures.
+    pub fn rates(&self, now: Instant) -> (f64, f64) {
+        let recent = || {
+            self.steps
+                .iter()
+                .filter(move |(at, _)| now.saturating_duration_since(*at) <= RATE_WINDOW)
+        };
+        let Some((first, s)) = recent().next() else {
             return (0.0, 0.0);
         };
-        // The window runs from the first step's start to the last step's end.
-        let secs = (*last - *first).as_secs_f64() + s.ms / 1e3;
+        // The window runs from the first step's start to now.
+        let secs = now.saturating_duration_since(*first).as_secs_f64() + s.ms / 1e3;
         if secs <= 0.0 {
             return (0.0, 0.0);
         }
         let sum = |f: fn(&StepSnapshot) -> usize| -> f64 {
-            self.steps.iter().map(|(_, s)| f(s) as f64).sum::<f64>() / secs
+            recent().map(|(_, s)| f(s) as f64).sum::<f64>() / secs
         };
         (sum(|s| s.prefill_tokens), sum(|s| s.decode_tokens))
     }
@@ -227,7 +236,10 @@ mod tests {
             });
         }
         assert_eq!(log.steps().len(), STEPS_KEPT);
-        let (input, output) = log.rates();
+        let now = Instant::now();
+        let (input, output) = log.rates(now);
         assert!(input > output && output > 0.0);
+        // Idle for longer than the window: nothing is flowing.
+        assert_eq!(log.rates(now + RATE_WINDOW * 2), (0.0, 0.0));
     }
 }

@@ -233,7 +233,7 @@ impl Worker {
                 })
             })
             .collect();
-        let (tokens_in_per_s, tokens_out_per_s) = self.step_log.rates();
+        let (tokens_in_per_s, tokens_out_per_s) = self.step_log.rates(std::time::Instant::now());
         self.live.publish(Snapshot {
             at_ms: self.started_at.elapsed().as_millis() as u64,
             sequences,
@@ -316,7 +316,7 @@ impl Worker {
             .collect();
         for id in gone {
             if let Some(seq) = seqs.remove(&id) {
-                tracing::info!(request_id = %seq.request_id, generated = seq.generated, "client went away; sequence freed");
+                tracing::info!(request_id = %seq.request_id, choice = seq.index, generated = seq.generated, "client went away; sequence freed");
                 self.retire(id, &seq);
             }
         }
@@ -768,8 +768,10 @@ impl Worker {
         let ttft_ms = seq
             .first_token
             .map(|t| t.duration_since(seq.arrived).as_secs_f64() * 1e3);
+        // One line per choice: a request for `n` choices logs `n`, each with its prompt.
         tracing::info!(
             request_id = %seq.request_id,
+            choice = seq.index,
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,
             cached_tokens = cached,

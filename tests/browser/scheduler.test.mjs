@@ -74,6 +74,18 @@ try {
     assert.match(steps, /last step [\d.]+ ms/);
   });
 
+  await step("at 360 px the running sequences' rows fit the screen", async () => {
+    await page.setViewportSize({ width: 360, height: 740 });
+    await sleep(300);
+    assert.ok((await page.locator("#seqs tr").count()) > 0, "no rows to measure");
+    const wider = await page.evaluate(() => {
+      const rows = document.querySelector(".rows");
+      return [document.documentElement.scrollWidth - window.innerWidth, rows.scrollWidth - rows.clientWidth];
+    });
+    assert.ok(wider.every((px) => px <= 1), `page and rows are ${wider} px wider than the screen`);
+    await page.setViewportSize({ width: 1100, height: 900 });
+  });
+
   if (SHOTS) {
     await step("screenshot", async () => {
       await page.screenshot({ path: `${SHOTS}/screenshot-scheduler.png`, fullPage: true });
