@@ -55,6 +55,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("store: a lock holder panicked")]
     Poisoned,
+    #[error("store: response {0:?} continues itself (the file was edited or damaged)")]
+    Loop(String),
 }
 
 /// How long rows are kept.
@@ -169,6 +171,9 @@ impl Store {
                 row.bytes() as i64
             ],
         )?;
+        // Rows past their age go before the chain is marked used: a chain read just
+        // before it expired is not brought back for another period.
+        evict_old(&tx, self.retention, now)?;
         {
             let mut touch = tx.prepare_cached("UPDATE responses SET used_at = ?1 WHERE id = ?2")?;
             for id in chain {
@@ -180,13 +185,15 @@ impl Store {
         Ok(())
     }
 
+    /// The row `id`, unless it is past its age (gone, though not yet deleted: only a
+    /// write deletes, and an idle server writes nothing).
     pub fn get(&self, id: &str) -> Result<Row, StoreError> {
         let db = self.db()?;
         db.conn
             .query_row(
                 "SELECT id, previous_response_id, created_at, input, response
-                 FROM responses WHERE id = ?1",
-                [id],
+                 FROM responses WHERE id = ?1 AND used_at >= ?2",
+                params![id, self.cutoff(now())],
                 read_row,
             )
             .optional()?
@@ -197,21 +204,26 @@ impl Store {
     /// row's input and the output items of its response are read (by SQLite, in place):
     /// the rest of a stored response (echoed request fields, which a client may make
     /// large) costs a continuation nothing.
+    ///
+    /// The walk is bounded by the rows there are: a chain that loops (a file edited by
+    /// hand) is an error, not a query that never ends while holding the store.
     pub fn chain(&self, id: &str) -> Result<Vec<Turn>, StoreError> {
         let db = self.db()?;
         let mut query = db.conn.prepare_cached(
             "WITH RECURSIVE chain(id, previous_response_id, depth) AS (
-                 SELECT id, previous_response_id, 0 FROM responses WHERE id = ?1
+                 SELECT id, previous_response_id, 0 FROM responses
+                 WHERE id = ?1 AND used_at >= ?2
                  UNION ALL
                  SELECT r.id, r.previous_response_id, c.depth + 1
                  FROM responses r JOIN chain c ON r.id = c.previous_response_id
+                 WHERE r.used_at >= ?2 AND c.depth <= (SELECT count(*) FROM responses)
              )
              SELECT c.id, c.previous_response_id, r.input,
                     coalesce(json_extract(r.response, '$.output'), '[]')
              FROM chain c JOIN responses r ON r.id = c.id ORDER BY c.depth DESC",
         )?;
         let turns = query
-            .query_map([id], |r| {
+            .query_map(params![id, self.cutoff(now())], |r| {
                 Ok(Turn {
                     id: r.get(0)?,
                     previous_response_id: r.get(1)?,
@@ -223,6 +235,10 @@ impl Store {
         let Some(first) = turns.first() else {
             return Err(StoreError::NotFound(id.to_string()));
         };
+        let mut seen = std::collections::HashSet::new();
+        if let Some(again) = turns.iter().find(|t| !seen.insert(t.id.as_str())) {
+            return Err(StoreError::Loop(again.id.clone()));
+        }
         if let Some(missing) = &first.previous_response_id {
             return Err(StoreError::BrokenChain {
                 id: first.id.clone(),
@@ -252,6 +268,13 @@ impl Store {
         Ok(())
     }
 
+    /// `used_at` of the oldest row still within its age as of `now` (0 without a limit).
+    fn cutoff(&self, now: u64) -> i64 {
+        self.retention
+            .max_age
+            .map_or(0, |age| now.saturating_sub(age.as_secs()) as i64)
+    }
+
     fn db(&self) -> Result<MutexGuard<'_, Db>, StoreError> {
         self.db.lock().map_err(|_| StoreError::Poisoned)
     }
@@ -277,10 +300,7 @@ fn evict_in(
     now: u64,
     new: Option<&str>,
 ) -> Result<(), StoreError> {
-    if let Some(age) = retention.max_age {
-        let cutoff = now.saturating_sub(age.as_secs()) as i64;
-        conn.execute("DELETE FROM responses WHERE used_at < ?1", [cutoff])?;
-    }
+    evict_old(conn, retention, now)?;
     let rows = count(conn)?;
     if rows > retention.max_rows {
         conn.execute(
@@ -306,6 +326,15 @@ fn evict_in(
              )",
             params![over as i64, new],
         )?;
+    }
+    Ok(())
+}
+
+/// Deletes the rows past `--store-max-age` as of `now`.
+fn evict_old(conn: &Connection, retention: Retention, now: u64) -> Result<(), StoreError> {
+    if let Some(age) = retention.max_age {
+        let cutoff = now.saturating_sub(age.as_secs()) as i64;
+        conn.execute("DELETE FROM responses WHERE used_at < ?1", [cutoff])?;
     }
     Ok(())
 }
@@ -626,10 +655,43 @@ mod tests {
                 )
                 .unwrap();
         }
-        aged.evict(now()).unwrap();
+        // Past its age a row is gone before anything deletes it: not read, not continued,
+        // and continuing it does not bring it back.
         assert!(matches!(aged.get("old"), Err(StoreError::NotFound(_))));
+        assert!(matches!(aged.chain("old"), Err(StoreError::NotFound(_))));
+        aged.insert(&row("next", Some("old")), &["old".into()])
+            .unwrap();
+        assert!(matches!(aged.get("old"), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            aged.chain("next"),
+            Err(StoreError::BrokenChain { .. })
+        ));
+        aged.evict(now()).unwrap();
         assert!(aged.get("new").is_ok());
-        assert_eq!(aged.len().unwrap(), 1);
+        assert_eq!(aged.len().unwrap(), 2);
+    }
+
+    /// Rows that continue each other in a loop (only an edit of the file makes them):
+    /// the walk ends, as an error, and the store still serves the other rows.
+    #[test]
+    fn a_chain_that_loops_is_an_error_not_a_hang() {
+        let d = dir("loop");
+        let store = Store::open(&d, keep(100)).unwrap();
+        store.insert(&row("a", None), &[]).unwrap();
+        store.insert(&row("b", Some("a")), &["a".into()]).unwrap();
+        store.insert(&row("other", None), &[]).unwrap();
+        {
+            let db = store.db().unwrap();
+            db.conn
+                .execute(
+                    "UPDATE responses SET previous_response_id = 'b' WHERE id = 'a'",
+                    [],
+                )
+                .unwrap();
+        }
+        assert!(matches!(store.chain("b"), Err(StoreError::Loop(_))));
+        assert!(store.get("other").is_ok());
+        assert_eq!(store.chain("other").unwrap().len(), 1);
     }
 
     #[test]
