@@ -111,11 +111,11 @@ pub struct Config {
     pub max_running: usize,
 
     /// Most requests waiting for a slot; beyond it requests get 429 with Retry-After.
-    #[arg(long, env = "CHORUS_MAX_QUEUE", default_value_t = 256)]
+    #[arg(long, env = "CHORUS_MAX_QUEUE", default_value_t = 256, value_parser = count(0))]
     pub max_queue: usize,
 
     /// Most tokens in one forward step (decode tokens plus prefill chunks).
-    #[arg(long, env = "CHORUS_MAX_BATCH_TOKENS", default_value_t = 128)]
+    #[arg(long, env = "CHORUS_MAX_BATCH_TOKENS", default_value_t = 128, value_parser = count(1))]
     pub max_batch_tokens: usize,
 
     /// Context positions whose attention costs as much as computing one token: a step's
@@ -124,7 +124,7 @@ pub struct Config {
     /// their pace, at the cost of later first tokens (0, the default: from the model's
     /// shape under --max-step-ms, else every token counts 1; 1024 halved the p99
     /// inter-token latency of a 10-turn chat, benches/RESULTS.md).
-    #[arg(long, env = "CHORUS_CONTEXT_COST", default_value_t = 0)]
+    #[arg(long, env = "CHORUS_CONTEXT_COST", default_value_t = 0, value_parser = count(0))]
     pub context_cost: usize,
 
     /// Target duration of one forward step in milliseconds, so that a long
@@ -135,7 +135,7 @@ pub struct Config {
     /// more to compute every queued prompt within 12 steps); while nothing decodes, a step
     /// is budgeted as without it. A token's cost then counts the history it attends to
     /// (--context-cost, from the model's shape when 0).
-    #[arg(long, env = "CHORUS_MAX_STEP_MS", default_value_t = 150)]
+    #[arg(long, env = "CHORUS_MAX_STEP_MS", default_value_t = 150, value_parser = seconds())]
     pub max_step_ms: u64,
 
     /// With --max-step-ms: a step may also take this many times what its decoding
@@ -164,7 +164,7 @@ pub struct Config {
 
     /// Seconds a client connection may stay without sending a complete request's headers
     /// (idle keep-alive included) before it is closed.
-    #[arg(long, env = "CHORUS_IDLE_TIMEOUT", default_value_t = 30, value_parser = seconds())]
+    #[arg(long, env = "CHORUS_IDLE_TIMEOUT", default_value_t = 30, value_parser = seconds_from(1))]
     pub idle_timeout: u64,
 
     /// Seconds a client may take to send a whole request body once its headers arrived
@@ -205,25 +205,25 @@ pub struct Config {
     pub max_prompt_tokens: Option<usize>,
 
     /// Most stop strings one request may give.
-    #[arg(long, env = "CHORUS_MAX_STOP", default_value_t = 16)]
+    #[arg(long, env = "CHORUS_MAX_STOP", default_value_t = 16, value_parser = count(0))]
     pub max_stop: usize,
 
     /// Longest stop string, in bytes.
-    #[arg(long, env = "CHORUS_MAX_STOP_BYTES", default_value_t = 256)]
+    #[arg(long, env = "CHORUS_MAX_STOP_BYTES", default_value_t = 256, value_parser = count(1))]
     pub max_stop_bytes: usize,
 
     /// Most function calls in one answer when `parallel_tool_calls` allows several.
-    #[arg(long, env = "CHORUS_MAX_TOOL_CALLS", default_value_t = 4)]
+    #[arg(long, env = "CHORUS_MAX_TOOL_CALLS", default_value_t = 4, value_parser = count(1))]
     pub max_tool_calls: usize,
 
     /// Most choices (`n`) one request may ask for (for each of its prompts).
-    #[arg(long, env = "CHORUS_MAX_N", default_value_t = 8)]
+    #[arg(long, env = "CHORUS_MAX_N", default_value_t = 8, value_parser = count(1))]
     pub max_n: usize,
 
     /// Most prompts one completions request may list (a batch: each prompt is served as
     /// its own sequence, and all are queued at once, so at most --max-running +
     /// --max-queue).
-    #[arg(long, env = "CHORUS_MAX_PROMPTS", default_value_t = 64)]
+    #[arg(long, env = "CHORUS_MAX_PROMPTS", default_value_t = 64, value_parser = count(1))]
     pub max_prompts: usize,
 
     /// Directory of the server's state: stored responses (`chorus.sqlite3`). Default:
@@ -241,8 +241,9 @@ pub struct Config {
     #[arg(long, env = "CHORUS_STORE_MAX_AGE", default_value_t = 30 * 24, value_parser = clap::value_parser!(u64).range(..=MAX_HOURS))]
     pub store_max_age: u64,
 
-    /// Most stored responses; beyond it the least recently used are deleted.
-    #[arg(long, env = "CHORUS_STORE_MAX_RESPONSES", default_value_t = 100_000)]
+    /// Most stored responses; beyond it the least recently used are deleted (0: no
+    /// limit).
+    #[arg(long, env = "CHORUS_STORE_MAX_RESPONSES", default_value_t = 100_000, value_parser = count(0))]
     pub store_max_responses: usize,
 
     /// Most MiB of stored responses (their input items and response objects; 0: no
@@ -432,6 +433,22 @@ impl Config {
                     .into(),
             );
         }
+        if let Some(name) = &self.served_model_name {
+            if name.trim().is_empty() || name.chars().any(char::is_control) {
+                return Err(format!(
+                    "--served-model-name ({name:?}) must be a name: not blank, no control \
+                     characters"
+                ));
+            }
+        }
+        if let Some(origin) = &self.cors_origin {
+            if crate::auth::cors(Some(origin)).is_none() {
+                return Err(format!(
+                    "--cors-origin ({origin:?}) must be `*` or an origin such as \
+                     https://app.example"
+                ));
+            }
+        }
         if !self.max_step_ratio.is_finite() || self.max_step_ratio < 0.0 {
             return Err(format!(
                 "--max-step-ratio ({}) must be a number of at least 0",
@@ -471,11 +488,44 @@ mod tests {
             ("--threads", "0"),
             ("--threads", "3000000"),
             ("--store-max-age", "18446744073709551615"),
+            // Values that were quietly taken as 1 or as no limit at all.
+            ("--idle-timeout", "0"),
+            ("--max-n", "0"),
+            ("--max-tool-calls", "0"),
+            ("--max-prompts", "0"),
+            ("--max-stop-bytes", "0"),
+            ("--max-queue", "18446744073709551615"),
+            ("--max-batch-tokens", "18446744073709551615"),
+            ("--context-cost", "18446744073709551615"),
+            ("--max-step-ms", "18446744073709551615"),
+            ("--store-max-responses", "18446744073709551615"),
         ] {
             let e = Config::try_parse_from(["chorus", flag, value]).expect_err(flag);
             assert!(e.to_string().contains(flag), "{flag} {value}: {e}");
         }
         assert!(Config::try_parse_from(["chorus", "--idle-timeout", "1000000"]).is_ok());
+    }
+
+    #[test]
+    fn a_model_name_or_origin_that_cannot_be_served_is_refused() {
+        for (flag, value) in [
+            ("--served-model-name", ""),
+            ("--served-model-name", "two\nlines"),
+            ("--cors-origin", ""),
+            ("--cors-origin", "http://app.example\n"),
+        ] {
+            let e = Config::parse_from(["chorus", flag, value])
+                .check()
+                .expect_err(flag);
+            assert!(e.contains(flag), "{e}");
+        }
+        for (flag, value) in [
+            ("--served-model-name", "my\"model\\v2"),
+            ("--cors-origin", "*"),
+            ("--cors-origin", "https://app.example"),
+        ] {
+            assert!(Config::parse_from(["chorus", flag, value]).check().is_ok());
+        }
     }
 
     #[test]

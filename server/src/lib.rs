@@ -124,7 +124,11 @@ impl AppState {
                 let retention = store::Retention {
                     max_age: (config.store_max_age > 0)
                         .then(|| std::time::Duration::from_secs(config.store_max_age * 3600)),
-                    max_rows: config.store_max_responses.max(1),
+                    // 0: no limit, as with the age and byte limits.
+                    max_rows: match config.store_max_responses {
+                        0 => usize::MAX,
+                        n => n,
+                    },
                     max_bytes: (config.store_max_mb > 0)
                         .then(|| config.store_max_mb.saturating_mul(1 << 20)),
                 };

@@ -73,8 +73,19 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Resolves on ctrl-c or SIGTERM.
+/// Resolves on ctrl-c or SIGTERM, which start the drain; a second one, during the drain,
+/// exits at once (as uvicorn and vLLM do), for whoever cannot wait for the grace period.
 async fn shutdown_signal() {
+    signal().await;
+    tokio::spawn(async {
+        signal().await;
+        tracing::warn!("a second signal during the drain: exiting now");
+        std::process::exit(130);
+    });
+}
+
+/// Resolves on the next ctrl-c or SIGTERM.
+async fn signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -124,7 +124,7 @@ impl Metrics {
         let kv_usage = Gauge::<f64, AtomicU64>::default();
         let vllm = root.sub_registry_with_label((
             Cow::Borrowed("model_name"),
-            Cow::Owned(model_name.to_owned()),
+            Cow::Owned(label_value(model_name)),
         ));
         fn alias(vllm: &mut Registry, name: &str, help: &str, metric: impl Metric) {
             vllm.register(format!("vllm:{name}"), help, metric);
@@ -229,5 +229,37 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// `value` as an OpenMetrics label value: the encoder writes label values as given, and
+/// a `"`, `\` or line feed left bare would end the label early and break the whole page
+/// for its scraper.
+fn label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_name_is_escaped_in_its_label() {
+        let metrics = Metrics::new(r#"my"model\v2"#);
+        let text = metrics.render(None);
+        assert!(
+            text.contains(r#"vllm:num_requests_running{model_name="my\"model\\v2"} 0"#),
+            "{text}"
+        );
+        assert_eq!(label_value("a\nb"), r"a\nb");
     }
 }

@@ -540,6 +540,19 @@ async fn lookups_of_unknown_stored_responses_are_404() {
             assert!(v["error"]["message"].is_string(), "{v}");
         }
     }
+    // An id whose percent-escapes are not UTF-8 is a 400 in the same envelope (it was
+    // axum's plain-text rejection).
+    for path in [
+        "/v1/responses/%FF",
+        "/v1/responses/%C3%28/input_items",
+        "/v1/models/%FF",
+    ] {
+        let r = client.get(format!("{url}{path}")).send().await.unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or_default();
+        assert_eq!(status, 400, "{path}: {v}");
+        assert_eq!(v["error"]["param"], "id", "{path}: {v}");
+    }
 }
 
 /// A schema past a limit of the grammar engine (3,000 optional properties, or 3,000

@@ -10,8 +10,9 @@ pub mod web;
 
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::header;
+use axum::http::request::Parts;
 use axum::Json;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -20,6 +21,21 @@ use serde_path_to_error::Segment;
 use crate::error::ApiError;
 use crate::openai::WireSampling;
 use crate::AppState;
+
+/// The `{id}` of a route's path, percent-decoded; one that does not decode to UTF-8 is
+/// a 400 in the API's error envelope, like every other bad field.
+pub struct PathId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(PathId(id)),
+            Err(rejection) => Err(ApiError::bad("id", rejection.body_text())),
+        }
+    }
+}
 
 /// A JSON request body, read whole within `--body-timeout` and `--max-request-bytes`
 /// but not parsed: parsing a large body is CPU work, done with the rest of the

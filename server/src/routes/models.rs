@@ -1,11 +1,12 @@
 //! `GET /v1/models` and `GET /v1/models/{id}`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 
 use crate::engine::ModelInfo;
 use crate::error::ApiError;
 use crate::openai::{ModelCard, ModelList};
+use crate::routes::PathId;
 use crate::validate::check_model;
 use crate::AppState;
 
@@ -29,7 +30,7 @@ pub async fn list(State(app): State<AppState>) -> Result<Json<ModelList>, ApiErr
 
 pub async fn get(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<ModelCard>, ApiError> {
     let engine = app.engine()?;
     if id.is_empty() {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
@@ -15,7 +15,7 @@ use crate::responses::events::{self, Streamed};
 use crate::responses::pages::Page;
 use crate::responses::wire::{Deleted, InputTokens, Item, ItemList, ResponseObject};
 use crate::responses::{self, finish, output};
-use crate::routes::{JsonBody, RequestId};
+use crate::routes::{JsonBody, PathId, RequestId};
 use crate::store::Store;
 use crate::{sse, stream, AppState};
 
@@ -78,7 +78,7 @@ pub async fn input_tokens(
 
 pub async fn get(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<ResponseObject>, ApiError> {
     let row = blocking(app.store_or_404()?, move |s| s.get(&id)).await?;
     let response = serde_json::from_str(&row.response)
@@ -89,7 +89,7 @@ pub async fn get(
 /// A page of the items, as `limit`, `order`, `after` and `before` ask ([`Page`]).
 pub async fn input_items(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<ItemList>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad("query", e.body_text()))?;
@@ -102,7 +102,7 @@ pub async fn input_items(
 
 pub async fn delete(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<Deleted>, ApiError> {
     let key = id.clone();
     let deleted = blocking(app.store_or_404()?, move |s| s.delete(&key)).await?;
