@@ -99,11 +99,13 @@ impl StopMatcher {
         for (i, &b) in text.as_bytes().iter().enumerate() {
             // The first stop string to complete ends the text; of those completing on
             // the same byte, the one that started earliest wins.
+            // A stop string may have begun in text released by `observe`: then nothing
+            // of this push before it is sent.
             let end = held + i + 1;
             let start = self
                 .stops
                 .iter_mut()
-                .filter_map(|p| p.feed(b).then(|| end - p.bytes.len()))
+                .filter_map(|p| p.feed(b).then(|| end.saturating_sub(p.bytes.len())))
                 .min();
             if let Some(start) = start {
                 self.pending.push_str(&text[..i + 1]);
@@ -131,6 +133,18 @@ impl StopMatcher {
         }
     }
 
+    /// Takes text that stop strings do not apply to yet (before `min_tokens`): it is
+    /// released whole, but a stop string it starts can still complete in later text, as
+    /// vLLM matches a stop string reaching back across that boundary.
+    pub fn observe(&mut self, text: &str) {
+        debug_assert!(self.pending.is_empty(), "observe after push");
+        for &b in text.as_bytes() {
+            for p in &mut self.stops {
+                p.feed(b);
+            }
+        }
+    }
+
     /// Releases what is still held back (generation ended for another reason).
     pub fn flush(&mut self) -> String {
         for p in &mut self.stops {
@@ -143,6 +157,31 @@ impl StopMatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Text before `min_tokens` is sent whole, yet a stop string it begins still ends the
+    /// answer once later text completes it; one wholly inside it does not.
+    #[test]
+    fn a_stop_string_may_begin_in_observed_text() {
+        let mut m = StopMatcher::new(vec![" 5,".into()]);
+        m.observe(" 4,");
+        m.observe(" ");
+        assert_eq!(
+            m.push("5,"),
+            StopOutcome {
+                text: String::new(),
+                stopped: true
+            }
+        );
+        let mut m = StopMatcher::new(vec!["ab".into()]);
+        m.observe("xab");
+        assert_eq!(
+            m.push("cd"),
+            StopOutcome {
+                text: "cd".into(),
+                stopped: false
+            }
+        );
+    }
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
         let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());

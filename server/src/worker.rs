@@ -712,12 +712,16 @@ impl Worker {
                 String::new()
             }
         };
-        // Before `min_tokens`, stop strings do not apply (as in vLLM).
+        // Before `min_tokens`, stop strings do not end the answer; one begun there may
+        // once it is reached (as in vLLM).
         let out = match seq.generated < seq.min_tokens {
-            true => chorus_model::stop::StopOutcome {
-                text,
-                stopped: false,
-            },
+            true => {
+                seq.stop.observe(&text);
+                chorus_model::stop::StopOutcome {
+                    text,
+                    stopped: false,
+                }
+            }
             false => seq.stop.push(&text),
         };
         if !out.text.is_empty() {
