@@ -31,36 +31,37 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
     let mut cfg = arch::from_gguf(&meta, tokens.len())?;
     let tokenizer = Tokenizer::from_gguf_vocab(GgufVocab {
         model: meta.string("tokenizer.ggml.model")?,
-        merges: meta.strings("tokenizer.ggml.merges").unwrap_or_default(),
-        scores: match meta.array("tokenizer.ggml.scores") {
-            Ok(scores) => scores
-                .iter()
-                .map(|v| v.to_f32().map_err(ModelError::from))
-                .collect::<Result<_>>()?,
-            Err(_) => Vec::new(),
-        },
+        merges: meta
+            .opt("tokenizer.ggml.merges", Meta::strings)?
+            .unwrap_or_default(),
+        scores: meta
+            .opt("tokenizer.ggml.scores", |m, key| {
+                m.array(key)?
+                    .iter()
+                    .map(|v| v.to_f32().map_err(|_| ModelError::Metadata(key.into())))
+                    .collect::<Result<Vec<f32>>>()
+            })?
+            .unwrap_or_default(),
         tokens,
         token_types: meta
             .array("tokenizer.ggml.token_type")?
             .iter()
             .map(|v| v.to_i32().map_err(ModelError::from))
             .collect::<Result<_>>()?,
-        bos_id: meta.u32("tokenizer.ggml.bos_token_id").ok(),
+        bos_id: meta.opt("tokenizer.ggml.bos_token_id", Meta::u32)?,
         eos_id: meta.u32("tokenizer.ggml.eos_token_id")?,
         add_bos: meta
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().map_err(ModelError::from))
+            .opt("tokenizer.ggml.add_bos_token", Meta::bool)?
             .unwrap_or(false),
         add_space_prefix: meta
-            .get("tokenizer.ggml.add_space_prefix")
-            .and_then(|v| v.to_bool().map_err(ModelError::from))
+            .opt("tokenizer.ggml.add_space_prefix", Meta::bool)?
             .unwrap_or(true),
     })?;
     let template_src = meta
-        .string("tokenizer.chat_template")
-        .unwrap_or_else(|_| fallback_template(cfg.arch).to_string());
+        .opt("tokenizer.chat_template", Meta::string)?
+        .unwrap_or_else(|| fallback_template(cfg.arch).to_string());
     let template = ChatTemplate::new(template_src, tokenizer.bos_token(), tokenizer.eos_token())?;
-    let name = meta.string("general.name").ok();
+    let name = meta.opt("general.name", Meta::string)?;
 
     let mut weights = GgufWeights {
         content: &content,
@@ -69,7 +70,16 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
     };
     // Llama 3.1+ files carry their rope scaling as per-frequency divisors.
     if weights.contains("rope_freqs.weight") {
-        cfg.rope.freq_divisors = weights.vector("rope_freqs.weight")?;
+        let divisors = weights.vector("rope_freqs.weight")?;
+        if divisors.len() != cfg.head_dim / 2 {
+            return Err(ModelError::Files(format!(
+                "tensor `rope_freqs.weight` has {} values; the head dim {} needs {}",
+                divisors.len(),
+                cfg.head_dim,
+                cfg.head_dim / 2
+            )));
+        }
+        cfg.rope.freq_divisors = divisors;
     }
     let model = build(cfg, &mut weights)?;
     Ok(LoadedModel {
@@ -121,6 +131,26 @@ impl WeightSource for GgufWeights<'_> {
 pub(crate) struct Meta<'a>(&'a HashMap<String, Value>);
 
 impl Meta<'_> {
+    /// `key` read by `read` when the file has it: absent is `None`; present with another
+    /// type is an error naming it, never taken for absent (a default in its place would
+    /// be a silently different model).
+    pub(crate) fn opt<T>(
+        &self,
+        key: &str,
+        read: impl Fn(&Self, &str) -> Result<T>,
+    ) -> Result<Option<T>> {
+        match self.0.contains_key(key) {
+            true => read(self, key).map(Some),
+            false => Ok(None),
+        }
+    }
+
+    pub(crate) fn bool(&self, key: &str) -> Result<bool> {
+        self.get(key)?
+            .to_bool()
+            .map_err(|_| ModelError::Metadata(key.into()))
+    }
+
     pub(crate) fn get(&self, key: &str) -> Result<&Value> {
         self.0
             .get(key)

@@ -5,7 +5,7 @@
 use minijinja::{context, Environment, ErrorKind};
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 
 use crate::config::Arch;
 
@@ -141,6 +141,8 @@ impl ChatTemplate {
             },
         );
         env.add_filter("tojson", tojson);
+        // A template runs on every request: one that loops for ever must end, as an error.
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_template_owned(TEMPLATE_NAME, source.clone())?;
         Ok(Self {
             env,
@@ -176,13 +178,86 @@ impl ChatTemplate {
         tools: Option<&serde_json::Value>,
     ) -> Result<String> {
         let template = self.env.get_template(TEMPLATE_NAME)?;
-        Ok(template.render(context! {
-            messages => messages,
-            tools => tools,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos_token,
-            eos_token => &self.eos_token,
-        })?)
+        let mut out = Bounded(Vec::new());
+        let rendered = template.render_captured_to(
+            context! {
+                messages => messages,
+                tools => tools,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => String::from_utf8(out.0)
+                .map_err(|_| ModelError::Template("the template wrote invalid UTF-8".into())),
+            Err(_) if out.0.len() >= MAX_RENDERED_BYTES => Err(ModelError::Template(format!(
+                "the template rendered more than {} MiB",
+                MAX_RENDERED_BYTES >> 20
+            ))),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(ModelError::Template(format!(
+                "the template did not finish within {RENDER_FUEL} steps"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Template instructions one render may run: far above what a conversation as large as
+/// a request body may be takes (about 30 a message), far below a loop that never ends.
+const RENDER_FUEL: u64 = 50_000_000;
+
+/// Most bytes one render may write: far beyond any context, short of what would
+/// exhaust the memory.
+const MAX_RENDERED_BYTES: usize = 64 << 20;
+
+/// A writer that refuses to grow past [`MAX_RENDERED_BYTES`], which ends the render.
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.0.resize(MAX_RENDERED_BYTES, 0);
+            return Err(std::io::Error::other("the rendered prompt is too large"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod bounds {
+    use super::*;
+
+    /// A template that would loop for ever, or write gigabytes, ends as an error.
+    #[test]
+    fn a_render_is_bounded_in_steps_and_bytes() {
+        let hi = [ChatMessage::new("user", "hi")];
+        for source in [
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+            "{% for a in range(100000) %}{% for b in range(1000) %}{{ 'x' * 1000 }}\
+             {% endfor %}{% endfor %}",
+        ] {
+            let t = ChatTemplate::new(source.into(), "", "").expect("compiles");
+            let e = t.render(&hi, true).expect_err("bounded");
+            assert!(matches!(e, ModelError::Template(_)), "{e}");
+        }
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ m.content }}{% endfor %}".into(),
+            "",
+            "",
+        )
+        .expect("compiles");
+        let many = vec![ChatMessage::new("user", "x"); 200_000];
+        assert_eq!(
+            t.render(&many, false).expect("within the fuel").len(),
+            200_000
+        );
     }
 }
 

@@ -133,6 +133,12 @@ impl Tokenizer {
         let mut tokenizer =
             Self::finish(inner, bos_token, eos_token, &[vocab.eos_id], is_control, 1)?;
         tokenizer.add_bos = vocab.bos_id.filter(|_| vocab.add_bos);
+        if let Some(bos) = tokenizer.add_bos.filter(|&id| token(id).is_none()) {
+            // Every raw prompt would start with it, and be refused as the client's fault.
+            return Err(ModelError::Tokenizer(format!(
+                "bos id {bos} is outside the vocabulary, and `add_bos_token` asks for it"
+            )));
+        }
         Ok(tokenizer)
     }
 
@@ -464,15 +470,13 @@ fn sentencepiece_bpe(vocab: &GgufVocab) -> Result<tokenizers::Tokenizer> {
         .iter()
         .map(|&(_, a, b)| (piece(a), piece(b)))
         .collect();
-    let unk = vocab
-        .tokens
-        .iter()
-        .find(|t| *t == "<unk>")
-        .cloned()
-        .unwrap_or_else(|| "<unk>".into());
-    let bpe = BPE::builder()
-        .vocab_and_merges(ids, merges)
-        .unk_token(unk)
+    // An unknown token only where the vocabulary has one: naming one it lacks makes every
+    // encode fail.
+    let mut builder = BPE::builder().vocab_and_merges(ids, merges);
+    if vocab.tokens.iter().any(|t| t == "<unk>") {
+        builder = builder.unk_token("<unk>".into());
+    }
+    let bpe = builder
         .fuse_unk(true)
         .byte_fallback(true)
         .build()

@@ -160,7 +160,12 @@ fn a_tensor_of_the_wrong_shape_is_named() {
 /// The tiny model of `model_type` written as a GGUF file the way llama.cpp's converter
 /// writes one (GGUF names, llama's q/k rows permuted for interleaved rope, Gemma's norms
 /// with the 1 added), next to the same weights read as an HF checkpoint.
-fn gguf_twin(model_type: &str, hf: &Value, path: &std::path::Path) {
+fn gguf_twin(
+    model_type: &str,
+    hf: &Value,
+    path: &std::path::Path,
+    edit: impl FnOnce(&mut Vec<(String, candle_core::quantized::gguf_file::Value)>),
+) {
     use candle_core::quantized::gguf_file::{self, Value as G};
     use candle_core::quantized::{GgmlDType, QTensor};
 
@@ -195,6 +200,7 @@ fn gguf_twin(model_type: &str, hf: &Value, path: &std::path::Path) {
     if let Some(w) = cfg.window(0) {
         meta.push((key("attention.sliding_window"), u(w)));
     }
+    edit(&mut meta);
     let offset = arch::hf_norm_offset(cfg.arch);
     let mut qtensors = Vec::new();
     for (hf_name, t) in &tensors {
@@ -283,7 +289,7 @@ fn gguf_and_hf_files_of_the_same_weights_agree() {
             obj.insert("query_pre_attn_scalar".into(), json!(16));
         }
         let path = dir.join(format!("{model_type}.gguf"));
-        gguf_twin(model_type, &hf, &path);
+        gguf_twin(model_type, &hf, &path, |_| {});
         let from_gguf =
             chorus_model::gguf::load(&path, chorus_model::WeightFormat::Packed).unwrap();
         let cfg = arch::from_hf(&hf).unwrap();
@@ -315,6 +321,40 @@ fn gguf_and_hf_files_of_the_same_weights_agree() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A GGUF header whose known keys have another type, say what no module implements, or
+/// size things absurdly is a load error naming the key: never a default in its place
+/// (a silently different model), nor an allocation that aborts the process.
+#[test]
+fn bad_gguf_metadata_is_a_load_error_naming_the_key() {
+    use candle_core::quantized::gguf_file::Value as G;
+    let dir = std::env::temp_dir().join(format!("chorus-bad-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut hf = config("llama");
+    hf.as_object_mut().unwrap().remove("rope_scaling");
+    let cases: Vec<(&str, G)> = vec![
+        ("llama.rope.freq_base", G::String("100000".into())),
+        ("llama.rope.scaling.type", G::U32(2)),
+        ("tokenizer.ggml.add_bos_token", G::String("true".into())),
+        ("tokenizer.chat_template", G::U32(1)),
+        ("llama.final_logit_softcapping", G::F32(30.0)),
+        ("llama.block_count", G::U64(1 << 40)),
+        ("llama.attention.key_length", G::U64(1 << 40)),
+    ];
+    for (i, (key, value)) in cases.into_iter().enumerate() {
+        let path = dir.join(format!("bad-{i}.gguf"));
+        gguf_twin("llama", &hf, &path, |meta| {
+            meta.retain(|(k, _)| k != key);
+            meta.push((key.to_string(), value));
+        });
+        let err = match chorus_model::gguf::load(&path, chorus_model::WeightFormat::Packed) {
+            Ok(_) => panic!("{key}: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

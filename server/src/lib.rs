@@ -403,9 +403,14 @@ pub async fn run(
     let app = router(state, &config);
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
     tokio::spawn(async move {
-        if let Ok(Err(e)) = load_rx.await {
-            let _ = failed_tx.send(e);
-        }
+        let failed = match load_rx.await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            // The loader panicked (its message is in the log): the server would answer
+            // "still loading" for ever.
+            Err(_) => "loading the model failed: the loader stopped (see the panic above)".into(),
+        };
+        let _ = failed_tx.send(failed);
     });
     let failure = Arc::new(OnceLock::<String>::new());
     let failure_slot = failure.clone();

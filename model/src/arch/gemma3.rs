@@ -33,6 +33,11 @@ fn pattern(layers: usize, every: usize) -> Vec<bool> {
 pub(super) fn from_gguf(m: &Meta, vocab: usize) -> Result<ModelConfig> {
     let shape = gguf_shape(m, "gemma3", vocab)?;
     let window = m.usize("gemma3.attention.sliding_window")?;
+    if window == 0 {
+        return Err(ModelError::Unsupported(
+            "`gemma3.attention.sliding_window` 0".into(),
+        ));
+    }
     let sliding = pattern(shape.layers, DEFAULT_PATTERN);
     Ok(gemma(
         base(Arch::Gemma3, shape),

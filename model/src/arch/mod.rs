@@ -140,23 +140,49 @@ struct Shape {
     rope: Rope,
 }
 
+/// Bounds far above any model of these families (the largest have ~130 layers and heads
+/// of 256), checked before anything is sized by them: a file's absurd value is an error
+/// naming it, not an allocation that aborts the process.
+const MAX_LAYERS: usize = 4096;
+const MAX_HEAD_DIM: usize = 8192;
+
+fn bounded(key: &str, value: usize, max: usize) -> Result<usize> {
+    match value <= max {
+        true => Ok(value),
+        false => Err(ModelError::Unsupported(format!(
+            "`{key}` {value} (at most {max})"
+        ))),
+    }
+}
+
 /// The shape fields of a GGUF header (`{arch}.…` keys).
 fn gguf_shape(m: &Meta, arch: &str, vocab: usize) -> Result<Shape> {
     let key = |k: &str| format!("{arch}.{k}");
+    for cap in ["final_logit_softcapping", "attn_logit_softcapping"] {
+        if let Some(value) = m.opt(&key(cap), Meta::f32)? {
+            return Err(ModelError::Unsupported(format!(
+                "logit soft-capping (`{}` {value})",
+                key(cap)
+            )));
+        }
+    }
     let heads = m.usize(&key("attention.head_count"))?;
     let hidden = m.usize(&key("embedding_length"))?;
     let head_dim = m
-        .usize(&key("attention.key_length"))
+        .opt(&key("attention.key_length"), Meta::usize)?
         .unwrap_or(hidden / heads.max(1));
-    if let Ok(rot) = m.usize(&key("rope.dimension_count")) {
+    let head_dim = bounded(&key("attention.key_length"), head_dim, MAX_HEAD_DIM)?;
+    if let Some(rot) = m.opt(&key("rope.dimension_count"), Meta::usize)? {
         if rot != head_dim {
             return Err(ModelError::Unsupported(format!(
                 "`{arch}.rope.dimension_count` {rot} (partial rotary embedding; head dim is {head_dim})"
             )));
         }
     }
-    let theta = m.f32(&key("rope.freq_base")).unwrap_or(10_000.0);
-    let rope = match m.string(&key("rope.scaling.type")).ok().as_deref() {
+    let theta = m
+        .opt(&key("rope.freq_base"), Meta::f32)?
+        .unwrap_or(10_000.0);
+    let rope = match m.opt(&key("rope.scaling.type"), Meta::string)?.as_deref() {
         None | Some("none") => Rope::plain(theta),
         Some("linear") => {
             let factor = m.f32(&key("rope.scaling.factor"))?;
@@ -172,10 +198,16 @@ fn gguf_shape(m: &Meta, arch: &str, vocab: usize) -> Result<Shape> {
         }
     };
     Ok(Shape {
-        layers: m.usize(&key("block_count"))?,
+        layers: bounded(
+            &key("block_count"),
+            m.usize(&key("block_count"))?,
+            MAX_LAYERS,
+        )?,
         hidden,
         heads,
-        kv_heads: m.usize(&key("attention.head_count_kv")).unwrap_or(heads),
+        kv_heads: m
+            .opt(&key("attention.head_count_kv"), Meta::usize)?
+            .unwrap_or(heads),
         head_dim,
         ffn: m.usize(&key("feed_forward_length"))?,
         vocab,
@@ -190,10 +222,15 @@ fn hf_shape(c: &HfConfig) -> Result<Shape> {
     let heads = c.usize("num_attention_heads")?;
     let hidden = c.usize("hidden_size")?;
     let head_dim = c.opt_usize("head_dim")?.unwrap_or(hidden / heads.max(1));
+    let head_dim = bounded("head_dim", head_dim, MAX_HEAD_DIM)?;
     let theta = c.opt_f32("rope_theta")?.unwrap_or(10_000.0);
     c.expect_absent_or("partial_rotary_factor", &[Value::from(1.0)])?;
     Ok(Shape {
-        layers: c.usize("num_hidden_layers")?,
+        layers: bounded(
+            "num_hidden_layers",
+            c.usize("num_hidden_layers")?,
+            MAX_LAYERS,
+        )?,
         hidden,
         heads,
         kv_heads: c.opt_usize("num_key_value_heads")?.unwrap_or(heads),
