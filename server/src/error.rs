@@ -156,12 +156,22 @@ impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         match e {
             crate::store::StoreError::NotFound(id) => ApiError::NotFound {
-                message: format!("Response with id {id:?} not found."),
+                message: format!("Response with id {} not found.", quoted_id(&id)),
                 param: None,
                 code: "not_found",
             },
             e => ApiError::Internal(e.to_string()),
         }
+    }
+}
+
+/// An id a client sent, quoted for a message: a long one is cut (an id of 100 KB would
+/// otherwise come back whole in every error about it).
+pub fn quoted_id(id: &str) -> String {
+    const SHOWN: usize = 64;
+    match id.char_indices().nth(SHOWN) {
+        None => format!("{id:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &id[..cut], id.len()),
     }
 }
 

@@ -537,7 +537,9 @@ async fn lookups_of_unknown_stored_responses_are_404() {
             let status = r.status().as_u16();
             let v: Value = r.json().await.unwrap_or_default();
             assert_eq!(status, 404, "{method} {suffix}: {v}");
-            assert!(v["error"]["message"].is_string(), "{v}");
+            // A long id is cut in the message, not sent back whole.
+            let message = v["error"]["message"].as_str().unwrap_or_default();
+            assert!(!message.is_empty() && message.len() < 300, "{v}");
         }
     }
     // An id whose percent-escapes are not UTF-8 is a 400 in the same envelope (it was

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 
 use crate::engine::{FinishReason, GenRequest, ModelInfo};
-use crate::error::ApiError;
+use crate::error::{quoted_id, ApiError};
 use crate::metrics::Metrics;
 use crate::openai::{given, Usage, WireSampling};
 use crate::store::{Row, Store, StoreError};
@@ -335,16 +335,19 @@ fn metadata(metadata: Option<Map<String, Value>>) -> Result<Map<String, Value>, 
     Ok(metadata)
 }
 
-/// The items of the conversation ending with response `id` (each turn's input, then its
-/// output), and the ids of its responses.
 /// The stored conversation up to and including response `id`: its items, the chain's
 /// ids, and where the last response's output starts among the items.
 fn history(store: &Store, id: &str) -> Result<(Vec<Item>, Vec<String>, usize), ApiError> {
     let rows = store.chain(id).map_err(|e| match e {
         StoreError::NotFound(_) | StoreError::BrokenChain { .. } => ApiError::NotFound {
             message: match e {
-                StoreError::NotFound(_) => format!("Previous response with id {id:?} not found."),
-                e => format!("Previous response with id {id:?} cannot be continued: {e}."),
+                StoreError::NotFound(_) => {
+                    format!("Previous response with id {} not found.", quoted_id(id))
+                }
+                e => format!(
+                    "Previous response with id {} cannot be continued: {e}.",
+                    quoted_id(id)
+                ),
             },
             param: Some("previous_response_id"),
             code: "previous_response_not_found",
