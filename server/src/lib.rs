@@ -108,12 +108,11 @@ impl AppState {
             max_stop: config.max_stop,
             max_stop_bytes: config.max_stop_bytes,
             max_prompt_tokens: config.max_prompt_tokens,
-            max_n: config.max_n.max(1),
+            max_n: config.max_n,
             // A batch is queued whole: one larger than the queue could never be.
             max_prompts: (config.max_prompts)
-                .min(config.max_running.saturating_add(config.max_queue))
-                .max(1),
-            max_tool_calls: config.max_tool_calls.max(1),
+                .min(config.max_running.saturating_add(config.max_queue)),
+            max_tool_calls: config.max_tool_calls,
         };
         let threads = config
             .preprocess_threads
@@ -442,7 +441,7 @@ pub async fn run(
         }
     };
     let limits = serve::ConnLimits {
-        idle: std::time::Duration::from_secs(config.idle_timeout.max(1)),
+        idle: std::time::Duration::from_secs(config.idle_timeout),
         max_connections: serve::fit_open_files(config.max_connections.max(1)),
         // The grace period is over when accepting stops (streams still running get an
         // error event then); a connection still open a few seconds later (a client not
@@ -560,12 +559,12 @@ fn start_engine(
         tokenizer,
         scheduler: Scheduler::new(SchedulerConfig {
             max_running: config.max_running.max(1),
-            max_batch_tokens: config.max_batch_tokens.max(1),
+            max_batch_tokens: config.max_batch_tokens,
             num_blocks,
             context_cost,
         }),
         step_budget: (config.max_step_ms > 0).then(|| {
-            StepBudget::new(config.max_step_ms, config.max_batch_tokens.max(1))
+            StepBudget::new(config.max_step_ms, config.max_batch_tokens)
                 .with_ratio(config.max_step_ratio)
         }),
         stats,

@@ -71,6 +71,15 @@ pub struct Retention {
     pub max_bytes: Option<u64>,
 }
 
+impl Retention {
+    /// `used_at` of the oldest row still within its age as of `now` (`None`: no age
+    /// limit).
+    fn cutoff(&self, now: u64) -> Option<i64> {
+        self.max_age
+            .map(|age| now.saturating_sub(age.as_secs()) as i64)
+    }
+}
+
 /// One stored response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
@@ -193,7 +202,7 @@ impl Store {
             .query_row(
                 "SELECT id, previous_response_id, created_at, input, response
                  FROM responses WHERE id = ?1 AND used_at >= ?2",
-                params![id, self.cutoff(now())],
+                params![id, self.retention.cutoff(now()).unwrap_or(0)],
                 read_row,
             )
             .optional()?
@@ -223,14 +232,17 @@ impl Store {
              FROM chain c JOIN responses r ON r.id = c.id ORDER BY c.depth DESC",
         )?;
         let turns = query
-            .query_map(params![id, self.cutoff(now())], |r| {
-                Ok(Turn {
-                    id: r.get(0)?,
-                    previous_response_id: r.get(1)?,
-                    input: r.get(2)?,
-                    output: r.get(3)?,
-                })
-            })?
+            .query_map(
+                params![id, self.retention.cutoff(now()).unwrap_or(0)],
+                |r| {
+                    Ok(Turn {
+                        id: r.get(0)?,
+                        previous_response_id: r.get(1)?,
+                        input: r.get(2)?,
+                        output: r.get(3)?,
+                    })
+                },
+            )?
             .collect::<Result<Vec<Turn>, _>>()?;
         let Some(first) = turns.first() else {
             return Err(StoreError::NotFound(id.to_string()));
@@ -266,13 +278,6 @@ impl Store {
         evict_in(&tx, self.retention, now, None)?;
         tx.commit()?;
         Ok(())
-    }
-
-    /// `used_at` of the oldest row still within its age as of `now` (0 without a limit).
-    fn cutoff(&self, now: u64) -> i64 {
-        self.retention
-            .max_age
-            .map_or(0, |age| now.saturating_sub(age.as_secs()) as i64)
     }
 
     fn db(&self) -> Result<MutexGuard<'_, Db>, StoreError> {
@@ -332,8 +337,7 @@ fn evict_in(
 
 /// Deletes the rows past `--store-max-age` as of `now`.
 fn evict_old(conn: &Connection, retention: Retention, now: u64) -> Result<(), StoreError> {
-    if let Some(age) = retention.max_age {
-        let cutoff = now.saturating_sub(age.as_secs()) as i64;
+    if let Some(cutoff) = retention.cutoff(now) {
         conn.execute("DELETE FROM responses WHERE used_at < ?1", [cutoff])?;
     }
     Ok(())
