@@ -106,6 +106,8 @@ try {
     await page.waitForFunction(
       () => document.querySelector(".msg.assistant:last-child .stats")?.textContent.includes("finish: stopped"),
     );
+    // No usage arrives for a stopped answer: its count is the page's own, and says so.
+    assert.match(await lastStats(page).textContent(), /^≈\d+ tokens · TTFT \d+ ms/);
     const text = await lastAnswer(page).textContent();
     await sleep(500);
     assert.equal(await lastAnswer(page).textContent(), text, "text kept growing after Stop");
@@ -252,6 +254,28 @@ try {
     }
     await page.evaluate((v) => { localStorage.setItem("chorus.conversations", v); localStorage.removeItem("chorus.settings"); }, stored);
     await page.reload();
+  });
+
+  await step("a browser that refuses to store says so, and the answer still shows", async () => {
+    assert.equal(await page.isHidden("#storage-warning"), true);
+    await page.evaluate(() => {
+      window.realSetItem = Storage.prototype.setItem;
+      Storage.prototype.setItem = () => { throw new DOMException("full", "QuotaExceededError"); };
+    });
+    await page.click("#new-chat");
+    await page.fill("#input", "Say hello.");
+    await page.click("#send");
+    await answered(page);
+    assert.equal(await page.isVisible("#storage-warning"), true);
+    assert.match(await page.textContent("#storage-warning"), /lost on a reload/);
+    assert.ok((await lastAnswer(page).textContent()).length > 0);
+    // Room again: the next save succeeds and the warning goes.
+    await page.evaluate(() => { Storage.prototype.setItem = window.realSetItem; });
+    await page.fill("#input", "And goodbye.");
+    await page.click("#send");
+    await answered(page);
+    assert.equal(await page.isHidden("#storage-warning"), true);
+    assert.deepEqual(errors, []);
   });
 
   await step("keyboard only: Tab reaches the controls with a visible focus ring", async () => {
