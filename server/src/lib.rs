@@ -267,16 +267,17 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             config.max_request_bytes,
             refuse_oversized,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            request_id,
         ));
+    // Inside the request-id layer, so a preflight CORS answers is counted and echoed too.
     let app = match auth::cors(config.cors_origin.as_deref()) {
         Some(cors) => app.layer(cors),
         None => app,
     };
-    app.with_state(state)
+    app.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        request_id,
+    ))
+    .with_state(state)
 }
 
 /// Echoes `x-request-id` (or makes one), puts it in the request's extensions, runs the
@@ -399,6 +400,7 @@ pub async fn run(
         })?;
 
     let drain_state = state.clone();
+    let refused = state.metrics().connections_refused.clone();
     let app = router(state, &config);
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
     tokio::spawn(async move {
@@ -448,7 +450,7 @@ pub async fn run(
         // reading) is dropped.
         drain: std::time::Duration::from_secs(5),
     };
-    serve::serve(listener, app, limits, stop).await;
+    serve::serve(listener, app, limits, refused, stop).await;
     match failure.get() {
         Some(e) => Err(ServerError::Load(e.clone())),
         None => Ok(()),

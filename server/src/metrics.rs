@@ -45,6 +45,9 @@ pub struct Metrics {
     pub preemptions: Counter,
     /// Function calls returned to clients.
     pub tool_calls: Counter,
+    /// Connections answered 503 and closed at `--max-connections`, before any request
+    /// on them was read far enough to be routed (so not in `requests`).
+    pub connections_refused: Counter,
     pub ttft: Histogram,
     pub inter_token: Histogram,
     pub request_duration: Histogram,
@@ -97,6 +100,11 @@ impl Metrics {
             "Sequences preempted for lack of KV blocks (recomputed later)",
         );
         let tool_calls = counter(registry, "tool_calls", "Function calls returned to clients");
+        let connections_refused = counter(
+            registry,
+            "connections_refused",
+            "Connections answered 503 at --max-connections",
+        );
         let histogram = |registry: &mut Registry, name: &str, help: &str, start: f64| {
             let h = Histogram::new(exponential_buckets(start, 2.0, 16));
             registry.register(name, help, h.clone());
@@ -194,6 +202,7 @@ impl Metrics {
             prompt_tokens,
             generation_tokens,
             tool_calls,
+            connections_refused,
             prefix_cache_hits,
             preemptions,
             ttft,

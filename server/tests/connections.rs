@@ -108,6 +108,14 @@ async fn the_connection_over_the_limit_is_refused_with_503() {
         assert!(Instant::now() < deadline, "slots were not given back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Refused before routing, so counted as refused connections (the one above, and
+    // any the loop met before the slots came back).
+    let metrics = metrics(&url).await;
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("chorus_connections_refused_total "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(refused.is_some_and(|n| n >= 1), "{metrics}");
 }
 
 /// SIGTERM with a client withholding its body: `run` still returns, within the grace
@@ -183,6 +191,23 @@ async fn cors_preflight_allows_the_headers_browser_sdks_send() {
     for name in asked.split(", ") {
         assert!(allowed.contains(name), "{name} not in {allowed}");
     }
+    // A preflight is a request like any other: echoed an id, and counted.
+    assert!(h.contains_key("x-request-id"), "{h:?}");
+    let metrics = metrics(&url).await;
+    assert!(
+        metrics
+            .contains(r#"chorus_requests_total{endpoint="/v1/chat/completions",status="200"} 1"#),
+        "{metrics}"
+    );
+}
+
+async fn metrics(url: &str) -> String {
+    reqwest::get(format!("{url}/metrics"))
+        .await
+        .expect("metrics answered")
+        .text()
+        .await
+        .expect("metrics text")
 }
 
 /// A key configured with a trailing newline (read from a file) is the key without it
