@@ -33,6 +33,9 @@ pub struct Constraint {
     matcher: Matcher,
     /// The request field it enforces: the grammar engine's failures are blamed on it.
     param: &'static str,
+    /// Another field whose schema the grammar embeds (`response_format` beside `tools`):
+    /// a give-up is blamed on both.
+    beside: Option<&'static str>,
     /// The tokens the last mask allowed.
     allowed: Option<SimpleVob>,
 }
@@ -81,6 +84,20 @@ impl Constraint {
         self.param
     }
 
+    /// Notes that the grammar also embeds `other`'s schema.
+    pub fn beside(mut self, other: &'static str) -> Self {
+        self.beside = Some(other);
+        self
+    }
+
+    /// What it enforces, for messages: "`tools`", or "`tools` with `response_format`".
+    pub fn enforces(&self) -> String {
+        match self.beside {
+            Some(other) => format!("`{}` with `{other}`", self.param),
+            None => format!("`{}`", self.param),
+        }
+    }
+
     /// The grammar is complete and allows nothing more.
     pub fn is_done(&self) -> bool {
         self.matcher.is_stopped()
@@ -91,6 +108,7 @@ impl Constraint {
         Self {
             matcher: self.matcher.deep_clone(),
             param: self.param,
+            beside: self.beside,
             allowed: self.allowed.clone(),
         }
     }
@@ -201,6 +219,7 @@ impl Grammars {
                 return Ok(Constraint {
                     matcher: copy,
                     param,
+                    beside: None,
                     allowed: None,
                 });
             }
@@ -222,6 +241,7 @@ impl Grammars {
         Ok(Constraint {
             matcher,
             param,
+            beside: None,
             allowed: None,
         })
     }

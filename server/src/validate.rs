@@ -194,20 +194,23 @@ pub fn conversation(
                 format!("function calling is unavailable for this model: {e}"),
             )
         })?;
+        let field = answer.as_ref().map(|(field, _)| *field);
         let answer = answer.as_ref().map(|(_, schema)| schema);
-        constraint = Some(
-            grammars
-                .lark("tools", format.grammar(t, answer))
-                .map_err(|e| {
-                    ApiError::bad(
-                        "tools",
-                        format!(
-                            "a function's `parameters` cannot be enforced: {}",
-                            tools::format::explain(&e)
-                        ),
-                    )
-                })?,
-        );
+        let combined = grammars
+            .lark("tools", format.grammar(t, answer))
+            .map_err(|e| {
+                ApiError::bad(
+                    "tools",
+                    format!(
+                        "a function's `parameters` cannot be enforced: {}",
+                        tools::format::explain(&e)
+                    ),
+                )
+            })?;
+        constraint = Some(match field {
+            Some(field) => combined.beside(field),
+            None => combined,
+        });
         reader = Some(CallReader {
             format,
             choice: t.choice.clone(),

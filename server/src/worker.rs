@@ -680,11 +680,11 @@ impl Worker {
                 Ok(()) => grammar_done = c.is_done(),
                 Err(Rejection::GaveUp(e)) => {
                     tracing::warn!(request_id = %seq.request_id, error = %e, "structured output: the grammar engine gave up");
-                    let param = c.param();
                     return Err(Failure::Invalid {
-                        param,
+                        param: c.param(),
                         message: format!(
-                            "`{param}` cannot be enforced: the grammar engine gave up on it ({})",
+                            "{} cannot be enforced: the grammar engine gave up on it ({})",
+                            c.enforces(),
                             short(&e)
                         ),
                     });
