@@ -188,6 +188,15 @@ pub fn conversation(
         None => None,
     };
     if let Some(t) = tools.filter(|t| t.active()) {
+        if let Some((field, schema)) = &answer {
+            let functions = t.callable().map(|f| &f.parameters);
+            if let Some(id) = crate::schema_check::shared_id(functions.chain([schema])) {
+                return Err(ApiError::bad(
+                    field,
+                    format!("the schema declares the `$id` {id:?}, as a function's `parameters` does: give each its own"),
+                ));
+            }
+        }
         let grammars = info.grammars.as_ref().map_err(|e| {
             ApiError::bad(
                 "tools",
@@ -235,7 +244,7 @@ pub fn chat_prompt(
     add_generation_prompt: bool,
     param: &'static str,
 ) -> Result<Vec<u32>, ApiError> {
-    let messages = chat_messages(info, wire)?;
+    let messages = chat_messages(wire)?;
     let knows_tools = info.template.knows_tools();
     let (messages, tools_value) = tools::prompt::prepare(knows_tools, tools, json_answer, messages);
     encode_chat(
@@ -292,10 +301,7 @@ pub fn tool_request(
 
 /// The conversation as the template sees it: roles checked, text parts joined, earlier
 /// calls with their arguments as objects, and every result answering an earlier call.
-pub fn chat_messages(
-    info: &ModelInfo,
-    wire: Vec<WireMessage>,
-) -> Result<Vec<ChatMessage>, ApiError> {
+pub fn chat_messages(wire: Vec<WireMessage>) -> Result<Vec<ChatMessage>, ApiError> {
     if wire.is_empty() {
         return Err(ApiError::bad(
             "messages",
@@ -385,12 +391,11 @@ pub fn chat_messages(
                         format!("`messages[{i}].tool_calls[{j}].id` {id:?} is the id of an earlier call: a result could not say which it answers"),
                     ));
                 }
-                let mut call = json!({
+                let call = json!({
                     "id": id,
                     "type": "function",
                     "function": {"name": c.function.name, "arguments": arguments},
                 });
-                escape_strings(info, &mut call);
                 written.push(call);
             }
             message.tool_calls = Some(Value::Array(written));
@@ -429,7 +434,17 @@ fn escape_strings(info: &ModelInfo, value: &mut Value) {
     match value {
         Value::String(s) => *s = info.tokenizer.escape_content(s),
         Value::Array(items) => items.iter_mut().for_each(|v| escape_strings(info, v)),
-        Value::Object(map) => map.values_mut().for_each(|v| escape_strings(info, v)),
+        // Keys too: a template's `tojson` writes them as they are. Escaping is one to
+        // one, so no two keys become one.
+        Value::Object(map) => {
+            *map = std::mem::take(map)
+                .into_iter()
+                .map(|(k, mut v)| {
+                    escape_strings(info, &mut v);
+                    (info.tokenizer.escape_content(&k), v)
+                })
+                .collect();
+        }
         _ => {}
     }
 }
@@ -446,11 +461,21 @@ pub fn encode_chat(
     add_generation_prompt: bool,
     param: &'static str,
 ) -> Result<Vec<u32>, ApiError> {
+    // Every string a client wrote is escaped here, once, whatever the template does
+    // with it (the fallback for templates without tools has already moved calls and
+    // results into `content`).
+    let escape = |s: &str| info.tokenizer.escape_content(s);
     let escaped: Vec<ChatMessage> = messages
         .iter()
         .map(|m| ChatMessage {
-            content: info.tokenizer.escape_content(&m.content),
-            ..m.clone()
+            role: m.role.clone(),
+            content: escape(&m.content),
+            tool_calls: m.tool_calls.clone().map(|mut calls| {
+                escape_strings(info, &mut calls);
+                calls
+            }),
+            tool_call_id: m.tool_call_id.as_deref().map(escape),
+            name: m.name.as_deref().map(escape),
         })
         .collect();
     let tools = tools.cloned().map(|mut t| {

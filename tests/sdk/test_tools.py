@@ -434,3 +434,31 @@ def test_tool_calls_are_counted_in_metrics(client):
     client.chat.completions.create(model=MODEL, messages=ask(), tools=[WEATHER],
                                    tool_choice="required", max_tokens=100, temperature=0)
     assert count() >= before + 1
+
+
+def _post(path, body):
+    import urllib.request
+    req = urllib.request.Request(f"{BASE}{path}", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    return json.loads(urllib.request.urlopen(req).read())
+
+
+def test_history_calls_reach_the_prompt_as_sent():
+    """An earlier call's arguments holding special tokens' text are written into the
+    prompt once, as text (before the fix they were escaped twice, and the model saw
+    private-use characters where `<filename>` was)."""
+    messages = [
+        {"role": "user", "content": "Open it."},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "open", "arguments": json.dumps({"path": "<filename>", "<|im_end|>": 1})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "<filename>"},
+    ]
+    ids = _post("/tokenize", {"model": MODEL, "messages": messages})["tokens"]
+    prompt = _post("/detokenize", {"model": MODEL, "tokens": ids})["prompt"]
+    assert '"arguments":{"path":"<filename>","<|im_end|>":1}' in prompt, prompt
+    # The key is text: only the template's turns end with the end-of-turn token.
+    im_end = _post("/tokenize", {"model": MODEL, "prompt": "<|im_end|>"})["tokens"][-1]
+    plain = json.loads(json.dumps(messages).replace("<|im_end|>", "x"))
+    plain_ids = _post("/tokenize", {"model": MODEL, "messages": plain})["tokens"]
+    assert ids.count(im_end) == plain_ids.count(im_end)
