@@ -40,6 +40,55 @@ fn minified(json: &str) -> String {
     out
 }
 
+/// How a run of `<tool_call>` blocks ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tail {
+    /// After the last block only whitespace.
+    Whole,
+    /// In a block (or its tags) that did not finish.
+    Cut,
+    /// With something that is no block.
+    Other,
+}
+
+/// The JSON of each `<tool_call>…</tool_call>` block, in order, and how the run ends.
+/// The tags are looked for only between values: the same text inside an argument's
+/// string is the argument's. Either may be missing (they can be special tokens the
+/// decoder skips).
+fn hermes_blocks(text: &str) -> (Vec<&RawValue>, Tail) {
+    const OPEN: &str = "<tool_call>";
+    const CLOSE: &str = "</tool_call>";
+    let mut blocks = Vec::new();
+    let mut rest = text;
+    loop {
+        rest = rest.trim_start();
+        if rest.is_empty() {
+            return (blocks, Tail::Whole);
+        }
+        if OPEN.starts_with(rest) {
+            return (blocks, Tail::Cut);
+        }
+        let inner = rest.strip_prefix(OPEN).unwrap_or(rest);
+        let mut values = serde_json::Deserializer::from_str(inner).into_iter::<&RawValue>();
+        let value = match values.next() {
+            Some(Ok(value)) => value,
+            None => return (blocks, Tail::Cut),
+            Some(Err(e)) if e.is_eof() => return (blocks, Tail::Cut),
+            Some(Err(_)) => return (blocks, Tail::Other),
+        };
+        let after = inner[values.byte_offset()..].trim_start();
+        blocks.push(value);
+        rest = match after.strip_prefix(CLOSE) {
+            Some(next) => next,
+            None if !after.is_empty() && CLOSE.starts_with(after) => {
+                blocks.pop();
+                return (blocks, Tail::Cut);
+            }
+            None => after,
+        };
+    }
+}
+
 /// One call the model made, as the API returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolCall {
@@ -91,12 +140,21 @@ impl CallReader {
         if self.decide(text) == Decision::Text {
             return None;
         }
-        let body = match self.format {
-            CallFormat::Hermes => text.replace("<tool_call>", "").replace("</tool_call>", ""),
-            _ => text.replace("<|python_tag|>", ""),
-        };
+        if self.format == CallFormat::Hermes {
+            let (blocks, Tail::Whole) = hermes_blocks(text) else {
+                return None;
+            };
+            let calls = blocks
+                .into_iter()
+                .map(|b| self.call(b))
+                .collect::<Option<Vec<_>>>()?;
+            return (!calls.is_empty()).then_some(calls);
+        }
+        // Only at the start: the same text inside an argument is the argument's.
+        let body = text.trim_start();
+        let body = body.strip_prefix("<|python_tag|>").unwrap_or(body);
         let mut calls = Vec::new();
-        for value in serde_json::Deserializer::from_str(&body).into_iter::<&RawValue>() {
+        for value in serde_json::Deserializer::from_str(body).into_iter::<&RawValue>() {
             let value = value.ok()?;
             let items: Vec<&RawValue> = match self.format {
                 CallFormat::Generic => {
@@ -146,14 +204,11 @@ impl CallReader {
         let mut calls = Vec::new();
         match self.format {
             CallFormat::Hermes => {
-                let blocks: Vec<&str> = text.split("<tool_call>").skip(1).collect();
-                let (last, done) = blocks.split_last()?;
-                if last.contains("</tool_call>") {
+                let (blocks, Tail::Cut) = hermes_blocks(text) else {
                     return None;
-                }
-                for block in done {
-                    let (json, _) = block.split_once("</tool_call>")?;
-                    calls.push(self.call(serde_json::from_str(json).ok()?)?);
+                };
+                for block in blocks {
+                    calls.push(self.call(block)?);
                 }
             }
             CallFormat::Generic => {
@@ -345,6 +400,29 @@ mod tests {
         let bare = "\n{\"name\": \"a\", \"arguments\": {\"x\": \"y\"}}\n";
         assert_eq!(r.calls(bare).expect("calls")[0].arguments, r#"{"x":"y"}"#);
         assert_eq!(r.decide("anything"), Decision::Calls);
+    }
+
+    /// The tags' text inside an argument is the argument's (before the fix it was cut
+    /// out of the string, and a cut answer was split inside it).
+    #[test]
+    fn hermes_tags_inside_arguments_stay_there() {
+        let r = reader(CallFormat::Hermes, Choice::Required);
+        let call = "<tool_call>\n{\"name\": \"a\", \"arguments\": {\"h\": \"x</tool_call>y<tool_call>z\"}}\n</tool_call>";
+        let calls = r.calls(call).expect("calls");
+        assert_eq!(calls[0].arguments, r#"{"h":"x</tool_call>y<tool_call>z"}"#);
+        let cut = format!(
+            "{call}\n<tool_call>\n{{\"name\": \"b\", \"arguments\": {{\"h\": \"</tool_call>"
+        );
+        let kept = r.finished_calls(&cut).expect("the first call");
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].arguments, calls[0].arguments);
+        // Cut inside a closing tag: the call before it is not whole.
+        let cut = "<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_";
+        assert_eq!(r.calls(cut), None);
+        // Something after the blocks that is not one: neither calls nor a cut.
+        let odd = "<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call> and more";
+        assert_eq!(r.calls(odd), None);
+        assert_eq!(r.finished_calls(odd), None);
     }
 
     #[test]
