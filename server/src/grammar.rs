@@ -189,6 +189,7 @@ impl Grammars {
     /// `param`) describes. A schema llguidance cannot compile (or a feature it does not
     /// support) is an error naming it.
     pub fn json_schema(&self, param: &'static str, schema: Value) -> Result<Constraint, String> {
+        crate::schema_check::check(&schema)?;
         let schema = compact(schema);
         let key = format!("json:{schema}");
         self.compile(param, key, || TopLevelGrammar::from_json_schema(schema))

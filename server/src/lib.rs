@@ -11,7 +11,8 @@
 //! - [`scheduler`]: the pure decision of which sequences run each step.
 //! - [`stream`] and [`sse`]: events back to the client as OpenAI chunks over SSE;
 //!   [`logprobs`] writes log-probabilities in both endpoints' shapes.
-//! - [`grammar`]: structured output (`response_format`) through llguidance.
+//! - [`grammar`]: structured output (`response_format`) through llguidance, behind
+//!   [`schema_check`] (what a schema must not hold before llguidance compiles it).
 //! - [`tools`]: function calling (what is offered, how it is prompted, the constraint that
 //!   holds calls to their schemas, reading calls back), shared by every endpoint.
 //! - [`responses`]: the Responses API (`/v1/responses`): items in, typed events out,
@@ -42,6 +43,7 @@ pub mod resolve;
 pub mod responses;
 pub mod routes;
 pub mod scheduler;
+pub mod schema_check;
 mod serve;
 pub mod sse;
 pub mod step_budget;

@@ -22,6 +22,15 @@ fn with(extra: Value) -> Vec<u8> {
 fn cases() -> Vec<Case> {
     let chat_path = "/v1/chat/completions";
     let many_stops: Vec<String> = (0..5000).map(|i| format!("s{i}")).collect();
+    let mut ref_chain: serde_json::Map<String, Value> = (0..1000)
+        .map(|i| {
+            (
+                format!("d{i}"),
+                json!({"$ref": format!("#/$defs/d{}", i + 1)}),
+            )
+        })
+        .collect();
+    ref_chain.insert("d1000".into(), json!({"type": "integer"}));
     let mut cases: Vec<Case> = vec![
         ("malformed JSON", chat_path, JSON, b"{".to_vec(), 400),
         (
@@ -177,6 +186,38 @@ fn cases() -> Vec<Case> {
             with(json!({"response_format": {"type": "json_schema",
                 "json_schema": {"name": "x", "schema": {"type": "object",
                     "properties": {"a": {"type": "quaternion"}}}}}})),
+            400,
+        ),
+        // Each of these aborted the whole process (the grammar engine recursed without
+        // end, or past the thread's stack) or enforced another number than the schema's.
+        (
+            "integer bounds near -2^63",
+            chat_path,
+            JSON,
+            with(
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                "schema": {"type": "integer", "minimum": -1e19, "maximum": -1e19}}}}),
+            ),
+            400,
+        ),
+        (
+            "a chain of 1000 $refs",
+            chat_path,
+            JSON,
+            with(
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                "schema": {"$defs": ref_chain, "$ref": "#/$defs/d0"}}}}),
+            ),
+            400,
+        ),
+        (
+            "a const past 2^53 in a tool",
+            chat_path,
+            JSON,
+            with(
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters":
+                {"type": "object", "properties": {"id": {"const": 9007199254740993u64}}}}}]}),
+            ),
             400,
         ),
         (

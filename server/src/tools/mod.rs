@@ -144,6 +144,18 @@ impl ToolRequest {
                 ));
             }
         }
+        for (i, f) in functions.iter().enumerate() {
+            crate::schema_check::check(&f.parameters)
+                .map_err(|m| ApiError::bad("tools", format!("{}: {m}", shape.parameters(i))))?;
+        }
+        // Every function's schema goes in one grammar, where their `$id`s are one
+        // namespace: a shared one would resolve one function's references in another's.
+        if let Some(id) = crate::schema_check::shared_id(functions.iter().map(|f| &f.parameters)) {
+            return Err(ApiError::bad(
+                "tools",
+                format!("two functions' `parameters` declare the `$id` {id:?}; give each its own"),
+            ));
+        }
         let choice = match tool_choice {
             None | Some(Value::Null) => Choice::Auto,
             Some(Value::String(s)) => match s.as_str() {
