@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use clap::builder::BoolishValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Clone, Parser)]
@@ -103,7 +104,7 @@ pub struct Config {
     /// compare). By default a greedy row whose logits nothing adjusts or reports (no
     /// penalty, bias, grammar or log-probabilities) takes its argmax on the device and
     /// copies back one id instead of the vocabulary's logits.
-    #[arg(long, env = "CHORUS_NO_DEVICE_ARGMAX")]
+    #[arg(long, env = "CHORUS_NO_DEVICE_ARGMAX", value_parser = BoolishValueParser::new())]
     pub no_device_argmax: bool,
 
     /// Most sequences decoding at once (continuous-batching slots).
@@ -233,7 +234,7 @@ pub struct Config {
 
     /// Store no responses: `store: true` is ignored (responses say `store: false`) and
     /// `previous_response_id` is refused.
-    #[arg(long, env = "CHORUS_NO_STORE")]
+    #[arg(long, env = "CHORUS_NO_STORE", value_parser = BoolishValueParser::new())]
     pub no_store: bool,
 
     /// Hours a stored response is kept after it was created or last continued (0: no
@@ -253,7 +254,7 @@ pub struct Config {
     pub store_max_mb: u64,
 
     /// Fetch the model into the cache (if needed) and exit without serving.
-    #[arg(long)]
+    #[arg(long, env = "CHORUS_DOWNLOAD_ONLY", value_parser = BoolishValueParser::new())]
     pub download_only: bool,
 
     /// Log format.

@@ -1,6 +1,6 @@
 //! The `chorus` binary: parse flags, resolve the model, serve until ctrl-c or SIGTERM.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -17,7 +17,7 @@ async fn main() -> std::process::ExitCode {
     match serve(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("chorus: {e}");
+            let _ = writeln!(std::io::stderr(), "chorus: {e}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -42,7 +42,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let resolved =
         tokio::task::spawn_blocking(move || resolve_at(&model, &dir, &revision)).await??;
     if config.download_only {
-        println!("{}", resolved.path.display());
+        models_cmd::emit(&format!("{}\n", resolved.path.display()));
         return Ok(());
     }
     let name = config.served_model_name.clone().unwrap_or(resolved.name);
@@ -66,7 +66,11 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log that cannot be written (a closed pipe, a full disk) is dropped: the
+        // default reports it with `eprintln!`, which panics on the same stderr in
+        // whichever thread logged, the inference thread included.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -1,5 +1,7 @@
 //! `chorus models`: the catalog with what is cached; `chorus models pull NAME`.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::Path;
 
 use crate::resolve::{catalog, is_cached, resolve_at, ResolveError, Source};
@@ -7,7 +9,9 @@ use crate::resolve::{catalog, is_cached, resolve_at, ResolveError, Source};
 /// Prints the catalog, cache state and sizes, then the hub repositories in the HF cache.
 pub fn list(cache_dir: &Path) -> Result<(), ResolveError> {
     let catalog = catalog()?;
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "{:<24} {:>9}  {:<7} {:<20} SOURCE",
         "NAME", "SIZE", "CACHED", "LICENSE"
     );
@@ -31,38 +35,49 @@ pub fn list(cache_dir: &Path) -> Result<(), ResolveError> {
         } else {
             ""
         };
-        println!(
+        let _ = writeln!(
+            out,
             "{:<24} {:>9}  {:<7} {:<20} {source}",
             name,
             megabytes(entry.size),
             cached,
             entry.license,
         );
-        println!("{:<24} {}{default}", "", entry.description);
+        let _ = writeln!(out, "{:<24} {}{default}", "", entry.description);
         if let Some(terms) = &entry.terms {
-            println!("{:<24} terms: {terms}", "");
+            let _ = writeln!(out, "{:<24} terms: {terms}", "");
         }
     }
-    println!("\ncache: {}", cache_dir.display());
+    let _ = writeln!(out, "\ncache: {}", cache_dir.display());
     let hub = hf_hub::Cache::from_env();
     let repos = hub_repos(hub.path());
     if !repos.is_empty() {
-        println!(
+        let _ = writeln!(
+            out,
             "\nin the hub cache ({}), usable as --model hf:ORG/REPO:",
             hub.path().display()
         );
         for (repo, size) in repos {
-            println!("  {repo:<40} {:>9}", megabytes(size));
+            let _ = writeln!(out, "  {repo:<40} {:>9}", megabytes(size));
         }
     }
+    emit(&out);
     Ok(())
 }
 
 /// Fetches `name` (a catalog name or any `--model` form) and prints where it is.
 pub fn pull(name: &str, cache_dir: &Path, revision: &str) -> Result<(), ResolveError> {
     let resolved = resolve_at(name, cache_dir, revision)?;
-    println!("{}", resolved.path.display());
+    emit(&format!("{}\n", resolved.path.display()));
     Ok(())
+}
+
+/// Writes to standard output; a reader that stopped reading (`| head`) is not an error.
+pub fn emit(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
 }
 
 fn megabytes(bytes: u64) -> String {

