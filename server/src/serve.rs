@@ -20,8 +20,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -83,9 +83,10 @@ pub async fn serve(
 ) {
     let idle_timeout = limits.idle;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
+    // HTTP/1.1 only: the header and idle timeouts are HTTP/1's (an h2 connection
+    // trickling a HEADERS frame or pinging escaped both and held a slot for ever).
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(idle_timeout);
     let graceful = GracefulShutdown::new();
@@ -121,9 +122,7 @@ pub async fn serve(
                         )
                     }
                 });
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(io), service)
-                    .into_owned();
+                let conn = builder.serve_connection(TokioIo::new(io), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     let _slot = slot;

@@ -70,6 +70,34 @@ async fn a_withheld_body_is_cut_by_the_body_timeout() {
     assert!(took < Duration::from_secs(10), "closed after {took:?}");
 }
 
+/// The server speaks HTTP/1.1 only: an HTTP/2 preface (h2c with prior knowledge) is
+/// closed at once. Before the fix it was served as h2, where neither the header nor the
+/// idle timeout applies, so a few clients trickling a HEADERS frame held every slot.
+#[tokio::test]
+async fn an_http2_preface_is_closed_at_once() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--idle-timeout", "30"]));
+    wait_ready(&url).await;
+    let addr = addr(&url);
+    let (reply, took) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(&addr).expect("connect");
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .expect("preface");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let started = Instant::now();
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        (reply, started.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(took < Duration::from_secs(5), "open for {took:?}");
+    assert!(
+        !reply.windows(8).any(|w| w == b"HTTP/2.0") && !reply.starts_with(&[0, 0]),
+        "answered as h2: {reply:?}"
+    );
+}
+
 /// One connection over `--max-connections` is answered 503 in the error envelope; once
 /// a connection closes, a new one is served.
 #[tokio::test]
