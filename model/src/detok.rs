@@ -75,11 +75,27 @@ impl IncrementalDecoder {
                 decode(tokenizer, own)?
             }
         };
-        let keep = self.ids.len().min(CONTEXT);
+        let (keep, prefix) = self.context(tokenizer)?;
         self.ids.drain(..self.ids.len() - keep);
         self.emitted = self.ids.len();
-        self.prefix = decode(tokenizer, &self.ids)?;
+        self.prefix = prefix;
         Ok(new)
+    }
+
+    /// How many of the last ids to keep as context, and their text: at least
+    /// [`CONTEXT`] (where there are), and as many more as it takes to hold whole
+    /// characters. Byte tokens (SentencePiece's byte fallback) of a character cut in two
+    /// decode, with the bytes after them, as one invalid run, a replacement character
+    /// per byte: the next character would never decode whole. Without such a suffix,
+    /// no context.
+    fn context(&self, tokenizer: &Tokenizer) -> Result<(usize, String)> {
+        for keep in self.ids.len().min(CONTEXT)..=self.ids.len() {
+            let text = decode(tokenizer, &self.ids[self.ids.len() - keep..])?;
+            if !text.contains('\u{fffd}') {
+                return Ok((keep, text));
+            }
+        }
+        Ok((0, String::new()))
     }
 }
 
