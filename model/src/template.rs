@@ -16,7 +16,7 @@ const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['
 
 /// Gemma's turn format: roles `user` and `model`, system text folded into the next user
 /// turn.
-const GEMMA: &str = "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = ns.system + (m['content'] | trim) + '\\n\\n' %}{% else %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + ns.system + (m['content'] | trim) + '<end_of_turn>\\n' }}{% set ns.system = '' %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}";
+const GEMMA: &str = "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = ns.system + (m['content'] | trim) + '\\n\\n' %}{% else %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + ns.system + (m['content'] | trim) + '<end_of_turn>\\n' }}{% set ns.system = '' %}{% endif %}{% endfor %}{% if ns.system %}{{ '<start_of_turn>user\\n' + ns.system | trim + '<end_of_turn>\\n' }}{% endif %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}";
 
 /// The template to use when a model file carries none.
 pub fn fallback_template(arch: Arch) -> &'static str {
@@ -264,6 +264,28 @@ mod bounds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Gemma's turns have no system role: system text opens the next turn, and system
+    /// text with no turn after it is a user turn of its own (it was dropped).
+    #[test]
+    fn gemma_keeps_system_text_wherever_it_is() {
+        let t = ChatTemplate::new(GEMMA.into(), "<bos>", "<eos>").expect("template");
+        let rendered = t
+            .render(
+                &[
+                    ChatMessage::new("system", "Be brief."),
+                    ChatMessage::new("user", "Hi"),
+                    ChatMessage::new("system", "Answer in French."),
+                ],
+                true,
+            )
+            .expect("render");
+        assert_eq!(
+            rendered,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n\
+             <start_of_turn>user\nAnswer in French.<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
 
     fn render(source: &str, tools: serde_json::Value) -> String {
         let t = ChatTemplate::new(source.into(), "", "").expect("template");
