@@ -60,7 +60,10 @@ pub fn adjust(logits: &mut [f32], p: &SamplingParams, h: &TokenHistory) {
         );
         for &token in seen {
             if let Some(l) = logits.get_mut(token as usize) {
-                *l = if *l > 0.0 { *l / r } else { *l * r };
+                // A penalty near 0 (a subnormal passes `> 0`) would divide to
+                // infinity, and infinity minus infinity is NaN downstream: the
+                // largest finite logit is as certain a pick.
+                *l = if *l > 0.0 { (*l / r).min(f32::MAX) } else { *l * r };
             }
         }
     }
@@ -187,5 +190,21 @@ mod tests {
         assert_eq!(logits, [5.0, 0.0, -100.0]);
         assert!(adjusts(&p));
         assert!(!adjusts(&params()));
+    }
+
+    /// A penalty so small that dividing by it overflows (1e-40, a subnormal above 0)
+    /// leaves logits finite: the seen token is the certain pick and log-probabilities
+    /// stay numbers (they were NaN, reported as -9999 for the token drawn).
+    #[test]
+    fn a_tiny_repetition_penalty_stays_finite() {
+        let mut p = params();
+        p.repetition_penalty = 1e-40;
+        let h = TokenHistory::new(&[1], &p);
+        let mut logits = vec![3.0, 2.0, -1.0];
+        adjust(&mut logits, &p, &h);
+        assert!(logits.iter().all(|l| l.is_finite()), "{logits:?}");
+        let (chosen, top) = logprobs(&logits, 0.7, 1, 2);
+        assert_eq!(chosen, 0.0);
+        assert_eq!(top[0], (1, 0.0));
     }
 }
