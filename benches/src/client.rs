@@ -38,7 +38,8 @@ pub fn weather_tool() -> Value {
         "parameters": {
             "type": "object",
             "properties": {
-                "city": {"type": "string"},
+                // Bounded, so a small model's call ends well inside --max-tokens.
+                "city": {"type": "string", "maxLength": 40},
                 "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
             },
             "required": ["city", "unit"],
@@ -79,7 +80,7 @@ pub async fn chat(
     let mut record = RequestRecord::default();
     let mut text = String::new();
     let result = stream(http, base, &body, started, &mut record, &mut text).await;
-    finish(record, text, None, started, result)
+    finish(record, text, None, started, result, shape.tool_call)
 }
 
 /// Sends one turn to `{base}/v1/responses` with streaming: `user`'s message, continuing
@@ -116,7 +117,7 @@ pub async fn respond(
     let mut text = String::new();
     let mut id = None;
     let result = stream_events(http, base, &body, started, &mut record, &mut text, &mut id).await;
-    finish(record, text, id, started, result)
+    finish(record, text, id, started, result, shape.tool_call)
 }
 
 fn finish(
@@ -125,12 +126,16 @@ fn finish(
     response_id: Option<String>,
     started: Instant,
     result: Result<(), String>,
+    want_call: bool,
 ) -> Reply {
     record.e2e = started.elapsed().as_secs_f64();
     if let Err(e) = result {
         record.error = Some(e);
     } else if record.output_tokens == 0 {
         record.error = Some("the stream ended without usage".into());
+    } else if want_call && record.calls == 0 {
+        // The server drops a call cut short, so an answer without one is a failure.
+        record.error = Some("no function call in the answer (cut by --max-tokens?)".into());
     }
     Reply {
         record,
@@ -210,6 +215,9 @@ async fn stream_events(
                 }
             }
             "response.function_call_arguments.delta" => record.chunk_times.push(at),
+            "response.output_item.added" if event["item"]["type"] == "function_call" => {
+                record.calls += 1
+            }
             "response.failed" => {
                 return Err(format!("response.failed: {}", event["response"]["error"]))
             }
@@ -259,11 +267,9 @@ async fn stream(
             }
         }
         // A function call's deltas count as output arriving too.
-        if delta["tool_calls"]
-            .as_array()
-            .is_some_and(|c| !c.is_empty())
-        {
+        if let Some(calls) = delta["tool_calls"].as_array().filter(|c| !c.is_empty()) {
             record.chunk_times.push(at);
+            record.calls += calls.iter().filter(|c| c["id"].is_string()).count();
         }
         if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
             let count = |v: &Value| v.as_u64().unwrap_or(0) as usize;

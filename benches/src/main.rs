@@ -137,6 +137,18 @@ async fn run(args: Args) -> Result<(), String> {
     if args.multi_turn == 0 || args.max_tokens == 0 {
         return Err("--multi-turn and --max-tokens must be at least 1".into());
     }
+    if args.concurrency.contains(&0) {
+        return Err("--concurrency values must be at least 1".into());
+    }
+    if args.duration.is_some_and(|d| !(d > 0.0 && d.is_finite())) {
+        return Err("--duration must be a positive number of seconds".into());
+    }
+    for url in &args.urls {
+        match reqwest::Url::parse(url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            _ => return Err(format!("--url {url:?} is not an http:// or https:// URL")),
+        }
+    }
     if args.multi_turn > 1 && !args.request_rate.is_empty() {
         return Err("--multi-turn needs closed-loop --concurrency levels".into());
     }
@@ -182,7 +194,7 @@ async fn run(args: Args) -> Result<(), String> {
     let loads: Vec<Load> = if args.request_rate.is_empty() {
         args.concurrency
             .iter()
-            .map(|&c| Load::Concurrency(c.max(1)))
+            .map(|&c| Load::Concurrency(c))
             .collect()
     } else {
         args.request_rate
@@ -258,6 +270,15 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(path) = &args.svg {
         chorus_bench::chart::write_svg(path, &levels)?;
     }
+    // A level where nothing succeeded measured nothing: say so in the exit status.
+    let empty: Vec<String> = levels
+        .iter()
+        .filter(|l| l.summary.completed == 0)
+        .map(|l| format!("{} {}", l.target.url, l.load.label()))
+        .collect();
+    if !empty.is_empty() {
+        return Err(format!("no request succeeded at {}", empty.join(", ")));
+    }
     Ok(())
 }
 
@@ -271,7 +292,11 @@ async fn warm_up(
 ) -> Result<(), String> {
     let shape = RequestShape {
         model: target.model.clone(),
-        max_tokens: plan.max_tokens.min(8),
+        // A call needs room to finish: only a text answer is cut short.
+        max_tokens: match plan.tool_call {
+            true => plan.max_tokens,
+            false => plan.max_tokens.min(8),
+        },
         ignore_eos: plan.ignore_eos,
         temperature: plan.temperature,
         tool_call: plan.tool_call,

@@ -5,6 +5,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::runner::LevelResult;
+use crate::stats::Dist;
 
 /// Everything a run measured, with the settings that produced it.
 #[derive(Debug, Serialize)]
@@ -29,7 +30,7 @@ pub fn table(levels: &[LevelResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {}{:>5} {:>5} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "{:<10} {}{:>5} {:>5} {:>7} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "load",
         if multi {
             format!("{:<28} ", "target")
@@ -38,6 +39,7 @@ pub fn table(levels: &[LevelResult]) -> String {
         },
         "ok",
         "fail",
+        "prompt",
         "out tok/s",
         "req/s",
         "TTFT p50",
@@ -57,20 +59,20 @@ pub fn table(levels: &[LevelResult]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<10} {target}{:>5} {:>5} {:>7.0} {:>9.1} {:>7.2} {:>8.0} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>8.0} {:>8.0}",
+            "{:<10} {target}{:>5} {:>5} {:>7.0} {:>9.1} {:>7.2} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
             l.load.label(),
             s.completed,
             s.failed,
             s.prompt_tokens as f64 / s.completed.max(1) as f64,
             s.output_tokens_per_s,
             s.requests_per_s,
-            s.ttft_ms.p50,
-            s.ttft_ms.p99,
-            s.itl_ms.p50,
-            s.itl_ms.p99,
-            s.tpot_ms.p50,
-            s.e2e_ms.p50,
-            s.e2e_ms.p99,
+            ms(s.ttft_ms.p50, &s.ttft_ms, 0),
+            ms(s.ttft_ms.p99, &s.ttft_ms, 0),
+            ms(s.itl_ms.p50, &s.itl_ms, 1),
+            ms(s.itl_ms.p99, &s.itl_ms, 1),
+            ms(s.tpot_ms.p50, &s.tpot_ms, 1),
+            ms(s.e2e_ms.p50, &s.e2e_ms, 0),
+            ms(s.e2e_ms.p99, &s.e2e_ms, 0),
         );
         for (status, n) in &s.failures {
             let _ = writeln!(out, "           {n} failed with {status}");
@@ -90,6 +92,14 @@ pub fn table(levels: &[LevelResult]) -> String {
         }
     }
     out
+}
+
+/// A figure of `dist` with `decimals`, or `n/a` when nothing was measured.
+fn ms(value: f64, dist: &Dist, decimals: usize) -> String {
+    match dist.samples {
+        0 => "n/a".into(),
+        _ => format!("{value:.decimals$}"),
+    }
 }
 
 fn truncate(s: &str, n: usize) -> &str {

@@ -190,8 +190,14 @@ async fn closed_loop(
                 if plan.turns == 1 {
                     history.truncate(history.len() - 2);
                 }
+                // No answer at all (the server is down or refusing connections): wait a
+                // little before the next try rather than spin on connection errors.
+                let unanswered = record.status.is_none();
                 records.push(record);
                 bar.inc(1);
+                if unanswered {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
             records
         });

@@ -28,6 +28,8 @@ pub struct RequestRecord {
     pub cached_tokens: usize,
     /// Size of the request body sent.
     pub request_bytes: usize,
+    /// Function calls whose deltas arrived (`--tool-call`).
+    pub calls: usize,
 }
 
 impl RequestRecord {
@@ -54,6 +56,8 @@ impl RequestRecord {
 /// Mean and percentiles of one metric, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Dist {
+    /// Values summarised (0: none, and every figure is 0).
+    pub samples: usize,
     pub mean: f64,
     pub p50: f64,
     pub p90: f64,
@@ -70,6 +74,7 @@ impl Dist {
             return Self::default();
         }
         Self {
+            samples: ms.len(),
             mean: ms.iter().sum::<f64>() / ms.len() as f64,
             p50: percentile(&ms, 50.0),
             p90: percentile(&ms, 90.0),

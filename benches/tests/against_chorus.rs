@@ -102,6 +102,17 @@ fn report_is_complete_and_counts_match_max_tokens() {
         svg.to_str().unwrap(),
     ]);
     assert!(table.contains("c=1") && table.contains("c=3"), "{table}");
+    // Each figure sits under its name: the table's `out tok/s` column ends where the
+    // JSON's figure does (the header was one column short).
+    let header = table
+        .lines()
+        .find(|l| l.starts_with("load"))
+        .expect("header");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("c=1 "))
+        .expect("c=1 row");
+    assert_eq!(header.len(), row.len(), "{table}");
 
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(&json).expect("json written")).unwrap();
@@ -129,6 +140,17 @@ fn report_is_complete_and_counts_match_max_tokens() {
         assert!(s["output_tokens_per_s"].as_f64().unwrap() > 0.0);
         assert_eq!(s["goodput"], s["requests_per_s"]);
     }
+    let out_end = header.find("out tok/s").expect("column") + "out tok/s".len();
+    let figure = format!(
+        "{:.1}",
+        levels[0]["summary"]["output_tokens_per_s"]
+            .as_f64()
+            .unwrap()
+    );
+    assert!(
+        row[..out_end].ends_with(&figure),
+        "{figure} not under out tok/s:\n{table}"
+    );
     let chart = std::fs::read_to_string(&svg).expect("svg written");
     assert!(chart.starts_with("<svg") && chart.contains("output tokens/s"));
 
@@ -157,5 +179,69 @@ fn report_is_complete_and_counts_match_max_tokens() {
     let prompt = |t: usize| turns[t]["prompt_tokens_mean"].as_f64().unwrap();
     assert!(prompt(0) < prompt(1) && prompt(1) < prompt(2), "{turns:?}");
     assert_eq!(report["levels"][0]["summary"]["completed"], 6);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `--tool-call` counts a request only when a call came back: with room for one, every
+/// request makes one; cut short by --max-tokens (the server drops a cut call), none
+/// succeed, and the run says so in its exit status. A URL that is not one is refused.
+#[test]
+fn tool_call_runs_count_only_answers_with_a_call() {
+    let url = start_server();
+    let dir = out_dir("tools");
+    let json = dir.join("t.json");
+    let common = [
+        "--url",
+        &url,
+        "--concurrency",
+        "1",
+        "--requests-per-level",
+        "2",
+    ];
+    let table = bench(
+        &[
+            &common[..],
+            &[
+                "--tool-call",
+                "--max-tokens",
+                "128",
+                "--json",
+                json.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json written")).unwrap();
+    let s = &report["levels"][0]["summary"];
+    assert_eq!(
+        (s["completed"].as_u64(), s["failed"].as_u64()),
+        (Some(2), Some(0)),
+        "{table}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_chorus-bench"))
+        .args(
+            [
+                &common[..],
+                &["--tool-call", "--max-tokens", "8", "--warmup", "0"],
+            ]
+            .concat(),
+        )
+        .output()
+        .expect("chorus-bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    // Nothing measured is shown as such, not as 0 ms.
+    assert!(stdout.contains("n/a") && stdout.contains("2 failed"), "{stdout}");
+    assert!(stderr.contains("no request succeeded"), "{stderr}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_chorus-bench"))
+        .args(["--url", "notaurl"])
+        .output()
+        .expect("chorus-bench runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an http"));
     let _ = std::fs::remove_dir_all(dir);
 }
