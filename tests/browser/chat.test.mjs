@@ -170,6 +170,39 @@ try {
     await other.close();
   });
 
+  await step("New chat twice makes one empty conversation, not two", async () => {
+    const before = await page.locator("#conversations li").count();
+    await page.click("#new-chat");
+    await page.click("#new-chat");
+    assert.equal(await page.locator("#conversations li").count(), before + 1);
+  });
+
+  await step("a deleted conversation is gone, and another tab does not save it back", async () => {
+    const other = await context.newPage();
+    await other.goto(BASE);
+    const title = "Beta from the second tab.";
+    await other.locator("#conversations button", { hasText: title }).waitFor();
+    page.once("dialog", (d) => d.accept());
+    await page.getByRole("button", { name: `Delete conversation: ${title}` }).click();
+    await page.waitForFunction((t) => ![...document.querySelectorAll("#conversations li")].some((li) => li.textContent.includes(t)), title);
+    // The other tab drops it too, and its next save does not bring it back.
+    await other.waitForFunction((t) => ![...document.querySelectorAll("#conversations li")].some((li) => li.textContent.includes(t)), title);
+    await other.click("#new-chat");
+    await other.fill("#input", "Gamma from the second tab.");
+    await other.press("#input", "Enter");
+    await answered(other);
+    await page.reload();
+    const titles = await page.locator("#conversations li").allTextContents();
+    assert.ok(!titles.some((t) => t.includes(title)), JSON.stringify(titles));
+    assert.ok(titles.some((t) => t.includes("Gamma from the second tab.")), JSON.stringify(titles));
+    // Dismissing the question deletes nothing.
+    const count = titles.length;
+    page.once("dialog", (d) => d.dismiss());
+    await page.locator("#conversations .delete").first().click();
+    assert.equal(await page.locator("#conversations li").count(), count);
+    await other.close();
+  });
+
   await step("after a reload the conversation is in the sidebar and shown again", async () => {
     await page.reload();
     const item = page.locator("#conversations button", { hasText: "Write a short poem about the sea." });
@@ -286,7 +319,7 @@ try {
     const outline = await page.evaluate(() => getComputedStyle(document.activeElement).outlineStyle);
     assert.notEqual(outline, "none");
     // Choosing a conversation draws the page again; the focus stays on its button.
-    const item = page.locator("#conversations button").nth(1);
+    const item = page.locator("#conversations button:not(.delete)").nth(1);
     await item.focus();
     await page.keyboard.press("Enter");
     assert.match(await page.evaluate(() => document.activeElement.dataset.focusKey ?? ""), /^conversation-/);
@@ -301,6 +334,14 @@ try {
       const box = await p.locator(`#${id}`).boundingBox();
       assert.ok(box && box.x >= 0 && box.x + box.width <= 360, `#${id} is off screen: ${JSON.stringify(box)}`);
     }
+    // The settings fit the width too (their number fields kept their natural width).
+    await p.click("#toggle-settings");
+    assert.ok(await p.evaluate(() => document.documentElement.scrollWidth) <= 360, "settings wider than the screen");
+    for (const id of ["set-temperature", "set-top-p", "set-max-tokens", "set-seed", "set-api-key"]) {
+      const box = await p.locator(`#${id}`).boundingBox();
+      assert.ok(box && box.x >= 0 && box.x + box.width <= 360, `#${id} is off screen: ${JSON.stringify(box)}`);
+    }
+    await p.click("#toggle-settings");
     const composer = await p.locator("#composer").boundingBox();
     assert.ok(composer.y + composer.height >= 740 - 2, `the composer is not at the bottom: ${JSON.stringify(composer)}`);
     await p.fill("#input", "Hi!");
