@@ -234,7 +234,10 @@ fn tool_call_runs_count_only_answers_with_a_call() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stdout}\n{stderr}");
     // Nothing measured is shown as such, not as 0 ms.
-    assert!(stdout.contains("n/a") && stdout.contains("2 failed"), "{stdout}");
+    assert!(
+        stdout.contains("n/a") && stdout.contains("2 failed"),
+        "{stdout}"
+    );
     assert!(stderr.contains("no request succeeded"), "{stderr}");
 
     let out = Command::new(env!("CARGO_BIN_EXE_chorus-bench"))

@@ -63,7 +63,11 @@ pub fn adjust(logits: &mut [f32], p: &SamplingParams, h: &TokenHistory) {
                 // A penalty near 0 (a subnormal passes `> 0`) would divide to
                 // infinity, and infinity minus infinity is NaN downstream: the
                 // largest finite logit is as certain a pick.
-                *l = if *l > 0.0 { (*l / r).min(f32::MAX) } else { *l * r };
+                *l = if *l > 0.0 {
+                    (*l / r).min(f32::MAX)
+                } else {
+                    *l * r
+                };
             }
         }
     }

@@ -7,6 +7,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use thiserror::Error;
 
+/// The status counted for a request whose client went away before its response
+/// (nginx's "client closed request").
+pub const CLIENT_CLOSED: u16 = 499;
+
 #[derive(Debug, Error)]
 pub enum ApiError {
     /// A field is missing, malformed or out of range.
@@ -37,6 +41,13 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("the request body did not arrive within {0} s (--body-timeout)")]
     BodyTimeout(u64),
+    /// A `Content-Encoding` the server does not decode.
+    #[error("`Content-Encoding: {0}` is not supported: send the body uncompressed")]
+    UnsupportedEncoding(String),
+    /// The client closed its connection before its body arrived: no one reads the
+    /// answer, which is only counted (as nginx's 499).
+    #[error("the client closed the connection before its request body arrived")]
+    ClientLeft,
     #[error("the server is at capacity ({queued} requests waiting); retry later")]
     Overloaded { queued: usize, retry_after_s: u64 },
     #[error("{0}")]
@@ -63,6 +74,10 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::ClientLeft => {
+                StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -82,6 +97,10 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => ("invalid_request_error", Some("method_not_allowed")),
             ApiError::PayloadTooLarge => ("invalid_request_error", Some("request_too_large")),
             ApiError::BodyTimeout(_) => ("invalid_request_error", Some("request_timeout")),
+            ApiError::UnsupportedEncoding(_) => {
+                ("invalid_request_error", Some("unsupported_encoding"))
+            }
+            ApiError::ClientLeft => ("invalid_request_error", Some("client_closed_request")),
             ApiError::Overloaded { .. } => ("server_overloaded", Some("overloaded")),
             ApiError::Unavailable(_) => ("service_unavailable", Some("unavailable")),
             ApiError::Internal(_) => ("internal_error", Some("internal_error")),

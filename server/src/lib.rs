@@ -69,7 +69,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::engine::{Engine, ModelInfo, Stats};
-use crate::error::ApiError;
+use crate::error::{ApiError, CLIENT_CLOSED};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::prep::Prep;
 use crate::routes::RequestId;
@@ -317,9 +317,6 @@ struct Count {
     metrics: Arc<Metrics>,
     endpoint: Option<String>,
 }
-
-/// The status counted for a request whose client went away before its response.
-const CLIENT_CLOSED: u16 = 499;
 
 impl Count {
     fn status(&mut self, status: u16) {

@@ -98,6 +98,64 @@ async fn an_http2_preface_is_closed_at_once() {
     );
 }
 
+/// A compressed body is refused with 415, not misread as malformed JSON (or, for an
+/// unknown coding, taken as plain text); a client that leaves mid-body is counted as one
+/// that left (499), not as a bad request.
+#[tokio::test]
+async fn a_coded_body_is_415_and_a_body_left_half_sent_is_499() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&[]));
+    wait_ready(&url).await;
+    let client = reqwest::Client::new();
+    for coding in ["gzip", "br", "x-made-up"] {
+        let r = client
+            .post(format!("{url}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("content-encoding", coding)
+            .body(r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}"#)
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(r.status(), 415, "{coding}");
+        let v: Value = r.json().await.expect("envelope");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(coding),
+            "{v}"
+        );
+    }
+    let addr = addr(&url);
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..3 {
+            drop(withhold_body(&addr, 1000, 11));
+        }
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = metrics(&url).await;
+        let count = |status: &str| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(&format!(
+                        r#"chorus_requests_total{{endpoint="/v1/chat/completions",status="{status}"}} "#
+                    ))
+                })
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        assert_eq!(count("400"), 0, "{text}");
+        if count("499") == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// One connection over `--max-connections` is answered 503 in the error envelope; once
 /// a connection closes, a new one is served.
 #[tokio::test]

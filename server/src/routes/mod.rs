@@ -57,11 +57,22 @@ impl FromRequest<AppState> for JsonBody {
                 param: None,
             });
         }
+        // A compressed body would be read as malformed JSON (or, for an unknown coding,
+        // taken as plain): say what is wrong instead (RFC 9110: 415).
+        let encoding = req
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_string())
+            .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
+        if let Some(encoding) = encoding {
+            return Err(ApiError::UnsupportedEncoding(encoding));
+        }
         let limits = app.http_limits();
         let read = axum::body::to_bytes(req.into_body(), limits.max_request_bytes);
         match tokio::time::timeout(limits.body_timeout, read).await {
             Err(_) => Err(ApiError::BodyTimeout(limits.body_timeout.as_secs())),
             Ok(Err(e)) if is_length_limit(&e) => Err(ApiError::PayloadTooLarge),
+            Ok(Err(e)) if client_left(&e) => Err(ApiError::ClientLeft),
             Ok(Err(e)) => Err(ApiError::BadRequest {
                 message: format!("could not read the request body: {e}"),
                 param: None,
@@ -128,6 +139,34 @@ fn is_length_limit(e: &axum::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// The body ended because the connection did (closed or reset before the length it
+/// promised), not because of what was in it.
+fn client_left(e: &axum::Error) -> bool {
+    use std::io::ErrorKind;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        let gone = match (
+            s.downcast_ref::<hyper::Error>(),
+            s.downcast_ref::<std::io::Error>(),
+        ) {
+            (Some(h), _) => h.is_incomplete_message(),
+            (_, Some(io)) => matches!(
+                io.kind(),
+                ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+            ),
+            _ => false,
+        };
+        if gone {
             return true;
         }
         source = s.source();
