@@ -187,6 +187,16 @@ def test_function_call_and_its_output(client):
     assert resent.output_text == follow.output_text
 
 
+def test_max_tool_calls_bounds_the_calls(client):
+    """`max_tool_calls` (which OpenAI applies to built-in tools) bounds function calls
+    here, and is echoed (it was a 400)."""
+    r = client.responses.create(model=MODEL, input="Weather in Paris, Rome, Oslo and Lima?",
+                                tools=[WEATHER], tool_choice="required", temperature=0,
+                                max_tool_calls=1, max_output_tokens=200)
+    assert r.max_tool_calls == 1
+    assert len([o for o in r.output if o.type == "function_call"]) == 1
+
+
 def test_a_call_cut_short_leaves_no_output(client):
     # Neither a call nor the call syntax as a message (which the next turn would replay).
     kwargs = dict(model=MODEL, input="Weather in Oslo?", tools=[WEATHER],
@@ -314,6 +324,7 @@ def test_streamed_cut_short_ends_incomplete(client):
     ({"include": ["reasoning.encrypted_content"]}, "include"),
     ({"text": {"format": {"type": "yaml"}}}, "text"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"max_tool_calls": 0}, "max_tool_calls"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input"),
     ({"input": [{"role": "user", "content": "hi", "id": 5}]}, "input"),
     ({"text": "json"}, "text"),

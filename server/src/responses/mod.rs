@@ -74,6 +74,15 @@ pub fn prepare(
         }
         n => n.map(|n| n as u64),
     };
+    let max_tool_calls = match req.max_tool_calls {
+        Some(n) if n < 1 => {
+            return Err(ApiError::bad(
+                "max_tool_calls",
+                format!("`max_tool_calls` must be at least 1, got {n}"),
+            ))
+        }
+        n => n.map(|n| n as u64),
+    };
     let metadata = metadata(req.metadata)?;
     let wire_tools = req.tools.unwrap_or_default();
     let tools = ToolRequest::new(
@@ -81,7 +90,11 @@ pub fn prepare(
         functions(&wire_tools)?,
         req.tool_choice.as_ref(),
         req.parallel_tool_calls,
-        limits.max_tool_calls,
+        max_tool_calls.map_or(limits.max_tool_calls, |n| {
+            limits
+                .max_tool_calls
+                .min(usize::try_from(n).unwrap_or(usize::MAX))
+        }),
     )?;
     let text = req
         .text
@@ -144,6 +157,7 @@ pub fn prepare(
         incomplete_details: None,
         instructions: req.instructions,
         max_output_tokens,
+        max_tool_calls,
         model: info.id.clone(),
         output: Vec::new(),
         parallel_tool_calls: parallel,
@@ -209,12 +223,6 @@ fn refuse_unsupported(req: &ResponsesRequest) -> Result<(), ApiError> {
         return Err(ApiError::bad(
             "top_logprobs",
             "`top_logprobs` is not supported on /v1/responses; use /v1/chat/completions",
-        ));
-    }
-    if let Some(n) = req.max_tool_calls {
-        return Err(ApiError::bad(
-            "max_tool_calls",
-            format!("`max_tool_calls` ({n}) is not supported; this server allows --max-tool-calls calls per answer"),
         ));
     }
     if let Some(first) = req.include.iter().flatten().next() {

@@ -150,6 +150,10 @@ pub struct ResponseObject {
     pub incomplete_details: Option<IncompleteDetails>,
     pub instructions: Option<String>,
     pub max_output_tokens: Option<u64>,
+    /// As requested: at most this many function calls in the answer (with
+    /// `--max-tool-calls` the tighter bound). Absent in responses stored before it.
+    #[serde(default)]
+    pub max_tool_calls: Option<u64>,
     pub model: String,
     pub output: Vec<Item>,
     pub parallel_tool_calls: bool,
