@@ -177,16 +177,21 @@ impl State {
         self.ended = true;
         self.s.response.status = "failed".into();
         self.s.response.error = Some(ResponseError {
-            code: match e {
-                // The codes OpenAI's `ResponseError` lists.
-                ApiError::Overloaded { .. } => "rate_limit_exceeded",
-                _ => "server_error",
-            }
-            .into(),
+            code: error_code(&e).into(),
             message: e.to_string(),
         });
         out.push_str(&self.response_event("response.failed"));
         out
+    }
+}
+
+/// A failure's code among those OpenAI's `ResponseError` lists.
+fn error_code(e: &ApiError) -> &'static str {
+    match e {
+        ApiError::Overloaded { .. } => "rate_limit_exceeded",
+        // The request's fault (a schema the grammar engine gave up on mid-answer).
+        ApiError::BadRequest { .. } | ApiError::BadField { .. } => "invalid_prompt",
+        _ => "server_error",
     }
 }
 
@@ -294,6 +299,13 @@ mod tests {
             text: t.into(),
             logprobs: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_failure_the_request_caused_is_not_a_server_error() {
+        let schema = ApiError::bad("text", "`text` cannot be enforced");
+        assert_eq!(error_code(&schema), "invalid_prompt");
+        assert_eq!(error_code(&ApiError::Internal("x".into())), "server_error");
     }
 
     /// The engine stops mid-answer: the message item the client saw open is closed, as
