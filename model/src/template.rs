@@ -177,7 +177,21 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         tools: Option<&serde_json::Value>,
     ) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, tools, None)
+    }
+
+    /// As [`Self::render_with_tools`], with `extra` variables (an object: vLLM's
+    /// `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`) beside the template's own,
+    /// which take precedence.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+        extra: Option<&serde_json::Value>,
+    ) -> Result<String> {
         let template = self.env.get_template(TEMPLATE_NAME)?;
+        let none = serde_json::Value::Object(serde_json::Map::new());
         let mut out = Bounded(Vec::new());
         let rendered = template.render_captured_to(
             context! {
@@ -186,6 +200,7 @@ impl ChatTemplate {
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
+                ..minijinja::Value::from_serialize(extra.unwrap_or(&none))
             },
             &mut out,
         );

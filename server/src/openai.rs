@@ -29,10 +29,26 @@ pub struct ChatCompletionRequest {
     pub tool_choice: Option<Value>,
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
+    #[serde(flatten)]
+    pub template: WireTemplateOptions,
     /// Fields that would change what the answer is, which this server cannot honour:
     /// refused by name rather than ignored (`validate::refuse_unsupported`).
     #[serde(flatten)]
     pub unsupported: UnsupportedChatFields,
+}
+
+/// How the chat template renders the conversation (vLLM's extensions).
+#[derive(Debug, Default, Deserialize)]
+pub struct WireTemplateOptions {
+    /// Open the assistant's turn after the messages (default true).
+    #[serde(default)]
+    pub add_generation_prompt: Option<bool>,
+    /// Leave the final (assistant) message open, so the answer continues it.
+    #[serde(default)]
+    pub continue_final_message: Option<bool>,
+    /// More variables for the template (Qwen3's `enable_thinking`, ...).
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
 
 /// Whether a field was sent with a value (absent and `null` are alike: not given).

@@ -10,7 +10,7 @@ use crate::error::ApiError;
 use crate::grammar::Constraint;
 use crate::openai::{
     given, ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, StopInput,
-    UnsupportedChatFields, WireMessage, WireSampling, WireTool,
+    UnsupportedChatFields, WireMessage, WireSampling, WireTemplateOptions, WireTool,
 };
 use crate::tools::{self, Broken, CallReader, FunctionSpec, Ledger, ToolRequest};
 
@@ -93,6 +93,7 @@ pub fn chat(
     let answer = response_format(req.response_format.as_ref())?.map(|s| ("response_format", s));
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
+    let rendering = rendering(req.template)?;
     let (mut gen, reader) = conversation(
         info,
         limits,
@@ -101,6 +102,7 @@ pub fn chat(
         tools.as_ref(),
         answer,
         &req.sampling,
+        &rendering,
         "messages",
     )?;
     gen.logprobs = logprobs;
@@ -176,11 +178,20 @@ pub fn conversation(
     tools: Option<&ToolRequest>,
     answer: Option<(&'static str, Value)>,
     sampling: &WireSampling,
+    rendering: &Rendering,
     param: &'static str,
 ) -> Result<(GenRequest, Option<CallReader>), ApiError> {
     let knows_tools = info.template.knows_tools();
     let format = tools::prompt::format_for(knows_tools, info.template.source());
-    let prompt = chat_prompt(info, limits, wire, tools, answer.is_some(), true, param)?;
+    let prompt = chat_prompt(
+        info,
+        limits,
+        wire,
+        tools,
+        answer.is_some(),
+        rendering,
+        param,
+    )?;
     let mut reader = None;
     // Compiled alone first, so that a schema that cannot be enforced is blamed on its field.
     let mut constraint = match &answer {
@@ -241,7 +252,7 @@ pub fn chat_prompt(
     wire: Vec<WireMessage>,
     tools: Option<&ToolRequest>,
     json_answer: bool,
-    add_generation_prompt: bool,
+    rendering: &Rendering,
     param: &'static str,
 ) -> Result<Vec<u32>, ApiError> {
     let messages = chat_messages(wire)?;
@@ -252,9 +263,66 @@ pub fn chat_prompt(
         limits,
         &messages,
         tools_value.as_ref(),
-        add_generation_prompt,
+        rendering,
         param,
     )
+}
+
+/// How a conversation is rendered: the template's generation prompt, or the final
+/// assistant message left open to be continued, and the client's extra template
+/// variables.
+#[derive(Debug, Clone)]
+pub struct Rendering {
+    pub add_generation_prompt: bool,
+    pub continue_final: bool,
+    /// An object of variables, their strings escaped as message text is.
+    pub kwargs: Option<Value>,
+}
+
+impl Default for Rendering {
+    fn default() -> Self {
+        Self {
+            add_generation_prompt: true,
+            continue_final: false,
+            kwargs: None,
+        }
+    }
+}
+
+/// Names the template gets from the server, which `chat_template_kwargs` cannot replace.
+const TEMPLATE_VARIABLES: [&str; 5] = [
+    "messages",
+    "tools",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+];
+
+/// The request's template options, checked.
+pub fn rendering(w: WireTemplateOptions) -> Result<Rendering, ApiError> {
+    let continue_final = w.continue_final_message.unwrap_or(false);
+    if continue_final && w.add_generation_prompt == Some(true) {
+        return Err(ApiError::bad(
+            "continue_final_message",
+            "`continue_final_message` and `add_generation_prompt` cannot both be true: the final message is either continued or answered",
+        ));
+    }
+    if let Some(name) = w
+        .chat_template_kwargs
+        .iter()
+        .flat_map(|k| k.keys())
+        .find(|k| TEMPLATE_VARIABLES.contains(&k.as_str()))
+    {
+        return Err(ApiError::bad(
+            "chat_template_kwargs",
+            format!("`chat_template_kwargs` cannot set {name:?}: the server sets it (the request's own fields say what it holds)"),
+        ));
+    }
+    Ok(Rendering {
+        add_generation_prompt: !continue_final && w.add_generation_prompt.unwrap_or(true),
+        continue_final,
+        kwargs: w.chat_template_kwargs.map(Value::Object),
+    })
 }
 
 /// `tools` as the functions they offer, with `tool_choice` and `parallel_tool_calls`.
@@ -458,7 +526,7 @@ pub fn encode_chat(
     limits: Limits,
     messages: &[ChatMessage],
     tools: Option<&Value>,
-    add_generation_prompt: bool,
+    rendering: &Rendering,
     param: &'static str,
 ) -> Result<Vec<u32>, ApiError> {
     // Every string a client wrote is escaped here, once, whatever the template does
@@ -482,15 +550,47 @@ pub fn encode_chat(
         escape_strings(info, &mut t);
         t
     });
-    let rendered = info
+    let kwargs = rendering.kwargs.clone().map(|mut k| {
+        escape_strings(info, &mut k);
+        k
+    });
+    let final_text = match (rendering.continue_final, escaped.last()) {
+        (false, _) => None,
+        (true, Some(last)) if last.role == "assistant" && !last.content.is_empty() => {
+            Some(last.content.as_str())
+        }
+        (true, _) => {
+            return Err(ApiError::bad(
+                "continue_final_message",
+                "`continue_final_message` needs the last message to be an assistant's with text to continue",
+            ))
+        }
+    };
+    let mut rendered = info
         .template
-        .render_with_tools(&escaped, add_generation_prompt, tools.as_ref())
+        .render_with(
+            &escaped,
+            rendering.add_generation_prompt,
+            tools.as_ref(),
+            kwargs.as_ref(),
+        )
         .map_err(|e| {
             ApiError::bad(
                 param,
                 format!("the chat template rejected the conversation: {e}"),
             )
         })?;
+    // Continued: what the template writes after the final message's text (its end of
+    // turn) is cut, as vLLM does.
+    if let Some(text) = final_text {
+        let Some(at) = rendered.rfind(text) else {
+            return Err(ApiError::bad(
+                "continue_final_message",
+                "the chat template does not write the final message's text as it is (it trims or changes it), so it cannot be continued",
+            ));
+        };
+        rendered.truncate(at + text.len());
+    }
     check_prompt_bytes(info, limits, param, rendered.len())?;
     let prompt = info
         .tokenizer

@@ -137,6 +137,7 @@ pub fn prepare(
         tools.as_ref(),
         answer,
         &sampling,
+        &validate::Rendering::default(),
         "input",
     )?;
     let parallel = req.parallel_tool_calls.unwrap_or(true);

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::engine::ModelInfo;
 use crate::error::ApiError;
-use crate::openai::{WireMessage, WireTool};
+use crate::openai::{WireMessage, WireTemplateOptions, WireTool};
 use crate::routes::JsonBody;
 use crate::validate::{self, check_model};
 use crate::AppState;
@@ -24,8 +24,9 @@ pub struct TokenizeRequest {
     prompt: Option<String>,
     #[serde(default)]
     messages: Option<Vec<WireMessage>>,
-    #[serde(default)]
-    add_generation_prompt: Option<bool>,
+    /// `add_generation_prompt`, `continue_final_message`, `chat_template_kwargs`.
+    #[serde(flatten)]
+    template: WireTemplateOptions,
     /// Functions offered, with the fields that change how chat shows them to the model
     /// (`tool_choice: "none"` hides them; structured output beside them is described).
     #[serde(default)]
@@ -76,7 +77,7 @@ pub async fn tokenize(
                         messages,
                         tools.as_ref(),
                         json_answer,
-                        req.add_generation_prompt.unwrap_or(true),
+                        &validate::rendering(req.template)?,
                         "messages",
                     )?
                 }
