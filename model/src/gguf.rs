@@ -25,10 +25,17 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
     };
     let mut reader = BufReader::new(File::open(path).map_err(io)?);
     let content = Content::read(&mut reader)?;
+    let declared = declared_tensors(&mut reader).map_err(io)?;
     let meta = Meta(&content.metadata);
 
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let mut cfg = arch::from_gguf(&meta, tokens.len())?;
+    check_layout(
+        &content,
+        declared,
+        cfg.layers,
+        &meta.string("general.architecture")?,
+    )?;
     let tokenizer = Tokenizer::from_gguf_vocab(GgufVocab {
         model: meta.string("tokenizer.ggml.model")?,
         merges: meta
@@ -88,6 +95,60 @@ pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
         template,
         name,
     })
+}
+
+/// How many tensors the file's header declares (candle keeps them by name, so a name
+/// given twice would leave one silently unread).
+fn declared_tensors(reader: &mut BufReader<File>) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut head = [0u8; 16];
+    reader.seek(SeekFrom::Start(0))?;
+    reader.read_exact(&mut head)?;
+    let version = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    Ok(match version {
+        // Version 1 counted in 32 bits.
+        1 => u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]])),
+        _ => u64::from_le_bytes([
+            head[8], head[9], head[10], head[11], head[12], head[13], head[14], head[15],
+        ]),
+    })
+}
+
+/// The tensor table is one the model can be read from: each name once, no two tensors'
+/// bytes overlapping (one would be read as part of another), no layer past the model's
+/// `block_count` (those layers would be dropped without a word).
+fn check_layout(content: &Content, declared: u64, layers: usize, arch: &str) -> Result<()> {
+    let bad = |m: String| Err(ModelError::Files(m));
+    if declared != content.tensor_infos.len() as u64 {
+        return bad(format!(
+            "the file declares {declared} tensors but holds {} distinct names: a name is given twice",
+            content.tensor_infos.len()
+        ));
+    }
+    let mut spans = Vec::with_capacity(content.tensor_infos.len());
+    for (name, info) in &content.tensor_infos {
+        let dtype = info.ggml_dtype;
+        let bytes =
+            (info.shape.elem_count() / dtype.block_size()) as u64 * dtype.type_size() as u64;
+        spans.push((info.offset, info.offset.saturating_add(bytes), name));
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Some(layer) = layer.filter(|&l| l >= layers) {
+            return bad(format!(
+                "tensor `{name}` is of layer {layer}, but `{arch}.block_count` is {layers}"
+            ));
+        }
+    }
+    spans.sort_unstable();
+    for pair in spans.windows(2) {
+        let ((_, end, a), (start, _, b)) = (pair[0], pair[1]);
+        if end > start {
+            return bad(format!("tensors `{a}` and `{b}` overlap in the file"));
+        }
+    }
+    Ok(())
 }
 
 struct GgufWeights<'a> {

@@ -341,6 +341,8 @@ fn bad_gguf_metadata_is_a_load_error_naming_the_key() {
         ("llama.final_logit_softcapping", G::F32(30.0)),
         ("llama.block_count", G::U64(1 << 40)),
         ("llama.attention.key_length", G::U64(1 << 40)),
+        // Fewer layers than the file's tensors hold: they would be dropped unread.
+        ("llama.block_count", G::U32(1)),
     ];
     for (i, (key, value)) in cases.into_iter().enumerate() {
         let path = dir.join(format!("bad-{i}.gguf"));
@@ -354,6 +356,51 @@ fn bad_gguf_metadata_is_a_load_error_naming_the_key() {
         };
         assert!(err.contains(key), "{key}: {err}");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Where a tensor's name sits in the tensor table, and where its offset field does.
+fn info_at(file: &[u8], name: &[u8]) -> (usize, usize) {
+    let at = file
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("name in the table");
+    let dims_at = at + name.len();
+    let dims = u32::from_le_bytes(file[dims_at..dims_at + 4].try_into().unwrap()) as usize;
+    (at, dims_at + 4 + 8 * dims + 4)
+}
+
+/// A tensor table that names a tensor twice, or lays two over the same bytes, is a load
+/// error (candle keeps one tensor per name, and reads whatever bytes an offset says).
+#[test]
+fn a_tensor_table_with_a_twice_named_or_overlapping_tensor_is_a_load_error() {
+    let dir = std::env::temp_dir().join(format!("chorus-bad-table-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut hf = config("llama");
+    hf.as_object_mut().unwrap().remove("rope_scaling");
+    let good = dir.join("good.gguf");
+    gguf_twin("llama", &hf, &good, |_| {});
+    let file = std::fs::read(&good).unwrap();
+    let (_, q_offset) = info_at(&file, b"blk.0.attn_q.weight");
+    let (k, k_offset) = info_at(&file, b"blk.0.attn_k.weight");
+
+    let mut twice = file.clone();
+    twice[k..k + 19].copy_from_slice(b"blk.0.attn_q.weight");
+    let mut overlap = file.clone();
+    overlap.copy_within(q_offset..q_offset + 8, k_offset);
+    for (what, bytes, expected) in [
+        ("twice", twice, "given twice"),
+        ("overlap", overlap, "overlap"),
+    ] {
+        let path = dir.join(format!("{what}.gguf"));
+        std::fs::write(&path, bytes).unwrap();
+        let err = match chorus_model::gguf::load(&path, chorus_model::WeightFormat::Packed) {
+            Ok(_) => panic!("{what}: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(expected), "{what}: {err}");
+    }
+    assert!(chorus_model::gguf::load(&good, chorus_model::WeightFormat::Packed).is_ok());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
