@@ -402,12 +402,13 @@ pub fn chat_messages(wire: Vec<WireMessage>) -> Result<Vec<ChatMessage>, ApiErro
             None => String::new(),
             Some(MessageContent::Text(t)) => t,
             Some(MessageContent::Parts(parts)) => {
-                let mut text = String::new();
+                // Parts are joined by a newline, as vLLM joins them.
+                let mut texts = Vec::with_capacity(parts.len());
                 for (j, p) in parts.into_iter().enumerate() {
                     match (p.kind.as_str(), p.text, p.refusal) {
-                        ("text", Some(t), _) => text.push_str(&t),
+                        ("text", Some(t), _) => texts.push(t),
                         // An assistant's earlier refusal is what it said.
-                        ("refusal", _, Some(t)) if m.role == "assistant" => text.push_str(&t),
+                        ("refusal", _, Some(t)) if m.role == "assistant" => texts.push(t),
                         (kind, _, _) => {
                             return Err(ApiError::bad(
                                 "messages",
@@ -416,7 +417,7 @@ pub fn chat_messages(wire: Vec<WireMessage>) -> Result<Vec<ChatMessage>, ApiErro
                         }
                     }
                 }
-                text
+                texts.join("\n")
             }
         };
         // `developer` is the newer name OpenAI gives the system role.

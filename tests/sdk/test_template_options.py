@@ -82,3 +82,10 @@ def test_chat_template_kwargs_reach_the_template_as_text(tmp_path):
         assert r["usage"]["prompt_tokens"] == len(ids)
     finally:
         server.stop()
+
+
+def test_text_parts_are_joined_by_a_newline():
+    """As vLLM joins them (they were run together: "Hello" + "World" read "HelloWorld")."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "World"}]}]
+    _, text = prompt_of(BASE, {"messages": parts})
+    assert "Hello\nWorld" in text, text

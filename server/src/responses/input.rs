@@ -131,15 +131,15 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
         Some("function_call_output") => {
             let output = match map.get("output") {
                 Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => {
-                    let mut text = String::new();
-                    for (j, p) in parts.iter().enumerate() {
-                        text.push_str(
-                            text_part(&format!("input[{i}].output[{j}]"), p)?.text(),
-                        );
-                    }
-                    text
-                }
+                // Parts joined by a newline, as a message's are.
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .enumerate()
+                    .map(|(j, p)| {
+                        text_part(&format!("input[{i}].output[{j}]"), p).map(|t| t.text().to_string())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join("\n"),
                 _ => {
                     return Err(bad(format!(
                         "`input[{i}].output` must be a string or a list of text parts"
