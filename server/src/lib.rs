@@ -237,6 +237,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
             "/v1/responses/{id}/input_items",
             get(routes::responses::input_items),
         )
+        .route("/v1/responses/{id}/cancel", post(routes::responses::cancel))
         .route("/tokenize", post(routes::tokenize::tokenize))
         .route("/detokenize", post(routes::tokenize::detokenize))
         .route("/scheduler/stream", get(routes::scheduler::stream))

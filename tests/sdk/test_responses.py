@@ -325,6 +325,12 @@ def test_streamed_cut_short_ends_incomplete(client):
     ({"text": {"format": {"type": "yaml"}}}, "text"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"max_tool_calls": 0}, "max_tool_calls"),
+    ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "strict": "yes",
+                          "schema": {"type": "object"}}}}, "text"),
+    ({"text": {"verbosity": "huge"}}, "text"),
+    ({"tools": [{"type": "function", "name": "f", "strict": "yes"}]}, "tools"),
+    ({"input": [{"type": 5, "role": "user", "content": "hi"}]}, "input"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input"),
     ({"input": [{"role": "user", "content": "hi", "id": 5}]}, "input"),
     ({"text": "json"}, "text"),
@@ -334,6 +340,25 @@ def test_unsupported_fields_are_refused_by_name(client, fields, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.post("/responses", body=body, cast_to=object)
     assert e.value.body["param"] == param, e.value.body
+
+
+def test_an_array_body_is_not_read_as_a_request():
+    """serde reads a struct from an array by position; `[null, "Say hi"]` was served."""
+    import httpx
+    for path in ["/v1/responses", "/v1/responses/input_tokens", "/v1/chat/completions"]:
+        r = httpx.post(f"{BASE}{path}", json=[None, "Say hi"], timeout=60)
+        assert r.status_code == 400, (path, r.text)
+
+
+def test_sampling_defaults_are_echoed_and_a_stored_response_is_not_restreamed_or_cancelled(client):
+    r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
+    assert (r.temperature, r.top_p) == (1.0, 1.0)
+    import httpx
+    got = httpx.get(f"{BASE}/v1/responses/{r.id}?stream=true", timeout=60)
+    assert got.status_code == 400 and got.json()["error"]["param"] == "stream", got.text
+    cancel = httpx.post(f"{BASE}/v1/responses/{r.id}/cancel", timeout=60)
+    assert cancel.status_code == 400, cancel.text
+    assert httpx.post(f"{BASE}/v1/responses/resp_nope/cancel", timeout=60).status_code == 404
 
 
 def test_asking_for_no_reasoning_is_served(client):

@@ -176,6 +176,8 @@ impl State {
         }
         self.ended = true;
         self.s.response.status = "failed".into();
+        // Failed responses are not stored.
+        self.s.response.store = false;
         self.s.response.error = Some(ResponseError {
             code: error_code(&e).into(),
             message: e.to_string(),

@@ -59,6 +59,12 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
             )));
         }
     }
+    if map
+        .get("type")
+        .is_some_and(|t| !t.is_null() && !t.is_string())
+    {
+        return Err(bad(format!("`input[{i}].type` must be a string")));
+    }
     let kind = str_field("type");
     let id = |prefix: &str| str_field("id").unwrap_or_else(|| new_id(prefix));
     let required = |key: &str| {

@@ -164,8 +164,9 @@ pub fn prepare(
         parallel_tool_calls: parallel,
         previous_response_id: req.previous_response_id,
         store: keep.is_some(),
-        temperature: req.temperature,
-        top_p: req.top_p,
+        // What the draw uses: OpenAI reports its defaults, not null.
+        temperature: req.temperature.or(Some(1.0)),
+        top_p: req.top_p.or(Some(1.0)),
         text,
         tool_choice: req.tool_choice.unwrap_or_else(|| json!("auto")),
         tools: wire_tools,
@@ -265,6 +266,12 @@ fn functions(tools: &[Value]) -> Result<Vec<FunctionSpec>, ApiError> {
                 };
                 ApiError::bad("tools", format!("`tools[{i}].name` is required{hint}"))
             })?;
+            if t.get("strict").is_some_and(|s| !s.is_null() && !s.is_boolean()) {
+                return Err(ApiError::bad(
+                    "tools",
+                    format!("`tools[{i}].strict` must be a boolean"),
+                ));
+            }
             Ok(FunctionSpec {
                 name: name.to_string(),
                 description: t
@@ -289,14 +296,38 @@ fn text_format(text: &Value) -> Result<Option<Value>, ApiError> {
             format!("`text` must be an object such as {{\"format\": {{\"type\": \"text\"}}}}, got {text}"),
         ));
     }
+    if let Some(v) = text.get("verbosity").filter(|v| !v.is_null()) {
+        if !matches!(v.as_str(), Some("low" | "medium" | "high")) {
+            return Err(ApiError::bad(
+                "text",
+                format!("`text.verbosity` must be \"low\", \"medium\" or \"high\", got {v}"),
+            ));
+        }
+    }
     let Some(format) = text.get("format").filter(|f| !f.is_null()) else {
         return Ok(None);
     };
     let schema = match format.get("type").and_then(Value::as_str) {
         Some("text") => return Ok(None),
         Some("json_object") => json!({"type": "object"}),
-        Some("json_schema") => match format.get("schema") {
-            Some(s) if s.is_object() => s.clone(),
+        Some("json_schema") => match (format.get("schema"), format.get("name")) {
+            (_, name) if !name.is_some_and(Value::is_string) => {
+                return Err(ApiError::bad(
+                    "text",
+                    "`text.format.name` is required (a string) with a json_schema format",
+                ))
+            }
+            (_, _)
+                if format
+                    .get("strict")
+                    .is_some_and(|s| !s.is_null() && !s.is_boolean()) =>
+            {
+                return Err(ApiError::bad(
+                    "text",
+                    "`text.format.strict` must be a boolean",
+                ))
+            }
+            (Some(s), _) if s.is_object() => s.clone(),
             _ => {
                 return Err(ApiError::bad(
                     "text",

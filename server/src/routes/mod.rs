@@ -86,6 +86,15 @@ impl JsonBody {
     /// Parses the body (call it off the runtime); errors name what is wrong as axum's
     /// JSON extractor does, and `param` names the field at fault.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        // Every request body is an object: serde would read a struct from an array by
+        // position (`[null, "hi"]` as `model` and `input`).
+        let first = self.0.iter().find(|b| !b.is_ascii_whitespace());
+        if matches!(first, Some(b'[')) {
+            return Err(ApiError::BadRequest {
+                message: "the request body must be a JSON object, not an array".into(),
+                param: None,
+            });
+        }
         match Json::<T>::from_bytes(&self.0) {
             Ok(Json(value)) => Ok(value),
             Err(JsonRejection::JsonDataError(e)) => {

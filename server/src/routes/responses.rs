@@ -79,7 +79,17 @@ pub async fn input_tokens(
 pub async fn get(
     State(app): State<AppState>,
     PathId(id): PathId,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<ResponseObject>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad("query", e.body_text()))?;
+    // OpenAI streams a retrieval only for background responses, which this server does
+    // not run: said, rather than answered with plain JSON an SDK reads as no events.
+    if query.get("stream").is_some_and(|v| v == "true") {
+        return Err(ApiError::bad(
+            "stream",
+            "a stored response cannot be streamed again (only background responses can, which this server does not run)",
+        ));
+    }
     let row = blocking(app.store_or_404()?, move |s| s.get(&id)).await?;
     let response = serde_json::from_str(&row.response)
         .map_err(|e| ApiError::Internal(format!("stored response is unreadable: {e}")))?;
@@ -98,6 +108,19 @@ pub async fn input_items(
     let items: Vec<Item> = serde_json::from_str(&row.input)
         .map_err(|e| ApiError::Internal(format!("stored input is unreadable: {e}")))?;
     Ok(Json(page.of(items)?))
+}
+
+/// `POST /v1/responses/{id}/cancel`: only background responses can be cancelled, and
+/// this server runs none; a stored response is a 400 saying so, an unknown one a 404.
+pub async fn cancel(
+    State(app): State<AppState>,
+    PathId(id): PathId,
+) -> Result<Json<ResponseObject>, ApiError> {
+    blocking(app.store_or_404()?, move |s| s.get(&id)).await?;
+    Err(ApiError::bad(
+        "response_id",
+        "only background responses can be cancelled, and this server runs none (a response is finished when it is stored)",
+    ))
 }
 
 pub async fn delete(
