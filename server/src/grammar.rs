@@ -127,6 +127,11 @@ pub struct Grammars {
 /// Compiled grammars kept.
 const COMPILED_KEPT: usize = 64;
 
+/// The compile thread's stack: [`crate::schema_check::MAX_NESTING`] levels took at most
+/// ~2.6 KiB each in the engine, so 64 MiB is six times what the check lets through
+/// (reserved, not used: pages are taken as the stack grows).
+const COMPILE_STACK: usize = 64 << 20;
+
 struct Env {
     trie: TokTrie,
     tokenizer: Arc<Tokenizer>,
@@ -207,7 +212,7 @@ impl Grammars {
         &self,
         param: &'static str,
         key: String,
-        grammar: impl FnOnce() -> TopLevelGrammar,
+        grammar: impl FnOnce() -> TopLevelGrammar + Send,
     ) -> Result<Constraint, String> {
         if let Ok(mut kept) = self.compiled.lock() {
             let hit = kept
@@ -225,14 +230,29 @@ impl Grammars {
                 });
             }
         }
-        let parser = self
-            .factory
-            .create_parser(grammar())
-            .map_err(|e| e.to_string())?;
-        let matcher = Matcher::new(Ok(parser));
-        if let Some(e) = matcher.get_error() {
-            return Err(e);
-        }
+        // The engine compiles references recursively: on a thread of its own whose stack
+        // holds many times the nesting `schema_check` lets through (a pool thread's
+        // 2 MiB overflowed at about 800 levels, which aborts the process).
+        let factory = &self.factory;
+        let compiled = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("chorus-grammar".into())
+                .stack_size(COMPILE_STACK)
+                .spawn_scoped(scope, move || {
+                    let parser = factory
+                        .create_parser(grammar())
+                        .map_err(|e| e.to_string())?;
+                    let matcher = Matcher::new(Ok(parser));
+                    match matcher.get_error() {
+                        Some(e) => Err(e),
+                        None => Ok(matcher),
+                    }
+                })
+                .map_err(|e| format!("could not start the grammar compile: {e}"))?
+                .join()
+                .map_err(|_| "the grammar compile panicked".to_string())?
+        });
+        let matcher = compiled?;
         if let Ok(mut kept) = self.compiled.lock() {
             if kept.len() == COMPILED_KEPT {
                 kept.pop_front();

@@ -2,27 +2,31 @@
 //! reads schema numbers as 64-bit floats and bounds as 64-bit integers: a `const` of
 //! 2^53 + 1 is enforced as 2^53, bounds past ±2^63 are clamped (and some, near -2^63,
 //! recurse without end), so such numbers are refused here rather than enforced wrongly.
-//! It also compiles `$ref`s recursively: a long chain of them would overflow the
-//! thread's stack and abort the process, so the nesting a schema reaches through its
-//! references is bounded. And one grammar can hold several functions' schemas, whose
-//! `$id`s then share one namespace.
+//! It compiles references recursively, each target once per path (a reference back into
+//! one being compiled is recursion, which it compiles lazily), so the deepest its stack
+//! can go is bounded by the schema's own nesting plus, for every distinct target, the
+//! target's nesting: that sum is bounded here, and the compile runs on a thread whose
+//! stack holds it many times over ([`crate::grammar`]). References are only those within
+//! the schema (`#` and JSON pointers), whose targets can be counted. And one grammar can
+//! hold several functions' schemas, whose `$id`s then share one namespace.
+//!
+//! The walk reads the schema as a schema: property names are names, not keywords, and
+//! `const`, `enum`, `default` and `examples` hold data, not schemas.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// The largest magnitude up to which every integer is a 64-bit float.
 const EXACT: f64 = 9_007_199_254_740_992.0;
 
-/// Schema levels (objects and arrays, each `$ref` followed counting as one) a schema
-/// may nest. A plain request body is already held to 128 levels; the grammar engine's
-/// stack overflowed past about 800 in a chain of references.
-pub const MAX_DEPTH: usize = 256;
+/// The most nesting a schema may reach with its references followed: its own depth plus,
+/// for each distinct target, the target's depth and one. Real schemas (pydantic models,
+/// OpenAPI components) sum to a few hundred; the compile stack holds several times this.
+pub const MAX_NESTING: usize = 4096;
 
-/// Keywords whose numbers the grammar engine enforces.
-const NUMERIC: [&str; 7] = [
-    "const",
-    "enum",
+/// Keywords whose values are bounds the grammar engine enforces.
+const BOUNDS: [&str; 5] = [
     "minimum",
     "maximum",
     "exclusiveMinimum",
@@ -30,78 +34,191 @@ const NUMERIC: [&str; 7] = [
     "multipleOf",
 ];
 
+/// Keywords whose value is one schema.
+const ONE: [&str; 11] = [
+    "items",
+    "additionalItems",
+    "additionalProperties",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+    "propertyNames",
+    "contains",
+    "not",
+    "if",
+    "then",
+    "else",
+];
+
+/// Keywords whose value is a list of schemas.
+const LIST: [&str; 4] = ["allOf", "anyOf", "oneOf", "prefixItems"];
+
+/// Keywords whose value maps names to schemas.
+const NAMED: [&str; 5] = [
+    "properties",
+    "patternProperties",
+    "$defs",
+    "definitions",
+    "dependentSchemas",
+];
+
 /// Checks `schema`; the error says what and where (a JSON pointer into the schema).
 pub fn check(schema: &Value) -> Result<(), String> {
-    numbers(schema, &mut String::new())?;
-    let mut walk = Walk {
-        root: schema,
-        open: HashSet::new(),
-        known: HashMap::new(),
-    };
-    walk.depth(schema, 0).map(|_| ())
-}
-
-/// The `$id`s `schema` declares, for telling whether schemas compiled together clash.
-pub fn ids(schema: &Value) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut stack = vec![schema];
-    while let Some(v) = stack.pop() {
-        match v {
-            Value::Object(map) => {
-                if let Some(id) = map.get("$id").and_then(Value::as_str) {
-                    out.push(id);
-                }
-                stack.extend(map.values());
-            }
-            Value::Array(items) => stack.extend(items),
-            _ => {}
+    let mut walk = Walk::default();
+    walk.schema(schema, schema, &mut String::new())?;
+    let mut nesting = depth(schema);
+    for target in walk.targets {
+        nesting += 1 + walk.depths.get(&target).copied().unwrap_or(0);
+        if nesting > MAX_NESTING {
+            return Err(format!(
+                "the schema nests deeper than {MAX_NESTING} levels with its `$ref`s followed (its own depth, and each referenced schema's depth and one)"
+            ));
         }
     }
-    out
+    Ok(())
 }
 
-/// The first `$id` that two of `schemas` both declare.
-pub fn shared_id<'a>(schemas: impl IntoIterator<Item = &'a Value>) -> Option<&'a str> {
+/// The first `$id` that two of `schemas` both declare (as schemas, not in data).
+pub fn shared_id<'a>(schemas: impl IntoIterator<Item = &'a Value>) -> Option<String> {
     let mut seen = HashSet::new();
     for schema in schemas {
-        let own: HashSet<&str> = ids(schema).into_iter().collect();
-        if let Some(id) = own.iter().find(|id| seen.contains(*id)) {
-            return Some(id);
+        let mut walk = Walk::default();
+        if walk.schema(schema, schema, &mut String::new()).is_err() {
+            continue;
         }
-        seen.extend(own);
+        if let Some(id) = walk.ids.iter().find(|id| seen.contains(*id)) {
+            return Some(id.clone());
+        }
+        seen.extend(walk.ids);
     }
     None
 }
 
-/// Refuses a number the grammar engine would change, under a numeric keyword.
-fn numbers(v: &Value, at: &mut String) -> Result<(), String> {
-    let (Value::Object(_) | Value::Array(_)) = v else {
-        return Ok(());
-    };
-    let entries: Vec<(String, &Value)> = match v {
-        Value::Object(map) => map.iter().map(|(k, v)| (k.clone(), v)).collect(),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (i.to_string(), v))
-            .collect(),
-        _ => Vec::new(),
-    };
-    for (key, value) in entries {
-        let len = at.len();
-        at.push('/');
-        at.push_str(&key.replace('~', "~0").replace('/', "~1"));
-        if NUMERIC.contains(&key.as_str()) && v.is_object() {
-            if let Some(n) = inexact(value) {
+/// What a walk found: reference targets (with their depths) and declared `$id`s.
+#[derive(Default)]
+struct Walk {
+    targets: HashSet<*const Value>,
+    depths: std::collections::HashMap<*const Value, usize>,
+    ids: HashSet<String>,
+}
+
+impl Walk {
+    /// Walks one schema node; `resource` is the schema its `#` references resolve in
+    /// (the root, or the nearest enclosing schema with an `$id`).
+    fn schema<'a>(
+        &mut self,
+        node: &'a Value,
+        resource: &'a Value,
+        at: &mut String,
+    ) -> Result<(), String> {
+        let Value::Object(map) = node else {
+            return Ok(());
+        };
+        let resource = match map.get("$id").and_then(Value::as_str) {
+            Some(id) => {
+                self.ids.insert(id.to_string());
+                node
+            }
+            None => resource,
+        };
+        if let Some(reference) = map.get("$ref").and_then(Value::as_str) {
+            self.reference(reference, resource, at)?;
+        }
+        for (key, value) in map {
+            let len = at.len();
+            push(at, key);
+            let key = key.as_str();
+            if BOUNDS.contains(&key) || key == "const" || key == "enum" {
+                if let Some(n) = inexact(value) {
+                    return Err(format!(
+                        "`{key}` at {at:?} holds {n}, beyond ±2^53 (9007199254740992): the grammar engine cannot enforce a number that large exactly"
+                    ));
+                }
+            } else if ONE.contains(&key) {
+                match value {
+                    // An older `items` may be a list.
+                    Value::Array(items) => self.each(items, resource, at)?,
+                    _ => self.schema(value, resource, at)?,
+                }
+            } else if LIST.contains(&key) {
+                if let Value::Array(items) = value {
+                    self.each(items, resource, at)?;
+                }
+            } else if NAMED.contains(&key) {
+                if let Value::Object(named) = value {
+                    self.named(named, resource, at)?;
+                }
+            }
+            at.truncate(len);
+        }
+        Ok(())
+    }
+
+    fn each<'a>(
+        &mut self,
+        items: &'a [Value],
+        resource: &'a Value,
+        at: &mut String,
+    ) -> Result<(), String> {
+        for (i, item) in items.iter().enumerate() {
+            let len = at.len();
+            push(at, &i.to_string());
+            self.schema(item, resource, at)?;
+            at.truncate(len);
+        }
+        Ok(())
+    }
+
+    fn named<'a>(
+        &mut self,
+        named: &'a Map<String, Value>,
+        resource: &'a Value,
+        at: &mut String,
+    ) -> Result<(), String> {
+        for (name, item) in named {
+            let len = at.len();
+            push(at, name);
+            self.schema(item, resource, at)?;
+            at.truncate(len);
+        }
+        Ok(())
+    }
+
+    /// Notes the target of a reference within the schema; refuses any other kind (an
+    /// anchor, another document), whose target could not be counted.
+    fn reference(&mut self, reference: &str, resource: &Value, at: &str) -> Result<(), String> {
+        let pointer = match reference.strip_prefix('#') {
+            Some(p) if p.is_empty() || p.starts_with('/') => p,
+            _ => {
                 return Err(format!(
-                    "`{key}` at {at:?} holds {n}, beyond ±2^53 (9007199254740992): the grammar engine cannot enforce a number that large exactly"
-                ));
+                    "`$ref` {reference:?} at {at:?}: only references within the schema (`#` or a JSON pointer such as `#/$defs/Name`) are supported"
+                ))
+            }
+        };
+        // A pointer that resolves nowhere is left to the engine, which refuses it.
+        if let Some(target) = percent_decoded(pointer).and_then(|p| resource.pointer(&p)) {
+            let key = target as *const Value;
+            if self.targets.insert(key) {
+                self.depths.insert(key, depth(target));
             }
         }
-        numbers(value, at)?;
-        at.truncate(len);
+        Ok(())
     }
-    Ok(())
+}
+
+/// `/`-joined path segment, escaped as JSON pointers escape them.
+fn push(at: &mut String, segment: &str) {
+    at.push('/');
+    at.push_str(&segment.replace('~', "~0").replace('/', "~1"));
+}
+
+/// How deeply `v` nests (a scalar: 0). The body parser bounds a request's nesting (128),
+/// so this recursion is shallow.
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// The first number in `v` whose magnitude is past what a float holds exactly.
@@ -118,69 +235,6 @@ fn inexact(v: &Value) -> Option<String> {
         Value::Array(items) => items.iter().find_map(inexact),
         Value::Object(map) => map.values().find_map(inexact),
         _ => None,
-    }
-}
-
-/// The deepest nesting reachable from a node, `$ref`s followed; a reference back into
-/// one being walked is recursion, which the grammar engine compiles lazily (so it adds
-/// nothing).
-struct Walk<'a> {
-    root: &'a Value,
-    /// The targets of the references being walked.
-    open: HashSet<*const Value>,
-    /// Depths of the targets already walked.
-    known: HashMap<*const Value, usize>,
-}
-
-impl<'a> Walk<'a> {
-    fn depth(&mut self, v: &'a Value, level: usize) -> Result<usize, String> {
-        if level > MAX_DEPTH {
-            return Err(format!(
-                "the schema nests deeper than {MAX_DEPTH} levels (counting each `$ref` it follows)"
-            ));
-        }
-        let children: Vec<&'a Value> = match v {
-            Value::Object(map) => map.values().collect(),
-            Value::Array(items) => items.iter().collect(),
-            _ => return Ok(0),
-        };
-        let mut below = 0;
-        if let Some(target) = v
-            .get("$ref")
-            .and_then(Value::as_str)
-            .and_then(|r| self.resolve(r))
-        {
-            let key = target as *const Value;
-            let reached = match self.known.get(&key) {
-                Some(&d) => d,
-                None if self.open.contains(&key) => 0,
-                None => {
-                    self.open.insert(key);
-                    let d = self.depth(target, level + 1);
-                    self.open.remove(&key);
-                    let d = d?;
-                    self.known.insert(key, d);
-                    d
-                }
-            };
-            if level + 1 + reached > MAX_DEPTH {
-                return Err(format!(
-                    "the schema nests deeper than {MAX_DEPTH} levels (counting each `$ref` it follows)"
-                ));
-            }
-            below = reached + 1;
-        }
-        for child in children {
-            below = below.max(self.depth(child, level + 1)? + 1);
-        }
-        Ok(below)
-    }
-
-    /// A reference within the schema (`#`, `#/$defs/x`); others are left to the engine.
-    fn resolve(&self, reference: &str) -> Option<&'a Value> {
-        let pointer = reference.strip_prefix('#')?;
-        let decoded = percent_decoded(pointer)?;
-        self.root.pointer(&decoded)
     }
 }
 
@@ -221,6 +275,7 @@ mod tests {
             json!({"type": "integer", "minimum": -1e19, "maximum": -1e19}),
             json!({"properties": {"n": {"maximum": 12345678901234567890u64}}}),
             json!({"const": {"deep": [9007199254740993u64]}}),
+            json!({"anyOf": [{"items": {"exclusiveMinimum": -1e300}}]}),
         ] {
             let e = check(&bad).expect_err(&bad.to_string());
             assert!(e.contains("2^53"), "{e}");
@@ -228,8 +283,11 @@ mod tests {
         for good in [
             json!({"type": "integer", "minimum": -9007199254740992i64, "maximum": 9007199254740992u64}),
             json!({"type": "number", "maximum": 1.5e3, "const": 0.1}),
-            // Not enforced: a default, and a property that happens to be named `enum`.
-            json!({"default": 1e30, "properties": {"enum": {"type": "string"}}}),
+            // Not enforced: defaults and examples, and properties that happen to be
+            // named like keywords.
+            json!({"default": 1e30, "examples": [1e30], "properties": {
+                "enum": {"type": "string", "examples": [1e30]},
+                "maximum": {"type": "integer", "default": 18446744073709551615u64}}}),
         ] {
             assert_eq!(check(&good), Ok(()), "{good}");
         }
@@ -252,12 +310,48 @@ mod tests {
     #[test]
     fn a_long_chain_of_references_is_refused() {
         assert_eq!(check(&chain(50)), Ok(()));
-        let e = check(&chain(1000)).unwrap_err();
-        assert!(e.contains("deeper than 256"), "{e}");
+        let e = check(&chain(3000)).unwrap_err();
+        assert!(e.contains("deeper than 4096"), "{e}");
     }
 
-    /// Recursion is not depth: a tree type refers to itself, and many siblings refer to
-    /// one definition, without being refused (or walked more than once).
+    /// Every target counts once whatever order the walk meets them in: cycles that link
+    /// into each other (which fooled a depth walk that kept depths found while a cycle
+    /// was cut short) are refused when their sum is past the bound, whichever key
+    /// comes first.
+    #[test]
+    fn linked_cycles_are_counted_whatever_the_key_order() {
+        let mut defs = serde_json::Map::new();
+        for c in 0..3 {
+            for j in 0..800 {
+                let next = format!("#/$defs/d{c}_{}", (j + 1) % 800);
+                let node = match (c, j) {
+                    (c, 798) if c > 0 => {
+                        json!({"anyOf": [{"$ref": next}, {"$ref": format!("#/$defs/d{}_0", c - 1)}]})
+                    }
+                    _ => json!({"$ref": next}),
+                };
+                defs.insert(format!("d{c}_{j}"), node);
+            }
+        }
+        let first = json!({"$defs": defs.clone(), "properties": {"b": {"$ref": "#/$defs/d2_0"}}});
+        let last = json!({"properties": {"b": {"$ref": "#/$defs/d2_0"}}, "$defs": defs});
+        for schema in [first, last] {
+            assert!(check(&schema).unwrap_err().contains("deeper than"));
+        }
+    }
+
+    /// Anchors and other documents' references are refused: their targets could not be
+    /// counted (a chain of a thousand `$anchor`s aborted the server).
+    #[test]
+    fn references_other_than_pointers_are_refused() {
+        for reference in ["#a0", "urn:chain:1", "other.json#/x", "d1.json"] {
+            let e = check(&json!({"properties": {"b": {"$ref": reference}}})).unwrap_err();
+            assert!(e.contains("only references within the schema"), "{e}");
+        }
+    }
+
+    /// Recursion is not depth, and many siblings referring to one definition count it
+    /// once.
     #[test]
     fn recursion_and_shared_definitions_pass() {
         let tree = json!({"$defs": {"node": {"type": "object", "properties": {
@@ -279,9 +373,11 @@ mod tests {
         let b = json!({"$id": "urn:same", "$defs": {"X": {"type": "string"}}});
         let c = json!({"$id": "urn:other"});
         assert_eq!(shared_id([&a, &c]), None);
-        assert_eq!(shared_id([&a, &c, &b]), Some("urn:same"));
-        // One schema may repeat its own id.
+        assert_eq!(shared_id([&a, &c, &b]).as_deref(), Some("urn:same"));
+        // One schema may repeat its own id, and an `$id` in data is data.
         let twice = json!({"$id": "urn:x", "properties": {"p": {"$id": "urn:x"}}});
         assert_eq!(shared_id([&twice]), None);
+        let data = json!({"properties": {"k": {"const": {"$id": "urn:k"}, "examples": [{"$id": "urn:k"}]}}});
+        assert_eq!(shared_id([&data, &data]), None);
     }
 }

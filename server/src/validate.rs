@@ -534,7 +534,7 @@ pub fn encode_chat(
     // with it (the fallback for templates without tools has already moved calls and
     // results into `content`).
     let escape = |s: &str| info.tokenizer.escape_content(s);
-    let escaped: Vec<ChatMessage> = messages
+    let mut escaped: Vec<ChatMessage> = messages
         .iter()
         .map(|m| ChatMessage {
             role: m.role.clone(),
@@ -555,18 +555,30 @@ pub fn encode_chat(
         escape_strings(info, &mut k);
         k
     });
-    let final_text = match (rendering.continue_final, escaped.last()) {
-        (false, _) => None,
-        (true, Some(last)) if last.role == "assistant" && !last.content.is_empty() => {
-            Some(last.content.as_str())
+    // Continued: a mark no client can write goes right after the final message's text,
+    // and the rendering is cut where the template wrote it. So the cut is inside that
+    // message whatever the text (found elsewhere too, or trimmed by the template: the
+    // mark keeps trailing spaces, which a continuation needs), and what the template
+    // writes after it (the end of turn) goes.
+    let mark = rendering.continue_final.then(|| {
+        format!(
+            "\u{E000}chorus-continue-{:016x}\u{E000}",
+            rand::random::<u64>()
+        )
+    });
+    if let Some(mark) = &mark {
+        match escaped.last_mut() {
+            Some(last) if last.role == "assistant" && !last.content.is_empty() => {
+                last.content.push_str(mark);
+            }
+            _ => {
+                return Err(ApiError::bad(
+                    "continue_final_message",
+                    "`continue_final_message` needs the last message to be an assistant's with text to continue",
+                ))
+            }
         }
-        (true, _) => {
-            return Err(ApiError::bad(
-                "continue_final_message",
-                "`continue_final_message` needs the last message to be an assistant's with text to continue",
-            ))
-        }
-    };
+    }
     let mut rendered = info
         .template
         .render_with(
@@ -581,16 +593,15 @@ pub fn encode_chat(
                 format!("the chat template rejected the conversation: {e}"),
             )
         })?;
-    // Continued: what the template writes after the final message's text (its end of
-    // turn) is cut, as vLLM does.
-    if let Some(text) = final_text {
-        let Some(at) = rendered.rfind(text) else {
+    if let Some(mark) = &mark {
+        let mut found = rendered.match_indices(mark.as_str()).map(|(at, _)| at);
+        let (Some(at), None) = (found.next(), found.next()) else {
             return Err(ApiError::bad(
                 "continue_final_message",
-                "the chat template does not write the final message's text as it is (it trims or changes it), so it cannot be continued",
+                "the chat template does not write the final message's text once as it is, so it cannot be continued",
             ));
         };
-        rendered.truncate(at + text.len());
+        rendered.truncate(at);
     }
     check_prompt_bytes(info, limits, param, rendered.len())?;
     let prompt = info

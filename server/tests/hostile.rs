@@ -22,7 +22,7 @@ fn with(extra: Value) -> Vec<u8> {
 fn cases() -> Vec<Case> {
     let chat_path = "/v1/chat/completions";
     let many_stops: Vec<String> = (0..5000).map(|i| format!("s{i}")).collect();
-    let mut ref_chain: serde_json::Map<String, Value> = (0..1000)
+    let mut ref_chain: serde_json::Map<String, Value> = (0..3000)
         .map(|i| {
             (
                 format!("d{i}"),
@@ -30,7 +30,7 @@ fn cases() -> Vec<Case> {
             )
         })
         .collect();
-    ref_chain.insert("d1000".into(), json!({"type": "integer"}));
+    ref_chain.insert("d3000".into(), json!({"type": "integer"}));
     let mut cases: Vec<Case> = vec![
         ("malformed JSON", chat_path, JSON, b"{".to_vec(), 400),
         (
@@ -201,7 +201,7 @@ fn cases() -> Vec<Case> {
             400,
         ),
         (
-            "a chain of 1000 $refs",
+            "a chain of 3000 $refs",
             chat_path,
             JSON,
             with(

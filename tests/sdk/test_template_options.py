@@ -38,6 +38,17 @@ def test_continue_final_message_leaves_the_answer_open():
     assert closed.endswith("1, 2, 3,<|im_end|>\n<|im_start|>assistant\n"), closed
 
 
+@pytest.mark.parametrize("text", ["Hi ", "im_end", "\n", "<|im_end|>"])
+def test_the_cut_is_in_the_final_message_whatever_its_text(text):
+    """The final text found elsewhere first (in the user's turn, in the end-of-turn
+    marker) cut the prompt there; a trailing space is kept for the answer to follow."""
+    messages = [{"role": "user", "content": "Hi there, write a poem"},
+                {"role": "assistant", "content": text}]
+    _, prompt = prompt_of(BASE, {"messages": messages, "continue_final_message": True})
+    assert prompt.endswith("<|im_start|>assistant\n" + text), repr(prompt)
+    assert "Hi there, write a poem" in prompt
+
+
 def test_add_generation_prompt_false_opens_no_turn():
     messages = PARTIAL[:1]
     r = post(BASE, "/v1/chat/completions", {"messages": messages, "max_tokens": 1,
