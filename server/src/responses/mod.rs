@@ -65,24 +65,8 @@ pub fn prepare(
 ) -> Result<Prepared, ApiError> {
     validate::check_model(info, req.model.as_deref())?;
     refuse_unsupported(&req)?;
-    let max_output_tokens = match req.max_output_tokens {
-        Some(n) if n < 1 => {
-            return Err(ApiError::bad(
-                "max_output_tokens",
-                format!("`max_output_tokens` must be at least 1, got {n}"),
-            ))
-        }
-        n => n.map(|n| n as u64),
-    };
-    let max_tool_calls = match req.max_tool_calls {
-        Some(n) if n < 1 => {
-            return Err(ApiError::bad(
-                "max_tool_calls",
-                format!("`max_tool_calls` must be at least 1, got {n}"),
-            ))
-        }
-        n => n.map(|n| n as u64),
-    };
+    let max_output_tokens = at_least_one("max_output_tokens", req.max_output_tokens)?;
+    let max_tool_calls = at_least_one("max_tool_calls", req.max_tool_calls)?;
     let metadata = metadata(req.metadata)?;
     let wire_tools = req.tools.unwrap_or_default();
     let tools = ToolRequest::new(
@@ -182,6 +166,17 @@ pub fn prepare(
         response,
         keep,
     })
+}
+
+/// An optional count that must be at least 1 when given.
+fn at_least_one(field: &'static str, n: Option<i64>) -> Result<Option<u64>, ApiError> {
+    match n {
+        Some(n) if n < 1 => Err(ApiError::bad(
+            field,
+            format!("`{field}` must be at least 1, got {n}"),
+        )),
+        n => Ok(n.map(|n| n as u64)),
+    }
 }
 
 /// Fields this server does not support, refused by name rather than ignored.

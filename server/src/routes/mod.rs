@@ -46,6 +46,16 @@ impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, app: &AppState) -> Result<Self, Self::Rejection> {
+        // A compressed body would be read as malformed JSON (or, for an unknown coding,
+        // taken as plain): say what is wrong instead (RFC 9110: 415), whatever the type.
+        let encoding = req
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_string())
+            .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
+        if let Some(encoding) = encoding {
+            return Err(ApiError::UnsupportedEncoding(encoding));
+        }
         let json = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -56,16 +66,6 @@ impl FromRequest<AppState> for JsonBody {
                 message: "expected a JSON body with `Content-Type: application/json`".into(),
                 param: None,
             });
-        }
-        // A compressed body would be read as malformed JSON (or, for an unknown coding,
-        // taken as plain): say what is wrong instead (RFC 9110: 415).
-        let encoding = req
-            .headers()
-            .get(header::CONTENT_ENCODING)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_string())
-            .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
-        if let Some(encoding) = encoding {
-            return Err(ApiError::UnsupportedEncoding(encoding));
         }
         let limits = app.http_limits();
         let read = axum::body::to_bytes(req.into_body(), limits.max_request_bytes);
