@@ -84,9 +84,9 @@ impl Constraint {
         self.param
     }
 
-    /// Notes that the grammar also embeds `other`'s schema.
-    pub fn beside(mut self, other: &'static str) -> Self {
-        self.beside = Some(other);
+    /// Notes the other field whose schema the grammar also embeds, if any.
+    pub fn beside(mut self, other: Option<&'static str>) -> Self {
+        self.beside = other;
         self
     }
 

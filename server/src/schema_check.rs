@@ -13,7 +13,7 @@
 //! The walk reads the schema as a schema: property names are names, not keywords, and
 //! `const`, `enum`, `default` and `examples` hold data, not schemas.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::{Map, Value};
 
@@ -66,8 +66,8 @@ pub fn check(schema: &Value) -> Result<(), String> {
     let mut walk = Walk::default();
     walk.schema(schema, schema, &mut String::new())?;
     let mut nesting = depth(schema);
-    for target in walk.targets {
-        nesting += 1 + walk.depths.get(&target).copied().unwrap_or(0);
+    for target_depth in walk.targets.into_values() {
+        nesting += 1 + target_depth;
         if nesting > MAX_NESTING {
             return Err(format!(
                 "the schema nests deeper than {MAX_NESTING} levels with its `$ref`s followed (its own depth, and each referenced schema's depth and one)"
@@ -93,11 +93,10 @@ pub fn shared_id<'a>(schemas: impl IntoIterator<Item = &'a Value>) -> Option<Str
     None
 }
 
-/// What a walk found: reference targets (with their depths) and declared `$id`s.
+/// What a walk found: reference targets (each once, with its depth) and declared `$id`s.
 #[derive(Default)]
 struct Walk {
-    targets: HashSet<*const Value>,
-    depths: std::collections::HashMap<*const Value, usize>,
+    targets: HashMap<*const Value, usize>,
     ids: HashSet<String>,
 }
 
@@ -196,10 +195,9 @@ impl Walk {
         };
         // A pointer that resolves nowhere is left to the engine, which refuses it.
         if let Some(target) = percent_decoded(pointer).and_then(|p| resource.pointer(&p)) {
-            let key = target as *const Value;
-            if self.targets.insert(key) {
-                self.depths.insert(key, depth(target));
-            }
+            self.targets
+                .entry(target as *const Value)
+                .or_insert_with(|| depth(target));
         }
         Ok(())
     }

@@ -227,10 +227,7 @@ pub fn conversation(
                     ),
                 )
             })?;
-        constraint = Some(match field {
-            Some(field) => combined.beside(field),
-            None => combined,
-        });
+        constraint = Some(combined.beside(field));
         reader = Some(CallReader {
             format,
             choice: t.choice.clone(),

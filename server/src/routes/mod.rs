@@ -144,24 +144,23 @@ fn field_at_fault<T: DeserializeOwned, Flat: DeserializeOwned>(body: &Value) -> 
     first_key(flat.path()).map(named)
 }
 
+/// `e` and every error beneath it.
+fn causes(e: &axum::Error) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |s| {
+        s.source()
+    })
+}
+
 fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
+    causes(e).any(|s| s.is::<http_body_util::LengthLimitError>())
 }
 
 /// The body ended because the connection did (closed or reset before the length it
 /// promised), not because of what was in it.
 fn client_left(e: &axum::Error) -> bool {
     use std::io::ErrorKind;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        let gone = match (
+    causes(e).any(|s| {
+        match (
             s.downcast_ref::<hyper::Error>(),
             s.downcast_ref::<std::io::Error>(),
         ) {
@@ -174,13 +173,8 @@ fn client_left(e: &axum::Error) -> bool {
                     | ErrorKind::BrokenPipe
             ),
             _ => false,
-        };
-        if gone {
-            return true;
         }
-        source = s.source();
-    }
-    false
+    })
 }
 
 /// `application/json` or any `application/*+json` type, parameters aside.
