@@ -106,6 +106,10 @@ pub struct ChatMessage {
     /// A tool turn: the function's name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant turn's reasoning, apart from its `content` (thinking models'
+    /// templates, such as Qwen3's, render it in a `<think>` block where they keep one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 impl ChatMessage {

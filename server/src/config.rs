@@ -47,6 +47,12 @@ pub struct Config {
     #[arg(long, env = "CHORUS_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
 
+    /// A thinking model's `<think>` blocks: auto (where the chat template writes them,
+    /// returned apart as `reasoning_content` / `reasoning` items, and a constraint holds
+    /// only the answer after them) or none (left in the answer's text, as any text).
+    #[arg(long, env = "CHORUS_REASONING_FORMAT", value_enum, default_value_t = ReasoningFormat::Auto)]
+    pub reasoning_format: ReasoningFormat,
+
     /// Name the model is served under; defaults to the catalog name or the file's stem.
     #[arg(long, env = "CHORUS_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -383,6 +389,12 @@ pub enum ModelsAction {
     List,
     /// Fetch a catalog model (or any --model form) into the cache, with progress.
     Pull { name: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReasoningFormat {
+    Auto,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

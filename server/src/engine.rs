@@ -165,6 +165,9 @@ pub struct ModelInfo {
     pub created: u64,
     /// Structured output for this vocabulary, or why it is unavailable.
     pub grammars: Result<Arc<Grammars>, String>,
+    /// The model thinks in `<think>` blocks, returned apart from its answers
+    /// ([`crate::reasoning`]).
+    pub reasoning: bool,
 }
 
 #[derive(Clone)]
@@ -283,6 +286,7 @@ mod tests {
                 max_seq_tokens: 16,
                 created: 0,
                 grammars: Err("not in this test".into()),
+                reasoning: false,
             }),
             max_queue: 2,
             max_running: 4,

@@ -12,6 +12,8 @@ use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, Tokeni
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 
+use crate::reasoning::Start;
+
 /// JSON written compactly (`, ` and `: `, no free whitespace), unless the schema's
 /// `x-guidance` says otherwise: a small model left free to indent can spend its tokens
 /// on spaces. Structured output and function calls both write it so.
@@ -193,11 +195,22 @@ impl Grammars {
     /// A constraint that admits exactly the JSON documents `schema` (request field
     /// `param`) describes. A schema llguidance cannot compile (or a feature it does not
     /// support) is an error naming it.
-    pub fn json_schema(&self, param: &'static str, schema: Value) -> Result<Constraint, String> {
+    /// With `thinking`, the document comes after a thinking block (free text).
+    pub fn json_schema(
+        &self,
+        param: &'static str,
+        schema: Value,
+        thinking: Option<Start>,
+    ) -> Result<Constraint, String> {
         crate::schema_check::check(&schema)?;
         let schema = compact(schema);
-        let key = format!("json:{schema}");
-        self.compile(param, key, || TopLevelGrammar::from_json_schema(schema))
+        match thinking {
+            Some(start) => self.lark(param, start.grammar(&format!("answer: %json {schema}\n"))),
+            None => {
+                let key = format!("json:{schema}");
+                self.compile(param, key, || TopLevelGrammar::from_json_schema(schema))
+            }
+        }
     }
 
     /// A constraint from a grammar in llguidance's Lark dialect (which embeds JSON

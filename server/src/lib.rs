@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod models_cmd;
 pub mod openai;
 pub mod prep;
+pub mod reasoning;
 pub mod resolve;
 pub mod responses;
 pub mod routes;
@@ -519,6 +520,11 @@ fn start_engine(
     if let Err(e) = &grammars {
         tracing::warn!(error = %e, "structured output is unavailable for this tokenizer");
     }
+    let reasoning = config.reasoning_format == config::ReasoningFormat::Auto
+        && reasoning::detect(loaded.template.source());
+    if reasoning {
+        tracing::info!("the chat template thinks in <think> blocks: returned apart from answers");
+    }
     // A step-time target needs to know what long histories cost.
     let context_cost = match config.context_cost {
         0 if config.max_step_ms > 0 => cfg.attention_positions_per_token(),
@@ -545,6 +551,7 @@ fn start_engine(
                 .min(num_blocks * chorus_model::kv::BLOCK_SIZE),
             created: openai::unix_now(),
             grammars,
+            reasoning,
         }),
         max_queue: config.max_queue,
         max_running: config.max_running,

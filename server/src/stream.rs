@@ -17,6 +17,7 @@ use crate::openai::{
     ChatChunk, ChunkChoice, Completion, CompletionChoice, Delta, FunctionDelta, ToolCallDelta,
     Usage,
 };
+use crate::reasoning::{Parts, Splitter, Start};
 use crate::sse::{frame, DONE};
 use crate::tools::{CallReader, Decision, ToolCall};
 use crate::validate::Echo;
@@ -44,6 +45,8 @@ pub struct ChunkMeta {
     pub echo: Vec<Echo>,
     /// Chat with functions to call: how answers are read.
     pub tools: Option<CallReader>,
+    /// A thinking model's chat: where each answer starts relative to its block.
+    pub thinking: Option<Start>,
     pub metrics: Arc<Metrics>,
     pub info: Arc<ModelInfo>,
 }
@@ -78,7 +81,7 @@ impl ChunkMeta {
                     delta: Delta {
                         role: role.then_some("assistant"),
                         content: text,
-                        tool_calls: None,
+                        ..Delta::default()
                     },
                     logprobs,
                     finish_reason,
@@ -99,6 +102,26 @@ impl ChunkMeta {
                 usage: self.usage_field(None),
             }),
         }
+    }
+
+    /// A chat chunk with one choice's reasoning.
+    fn reasoning_chunk(&self, index: usize, text: &str, logprobs: Option<Value>) -> String {
+        frame(&ChatChunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices: vec![ChunkChoice {
+                index: index as u32,
+                delta: Delta {
+                    reasoning_content: Some(text),
+                    ..Delta::default()
+                },
+                logprobs,
+                finish_reason: None,
+            }],
+            usage: self.usage_field(None),
+        })
     }
 
     /// A chat chunk with one choice's call deltas (and `logprobs`, the answer's, on the
@@ -207,6 +230,16 @@ struct State {
     /// Per choice, with functions to call: the answer held back until it is known to be
     /// text (then sent as it comes) or calls (sent as call deltas when complete).
     held: Vec<Held>,
+    /// Per choice, a thinking model's: its reasoning told from its answer (empty for
+    /// other models).
+    thinking: Vec<Thinking>,
+}
+
+/// A choice's reasoning split off, and the log-probabilities of text held back while
+/// it could still be a tag.
+struct Thinking {
+    splitter: Splitter,
+    logprobs: Vec<TokenLogprob>,
 }
 
 #[derive(Default)]
@@ -227,6 +260,14 @@ pub fn events(
         usage: UsageSum::new(meta.per_prompt),
         offsets: vec![TextOffsets::default(); meta.n],
         held: (0..meta.n).map(|_| Held::default()).collect(),
+        thinking: (meta.thinking.iter())
+            .flat_map(|&start| {
+                (0..meta.n).map(move |_| Thinking {
+                    splitter: Splitter::new(start),
+                    logprobs: Vec::new(),
+                })
+            })
+            .collect(),
         meta,
         first: Some(first),
         rx,
@@ -286,29 +327,14 @@ async fn next_event(st: &mut State) -> String {
             index,
             text,
             logprobs,
-        }) => {
-            let (text, logprobs) = match (&meta.tools, st.held.get_mut(index)) {
-                (Some(reader), Some(held)) if held.decision != Some(Decision::Text) => {
-                    held.text.push_str(&text);
-                    held.logprobs.extend(logprobs);
-                    let decision = reader.decide(&held.text);
-                    held.decision = Some(decision);
-                    if decision != Decision::Text {
-                        return String::new();
-                    }
-                    (
-                        std::mem::take(&mut held.text),
-                        std::mem::take(&mut held.logprobs),
-                    )
-                }
-                _ => (text, logprobs),
-            };
-            let lp = match st.offsets.get_mut(index) {
-                Some(offsets) => meta.logprobs_value(&logprobs, offsets),
-                None => None,
-            };
-            meta.chunk(index, false, Some(&text), lp, None)
-        }
+        }) => match st.thinking.get_mut(index) {
+            Some(thinking) => {
+                let parts = thinking.splitter.push(&text);
+                thinking.logprobs.extend(logprobs);
+                split_text(st, index, parts)
+            }
+            None => answer_text(st, index, text, logprobs),
+        },
         Some(Event::Prompt {
             index,
             tokens,
@@ -331,7 +357,15 @@ async fn next_event(st: &mut State) -> String {
         }) => {
             st.usage.add(index, usage);
             st.done += 1;
-            let mut out = String::new();
+            // What a thinking model's splitter held goes first.
+            let mut out = match st.thinking.get_mut(index) {
+                Some(thinking) => {
+                    let parts = thinking.splitter.finish();
+                    split_text(st, index, parts)
+                }
+                None => String::new(),
+            };
+            let meta = &st.meta;
             let mut finish = finish.as_str();
             if let (Some(reader), Some(held)) = (&meta.tools, st.held.get_mut(index)) {
                 let text = std::mem::take(&mut held.text);
@@ -381,6 +415,61 @@ async fn next_event(st: &mut State) -> String {
             frame(&inference_stopped().body())
         }
     }
+}
+
+/// A choice's text once split: its reasoning sent as it comes, its answer as any
+/// answer's text. The log-probabilities go with the answer's part when there is one.
+fn split_text(st: &mut State, index: usize, parts: Parts) -> String {
+    let Some(thinking) = st.thinking.get_mut(index) else {
+        return String::new();
+    };
+    if parts.reasoning.is_empty() && parts.content.is_empty() {
+        return String::new();
+    }
+    let logprobs = std::mem::take(&mut thinking.logprobs);
+    let mut out = String::new();
+    if !parts.reasoning.is_empty() {
+        let (mine, rest) = match parts.content.is_empty() {
+            true => (logprobs, Vec::new()),
+            false => (Vec::new(), logprobs),
+        };
+        let lp = st
+            .offsets
+            .get_mut(index)
+            .and_then(|offsets| st.meta.logprobs_value(&mine, offsets));
+        out.push_str(&st.meta.reasoning_chunk(index, &parts.reasoning, lp));
+        if !parts.content.is_empty() {
+            out.push_str(&answer_text(st, index, parts.content, rest));
+        }
+        return out;
+    }
+    answer_text(st, index, parts.content, logprobs)
+}
+
+/// A piece of a choice's answer: sent, or held while it may be a call.
+fn answer_text(st: &mut State, index: usize, text: String, logprobs: Vec<TokenLogprob>) -> String {
+    let meta = &st.meta;
+    let (text, logprobs) = match (&meta.tools, st.held.get_mut(index)) {
+        (Some(reader), Some(held)) if held.decision != Some(Decision::Text) => {
+            held.text.push_str(&text);
+            held.logprobs.extend(logprobs);
+            let decision = reader.decide(&held.text);
+            held.decision = Some(decision);
+            if decision != Decision::Text {
+                return String::new();
+            }
+            (
+                std::mem::take(&mut held.text),
+                std::mem::take(&mut held.logprobs),
+            )
+        }
+        _ => (text, logprobs),
+    };
+    let lp = match st.offsets.get_mut(index) {
+        Some(offsets) => meta.logprobs_value(&logprobs, offsets),
+        None => None,
+    };
+    meta.chunk(index, false, Some(&text), lp, None)
 }
 
 /// A call as two deltas, each sent in a chunk of its own: its name (with `id`, `type` and

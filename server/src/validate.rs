@@ -12,6 +12,7 @@ use crate::openai::{
     given, ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, StopInput,
     UnsupportedChatFields, WireMessage, WireSampling, WireTemplateOptions, WireTool,
 };
+use crate::reasoning::Start;
 use crate::tools::{self, Broken, CallReader, FunctionSpec, Ledger, ToolRequest};
 
 /// Most alternatives `top_logprobs` (chat) or `logprobs` (completions) may ask for.
@@ -47,6 +48,8 @@ pub struct ValidRequest {
     pub echo: Vec<Echo>,
     /// The request offers functions to call: how its answers are read back.
     pub tools: Option<CallReader>,
+    /// A thinking model's chat: where each answer starts relative to its block.
+    pub thinking: Option<Start>,
 }
 
 /// A completions prompt as the response repeats it (`echo`).
@@ -94,7 +97,7 @@ pub fn chat(
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
     let rendering = rendering(req.template)?;
-    let (mut gen, reader) = conversation(
+    let (mut gen, reader, thinking) = conversation(
         info,
         limits,
         request_id,
@@ -113,6 +116,7 @@ pub fn chat(
         logprobs: logprobs.is_some(),
         echo: Vec::new(),
         tools: reader,
+        thinking,
     })
 }
 
@@ -180,7 +184,7 @@ pub fn conversation(
     sampling: &WireSampling,
     rendering: &Rendering,
     param: &'static str,
-) -> Result<(GenRequest, Option<CallReader>), ApiError> {
+) -> Result<(GenRequest, Option<CallReader>, Option<Start>), ApiError> {
     let knows_tools = info.template.knows_tools();
     let format = tools::prompt::format_for(knows_tools, info.template.source());
     let prompt = chat_prompt(
@@ -192,10 +196,11 @@ pub fn conversation(
         rendering,
         param,
     )?;
+    let start = prompt.start;
     let mut reader = None;
     // Compiled alone first, so that a schema that cannot be enforced is blamed on its field.
     let mut constraint = match &answer {
-        Some((field, schema)) => Some(json_constraint(info, field, schema.clone())?),
+        Some((field, schema)) => Some(json_constraint(info, field, schema.clone(), start)?),
         None => None,
     };
     if let Some(t) = tools.filter(|t| t.active()) {
@@ -216,17 +221,19 @@ pub fn conversation(
         })?;
         let field = answer.as_ref().map(|(field, _)| *field);
         let answer = answer.as_ref().map(|(_, schema)| schema);
-        let combined = grammars
-            .lark("tools", format.grammar(t, answer))
-            .map_err(|e| {
-                ApiError::bad(
-                    "tools",
-                    format!(
-                        "a function's `parameters` cannot be enforced: {}",
-                        tools::format::explain(&e)
-                    ),
-                )
-            })?;
+        let grammar = match start {
+            Some(start) => start.grammar(&format.rules(t, answer, "answer")),
+            None => format.grammar(t, answer),
+        };
+        let combined = grammars.lark("tools", grammar).map_err(|e| {
+            ApiError::bad(
+                "tools",
+                format!(
+                    "a function's `parameters` cannot be enforced: {}",
+                    tools::format::explain(&e)
+                ),
+            )
+        })?;
         constraint = Some(combined.beside(field));
         reader = Some(CallReader {
             format,
@@ -235,9 +242,9 @@ pub fn conversation(
             functions: t.callable().map(|f| f.name.clone()).collect(),
         });
     }
-    let mut gen = generation(info, limits, request_id, prompt, sampling, false, param)?;
+    let mut gen = generation(info, limits, request_id, prompt.ids, sampling, false, param)?;
     gen.constraint = constraint;
-    Ok((gen, reader))
+    Ok((gen, reader, start))
 }
 
 /// The ids of a conversation as the chat endpoint runs it: its messages checked, the
@@ -251,7 +258,7 @@ pub fn chat_prompt(
     json_answer: bool,
     rendering: &Rendering,
     param: &'static str,
-) -> Result<Vec<u32>, ApiError> {
+) -> Result<ChatPrompt, ApiError> {
     let messages = chat_messages(wire)?;
     let knows_tools = info.template.knows_tools();
     let (messages, tools_value) = tools::prompt::prepare(knows_tools, tools, json_answer, messages);
@@ -424,6 +431,10 @@ pub fn chat_messages(wire: Vec<WireMessage>) -> Result<Vec<ChatMessage>, ApiErro
             m.role
         };
         let mut message = ChatMessage::new(role, content);
+        // Reasoning is an assistant's own; elsewhere it means nothing to a template.
+        if message.role == "assistant" {
+            message.reasoning_content = m.reasoning_content.filter(|r| !r.is_empty());
+        }
         if let Some(wire_calls) = m.tool_calls.filter(|c| !c.is_empty()) {
             if message.role != "assistant" {
                 return Err(ApiError::bad(
@@ -526,7 +537,7 @@ pub fn encode_chat(
     tools: Option<&Value>,
     rendering: &Rendering,
     param: &'static str,
-) -> Result<Vec<u32>, ApiError> {
+) -> Result<ChatPrompt, ApiError> {
     // Every string a client wrote is escaped here, once, whatever the template does
     // with it (the fallback for templates without tools has already moved calls and
     // results into `content`).
@@ -542,6 +553,7 @@ pub fn encode_chat(
             }),
             tool_call_id: m.tool_call_id.as_deref().map(escape),
             name: m.name.as_deref().map(escape),
+            reasoning_content: m.reasoning_content.as_deref().map(escape),
         })
         .collect();
     let tools = tools.cloned().map(|mut t| {
@@ -601,6 +613,13 @@ pub fn encode_chat(
         rendered.truncate(at);
     }
     check_prompt_bytes(info, limits, param, rendered.len())?;
+    let start = info
+        .reasoning
+        .then(|| match (rendering.continue_final, messages.last()) {
+            (true, Some(last)) => Start::after(&last.content),
+            _ if rendering.add_generation_prompt => Start::of_prompt(&rendered),
+            _ => Start::Free,
+        });
     let prompt = info
         .tokenizer
         .encode_chat(&rendered)
@@ -611,7 +630,15 @@ pub fn encode_chat(
             "the chat template rendered the conversation to no tokens",
         ));
     }
-    Ok(prompt)
+    Ok(ChatPrompt { ids: prompt, start })
+}
+
+/// A conversation's prompt, and, for a thinking model, where its answer starts.
+#[derive(Debug)]
+pub struct ChatPrompt {
+    pub ids: Vec<u32>,
+    /// `None`: the model does not think (or `--reasoning-format none`).
+    pub start: Option<Start>,
 }
 
 /// The most prompt tokens a request may have, and what sets that bound.
@@ -749,6 +776,7 @@ pub fn completion(
         logprobs: logprobs.is_some(),
         echo: echoes,
         tools: None,
+        thinking: None,
     })
 }
 
@@ -832,10 +860,12 @@ pub fn response_format(rf: Option<&Value>) -> Result<Option<Value>, ApiError> {
 }
 
 /// A JSON schema compiled into a constraint for this vocabulary; errors name `param`.
+/// After a thinking block when `thinking` says where the answer starts.
 pub fn json_constraint(
     info: &ModelInfo,
     param: &'static str,
     schema: Value,
+    thinking: Option<Start>,
 ) -> Result<Constraint, ApiError> {
     let grammars = info.grammars.as_ref().map_err(|e| {
         ApiError::bad(
@@ -843,7 +873,7 @@ pub fn json_constraint(
             format!("structured output is unavailable for this model: {e}"),
         )
     })?;
-    grammars.json_schema(param, schema).map_err(|e| {
+    grammars.json_schema(param, schema, thinking).map_err(|e| {
         let e = tools::format::explain(&e);
         ApiError::bad(param, format!("the schema cannot be enforced: {e}"))
     })

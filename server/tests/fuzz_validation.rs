@@ -32,6 +32,7 @@ fn info() -> &'static ModelInfo {
             max_seq_tokens: m.model.config().context_len,
             created: 0,
             grammars: Grammars::new(tokenizer, vocab).map(Arc::new),
+            reasoning: false,
         }
     })
 }

@@ -39,7 +39,7 @@ fn whose_fault_a_grammar_failure_is() {
         })
         .collect();
     let mut c = g
-        .json_schema("response_format", json!({"anyOf": branches}))
+        .json_schema("response_format", json!({"anyOf": branches}), None)
         .expect("compiles");
     assert_eq!(c.param(), "response_format");
     let mut logits = vec![0.0f32; vocab];
@@ -55,7 +55,7 @@ fn whose_fault_a_grammar_failure_is() {
 
     // A token the mask ruled out is not the schema's fault.
     let mut c = g
-        .json_schema("response_format", json!({"type": "object"}))
+        .json_schema("response_format", json!({"type": "object"}), None)
         .expect("compiles");
     let mut logits = vec![0.0f32; vocab];
     c.mask(&mut logits).expect("masked");

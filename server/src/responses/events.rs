@@ -17,11 +17,12 @@ use futures_util::Stream;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::wire::{Item, Part, ResponseError, ResponseObject};
+use super::wire::{Item, Part, ReasoningText, ResponseError, ResponseObject};
 use super::{finish, keep, output, Keep};
 use crate::engine::Event;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::reasoning::{Splitter, Start};
 use crate::sse::named_frame;
 use crate::tools::{CallReader, Decision};
 
@@ -29,6 +30,8 @@ use crate::tools::{CallReader, Decision};
 pub struct Streamed {
     pub response: ResponseObject,
     pub reader: Option<CallReader>,
+    /// A thinking model's: where the answer starts relative to its block.
+    pub thinking: Option<Start>,
     pub keep: Option<Keep>,
     pub metrics: Arc<Metrics>,
 }
@@ -51,6 +54,16 @@ struct State {
     message_id: Option<String>,
     /// Whether the message item's opening events were sent.
     message_open: bool,
+    /// A thinking model's reasoning told from its answer (whose text is `text`).
+    splitter: Option<Splitter>,
+    /// The reasoning item, once opened: its id, its text so far, whether it is closed.
+    reasoning: Option<Reasoning>,
+}
+
+struct Reasoning {
+    id: String,
+    text: String,
+    closed: bool,
 }
 
 impl State {
@@ -78,20 +91,86 @@ impl State {
             .clone()
     }
 
-    /// Opens the message item (once) and sends the text not sent yet.
-    fn send_text(&mut self) -> String {
+    /// The answer's first output index: after the reasoning item, if there is one.
+    fn answer_index(&self) -> usize {
+        usize::from(self.reasoning.is_some())
+    }
+
+    /// Opens the reasoning item (once) and sends `delta` of it.
+    fn send_reasoning(&mut self, delta: &str) -> String {
         let mut out = String::new();
+        let id = match &mut self.reasoning {
+            Some(r) => {
+                r.text.push_str(delta);
+                r.id.clone()
+            }
+            None => {
+                let id = super::wire::new_id("rs");
+                self.reasoning = Some(Reasoning {
+                    id: id.clone(),
+                    text: delta.to_string(),
+                    closed: false,
+                });
+                let item = json!({"id": id, "type": "reasoning", "summary": [], "content": []});
+                out.push_str(&self.event(
+                    "response.output_item.added",
+                    json!({"output_index": 0, "item": item}),
+                ));
+                out.push_str(&self.event(
+                    "response.content_part.added",
+                    json!({"item_id": id, "output_index": 0, "content_index": 0,
+                           "part": ReasoningText { text: String::new() }}),
+                ));
+                id
+            }
+        };
+        out.push_str(&self.event(
+            "response.reasoning_text.delta",
+            json!({"item_id": id, "output_index": 0, "content_index": 0, "delta": delta}),
+        ));
+        out
+    }
+
+    /// The closing events of the reasoning item, once.
+    fn close_reasoning(&mut self) -> String {
+        let Some(r) = self.reasoning.as_mut().filter(|r| !r.closed) else {
+            return String::new();
+        };
+        r.closed = true;
+        let item = Item::reasoning(r.id.clone(), r.text.clone());
+        let (id, text) = (r.id.clone(), r.text.clone());
+        let mut out = self.event(
+            "response.reasoning_text.done",
+            json!({"item_id": id, "output_index": 0, "content_index": 0, "text": text}),
+        );
+        out.push_str(&self.event(
+            "response.content_part.done",
+            json!({"item_id": id, "output_index": 0, "content_index": 0,
+                   "part": ReasoningText { text }}),
+        ));
+        out.push_str(&self.event(
+            "response.output_item.done",
+            json!({"output_index": 0, "item": item}),
+        ));
+        out
+    }
+
+    /// Opens the message item (once, after closing the reasoning) and sends the text
+    /// not sent yet.
+    fn send_text(&mut self) -> String {
+        let mut out = self.close_reasoning();
         let id = self.message_id();
+        let index = self.answer_index();
         if !self.message_open {
             self.message_open = true;
             let item = json!({"id": id, "type": "message", "status": "in_progress", "role": "assistant", "content": []});
             out.push_str(&self.event(
                 "response.output_item.added",
-                json!({"output_index": 0, "item": item}),
+                json!({"output_index": index, "item": item}),
             ));
             out.push_str(&self.event(
                 "response.content_part.added",
-                json!({"item_id": id, "output_index": 0, "content_index": 0,
+                json!({"item_id": id, "output_index": index, "content_index": 0,
                        "part": Part::output_text(String::new())}),
             ));
         }
@@ -100,7 +179,7 @@ impl State {
             self.sent = self.text.len();
             out.push_str(&self.event(
                 "response.output_text.delta",
-                json!({"item_id": id, "output_index": 0, "content_index": 0,
+                json!({"item_id": id, "output_index": index, "content_index": 0,
                        "delta": delta, "logprobs": []}),
             ));
         }
@@ -133,6 +212,7 @@ impl State {
                     arguments,
                     ..
                 } => {
+                    out.push_str(&self.close_reasoning());
                     let opened = json!({"id": id, "type": "function_call", "status": "in_progress",
                                         "call_id": call_id, "name": name, "arguments": ""});
                     out.push_str(&self.event(
@@ -149,6 +229,11 @@ impl State {
                                "arguments": arguments}),
                     ));
                 }
+                // Streamed as it came, and closed before the answer's first item.
+                Item::Reasoning { .. } => {
+                    out.push_str(&self.close_reasoning());
+                    continue;
+                }
                 Item::FunctionCallOutput { .. } => {}
             }
             out.push_str(&self.event(
@@ -164,15 +249,18 @@ impl State {
     /// and the failed response's `output` holds what was streamed.
     fn fail(&mut self, e: ApiError) -> String {
         let mut out = String::new();
-        if self.message_open && self.s.response.output.is_empty() {
-            let item = Item::Message {
+        if self.s.response.output.is_empty() {
+            let reasoning =
+                (self.reasoning.as_ref()).map(|r| Item::reasoning(r.id.clone(), r.text.clone()));
+            let message = self.message_open.then(|| Item::Message {
                 id: self.message_id(),
                 status: "incomplete".into(),
                 role: "assistant".into(),
                 content: vec![Part::output_text(self.text[..self.sent].to_string())],
-            };
-            out = self.close_items(std::slice::from_ref(&item));
-            self.s.response.output = vec![item];
+            });
+            let items: Vec<Item> = reasoning.into_iter().chain(message).collect();
+            out = self.close_items(&items);
+            self.s.response.output = items;
         }
         self.ended = true;
         self.s.response.status = "failed".into();
@@ -205,7 +293,6 @@ pub fn stream(
     rx: UnboundedReceiver<Event>,
 ) -> impl Stream<Item = String> {
     let state = State {
-        s: streamed,
         first: Some(first),
         rx,
         sequence: 0,
@@ -216,6 +303,9 @@ pub fn stream(
         decision: None,
         message_id: None,
         message_open: false,
+        splitter: streamed.thinking.map(Splitter::new),
+        reasoning: None,
+        s: streamed,
     };
     futures_util::stream::unfold(state, |mut st| async move {
         if st.ended {
@@ -239,24 +329,35 @@ async fn next(st: &mut State) -> String {
     };
     match event {
         Some(Event::Text { text, .. }) => {
-            st.text.push_str(&text);
-            if let Some(reader) = &st.s.reader {
-                if st.decision != Some(Decision::Text) {
-                    st.decision = Some(reader.decide(&st.text));
+            let (out, text) = match &mut st.splitter {
+                Some(splitter) => {
+                    let parts = splitter.push(&text);
+                    (reasoned(st, &parts.reasoning), parts.content)
                 }
-                if st.decision != Some(Decision::Text) {
-                    return String::new();
-                }
-            }
-            st.send_text()
+                None => (String::new(), text),
+            };
+            out + &answer_text(st, &text)
         }
         Some(Event::Prompt { .. }) => String::new(),
         Some(Event::Done {
             finish: f, usage, ..
         }) => {
+            let mut out = String::new();
+            if let Some(parts) = st.splitter.as_mut().map(Splitter::finish) {
+                out.push_str(&reasoned(st, &parts.reasoning));
+                out.push_str(&answer_text(st, &parts.content));
+            }
             let message_id = st.message_id();
-            let answer = output(st.s.reader.as_ref(), st.text.clone(), f, Some(message_id));
-            let mut out = st.close_items(&answer.0);
+            let reasoning =
+                (st.reasoning.as_ref()).map(|r| Item::reasoning(r.id.clone(), r.text.clone()));
+            let answer = output(
+                st.s.reader.as_ref(),
+                reasoning,
+                st.text.clone(),
+                f,
+                Some(message_id),
+            );
+            out.push_str(&st.close_items(&answer.0));
             finish(&mut st.s.response, answer, usage, &st.s.metrics);
             if let Some(k) = &st.s.keep {
                 if let Err(e) = keep(k, &st.s.response).await {
@@ -275,6 +376,31 @@ async fn next(st: &mut State) -> String {
         Some(Event::Error(failure)) => st.fail(failure.into()),
         None => st.fail(crate::stream::inference_stopped()),
     }
+}
+
+/// Reasoning streamed as it comes (nothing when empty).
+fn reasoned(st: &mut State, delta: &str) -> String {
+    match delta.is_empty() {
+        true => String::new(),
+        false => st.send_reasoning(delta),
+    }
+}
+
+/// A piece of the answer: sent once it is known not to be a call.
+fn answer_text(st: &mut State, text: &str) -> String {
+    if text.is_empty() {
+        return String::new();
+    }
+    st.text.push_str(text);
+    if let Some(reader) = &st.s.reader {
+        if st.decision != Some(Decision::Text) {
+            st.decision = Some(reader.decide(&st.text));
+        }
+        if st.decision != Some(Decision::Text) {
+            return String::new();
+        }
+    }
+    st.send_text()
 }
 
 #[cfg(test)]
@@ -303,6 +429,76 @@ mod tests {
         }
     }
 
+    async fn run(streamed: Streamed, first: Event, rx: UnboundedReceiver<Event>) -> Vec<Value> {
+        let frames = stream(streamed, first, rx)
+            .collect::<Vec<_>>()
+            .await
+            .concat();
+        frames
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).expect("JSON event"))
+            .collect()
+    }
+
+    /// A thinking model's block is a reasoning item, streamed and closed before the
+    /// message opens (at output index 1), and first in the response's output.
+    #[tokio::test]
+    async fn reasoning_streams_as_its_own_item_before_the_answer() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for t in ["pon", "der\n</th", "ink>\n\nHi"] {
+            tx.send(text(t)).expect("open channel");
+        }
+        let usage = crate::openai::Usage::new(3, 4, 0);
+        let done = Event::Done {
+            index: 0,
+            finish: crate::engine::FinishReason::Stop,
+            usage,
+        };
+        tx.send(done).expect("open channel");
+        let streamed = Streamed {
+            response: started(),
+            reader: None,
+            thinking: Some(Start::Free),
+            keep: None,
+            metrics: Arc::new(Metrics::new("m")),
+        };
+        let events = run(streamed, text("<think>\n"), rx).await;
+        let kinds: Vec<(&str, Option<u64>)> = events
+            .iter()
+            .map(|e| (e["type"].as_str().unwrap_or(""), e["output_index"].as_u64()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("response.created", None),
+                ("response.in_progress", None),
+                ("response.output_item.added", Some(0)),
+                ("response.content_part.added", Some(0)),
+                ("response.reasoning_text.delta", Some(0)),
+                ("response.reasoning_text.delta", Some(0)),
+                ("response.reasoning_text.done", Some(0)),
+                ("response.content_part.done", Some(0)),
+                ("response.output_item.done", Some(0)),
+                ("response.output_item.added", Some(1)),
+                ("response.content_part.added", Some(1)),
+                ("response.output_text.delta", Some(1)),
+                ("response.output_text.done", Some(1)),
+                ("response.content_part.done", Some(1)),
+                ("response.output_item.done", Some(1)),
+                ("response.completed", None),
+            ]
+        );
+        assert_eq!(events[2]["item"]["type"], "reasoning");
+        assert_eq!(events[6]["text"], "ponder");
+        let output = &events[15]["response"]["output"];
+        assert_eq!(output[0]["type"], "reasoning");
+        assert_eq!(output[0]["content"][0]["text"], "ponder");
+        assert_eq!(output[0]["id"], events[2]["item"]["id"]);
+        assert_eq!(output[1]["content"][0]["text"], "Hi");
+        assert_eq!(output[1]["id"], events[9]["item"]["id"]);
+    }
+
     #[test]
     fn a_failure_the_request_caused_is_not_a_server_error() {
         let schema = ApiError::bad("text", "`text` cannot be enforced");
@@ -320,18 +516,11 @@ mod tests {
         let streamed = Streamed {
             response: started(),
             reader: None,
+            thinking: None,
             keep: None,
             metrics: Arc::new(Metrics::new("m")),
         };
-        let frames = stream(streamed, text("Hello"), rx)
-            .collect::<Vec<_>>()
-            .await
-            .concat();
-        let events: Vec<Value> = frames
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .map(|d| serde_json::from_str(d).expect("JSON event"))
-            .collect();
+        let events = run(streamed, text("Hello"), rx).await;
         let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
         assert_eq!(
             kinds,

@@ -159,8 +159,36 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
                 status: "completed".into(),
             })
         }
+        // A thinking model's reasoning, sent back as it came: the template shows it
+        // where it keeps reasoning (in the assistant turn that follows).
+        Some("reasoning") => {
+            let texts = |key: &str| -> Result<Vec<String>, ApiError> {
+                match map.get(key) {
+                    None | Some(Value::Null) => Ok(Vec::new()),
+                    Some(Value::Array(parts)) => parts
+                        .iter()
+                        .enumerate()
+                        .map(|(j, p)| match p.get("text").and_then(Value::as_str) {
+                            Some(text) => Ok(text.to_string()),
+                            None => Err(bad(format!(
+                                "`input[{i}].{key}[{j}]` must be a part with a `text` field"
+                            ))),
+                        })
+                        .collect(),
+                    Some(_) => Err(bad(format!("`input[{i}].{key}` must be a list of parts"))),
+                }
+            };
+            let summary = texts("summary")?;
+            let content = texts("content")?;
+            // The reasoning itself, else its summary (what other servers return).
+            let text = match content.is_empty() {
+                true => summary.join("\n"),
+                false => content.join("\n"),
+            };
+            Ok(Item::reasoning(id("rs"), text))
+        }
         Some(other) => Err(bad(format!(
-            "`input[{i}]` has type {other:?}; this server takes \"message\", \"function_call\" and \"function_call_output\" items"
+            "`input[{i}]` has type {other:?}; this server takes \"message\", \"function_call\", \"function_call_output\" and \"reasoning\" items"
         ))),
     }
 }
@@ -250,6 +278,12 @@ pub fn check_items(history: &[Item], previous: &[Item], items: &[Item]) -> Resul
                 }
                 in_calls = false;
             }
+            // Reasoning leads to the next message or run of calls.
+            Item::Reasoning { .. } => {
+                if !in_calls && !calls.open().is_empty() {
+                    return Err(bad(format!("{} {}", at(i), unanswered(calls.open()))));
+                }
+            }
         }
     }
     if let Some(open) = calls.open().first() {
@@ -284,11 +318,21 @@ pub fn messages<'a>(
     if let Some(text) = instructions.filter(|t| !t.is_empty()) {
         out.push(wire_message("system", text.to_string()));
     }
+    // Reasoning goes with the assistant turn it led to (the next message or run of calls).
+    let mut reasoning: Option<String> = None;
     for item in items {
         match item {
+            Item::Reasoning { content, .. } => {
+                let text: Vec<&str> = content.iter().map(|p| p.text.as_str()).collect();
+                reasoning = Some(text.join("\n"));
+                continue;
+            }
             Item::Message { role, content, .. } => {
                 let text: String = content.iter().map(Part::text).collect();
-                out.push(wire_message(role, text));
+                out.push(WireMessage {
+                    reasoning_content: reasoning.take().filter(|_| role == "assistant"),
+                    ..wire_message(role, text)
+                });
             }
             Item::FunctionCall {
                 call_id,
@@ -310,6 +354,7 @@ pub fn messages<'a>(
                     }
                     _ => out.push(WireMessage {
                         tool_calls: Some(vec![call]),
+                        reasoning_content: reasoning.take(),
                         ..wire_message("assistant", String::new())
                     }),
                 }
@@ -332,6 +377,7 @@ fn wire_message(role: &str, text: String) -> WireMessage {
         tool_calls: None,
         tool_call_id: None,
         name: None,
+        reasoning_content: None,
     }
 }
 
@@ -467,8 +513,12 @@ mod tests {
         let cases = [
             (json!(5), "a string or a list"),
             (
-                json!([{"type": "reasoning", "summary": []}]),
-                "\"reasoning\"",
+                json!([{"type": "web_search_call", "status": "completed"}]),
+                "\"web_search_call\"",
+            ),
+            (
+                json!([{"type": "reasoning", "summary": [{"type": "summary_text"}]}]),
+                "`input[0].summary[0]` must be a part with a `text` field",
             ),
             (json!([{"role": "wizard", "content": "x"}]), "wizard"),
             (

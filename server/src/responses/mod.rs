@@ -24,6 +24,7 @@ use crate::engine::{FinishReason, GenRequest, ModelInfo};
 use crate::error::{quoted_id, ApiError};
 use crate::metrics::Metrics;
 use crate::openai::{given, Usage, WireSampling};
+use crate::reasoning::Start;
 use crate::store::{Row, Store, StoreError};
 use crate::tools::{CallReader, FunctionSpec, ToolRequest};
 use crate::validate::{self, Limits};
@@ -38,6 +39,8 @@ const METADATA_VALUE_CHARS: usize = 512;
 pub struct Prepared {
     pub gen: GenRequest,
     pub reader: Option<CallReader>,
+    /// A thinking model's: where the answer starts relative to its block.
+    pub thinking: Option<Start>,
     pub stream: bool,
     /// The response as it starts: `in_progress`, no output yet.
     pub response: ResponseObject,
@@ -113,7 +116,7 @@ pub fn prepare(
         max_tokens: req.max_output_tokens,
         ..WireSampling::default()
     };
-    let (gen, reader) = validate::conversation(
+    let (gen, reader, thinking) = validate::conversation(
         info,
         limits,
         request_id.clone(),
@@ -162,6 +165,7 @@ pub fn prepare(
     Ok(Prepared {
         gen,
         reader,
+        thinking,
         stream: req.stream.unwrap_or(false),
         response,
         keep,
@@ -410,8 +414,21 @@ fn history(store: &Store, id: &str) -> Result<(Vec<Item>, Vec<String>, usize), A
 /// calls the reader finds in it (those finished before one cut short), or one message,
 /// or nothing when it began a call that did not finish. Calls that parsed whole are
 /// not cut, even where the limit came with their last token.
-/// `message_id` is the id a stream already announced for the message.
+/// `message_id` is the id a stream already announced for the message. A thinking
+/// model's `reasoning` item comes first.
 pub fn output(
+    reader: Option<&CallReader>,
+    reasoning: Option<Item>,
+    text: String,
+    finish: FinishReason,
+    message_id: Option<String>,
+) -> (Vec<Item>, bool) {
+    let (answer, cut) = answer_items(reader, text, finish, message_id);
+    (reasoning.into_iter().chain(answer).collect(), cut)
+}
+
+/// [`output`]'s items after the reasoning.
+fn answer_items(
     reader: Option<&CallReader>,
     text: String,
     finish: FinishReason,

@@ -87,6 +87,20 @@ pub enum Item {
         output: String,
         status: String,
     },
+    /// A thinking model's reasoning, before the answer it led to.
+    Reasoning {
+        id: String,
+        /// Always empty: the reasoning is given whole in `content`, not summarized.
+        summary: Vec<Value>,
+        content: Vec<ReasoningText>,
+    },
+}
+
+/// The text of a reasoning item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "reasoning_text")]
+pub struct ReasoningText {
+    pub text: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,7 +137,17 @@ impl Item {
         match self {
             Item::Message { id, .. }
             | Item::FunctionCall { id, .. }
-            | Item::FunctionCallOutput { id, .. } => id,
+            | Item::FunctionCallOutput { id, .. }
+            | Item::Reasoning { id, .. } => id,
+        }
+    }
+
+    /// A reasoning item with one text part.
+    pub fn reasoning(id: String, text: String) -> Self {
+        Item::Reasoning {
+            id,
+            summary: Vec::new(),
+            content: vec![ReasoningText { text }],
         }
     }
 

@@ -11,6 +11,7 @@ use crate::logprobs;
 use crate::openai::{
     unix_now, AssistantMessage, ChatChoice, ChatCompletion, Completion, CompletionChoice,
 };
+use crate::reasoning::Splitter;
 use crate::routes::{JsonBody, RequestId};
 use crate::stream::{self, ChoiceOut, ChunkMeta, Shape};
 use crate::validate::{self, Limits, ValidRequest};
@@ -84,6 +85,7 @@ async fn respond(
             logprobs: valid.logprobs,
             echo: valid.echo,
             tools: valid.tools.clone(),
+            thinking: valid.thinking,
             metrics: app.metrics_handle(),
             info,
         };
@@ -101,8 +103,15 @@ async fn respond(
                 .choices
                 .into_iter()
                 .enumerate()
-                .map(|(i, c)| {
+                .map(|(i, mut c)| {
                     let logprobs = valid.logprobs.then(|| logprobs::chat(&info, &c.logprobs));
+                    // A thinking model's block is its reasoning; the rest is the answer.
+                    let reasoning_content = valid.thinking.map(|start| {
+                        let parts = Splitter::split(start, &c.text);
+                        c.text = parts.content;
+                        parts.reasoning
+                    });
+                    let reasoning_content = reasoning_content.filter(|r| !r.is_empty());
                     let calls =
                         (valid.tools.as_ref()).and_then(|r| r.chat_calls(&c.text, finish(&c)));
                     let (finish_reason, message) = match calls {
@@ -111,6 +120,7 @@ async fn respond(
                             let message = AssistantMessage {
                                 role: "assistant",
                                 content: None,
+                                reasoning_content,
                                 tool_calls: calls.into_iter().map(Into::into).collect(),
                             };
                             (finish_reason, message)
@@ -123,6 +133,7 @@ async fn respond(
                                     Some(reader) => reader.text_of(c.text),
                                     None => Some(c.text),
                                 },
+                                reasoning_content,
                                 tool_calls: Vec::new(),
                             },
                         ),

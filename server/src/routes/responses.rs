@@ -11,9 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
 use crate::error::ApiError;
+use crate::reasoning::Splitter;
 use crate::responses::events::{self, Streamed};
 use crate::responses::pages::Page;
-use crate::responses::wire::{Deleted, InputTokens, Item, ItemList, ResponseObject};
+use crate::responses::wire::{new_id, Deleted, InputTokens, Item, ItemList, ResponseObject};
 use crate::responses::{self, finish, output};
 use crate::routes::{JsonBody, PathId, RequestId};
 use crate::store::Store;
@@ -38,6 +39,7 @@ pub async fn create(
         let streamed = Streamed {
             response,
             reader: prepared.reader,
+            thinking: prepared.thinking,
             keep: prepared.keep,
             metrics: app.metrics_handle(),
         };
@@ -46,7 +48,23 @@ pub async fn create(
     let mut done = stream::collect(rx, 1, 1).await?;
     let answer = done.choices.pop().unwrap_or_default();
     let finish_reason = answer.finish.unwrap_or(crate::engine::FinishReason::Stop);
-    let answer = output(prepared.reader.as_ref(), answer.text, finish_reason, None);
+    // A thinking model's block is its reasoning item; the rest is the answer.
+    let (reasoning, text) = match prepared.thinking {
+        Some(start) => {
+            let parts = Splitter::split(start, &answer.text);
+            let item = (!parts.reasoning.is_empty())
+                .then(|| Item::reasoning(new_id("rs"), parts.reasoning));
+            (item, parts.content)
+        }
+        None => (None, answer.text),
+    };
+    let answer = output(
+        prepared.reader.as_ref(),
+        reasoning,
+        text,
+        finish_reason,
+        None,
+    );
     finish(&mut response, answer, done.usage, app.metrics());
     if let Some(keep) = &prepared.keep {
         responses::keep(keep, &response).await?;

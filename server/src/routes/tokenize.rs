@@ -80,6 +80,7 @@ pub async fn tokenize(
                         &validate::rendering(req.template)?,
                         "messages",
                     )?
+                    .ids
                 }
                 _ => {
                     return Err(ApiError::bad(

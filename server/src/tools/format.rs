@@ -74,6 +74,11 @@ impl CallFormat {
     /// that schema (a JSON call is then told apart by its first key: a schema whose
     /// answer starts with the same key would be read as a call).
     pub fn grammar(self, tools: &ToolRequest, answer: Option<&Value>) -> String {
+        self.rules(tools, answer, "start")
+    }
+
+    /// [`Self::grammar`] with its top rule named `root` (a thinking block goes before it).
+    pub fn rules(self, tools: &ToolRequest, answer: Option<&Value>, root: &str) -> String {
         let (call, defs) = self.call_schema(tools);
         let calls = match self {
             CallFormat::Generic => {
@@ -113,13 +118,13 @@ impl CallFormat {
         };
         match (&tools.choice, answer) {
             (Choice::Auto, Some(schema)) => format!(
-                "start: calls | text\n{calls_rule}text: %json {}\n",
+                "{root}: calls | text\n{calls_rule}text: %json {}\n",
                 compact(schema.clone())
             ),
             (Choice::Auto, None) => format!(
-                "start: calls | text\n{calls_rule}text: TEXT\nTEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{opener}.*)/\n"
+                "{root}: calls | text\n{calls_rule}text: TEXT\nTEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{opener}.*)/\n"
             ),
-            _ => format!("start: calls\n{calls_rule}"),
+            _ => format!("{root}: calls\n{calls_rule}"),
         }
     }
 

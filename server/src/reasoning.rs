@@ -1,0 +1,315 @@
+//! A thinking model's reasoning, told apart from its answer. Models such as Qwen3,
+//! QwQ and DeepSeek-R1 write `<think>…</think>` before they answer; their chat templates
+//! say so (they write or strip such blocks), and that is how a model is known to think
+//! (`--reasoning-format auto`). Its reasoning is then returned beside the answer
+//! (`reasoning_content` in chat, a `reasoning` item in Responses), never inside it, and a
+//! constraint (structured output, function calls) holds the answer after the block, not
+//! the reasoning.
+//!
+//! Where the block starts is read from the prompt: a template that ends its generation
+//! prompt with `<think>` (DeepSeek-R1, Qwen3's thinking-only models), or a continued
+//! message with a block still open, starts the answer inside it ([`Start::Thinking`]);
+//! otherwise the answer may open one as its first text ([`Start::Free`]).
+
+/// The tags around a thinking block.
+pub const OPEN: &str = "<think>";
+pub const CLOSE: &str = "</think>";
+
+/// Whether a chat template is a thinking model's: it writes its blocks' tags.
+pub fn detect(template_source: &str) -> bool {
+    template_source.contains(OPEN) && template_source.contains(CLOSE)
+}
+
+/// Where the answer starts relative to a thinking block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The answer may open a block as its first text (after whitespace), or not think.
+    Free,
+    /// The prompt opened a block: the answer starts inside it.
+    Thinking,
+}
+
+impl Start {
+    /// After a rendered prompt that ends with a generation prompt: inside a block when
+    /// the template ended it with `<think>` (and blank space).
+    pub fn of_prompt(rendered: &str) -> Start {
+        match rendered.trim_end().ends_with(OPEN) {
+            true => Start::Thinking,
+            false => Start::Free,
+        }
+    }
+
+    /// After a continued message's `text`: inside a block when its last `<think>` comes
+    /// after its last `</think>`.
+    pub fn after(text: &str) -> Start {
+        match (text.rfind(OPEN), text.rfind(CLOSE)) {
+            (Some(open), Some(close)) if open > close => Start::Thinking,
+            (Some(_), None) => Start::Thinking,
+            _ => Start::Free,
+        }
+    }
+
+    /// The rules (llguidance's Lark) that put an optional thinking block (or the rest of
+    /// the open one) before `answer`, the rule of the constrained answer that `rules`
+    /// define. The reasoning inside is free text: only what follows is held.
+    pub fn grammar(self, rules: &str) -> String {
+        let open = serde_json::to_string(OPEN).unwrap_or_default();
+        let close = serde_json::to_string(CLOSE).unwrap_or_default();
+        let start = match self {
+            Start::Free => "start: (think NL?)? answer\nthink: ".to_string() + &open + " thought\n",
+            Start::Thinking => "start: thought NL? answer\n".to_string(),
+        };
+        format!("{start}thought[suffix={close}]: /(?s:.*)/\nNL: /\\n+/\n{rules}")
+    }
+}
+
+/// One piece of an answer, split.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Parts {
+    pub reasoning: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the answer's start, which may open a block.
+    Opening,
+    /// Inside a block; `begun` once its first non-blank text was seen (the blank lines
+    /// after the tag are not reasoning).
+    Thinking { begun: bool },
+    /// After a block (its leading blank lines dropped once `begun`), or an answer that
+    /// did not think (`begun` from the start: its text is kept as written).
+    Answer { begun: bool },
+}
+
+/// Splits an answer's text, as it streams, into reasoning and content. Text that may
+/// be the start of a tag (or blank space that may end the reasoning) is held until the
+/// next piece says which it is, so a tag split across tokens is never sent.
+#[derive(Debug, Clone)]
+pub struct Splitter {
+    state: State,
+    held: String,
+}
+
+impl Splitter {
+    pub fn new(start: Start) -> Self {
+        let state = match start {
+            Start::Free => State::Opening,
+            Start::Thinking => State::Thinking { begun: false },
+        };
+        Self {
+            state,
+            held: String::new(),
+        }
+    }
+
+    /// A whole answer, split.
+    pub fn split(start: Start, text: &str) -> Parts {
+        let mut s = Self::new(start);
+        let mut parts = s.push(text);
+        let rest = s.finish();
+        parts.reasoning.push_str(&rest.reasoning);
+        parts.content.push_str(&rest.content);
+        parts
+    }
+
+    /// The next piece of the answer; returns what is known of each part.
+    pub fn push(&mut self, text: &str) -> Parts {
+        let mut out = Parts::default();
+        if let State::Answer { begun: true } = self.state {
+            out.content.push_str(text);
+            return out;
+        }
+        self.held.push_str(text);
+        loop {
+            match self.state {
+                State::Opening => {
+                    let trimmed = self.held.trim_start();
+                    if let Some(rest) = trimmed.strip_prefix(OPEN) {
+                        self.held = rest.to_string();
+                        self.state = State::Thinking { begun: false };
+                    } else if OPEN.starts_with(trimmed) {
+                        return out;
+                    } else {
+                        self.state = State::Answer { begun: true };
+                        out.content.push_str(&std::mem::take(&mut self.held));
+                        return out;
+                    }
+                }
+                State::Thinking { begun } => {
+                    if !begun {
+                        let trimmed = self.held.trim_start();
+                        if trimmed.is_empty() {
+                            self.held.clear();
+                            return out;
+                        }
+                        self.held = trimmed.to_string();
+                        self.state = State::Thinking { begun: true };
+                    }
+                    if let Some(at) = self.held.find(CLOSE) {
+                        out.reasoning.push_str(self.held[..at].trim_end());
+                        self.held = self.held[at + CLOSE.len()..].to_string();
+                        self.state = State::Answer { begun: false };
+                        continue;
+                    }
+                    let cut = releasable(&self.held);
+                    out.reasoning.push_str(&self.held[..cut]);
+                    self.held.drain(..cut);
+                    return out;
+                }
+                State::Answer { begun: false } => {
+                    let trimmed = self.held.trim_start();
+                    if !trimmed.is_empty() {
+                        out.content.push_str(trimmed);
+                        self.state = State::Answer { begun: true };
+                    }
+                    self.held.clear();
+                    return out;
+                }
+                State::Answer { begun: true } => {
+                    out.content.push_str(&std::mem::take(&mut self.held));
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// The answer ended: what was held is released (an unfinished tag as the text it
+    /// is; a block left open stays reasoning, without its trailing blank space).
+    pub fn finish(&mut self) -> Parts {
+        let held = std::mem::take(&mut self.held);
+        let mut out = Parts::default();
+        match self.state {
+            State::Opening => out.content = held,
+            State::Thinking { .. } => out.reasoning = held.trim_end().to_string(),
+            State::Answer { .. } => {}
+        }
+        out
+    }
+}
+
+/// How much of `held` (reasoning with no closing tag in it) can be sent: all but a
+/// trailing start of the tag and the blank space before it.
+fn releasable(held: &str) -> usize {
+    let tag_start = held
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| held.len() - i < CLOSE.len() && CLOSE.starts_with(&held[i..]))
+        .unwrap_or(held.len());
+    held[..tag_start].trim_end().len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every way of cutting `text` in two, and one piece per character, give `split`'s
+    /// parts.
+    fn streamed_as_whole(start: Start, text: &str) -> Parts {
+        let whole = Splitter::split(start, text);
+        let bounds: Vec<usize> = text.char_indices().map(|(i, _)| i).collect();
+        for &cut in &bounds {
+            let mut s = Splitter::new(start);
+            let mut got = s.push(&text[..cut]);
+            for p in [s.push(&text[cut..]), s.finish()] {
+                got.reasoning.push_str(&p.reasoning);
+                got.content.push_str(&p.content);
+            }
+            assert_eq!(got, whole, "cut at {cut} of {text:?}");
+        }
+        let mut s = Splitter::new(start);
+        let mut got = Parts::default();
+        for c in text.chars() {
+            let p = s.push(&c.to_string());
+            got.reasoning.push_str(&p.reasoning);
+            got.content.push_str(&p.content);
+        }
+        let p = s.finish();
+        got.reasoning.push_str(&p.reasoning);
+        got.content.push_str(&p.content);
+        assert_eq!(got, whole, "char by char: {text:?}");
+        whole
+    }
+
+    fn parts(reasoning: &str, content: &str) -> Parts {
+        Parts {
+            reasoning: reasoning.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn a_block_at_the_start_is_reasoning_and_the_rest_the_answer() {
+        let got = streamed_as_whole(
+            Start::Free,
+            "<think>\nThe user greets me.\n</think>\n\nHello!",
+        );
+        assert_eq!(got, parts("The user greets me.", "Hello!"));
+    }
+
+    #[test]
+    fn an_answer_that_does_not_open_a_block_is_kept_as_written() {
+        for text in [
+            "  Hello <think>x</think>",
+            "\n\n",
+            "<thi",
+            "<b>bold</b>",
+            "",
+        ] {
+            assert_eq!(streamed_as_whole(Start::Free, text), parts("", text));
+        }
+    }
+
+    #[test]
+    fn a_prompt_that_opened_the_block_makes_the_answer_start_inside_it() {
+        let got = streamed_as_whole(Start::Thinking, "Two and two.\n</think>\n\n4");
+        assert_eq!(got, parts("Two and two.", "4"));
+        // Cut short: all reasoning, a partial tag included as the text it is.
+        let got = streamed_as_whole(Start::Thinking, "Still thinking </thi");
+        assert_eq!(got, parts("Still thinking </thi", ""));
+    }
+
+    #[test]
+    fn only_the_first_closing_tag_ends_the_block() {
+        let got = streamed_as_whole(Start::Free, "<think>a < b </ c</think>x </think> y");
+        assert_eq!(got, parts("a < b </ c", "x </think> y"));
+    }
+
+    #[test]
+    fn blank_space_is_held_until_known_to_be_inside_the_reasoning() {
+        let mut s = Splitter::new(Start::Thinking);
+        assert_eq!(s.push("one \n"), parts("one", ""));
+        assert_eq!(s.push(" two"), parts(" \n two", ""));
+        assert_eq!(s.push("</"), parts("", ""));
+        assert_eq!(s.push("think>é"), parts("", "é"));
+        assert_eq!(s.finish(), parts("", ""));
+    }
+
+    #[test]
+    fn the_start_is_read_from_the_text_the_answer_follows() {
+        assert_eq!(
+            Start::of_prompt("<|im_start|>assistant\n<think>\n"),
+            Start::Thinking
+        );
+        // A user's unclosed tag earlier in the prompt is not the template's.
+        assert_eq!(
+            Start::of_prompt("<think>\n<|im_start|>assistant\n"),
+            Start::Free
+        );
+        assert_eq!(
+            Start::of_prompt("assistant\n<think>\n\n</think>\n\n"),
+            Start::Free
+        );
+        assert_eq!(Start::after("<think>a</think>b<think>c"), Start::Thinking);
+        assert_eq!(Start::after("<think>a</think>\n\n"), Start::Free);
+        assert_eq!(Start::after("Sure"), Start::Free);
+    }
+
+    #[test]
+    fn templates_that_write_both_tags_think() {
+        assert!(detect(
+            "{{ '<think>\\n' }}{{ content.split('</think>')[-1] }}"
+        ));
+        assert!(!detect("{{ '<|im_start|>assistant\\n' }}"));
+    }
+}
