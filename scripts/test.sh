@@ -4,15 +4,17 @@
 #      afterwards),
 #   2. cargo test: unit tests, fidelity and engine tests, HTTP integration tests (real model),
 #   3. the official `openai` Python SDK against real chorus servers on free loopback ports,
-#      one on the default model, one on gemma3-270m and one on the default model with a
-#      Hermes tool-calling template, and the OpenAI Agents SDK and LangChain running tool
+#      one on the default model, one on gemma3-270m, one on the default model with a
+#      Hermes tool-calling template and one with a thinking model's template (reasoning
+#      returned apart), and the OpenAI Agents SDK and LangChain running tool
 #      loops, on Chat Completions and on the Responses API (installed into .venv/ from
 #      tests/sdk/requirements.txt when absent); stored responses across restarts and
 #      kill -9 with servers of their own (tests/sdk/test_responses_store.py),
 #   3b. three workers behind the smg router (scripts/cluster.sh, smg from
 #      scripts/router-requirements.txt): routing, load balance, SIGKILL and SIGTERM of a
 #      worker; the deploy/k8s/ manifests checked by kubernetes-validate,
-#   4. the chat page in headless Chromium against both servers, and against a third one
+#   4. the chat page in headless Chromium against both servers (and the thinking one:
+#      reasoning in a block of its own), and against a third one
 #      with --api-key and --cors-origin (the key prompt, and the official openai JS SDK
 #      from another origin) (Debian's chromium, playwright-core and openai from npm,
 #      installed when absent).
@@ -67,7 +69,8 @@ start_server url
 start_server gemma_url --model gemma3-270m
 start_server key_url --api-key test-key --cors-origin "http://127.0.0.1:$page_port"
 start_server hermes_url --chat-template tests/sdk/templates/hermes-tools.jinja --served-model-name smollm2-hermes
-CHORUS_URL="$url" CHORUS_GEMMA_URL="$gemma_url" CHORUS_HERMES_URL="$hermes_url" CHORUS_BIN=target/release/chorus \
+start_server thinking_url --chat-template tests/sdk/templates/thinking.jinja --served-model-name smollm2-thinking --kv-cache-mb 256
+CHORUS_URL="$url" CHORUS_GEMMA_URL="$gemma_url" CHORUS_HERMES_URL="$hermes_url" CHORUS_THINKING_URL="$thinking_url" CHORUS_BIN=target/release/chorus \
   .venv/bin/python -m pytest -q tests/sdk
 
 echo "== cluster tests"
@@ -89,3 +92,4 @@ CHORUS_URL="$url" node tests/browser/chat.test.mjs
 CHORUS_URL="$gemma_url" CHORUS_MODEL=gemma3-270m SCREENSHOT_DIR= node tests/browser/chat.test.mjs
 CHORUS_URL="$key_url" CHORUS_KEY=test-key PAGE_PORT="$page_port" node tests/browser/key-and-cors.test.mjs
 CHORUS_URL="$url" node tests/browser/scheduler.test.mjs
+CHORUS_URL="$thinking_url" node tests/browser/reasoning.test.mjs

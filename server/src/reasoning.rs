@@ -20,6 +20,16 @@ pub fn detect(template_source: &str) -> bool {
     template_source.contains(OPEN) && template_source.contains(CLOSE)
 }
 
+/// Why a request's reasoning effort (chat's `reasoning_effort`, Responses' `reasoning`)
+/// is refused: a model that does not think has none but "none"; a thinking model's
+/// thinking is its template's to turn off, not a level to set.
+pub fn effort_refused(thinking: bool) -> &'static str {
+    match thinking {
+        false => "this model does not reason (only \"none\" is accepted)",
+        true => "this model's thinking is not set by an effort: its chat template decides (Qwen3's is turned off by `chat_template_kwargs: {\"enable_thinking\": false}`)",
+    }
+}
+
 /// Where the answer starts relative to a thinking block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {

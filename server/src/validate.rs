@@ -70,7 +70,7 @@ pub fn chat(
     req: ChatCompletionRequest,
 ) -> Result<ValidRequest, ApiError> {
     check_model(info, req.model.as_deref())?;
-    refuse_unsupported(&req.unsupported)?;
+    refuse_unsupported(&req.unsupported, info.reasoning)?;
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS).contains(&k) => {
             return Err(ApiError::bad(
@@ -123,7 +123,8 @@ pub fn chat(
 /// Chat fields that would change what the answer is, refused by name: ignoring them
 /// would answer a different question than the one asked (text for audio, a guess for a
 /// web search, a call-less reply to `functions`).
-fn refuse_unsupported(f: &UnsupportedChatFields) -> Result<(), ApiError> {
+/// `thinking`: the model thinks in `<think>` blocks.
+fn refuse_unsupported(f: &UnsupportedChatFields, thinking: bool) -> Result<(), ApiError> {
     if let Some(m) = f.modalities.as_ref().filter(|m| !m.is_null()) {
         if *m != json!(["text"]) {
             return Err(ApiError::bad(
@@ -147,11 +148,14 @@ fn refuse_unsupported(f: &UnsupportedChatFields) -> Result<(), ApiError> {
     if let Some(e) = f
         .reasoning_effort
         .as_ref()
-        .filter(|e| !e.is_null() && e.as_str() != Some("none"))
+        .filter(|e| !e.is_null() && (thinking || e.as_str() != Some("none")))
     {
         return Err(ApiError::bad(
             "reasoning_effort",
-            format!("`reasoning_effort` {e} is not supported: this model does not reason (only \"none\" is accepted)"),
+            format!(
+                "`reasoning_effort` {e} is not supported: {}",
+                crate::reasoning::effort_refused(thinking)
+            ),
         ));
     }
     for (field, value) in [

@@ -85,6 +85,23 @@ async fn reasoning_is_returned_apart_from_the_answer_streamed_or_not() {
     )
     .await;
     assert!(m.get("reasoning_content").is_none(), "{m}");
+    // An effort is no switch for it: the refusal says what is.
+    for (path, field) in [
+        ("/v1/chat/completions", json!({"reasoning_effort": "none"})),
+        (
+            "/v1/responses",
+            json!({"input": "Hi", "reasoning": {"effort": "low"}}),
+        ),
+    ] {
+        let request = match path {
+            "/v1/responses" => field,
+            _ => body(field),
+        };
+        let (status, e) = post(&server, path, &request).await;
+        assert_eq!(status, 400, "{e}");
+        let said = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(said.contains("enable_thinking"), "{e}");
+    }
 }
 
 /// Structured output and forced calls hold the answer after the block, not the

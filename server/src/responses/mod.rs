@@ -67,7 +67,7 @@ pub fn prepare(
     req: ResponsesRequest,
 ) -> Result<Prepared, ApiError> {
     validate::check_model(info, req.model.as_deref())?;
-    refuse_unsupported(&req)?;
+    refuse_unsupported(&req, info.reasoning)?;
     let max_output_tokens = at_least_one("max_output_tokens", req.max_output_tokens)?;
     let max_tool_calls = at_least_one("max_tool_calls", req.max_tool_calls)?;
     let metadata = metadata(req.metadata)?;
@@ -184,18 +184,21 @@ fn at_least_one(field: &'static str, n: Option<i64>) -> Result<Option<u64>, ApiE
 }
 
 /// Fields this server does not support, refused by name rather than ignored.
-fn refuse_unsupported(req: &ResponsesRequest) -> Result<(), ApiError> {
+/// `thinking`: the model thinks in `<think>` blocks.
+fn refuse_unsupported(req: &ResponsesRequest, thinking: bool) -> Result<(), ApiError> {
     if req.background == Some(true) {
         return Err(ApiError::bad(
             "background",
             "`background` responses are not supported; stream instead",
         ));
     }
-    // `{"effort": "none"}` (or an empty object) asks for no reasoning, which is what it gets.
+    // `{"effort": "none"}` (or an empty object) asks a model that does not think for no
+    // reasoning, which is what it gets.
     let no_reasoning = |r: &Value| {
         r.as_object().is_some_and(|o| {
-            o.iter()
-                .all(|(k, v)| v.is_null() || (k == "effort" && v.as_str() == Some("none")))
+            o.iter().all(|(k, v)| {
+                v.is_null() || (!thinking && k == "effort" && v.as_str() == Some("none"))
+            })
         })
     };
     if req
@@ -205,7 +208,10 @@ fn refuse_unsupported(req: &ResponsesRequest) -> Result<(), ApiError> {
     {
         return Err(ApiError::bad(
             "reasoning",
-            "`reasoning` is not supported: this model does not reason",
+            format!(
+                "`reasoning` is not supported: {}",
+                crate::reasoning::effort_refused(thinking)
+            ),
         ));
     }
     if given(&req.conversation) {
