@@ -213,10 +213,12 @@ pub struct WireMessage {
     pub tool_call_id: Option<String>,
     #[serde(default)]
     pub name: Option<String>,
-    /// Assistant turns: a thinking model's reasoning, as this server returned it
-    /// (`reasoning_content`; `reasoning` as some clients name it).
-    #[serde(default, alias = "reasoning")]
+    /// Assistant turns: a thinking model's reasoning, as this server returned it.
+    #[serde(default)]
     pub reasoning_content: Option<String>,
+    /// The same, as some servers and clients name it (`reasoning_content` wins).
+    #[serde(default)]
+    pub reasoning: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

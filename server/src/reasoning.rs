@@ -25,7 +25,7 @@ pub fn detect(template_source: &str) -> bool {
 /// thinking is its template's to turn off, not a level to set.
 pub fn effort_refused(thinking: bool) -> &'static str {
     match thinking {
-        false => "this model does not reason (only \"none\" is accepted)",
+        false => "no reasoning effort is set here (only \"none\" is accepted)",
         true => "this model's thinking is not set by an effort: its chat template decides (Qwen3's is turned off by `chat_template_kwargs: {\"enable_thinking\": false}`)",
     }
 }
@@ -37,6 +37,9 @@ pub enum Start {
     Free,
     /// The prompt opened a block: the answer starts inside it.
     Thinking,
+    /// The answer has begun (a continued message with text after its block, or none):
+    /// no block follows.
+    Answer,
 }
 
 impl Start {
@@ -50,24 +53,33 @@ impl Start {
     }
 
     /// After a continued message's `text`: inside a block when its last `<think>` comes
-    /// after its last `</think>`.
+    /// after its last `</think>`; else the answer has begun where it holds more than
+    /// blank space after its block.
     pub fn after(text: &str) -> Start {
         match (text.rfind(OPEN), text.rfind(CLOSE)) {
             (Some(open), Some(close)) if open > close => Start::Thinking,
             (Some(_), None) => Start::Thinking,
-            _ => Start::Free,
+            (_, Some(close)) if text[close + CLOSE.len()..].trim().is_empty() => Start::Free,
+            _ if text.trim().is_empty() => Start::Free,
+            _ => Start::Answer,
         }
     }
 
     /// The rules (llguidance's Lark) that put an optional thinking block (or the rest of
     /// the open one) before `answer`, the rule of the constrained answer that `rules`
     /// define. The reasoning inside is free text: only what follows is held.
+    ///
+    /// The block may follow blank space, in its tag's lexeme: free text may start with
+    /// blank space too, and llguidance's lexer takes the longest match without going
+    /// back, so a separate lexeme of blank space would never end where the tag begins.
+    /// A text answer must neither open a block nor start with blank space (which the
+    /// block's `NL` takes): `CallFormat::rules` with `thinks`.
     pub fn grammar(self, rules: &str) -> String {
-        let open = serde_json::to_string(OPEN).unwrap_or_default();
         let close = serde_json::to_string(CLOSE).unwrap_or_default();
         let start = match self {
-            Start::Free => "start: (think NL?)? answer\nthink: ".to_string() + &open + " thought\n",
-            Start::Thinking => "start: thought NL? answer\n".to_string(),
+            Start::Free => "start: (think NL?)? answer\nthink: THINK thought\nTHINK: /[ \\t\\r\\n]{0,8}<think>/\n",
+            Start::Thinking => "start: thought NL? answer\n",
+            Start::Answer => return format!("start: answer\n{rules}"),
         };
         format!("{start}thought[suffix={close}]: /(?s:.*)/\nNL: /\\n+/\n{rules}")
     }
@@ -106,6 +118,7 @@ impl Splitter {
         let state = match start {
             Start::Free => State::Opening,
             Start::Thinking => State::Thinking { begun: false },
+            Start::Answer => State::Answer { begun: true },
         };
         Self {
             state,
@@ -312,7 +325,13 @@ mod tests {
         );
         assert_eq!(Start::after("<think>a</think>b<think>c"), Start::Thinking);
         assert_eq!(Start::after("<think>a</think>\n\n"), Start::Free);
-        assert_eq!(Start::after("Sure"), Start::Free);
+        // An answer begun after its block, or without one, opens none.
+        assert_eq!(Start::after("<think>a</think>\n\nDo"), Start::Answer);
+        assert_eq!(Start::after("Sure"), Start::Answer);
+        assert_eq!(
+            Splitter::split(Start::Answer, "<think>x</think>y"),
+            parts("", "<think>x</think>y")
+        );
     }
 
     #[test]

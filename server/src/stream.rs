@@ -357,11 +357,21 @@ async fn next_event(st: &mut State) -> String {
         }) => {
             st.usage.add(index, usage);
             st.done += 1;
-            // What a thinking model's splitter held goes first.
+            // What a thinking model's splitter held goes first, and the log-probabilities
+            // of tokens whose text was a tag (held, then dropped) with it or alone.
             let mut out = match st.thinking.get_mut(index) {
                 Some(thinking) => {
                     let parts = thinking.splitter.finish();
-                    split_text(st, index, parts)
+                    let mut out = split_text(st, index, parts);
+                    let left = (st.thinking.get_mut(index))
+                        .map(|t| std::mem::take(&mut t.logprobs))
+                        .unwrap_or_default();
+                    if !left.is_empty() {
+                        let meta = &st.meta;
+                        let lp = meta.logprobs_value(&left, &mut TextOffsets::default());
+                        out.push_str(&meta.chunk(index, false, None, lp, None));
+                    }
+                    out
                 }
                 None => String::new(),
             };

@@ -226,7 +226,10 @@ pub fn conversation(
         let field = answer.as_ref().map(|(field, _)| *field);
         let answer = answer.as_ref().map(|(_, schema)| schema);
         let grammar = match start {
-            Some(start) => start.grammar(&format.rules(t, answer, "answer")),
+            Some(start) => {
+                let thinks = start != Start::Answer;
+                start.grammar(&format.rules(t, answer, "answer", thinks))
+            }
             None => format.grammar(t, answer),
         };
         let combined = grammars.lark("tools", grammar).map_err(|e| {
@@ -437,7 +440,8 @@ pub fn chat_messages(wire: Vec<WireMessage>) -> Result<Vec<ChatMessage>, ApiErro
         let mut message = ChatMessage::new(role, content);
         // Reasoning is an assistant's own; elsewhere it means nothing to a template.
         if message.role == "assistant" {
-            message.reasoning_content = m.reasoning_content.filter(|r| !r.is_empty());
+            message.reasoning_content =
+                (m.reasoning_content.or(m.reasoning)).filter(|r| !r.is_empty());
         }
         if let Some(wire_calls) = m.tool_calls.filter(|c| !c.is_empty()) {
             if message.role != "assistant" {

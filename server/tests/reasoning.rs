@@ -141,6 +141,137 @@ async fn a_constraint_holds_the_answer_after_the_reasoning() {
     assert!(args["word"].is_string(), "{m}");
 }
 
+/// With `tool_choice: "auto"` too: an answer that reasons, then calls, has its calls held
+/// (free text could otherwise have taken the block and the calls with it). The history
+/// calls with other arguments than the schema's, and the model would copy them.
+#[tokio::test]
+async fn calls_after_reasoning_are_held_with_tool_choice_auto() {
+    let server = thinking_server(ReasoningFormat::Auto).await;
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string"}},
+                        "required": ["city"]});
+    let tools: Vec<Value> = ["get_weather", "get_time"]
+        .iter()
+        .map(|name| json!({"type": "function", "function": {"name": name, "parameters": schema}}))
+        .collect();
+    let mut messages = Vec::new();
+    for (i, city) in ["Paris", "Rome", "Oslo"].iter().enumerate() {
+        let calls: Vec<Value> = (0..2)
+            .map(|j| {
+                let arguments = json!({"town": city, "units": 7}).to_string();
+                json!({"id": format!("c{i}{j}"), "type": "function",
+                       "function": {"name": "get_weather", "arguments": arguments}})
+            })
+            .collect();
+        messages.push(json!({"role": "user", "content": format!("Weather in {city}?")}));
+        messages.push(json!({"role": "assistant", "content": "",
+                             "reasoning_content": "I need the tools.", "tool_calls": calls}));
+        for j in 0..2 {
+            messages.push(json!({"role": "tool", "tool_call_id": format!("c{i}{j}"),
+                                 "content": "Sunny."}));
+        }
+    }
+    messages.push(json!({"role": "user", "content": "Weather in Berlin?"}));
+    let request = json!({"messages": messages, "tools": tools, "tool_choice": "auto",
+                         "parallel_tool_calls": false, "max_tokens": 150, "temperature": 0});
+    let (status, reply) = post(&server, "/v1/chat/completions", &request).await;
+    assert_eq!(status, 200, "{reply}");
+    let m = &reply["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], "I need the tools.", "{m}");
+    let calls = m["tool_calls"].as_array().cloned().unwrap_or_default();
+    assert_eq!(calls.len(), 1, "one call without parallel_tool_calls: {m}");
+    let args = calls[0]["function"]["arguments"]
+        .as_str()
+        .unwrap_or_default();
+    let args: Value = serde_json::from_str(args).expect("JSON arguments");
+    let keys: Vec<&String> = args
+        .as_object()
+        .map(|o| o.keys().collect())
+        .unwrap_or_default();
+    assert_eq!(keys, ["city"], "{m}");
+}
+
+/// Every token's log-probability is reported once, streamed as unstreamed, also those
+/// of a tag the answer ended in (held by the splitter, then dropped as text).
+#[tokio::test]
+async fn streamed_logprobs_count_every_token_also_of_a_held_tag() {
+    let server = thinking_server(ReasoningFormat::Auto).await;
+    for extra in [
+        json!({"stop": ["Done"]}),
+        json!({"max_tokens": 4}),
+        json!({"max_tokens": 10}),
+    ] {
+        let mut request = body(json!({"logprobs": true}));
+        if let Some(b) = request.as_object_mut() {
+            b.extend(extra.as_object().cloned().unwrap_or_default());
+        }
+        let (status, reply) = post(&server, "/v1/chat/completions", &request).await;
+        assert_eq!(status, 200, "{reply}");
+        let whole: Vec<Value> = reply["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        request["stream"] = json!(true);
+        let streamed: Vec<Value> = stream_events(&server, "/v1/chat/completions", &request)
+            .await
+            .iter()
+            .filter(|e| *e != "[DONE]")
+            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+            .flat_map(|c| {
+                c["choices"][0]["logprobs"]["content"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        assert_eq!(streamed, whole, "{extra}");
+        assert!(!whole.is_empty(), "{extra}");
+    }
+}
+
+/// `reasoning` is taken as `reasoning_content` (given both, `reasoning_content`); a
+/// continued answer that has begun after its block opens no new one.
+#[tokio::test]
+async fn reasoning_fields_and_continued_answers() {
+    let server = thinking_server(ReasoningFormat::Auto).await;
+    let tokens = |messages: Value| {
+        let url = server.to_string();
+        async move { post(&url, "/tokenize", &json!({"messages": messages})).await }
+    };
+    let ask = json!({"role": "user", "content": "Say done."});
+    let said = |fields: Value| {
+        let mut m = json!({"role": "assistant", "content": "Done."});
+        if let Some(o) = m.as_object_mut() {
+            o.extend(fields.as_object().cloned().unwrap_or_default());
+        }
+        json!([ask, m, ask])
+    };
+    let (status, named) = tokens(said(json!({"reasoning_content": "abc"}))).await;
+    assert_eq!(status, 200, "{named}");
+    for other in [
+        json!({"reasoning": "abc"}),
+        json!({"reasoning_content": "abc", "reasoning": "xyz"}),
+    ] {
+        let (status, got) = tokens(said(other.clone())).await;
+        assert_eq!(status, 200, "{other}: {got}");
+        assert_eq!(got["tokens"], named["tokens"], "{other}");
+    }
+    // Continued after its block: the rest is answer, and a constraint holds all of it
+    // (no new block may open: the model, shown blocks, would write one).
+    let mut history = history().as_array().cloned().unwrap_or_default();
+    history.push(json!({"role": "assistant", "reasoning_content": "abc", "content": "{"}));
+    let request = json!({"messages": history, "continue_final_message": true,
+                         "add_generation_prompt": false, "max_tokens": 30, "temperature": 0,
+                         "response_format": {"type": "json_object"}});
+    let (status, reply) = post(&server, "/v1/chat/completions", &request).await;
+    assert_eq!(status, 200, "{reply}");
+    let m = &reply["choices"][0]["message"];
+    assert!(m.get("reasoning_content").is_none(), "{m}");
+    assert!(
+        m["content"].as_str().is_some_and(|c| !c.contains("think")),
+        "{m}"
+    );
+}
+
 #[tokio::test]
 async fn responses_give_reasoning_its_own_item_and_take_it_back() {
     let server = thinking_server(ReasoningFormat::Auto).await;

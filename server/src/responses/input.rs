@@ -378,6 +378,7 @@ fn wire_message(role: &str, text: String) -> WireMessage {
         tool_call_id: None,
         name: None,
         reasoning_content: None,
+        reasoning: None,
     }
 }
 

@@ -74,11 +74,18 @@ impl CallFormat {
     /// that schema (a JSON call is then told apart by its first key: a schema whose
     /// answer starts with the same key would be read as a call).
     pub fn grammar(self, tools: &ToolRequest, answer: Option<&Value>) -> String {
-        self.rules(tools, answer, "start")
+        self.rules(tools, answer, "start", false)
     }
 
-    /// [`Self::grammar`] with its top rule named `root` (a thinking block goes before it).
-    pub fn rules(self, tools: &ToolRequest, answer: Option<&Value>, root: &str) -> String {
+    /// [`Self::grammar`] with its top rule named `root`, for a thinking model's answer
+    /// (`thinks`: a thinking block goes before it, so a text answer does not open one).
+    pub fn rules(
+        self,
+        tools: &ToolRequest,
+        answer: Option<&Value>,
+        root: &str,
+        thinks: bool,
+    ) -> String {
         let (call, defs) = self.call_schema(tools);
         let calls = match self {
             CallFormat::Generic => {
@@ -103,27 +110,41 @@ impl CallFormat {
         }
         let (calls_rule, opener) = match self {
             CallFormat::Hermes => {
-                let block = format!("\"<tool_call>\\n\" %json {calls} \"\\n</tool_call>\"");
-                // One call, then up to `most_calls - 1` more, each after a newline.
+                let body = format!("%json {calls} \"\\n</tool_call>\"");
+                // One call, then up to `most_calls - 1` more, each after a newline. The
+                // first may follow blank space (models write a newline before it): in
+                // its opening tag's lexeme, which free text (that may start with blank
+                // space too) cannot be, so the two are told apart at the tag's end.
                 let mut more = String::new();
                 for _ in 1..tools.most_calls() {
                     more = format!("(\"\\n\" call {more})?");
                 }
-                let rule = format!("calls: call {more}\ncall: {block}\n");
+                let rule = format!(
+                    "calls: first {more}\nfirst: FIRST {body}\ncall: \"<tool_call>\\n\" {body}\nFIRST: /[ \\t\\r\\n]{{0,8}}<tool_call>\\n/\n"
+                );
                 (rule, "<tool_call>")
             }
             CallFormat::Llama3Json | CallFormat::Generic => {
                 (format!("calls: %json {calls}\n"), "\\{")
             }
         };
+        // Free text is not a call: it does not start like one (after blank space). For a
+        // thinking model, nor like a block (which would take the calls with it), and it
+        // starts with no blank space: what follows a block is the grammar's own lexeme
+        // (llguidance's lexer takes the longest match without going back, so blank
+        // space that text could also begin with would never end before a call).
+        let text = match thinks {
+            true => format!("/(?s:([^ \\t\\r\\n].*)?)/ & ~/(?s:({opener}|<think>).*)/"),
+            false => format!("/(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{opener}.*)/"),
+        };
         match (&tools.choice, answer) {
             (Choice::Auto, Some(schema)) => format!(
                 "{root}: calls | text\n{calls_rule}text: %json {}\n",
                 compact(schema.clone())
             ),
-            (Choice::Auto, None) => format!(
-                "{root}: calls | text\n{calls_rule}text: TEXT\nTEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{opener}.*)/\n"
-            ),
+            (Choice::Auto, None) => {
+                format!("{root}: calls | text\n{calls_rule}text: TEXT\nTEXT: {text}\n")
+            }
             _ => format!("{root}: calls\n{calls_rule}"),
         }
     }
@@ -453,11 +474,14 @@ mod tests {
         let auto = CallFormat::Hermes.grammar(&tools(Choice::Auto), None);
         assert!(auto.starts_with("start: calls | text\n"), "{auto}");
         assert!(
-            auto.contains("calls: call (\"\\n\" call (\"\\n\" call )?)?\n"),
+            auto.contains("calls: first (\"\\n\" call (\"\\n\" call )?)?\n"),
             "{auto}"
         );
         let named = CallFormat::Hermes.grammar(&tools(Choice::Named("f".into())), None);
-        assert!(named.starts_with("start: calls\ncalls: call \n"), "{named}");
+        assert!(
+            named.starts_with("start: calls\ncalls: first \n"),
+            "{named}"
+        );
         let generic = CallFormat::Generic.grammar(&tools(Choice::Required), None);
         assert!(
             generic.starts_with("start: calls\ncalls: %json {"),
