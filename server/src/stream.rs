@@ -71,23 +71,14 @@ impl ChunkMeta {
         finish_reason: Option<&'static str>,
     ) -> String {
         match self.shape {
-            Shape::Chat => frame(&ChatChunk {
-                id: &self.id,
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: &self.model,
-                choices: vec![ChunkChoice {
-                    index: index as u32,
-                    delta: Delta {
-                        role: role.then_some("assistant"),
-                        content: text,
-                        ..Delta::default()
-                    },
-                    logprobs,
-                    finish_reason,
-                }],
-                usage: self.usage_field(None),
-            }),
+            Shape::Chat => {
+                let delta = Delta {
+                    role: role.then_some("assistant"),
+                    content: text,
+                    ..Delta::default()
+                };
+                self.chat_chunk(index, delta, logprobs, finish_reason)
+            }
             Shape::Completion => frame(&Completion {
                 id: self.id.clone(),
                 object: "text_completion",
@@ -104,8 +95,14 @@ impl ChunkMeta {
         }
     }
 
-    /// A chat chunk with one choice's reasoning.
-    fn reasoning_chunk(&self, index: usize, text: &str, logprobs: Option<Value>) -> String {
+    /// A chat chunk with one choice's `delta`.
+    fn chat_chunk(
+        &self,
+        index: usize,
+        delta: Delta,
+        logprobs: Option<Value>,
+        finish_reason: Option<&'static str>,
+    ) -> String {
         frame(&ChatChunk {
             id: &self.id,
             object: "chat.completion.chunk",
@@ -113,36 +110,31 @@ impl ChunkMeta {
             model: &self.model,
             choices: vec![ChunkChoice {
                 index: index as u32,
-                delta: Delta {
-                    reasoning_content: Some(text),
-                    ..Delta::default()
-                },
+                delta,
                 logprobs,
-                finish_reason: None,
+                finish_reason,
             }],
             usage: self.usage_field(None),
         })
     }
 
+    /// A chat chunk with one choice's reasoning.
+    fn reasoning_chunk(&self, index: usize, text: &str, logprobs: Option<Value>) -> String {
+        let delta = Delta {
+            reasoning_content: Some(text),
+            ..Delta::default()
+        };
+        self.chat_chunk(index, delta, logprobs, None)
+    }
+
     /// A chat chunk with one choice's call deltas (and `logprobs`, the answer's, on the
     /// first, as the unstreamed message carries them).
     fn tool_chunk(&self, index: usize, delta: ToolCallDelta, logprobs: Option<Value>) -> String {
-        frame(&ChatChunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices: vec![ChunkChoice {
-                index: index as u32,
-                delta: Delta {
-                    tool_calls: Some(vec![delta]),
-                    ..Delta::default()
-                },
-                logprobs,
-                finish_reason: None,
-            }],
-            usage: self.usage_field(None),
-        })
+        let delta = Delta {
+            tool_calls: Some(vec![delta]),
+            ..Delta::default()
+        };
+        self.chat_chunk(index, delta, logprobs, None)
     }
 
     /// The extra chunk with no choices and the usage.

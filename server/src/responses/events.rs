@@ -66,6 +66,13 @@ struct Reasoning {
     closed: bool,
 }
 
+impl Reasoning {
+    /// The item as streamed so far.
+    fn item(&self) -> Item {
+        Item::reasoning(self.id.clone(), self.text.clone())
+    }
+}
+
 impl State {
     /// One event of `kind` with `body`'s fields, numbered.
     fn event(&mut self, kind: &str, body: Value) -> String {
@@ -137,7 +144,7 @@ impl State {
             return String::new();
         };
         r.closed = true;
-        let item = Item::reasoning(r.id.clone(), r.text.clone());
+        let item = r.item();
         let (id, text) = (r.id.clone(), r.text.clone());
         let mut out = self.event(
             "response.reasoning_text.done",
@@ -250,8 +257,7 @@ impl State {
     fn fail(&mut self, e: ApiError) -> String {
         let mut out = String::new();
         if self.s.response.output.is_empty() {
-            let reasoning =
-                (self.reasoning.as_ref()).map(|r| Item::reasoning(r.id.clone(), r.text.clone()));
+            let reasoning = self.reasoning.as_ref().map(Reasoning::item);
             let message = self.message_open.then(|| Item::Message {
                 id: self.message_id(),
                 status: "incomplete".into(),
@@ -348,8 +354,7 @@ async fn next(st: &mut State) -> String {
                 out.push_str(&answer_text(st, &parts.content));
             }
             let message_id = st.message_id();
-            let reasoning =
-                (st.reasoning.as_ref()).map(|r| Item::reasoning(r.id.clone(), r.text.clone()));
+            let reasoning = st.reasoning.as_ref().map(Reasoning::item);
             let answer = output(
                 st.s.reader.as_ref(),
                 reasoning,
