@@ -7,7 +7,10 @@
 //! long to arrive is (`--body-timeout`, in [`crate::routes::JsonBody`]).
 //!
 //! At most `--max-connections` connections are served at once: one more is answered 503
-//! and closed at once. Shutdown waits for open connections for the drain time at most.
+//! and closed at once, unless its request is a probe (`GET /health`, `/metrics`,
+//! `/v1/loads`): a router's or an orchestrator's probe is answered even when clients hold
+//! every slot, so a busy server is not taken for a dead one. Shutdown waits for open
+//! connections for the drain time at most.
 
 use std::future::Future;
 use std::io;
@@ -105,8 +108,7 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    refused.inc();
-                    tokio::spawn(refuse(stream, limits.max_connections));
+                    tokio::spawn(over_limit(stream, app.clone(), limits.max_connections, refused.clone()));
                     continue;
                 };
                 let requests = Arc::new(AtomicUsize::new(0));
@@ -146,42 +148,126 @@ pub async fn serve(
     }
 }
 
-/// Answers a connection over `--max-connections` with a 503 in the error envelope, and
-/// closes it.
-async fn refuse(mut stream: TcpStream, max: usize) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// The paths a connection over `--max-connections` is still served: cheap reads that
+/// routers and orchestrators poll to tell a busy server from a dead one.
+const PROBES: [&str; 3] = ["/health", "/metrics", "/v1/loads"];
+
+/// How long a connection over the limit may take to send its request's head, and to be
+/// answered in all.
+const OVER_LIMIT_HEAD: Duration = Duration::from_secs(1);
+const OVER_LIMIT_ALL: Duration = Duration::from_secs(3);
+
+/// A connection over `--max-connections`: its request's head is read first (a client
+/// that has not sent its request yet would take an early answer for a protocol error);
+/// a probe is answered by the app, anything else with a 503 in the error envelope
+/// (counted as refused). Either way the connection is then closed, after what else the
+/// client sent is read off briefly: closing with it unread would reset the connection
+/// before the client reads the answer.
+async fn over_limit(mut stream: TcpStream, app: Router, max: usize, refused: Counter) {
+    use tokio::io::AsyncWriteExt;
+    let answer = async {
+        let head = read_head(&mut stream).await;
+        let answered = match probe(&head) {
+            Some(request) => answer_probe(app, request).await,
+            None => None,
+        };
+        let reply = match answered {
+            Some(reply) => reply,
+            None => {
+                refused.inc();
+                tracing::debug!(max, "connection refused: --max-connections reached");
+                refusal(max)
+            }
+        };
+        stream.write_all(&reply).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(OVER_LIMIT_ALL, answer).await;
+}
+
+/// What the client sends within [`OVER_LIMIT_HEAD`], up to the end of the request's
+/// head (64 KiB at most).
+async fn read_head(stream: &mut TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut piece = [0u8; 4096];
+    let until_head = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+            match stream.read(&mut piece).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&piece[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(OVER_LIMIT_HEAD, until_head).await;
+    head
+}
+
+/// The request in `head` when it is a whole `GET` of one of [`PROBES`] (its headers
+/// kept, so that `--api-key` still guards what it guards), else `None`.
+fn probe(head: &[u8]) -> Option<hyper::Request<Body>> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    if !parsed.parse(head).ok()?.is_complete() || parsed.method? != "GET" {
+        return None;
+    }
+    let target = parsed.path?;
+    let path = target.split('?').next().unwrap_or(target);
+    if !PROBES.contains(&path) {
+        return None;
+    }
+    let mut request = hyper::Request::get(target);
+    for h in parsed.headers.iter() {
+        request = request.header(h.name, h.value);
+    }
+    request.body(Body::empty()).ok()
+}
+
+/// A probe's answer from the app, as bytes to write on a connection that then closes
+/// (`None` if its body could not be read whole).
+async fn answer_probe(app: Router, request: hyper::Request<Body>) -> Option<Vec<u8>> {
+    let Ok(response) = app.oneshot(request).await;
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, 16 << 20).await.ok()?;
+    let mut reply = format!(
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (name, value) in &parts.headers {
+        if name != hyper::header::CONTENT_LENGTH && name != hyper::header::CONNECTION {
+            reply.extend_from_slice(name.as_str().as_bytes());
+            reply.extend_from_slice(b": ");
+            reply.extend_from_slice(value.as_bytes());
+            reply.extend_from_slice(b"\r\n");
+        }
+    }
+    reply.extend_from_slice(
+        format!(
+            "connection: close\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    reply.extend_from_slice(&body);
+    Some(reply)
+}
+
+/// The 503 that a connection over `--max-connections` gets.
+fn refusal(max: usize) -> Vec<u8> {
     let error = crate::error::ApiError::Unavailable(format!(
         "too many open connections (--max-connections {max}); retry later"
     ));
     let body = serde_json::to_string(&error.body()).unwrap_or_default();
-    let reply = format!(
+    format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
-    );
-    // The request's head is read first (a client that has not sent its request yet would
-    // take an early answer for a protocol error), then the answer is written, and what
-    // else the client sent is read off briefly: closing with it unread would reset the
-    // connection before the client reads the answer.
-    let answer = async {
-        let mut head = Vec::new();
-        let mut piece = [0u8; 4096];
-        let until_head = async {
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
-                match stream.read(&mut piece).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&piece[..n]),
-                }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), until_head).await;
-        stream.write_all(reply.as_bytes()).await?;
-        stream.shutdown().await?;
-        let mut sink = [0u8; 4096];
-        while stream.read(&mut sink).await? > 0 {}
-        Ok::<_, io::Error>(())
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(3), answer).await;
-    tracing::debug!(max, "connection refused: --max-connections reached");
+    )
+    .into_bytes()
 }
 
 /// Counts a request as in flight on its connection until its response body is dropped.

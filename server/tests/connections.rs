@@ -156,8 +156,8 @@ async fn a_coded_body_is_415_and_a_body_left_half_sent_is_499() {
     }
 }
 
-/// One connection over `--max-connections` is answered 503 in the error envelope; once
-/// a connection closes, a new one is served.
+/// One connection over `--max-connections` is answered 503 in the error envelope, but a
+/// probe over the limit is answered; once a connection closes, a new one is served.
 #[tokio::test]
 async fn the_connection_over_the_limit_is_refused_with_503() {
     let _turn = TURN.lock().await;
@@ -180,6 +180,22 @@ async fn the_connection_over_the_limit_is_refused_with_503() {
     let v: Value = r.json().await.expect("envelope");
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("--max-connections 2"), "{v}");
+    // Probes are still answered, by the app and with its status: a router or an
+    // orchestrator must not take a server whose slots are all held for a dead one.
+    let r = reqwest::Client::new()
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("health");
+    assert_eq!(v["status"], "ok", "{v}");
+    let loads = reqwest::get(format!("{url}/v1/loads?include=all"))
+        .await
+        .expect("answered");
+    assert_eq!(loads.status(), 200);
+    let served = metrics(&url).await;
+    assert!(served.contains("vllm:num_requests_running"), "{served}");
 
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(5);
