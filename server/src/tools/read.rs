@@ -80,8 +80,9 @@ fn hermes_blocks(text: &str) -> (Vec<&RawValue>, Tail) {
         blocks.push(value);
         rest = match after.strip_prefix(CLOSE) {
             Some(next) => next,
+            // Cut in the closing tag: the call was written whole, as one whose tag is
+            // missing (a special token the decoder skipped) is.
             None if !after.is_empty() && CLOSE.starts_with(after) => {
-                blocks.pop();
                 return (blocks, Tail::Cut);
             }
             None => after,
@@ -241,12 +242,17 @@ impl CallReader {
     }
 
     /// The text of an answer that holds no calls: `None` when it began a call that did
-    /// not finish. Beside a JSON answer, whole JSON that is not calls is the answer
-    /// (whatever its start looked like).
+    /// not finish, also when it was cut in the call's opening (text that can only be
+    /// the start of a call). Beside a JSON answer, whole JSON that is not calls is the
+    /// answer (whatever its start looked like).
     pub fn text_of(&self, text: String) -> Option<String> {
         let whole_json = || is_json(&text);
-        (self.decide(&text) != Decision::Calls || (self.json_answer && whole_json()))
-            .then_some(text)
+        let call = match self.decide(&text) {
+            Decision::Calls => true,
+            Decision::Undecided => !text.trim().is_empty(),
+            Decision::Text => false,
+        };
+        (!call || (self.json_answer && whole_json())).then_some(text)
     }
 
     /// One call as the grammar writes it: an object of exactly a callable `name` and
@@ -400,6 +406,13 @@ mod tests {
         let bare = "\n{\"name\": \"a\", \"arguments\": {\"x\": \"y\"}}\n";
         assert_eq!(r.calls(bare).expect("calls")[0].arguments, r#"{"x":"y"}"#);
         assert_eq!(r.decide("anything"), Decision::Calls);
+        // With tool_choice auto, an answer cut in the opening tag began a call: it is
+        // not returned as text (no more than one cut later in the call is).
+        let auto = reader(CallFormat::Hermes, Choice::Auto);
+        assert_eq!(auto.text_of("\n<tool_ca".into()), None);
+        assert_eq!(auto.text_of("<tool_call>\n{\"na".into()), None);
+        assert_eq!(auto.text_of("<b>".into()).as_deref(), Some("<b>"));
+        assert_eq!(auto.text_of(" ".into()).as_deref(), Some(" "));
     }
 
     /// The tags' text inside an argument is the argument's (before the fix it was cut
@@ -416,9 +429,11 @@ mod tests {
         let kept = r.finished_calls(&cut).expect("the first call");
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].arguments, calls[0].arguments);
-        // Cut inside a closing tag: the call before it is not whole.
+        // Cut inside a closing tag: the call is kept (as one whose tag is missing is),
+        // and the answer is not whole.
         let cut = "<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_";
         assert_eq!(r.calls(cut), None);
+        assert_eq!(r.finished_calls(cut).expect("kept")[0].name, "a");
         // Something after the blocks that is not one: neither calls nor a cut.
         let odd = "<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call> and more";
         assert_eq!(r.calls(odd), None);
