@@ -65,11 +65,14 @@ impl FinishReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Final text (never half a character, never part of a stop string), with the
-    /// log-probabilities of the tokens since the last event when they were asked for.
+    /// log-probabilities of the tokens since the last event when they were asked for,
+    /// and how many tokens that is (tokens whose text is never sent, a stop string's or
+    /// a character cut by the end, are counted only in the usage).
     Text {
         index: usize,
         text: String,
         logprobs: Vec<TokenLogprob>,
+        tokens: usize,
     },
     /// The prompt's log-probabilities (asked for with `prompt_logprobs`), before the
     /// choice's first text: `tokens` is the prompt, `logprobs` scores `tokens[1..]`.
@@ -400,6 +403,7 @@ mod tests {
                 index: 0,
                 text: "a".into(),
                 logprobs: Vec::new(),
+                tokens: 1,
             })
             .expect("open");
         drop(submission);

@@ -245,12 +245,21 @@ pub struct Usage {
     pub completion_tokens: usize,
     pub total_tokens: usize,
     pub prompt_tokens_details: PromptTokensDetails,
+    /// A thinking model's (absent for other models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct PromptTokensDetails {
     /// Prompt tokens whose keys and values came from the prefix cache.
     pub cached_tokens: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct CompletionTokensDetails {
+    /// Completion tokens that were the thinking block (its tags included).
+    pub reasoning_tokens: usize,
 }
 
 impl Usage {
@@ -260,7 +269,19 @@ impl Usage {
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
             prompt_tokens_details: PromptTokensDetails { cached_tokens },
+            completion_tokens_details: None,
         }
+    }
+
+    /// With `reasoning_tokens` more of the completion tokens counted as reasoning.
+    pub fn with_reasoning(mut self, reasoning_tokens: usize) -> Self {
+        let before = self
+            .completion_tokens_details
+            .map_or(0, |d| d.reasoning_tokens);
+        self.completion_tokens_details = Some(CompletionTokensDetails {
+            reasoning_tokens: before + reasoning_tokens,
+        });
+        self
     }
 }
 

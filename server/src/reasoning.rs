@@ -107,10 +107,18 @@ enum State {
 /// Splits an answer's text, as it streams, into reasoning and content. Text that may
 /// be the start of a tag (or blank space that may end the reasoning) is held until the
 /// next piece says which it is, so a tag split across tokens is never sent.
+///
+/// It also counts the block's tokens (`usage`'s `reasoning_tokens`) from the tokens of
+/// each piece: those of pieces inside the block, and of the pieces that open and close it.
 #[derive(Debug, Clone)]
 pub struct Splitter {
     state: State,
     held: String,
+    /// A block was opened by the answer's first text.
+    opened: bool,
+    /// Tokens pushed while the answer's start was undecided: the block's if it opens one.
+    undecided_tokens: usize,
+    reasoning_tokens: usize,
 }
 
 impl Splitter {
@@ -123,17 +131,69 @@ impl Splitter {
         Self {
             state,
             held: String::new(),
+            opened: false,
+            undecided_tokens: 0,
+            reasoning_tokens: 0,
         }
     }
 
     /// A whole answer, split.
     pub fn split(start: Start, text: &str) -> Parts {
+        Self::split_counted(start, text, &[(text.len(), 0)], 0).0
+    }
+
+    /// A whole answer of `tokens` tokens, received as `pieces` (where each piece of
+    /// `text` ends, and its tokens), split; with how many of the tokens were reasoning.
+    pub fn split_counted(
+        start: Start,
+        text: &str,
+        pieces: &[(usize, usize)],
+        tokens: usize,
+    ) -> (Parts, usize) {
         let mut s = Self::new(start);
-        let mut parts = s.push(text);
-        let rest = s.finish();
-        parts.reasoning.push_str(&rest.reasoning);
-        parts.content.push_str(&rest.content);
+        let mut parts = Parts::default();
+        let mut from = 0;
+        for &(end, n) in pieces {
+            let piece = s.push_counted(text.get(from..end).unwrap_or_default(), n);
+            parts.reasoning.push_str(&piece.reasoning);
+            parts.content.push_str(&piece.content);
+            from = end;
+        }
+        let rest = s.push(text.get(from..).unwrap_or_default());
+        let end = s.finish();
+        for p in [rest, end] {
+            parts.reasoning.push_str(&p.reasoning);
+            parts.content.push_str(&p.content);
+        }
+        (parts, s.reasoning_tokens(tokens))
+    }
+
+    /// The next piece of the answer, and how many tokens it is.
+    pub fn push_counted(&mut self, text: &str, tokens: usize) -> Parts {
+        let before = self.state;
+        let parts = self.push(text);
+        match before {
+            State::Opening => {
+                self.undecided_tokens += tokens;
+                if self.opened {
+                    self.reasoning_tokens += std::mem::take(&mut self.undecided_tokens);
+                } else if self.state != State::Opening {
+                    self.undecided_tokens = 0;
+                }
+            }
+            State::Thinking { .. } => self.reasoning_tokens += tokens,
+            State::Answer { .. } => {}
+        }
         parts
+    }
+
+    /// How many of an answer's `tokens` were reasoning: all of them while its block is
+    /// still open (tokens whose text was never pushed, cut by the end, included).
+    pub fn reasoning_tokens(&self, tokens: usize) -> usize {
+        match self.state {
+            State::Thinking { .. } => tokens,
+            _ => self.reasoning_tokens.min(tokens),
+        }
     }
 
     /// The next piece of the answer; returns what is known of each part.
@@ -150,6 +210,7 @@ impl Splitter {
                     let trimmed = self.held.trim_start();
                     if let Some(rest) = trimmed.strip_prefix(OPEN) {
                         self.held = rest.to_string();
+                        self.opened = true;
                         self.state = State::Thinking { begun: false };
                     } else if OPEN.starts_with(trimmed) {
                         return out;
@@ -340,5 +401,48 @@ mod tests {
             "{{ '<think>\\n' }}{{ content.split('</think>')[-1] }}"
         ));
         assert!(!detect("{{ '<|im_start|>assistant\\n' }}"));
+    }
+
+    /// Pieces of one token each, streamed: the block's tokens are counted, the tags'
+    /// included, the answer's not; split whole from the same pieces counts the same.
+    #[test]
+    fn reasoning_tokens_are_the_blocks() {
+        let cases: [(Start, &[&str], usize); 5] = [
+            (
+                Start::Free,
+                &[
+                    "<", "think", ">\n", "abc", "\n</", "think>", "\n\n", "Done.",
+                ],
+                6,
+            ),
+            (Start::Free, &["<think>ab</think>Done", "."], 1),
+            (Start::Free, &["Hello", " <", "think>"], 0),
+            (Start::Thinking, &["abc", "</think>", "\n", "x"], 2),
+            (Start::Answer, &["<think>", "a", "</think>"], 0),
+        ];
+        for (start, pieces, want) in cases {
+            let mut s = Splitter::new(start);
+            for p in pieces {
+                s.push_counted(p, 1);
+            }
+            s.finish();
+            assert_eq!(s.reasoning_tokens(pieces.len()), want, "{pieces:?}");
+            let text = pieces.concat();
+            let ends: Vec<(usize, usize)> = (pieces.iter())
+                .scan(0, |end, p| {
+                    *end += p.len();
+                    Some((*end, 1))
+                })
+                .collect();
+            let (parts, n) = Splitter::split_counted(start, &text, &ends, pieces.len());
+            assert_eq!(parts, Splitter::split(start, &text), "{pieces:?}");
+            assert_eq!(n, want, "{pieces:?}");
+        }
+        // A block still open at the end: every token was reasoning, those of text
+        // never pushed (cut by the end) too.
+        let mut s = Splitter::new(Start::Free);
+        s.push_counted("<think>", 2);
+        s.push_counted("ab", 1);
+        assert_eq!(s.reasoning_tokens(5), 5);
     }
 }

@@ -195,11 +195,16 @@ impl UsageSum {
             false => (0, 0),
         };
         let sum = self.sum;
-        self.sum = Usage::new(
+        let mut next = Usage::new(
             sum.prompt_tokens + prompt,
             sum.completion_tokens + u.completion_tokens,
             sum.prompt_tokens_details.cached_tokens + cached,
         );
+        next.completion_tokens_details = sum.completion_tokens_details;
+        if let Some(d) = u.completion_tokens_details {
+            next = next.with_reasoning(d.reasoning_tokens);
+        }
+        self.sum = next;
     }
 
     fn total(self) -> Usage {
@@ -319,9 +324,10 @@ async fn next_event(st: &mut State) -> String {
             index,
             text,
             logprobs,
+            tokens,
         }) => match st.thinking.get_mut(index) {
             Some(thinking) => {
-                let parts = thinking.splitter.push(&text);
+                let parts = thinking.splitter.push_counted(&text, tokens);
                 thinking.logprobs.extend(logprobs);
                 split_text(st, index, parts)
             }
@@ -347,6 +353,12 @@ async fn next_event(st: &mut State) -> String {
             finish,
             usage,
         }) => {
+            let usage = match st.thinking.get(index) {
+                Some(t) => {
+                    usage.with_reasoning(t.splitter.reasoning_tokens(usage.completion_tokens))
+                }
+                None => usage,
+            };
             st.usage.add(index, usage);
             st.done += 1;
             // What a thinking model's splitter held goes first, and the log-probabilities
@@ -520,6 +532,11 @@ pub async fn first_event(rx: &mut UnboundedReceiver<Event>) -> Result<Event, Api
 #[derive(Debug, Default)]
 pub struct ChoiceOut {
     pub text: String,
+    /// Where each piece of `text` ends, and its tokens (a thinking model's reasoning
+    /// tokens are counted from them).
+    pub pieces: Vec<(usize, usize)>,
+    /// The choice's completion tokens.
+    pub tokens: usize,
     pub finish: Option<FinishReason>,
     pub logprobs: Vec<TokenLogprob>,
     /// The prompt's first token and the scores of the rest, when asked for.
@@ -547,9 +564,11 @@ pub async fn collect(
                 index,
                 text,
                 logprobs,
+                tokens,
             }) => {
                 if let Some(c) = choices.get_mut(index) {
                     c.text.push_str(&text);
+                    c.pieces.push((c.text.len(), tokens));
                     c.logprobs.extend(logprobs);
                 }
             }
@@ -570,6 +589,7 @@ pub async fn collect(
                 usage.add(index, u);
                 if let Some(c) = choices.get_mut(index) {
                     c.finish = Some(finish);
+                    c.tokens = u.completion_tokens;
                 }
                 done += 1;
             }

@@ -60,6 +60,8 @@ struct Seq {
     stop: StopMatcher,
     /// Log-probabilities of tokens whose text has not been sent yet.
     unsent_logprobs: Vec<TokenLogprob>,
+    /// How many tokens' text has not been sent yet.
+    unsent_tokens: usize,
     events: UnboundedSender<Event>,
     arrived: Instant,
     first_token: Option<Instant>,
@@ -113,6 +115,7 @@ impl Seq {
             decoder: IncrementalDecoder::new(),
             stop: StopMatcher::new(self.stop_strings.clone()),
             unsent_logprobs: Vec::new(),
+            unsent_tokens: 0,
             events: self.events.clone(),
             arrived: self.arrived,
             first_token: None,
@@ -297,6 +300,7 @@ impl Worker {
                 decoder: IncrementalDecoder::new(),
                 stop: StopMatcher::new(req.stop),
                 unsent_logprobs: Vec::new(),
+                unsent_tokens: 0,
                 events: s.events,
                 arrived: s.arrived,
                 first_token: None,
@@ -705,6 +709,7 @@ impl Worker {
             return Ok(Some(FinishReason::Stop));
         }
         seq.unsent_logprobs.extend(pick.logprob);
+        seq.unsent_tokens += 1;
         let text = match seq.decoder.step(&self.tokenizer, token) {
             Ok(t) => t,
             Err(e) => {
@@ -729,6 +734,7 @@ impl Worker {
                 index: seq.index,
                 text: out.text,
                 logprobs: std::mem::take(&mut seq.unsent_logprobs),
+                tokens: std::mem::take(&mut seq.unsent_tokens),
             });
         }
         if out.stopped || grammar_done {
@@ -757,6 +763,7 @@ impl Worker {
                 index: seq.index,
                 text: rest,
                 logprobs: std::mem::take(&mut seq.unsent_logprobs),
+                tokens: std::mem::take(&mut seq.unsent_tokens),
             });
         }
         let cached = self.scheduler.cached_tokens(id);

@@ -191,7 +191,9 @@ async fn calls_after_reasoning_are_held_with_tool_choice_auto() {
 }
 
 /// Every token's log-probability is reported once, streamed as unstreamed, also those
-/// of a tag the answer ended in (held by the splitter, then dropped as text).
+/// of a tag the answer ended in (held by the splitter, then dropped as text). The usage
+/// counts as reasoning the tokens up to the one that closes the block (all of them when
+/// the answer ends inside it), streamed as unstreamed.
 #[tokio::test]
 async fn streamed_logprobs_count_every_token_also_of_a_held_tag() {
     let server = thinking_server(ReasoningFormat::Auto).await;
@@ -210,12 +212,31 @@ async fn streamed_logprobs_count_every_token_also_of_a_held_tag() {
             .as_array()
             .cloned()
             .unwrap_or_default();
+        let mut text = String::new();
+        let closed_at = whole.iter().position(|t| {
+            text.push_str(t["token"].as_str().unwrap_or_default());
+            text.contains("</think>")
+        });
+        let usage = &reply["usage"];
+        let reasoning_tokens = match closed_at {
+            Some(at) => at as u64 + 1,
+            None => usage["completion_tokens"].as_u64().unwrap_or_default(),
+        };
+        assert_eq!(
+            usage["completion_tokens_details"]["reasoning_tokens"], reasoning_tokens,
+            "{extra}: {reply}"
+        );
+        assert!(reasoning_tokens > 0, "{extra}: {reply}");
+
         request["stream"] = json!(true);
-        let streamed: Vec<Value> = stream_events(&server, "/v1/chat/completions", &request)
+        request["stream_options"] = json!({"include_usage": true});
+        let chunks: Vec<Value> = stream_events(&server, "/v1/chat/completions", &request)
             .await
             .iter()
             .filter(|e| *e != "[DONE]")
             .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+            .collect();
+        let streamed: Vec<Value> = (chunks.iter())
             .flat_map(|c| {
                 c["choices"][0]["logprobs"]["content"]
                     .as_array()
@@ -225,6 +246,10 @@ async fn streamed_logprobs_count_every_token_also_of_a_held_tag() {
             .collect();
         assert_eq!(streamed, whole, "{extra}");
         assert!(!whole.is_empty(), "{extra}");
+        let last = chunks.last().cloned().unwrap_or_default();
+        for field in ["completion_tokens", "completion_tokens_details"] {
+            assert_eq!(last["usage"][field], usage[field], "{extra}: {last}");
+        }
     }
 }
 
@@ -296,6 +321,14 @@ async fn responses_give_reasoning_its_own_item_and_take_it_back() {
     assert_eq!(r["output"][0]["content"][0]["text"], "abc", "{r}");
     assert_eq!(r["output"][1]["type"], "message", "{r}");
     assert_eq!(r["output"][1]["content"][0]["text"], "Done.", "{r}");
+    // The same conversation in chat reasons the same tokens.
+    let (_, chat) = post(&server, "/v1/chat/completions", &body(json!({}))).await;
+    let reasoning_tokens = &chat["usage"]["completion_tokens_details"]["reasoning_tokens"];
+    assert!(reasoning_tokens.as_u64().is_some_and(|n| n > 0), "{chat}");
+    assert_eq!(
+        &r["usage"]["output_tokens_details"]["reasoning_tokens"], reasoning_tokens,
+        "{r}"
+    );
 
     // The stored reasoning item goes back into the next turn as that turn's reasoning.
     let next = json!({"previous_response_id": r["id"], "input": "Say done.",
@@ -359,13 +392,27 @@ async fn responses_give_reasoning_its_own_item_and_take_it_back() {
     };
     assert!(reasoning_done < text, "{kinds:?}");
     assert_eq!(kinds[text].1, 1, "{kinds:?}");
+    let completed = (events.iter())
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find(|e| e["type"] == "response.completed")
+        .unwrap_or_default();
+    assert_eq!(
+        &completed["response"]["usage"]["output_tokens_details"]["reasoning_tokens"],
+        reasoning_tokens,
+        "{completed}"
+    );
 }
 
 /// `--reasoning-format none`: the block is text like any other, in the answer.
 #[tokio::test]
 async fn with_reasoning_format_none_the_block_stays_in_the_answer() {
     let server = thinking_server(ReasoningFormat::None).await;
-    let m = message(&server, json!({})).await;
+    let (status, reply) = post(&server, "/v1/chat/completions", &body(json!({}))).await;
+    assert_eq!(status, 200, "{reply}");
+    let m = &reply["choices"][0]["message"];
     assert!(m.get("reasoning_content").is_none(), "{m}");
     assert_eq!(m["content"], "<think>\nabc\n</think>\n\nDone.", "{m}");
+    // No reasoning is counted where none is told apart.
+    let usage = &reply["usage"];
+    assert!(usage.get("completion_tokens_details").is_none(), "{usage}");
 }

@@ -30,6 +30,9 @@ def test_chat_returns_reasoning_apart_from_the_answer(client):
     message = r.choices[0].message
     assert message.content == "Done."
     assert message.reasoning_content == "abc"
+    # The block's tokens, read through the SDK's usage types.
+    reasoning_tokens = r.usage.completion_tokens_details.reasoning_tokens
+    assert 0 < reasoning_tokens < r.usage.completion_tokens
 
 
 def test_streamed_reasoning_comes_first_in_its_own_deltas(client):
@@ -79,6 +82,7 @@ def test_responses_give_reasoning_its_own_item_and_an_agent_loop_sends_it_back(c
     assert [o.type for o in r.output] == ["reasoning", "message"]
     assert r.output[0].content[0].text == "abc"
     assert r.output_text == "Done."
+    assert 0 < r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
     # As agent loops do without a stored chain: the output items go back as input.
     items += [o.model_dump(exclude_none=True) for o in r.output] + [ASK]
     again = client.responses.create(model=MODEL, input=items, max_output_tokens=60, temperature=0)

@@ -334,10 +334,10 @@ async fn next(st: &mut State) -> String {
         None => st.rx.recv().await,
     };
     match event {
-        Some(Event::Text { text, .. }) => {
+        Some(Event::Text { text, tokens, .. }) => {
             let (out, text) = match &mut st.splitter {
                 Some(splitter) => {
-                    let parts = splitter.push(&text);
+                    let parts = splitter.push_counted(&text, tokens);
                     (reasoned(st, &parts.reasoning), parts.content)
                 }
                 None => (String::new(), text),
@@ -349,7 +349,10 @@ async fn next(st: &mut State) -> String {
             finish: f, usage, ..
         }) => {
             let mut out = String::new();
-            if let Some(parts) = st.splitter.as_mut().map(Splitter::finish) {
+            let mut usage = usage;
+            if let Some(splitter) = st.splitter.as_mut() {
+                let parts = splitter.finish();
+                usage = usage.with_reasoning(splitter.reasoning_tokens(usage.completion_tokens));
                 out.push_str(&reasoned(st, &parts.reasoning));
                 out.push_str(&answer_text(st, &parts.content));
             }
@@ -431,6 +434,7 @@ mod tests {
             index: 0,
             text: t.into(),
             logprobs: Vec::new(),
+            tokens: 1,
         }
     }
 

@@ -239,7 +239,9 @@ impl From<crate::openai::Usage> for ResponseUsage {
             },
             output_tokens: u.completion_tokens,
             output_tokens_details: OutputTokensDetails {
-                reasoning_tokens: 0,
+                reasoning_tokens: u
+                    .completion_tokens_details
+                    .map_or(0, |d| d.reasoning_tokens),
             },
             total_tokens: u.total_tokens,
         }

@@ -93,6 +93,7 @@ async fn respond(
     }
     let done = stream::collect(rx, n, per_prompt).await?;
     let finish = |c: &ChoiceOut| c.finish.map_or("stop", FinishReason::as_str);
+    let mut usage = done.usage;
     Ok(match shape {
         Shape::Chat => Json(ChatCompletion {
             id,
@@ -107,7 +108,9 @@ async fn respond(
                     let logprobs = valid.logprobs.then(|| logprobs::chat(&info, &c.logprobs));
                     // A thinking model's block is its reasoning; the rest is the answer.
                     let reasoning_content = valid.thinking.map(|start| {
-                        let parts = Splitter::split(start, &c.text);
+                        let (parts, tokens) =
+                            Splitter::split_counted(start, &c.text, &c.pieces, c.tokens);
+                        usage = usage.with_reasoning(tokens);
                         c.text = parts.content;
                         parts.reasoning
                     });
@@ -146,7 +149,7 @@ async fn respond(
                     }
                 })
                 .collect(),
-            usage: done.usage,
+            usage,
         })
         .into_response(),
         Shape::Completion => {

@@ -51,7 +51,9 @@ pub async fn create(
     // A thinking model's block is its reasoning item; the rest is the answer.
     let (reasoning, text) = match prepared.thinking {
         Some(start) => {
-            let parts = Splitter::split(start, &answer.text);
+            let (parts, tokens) =
+                Splitter::split_counted(start, &answer.text, &answer.pieces, answer.tokens);
+            done.usage = done.usage.with_reasoning(tokens);
             let item = (!parts.reasoning.is_empty())
                 .then(|| Item::reasoning(new_id("rs"), parts.reasoning));
             (item, parts.content)
