@@ -12,6 +12,9 @@
 #   the link uses a stub defining the driver functions cudarc declares; the real library
 #   is loaded at run time.
 # - CUDA_COMPUTE_CAP defaults to 90 (H100/H200); candle would otherwise ask nvidia-smi.
+# - CUDAFORGE_THREADS defaults to every core: candle-kernels' build script (cudaforge)
+#   runs nvcc on half the cores otherwise, one on 2 cores, and its quantized matmul
+#   kernels are most of the CUDA build's time (12 of 17 minutes on 2 cores).
 # Installs into $CHORUS_CUDA_VENV (default ~/.cache/chorus-cuda13, about 1.2 GB).
 set -euo pipefail
 venv=${CHORUS_CUDA_VENV:-$HOME/.cache/chorus-cuda13}
@@ -49,5 +52,6 @@ fi
 cat <<ENV
 export PATH="$cu/bin:\$PATH" CUDA_ROOT="$cu" CUDA_PATH="$cu" CUDA_HOME="$cu"
 export CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-90} NVCC_CCBIN=\${NVCC_CCBIN:-/usr/bin/g++}
+export CUDAFORGE_THREADS=\${CUDAFORGE_THREADS:-\$(nproc)}
 export LIBRARY_PATH="$links\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
 ENV

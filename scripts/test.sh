@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace:
-#   1. fetches the default model and gemma3-270m into models/cache/ (once; cached
-#      afterwards),
+#   1. builds the workspace and its tests (the `chorus` binary with them), and fetches the
+#      default model and gemma3-270m into models/cache/ (once; cached afterwards),
 #   2. cargo test: unit tests, fidelity and engine tests, HTTP integration tests (real model),
 #   3. the official `openai` Python SDK against real chorus servers on free loopback ports,
 #      one on the default model, one on gemma3-270m, one on the default model with a
@@ -21,14 +21,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== models"
-cargo run --release --quiet -p chorus-server -- --download-only
+# One build, as the tests resolve features: `cargo run -p chorus-server` would resolve
+# them without the workspace's dev-dependencies and build candle and chorus twice.
+echo "== build ($SECONDS s)"
+cargo test --release --workspace --no-run --quiet
+
+echo "== models ($SECONDS s)"
+target/release/chorus --download-only
 target/release/chorus models pull gemma3-270m
 
-echo "== cargo test"
+echo "== cargo test ($SECONDS s)"
 cargo test --release --workspace
 
-echo "== openai SDK tests"
+echo "== openai SDK tests ($SECONDS s)"
 if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/smg ] || ! .venv/bin/python -c 'import openai, pytest, jsonschema, jinja2, agents, langchain_openai, kubernetes_validate, gguf' 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
@@ -73,12 +78,12 @@ start_server thinking_url --chat-template tests/sdk/templates/thinking.jinja --s
 CHORUS_URL="$url" CHORUS_GEMMA_URL="$gemma_url" CHORUS_HERMES_URL="$hermes_url" CHORUS_THINKING_URL="$thinking_url" CHORUS_BIN=target/release/chorus \
   .venv/bin/python -m pytest -q tests/sdk
 
-echo "== cluster tests"
+echo "== cluster tests ($SECONDS s)"
 # Three workers behind smg (scripts/cluster.sh), faults included; deploy/k8s/ manifests
 # against the Kubernetes API schemas.
 CHORUS_BIN=target/release/chorus .venv/bin/python -m pytest -q tests/cluster
 
-echo "== browser test"
+echo "== browser test ($SECONDS s)"
 if [ ! -x /usr/bin/chromium ]; then
   sudo_=""
   [ "$(id -u)" -ne 0 ] && sudo_="sudo"
