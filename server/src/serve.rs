@@ -164,7 +164,7 @@ const OVER_LIMIT_ALL: Duration = Duration::from_secs(3);
 /// client sent is read off briefly: closing with it unread would reset the connection
 /// before the client reads the answer.
 async fn over_limit(mut stream: TcpStream, app: Router, max: usize, refused: Counter) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let answer = async {
         let head = read_head(&mut stream).await;
         let answered = match probe(&head) {
@@ -182,7 +182,7 @@ async fn over_limit(mut stream: TcpStream, app: Router, max: usize, refused: Cou
         stream.write_all(&reply).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 4096];
-        while tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await? > 0 {}
+        while stream.read(&mut sink).await? > 0 {}
         Ok::<_, io::Error>(())
     };
     let _ = tokio::time::timeout(OVER_LIMIT_ALL, answer).await;

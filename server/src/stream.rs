@@ -200,8 +200,10 @@ impl UsageSum {
             sum.completion_tokens + u.completion_tokens,
             sum.prompt_tokens_details.cached_tokens + cached,
         );
-        next.completion_tokens_details = sum.completion_tokens_details;
-        if let Some(d) = u.completion_tokens_details {
+        for d in [sum.completion_tokens_details, u.completion_tokens_details]
+            .into_iter()
+            .flatten()
+        {
             next = next.with_reasoning(d.reasoning_tokens);
         }
         self.sum = next;

@@ -346,10 +346,11 @@ async fn next(st: &mut State) -> String {
         }
         Some(Event::Prompt { .. }) => String::new(),
         Some(Event::Done {
-            finish: f, usage, ..
+            finish: f,
+            mut usage,
+            ..
         }) => {
             let mut out = String::new();
-            let mut usage = usage;
             if let Some(splitter) = st.splitter.as_mut() {
                 let parts = splitter.finish();
                 usage = usage.with_reasoning(splitter.reasoning_tokens(usage.completion_tokens));
