@@ -70,7 +70,9 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 page_port=$(free_port)
-start_server url
+# A 2,048-token context: a prompt scored to its end (test_api_fields) costs ~10 s on 2
+# cores, where the model's 8,192 cost 80-150 s.
+start_server url --max-model-len 2048
 start_server gemma_url --model gemma3-270m
 start_server key_url --api-key test-key --cors-origin "http://127.0.0.1:$page_port"
 start_server hermes_url --chat-template tests/sdk/templates/hermes-tools.jinja --served-model-name smollm2-hermes

@@ -159,6 +159,11 @@ pub struct Config {
     #[arg(long, env = "CHORUS_KV_CACHE_MB", default_value_t = 1536, value_parser = count(1))]
     pub kv_cache_mb: usize,
 
+    /// Most tokens one sequence may hold, prompt and answer together, as vLLM's flag of
+    /// that name (default: the model's context, or what --kv-cache-mb holds if less).
+    #[arg(long, env = "CHORUS_MAX_MODEL_LEN", value_parser = count(1))]
+    pub max_model_len: Option<usize>,
+
     /// Compute threads for the forward pass (default: one per core). The inference
     /// thread is one of them.
     #[arg(long, env = "CHORUS_THREADS", value_parser = count(1))]

@@ -159,12 +159,13 @@ pub struct ModelInfo {
     pub id: String,
     pub tokenizer: Arc<Tokenizer>,
     pub template: ChatTemplate,
-    pub context_len: usize,
     /// Where the forward pass runs (`cpu`, `cuda:0`, `candle-cpu`).
     pub device: String,
     /// Most tokens one sequence can hold: the context, or less when `--kv-cache-mb` is
-    /// smaller than one full context.
+    /// smaller than one full context or `--max-model-len` asks for less.
     pub max_seq_tokens: usize,
+    /// The flag that set `max_seq_tokens` under the model's context (None: the context).
+    pub seq_limit: Option<&'static str>,
     pub created: u64,
     /// Structured output for this vocabulary, or why it is unavailable.
     pub grammars: Result<Arc<Grammars>, String>,
@@ -284,9 +285,9 @@ mod tests {
                 id: "tiny".into(),
                 tokenizer: Arc::new(tokenizer),
                 template,
-                context_len: 16,
                 device: "cpu".into(),
                 max_seq_tokens: 16,
+                seq_limit: None,
                 created: 0,
                 grammars: Err("not in this test".into()),
                 reasoning: false,

@@ -502,6 +502,21 @@ fn start_engine(
     let backend = Backend::new(loaded.model, device.as_ref(), num_blocks)
         .map_err(|e| format!("{e} (--kv-cache-mb {})", config.kv_cache_mb))?;
     let device_name = backend.device_name();
+    // The fewest tokens any bound allows; on a tie, the model's own context names it.
+    let (max_seq_tokens, seq_limit) = [
+        (cfg.context_len, None),
+        (
+            num_blocks * chorus_model::kv::BLOCK_SIZE,
+            Some("--kv-cache-mb"),
+        ),
+        (
+            config.max_model_len.unwrap_or(usize::MAX),
+            Some("--max-model-len"),
+        ),
+    ]
+    .into_iter()
+    .min_by_key(|&(tokens, _)| tokens)
+    .unwrap_or((cfg.context_len, None));
     tracing::info!(
         model = %served_name,
         arch = cfg.arch.name(),
@@ -510,6 +525,7 @@ fn start_engine(
         fixed_steps = ?backend.fixed_steps(),
         layers = cfg.layers,
         context = cfg.context_len,
+        max_seq_tokens,
         kv_blocks = num_blocks,
         kv_tokens = num_blocks * chorus_model::kv::BLOCK_SIZE,
         secs = started.elapsed().as_secs_f64(),
@@ -544,11 +560,9 @@ fn start_engine(
             id: served_name,
             tokenizer: tokenizer.clone(),
             template: loaded.template,
-            context_len: cfg.context_len,
             device: device_name,
-            max_seq_tokens: cfg
-                .context_len
-                .min(num_blocks * chorus_model::kv::BLOCK_SIZE),
+            max_seq_tokens,
+            seq_limit,
             created: openai::unix_now(),
             grammars,
             reasoning,

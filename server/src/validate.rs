@@ -659,11 +659,11 @@ fn prompt_bound(info: &ModelInfo, limits: Limits, scoring: bool) -> (usize, Stri
     };
     let mut bound = (
         context.saturating_sub(leave),
-        match context < info.context_len {
-            true => format!(
-                "this server holds at most {context} tokens per sequence (--kv-cache-mb){and}"
-            ),
-            false => format!("this model's context is {context} tokens{and}"),
+        match info.seq_limit {
+            Some(flag) => {
+                format!("this server holds at most {context} tokens per sequence ({flag}){and}")
+            }
+            None => format!("this model's context is {context} tokens{and}"),
         },
     );
     if let Some(limit) = limits.max_prompt_tokens.filter(|&l| l < bound.0) {

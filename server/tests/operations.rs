@@ -181,6 +181,35 @@ async fn a_small_kv_cache_bounds_requests_with_a_clear_error() {
     assert!(len > 0 && len < 8192, "{models}");
 }
 
+/// `--max-model-len` bounds a sequence under the model's context, as vLLM's flag does:
+/// routers read it as `max_model_len`, and a longer prompt is a 400 naming the flag.
+#[tokio::test]
+async fn max_model_len_bounds_sequences_under_the_context() {
+    let _turn = TURN.lock().await;
+    let url = start(config(&["--max-model-len", "48"]));
+    wait_ready(&url).await;
+    let models = get_json(&url, "/v1/models").await;
+    assert_eq!(models["data"][0]["max_model_len"], 48, "{models}");
+    let (status, v) = post(
+        &url,
+        "/v1/completions",
+        &json!({"model": DEFAULT_MODEL, "prompt": vec![28; 49], "max_tokens": 0,
+                "echo": true, "logprobs": 0}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--max-model-len"), "{v}");
+    let (status, v) = post(
+        &url,
+        "/v1/completions",
+        &json!({"model": DEFAULT_MODEL, "prompt": vec![28; 40], "max_tokens": 100}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["usage"]["completion_tokens"].as_u64() <= Some(8), "{v}");
+}
+
 /// A KV cache larger than the host's free memory is a start-up error naming the flag,
 /// not the kernel's OOM kill once its pages are written.
 #[test]
