@@ -21,6 +21,32 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# What the Python, cluster and browser tests need is installed (when absent) in the
+# background while the Rust side builds and runs: downloads, not the cores' work.
+setup_log=$(mktemp)
+install_test_tools() {
+  if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/smg ] || ! .venv/bin/python -c 'import openai, pytest, jsonschema, jinja2, agents, langchain_openai, kubernetes_validate, gguf' 2>/dev/null; then
+    python3 -m venv .venv
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+  fi
+  if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/node_modules/openai ]; then
+    (cd tests/browser && npm ci --no-audit --no-fund --silent)
+  fi
+  # Without root, apt-get would ask for a password: that waits for the browser phase.
+  if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" -eq 0 ]; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+  fi
+}
+install_test_tools >"$setup_log" 2>&1 &
+setup_pid=$!
+trap 'kill "$setup_pid" 2>/dev/null || true; rm -f "$setup_log"' EXIT
+await_test_tools() {
+  if ! wait "$setup_pid"; then
+    echo "installing the test tools failed:"; cat "$setup_log"; exit 1
+  fi
+}
+
 # One build, as the tests resolve features: `cargo run -p chorus-server` would resolve
 # them without the workspace's dev-dependencies and build candle and chorus twice.
 echo "== build ($SECONDS s)"
@@ -34,17 +60,14 @@ echo "== cargo test ($SECONDS s)"
 cargo test --release --workspace
 
 echo "== openai SDK tests ($SECONDS s)"
-if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/smg ] || ! .venv/bin/python -c 'import openai, pytest, jsonschema, jinja2, agents, langchain_openai, kubernetes_validate, gguf' 2>/dev/null; then
-  python3 -m venv .venv
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
-fi
+await_test_tools
 # start_server VAR ARGS...: runs chorus on a free port with ARGS, waits until it is
 # ready, and sets VAR to its base URL. Servers are stopped on exit.
 pids=()
 logs=()
 # Each server's stored responses (--state-dir) live under here for this run only.
 state_root=$(mktemp -d)
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -f "${logs[@]}"; rm -rf "$state_root"' EXIT
+trap 'rm -f "$setup_log"; for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -f "${logs[@]}"; rm -rf "$state_root"' EXIT
 start_server() {
   local var=$1; shift
   local port log pid
@@ -91,9 +114,6 @@ if [ ! -x /usr/bin/chromium ]; then
   [ "$(id -u)" -ne 0 ] && sudo_="sudo"
   $sudo_ apt-get update -q
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -q chromium
-fi
-if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/node_modules/openai ]; then
-  (cd tests/browser && npm ci --no-audit --no-fund)
 fi
 CHORUS_URL="$url" node tests/browser/chat.test.mjs
 CHORUS_URL="$gemma_url" CHORUS_MODEL=gemma3-270m SCREENSHOT_DIR= node tests/browser/chat.test.mjs
