@@ -8,16 +8,13 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
 
-mod common;
-mod tiny;
-
+use crate::common::run;
+use crate::tiny::{config, tiny, weights, MODEL_TYPES, VOCAB};
 use candle_core::{Device, Tensor};
 use chorus_model::arch::{self, hf_tensor_name};
 use chorus_model::hf::HfWeights;
 use chorus_model::{load, Dtype};
-use common::run;
 use serde_json::{json, Value};
-use tiny::{config, tiny, weights, MODEL_TYPES, VOCAB};
 
 #[test]
 fn every_architecture_gives_the_same_logits_alone_and_batched() {

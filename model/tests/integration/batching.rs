@@ -3,8 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
 
-mod common;
-
+use crate::common;
 use chorus_model::kv::{blocks_for, BlockAllocator};
 use chorus_model::{gguf, sampling::argmax, KvCache, LoadedModel, SeqInput, WeightFormat};
 

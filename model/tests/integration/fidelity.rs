@@ -1,8 +1,7 @@
 //! The tokenizer and chat template against the reference implementation's own output
 //! (`tests/reference/`, from the project's `shared/reference/`).
 
-mod common;
-
+use crate::common;
 use chorus_model::{gguf, ChatMessage, WeightFormat};
 
 #[test]

@@ -7,13 +7,11 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
 
-mod common;
-
 use std::sync::OnceLock;
 
+use crate::common::{self, run};
 use chorus_model::sampling::argmax;
 use chorus_model::{gguf, Arch, LoadedModel, WeightFormat};
-use common::run;
 
 fn model() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();

@@ -1,12 +1,11 @@
 //! The HTTP contract, against a real server with the real default model.
 
-mod common;
-
-use common::{base, chat, get_json, metrics, post, stream_events};
+use crate::common::{self, base, chat, get_json, metrics, post, stream_events};
 use serde_json::{json, Value};
 
 #[tokio::test]
 async fn chat_non_stream_reports_usage_of_the_reference_prompt() {
+    let _turn = common::together().await;
     let url = base().await;
     let r = reqwest::Client::new()
         .post(format!("{url}/v1/chat/completions"))
@@ -35,6 +34,7 @@ async fn chat_non_stream_reports_usage_of_the_reference_prompt() {
 
 #[tokio::test]
 async fn stream_with_usage_follows_the_openai_shape() {
+    let _turn = common::together().await;
     let url = base().await;
     let body = chat(
         "Count from one to ten.",
@@ -74,6 +74,7 @@ async fn stream_with_usage_follows_the_openai_shape() {
 
 #[tokio::test]
 async fn stream_without_usage_has_no_usage_key() {
+    let _turn = common::together().await;
     let url = base().await;
     let body = chat("Hi!", json!({"stream": true, "max_tokens": 4}));
     let events = stream_events(&url, "/v1/chat/completions", &body).await;
@@ -87,6 +88,7 @@ async fn stream_without_usage_has_no_usage_key() {
 
 #[tokio::test]
 async fn completions_stop_string_is_not_returned() {
+    let _turn = common::together().await;
     let url = base().await;
     let body =
         json!({"prompt": "1, 2, 3, 4, 5,", "max_tokens": 20, "temperature": 0, "stop": [" 8"]});
@@ -100,6 +102,7 @@ async fn completions_stop_string_is_not_returned() {
 
 #[tokio::test]
 async fn same_seed_same_text() {
+    let _turn = common::together().await;
     let url = base().await;
     let body = chat(
         "Tell me a story.",
@@ -124,6 +127,7 @@ async fn same_seed_same_text() {
 
 #[tokio::test]
 async fn bad_requests_get_the_error_envelope_and_the_server_carries_on() {
+    let _turn = common::together().await;
     let url = base().await;
     let client = reqwest::Client::new();
     let long = "word ".repeat(9000);
@@ -312,6 +316,7 @@ async fn bad_requests_get_the_error_envelope_and_the_server_carries_on() {
 
 #[tokio::test]
 async fn null_and_unknown_fields_are_tolerated() {
+    let _turn = common::together().await;
     let url = base().await;
     let body = json!({
         "model": null, "messages": [{"role": "system", "content": null}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
@@ -327,6 +332,7 @@ async fn null_and_unknown_fields_are_tolerated() {
 
 #[tokio::test]
 async fn fields_asking_for_what_is_not_served_are_refused_by_name() {
+    let _turn = common::together().await;
     let url = base().await;
     let refused = [
         (json!({"modalities": ["text", "audio"]}), "modalities"),
@@ -358,6 +364,7 @@ async fn fields_asking_for_what_is_not_served_are_refused_by_name() {
 /// the offered tools are shown (hidden by `"none"`, described with a JSON answer beside).
 #[tokio::test]
 async fn tokenize_counts_what_chat_runs_with_tools() {
+    let _turn = common::together().await;
     let url = base().await;
     let tool = json!({"type": "function", "function": {"name": "get_weather",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}});
@@ -397,6 +404,7 @@ async fn tokenize_counts_what_chat_runs_with_tools() {
 /// the value as sent.
 #[tokio::test]
 async fn a_key_given_twice_takes_its_last_value() {
+    let _turn = common::together().await;
     let url = base().await;
     let client = reqwest::Client::new();
     let send = |body: &'static str| {
@@ -434,6 +442,7 @@ async fn a_key_given_twice_takes_its_last_value() {
 
 #[tokio::test]
 async fn models_tokenize_and_health() {
+    let _turn = common::together().await;
     let url = base().await;
     let v = get_json(&url, "/v1/models").await;
     assert_eq!(v["object"], "list");
@@ -485,6 +494,7 @@ async fn models_tokenize_and_health() {
 /// usage says how much, and the answer is the one computed from scratch.
 #[tokio::test]
 async fn a_resent_prefix_is_served_from_the_cache() {
+    let _turn = common::together().await;
     let url = base().await;
     let long_system = "You are a careful assistant. ".repeat(12);
     let body = json!({
@@ -533,6 +543,7 @@ async fn served_one_chat() -> String {
 /// counts what just happened.
 #[tokio::test]
 async fn metrics_expose_the_designed_names_and_count_requests() {
+    let _turn = common::together().await;
     let url = served_one_chat().await;
     let r = reqwest::get(format!("{url}/metrics")).await.unwrap();
     assert_eq!(r.status(), 200);
@@ -575,6 +586,7 @@ async fn metrics_expose_the_designed_names_and_count_requests() {
 /// model, and carry the same values as chorus's own (one counter, two names).
 #[tokio::test]
 async fn metrics_also_speak_vllm_names() {
+    let _turn = common::together().await;
     let url = served_one_chat().await;
     let models = get_json(&url, "/v1/models").await;
     let model = models["data"][0]["id"]
@@ -620,6 +632,7 @@ async fn metrics_also_speak_vllm_names() {
 /// `/v1/loads` reports load in the schema routers poll (SGLang's, read by smg).
 #[tokio::test]
 async fn loads_report_the_pool_and_the_queue() {
+    let _turn = common::together().await;
     let url = served_one_chat().await;
     let r = reqwest::get(format!("{url}/v1/loads?include=core"))
         .await
@@ -660,6 +673,7 @@ async fn loads_report_the_pool_and_the_queue() {
 /// dropped them when generation ended).
 #[tokio::test]
 async fn forced_invalid_bytes_come_back_whole() {
+    let _turn = common::together().await;
     let url = base().await;
     let mut byte = None;
     for id in 0..400u32 {
@@ -711,6 +725,7 @@ async fn forced_invalid_bytes_come_back_whole() {
 /// own prompt with its own log-probabilities, and usage counts every prompt once.
 #[tokio::test]
 async fn completions_batch_echoes_each_prompt_and_sums_usage() {
+    let _turn = common::together().await;
     let url = base().await;
     let prompts = ["The capital of France is", "1, 2, 3,"];
     let extra = json!({"max_tokens": 4, "temperature": 0, "echo": true, "logprobs": 1});
@@ -779,6 +794,7 @@ async fn completions_batch_echoes_each_prompt_and_sums_usage() {
 
 #[tokio::test]
 async fn completions_batch_limits_are_400s_naming_the_prompt() {
+    let _turn = common::together().await;
     let url = base().await;
     let cases = [
         (json!([]), "prompt"),

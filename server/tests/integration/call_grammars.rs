@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
 
+use crate::common;
+
 use chorus_server::grammar::Grammars;
 use chorus_server::reasoning::Start;
 use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
@@ -15,6 +17,7 @@ use std::sync::Arc;
 
 #[test]
 fn calls_after_blank_space_or_a_thinking_block_are_held_to_their_schema() {
+    let _turn = common::together_blocking();
     let resolved = resolve(DEFAULT_MODEL, Path::new(DEFAULT_CACHE_DIR)).unwrap();
     let m =
         chorus_model::gguf::load(&resolved.path, chorus_model::WeightFormat::Quantized).unwrap();

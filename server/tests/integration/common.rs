@@ -253,3 +253,22 @@ pub fn chat(content: &str, extra: Value) -> Value {
     }
     body
 }
+
+/// Turns in this test binary: a test that times streams or counts the server's requests
+/// and connections holds it alone, the others share it.
+static TURNS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// This test's turn, with no other test running beside it.
+pub async fn alone() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    TURNS.write().await
+}
+
+/// This test's turn, beside others that share theirs.
+pub async fn together() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    TURNS.read().await
+}
+
+/// [`together`] for a test outside a runtime.
+pub fn together_blocking() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    TURNS.blocking_read()
+}

@@ -1,20 +1,15 @@
 //! Continuous batching and cancellation, against a real server with the real model.
 //! These tests watch the server's running count, so they take turns.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{base, chat, health, send_chat};
+use crate::common::{self, base, chat, health, send_chat};
 use futures_util::StreamExt;
 use serde_json::json;
-use tokio::sync::Mutex;
-
-static TURN: Mutex<()> = Mutex::const_new(());
 
 #[tokio::test]
 async fn short_request_started_later_finishes_first() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = base().await;
     let long_body = chat(
         "Write a long essay about the ocean.",
@@ -51,7 +46,7 @@ async fn short_request_started_later_finishes_first() {
 
 #[tokio::test]
 async fn dropped_streams_are_freed_within_a_second() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = base().await;
     let mut streams = Vec::new();
     for i in 0..16 {
@@ -89,7 +84,7 @@ async fn dropped_streams_are_freed_within_a_second() {
 /// request has its own RNG and every kernel computes a row the same way at any batch size.
 #[tokio::test]
 async fn seeded_sample_is_the_same_alone_and_under_load() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = base().await;
     let probe = chat(
         "Tell me a short story about a lighthouse.",

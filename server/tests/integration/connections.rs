@@ -3,21 +3,15 @@
 //! its own real server with the real default model, over raw sockets where the HTTP
 //! client would hide what is being tested.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::common::{self, start, wait_ready};
 use chorus_server::config::Config;
 use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
-use common::{start, wait_ready};
 use serde_json::Value;
-use tokio::sync::Mutex;
-
-/// One server at a time: these tests time what the server does.
-static TURN: Mutex<()> = Mutex::const_new(());
 
 fn config(args: &[&str]) -> Config {
     use clap::Parser;
@@ -45,7 +39,7 @@ fn withhold_body(addr: &str, declared: usize, sent: usize) -> TcpStream {
 /// resetting the idle deadline).
 #[tokio::test]
 async fn a_withheld_body_is_cut_by_the_body_timeout() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--body-timeout", "2", "--idle-timeout", "2"]));
     wait_ready(&url).await;
     let addr = addr(&url);
@@ -75,7 +69,7 @@ async fn a_withheld_body_is_cut_by_the_body_timeout() {
 /// idle timeout applies, so a few clients trickling a HEADERS frame held every slot.
 #[tokio::test]
 async fn an_http2_preface_is_closed_at_once() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--idle-timeout", "30"]));
     wait_ready(&url).await;
     let addr = addr(&url);
@@ -103,7 +97,7 @@ async fn an_http2_preface_is_closed_at_once() {
 /// that left (499), not as a bad request.
 #[tokio::test]
 async fn a_coded_body_is_415_and_a_body_left_half_sent_is_499() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&[]));
     wait_ready(&url).await;
     let client = reqwest::Client::new();
@@ -160,7 +154,7 @@ async fn a_coded_body_is_415_and_a_body_left_half_sent_is_499() {
 /// probe over the limit is answered; once a connection closes, a new one is served.
 #[tokio::test]
 async fn the_connection_over_the_limit_is_refused_with_503() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--max-connections", "2"]));
     wait_ready(&url).await;
     // `wait_ready` used pooled connections of its own: let them go.
@@ -224,7 +218,7 @@ async fn the_connection_over_the_limit_is_refused_with_503() {
 /// period and the drain margin (before the fix it waited for that client forever).
 #[tokio::test]
 async fn shutdown_is_bounded_even_with_a_withheld_body() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let resolved =
         resolve(DEFAULT_MODEL, Path::new(DEFAULT_CACHE_DIR)).expect("default model resolves");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -267,7 +261,7 @@ async fn shutdown_is_bounded_even_with_a_withheld_body() {
 /// `authorization` were).
 #[tokio::test]
 async fn cors_preflight_allows_the_headers_browser_sdks_send() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--cors-origin", "http://app.example"]));
     wait_ready(&url).await;
     let asked =
@@ -316,7 +310,7 @@ async fn metrics(url: &str) -> String {
 /// (before the fix every request was a 401).
 #[tokio::test]
 async fn an_api_key_with_a_trailing_newline_still_opens_the_api() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--api-key", "sekrit\n"]));
     wait_ready(&url).await;
     let client = reqwest::Client::new();

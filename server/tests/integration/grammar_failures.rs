@@ -2,6 +2,8 @@
 //! vocabulary: a token its mask allowed that it then gives up on is the schema's (a 400
 //! naming the field), a token its mask did not allow is the server's (a 500).
 
+use crate::common;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -29,6 +31,7 @@ fn token(g: &Grammars, vocab: usize, text: &str) -> u32 {
 
 #[test]
 fn whose_fault_a_grammar_failure_is() {
+    let _turn = common::together_blocking();
     let (g, vocab) = grammars();
     // Every branch opens with `{`: once it is taken, 3,000 alternatives are open in one
     // parser row, past llguidance's limit of 2,000.

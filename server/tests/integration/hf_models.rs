@@ -7,13 +7,12 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
 
-mod common;
-
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::common::{self, chat, get_json, post, start, wait_ready};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
 use chorus_model::arch::hf_tensor_name;
@@ -23,7 +22,6 @@ use chorus_model::{
 };
 use chorus_server::config::Config;
 use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
-use common::{chat, get_json, post, start, wait_ready};
 use serde_json::json;
 
 const REPO: &str = "chorus-test/smollm2-hf";
@@ -206,6 +204,7 @@ fn greedy(m: &LoadedModel, question: &str, max: usize) -> (Vec<u32>, Vec<u32>) {
 
 #[test]
 fn an_hf_checkpoint_found_offline_through_hf_hub_answers_as_its_gguf() {
+    let _turn = common::together_blocking();
     let home = TempDir::new("hf-home");
     let snapshot = write_hf_cache(&home.0);
 
@@ -246,6 +245,7 @@ fn an_hf_checkpoint_found_offline_through_hf_hub_answers_as_its_gguf() {
 
 #[test]
 fn offline_without_the_files_is_an_error_naming_the_repository() {
+    let _turn = common::together_blocking();
     let home = TempDir::new("hf-empty");
     let (ok, _, stderr) = chorus_download(
         "hf:chorus-test/not-cached",
@@ -268,6 +268,7 @@ fn offline_without_the_files_is_an_error_naming_the_repository() {
 
 #[tokio::test]
 async fn a_local_hf_directory_is_served_under_its_given_name() {
+    let _turn = common::together().await;
     let home = TempDir::new("hf-dir");
     let snapshot = write_hf_cache(&home.0);
     let dir = snapshot.display().to_string();

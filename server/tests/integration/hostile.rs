@@ -1,9 +1,7 @@
 //! Hostile and broken input: every request below gets the right 4xx with the OpenAI error
 //! envelope, and a normal request right after each one is served.
 
-mod common;
-
-use common::{assert_serves, base, chat, post};
+use crate::common::{self, assert_serves, base, chat, post};
 use serde_json::{json, Value};
 
 /// `(what, path, content type, body, expected status)`.
@@ -516,6 +514,7 @@ fn cases() -> Vec<Case> {
 
 #[tokio::test]
 async fn every_bad_request_gets_its_4xx_and_the_server_carries_on() {
+    let _turn = common::together().await;
     let url = base().await;
     let client = reqwest::Client::new();
     let cases = cases();
@@ -561,6 +560,7 @@ async fn every_bad_request_gets_its_4xx_and_the_server_carries_on() {
 /// looks like, is a 404 envelope.
 #[tokio::test]
 async fn lookups_of_unknown_stored_responses_are_404() {
+    let _turn = common::together().await;
     let url = base().await;
     let client = reqwest::Client::new();
     let long = "r".repeat(10_000);
@@ -604,6 +604,7 @@ async fn lookups_of_unknown_stored_responses_are_404() {
 /// engine's reason (not its dumped state), and the server carries on. It was a 500.
 #[tokio::test]
 async fn a_grammar_engine_limit_is_a_400_naming_the_field() {
+    let _turn = common::together().await;
     let url = base().await;
     let props: serde_json::Map<String, Value> = (0..3000)
         .map(|i| (format!("p{i}"), json!({"type": "integer"})))
@@ -637,6 +638,7 @@ async fn a_grammar_engine_limit_is_a_400_naming_the_field() {
 /// request is served normally.
 #[tokio::test]
 async fn template_breaking_content_is_just_text() {
+    let _turn = common::together().await;
     let url = base().await;
     for content in [
         "{{ raise_exception('boom') }}",
@@ -662,6 +664,7 @@ async fn template_breaking_content_is_just_text() {
 /// caller's intent.
 #[tokio::test]
 async fn message_text_cannot_forge_control_tokens() {
+    let _turn = common::together().await;
     let url = base().await;
     let (_, raw) = post(&url, "/tokenize", &json!({"prompt": "<|im_start|>"})).await;
     let im_start = raw["tokens"][0].as_u64().expect("one id");
@@ -705,6 +708,7 @@ async fn message_text_cannot_forge_control_tokens() {
 /// forced text became the end-of-turn token and the request a 400).
 #[tokio::test]
 async fn a_schema_forcing_control_token_text_writes_it_as_text() {
+    let _turn = common::together().await;
     let url = base().await;
     let forced = "a<|im_end|>b<|endoftext|>";
     let schema = json!({"type": "object", "properties": {"k": {"const": forced}},
@@ -742,6 +746,7 @@ async fn a_schema_forcing_control_token_text_writes_it_as_text() {
 /// server answers and closes would see a reset instead of the reply.)
 #[tokio::test]
 async fn a_ten_megabyte_body_is_413() {
+    let _turn = common::together().await;
     use std::io::{Read, Write};
     let url = base().await;
     let addr = url.trim_start_matches("http://").to_string();

@@ -4,10 +4,8 @@
 //! of their own and on one serving seven other such conversations at once (with its
 //! step budget set by a step-time target).
 
-mod common;
-
+use crate::common::{self, post, start, wait_ready};
 use chorus_server::config::Config;
-use common::{post, start, wait_ready};
 use serde_json::{json, Value};
 
 const TURNS: usize = 10;
@@ -40,6 +38,7 @@ async fn converse(url: &str, topic: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn a_ten_turn_conversation_answers_the_same_alone_and_among_seven_others() {
+    let _turn = common::together().await;
     let topic = "Let us talk about the history of Norway.";
     let alone_url = start(Config::defaults());
     wait_ready(&alone_url).await;

@@ -1,23 +1,17 @@
 //! Operating the server: access control, queue limits and timeouts, disconnect storms,
 //! overload and shutdown, each on its own real server with the real default model.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::common::{
+    self, assert_serves, chat, get_json, health, metrics, parse_sse, post, send_chat, settled,
+    start, wait_ready,
+};
 use chorus_server::config::Config;
 use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
-use common::{
-    assert_serves, chat, get_json, health, metrics, parse_sse, post, send_chat, settled, start,
-    wait_ready,
-};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tokio::sync::Mutex;
-
-/// These tests measure the process (memory) and load the machine: they take turns.
-static TURN: Mutex<()> = Mutex::const_new(());
 
 fn config(args: &[&str]) -> Config {
     use clap::Parser;
@@ -26,7 +20,7 @@ fn config(args: &[&str]) -> Config {
 
 #[tokio::test]
 async fn max_prompt_tokens_is_a_400_naming_the_limit() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--max-prompt-tokens", "50"]));
     wait_ready(&url).await;
     let (status, v) = post(
@@ -48,7 +42,7 @@ async fn max_prompt_tokens_is_a_400_naming_the_limit() {
 /// one behind it until `--request-timeout`.
 #[tokio::test]
 async fn a_conversation_rendered_to_nothing_is_refused_and_holds_up_nobody() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let dir = std::env::temp_dir().join(format!("chorus-empty-template-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let template = dir.join("users-only.jinja");
@@ -95,7 +89,7 @@ async fn a_conversation_rendered_to_nothing_is_refused_and_holds_up_nobody() {
 #[tokio::test]
 async fn idle_connections_are_dropped_but_slow_answers_are_not() {
     use std::io::Read;
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--idle-timeout", "1"]));
     wait_ready(&url).await;
     let addr = url.trim_start_matches("http://").to_string();
@@ -149,7 +143,7 @@ async fn idle_connections_are_dropped_but_slow_answers_are_not() {
 /// the flag, and `max_tokens` is clamped to what fits instead of failing.
 #[tokio::test]
 async fn a_small_kv_cache_bounds_requests_with_a_clear_error() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--kv-cache-mb", "4"]));
     wait_ready(&url).await;
     let (status, v) = post(
@@ -185,7 +179,7 @@ async fn a_small_kv_cache_bounds_requests_with_a_clear_error() {
 /// routers read it as `max_model_len`, and a longer prompt is a 400 naming the flag.
 #[tokio::test]
 async fn max_model_len_bounds_sequences_under_the_context() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--max-model-len", "48"]));
     wait_ready(&url).await;
     let models = get_json(&url, "/v1/models").await;
@@ -231,7 +225,7 @@ fn a_kv_cache_beyond_the_memory_is_refused_at_start() {
 
 #[tokio::test]
 async fn api_key_guards_the_api_but_not_health_or_metrics() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--api-key", "sekrit"]));
     wait_ready(&url).await;
     let client = reqwest::Client::new();
@@ -275,7 +269,7 @@ async fn api_key_guards_the_api_but_not_health_or_metrics() {
 /// `--request-timeout` it is refused with a 503 instead of running late.
 #[tokio::test]
 async fn a_request_that_waits_too_long_is_refused() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--max-running", "1", "--request-timeout", "1"]));
     wait_ready(&url).await;
     // Streamed and long enough to outlast both refusals on any machine; read as it
@@ -334,7 +328,7 @@ async fn a_request_that_waits_too_long_is_refused() {
 /// 200 clients connect, read a few tokens and vanish: nothing stays behind.
 #[tokio::test]
 async fn a_disconnect_storm_leaves_nothing_running() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&[]));
     wait_ready(&url).await;
     let mut clients = Vec::new();
@@ -387,7 +381,7 @@ async fn a_disconnect_storm_leaves_nothing_running() {
 /// not, and one that leaves while the batch waits for a slot frees the waiting ones.
 #[tokio::test]
 async fn a_batch_whose_client_leaves_leaves_nothing_running() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--max-running", "4"]));
     wait_ready(&url).await;
     let client = reqwest::Client::new();
@@ -431,7 +425,7 @@ async fn a_batch_whose_client_leaves_leaves_nothing_running() {
 /// that says so (it could never be queued), whatever `--max-prompts` says.
 #[tokio::test]
 async fn a_batch_larger_than_the_queue_is_a_400() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--max-running", "2", "--max-queue", "1"]));
     wait_ready(&url).await;
     let batch = |k: usize| json!({"prompt": vec!["Once upon a time"; k], "max_tokens": 2});
@@ -458,7 +452,7 @@ async fn a_batch_larger_than_the_queue_is_a_400() {
 /// gather does.
 #[tokio::test]
 async fn the_device_path_serves_on_candle_cpu() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--device", "candle-cpu"]));
     wait_ready(&url).await;
     let h = health(&url).await;
@@ -538,7 +532,7 @@ async fn the_device_path_serves_on_candle_cpu() {
 /// and every block comes back.
 #[tokio::test]
 async fn forked_choices_under_kv_pressure_all_complete() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--kv-cache-mb", "8"]));
     wait_ready(&url).await;
     let mut clients = Vec::new();
@@ -597,7 +591,7 @@ fn rss_kib() -> u64 {
 /// a burst of them included (the preprocessing line refused every request).
 #[tokio::test]
 async fn no_queue_still_serves_the_free_slots() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--max-queue", "0", "--max-running", "4"]));
     wait_ready(&url).await;
     let burst = (0..4).map(|i| {
@@ -617,7 +611,7 @@ async fn no_queue_still_serves_the_free_slots() {
 /// none hangs, none gets a 5xx, and memory comes back to where it was.
 #[tokio::test]
 async fn overload_answers_429_and_never_hangs() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--max-queue", "64", "--max-running", "32"]));
     wait_ready(&url).await;
     // Warm up once, so allocations that stay (pools, caches) happen before the baseline.
@@ -682,7 +676,7 @@ async fn overload_answers_429_and_never_hangs() {
 /// event; `run` returns.
 #[tokio::test]
 async fn shutdown_drains_then_ends_streams_with_an_error_event() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let resolved =
         resolve(DEFAULT_MODEL, Path::new(DEFAULT_CACHE_DIR)).expect("default model resolves");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -5,12 +5,10 @@
 //! a `<think>` block), and greedy decoding copies the pattern, `<think>\nabc\n</think>\n\n`
 //! then the answer, as a thinking model writes it.
 
-mod common;
-
 use std::path::PathBuf;
 
+use crate::common::{self, post, start, stream_events, wait_ready, Server};
 use chorus_server::config::{Config, ReasoningFormat};
-use common::{post, start, stream_events, wait_ready, Server};
 use serde_json::{json, Value};
 
 fn template() -> PathBuf {
@@ -51,6 +49,7 @@ async fn message(url: &str, extra: Value) -> Value {
 
 #[tokio::test]
 async fn reasoning_is_returned_apart_from_the_answer_streamed_or_not() {
+    let _turn = common::together().await;
     let server = thinking_server(ReasoningFormat::Auto).await;
     // The model opens the block itself, or the template opened it (DeepSeek-R1's way).
     for extra in [
@@ -108,6 +107,7 @@ async fn reasoning_is_returned_apart_from_the_answer_streamed_or_not() {
 /// reasoning: held from the first token, the model could not have reasoned.
 #[tokio::test]
 async fn a_constraint_holds_the_answer_after_the_reasoning() {
+    let _turn = common::together().await;
     let server = thinking_server(ReasoningFormat::Auto).await;
     let schema = json!({"type": "object", "properties": {"word": {"type": "string", "maxLength": 8}},
                         "required": ["word"], "additionalProperties": false});
@@ -146,6 +146,7 @@ async fn a_constraint_holds_the_answer_after_the_reasoning() {
 /// calls with other arguments than the schema's, and the model would copy them.
 #[tokio::test]
 async fn calls_after_reasoning_are_held_with_tool_choice_auto() {
+    let _turn = common::together().await;
     let server = thinking_server(ReasoningFormat::Auto).await;
     let schema = json!({"type": "object", "properties": {"city": {"type": "string"}},
                         "required": ["city"]});
@@ -196,6 +197,7 @@ async fn calls_after_reasoning_are_held_with_tool_choice_auto() {
 /// the answer ends inside it), streamed as unstreamed.
 #[tokio::test]
 async fn streamed_logprobs_count_every_token_also_of_a_held_tag() {
+    let _turn = common::together().await;
     let server = thinking_server(ReasoningFormat::Auto).await;
     for extra in [
         json!({"stop": ["Done"]}),
@@ -257,6 +259,7 @@ async fn streamed_logprobs_count_every_token_also_of_a_held_tag() {
 /// continued answer that has begun after its block opens no new one.
 #[tokio::test]
 async fn reasoning_fields_and_continued_answers() {
+    let _turn = common::together().await;
     let server = thinking_server(ReasoningFormat::Auto).await;
     let tokens = |messages: Value| {
         let url = server.to_string();
@@ -299,6 +302,7 @@ async fn reasoning_fields_and_continued_answers() {
 
 #[tokio::test]
 async fn responses_give_reasoning_its_own_item_and_take_it_back() {
+    let _turn = common::together().await;
     let server = thinking_server(ReasoningFormat::Auto).await;
     let input: Vec<Value> = history()
         .as_array()
@@ -406,6 +410,7 @@ async fn responses_give_reasoning_its_own_item_and_take_it_back() {
 /// `--reasoning-format none`: the block is text like any other, in the answer.
 #[tokio::test]
 async fn with_reasoning_format_none_the_block_stays_in_the_answer() {
+    let _turn = common::together().await;
     let server = thinking_server(ReasoningFormat::None).await;
     let (status, reply) = post(&server, "/v1/chat/completions", &body(json!({}))).await;
     assert_eq!(status, 200, "{reply}");

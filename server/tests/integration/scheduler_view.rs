@@ -2,16 +2,15 @@
 //! request id only (never their text), their numbers are consistent, and each client
 //! gets at most ten snapshots a second.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{base, chat};
+use crate::common::{self, base, chat};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 #[tokio::test]
 async fn snapshots_show_requests_by_id_and_are_rate_limited() {
+    let _turn = common::together().await;
     let url = base().await;
     let secret = "zanzibar-periwinkle";
     let mut running = Vec::new();

@@ -3,12 +3,10 @@
 //! between two of its events is measured and bounded (generously: the machines are
 //! noisy; the figures go to benches/RESULTS.md, not into this bound).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::{self, chat, start, wait_ready};
 use chorus_server::config::Config;
-use common::{chat, start, wait_ready};
 use futures_util::StreamExt;
 use serde_json::json;
 
@@ -17,9 +15,6 @@ use serde_json::json;
 /// against were 2.6-3.8 s, and a slow minute of a CI machine once made a 1,008 ms gap
 /// with the fix in place, against an earlier bound of 1 s).
 const MAX_GAP: Duration = Duration::from_millis(1500);
-
-/// One server at a time: the gaps measured must be this test's own.
-static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn config(args: &[&str]) -> Config {
     use clap::Parser;
@@ -98,7 +93,7 @@ async fn gap_while(url: &str, heavy: usize, body: Vec<u8>) -> (Duration, Vec<u16
 
 #[tokio::test]
 async fn big_prompts_do_not_stall_running_streams() {
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     // Prompts over 2048 tokens are refused: the near-context prompts below are really
     // tokenized, then refused, so the test measures preprocessing, not their prefill.
     let url = start(config(&["--max-prompt-tokens", "2048"]));
@@ -133,7 +128,7 @@ async fn big_prompts_do_not_stall_running_streams() {
 #[tokio::test]
 async fn a_thousand_idle_connections_leave_streams_alone() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _turn = TURN.lock().await;
+    let _turn = common::alone().await;
     let url = start(config(&["--idle-timeout", "600"]));
     wait_ready(&url).await;
     let authority = url.trim_start_matches("http://").to_string();
