@@ -101,7 +101,7 @@ start_server key_url --api-key test-key --cors-origin "http://127.0.0.1:$page_po
 start_server hermes_url --chat-template tests/sdk/templates/hermes-tools.jinja --served-model-name smollm2-hermes
 start_server thinking_url --chat-template tests/sdk/templates/thinking.jinja --served-model-name smollm2-thinking --kv-cache-mb 256
 CHORUS_URL="$url" CHORUS_GEMMA_URL="$gemma_url" CHORUS_HERMES_URL="$hermes_url" CHORUS_THINKING_URL="$thinking_url" CHORUS_BIN=target/release/chorus \
-  .venv/bin/python -m pytest -q tests/sdk
+  .venv/bin/python -m pytest -q --durations=15 tests/sdk
 
 echo "== cluster tests ($SECONDS s)"
 # Three workers behind smg (scripts/cluster.sh), faults included; deploy/k8s/ manifests
