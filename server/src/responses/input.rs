@@ -318,9 +318,22 @@ pub fn messages<'a>(
     if let Some(text) = instructions.filter(|t| !t.is_empty()) {
         out.push(wire_message("system", text.to_string()));
     }
-    // Reasoning goes with the assistant turn it led to (the next message or run of calls).
+    // Reasoning goes with the assistant turn it led to (the next message or run of
+    // calls). Reasoning that led to none (an answer cut off while thinking, sent back
+    // before the next user turn) is an assistant turn of its own, with no text.
     let mut reasoning: Option<String> = None;
     for item in items {
+        let leads_to = match item {
+            Item::Message { role, .. } => role == "assistant",
+            Item::FunctionCall { .. } => true,
+            Item::Reasoning { .. } | Item::FunctionCallOutput { .. } => false,
+        };
+        if let Some(text) = reasoning.take_if(|_| !leads_to) {
+            out.push(WireMessage {
+                reasoning_content: Some(text),
+                ..wire_message("assistant", String::new())
+            });
+        }
         match item {
             Item::Reasoning { content, .. } => {
                 let text: Vec<&str> = content.iter().map(|p| p.text.as_str()).collect();
@@ -330,7 +343,7 @@ pub fn messages<'a>(
             Item::Message { role, content, .. } => {
                 let text: String = content.iter().map(Part::text).collect();
                 out.push(WireMessage {
-                    reasoning_content: reasoning.take().filter(|_| role == "assistant"),
+                    reasoning_content: reasoning.take(),
                     ..wire_message(role, text)
                 });
             }
@@ -348,8 +361,13 @@ pub fn messages<'a>(
                         arguments: Some(Value::String(arguments.clone())),
                     },
                 };
+                // A run of calls is one turn, unless reasoning came between them.
                 match out.last_mut() {
-                    Some(last) if last.role == "assistant" && last.tool_calls.is_some() => {
+                    Some(last)
+                        if last.role == "assistant"
+                            && last.tool_calls.is_some()
+                            && reasoning.is_none() =>
+                    {
                         last.tool_calls.get_or_insert_with(Vec::new).push(call);
                     }
                     _ => out.push(WireMessage {
@@ -366,6 +384,12 @@ pub fn messages<'a>(
                 ..wire_message("tool", output.clone())
             }),
         }
+    }
+    if let Some(text) = reasoning {
+        out.push(WireMessage {
+            reasoning_content: Some(text),
+            ..wire_message("assistant", String::new())
+        });
     }
     out
 }
@@ -423,6 +447,54 @@ mod tests {
         );
         assert_eq!(wire[5].tool_call_id.as_deref(), Some("c2"));
         assert!(matches!(&wire[5].content, Some(MessageContent::Text(t)) if t == "sun"));
+    }
+
+    #[test]
+    fn reasoning_goes_with_the_turn_it_led_to_or_is_one_of_its_own() {
+        let thought = |t: &str| {
+            json!({"type": "reasoning", "id": format!("rs_{t}"), "summary": [],
+                                       "content": [{"type": "reasoning_text", "text": t}]})
+        };
+        let items = read(Some(json!([
+            {"role": "user", "content": "weather?"},
+            thought("a"),
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+            thought("b"),
+            {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "rain"},
+            {"type": "function_call_output", "call_id": "c2", "output": "sun"},
+            thought("cut off"),
+            {"role": "user", "content": "go on"},
+            thought("c"),
+            {"role": "assistant", "content": "fine"},
+            thought("d"),
+            thought("last"),
+        ])))
+        .unwrap();
+        let wire = messages(None, &items);
+        let turns: Vec<(&str, Option<&str>, usize)> = wire
+            .iter()
+            .map(|m| {
+                let calls = m.tool_calls.as_ref().map_or(0, Vec::len);
+                (m.role.as_str(), m.reasoning_content.as_deref(), calls)
+            })
+            .collect();
+        assert_eq!(
+            turns,
+            [
+                ("user", None, 0),
+                ("assistant", Some("a"), 1),
+                ("assistant", Some("b"), 1),
+                ("tool", None, 0),
+                ("tool", None, 0),
+                ("assistant", Some("cut off"), 0),
+                ("user", None, 0),
+                ("assistant", Some("c"), 0),
+                ("assistant", Some("d"), 0),
+                ("assistant", Some("last"), 0),
+            ]
+        );
+        assert!(matches!(&wire[5].content, Some(MessageContent::Text(t)) if t.is_empty()));
     }
 
     #[test]
