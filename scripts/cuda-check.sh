@@ -11,7 +11,8 @@
 # asks `cfg!`, which the default build compiles), so a CUDA path that stops compiling
 # fails here. The target dir is the default build's: what differs (candle, what depends
 # on it, what cargo unifies differently for one package) builds again, candle's CUDA
-# kernels once per target dir: ~7 minutes on 2 cores after the default build.
+# kernels once per target dir: ~15 minutes on 2 cores after the default build, 10 of
+# them candle's nvcc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
@@ -25,6 +26,10 @@ stub=$(mktemp -d)
 trap 'rm -rf "$stub"' EXIT
 ln -s "$links/libcuda.so" "$stub/libcuda.so.1"
 echo "cuda-check: toolchain ready after $((SECONDS - started)) s; building with --features cuda" >&2
+# chorus-model builds in one codegen unit for the CPU kernels' speed (Cargo.toml); this
+# check times nothing, so it takes 16: its three builds of the crate took 3.5 minutes on
+# 2 cores with one, about 1 with 16.
 LD_LIBRARY_PATH="$stub:$CUDA_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-  cargo test --release --features cuda -p chorus-model --lib --test device device::cuda
+  cargo test --release --features cuda -p chorus-model --lib --test device \
+    --config 'profile.release.package.chorus-model.codegen-units=16' device::cuda
 echo "cuda-check: passed in $((SECONDS - started)) s" >&2
