@@ -56,6 +56,12 @@ impl Drop for Server {
     }
 }
 
+/// A server's configuration from its command-line flags.
+pub fn config(args: &[&str]) -> Config {
+    use clap::Parser;
+    Config::parse_from(std::iter::once("chorus").chain(args.iter().copied()))
+}
+
 /// Starts a server with `config` (its `--model`, the default one unless set) on its own
 /// thread and runtime; it serves until the returned [`Server`] is dropped.
 pub fn start(mut config: Config) -> Server {

@@ -8,15 +8,9 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::{self, start, wait_ready};
-use chorus_server::config::Config;
+use crate::common::{self, config, start, wait_ready};
 use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
 use serde_json::Value;
-
-fn config(args: &[&str]) -> Config {
-    use clap::Parser;
-    Config::parse_from(std::iter::once("chorus").chain(args.iter().copied()))
-}
 
 fn addr(url: &str) -> String {
     url.trim_start_matches("http://").to_string()

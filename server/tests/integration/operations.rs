@@ -5,18 +5,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    self, assert_serves, chat, get_json, health, metrics, parse_sse, post, send_chat, settled,
-    start, wait_ready,
+    self, assert_serves, chat, config, get_json, health, metrics, parse_sse, post, send_chat,
+    settled, start, wait_ready,
 };
-use chorus_server::config::Config;
 use chorus_server::resolve::{resolve, DEFAULT_CACHE_DIR, DEFAULT_MODEL};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-
-fn config(args: &[&str]) -> Config {
-    use clap::Parser;
-    Config::parse_from(std::iter::once("chorus").chain(args.iter().copied()))
-}
 
 #[tokio::test]
 async fn max_prompt_tokens_is_a_400_naming_the_limit() {

@@ -5,8 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{self, chat, start, wait_ready};
-use chorus_server::config::Config;
+use crate::common::{self, chat, config, start, wait_ready};
 use futures_util::StreamExt;
 use serde_json::json;
 
@@ -15,11 +14,6 @@ use serde_json::json;
 /// against were 2.6-3.8 s, and a slow minute of a CI machine once made a 1,008 ms gap
 /// with the fix in place, against an earlier bound of 1 s).
 const MAX_GAP: Duration = Duration::from_millis(1500);
-
-fn config(args: &[&str]) -> Config {
-    use clap::Parser;
-    Config::parse_from(std::iter::once("chorus").chain(args.iter().copied()))
-}
 
 /// Streams a long answer and returns the largest gap between two events after the
 /// first, once `go` has fired (the heavy clients start then).
