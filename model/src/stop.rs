@@ -89,6 +89,18 @@ impl StopMatcher {
     }
 
     pub fn push(&mut self, text: &str) -> StopOutcome {
+        self.take(text, true)
+    }
+
+    /// Takes text that stop strings may not end yet (up to `min_tokens`): a stop string
+    /// wholly inside it is released as text, but one it begins is held, and ends the
+    /// answer where it began if later text completes it (as vLLM matches a stop string
+    /// reaching back across that boundary).
+    pub fn observe(&mut self, text: &str) -> String {
+        self.take(text, false).text
+    }
+
+    fn take(&mut self, text: &str, may_stop: bool) -> StopOutcome {
         if self.stops.is_empty() {
             return StopOutcome {
                 text: text.to_string(),
@@ -98,16 +110,15 @@ impl StopMatcher {
         let held = self.pending.len();
         for (i, &b) in text.as_bytes().iter().enumerate() {
             // The first stop string to complete ends the text; of those completing on
-            // the same byte, the one that started earliest wins.
-            // A stop string may have begun in text released by `observe`: then nothing
-            // of this push before it is sent.
+            // the same byte, the one that started earliest wins. Held text is always
+            // the longest matched prefix, so a stop string starts inside `pending`.
             let end = held + i + 1;
             let start = self
                 .stops
                 .iter_mut()
                 .filter_map(|p| p.feed(b).then(|| end.saturating_sub(p.bytes.len())))
                 .min();
-            if let Some(start) = start {
+            if let (Some(start), true) = (start, may_stop) {
                 self.pending.push_str(&text[..i + 1]);
                 let text = self.pending[..start].to_string();
                 self.pending.clear();
@@ -133,18 +144,6 @@ impl StopMatcher {
         }
     }
 
-    /// Takes text that stop strings do not apply to yet (before `min_tokens`): it is
-    /// released whole, but a stop string it starts can still complete in later text, as
-    /// vLLM matches a stop string reaching back across that boundary.
-    pub fn observe(&mut self, text: &str) {
-        debug_assert!(self.pending.is_empty(), "observe after push");
-        for &b in text.as_bytes() {
-            for p in &mut self.stops {
-                p.feed(b);
-            }
-        }
-    }
-
     /// Releases what is still held back (generation ended for another reason).
     pub fn flush(&mut self) -> String {
         for p in &mut self.stops {
@@ -158,13 +157,14 @@ impl StopMatcher {
 mod tests {
     use super::*;
 
-    /// Text before `min_tokens` is sent whole, yet a stop string it begins still ends the
-    /// answer once later text completes it; one wholly inside it does not.
+    /// Text before `min_tokens` cannot stop the answer, yet a stop string it begins is
+    /// held, and ends the answer where it began once later text completes it; one
+    /// wholly inside it is text.
     #[test]
     fn a_stop_string_may_begin_in_observed_text() {
         let mut m = StopMatcher::new(vec![" 5,".into()]);
-        m.observe(" 4,");
-        m.observe(" ");
+        assert_eq!(m.observe(" 4,"), " 4,");
+        assert_eq!(m.observe(" "), "");
         assert_eq!(
             m.push("5,"),
             StopOutcome {
@@ -172,8 +172,18 @@ mod tests {
                 stopped: true
             }
         );
+        let mut m = StopMatcher::new(vec![".\n\nThe".into()]);
+        assert_eq!(m.observe(" Paris"), " Paris");
+        assert_eq!(m.observe("."), "");
+        assert_eq!(
+            m.push("\n\nThe"),
+            StopOutcome {
+                text: String::new(),
+                stopped: true
+            }
+        );
         let mut m = StopMatcher::new(vec!["ab".into()]);
-        m.observe("xab");
+        assert_eq!(m.observe("xab"), "xab");
         assert_eq!(
             m.push("cd"),
             StopOutcome {
@@ -181,6 +191,9 @@ mod tests {
                 stopped: false
             }
         );
+        let mut m = StopMatcher::new(vec!["STOP".into()]);
+        assert_eq!(m.observe("aST"), "a");
+        assert_eq!(m.push("ay").text, "STay");
     }
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
@@ -275,7 +288,9 @@ mod tests {
         assert!(m.pending.is_empty());
     }
 
-    /// The matcher agrees with a plain search of the whole text on random inputs.
+    /// The matcher agrees with a plain search of the whole text on random inputs, the
+    /// first pieces observed (up to `min_tokens`): a stop string ending in them does not
+    /// count.
     #[test]
     fn agrees_with_searching_the_whole_text() {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -285,7 +300,7 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        for _ in 0..2000 {
+        for _ in 0..4000 {
             let letter = |n: u64| ["a", "b", "é"][(n % 3) as usize];
             let stops: Vec<String> = (0..1 + next() % 3)
                 .map(|_| (0..1 + next() % 4).map(|_| letter(next())).collect())
@@ -293,13 +308,16 @@ mod tests {
             let pieces: Vec<String> = (0..next() % 8)
                 .map(|_| (0..next() % 4).map(|_| letter(next())).collect())
                 .collect();
+            let observed = (next() % 3) as usize % (pieces.len() + 1);
             let whole: String = pieces.concat();
-            // The first stop string to end wins; of those ending together, the earliest
-            // to start.
-            let end = stops
-                .iter()
-                .filter_map(|s| whole.find(s.as_str()).map(|at| at + s.len()))
-                .min();
+            let protected: usize = pieces[..observed].iter().map(String::len).sum();
+            // The first stop string to end past the observed text wins; of those ending
+            // together, the earliest to start.
+            let ends = |s: &String| {
+                (protected + 1..=whole.len())
+                    .find(|&end| whole.is_char_boundary(end) && whole[..end].ends_with(s.as_str()))
+            };
+            let end = stops.iter().filter_map(ends).min();
             let expected = match end {
                 Some(end) => {
                     let start = stops
@@ -312,9 +330,25 @@ mod tests {
                 }
                 None => (whole.clone(), false),
             };
-            let refs: Vec<&str> = stops.iter().map(String::as_str).collect();
-            let pieces: Vec<&str> = pieces.iter().map(String::as_str).collect();
-            assert_eq!(run(&refs, &pieces), expected, "{stops:?} {pieces:?}");
+            let mut m = StopMatcher::new(stops.clone());
+            let mut out = String::new();
+            let mut stopped = false;
+            for (i, p) in pieces.iter().enumerate() {
+                if i < observed {
+                    out.push_str(&m.observe(p));
+                    continue;
+                }
+                let o = m.push(p);
+                out.push_str(&o.text);
+                if o.stopped {
+                    stopped = true;
+                    break;
+                }
+            }
+            if !stopped {
+                out.push_str(&m.flush());
+            }
+            assert_eq!((out, stopped), expected, "{stops:?} {pieces:?} {observed}");
         }
     }
 }

@@ -717,16 +717,14 @@ impl Worker {
                 String::new()
             }
         };
-        // Before `min_tokens`, stop strings do not end the answer; one begun there may
-        // once it is reached (as in vLLM).
-        let out = match seq.generated < seq.min_tokens {
-            true => {
-                seq.stop.observe(&text);
-                chorus_model::stop::StopOutcome {
-                    text,
-                    stopped: false,
-                }
-            }
+        // Up to `min_tokens`, stop strings do not end the answer; one begun there may
+        // once it is passed (as in vLLM, which checks them from token `min_tokens + 1`,
+        // when a stop token may come too).
+        let out = match seq.generated <= seq.min_tokens {
+            true => chorus_model::stop::StopOutcome {
+                text: seq.stop.observe(&text),
+                stopped: false,
+            },
             false => seq.stop.push(&text),
         };
         if !out.text.is_empty() {

@@ -177,6 +177,25 @@ def test_min_tokens_and_stop_token_ids(client):
                      stop=["OK", "."], extra_body={"min_tokens": n + 10})
     assert with_stop.usage.completion_tokens >= n + 10
 
+    # A stop string begun by token min_tokens and completed after it ends the answer
+    # where it began: its start is held back, as any stop string's (vLLM's result).
+    free = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                     max_tokens=6, temperature=0, logprobs=0)
+    tokens = free.choices[0].logprobs.tokens
+    stop = tokens[1][-1] + tokens[2]
+    assert stop not in tokens[0] + tokens[1], tokens
+    for min_tokens, expected in [(2, tokens[0] + tokens[1][:-1]),
+                                 (3, "".join(tokens[:3]))]:
+        for stream in (False, True):
+            r = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                          max_tokens=6, temperature=0, stop=[stop],
+                                          stream=stream, extra_body={"min_tokens": min_tokens})
+            text = "".join(c.choices[0].text for c in r if c.choices) if stream \
+                else r.choices[0].text
+            assert text.startswith(expected), (min_tokens, stream, text, tokens)
+            if min_tokens == 2:
+                assert text == expected, (stream, text, tokens)
+
     r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
                                   temperature=0)
     assert " Paris" in r.choices[0].text
