@@ -141,8 +141,11 @@ pub(crate) struct Submission {
 /// Live figures the worker publishes after every step.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Submitted requests that have not started running yet.
+    /// Submitted requests that have not started running yet (what `--max-queue` bounds).
     pub queued: AtomicUsize,
+    /// Sequences that started and wait for a slot again: preempted for KV blocks, or
+    /// choices (`n`) forked when no slot was free.
+    pub requeued: AtomicUsize,
     pub running: AtomicUsize,
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
@@ -152,6 +155,14 @@ pub struct Stats {
     pub draining: AtomicBool,
     /// The shutdown grace period is over: the worker ends every request still running.
     pub abort: AtomicBool,
+}
+
+impl Stats {
+    /// Work waiting for a slot: requests not started and sequences waiting again, as
+    /// vLLM's waiting queue holds its preempted and `n`'s child requests.
+    pub fn waiting(&self) -> usize {
+        self.queued.load(Ordering::Acquire) + self.requeued.load(Ordering::Acquire)
+    }
 }
 
 /// What the HTTP side needs to know about the served model.

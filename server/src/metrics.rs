@@ -70,7 +70,11 @@ impl Metrics {
             registry.register(name, help, g.clone());
             g
         };
-        let queue_depth = gauge(registry, "request_queue_depth", "Requests waiting to start");
+        let queue_depth = gauge(
+            registry,
+            "request_queue_depth",
+            "Requests and sequences waiting for a slot (preempted ones and choices included)",
+        );
         let running = gauge(
             registry,
             "running_sequences",
@@ -146,7 +150,7 @@ impl Metrics {
         alias(
             vllm,
             "num_requests_waiting",
-            "Requests waiting to start",
+            "Requests and sequences waiting for a slot (preempted ones and choices included)",
             queue_depth.clone(),
         );
         alias(
@@ -223,7 +227,7 @@ impl Metrics {
         use std::sync::atomic::Ordering::Acquire;
         if let Some(s) = stats {
             let set = |g: &Gauge, v: usize| g.set(i64::try_from(v).unwrap_or(i64::MAX));
-            set(&self.queue_depth, s.queued.load(Acquire));
+            set(&self.queue_depth, s.waiting());
             set(&self.running, s.running.load(Acquire));
             set(&self.kv_blocks_used, s.kv_blocks_used.load(Acquire));
             set(&self.kv_blocks_total, s.kv_blocks_total.load(Acquire));

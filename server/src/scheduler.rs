@@ -383,6 +383,10 @@ impl Scheduler {
         self.waiting.len()
     }
 
+    pub fn waiting_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.waiting.iter().copied()
+    }
+
     pub fn blocks_used(&self) -> usize {
         self.alloc.used()
     }

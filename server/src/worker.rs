@@ -176,8 +176,8 @@ impl Worker {
     pub fn run(mut self) {
         let _alive = AliveGuard(self.stats.clone());
         self.stats.alive.store(true, Ordering::Release);
-        self.publish();
         let mut seqs: HashMap<SeqId, Seq> = HashMap::new();
+        self.publish(&seqs);
         loop {
             // Idle: block until something arrives (waking now and then to show a watcher
             // the idle engine); the channel closing means shutdown.
@@ -200,7 +200,7 @@ impl Worker {
                 self.end_all(&mut seqs, "the server is shutting down");
             }
             self.step(&mut seqs);
-            self.publish();
+            self.publish(&seqs);
             self.publish_view(&seqs);
         }
     }
@@ -394,7 +394,7 @@ impl Worker {
             None => self.scheduler.schedule(),
         };
         let budget = budget.map(|(units, _)| units);
-        self.publish();
+        self.publish(seqs);
         for id in &plan.started {
             // A choice forked from its first sequence has started already.
             if let Some(seq) = seqs.get_mut(id).filter(|s| !s.started) {
@@ -792,9 +792,13 @@ impl Worker {
         self.retire(id, &seq);
     }
 
-    fn publish(&self) {
+    fn publish(&self, seqs: &HashMap<SeqId, Seq>) {
         let s = &self.stats;
         s.running.store(self.scheduler.running(), Ordering::Release);
+        let requeued = (self.scheduler.waiting_ids())
+            .filter(|id| seqs.get(id).is_some_and(|seq| seq.started))
+            .count();
+        s.requeued.store(requeued, Ordering::Release);
         s.kv_blocks_used
             .store(self.scheduler.blocks_used(), Ordering::Release);
         s.kv_blocks_total

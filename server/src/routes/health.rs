@@ -31,7 +31,7 @@ pub async fn health(State(app): State<AppState>) -> Response {
                 "model": engine.info.id,
                 "device": engine.info.device,
                 "running": s.running.load(Ordering::Acquire),
-                "queued": s.queued.load(Ordering::Acquire),
+                "queued": s.waiting(),
                 "kv_blocks_used": s.kv_blocks_used.load(Ordering::Acquire),
                 "kv_blocks_total": s.kv_blocks_total.load(Ordering::Acquire),
             });
@@ -70,7 +70,7 @@ pub async fn loads(State(app): State<AppState>) -> Result<Json<serde_json::Value
     let engine = app.engine()?;
     let s = &engine.stats;
     let running = s.running.load(Ordering::Acquire);
-    let waiting = s.queued.load(Ordering::Acquire);
+    let waiting = s.waiting();
     let used = s.kv_blocks_used.load(Ordering::Acquire) * BLOCK_SIZE;
     let total = s.kv_blocks_total.load(Ordering::Acquire) * BLOCK_SIZE;
     let usage = used as f64 / total.max(1) as f64;

@@ -569,6 +569,47 @@ async fn forked_choices_under_kv_pressure_all_complete() {
     );
 }
 
+/// A request's further choices waiting for a slot are waiting work: `/health`'s
+/// `queued`, `/v1/loads`' `num_waiting_reqs` and `vllm:num_requests_waiting` count them
+/// (they read 0 while three choices of four waited, and a router saw an idle replica).
+#[tokio::test]
+async fn choices_waiting_for_a_slot_are_counted_as_waiting() {
+    let _turn = common::alone().await;
+    let url = start(config(&["--max-running", "1"]));
+    wait_ready(&url).await;
+    let request = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let body = chat(
+                "Describe the sea.",
+                json!({"n": 4, "max_tokens": 48, "ignore_eos": true}),
+            );
+            post(&url, "/v1/chat/completions", &body).await
+        })
+    };
+    let mut most = (0, 0, 0.0);
+    while !request.is_finished() {
+        let h = health(&url).await;
+        let loads = get_json(&url, "/v1/loads").await;
+        let gauge = metrics(&url)
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("vllm:num_requests_waiting{"))
+            .and_then(|l| l.split_once("} "))
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let queued = h["queued"].as_u64().unwrap_or(0);
+        let waiting = loads["loads"][0]["num_waiting_reqs"].as_u64().unwrap_or(0);
+        most = (most.0.max(queued), most.1.max(waiting), gauge.max(most.2));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, v) = request.await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(most, (3, 3, 3.0), "three choices waited for the one slot");
+    let h = settled(&url).await;
+    assert_eq!(h["queued"], 0, "{h}");
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
