@@ -141,10 +141,14 @@ pub struct ErrorDetail {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
-            tracing::error!(%status, error = %self, "request failed");
-        } else {
-            tracing::debug!(%status, error = %self, "request rejected");
+        match &self {
+            // Loading, draining, a queue wait past --request-timeout: the server refusing
+            // work by design, which under overload comes once per request.
+            ApiError::Unavailable(_) => tracing::warn!(%status, error = %self, "request refused"),
+            _ if status.is_server_error() => {
+                tracing::error!(%status, error = %self, "request failed")
+            }
+            _ => tracing::debug!(%status, error = %self, "request rejected"),
         }
         let mut response = (status, axum::Json(self.body())).into_response();
         match self {
@@ -164,6 +168,13 @@ impl IntoResponse for ApiError {
                 response
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // The rest of the body may still be on its way: the connection cannot carry
+            // another request, and says so (RFC 9110's 408).
+            ApiError::BodyTimeout(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

@@ -7,8 +7,8 @@
 //! long to arrive is (`--body-timeout`, in [`crate::routes::JsonBody`]).
 //!
 //! At most `--max-connections` connections are served at once: one more is answered 503
-//! and closed at once, unless its request is a probe (`GET /health`, `/metrics`,
-//! `/v1/loads`): a router's or an orchestrator's probe is answered even when clients hold
+//! and closed at once, unless its request is a probe (`GET` or `HEAD` of `/health`,
+//! `/metrics`, `/v1/loads`): a router's or an orchestrator's probe is answered even when clients hold
 //! every slot, so a busy server is not taken for a dead one. Shutdown waits for open
 //! connections for the drain time at most.
 
@@ -206,12 +206,12 @@ async fn read_head(stream: &mut TcpStream) -> Vec<u8> {
     head
 }
 
-/// The request in `head` when it is a whole `GET` of one of [`PROBES`] (its headers
-/// kept, so that `--api-key` still guards what it guards), else `None`.
+/// The request in `head` when it is a whole `GET` or `HEAD` of one of [`PROBES`] (its
+/// headers kept, so that `--api-key` still guards what it guards), else `None`.
 fn probe(head: &[u8]) -> Option<hyper::Request<Body>> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut parsed = httparse::Request::new(&mut headers);
-    if !parsed.parse(head).ok()?.is_complete() || parsed.method? != "GET" {
+    if !parsed.parse(head).ok()?.is_complete() || !matches!(parsed.method?, "GET" | "HEAD") {
         return None;
     }
     let target = parsed.path?;
@@ -219,7 +219,7 @@ fn probe(head: &[u8]) -> Option<hyper::Request<Body>> {
     if !PROBES.contains(&path) {
         return None;
     }
-    let mut request = hyper::Request::get(target);
+    let mut request = hyper::Request::builder().method(parsed.method?).uri(target);
     for h in parsed.headers.iter() {
         request = request.header(h.name, h.value);
     }
@@ -229,6 +229,7 @@ fn probe(head: &[u8]) -> Option<hyper::Request<Body>> {
 /// A probe's answer from the app, as bytes to write on a connection that then closes
 /// (`None` if its body could not be read whole).
 async fn answer_probe(app: Router, request: hyper::Request<Body>) -> Option<Vec<u8>> {
+    let head_only = request.method() == hyper::Method::HEAD;
     let Ok(response) = app.oneshot(request).await;
     let (parts, body) = response.into_parts();
     let body = axum::body::to_bytes(body, 16 << 20).await.ok()?;
@@ -246,14 +247,16 @@ async fn answer_probe(app: Router, request: hyper::Request<Body>) -> Option<Vec<
             reply.extend_from_slice(b"\r\n");
         }
     }
-    reply.extend_from_slice(
-        format!(
-            "connection: close\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        )
-        .as_bytes(),
-    );
-    reply.extend_from_slice(&body);
+    reply.extend_from_slice(b"connection: close\r\n");
+    // A `HEAD` answer has no body, and the app's had its body already removed: no length
+    // is said rather than a wrong one.
+    if !head_only {
+        reply.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    }
+    reply.extend_from_slice(b"\r\n");
+    if !head_only {
+        reply.extend_from_slice(&body);
+    }
     Some(reply)
 }
 

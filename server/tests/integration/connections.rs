@@ -29,7 +29,7 @@ fn withhold_body(addr: &str, declared: usize, sent: usize) -> TcpStream {
 }
 
 /// A body that never completes is answered 408 after `--body-timeout`, and the
-/// connection is closed (before the fix it stayed open: the request in flight kept
+/// connection is closed, as the answer says (before the fix it stayed open: the request in flight kept
 /// resetting the idle deadline).
 #[tokio::test]
 async fn a_withheld_body_is_cut_by_the_body_timeout() {
@@ -55,6 +55,12 @@ async fn a_withheld_body_is_cut_by_the_body_timeout() {
         "{reply:?} after {took:?}"
     );
     assert!(reply.contains("--body-timeout"), "{reply}");
+    assert!(
+        reply
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{reply}"
+    );
     assert!(took < Duration::from_secs(10), "closed after {took:?}");
 }
 
@@ -178,6 +184,14 @@ async fn the_connection_over_the_limit_is_refused_with_503() {
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.expect("health");
     assert_eq!(v["status"], "ok", "{v}");
+    // `HEAD` too (a probe's cheapest form): the status and headers, no body.
+    let r = reqwest::Client::new()
+        .head(format!("{url}/health"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.expect("no body").len(), 0);
     let loads = reqwest::get(format!("{url}/v1/loads?include=all"))
         .await
         .expect("answered");
