@@ -454,7 +454,7 @@ pub fn chat_messages(wire: Vec<WireMessage>) -> Result<Vec<ChatMessage>, ApiErro
             for (j, c) in wire_calls.into_iter().enumerate() {
                 let arguments = match c.function.arguments {
                     Some(Value::String(s)) if s.trim().is_empty() => json!({}),
-                    Some(Value::String(s)) => serde_json::from_str(&s).map_err(|e| {
+                    Some(Value::String(s)) => crate::tools::prompt::arguments_value(&s).map_err(|e| {
                         ApiError::bad(
                             "messages",
                             format!("`messages[{i}].tool_calls[{j}].function.arguments` is not JSON: {e}"),

@@ -68,7 +68,11 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
     let kind = str_field("type");
     let id = |prefix: &str| str_field("id").unwrap_or_else(|| new_id(prefix));
     let required = |key: &str| {
-        str_field(key).ok_or_else(|| bad(format!("`input[{i}].{key}` is required (a string)")))
+        str_field(key).filter(|v| !v.is_empty()).ok_or_else(|| {
+            bad(format!(
+                "`input[{i}].{key}` is required (a non-empty string)"
+            ))
+        })
     };
     match kind.as_deref() {
         None | Some("message") => {
@@ -122,7 +126,7 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
             // Checked here, where the item's place is known: the chat messages it becomes
             // sit after the instructions and the stored history.
             if !arguments.trim().is_empty() {
-                if let Err(e) = serde_json::from_str::<Value>(&arguments) {
+                if let Err(e) = crate::tools::prompt::arguments_value(&arguments) {
                     return Err(bad(format!("`input[{i}].arguments` is not JSON: {e}")));
                 }
             }
@@ -341,7 +345,12 @@ pub fn messages<'a>(
                 continue;
             }
             Item::Message { role, content, .. } => {
-                let text: String = content.iter().map(Part::text).collect();
+                // Parts joined by a newline, as chat's are (as vLLM joins them).
+                let text = content
+                    .iter()
+                    .map(Part::text)
+                    .collect::<Vec<_>>()
+                    .join("\n");
                 out.push(WireMessage {
                     reasoning_content: reasoning.take(),
                     ..wire_message(role, text)
@@ -447,6 +456,30 @@ mod tests {
         );
         assert_eq!(wire[5].tool_call_id.as_deref(), Some("c2"));
         assert!(matches!(&wire[5].content, Some(MessageContent::Text(t)) if t == "sun"));
+    }
+
+    /// A message's text parts stay apart, a newline between them, as chat's do (they
+    /// were joined with nothing: "Repeat exactly:" and "apple" read "Repeat exactly:apple").
+    #[test]
+    fn text_parts_are_joined_by_a_newline() {
+        let items = read(Some(json!([{"role": "user", "content": [
+            {"type": "input_text", "text": "Repeat exactly:"},
+            {"type": "input_text", "text": "apple"},
+        ]}])))
+        .unwrap();
+        let wire = messages(None, &items);
+        assert!(
+            matches!(&wire[0].content, Some(MessageContent::Text(t)) if t == "Repeat exactly:\napple")
+        );
+    }
+
+    #[test]
+    fn an_empty_call_id_is_refused_where_it_was_written() {
+        let e = read(Some(json!([
+            {"type": "function_call", "call_id": "", "name": "f", "arguments": "{}"},
+        ])))
+        .unwrap_err();
+        assert!(e.to_string().contains("`input[0].call_id`"), "{e}");
     }
 
     #[test]

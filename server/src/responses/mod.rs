@@ -429,6 +429,14 @@ pub fn output(
     finish: FinishReason,
     message_id: Option<String>,
 ) -> (Vec<Item>, bool) {
+    // An answer that ended while thinking has its reasoning and nothing else (as
+    // OpenAI's does), not an empty message.
+    if reasoning.is_some() && text.is_empty() {
+        return (
+            reasoning.into_iter().collect(),
+            finish == FinishReason::Length,
+        );
+    }
     let (answer, cut) = answer_items(reader, text, finish, message_id);
     (reasoning.into_iter().chain(answer).collect(), cut)
 }
@@ -509,4 +517,30 @@ pub async fn keep(keep: &Keep, response: &ResponseObject) -> Result<(), ApiError
         .await
         .map_err(|e| ApiError::Internal(format!("store write panicked: {e}")))?
         .map_err(ApiError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An answer that ended while thinking is its reasoning alone, not beside an empty
+    /// message; once the answer has text, the message follows the reasoning.
+    #[test]
+    fn an_answer_cut_while_thinking_is_its_reasoning_alone() {
+        let thought = || Some(Item::reasoning("rs_1".into(), "hmm".into()));
+        let (items, cut) = output(None, thought(), String::new(), FinishReason::Length, None);
+        assert!(matches!(&items[..], [Item::Reasoning { .. }]), "{items:?}");
+        assert!(cut);
+        let (items, cut) = output(None, thought(), String::new(), FinishReason::Stop, None);
+        assert!(matches!(&items[..], [Item::Reasoning { .. }]), "{items:?}");
+        assert!(!cut);
+        let (items, _) = output(None, thought(), "hi".into(), FinishReason::Stop, None);
+        assert!(
+            matches!(&items[..], [Item::Reasoning { .. }, Item::Message { .. }]),
+            "{items:?}"
+        );
+        // Without reasoning, an empty answer is still a message.
+        let (items, _) = output(None, None, String::new(), FinishReason::Stop, None);
+        assert!(matches!(&items[..], [Item::Message { .. }]), "{items:?}");
+    }
 }

@@ -102,9 +102,69 @@ pub fn format_for(knows_tools: bool, template_source: &str) -> CallFormat {
     }
 }
 
+/// An earlier call's arguments (JSON text) as the value a template renders. A number
+/// beyond a double's range (`1e999`, which a call's grammar lets the model write, and
+/// which the call returned kept as written) is read as the largest double of its sign,
+/// as Python's `json` reads it as an infinity, rather than making the conversation
+/// impossible to continue.
+pub fn arguments_value(text: &str) -> Result<Value, serde_json::Error> {
+    serde_json::from_str(text).or_else(|e| match e.to_string().starts_with("number out of range") {
+        true => serde_json::from_str(&clamp_numbers(text)),
+        false => Err(e),
+    })
+}
+
+/// `text` with every number beyond a double's range written as the largest double of
+/// its sign; strings and every other number as they were.
+fn clamp_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let (mut in_string, mut escaped) = (false, false);
+    while let Some(c) = rest.chars().next() {
+        let number = !in_string && (c == '-' || c.is_ascii_digit());
+        if number {
+            let len = rest
+                .find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c)))
+                .unwrap_or(rest.len());
+            let written = &rest[..len];
+            match written.parse::<f64>() {
+                Ok(v) if v.is_infinite() => out.push_str(&format!("{:e}", v.signum() * f64::MAX)),
+                _ => out.push_str(written),
+            }
+            rest = &rest[len..];
+            continue;
+        }
+        match (in_string, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (_, false, '"') => in_string = !in_string,
+            _ => {}
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Numbers beyond a double's range do not make arguments unreadable: they become the
+    /// largest double of their sign; strings that look like them are left alone.
+    #[test]
+    fn arguments_beyond_a_double_are_read_clamped() {
+        let v = arguments_value(r#"{"x": 1e999, "y": [-2E+400, 3.5], "s": "1e999 \" 1e999"}"#)
+            .expect("read");
+        assert_eq!(v["x"], f64::MAX);
+        assert_eq!(v["y"][0], -f64::MAX);
+        assert_eq!(v["y"][1], 3.5);
+        assert_eq!(v["s"], "1e999 \" 1e999");
+        let huge = format!("{{\"n\": 1{}}}", "0".repeat(400));
+        assert_eq!(arguments_value(&huge).expect("read")["n"], f64::MAX);
+        assert!(arguments_value("{\"x\": 1e999").is_err());
+        assert!(arguments_value("{\"x\": }").is_err());
+    }
     use crate::tools::FunctionSpec;
 
     fn tools(choice: Choice) -> ToolRequest {
