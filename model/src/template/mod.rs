@@ -1,6 +1,9 @@
 //! The chat template: the model's own `tokenizer.chat_template` (a Jinja template),
 //! rendered with minijinja plus its Python-compatibility methods (`.strip()`, `.items()`…)
-//! the way Hugging Face's `apply_chat_template` renders it.
+//! and what transformers adds to Jinja ([`python`]), the way Hugging Face's
+//! `apply_chat_template` renders it.
+
+mod python;
 
 use minijinja::{context, Environment, ErrorKind};
 use serde::Serialize;
@@ -16,78 +19,13 @@ const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['
 
 /// Gemma's turn format: roles `user` and `model`, system text folded into the next user
 /// turn.
-const GEMMA: &str = "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = ns.system + (m['content'] | trim) + '\\n\\n' %}{% else %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + ns.system + (m['content'] | trim) + '<end_of_turn>\\n' }}{% set ns.system = '' %}{% endif %}{% endfor %}{% if ns.system %}{{ '<start_of_turn>user\\n' + ns.system | trim + '<end_of_turn>\\n' }}{% endif %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}";
+const GEMMA: &str = "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = ns.system + m['content'] + '\\n\\n' %}{% else %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + ns.system + (m['content'] | trim) + '<end_of_turn>\\n' }}{% set ns.system = '' %}{% endif %}{% endfor %}{% if ns.system %}{{ '<start_of_turn>user\\n' + ns.system | trim + '<end_of_turn>\\n' }}{% endif %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}";
 
 /// The template to use when a model file carries none.
 pub fn fallback_template(arch: Arch) -> &'static str {
     match arch {
         Arch::Gemma3 => GEMMA,
         _ => CHATML,
-    }
-}
-
-/// `tojson` as transformers defines it for chat templates (Python's `json.dumps` with
-/// `ensure_ascii=False`): `", "` and `": "` between items, or `indent` spaces per level,
-/// keys in their order, nothing HTML-escaped (minijinja's own escapes `<`, `>`, `&`, `'`).
-fn tojson(
-    value: minijinja::Value,
-    kwargs: minijinja::value::Kwargs,
-) -> std::result::Result<minijinja::Value, minijinja::Error> {
-    let indent: Option<usize> = kwargs.get("indent")?;
-    kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&value)
-        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    let mut out = Vec::new();
-    let written = match indent {
-        Some(n) => {
-            let spaces = vec![b' '; n];
-            let formatter = serde_json::ser::PrettyFormatter::with_indent(&spaces);
-            json.serialize(&mut serde_json::Serializer::with_formatter(
-                &mut out, formatter,
-            ))
-        }
-        None => json.serialize(&mut serde_json::Serializer::with_formatter(
-            &mut out,
-            PythonFormatter,
-        )),
-    };
-    written.map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    let text = String::from_utf8(out)
-        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    Ok(minijinja::Value::from_safe_string(text))
-}
-
-/// `json.dumps`' default separators.
-struct PythonFormatter;
-
-impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if !first {
-            writer.write_all(b", ")?;
-        }
-        Ok(())
-    }
-
-    fn begin_object_key<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if !first {
-            writer.write_all(b", ")?;
-        }
-        Ok(())
-    }
-
-    fn begin_object_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-    ) -> std::io::Result<()> {
-        writer.write_all(b": ")
     }
 }
 
@@ -144,10 +82,12 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
             },
         );
-        env.add_filter("tojson", tojson);
+        env.add_filter("tojson", python::tojson);
+        env.add_function("strftime_now", python::strftime_now);
+        env.set_formatter(python::format);
         // A template runs on every request: one that loops for ever must end, as an error.
         env.set_fuel(Some(RENDER_FUEL));
-        env.add_template_owned(TEMPLATE_NAME, source.clone())?;
+        env.add_template_owned(TEMPLATE_NAME, python::generation_blocks(&source))?;
         Ok(Self {
             env,
             bos_token: bos_token.to_string(),
@@ -283,6 +223,31 @@ mod bounds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A template in transformers' dialect loads and renders: a `{% generation %}` block
+    /// (it stopped the server from starting), `strftime_now` (an unknown function) and
+    /// `tojson`'s `json.dumps` arguments (unknown keyword arguments).
+    #[test]
+    fn transformers_additions_render() {
+        let source = "{{ strftime_now('%Y') }}{% for m in messages %}{% if m.role == 'assistant' %}\
+                      {% generation %}{{ m.content }}{% endgeneration %}{% else %}\
+                      {{ m | tojson(ensure_ascii=False, separators=(',', ':')) }}{% endif %}{% endfor %}";
+        let t = ChatTemplate::new(source.into(), "", "").expect("loads");
+        let year = python::strftime_now("%Y".into()).expect("year");
+        let rendered = t
+            .render(
+                &[
+                    ChatMessage::new("user", "é"),
+                    ChatMessage::new("assistant", "ok"),
+                ],
+                false,
+            )
+            .expect("renders");
+        assert_eq!(
+            rendered,
+            format!("{year}{{\"role\":\"user\",\"content\":\"é\"}}ok")
+        );
+    }
 
     /// Gemma's turns have no system role: system text opens the next turn, and system
     /// text with no turn after it is a user turn of its own (it was dropped).
