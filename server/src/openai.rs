@@ -219,6 +219,9 @@ pub struct WireMessage {
     /// The same, as some servers and clients name it (`reasoning_content` wins).
     #[serde(default)]
     pub reasoning: Option<String>,
+    /// Assistant turns: a refusal, as the API returns one beside `content: null`.
+    #[serde(default)]
+    pub refusal: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -410,7 +410,12 @@ pub fn chat_messages(wire: Vec<WireMessage>) -> Result<Vec<ChatMessage>, ApiErro
             ));
         }
         let content = match m.content {
+            // An assistant's refusal, as the API returned it (`content: null`).
+            None if m.role == "assistant" => m.refusal.unwrap_or_default(),
             None => String::new(),
+            Some(MessageContent::Text(t)) if t.is_empty() && m.role == "assistant" => {
+                m.refusal.unwrap_or_default()
+            }
             Some(MessageContent::Text(t)) => t,
             Some(MessageContent::Parts(parts)) => {
                 // Parts are joined by a newline, as vLLM joins them.
@@ -438,6 +443,8 @@ pub fn chat_messages(wire: Vec<WireMessage>) -> Result<Vec<ChatMessage>, ApiErro
             m.role
         };
         let mut message = ChatMessage::new(role, content);
+        // A participant's name, which templates may show (a tool turn's is set below).
+        message.name = m.name.clone().filter(|n| !n.is_empty());
         // Reasoning is an assistant's own; elsewhere it means nothing to a template.
         if message.role == "assistant" {
             message.reasoning_content =
@@ -1149,4 +1156,37 @@ fn generation(
         prompt_logprobs: None,
         constraint: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn messages(v: Value) -> Vec<ChatMessage> {
+        chat_messages(serde_json::from_value(v).expect("wire messages")).expect("valid")
+    }
+
+    /// A participant's `name` reaches the template on every role (it was dropped but on
+    /// tool turns), and an assistant's refusal beside `content: null` (the shape the API
+    /// returns) is what that turn said (it rendered empty).
+    #[test]
+    fn names_and_refusals_reach_the_template() {
+        let m = messages(json!([
+            {"role": "system", "content": "s", "name": "ops"},
+            {"role": "user", "content": "hi", "name": "alice"},
+            {"role": "assistant", "content": null, "refusal": "I can't"},
+            {"role": "user", "content": "why", "name": ""},
+            {"role": "assistant", "content": "", "refusal": "Still no."},
+            {"role": "user", "content": "ok"},
+            {"role": "assistant", "content": "Fine.", "refusal": "ignored"},
+        ]));
+        assert_eq!(m[0].name.as_deref(), Some("ops"));
+        assert_eq!(m[1].name.as_deref(), Some("alice"));
+        assert_eq!(m[2].content, "I can't");
+        assert_eq!(m[3].name, None);
+        assert_eq!(m[4].content, "Still no.");
+        assert_eq!(m[6].content, "Fine.");
+    }
 }

@@ -412,6 +412,7 @@ fn wire_message(role: &str, text: String) -> WireMessage {
         name: None,
         reasoning_content: None,
         reasoning: None,
+        refusal: None,
     }
 }
 
