@@ -271,17 +271,21 @@ impl Tokenizer {
         Ok(self.encode_prompt_marked(text)?.0)
     }
 
+    /// `ids` with BOS in front where the model wants one and they do not start with it.
+    pub fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
+        if let Some(bos) = self.add_bos.filter(|&bos| ids.first() != Some(&bos)) {
+            ids.insert(0, bos);
+        }
+        ids
+    }
+
     /// As [`Self::encode_prompt`], and whether BOS was put in front (it is not part of
     /// the text).
     pub fn encode_prompt_marked(&self, text: &str) -> Result<(Vec<u32>, bool)> {
-        let mut ids = self.encode(text)?;
-        let mut added = false;
-        if let Some(bos) = self.add_bos {
-            if ids.first() != Some(&bos) {
-                ids.insert(0, bos);
-                added = true;
-            }
-        }
+        let ids = self.encode(text)?;
+        let plain = ids.len();
+        let ids = self.with_bos(ids);
+        let added = ids.len() > plain;
         Ok((ids, added))
     }
 

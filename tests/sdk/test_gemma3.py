@@ -96,3 +96,25 @@ def test_echo_offsets_point_at_their_tokens_streamed_or_not(client):
             offsets += ch.logprobs.text_offset
     assert tokens == c.logprobs.tokens
     assert offsets == c.logprobs.text_offset
+
+
+def test_tokenize_takes_vllms_special_token_and_token_string_options():
+    import httpx
+
+    def tokenize(body):
+        r = httpx.post(f"{BASE}/tokenize", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    prompt = "The Eiffel Tower"
+    with_bos = tokenize({"prompt": prompt, "return_token_strs": True})
+    assert with_bos["tokens"][0] == 2 and with_bos["token_strs"][0] == "<bos>"
+    assert len(with_bos["token_strs"]) == with_bos["count"]
+    plain = tokenize({"prompt": prompt, "add_special_tokens": False})
+    assert plain["tokens"] == with_bos["tokens"][1:]
+    assert "token_strs" not in plain
+    # Messages: the template writes BOS; asking for special tokens adds none twice.
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = tokenize({"messages": messages})
+    assert chat["tokens"][0] == 2
+    assert tokenize({"messages": messages, "add_special_tokens": True}) == chat

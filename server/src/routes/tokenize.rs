@@ -2,7 +2,10 @@
 //! and chat template, for clients that count or inspect tokens. A `prompt` is tokenized
 //! as `/v1/completions` does (special tokens written in it are parsed); `messages` as
 //! `/v1/chat/completions` does (what the messages say is plain text), so the ids are
-//! exactly what the model would see.
+//! exactly what the model would see. As in vLLM, `add_special_tokens` (a prompt's
+//! default true, messages' false: their template writes them) says whether BOS goes in
+//! front where the model wants one (never twice), and `return_token_strs` adds each
+//! id's vocabulary entry.
 
 use axum::extract::State;
 use axum::Json;
@@ -37,6 +40,10 @@ pub struct TokenizeRequest {
     parallel_tool_calls: Option<bool>,
     #[serde(default)]
     response_format: Option<Value>,
+    #[serde(default)]
+    add_special_tokens: Option<bool>,
+    #[serde(default)]
+    return_token_strs: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -44,6 +51,8 @@ pub struct TokenizeResponse {
     count: usize,
     max_model_len: usize,
     tokens: Vec<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_strs: Option<Vec<String>>,
 }
 
 pub async fn tokenize(
@@ -52,16 +61,23 @@ pub async fn tokenize(
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let info = app.engine()?.info.clone();
     let limits = app.limits();
-    let tokens = app
+    let response = app
         .prep()
         .run(move || {
             let req: TokenizeRequest = body.parse()?;
             check_model(&info, req.model.as_deref())?;
+            let special = req.add_special_tokens;
             let tokens = match (req.prompt, req.messages) {
-                (Some(p), None) => info
-                    .tokenizer
-                    .encode_prompt(&p)
-                    .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))?,
+                (Some(p), None) => {
+                    let ids = info
+                        .tokenizer
+                        .encode(&p)
+                        .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))?;
+                    match special.unwrap_or(true) {
+                        true => info.tokenizer.with_bos(ids),
+                        false => ids,
+                    }
+                }
                 (None, Some(messages)) => {
                     let tools = validate::tool_request(
                         req.tools,
@@ -71,7 +87,7 @@ pub async fn tokenize(
                     )?;
                     let json_answer =
                         validate::response_format(req.response_format.as_ref())?.is_some();
-                    validate::chat_prompt(
+                    let ids = validate::chat_prompt(
                         &info,
                         limits,
                         messages,
@@ -80,7 +96,11 @@ pub async fn tokenize(
                         &validate::rendering(req.template)?,
                         "messages",
                     )?
-                    .ids
+                    .ids;
+                    match special.unwrap_or(false) {
+                        true => info.tokenizer.with_bos(ids),
+                        false => ids,
+                    }
                 }
                 _ => {
                     return Err(ApiError::bad(
@@ -89,14 +109,19 @@ pub async fn tokenize(
                     ))
                 }
             };
-            Ok((tokens, info.max_seq_tokens))
+            let token_strs = req.return_token_strs.unwrap_or(false).then(|| {
+                let piece = |&id: &u32| info.tokenizer.id_to_token(id).unwrap_or_default();
+                tokens.iter().map(piece).collect()
+            });
+            Ok(TokenizeResponse {
+                count: tokens.len(),
+                max_model_len: info.max_seq_tokens,
+                tokens,
+                token_strs,
+            })
         })
         .await?;
-    Ok(Json(TokenizeResponse {
-        count: tokens.0.len(),
-        max_model_len: tokens.1,
-        tokens: tokens.0,
-    }))
+    Ok(Json(response))
 }
 
 #[derive(Debug, Deserialize)]

@@ -458,6 +458,17 @@ async fn models_tokenize_and_health() {
     assert_eq!(status, 200);
     assert_eq!(v["tokens"], json!([19556, 28, 905, 17]));
     assert_eq!(v["count"], 4);
+    assert!(v.get("token_strs").is_none(), "{v}");
+    // vLLM's options: each id's vocabulary entry; no BOS to add or leave out here.
+    let (status, v) = post(
+        &url,
+        "/tokenize",
+        &json!({"prompt": "Hello, world!", "return_token_strs": true, "add_special_tokens": false}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["tokens"], json!([19556, 28, 905, 17]));
+    assert_eq!(v["token_strs"], json!(["Hello", ",", "Ġworld", "!"]));
     let (_, v) = post(
         &url,
         "/tokenize",
