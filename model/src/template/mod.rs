@@ -5,6 +5,8 @@
 
 mod python;
 
+pub use python::civil_from_days;
+
 use minijinja::{context, Environment, ErrorKind};
 use serde::Serialize;
 
