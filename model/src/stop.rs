@@ -13,6 +13,9 @@ pub struct StopMatcher {
     /// Text received but not yet released: the longest suffix of the text that is a
     /// proper prefix of some stop string.
     pending: String,
+    /// The stop string found ends the text released, rather than being dropped (vLLM's
+    /// `include_stop_str_in_output`).
+    include: bool,
 }
 
 /// One stop string and its matching state.
@@ -85,7 +88,13 @@ impl StopMatcher {
         Self {
             stops,
             pending: String::new(),
+            include: false,
         }
+    }
+
+    /// The same, releasing the stop string found as the end of the text when `include`.
+    pub fn including(self, include: bool) -> Self {
+        Self { include, ..self }
     }
 
     pub fn push(&mut self, text: &str) -> StopOutcome {
@@ -120,7 +129,8 @@ impl StopMatcher {
                 .min();
             if let (Some(start), true) = (start, may_stop) {
                 self.pending.push_str(&text[..i + 1]);
-                let text = self.pending[..start].to_string();
+                let cut = if self.include { end } else { start };
+                let text = self.pending[..cut].to_string();
                 self.pending.clear();
                 for p in &mut self.stops {
                     p.matched = 0;
@@ -194,6 +204,30 @@ mod tests {
         let mut m = StopMatcher::new(vec!["STOP".into()]);
         assert_eq!(m.observe("aST"), "a");
         assert_eq!(m.push("ay").text, "STay");
+    }
+
+    /// With `include_stop_str_in_output`, the text ends with the stop string found, and
+    /// nothing after it.
+    #[test]
+    fn an_included_stop_string_ends_the_text() {
+        let mut m = StopMatcher::new(vec!["\n\n".into(), "END".into()]).including(true);
+        assert_eq!(m.push("one\n").text, "one");
+        assert_eq!(
+            m.push("\ntwo"),
+            StopOutcome {
+                text: "\n\n".into(),
+                stopped: true
+            }
+        );
+        let mut m = StopMatcher::new(vec!["END".into()]).including(true);
+        assert_eq!(m.observe("xEN"), "x");
+        assert_eq!(
+            m.push("Dyz"),
+            StopOutcome {
+                text: "END".into(),
+                stopped: true
+            }
+        );
     }
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {

@@ -22,6 +22,8 @@ pub struct GenRequest {
     /// At least 1; prompt plus this fits the context.
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// The stop string found ends the answer's text (vLLM's `include_stop_str_in_output`).
+    pub include_stop: bool,
     pub ignore_eos: bool,
     /// Choices to generate from the one prompt (at least 1).
     pub n: usize,

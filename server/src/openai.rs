@@ -155,6 +155,8 @@ pub struct WireSampling {
     #[serde(default)]
     pub stop: Option<StopInput>,
     #[serde(default)]
+    pub include_stop_str_in_output: Option<bool>,
+    #[serde(default)]
     pub n: Option<i64>,
     #[serde(default)]
     pub presence_penalty: Option<f64>,

@@ -1148,6 +1148,7 @@ fn generation(
         },
         max_tokens,
         stop,
+        include_stop: s.include_stop_str_in_output.unwrap_or(false),
         ignore_eos: s.ignore_eos.unwrap_or(false),
         n,
         logprobs: None,

@@ -46,6 +46,7 @@ struct Seq {
     min_tokens: usize,
     stop_token_ids: Vec<u32>,
     stop_strings: Vec<String>,
+    include_stop: bool,
     logprobs: Option<usize>,
     /// Scoring the prompt: alternatives per token, the scores so far (position `p`
     /// scores token `p`; position 0 has none), and whether they were sent.
@@ -103,6 +104,7 @@ impl Seq {
             min_tokens: self.min_tokens,
             stop_token_ids: self.stop_token_ids.clone(),
             stop_strings: self.stop_strings.clone(),
+            include_stop: self.include_stop,
             logprobs: self.logprobs,
             prompt_scores: self
                 .prompt_scores
@@ -113,7 +115,7 @@ impl Seq {
             constraint: self.constraint.as_ref().map(Constraint::fork),
             constraint_error: None,
             decoder: IncrementalDecoder::new(),
-            stop: StopMatcher::new(self.stop_strings.clone()),
+            stop: StopMatcher::new(self.stop_strings.clone()).including(self.include_stop),
             unsent_logprobs: Vec::new(),
             unsent_tokens: 0,
             events: self.events.clone(),
@@ -287,6 +289,7 @@ impl Worker {
                 min_tokens: req.min_tokens,
                 stop_token_ids: req.stop_token_ids,
                 stop_strings: req.stop.clone(),
+                include_stop: req.include_stop,
                 logprobs: req.logprobs,
                 prompt_scores: req.prompt_logprobs.map(|top| PromptScores {
                     top,
@@ -298,7 +301,7 @@ impl Worker {
                 constraint: req.constraint,
                 constraint_error: None,
                 decoder: IncrementalDecoder::new(),
-                stop: StopMatcher::new(req.stop),
+                stop: StopMatcher::new(req.stop).including(req.include_stop),
                 unsent_logprobs: Vec::new(),
                 unsent_tokens: 0,
                 events: s.events,

@@ -196,6 +196,15 @@ def test_min_tokens_and_stop_token_ids(client):
             if min_tokens == 2:
                 assert text == expected, (stream, text, tokens)
 
+    # vLLM's include_stop_str_in_output: the stop string found ends the text.
+    for stream in (False, True):
+        r = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                      max_tokens=6, temperature=0, stop=[stop], stream=stream,
+                                      extra_body={"include_stop_str_in_output": True})
+        text = "".join(c.choices[0].text for c in r if c.choices) if stream \
+            else r.choices[0].text
+        assert text == tokens[0] + tokens[1] + tokens[2], (stream, text, tokens)
+
     r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
                                   temperature=0)
     assert " Paris" in r.choices[0].text
