@@ -17,7 +17,7 @@ pub struct ChatCompletionRequest {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub logprobs: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option")]
     pub top_logprobs: Option<i64>,
     /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
     #[serde(default)]
@@ -124,39 +124,39 @@ pub struct CompletionRequest {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option")]
     pub logprobs: Option<i64>,
     #[serde(default)]
     pub echo: Option<bool>,
     #[serde(default)]
     pub suffix: Option<String>,
     /// Only 1 (the default) is served: one sample per choice, not the best of several.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option")]
     pub best_of: Option<i64>,
 }
 
 /// Sampling fields shared by both endpoints.
 #[derive(Debug, Default, Deserialize)]
 pub struct WireSampling {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option")]
     pub max_tokens: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option")]
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]
     pub temperature: Option<f64>,
     #[serde(default)]
     pub top_p: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option")]
     pub top_k: Option<i64>,
     #[serde(default)]
     pub min_p: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option")]
     pub seed: Option<i64>,
     #[serde(default)]
     pub stop: Option<StopInput>,
     #[serde(default)]
     pub include_stop_str_in_output: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option")]
     pub n: Option<i64>,
     #[serde(default)]
     pub presence_penalty: Option<f64>,
@@ -167,7 +167,7 @@ pub struct WireSampling {
     /// Token id (as a string) → bias in [-100, 100].
     #[serde(default)]
     pub logit_bias: Option<serde_json::Map<String, Value>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option")]
     pub min_tokens: Option<i64>,
     #[serde(default)]
     pub stop_token_ids: Option<Vec<i64>>,
@@ -471,4 +471,74 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Integer fields as clients compute them: `5` or `5.0`. Python's `json` writes any float
+/// with its fraction (`max_tokens = ctx * 0.5` goes out as `1024.0`), and vLLM's fields
+/// (pydantic) and llama.cpp take a float with no fraction as the integer it is.
+pub mod whole {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Number;
+
+    /// `#[serde(default, deserialize_with = "whole::option")]` on an `Option<i64>`.
+    pub fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        Option::<Number>::deserialize(d)?
+            .map(|n| integer(&n).map_err(D::Error::custom))
+            .transpose()
+    }
+
+    fn integer(n: &Number) -> Result<i64, String> {
+        if let Some(i) = n.as_i64() {
+            return Ok(i);
+        }
+        match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() != 0.0 => {
+                Err(format!("expected an integer, got `{n}`"))
+            }
+            // 2^63 is exact as a double, and every whole double below it converts exactly.
+            Some(f) if n.is_f64() && f.abs() < 9.223_372_036_854_775_808e18 => Ok(f as i64),
+            _ => Err(format!("`{n}` is out of range (a 64-bit integer)")),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use serde::Deserialize;
+        use serde_json::json;
+
+        #[derive(Debug, Deserialize)]
+        struct Fields {
+            #[serde(default, deserialize_with = "super::option")]
+            n: Option<i64>,
+        }
+
+        fn read(v: serde_json::Value) -> Result<Option<i64>, String> {
+            serde_json::from_value::<Fields>(v)
+                .map(|f| f.n)
+                .map_err(|e| e.to_string())
+        }
+
+        #[test]
+        fn whole_floats_are_integers_and_fractions_are_refused() {
+            assert_eq!(read(json!({"n": 5})), Ok(Some(5)));
+            assert_eq!(read(json!({"n": -3})), Ok(Some(-3)));
+            assert_eq!(read(json!({"n": 5.0})), Ok(Some(5)));
+            assert_eq!(read(json!({"n": 1e2})), Ok(Some(100)));
+            assert_eq!(read(json!({"n": -0.0})), Ok(Some(0)));
+            assert_eq!(read(json!({"n": null})), Ok(None));
+            assert_eq!(read(json!({})), Ok(None));
+            assert!(read(json!({"n": 5.5}))
+                .unwrap_err()
+                .contains("expected an integer"));
+            assert!(read(json!({"n": 1e19}))
+                .unwrap_err()
+                .contains("out of range"));
+            assert!(read(json!({"n": u64::MAX}))
+                .unwrap_err()
+                .contains("out of range"));
+            assert!(read(json!({"n": "5"})).is_err());
+            assert!(read(json!({"n": true})).is_err());
+        }
+    }
 }

@@ -25,7 +25,7 @@ pub struct ResponsesRequest {
     pub temperature: Option<f64>,
     #[serde(default)]
     pub top_p: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::openai::whole::option")]
     pub max_output_tokens: Option<i64>,
     /// `{"format": {"type": "text" | "json_object" | "json_schema", ...}}`.
     #[serde(default)]
@@ -56,9 +56,9 @@ pub struct ResponsesRequest {
     pub conversation: Option<Value>,
     #[serde(default)]
     pub prompt: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::openai::whole::option")]
     pub top_logprobs: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::openai::whole::option")]
     pub max_tool_calls: Option<i64>,
 }
 
