@@ -311,6 +311,24 @@ def test_tools_beside_a_response_format_answer_in_calls_or_in_the_schema(client)
     assert seen == {"calls", "json"}, seen
 
 
+def test_a_json_answer_with_the_calls_key_is_text_whole_cut_or_streamed(client):
+    # Beside tools, a JSON answer may use the key `tool_calls` itself (this model imitates
+    # the call shape its prompt describes): naming no offered function, it is the answer,
+    # streamed as it comes, and cut short by max_tokens it is the start of that answer.
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], tools=[WEATHER],
+                  temperature=0, response_format={"type": "json_object"})
+    whole = client.chat.completions.create(max_tokens=100, **kwargs).choices[0]
+    assert whole.finish_reason == "stop" and whole.message.tool_calls is None
+    assert whole.message.content.startswith('{"tool_calls": [{"name": "<'), whole.message.content
+    json.loads(whole.message.content)
+    cut = client.chat.completions.create(max_tokens=40, **kwargs).choices[0]
+    assert cut.finish_reason == "length" and cut.message.tool_calls is None
+    assert cut.message.content and whole.message.content.startswith(cut.message.content)
+    pieces = [c.choices[0].delta.content for c in client.chat.completions.create(
+        max_tokens=100, stream=True, **kwargs) if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 10 and "".join(pieces) == whole.message.content
+
+
 def test_streamed_deltas_reassemble_to_the_same_call(client):
     kwargs = dict(model=MODEL, messages=ask(), tools=[WEATHER], tool_choice="required",
                   max_tokens=100, temperature=0, seed=7)

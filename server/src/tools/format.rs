@@ -52,21 +52,35 @@ impl CallFormat {
     /// Whether text that starts with `trimmed` (leading whitespace removed) can be a call:
     /// `Some(true)` it is one, `Some(false)` it is not, `None` not known yet.
     /// `json_answer`: a text answer is JSON too (structured output beside tools), told
-    /// from a JSON call by the call's first key, which the grammar writes compactly.
-    pub fn starts_call(self, trimmed: &str, json_answer: bool) -> Option<bool> {
+    /// from a JSON call by how the call grammar writes a call's start: its first key and
+    /// then one of the `functions` by name. An answer object may use the key
+    /// `tool_calls` itself (models imitate the calls the prompt describes): it is a call
+    /// only once it names a function that can be called.
+    pub fn starts_call(
+        self,
+        trimmed: &str,
+        json_answer: bool,
+        functions: &[String],
+    ) -> Option<bool> {
         let opener = match (self, json_answer) {
             (CallFormat::Hermes, _) => "<tool_call>",
-            (CallFormat::Generic, true) => "{\"tool_calls\":",
-            (CallFormat::Llama3Json, true) => "{\"name\":",
+            (CallFormat::Generic, true) => "{\"tool_calls\": [{\"name\": ",
+            (CallFormat::Llama3Json, true) => "{\"name\": ",
             (CallFormat::Llama3Json | CallFormat::Generic, false) => "{",
         };
-        if trimmed.len() >= opener.len() {
-            Some(trimmed.starts_with(opener))
-        } else if opener.starts_with(trimmed) {
-            None
-        } else {
-            Some(false)
+        if self == CallFormat::Hermes || !json_answer {
+            return starts_with(trimmed, opener);
         }
+        let mut undecided = false;
+        for name in functions {
+            let name = serde_json::to_string(name).unwrap_or_default();
+            match starts_with(trimmed, &format!("{opener}{name}")) {
+                Some(true) => return Some(true),
+                Some(false) => {}
+                None => undecided = true,
+            }
+        }
+        (!undecided).then_some(false)
     }
 
     /// The grammar (llguidance's Lark) of an answer to `tools` in this format; with
@@ -323,6 +337,18 @@ fn close_objects(schema: &mut Value, in_all_of: bool) {
     }
 }
 
+/// Whether `text` starts with `opener`: `Some(true)` it does, `Some(false)` it does not,
+/// `None` it is too short to say (it is the start of `opener`).
+fn starts_with(text: &str, opener: &str) -> Option<bool> {
+    if text.len() >= opener.len() {
+        Some(text.starts_with(opener))
+    } else if opener.starts_with(text) {
+        None
+    } else {
+        Some(false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,160 +366,45 @@ mod tests {
 
     #[test]
     fn a_call_is_recognised_by_its_start() {
-        assert_eq!(CallFormat::Hermes.starts_call("<tool", false), None);
+        let none: &[String] = &[];
+        assert_eq!(CallFormat::Hermes.starts_call("<tool", false, none), None);
+        let start = CallFormat::Hermes.starts_call("<tool_call>\n{", false, none);
+        assert_eq!(start, Some(true));
         assert_eq!(
-            CallFormat::Hermes.starts_call("<tool_call>\n{", false),
-            Some(true)
-        );
-        assert_eq!(CallFormat::Hermes.starts_call("<b>", false), Some(false));
-        assert_eq!(CallFormat::Hermes.starts_call("Hello", false), Some(false));
-        assert_eq!(
-            CallFormat::Generic.starts_call("{\"tool", false),
-            Some(true)
-        );
-        assert_eq!(CallFormat::Generic.starts_call("Sure", false), Some(false));
-        assert_eq!(CallFormat::Generic.starts_call("", false), None);
-        // Beside a JSON answer, a call is told by its first key.
-        assert_eq!(CallFormat::Generic.starts_call("{\"tool", true), None);
-        assert_eq!(
-            CallFormat::Generic.starts_call("{\"city\"", true),
+            CallFormat::Hermes.starts_call("<b>", false, none),
             Some(false)
         );
         assert_eq!(
-            CallFormat::Generic.starts_call("{\"tool_calls\": [", true),
-            Some(true)
-        );
-        assert_eq!(CallFormat::Llama3Json.starts_call("{\"nam", true), None);
-        assert_eq!(
-            CallFormat::Llama3Json.starts_call("{\"n\":", true),
+            CallFormat::Hermes.starts_call("Hello", false, none),
             Some(false)
         );
-        assert_eq!(CallFormat::Hermes.starts_call("{\"a\"", true), Some(false));
-    }
-
-    /// A function's own references (`#`, its `$defs`, its properties) still point into
-    /// its `parameters` once they sit inside the call grammar; data is left alone.
-    #[test]
-    fn objects_are_closed_at_every_depth_where_nothing_else_is_said() {
-        let mut schema = json!({
-            "type": "object",
-            "properties": {
-                "v": {"type": "object", "properties": {"a": {"type": "integer"}}},
-                "open": {"type": "object", "properties": {"a": {}}, "additionalProperties": true},
-                "list": {"type": "array", "items": {"properties": {"x": {}}}},
-                "either": {"anyOf": [{"properties": {"x": {}}}, {"type": "string"}]},
-                "both": {"allOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}]},
-                "loose": {"properties": {"x": {}}, "required": ["x", "y"]},
-                "any": {"type": "object"},
-                "not": {"not": {"properties": {"x": {}}}},
-                "const": {"const": {"properties": {"x": {}}}},
-            },
-            "$defs": {"node": {"properties": {"next": {"$ref": "#/$defs/node"}}}},
-        });
-        close_objects(&mut schema, false);
-        let closed = |path: &str| schema.pointer(path).map(|s| s.get("additionalProperties"));
-        assert_eq!(closed(""), Some(Some(&json!(false))));
-        assert_eq!(closed("/properties/v"), Some(Some(&json!(false))));
-        assert_eq!(closed("/properties/open"), Some(Some(&json!(true))));
-        assert_eq!(closed("/properties/list/items"), Some(Some(&json!(false))));
+        let start = CallFormat::Generic.starts_call("{\"tool", false, none);
+        assert_eq!(start, Some(true));
         assert_eq!(
-            closed("/properties/either/anyOf/0"),
-            Some(Some(&json!(false)))
+            CallFormat::Generic.starts_call("Sure", false, none),
+            Some(false)
         );
-        assert_eq!(closed("/$defs/node"), Some(Some(&json!(false))));
-        // Each allOf branch sees the other's keys; `required` names one not declared; a
-        // free-form object; inside `not`, closing would widen; `const` is data.
-        assert_eq!(closed("/properties/both/allOf/0"), Some(None));
-        assert_eq!(closed("/properties/loose"), Some(None));
-        assert_eq!(closed("/properties/any"), Some(None));
-        assert_eq!(closed("/properties/not/not"), Some(None));
-        assert_eq!(closed("/properties/const/const"), Some(None));
+        assert_eq!(CallFormat::Generic.starts_call("", false, none), None);
     }
 
     #[test]
-    fn references_are_rerooted_at_the_function() {
-        let mut schema = json!({
-            "type": "object",
-            "properties": {
-                "where": {"$ref": "#/$defs/Place"},
-                "child": {"anyOf": [{"$ref": "#"}, {"type": "null"}]},
-                "same": {"$ref": "#/properties/where"},
-                "const": {"$ref": "#/definitions/Old"},
-                "tag": {"const": {"$ref": "#"}, "default": {"$ref": "#"}},
-                "url": {"$ref": "https://example.invalid/schema"},
-            },
-            "$defs": {"Place": {"type": "object", "properties": {"in": {"$ref": "#/$defs/Place"}}}},
-        });
-        schema["properties"]["anchored"] = json!({"$ref": "#place"});
-        schema["properties"]["own"] =
-            json!({"$id": "urn:own", "$ref": "#/$defs/X", "$defs": {"X": {}}});
-        reroot(&mut schema, "#/$defs/function2");
-        assert_eq!(schema["properties"]["anchored"]["$ref"], "#place");
-        assert_eq!(schema["properties"]["own"]["$ref"], "#/$defs/X");
-        let p = &schema["properties"];
-        assert_eq!(p["where"]["$ref"], "#/$defs/function2/$defs/Place");
-        assert_eq!(p["child"]["anyOf"][0]["$ref"], "#/$defs/function2");
-        assert_eq!(p["same"]["$ref"], "#/$defs/function2/properties/where");
-        assert_eq!(p["const"]["$ref"], "#/$defs/function2/definitions/Old");
-        assert_eq!(p["tag"]["const"]["$ref"], "#");
-        assert_eq!(p["tag"]["default"]["$ref"], "#");
-        assert_eq!(p["url"]["$ref"], "https://example.invalid/schema");
-        let place = &schema["$defs"]["Place"]["properties"]["in"]["$ref"];
-        assert_eq!(place, "#/$defs/function2/$defs/Place");
-    }
-
-    #[test]
-    fn compile_errors_read_as_the_client_wrote_the_schema() {
-        let e = "at 2(8): failed to compile JSON schema: Pointer '/$defs/function12/$defs/Nope' does not exist\n   1 | start: calls\n   2 | calls: %json {}";
+    fn beside_a_json_answer_a_call_is_told_by_its_key_and_a_function_name() {
+        let functions = ["get_weather".to_string(), "get_time".to_string()];
+        let generic = |text| CallFormat::Generic.starts_call(text, true, &functions);
+        assert_eq!(generic("{\"tool"), None);
+        assert_eq!(generic("{\"city\""), Some(false));
+        assert_eq!(generic("{\"tool_calls\": [{\"name\": \"get_"), None);
         assert_eq!(
-            explain(e),
-            "failed to compile JSON schema: Pointer '/$defs/Nope' does not exist"
+            generic("{\"tool_calls\": [{\"name\": \"get_time\""),
+            Some(true)
         );
-        assert_eq!(explain("plain"), "plain");
-        // The regex crate's reason is on the lines after the first.
-        let e = "at 2(8): failed to compile JSON schema: regex parse error:\n    (?<=x)y\n    ^^^^\nerror: look-around is not supported\n   1 | start: calls";
-        assert_eq!(
-            explain(e),
-            "failed to compile JSON schema: regex parse error: (?<=x)y error: look-around is not supported"
-        );
-    }
-
-    #[test]
-    fn grammars_per_choice() {
-        let f = FunctionSpec {
-            name: "f".into(),
-            description: None,
-            parameters: json!({"type": "object"}),
-        };
-        let tools = |choice| ToolRequest {
-            functions: vec![f.clone()],
-            choice,
-            parallel: true,
-            max_calls: 3,
-        };
-        let auto = CallFormat::Hermes.grammar(&tools(Choice::Auto), None);
-        assert!(auto.starts_with("start: calls | text\n"), "{auto}");
-        assert!(
-            auto.contains("calls: first (\"\\n\" call (\"\\n\" call )?)?\n"),
-            "{auto}"
-        );
-        let named = CallFormat::Hermes.grammar(&tools(Choice::Named("f".into())), None);
-        assert!(
-            named.starts_with("start: calls\ncalls: first \n"),
-            "{named}"
-        );
-        let generic = CallFormat::Generic.grammar(&tools(Choice::Required), None);
-        assert!(
-            generic.starts_with("start: calls\ncalls: %json {"),
-            "{generic}"
-        );
-        assert!(generic.contains("\"maxItems\":3"), "{generic}");
-        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
-        let json_answer = CallFormat::Generic.grammar(&tools(Choice::Auto), Some(&schema));
-        assert!(json_answer.contains("\ntext: %json {"), "{json_answer}");
-        assert!(!json_answer.contains("TEXT"), "{json_answer}");
-        // A forced call ignores the answer's schema.
-        let forced = CallFormat::Generic.grammar(&tools(Choice::Required), Some(&schema));
-        assert_eq!(forced, generic);
+        // The answer's own `tool_calls` key, naming no function that can be called.
+        assert_eq!(generic("{\"tool_calls\": [{\"name\": \"<func"), Some(false));
+        assert_eq!(generic("{\"tool_calls\": []"), Some(false));
+        let llama = |text| CallFormat::Llama3Json.starts_call(text, true, &functions);
+        assert_eq!(llama("{\"nam"), None);
+        assert_eq!(llama("{\"n\":"), Some(false));
+        assert_eq!(llama("{\"name\": \"get_weather\""), Some(true));
+        assert_eq!(llama("{\"name\": \"Ann\""), Some(false));
     }
 }

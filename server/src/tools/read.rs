@@ -129,7 +129,10 @@ impl CallReader {
         if self.forced() {
             return Decision::Calls;
         }
-        match self.format.starts_call(text.trim_start(), self.json_answer) {
+        match self
+            .format
+            .starts_call(text.trim_start(), self.json_answer, &self.functions)
+        {
             Some(true) => Decision::Calls,
             Some(false) => Decision::Text,
             None => Decision::Undecided,
@@ -365,17 +368,20 @@ mod tests {
     }
 
     /// Beside a JSON answer, JSON that is not calls is the answer even where it starts
-    /// like one; a call cut short is dropped.
+    /// with a call's key; a call cut short is dropped.
     #[test]
     fn a_json_answer_is_told_from_calls() {
         let r = CallReader {
             json_answer: true,
             ..reader(CallFormat::Llama3Json, Choice::Auto)
         };
+        // The call's key, but no function's name: the answer, whole or cut short.
         let person = r#"{"name": "Alice", "age": 30}"#;
-        assert_eq!(r.decide(person), Decision::Calls);
+        assert_eq!(r.decide(person), Decision::Text);
         assert_eq!(r.calls(person), None);
         assert_eq!(r.text_of(person.into()).as_deref(), Some(person));
+        let cut = r#"{"name": "Alice", "a"#;
+        assert_eq!(r.text_of(cut.into()).as_deref(), Some(cut));
         let call = r#"{"name": "a", "parameters": {}}"#;
         assert_eq!(r.calls(call).expect("a call")[0].name, "a");
         assert_eq!(r.text_of(r#"{"name": "a", "param"#.into()), None);
