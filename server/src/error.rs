@@ -22,6 +22,10 @@ pub enum ApiError {
     /// A field of the body is not what its type says; the field is the client's.
     #[error("{message}")]
     BadField { message: String, param: String },
+    /// The prompt does not fit in what one sequence may hold (OpenAI's
+    /// `context_length_exceeded`, which clients read to trim a conversation).
+    #[error("{message}")]
+    ContextLength { message: String, param: String },
     #[error("{0}")]
     ModelNotFound(String),
     #[error("{0}")]
@@ -66,7 +70,9 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest { .. } | ApiError::BadField { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest { .. }
+            | ApiError::BadField { .. }
+            | ApiError::ContextLength { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) | ApiError::NotFound { .. } => {
                 StatusCode::NOT_FOUND
             }
@@ -90,6 +96,9 @@ impl ApiError {
             ApiError::BadRequest { .. } | ApiError::BadField { .. } => {
                 ("invalid_request_error", None)
             }
+            ApiError::ContextLength { .. } => {
+                ("invalid_request_error", Some("context_length_exceeded"))
+            }
             ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             ApiError::RouteNotFound(_) => ("invalid_request_error", Some("not_found")),
             ApiError::NotFound { code, .. } => ("invalid_request_error", Some(*code)),
@@ -110,6 +119,7 @@ impl ApiError {
                 param.map(str::to_string)
             }
             ApiError::BadField { param, .. } => Some(param.clone()),
+            ApiError::ContextLength { param, .. } => Some(param.clone()),
             ApiError::ModelNotFound(_) => Some("model".to_string()),
             _ => None,
         };

@@ -517,6 +517,17 @@ fn start_engine(
     .into_iter()
     .min_by_key(|&(tokens, _)| tokens)
     .unwrap_or((cfg.context_len, None));
+    // A length asked for and not given is refused, as vLLM does, rather than quietly
+    // lowered: the operator learns at start what the server can hold.
+    if let Some(asked) = config.max_model_len.filter(|&l| l > max_seq_tokens) {
+        let bound = match seq_limit {
+            Some(flag) => format!("what {flag} {} holds", config.kv_cache_mb),
+            None => "the model's context".to_string(),
+        };
+        return Err(format!(
+            "--max-model-len {asked} is more than {bound}: {max_seq_tokens} tokens"
+        ));
+    }
     tracing::info!(
         model = %served_name,
         arch = cfg.arch.name(),

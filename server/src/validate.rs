@@ -694,10 +694,10 @@ fn check_prompt_bytes(
     let (bound, why) = prompt_bound(info, limits, true);
     let fewest = info.tokenizer.min_tokens(bytes);
     if fewest > bound {
-        return Err(ApiError::bad(
-            param,
-            format!("the prompt is {bytes} bytes, so at least {fewest} tokens, but {why}"),
-        ));
+        return Err(ApiError::ContextLength {
+            message: format!("the prompt is {bytes} bytes, so at least {fewest} tokens, but {why}"),
+            param: param.into(),
+        });
     }
     Ok(())
 }
@@ -776,6 +776,12 @@ pub fn completion(
                         message,
                         param: format!("prompt[{i}]"),
                     },
+                    (ApiError::ContextLength { message, param }, true) if param == "prompt" => {
+                        ApiError::ContextLength {
+                            message,
+                            param: format!("prompt[{i}]"),
+                        }
+                    }
                     (e, _) => e,
                 },
             )?;
@@ -973,10 +979,10 @@ fn generation(
     let scoring = score_only && matches!(requested, Some((_, 0)));
     let (bound, why) = prompt_bound(info, limits, scoring);
     if prompt.len() > bound {
-        return Err(ApiError::bad(
-            prompt_param,
-            format!("the prompt is {} tokens, but {why}", prompt.len()),
-        ));
+        return Err(ApiError::ContextLength {
+            message: format!("the prompt is {} tokens, but {why}", prompt.len()),
+            param: prompt_param.into(),
+        });
     }
     let room = context - prompt.len();
     let max_tokens = match requested {

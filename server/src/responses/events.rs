@@ -286,7 +286,9 @@ fn error_code(e: &ApiError) -> &'static str {
     match e {
         ApiError::Overloaded { .. } => "rate_limit_exceeded",
         // The request's fault (a schema the grammar engine gave up on mid-answer).
-        ApiError::BadRequest { .. } | ApiError::BadField { .. } => "invalid_prompt",
+        ApiError::BadRequest { .. }
+        | ApiError::BadField { .. }
+        | ApiError::ContextLength { .. } => "invalid_prompt",
         _ => "server_error",
     }
 }

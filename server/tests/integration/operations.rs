@@ -170,7 +170,8 @@ async fn a_small_kv_cache_bounds_requests_with_a_clear_error() {
 }
 
 /// `--max-model-len` bounds a sequence under the model's context, as vLLM's flag does:
-/// routers read it as `max_model_len`, and a longer prompt is a 400 naming the flag.
+/// routers read it as `max_model_len`, and a longer prompt is a 400 naming the flag, with
+/// OpenAI's `context_length_exceeded` code.
 #[tokio::test]
 async fn max_model_len_bounds_sequences_under_the_context() {
     let _turn = common::alone().await;
@@ -188,6 +189,18 @@ async fn max_model_len_bounds_sequences_under_the_context() {
     assert_eq!(status, 400, "{v}");
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("--max-model-len"), "{v}");
+    // OpenAI's code, which clients read to trim a conversation; in a batch, which prompt.
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    assert_eq!(v["error"]["param"], "prompt", "{v}");
+    let (status, v) = post(
+        &url,
+        "/v1/completions",
+        &json!({"model": DEFAULT_MODEL, "prompt": [vec![28; 5], vec![28; 48]], "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    assert_eq!(v["error"]["param"], "prompt[1]", "{v}");
     let (status, v) = post(
         &url,
         "/v1/completions",
@@ -196,6 +209,34 @@ async fn max_model_len_bounds_sequences_under_the_context() {
     .await;
     assert_eq!(status, 200, "{v}");
     assert!(v["usage"]["completion_tokens"].as_u64() <= Some(8), "{v}");
+}
+
+/// A `--max-model-len` beyond the model's context or the KV cache is a start-up error,
+/// as vLLM's is, not a smaller length given quietly.
+#[test]
+fn a_max_model_len_beyond_what_is_held_is_refused_at_start() {
+    let state = std::env::temp_dir().join(format!("chorus-long-len-{}", std::process::id()));
+    for (flags, said) in [
+        (
+            &["--max-model-len", "100000"][..],
+            "--max-model-len 100000 is more than the model's context: 8192 tokens",
+        ),
+        (
+            &["--max-model-len", "1000", "--kv-cache-mb", "8"][..],
+            "--max-model-len 1000 is more than what --kv-cache-mb 8 holds: ",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+            .args(["--port", "0", "--state-dir"])
+            .arg(&state)
+            .args(flags)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains(said), "{stderr}");
+    }
+    std::fs::remove_dir_all(&state).ok();
 }
 
 /// A KV cache larger than the host's free memory is a start-up error naming the flag,
