@@ -40,6 +40,9 @@ pub struct Constraint {
     beside: Option<&'static str>,
     /// The tokens the last mask allowed.
     allowed: Option<SimpleVob>,
+    /// The first mask, computed where the grammar was compiled (the pool, not the
+    /// inference thread), until a token is consumed.
+    first: Option<SimpleVob>,
 }
 
 /// Why the grammar engine did not take a token.
@@ -63,7 +66,10 @@ impl Constraint {
     /// the grammar engine leaves the logits alone (and is returned).
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
         self.allowed = None;
-        let allowed = self.matcher.compute_mask().map_err(|e| e.to_string())?;
+        let allowed = match self.first.take() {
+            Some(first) => first,
+            None => self.matcher.compute_mask().map_err(|e| e.to_string())?,
+        };
         for (id, l) in logits.iter_mut().enumerate() {
             if !allowed.is_allowed(id as TokenId) {
                 *l = f32::NEG_INFINITY;
@@ -74,6 +80,7 @@ impl Constraint {
     }
 
     pub fn consume(&mut self, token: u32) -> Result<(), Rejection> {
+        self.first = None;
         let masked = self.allowed.take().is_some_and(|a| a.is_allowed(token));
         self.matcher.consume_token(token).map_err(|e| match masked {
             true => Rejection::GaveUp(e.to_string()),
@@ -112,6 +119,7 @@ impl Constraint {
             param: self.param,
             beside: self.beside,
             allowed: self.allowed.clone(),
+            first: self.first.clone(),
         }
     }
 }
@@ -123,7 +131,7 @@ pub struct Grammars {
     token_bytes: Vec<Vec<u8>>,
     /// Recently compiled grammars, most recent last: agents send the same tools every
     /// turn, and compiling one can take a second; a hit is a copy of the compiled state.
-    compiled: Mutex<VecDeque<(String, Matcher)>>,
+    compiled: Mutex<VecDeque<(String, Matcher, SimpleVob)>>,
 }
 
 /// Compiled grammars kept.
@@ -230,16 +238,17 @@ impl Grammars {
         if let Ok(mut kept) = self.compiled.lock() {
             let hit = kept
                 .iter()
-                .position(|(k, _)| *k == key)
+                .position(|(k, _, _)| *k == key)
                 .and_then(|i| kept.remove(i));
             if let Some(hit) = hit {
-                let copy = hit.1.deep_clone();
+                let (matcher, first) = (hit.1.deep_clone(), hit.2.clone());
                 kept.push_back(hit);
                 return Ok(Constraint {
-                    matcher: copy,
+                    matcher,
                     param,
                     beside: None,
                     allowed: None,
+                    first: Some(first),
                 });
             }
         }
@@ -255,28 +264,35 @@ impl Grammars {
                     let parser = factory
                         .create_parser(grammar())
                         .map_err(|e| e.to_string())?;
-                    let matcher = Matcher::new(Ok(parser));
-                    match matcher.get_error() {
-                        Some(e) => Err(e),
-                        None => Ok(matcher),
+                    let mut matcher = Matcher::new(Ok(parser));
+                    if let Some(e) = matcher.get_error() {
+                        return Err(e);
                     }
+                    // The first mask is where the engine meets what a schema leaves open
+                    // at once (hundreds of optional properties): its failure is the
+                    // request's 400 here, not a stall of every stream at its first step.
+                    let first = matcher
+                        .compute_mask()
+                        .map_err(|e| format!("the grammar engine gave up on it ({e})"))?;
+                    Ok((matcher, first))
                 })
                 .map_err(|e| format!("could not start the grammar compile: {e}"))?
                 .join()
                 .map_err(|_| "the grammar compile panicked".to_string())?
         });
-        let matcher = compiled?;
+        let (matcher, first) = compiled?;
         if let Ok(mut kept) = self.compiled.lock() {
             if kept.len() == COMPILED_KEPT {
                 kept.pop_front();
             }
-            kept.push_back((key, matcher.deep_clone()));
+            kept.push_back((key, matcher.deep_clone(), first.clone()));
         }
         Ok(Constraint {
             matcher,
             param,
             beside: None,
             allowed: None,
+            first: Some(first),
         })
     }
 

@@ -25,6 +25,13 @@ const EXACT: f64 = 9_007_199_254_740_992.0;
 /// OpenAPI components) sum to a few hundred; the compile stack holds several times this.
 pub const MAX_NESTING: usize = 4096;
 
+/// The most properties one object may leave optional. Once the object opens, the engine
+/// holds every optional property open at once, about four alternatives each, and gives
+/// up past 2,000 (`grammar_failures` pins this bound to the engine): a schema beyond it
+/// would fail at its answer's second token, after a compile that grows with the square
+/// of its properties (10,000 took 25 s of a core), so it is refused before it compiles.
+pub const MAX_OPTIONAL_PROPERTIES: usize = 496;
+
 /// Keywords whose values are bounds the grammar engine enforces.
 const BOUNDS: [&str; 5] = [
     "minimum",
@@ -121,6 +128,21 @@ impl Walk {
         };
         if let Some(reference) = map.get("$ref").and_then(Value::as_str) {
             self.reference(reference, resource, at)?;
+        }
+        if let Some(Value::Object(properties)) = map.get("properties") {
+            let required: HashSet<&str> = match map.get("required") {
+                Some(Value::Array(names)) => names.iter().filter_map(Value::as_str).collect(),
+                _ => HashSet::new(),
+            };
+            let optional = properties
+                .keys()
+                .filter(|k| !required.contains(k.as_str()))
+                .count();
+            if optional > MAX_OPTIONAL_PROPERTIES {
+                return Err(format!(
+                    "the object at {at:?} has {optional} optional properties, more than the {MAX_OPTIONAL_PROPERTIES} the grammar engine can hold open at once: list more of them in `required`"
+                ));
+            }
         }
         for (key, value) in map {
             let len = at.len();
@@ -266,6 +288,29 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn an_object_of_too_many_optional_properties_is_refused() {
+        let names: Vec<String> = (0..=MAX_OPTIONAL_PROPERTIES)
+            .map(|i| format!("p{i}"))
+            .collect();
+        let properties: Map<String, Value> = names
+            .iter()
+            .map(|n| (n.clone(), json!({"type": "integer"})))
+            .collect();
+        let open = json!({"items": {"type": "object", "properties": properties}});
+        let e = check(&open).expect_err("one optional property too many");
+        assert!(
+            e.contains("497 optional properties") && e.contains("/items"),
+            "{e}"
+        );
+        // Required, they are written in order: nothing is left open.
+        let mut closed = open.clone();
+        closed["items"]["required"] = json!(names);
+        check(&closed).expect("all required");
+        closed["items"]["required"] = json!(names[1..]);
+        check(&closed).expect("one optional");
+    }
+
+    #[test]
     fn numbers_past_two_to_the_53_are_refused_where_enforced() {
         for bad in [
             json!({"type": "integer", "const": 9007199254740993u64}),
@@ -361,7 +406,9 @@ mod tests {
         for i in 0..5000 {
             props.insert(format!("p{i}"), json!({"$ref": "#/$defs/x"}));
         }
-        let wide = json!({"$defs": {"x": {"type": "string"}}, "properties": props});
+        let names: Vec<&String> = props.keys().collect();
+        let wide = json!({"$defs": {"x": {"type": "string"}}, "properties": props,
+            "required": names});
         assert_eq!(check(&wide), Ok(()));
     }
 

@@ -247,7 +247,18 @@ pub fn explain(error: &str) -> String {
         rest = rest[i + "/$defs/function".len()..].trim_start_matches(|c: char| c.is_ascii_digit());
     }
     out.push_str(rest);
-    out
+    open_at_once(&out).unwrap_or(out)
+}
+
+/// The engine's limit on the alternatives open at once, said in a schema's terms (its
+/// own words advise on a grammar's recursion, which a client does not write).
+fn open_at_once(error: &str) -> Option<String> {
+    let (_, rest) = error.split_once("Current row has ")?;
+    let (items, rest) = rest.split_once(" items; max is ")?;
+    let max = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    Some(format!(
+        "the grammar engine gave up on it: it leaves {items} alternatives open at once, more than the engine's {max} (an object with hundreds of optional properties, or an `anyOf` or `enum` of thousands)"
+    ))
 }
 
 /// Re-roots a function's local references (`#`, `#/$defs/..`, `#/definitions/..`,
@@ -362,6 +373,18 @@ mod tests {
         assert_eq!(CallFormat::detect(llama), CallFormat::Llama3Json);
         let chatml = "{% for message in messages %}<|im_start|>{{ message['role'] }}{% endfor %}";
         assert_eq!(CallFormat::detect(chatml), CallFormat::Generic);
+    }
+
+    #[test]
+    fn the_engine_s_row_limit_is_said_in_a_schema_s_terms() {
+        let e = "the grammar engine gave up on it (Parser Error: Current row has 2003 items; max is 2000; consider making your grammar left-recursive if it's right-recursive)";
+        let said = explain(e);
+        assert!(
+            said.contains("leaves 2003 alternatives open at once, more than the engine's 2000"),
+            "{said}"
+        );
+        assert!(!said.contains("left-recursive"), "{said}");
+        assert_eq!(explain("`x`: bad"), "`x`: bad");
     }
 
     #[test]

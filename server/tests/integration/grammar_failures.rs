@@ -66,3 +66,40 @@ fn whose_fault_a_grammar_failure_is() {
     assert!(logits[word as usize].is_infinite());
     assert!(matches!(c.consume(word), Err(Rejection::NotAllowed(_))));
 }
+
+/// An object may leave `MAX_OPTIONAL_PROPERTIES` open, which the engine holds once the
+/// object opens (one more is refused before it compiles). And the first mask comes with
+/// the compiled grammar (computed on the preprocessing pool), from the cache alike.
+#[test]
+fn the_optional_properties_let_through_are_what_the_engine_holds() {
+    let _turn = common::together_blocking();
+    let (g, vocab) = grammars();
+    let most = chorus_server::schema_check::MAX_OPTIONAL_PROPERTIES;
+    let schema = |n: usize| {
+        let properties: serde_json::Map<String, Value> = (0..n)
+            .map(|i| (format!("p{i}"), json!({"type": "integer"})))
+            .collect();
+        json!({"type": "object", "properties": properties})
+    };
+    let e = g
+        .json_schema("response_format", schema(most + 1), None)
+        .expect_err("one optional property too many");
+    assert!(e.contains("optional properties"), "{e}");
+    for _ in 0..2 {
+        let mut c = g
+            .json_schema("response_format", schema(most), None)
+            .expect("compiles");
+        let mut logits = vec![0.0f32; vocab];
+        c.mask(&mut logits).expect("masked");
+        let open = token(&g, vocab, "{");
+        assert!(logits[open as usize].is_finite());
+        assert!(logits[token(&g, vocab, "hello") as usize].is_infinite());
+        c.consume(open).expect("the object opens");
+        let mut logits = vec![0.0f32; vocab];
+        c.mask(&mut logits)
+            .expect("every optional property is held open");
+        assert!(logits[token(&g, vocab, "\"") as usize].is_finite());
+        c.consume(token(&g, vocab, "\""))
+            .expect("a property's name begins");
+    }
+}
