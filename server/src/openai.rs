@@ -35,6 +35,8 @@ pub struct ChatCompletionRequest {
     /// refused by name rather than ignored (`validate::refuse_unsupported`).
     #[serde(flatten)]
     pub unsupported: UnsupportedChatFields,
+    #[serde(flatten)]
+    pub other_constraints: OtherConstraintFields,
 }
 
 /// How the chat template renders the conversation (vLLM's extensions).
@@ -72,6 +74,69 @@ pub struct UnsupportedChatFields {
     pub functions: Option<Value>,
     #[serde(default)]
     pub function_call: Option<Value>,
+}
+
+/// Other servers' ways of asking for constrained output (vLLM's `guided_*` and
+/// `structured_outputs`, llama.cpp's and SGLang's `json_schema`, `grammar`, `regex`):
+/// refused by name with the field to use, never ignored (free text would reach a client
+/// that parses it as JSON). In both endpoints' requests.
+#[derive(Debug, Default, Deserialize)]
+pub struct OtherConstraintFields {
+    #[serde(default)]
+    pub guided_json: Option<Value>,
+    #[serde(default)]
+    pub guided_regex: Option<Value>,
+    #[serde(default)]
+    pub guided_choice: Option<Value>,
+    #[serde(default)]
+    pub guided_grammar: Option<Value>,
+    #[serde(default)]
+    pub structured_outputs: Option<Value>,
+    #[serde(default)]
+    pub json_schema: Option<Value>,
+    #[serde(default)]
+    pub grammar: Option<Value>,
+    #[serde(default)]
+    pub regex: Option<Value>,
+}
+
+impl OtherConstraintFields {
+    /// The first field given, and what to send instead.
+    pub fn given(&self, chat: bool) -> Option<(&'static str, &'static str)> {
+        let instead = match chat {
+            true => "`response_format` with a `json_schema`",
+            false => "/v1/chat/completions with `response_format`",
+        };
+        [
+            ("guided_json", &self.guided_json, instead),
+            (
+                "guided_regex",
+                &self.guided_regex,
+                "nothing here: regular expressions are not enforced",
+            ),
+            ("guided_choice", &self.guided_choice, instead),
+            (
+                "guided_grammar",
+                &self.guided_grammar,
+                "nothing here: grammars are not enforced",
+            ),
+            ("structured_outputs", &self.structured_outputs, instead),
+            ("json_schema", &self.json_schema, instead),
+            (
+                "grammar",
+                &self.grammar,
+                "nothing here: grammars are not enforced",
+            ),
+            (
+                "regex",
+                &self.regex,
+                "nothing here: regular expressions are not enforced",
+            ),
+        ]
+        .into_iter()
+        .find(|(_, value, _)| given(value))
+        .map(|(field, _, instead)| (field, instead))
+    }
 }
 
 /// `{"type": "function", "function": {name, description, parameters, strict}}`.
@@ -133,6 +198,13 @@ pub struct CompletionRequest {
     /// Only 1 (the default) is served: one sample per choice, not the best of several.
     #[serde(default, deserialize_with = "whole::option")]
     pub best_of: Option<i64>,
+    /// Chat's fields, which a completion does not take: refused, not ignored.
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    #[serde(default)]
+    pub tools: Option<Value>,
+    #[serde(flatten)]
+    pub other_constraints: OtherConstraintFields,
 }
 
 /// Sampling fields shared by both endpoints.

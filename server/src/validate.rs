@@ -9,8 +9,9 @@ use crate::engine::{GenRequest, ModelInfo};
 use crate::error::ApiError;
 use crate::grammar::Constraint;
 use crate::openai::{
-    given, ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, StopInput,
-    UnsupportedChatFields, WireMessage, WireSampling, WireTemplateOptions, WireTool,
+    given, ChatCompletionRequest, CompletionRequest, MessageContent, OtherConstraintFields,
+    PromptInput, StopInput, UnsupportedChatFields, WireMessage, WireSampling, WireTemplateOptions,
+    WireTool,
 };
 use crate::reasoning::Start;
 use crate::tools::{self, Broken, CallReader, FunctionSpec, Ledger, ToolRequest};
@@ -71,6 +72,7 @@ pub fn chat(
 ) -> Result<ValidRequest, ApiError> {
     check_model(info, req.model.as_deref())?;
     refuse_unsupported(&req.unsupported, info.reasoning)?;
+    refuse_other_constraints(&req.other_constraints, true)?;
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS).contains(&k) => {
             return Err(ApiError::bad(
@@ -170,6 +172,19 @@ fn refuse_unsupported(f: &UnsupportedChatFields, thinking: bool) -> Result<(), A
         }
     }
     Ok(())
+}
+
+/// Another server's constraint field: a 400 naming it and what to send instead.
+fn refuse_other_constraints(f: &OtherConstraintFields, chat: bool) -> Result<(), ApiError> {
+    match f.given(chat) {
+        Some((field, instead)) => Err(ApiError::bad(
+            field,
+            format!(
+                "`{field}` (another server's constrained output) is not supported; send {instead}"
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A chat-shaped request once its endpoint's own fields are read (`/v1/chat/completions`
@@ -709,6 +724,20 @@ pub fn completion(
     req: CompletionRequest,
 ) -> Result<ValidRequest, ApiError> {
     check_model(info, req.model.as_deref())?;
+    refuse_other_constraints(&req.other_constraints, false)?;
+    let text_format = req.response_format.as_ref().and_then(|f| f.get("type"));
+    if given(&req.response_format) && text_format != Some(&json!("text")) {
+        return Err(ApiError::bad(
+            "response_format",
+            "a completion's text is not constrained: send `response_format` to /v1/chat/completions",
+        ));
+    }
+    if given(&req.tools) {
+        return Err(ApiError::bad(
+            "tools",
+            "a completion does not call functions: send `tools` to /v1/chat/completions",
+        ));
+    }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad(
             "suffix",

@@ -355,8 +355,53 @@ async fn fields_asking_for_what_is_not_served_are_refused_by_name() {
     }
     // What asks for nothing beyond text is served.
     let fields = json!({"modalities": ["text"], "reasoning_effort": "none", "audio": null,
-        "web_search_options": null, "functions": null, "tool_choice": "auto", "max_tokens": 2});
+        "web_search_options": null, "functions": null, "tool_choice": "auto", "max_tokens": 2,
+        "guided_json": null, "grammar": null});
     let (status, v) = post(&url, "/v1/chat/completions", &chat("Hi", fields)).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+/// Other servers' constrained output (vLLM's `guided_*`, llama.cpp's `json_schema` and
+/// `grammar`), and chat's constraints sent to completions, would be free text to a
+/// client that parses JSON: a 400 naming the field, on either endpoint.
+#[tokio::test]
+async fn other_servers_constraint_fields_are_refused_by_name() {
+    let _turn = common::together().await;
+    let url = base().await;
+    let schema = json!({"type": "object"});
+    let fields = [
+        ("guided_json", schema.clone()),
+        ("guided_regex", json!("[0-9]+")),
+        ("guided_choice", json!(["yes", "no"])),
+        ("guided_grammar", json!("root ::= \"a\"")),
+        ("structured_outputs", json!({"json": schema})),
+        ("json_schema", schema.clone()),
+        ("grammar", json!("root ::= \"a\"")),
+        ("regex", json!("a+")),
+    ];
+    for (field, value) in fields {
+        let mut body = json!({"max_tokens": 2});
+        body[field] = value;
+        let (status, v) = post(&url, "/v1/chat/completions", &chat("Hi", body.clone())).await;
+        assert_eq!((status, &v["error"]["param"]), (400, &json!(field)), "{v}");
+        body["prompt"] = json!("Hi");
+        let (status, v) = post(&url, "/v1/completions", &body).await;
+        assert_eq!((status, &v["error"]["param"]), (400, &json!(field)), "{v}");
+    }
+    for (field, value) in [
+        ("response_format", json!({"type": "json_object"})),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+    ] {
+        let mut body = json!({"prompt": "Hi", "max_tokens": 2});
+        body[field] = value;
+        let (status, v) = post(&url, "/v1/completions", &body).await;
+        assert_eq!((status, &v["error"]["param"]), (400, &json!(field)), "{v}");
+    }
+    let body = json!({"prompt": "Hi", "max_tokens": 2, "response_format": {"type": "text"}});
+    let (status, v) = post(&url, "/v1/completions", &body).await;
     assert_eq!(status, 200, "{v}");
 }
 
