@@ -152,6 +152,87 @@ try {
     messages.slice(1).forEach((m, i) => assert.notEqual(m.role, messages[i].role, JSON.stringify(messages)));
   });
 
+  await step("scrolled up, a streaming answer leaves the view where the reader put it", async () => {
+    await setField(page, "set-max-tokens", 400);
+    await page.click("#new-chat");
+    await page.fill("#input", "Write a very long story about a lighthouse keeper.");
+    await page.press("#input", "Enter");
+    await page.waitForFunction(() => {
+      const box = document.getElementById("messages");
+      return box.scrollHeight > box.clientHeight + 100;
+    }, null, { timeout: 120_000 });
+    await page.mouse.move(640, 300);
+    await page.mouse.wheel(0, -5000);
+    await page.waitForFunction(() => document.getElementById("messages").scrollTop < 10);
+    const length = (await lastAnswer(page).textContent()).length;
+    await page.waitForFunction(
+      (n) => (document.querySelector(".msg.assistant:last-child .content")?.textContent ?? "").length > n + 40,
+      length, { timeout: 120_000 },
+    );
+    assert.ok(await page.evaluate(() => document.getElementById("messages").scrollTop) < 10, "the view was pulled down");
+    await page.click("#stop");
+    await answered(page);
+  });
+
+  await step("a question asked in another tab while an answer streams here is kept; this answer too, as a copy", async () => {
+    await setField(page, "set-max-tokens", 120);
+    await page.click("#new-chat");
+    await page.fill("#input", "Tell me about the moon.");
+    await page.press("#input", "Enter");
+    await answered(page);
+    const other = await context.newPage();
+    await other.goto(BASE);
+    await other.locator(".msg.user", { hasText: "Tell me about the moon." }).waitFor();
+    await setField(page, "set-max-tokens", 400);
+    await page.fill("#input", "Now write a very long story about the moon.");
+    await page.press("#input", "Enter");
+    await page.waitForFunction(
+      () => (document.querySelector(".msg.assistant:last-child .content")?.textContent ?? "").length > 10,
+      null, { timeout: 120_000 },
+    );
+    // The other tab, not answering, shows this tab's saves, and asks there meanwhile.
+    await other.locator(".msg.user", { hasText: "Now write a very long story" }).waitFor();
+    assert.ok(await page.isEnabled("#stop"), "the answer here ended before the other tab asked");
+    await setField(other, "set-max-tokens", 8);
+    await other.fill("#input", "Say hi from the other tab.");
+    await other.press("#input", "Enter");
+    await answered(other);
+    if (await page.isEnabled("#stop")) await page.click("#stop");
+    await answered(page);
+    const stored = await page.evaluate(() => JSON.parse(localStorage.getItem("chorus.conversations")));
+    const theirs = stored.find((c) => c.title === "Tell me about the moon.");
+    const mine = stored.find((c) => c.title === "Tell me about the moon. (copy)");
+    assert.ok(theirs && mine, JSON.stringify(stored.map((c) => c.title)));
+    assert.ok(theirs.messages.some((m) => m.content === "Say hi from the other tab."), JSON.stringify(theirs.messages));
+    assert.equal(mine.messages.at(-2).content, "Now write a very long story about the moon.");
+    assert.ok(mine.messages.at(-1).content.length > 10);
+    assert.equal(await page.locator("#conversations button[aria-current=true]").textContent(), "Tell me about the moon. (copy)");
+    await other.close();
+  });
+
+  await step("a conversation past the model's context offers to ask in a new chat", async () => {
+    await setField(page, "set-max-tokens", 8);
+    // A history longer than either test model's context (2,048 and 32,768 tokens).
+    await page.evaluate(() => {
+      const convs = JSON.parse(localStorage.getItem("chorus.conversations"));
+      convs.unshift({ id: "full", title: "A full conversation", rev: 1, messages: [
+        { role: "user", content: "Count." }, { role: "assistant", content: "one two three ".repeat(15000) }] });
+      localStorage.setItem("chorus.conversations", JSON.stringify(convs));
+      localStorage.setItem("chorus.current", JSON.stringify("full"));
+    });
+    await page.reload();
+    await page.fill("#input", "Say hi.");
+    await page.press("#input", "Enter");
+    const error = page.locator(".msg.error .content");
+    await error.waitFor({ timeout: 120_000 });
+    assert.match(await error.textContent(), /context.*ask in a new chat/s);
+    await page.locator(".msg.error button", { hasText: "Ask in a new chat" }).click();
+    await answered(page);
+    assert.equal(await page.locator(".msg").count(), 2);
+    assert.equal(await page.locator(".msg.user .content").textContent(), "Say hi.");
+    assert.equal(await page.locator("#conversations button[aria-current=true]").textContent(), "Say hi.");
+  });
+
   await step("two tabs keep each other's conversations", async () => {
     const other = await context.newPage();
     await other.goto(BASE);
