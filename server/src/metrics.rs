@@ -222,12 +222,13 @@ impl Metrics {
         self.prefix_cache_hits.get() as f64 / prompt.max(1) as f64
     }
 
-    /// The exposition text, with gauges read from `stats` (absent while loading).
-    pub fn render(&self, stats: Option<&Stats>) -> String {
+    /// The exposition text, with gauges read from `stats` (absent while loading);
+    /// `preprocessing`: requests waiting for a preprocessing thread, waiting too.
+    pub fn render(&self, stats: Option<&Stats>, preprocessing: usize) -> String {
         use std::sync::atomic::Ordering::Acquire;
         if let Some(s) = stats {
             let set = |g: &Gauge, v: usize| g.set(i64::try_from(v).unwrap_or(i64::MAX));
-            set(&self.queue_depth, s.waiting());
+            set(&self.queue_depth, s.waiting() + preprocessing);
             set(&self.running, s.running.load(Acquire));
             set(&self.kv_blocks_used, s.kv_blocks_used.load(Acquire));
             set(&self.kv_blocks_total, s.kv_blocks_total.load(Acquire));
@@ -268,7 +269,7 @@ mod tests {
     #[test]
     fn a_model_name_is_escaped_in_its_label() {
         let metrics = Metrics::new(r#"my"model\v2"#);
-        let text = metrics.render(None);
+        let text = metrics.render(None, 0);
         assert!(
             text.contains(r#"vllm:num_requests_running{model_name="my\"model\\v2"} 0"#),
             "{text}"

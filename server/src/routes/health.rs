@@ -31,7 +31,7 @@ pub async fn health(State(app): State<AppState>) -> Response {
                 "model": engine.info.id,
                 "device": engine.info.device,
                 "running": s.running.load(Ordering::Acquire),
-                "queued": s.waiting(),
+                "queued": s.waiting() + app.prep().waiting(),
                 "kv_blocks_used": s.kv_blocks_used.load(Ordering::Acquire),
                 "kv_blocks_total": s.kv_blocks_total.load(Ordering::Acquire),
             });
@@ -57,7 +57,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        app.metrics().render(stats),
+        app.metrics().render(stats, app.prep().waiting()),
     )
         .into_response()
 }
@@ -70,7 +70,8 @@ pub async fn loads(State(app): State<AppState>) -> Result<Json<serde_json::Value
     let engine = app.engine()?;
     let s = &engine.stats;
     let running = s.running.load(Ordering::Acquire);
-    let waiting = s.waiting();
+    // Those waiting for a preprocessing thread (a big prompt or schema ahead) too.
+    let waiting = s.waiting() + app.prep().waiting();
     let used = s.kv_blocks_used.load(Ordering::Acquire) * BLOCK_SIZE;
     let total = s.kv_blocks_total.load(Ordering::Acquire) * BLOCK_SIZE;
     let usage = used as f64 / total.max(1) as f64;

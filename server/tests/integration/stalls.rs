@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{self, chat, config, start, wait_ready};
+use crate::common::{self, chat, config, get_json, start, wait_ready};
 use futures_util::StreamExt;
 use serde_json::json;
 
@@ -100,10 +100,27 @@ async fn big_prompts_do_not_stall_running_streams() {
     );
     let huge = serde_json::to_vec(&huge).expect("json");
     assert!(huge.len() > 3_400_000 && huge.len() < 4_000_000);
+    // Meanwhile /health counts those waiting for a preprocessing thread as queued.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (url, done) = (url.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut most = 0;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let h = get_json(&url, "/health").await;
+                most = most.max(h["queued"].as_u64().unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            most
+        })
+    };
     let (gap, statuses) = gap_while(&url, 8, huge).await;
+    done.store(true, std::sync::atomic::Ordering::Release);
     println!("8 x 3.5 MB prompts: largest gap {gap:?}");
     assert!(statuses.iter().all(|&s| s == 400), "{statuses:?}");
     assert!(gap < MAX_GAP, "the stream stalled for {gap:?}");
+    let most = poller.await.expect("poller");
+    assert!(most >= 1, "no request was seen waiting for preprocessing");
 
     // 8 prompts of ~8,000 tokens (just under the 8,192-token context): real work for
     // the template and the tokenizer.
