@@ -129,11 +129,23 @@ impl Walk {
         if let Some(reference) = map.get("$ref").and_then(Value::as_str) {
             self.reference(reference, resource, at)?;
         }
+        let required: HashSet<&str> = match map.get("required") {
+            Some(Value::Array(names)) => names.iter().filter_map(Value::as_str).collect(),
+            _ => HashSet::new(),
+        };
+        // The engine writes each declared property at most once, but counts undeclared
+        // keys as written: `{"a": 1, "a": 2}` is two. Once the required ones are there,
+        // one more key makes one more distinct name; a second may repeat it.
+        let undeclared = map.get("additionalProperties") != Some(&Value::Bool(false))
+            || map.contains_key("patternProperties");
+        if let Some(min) = map.get("minProperties").and_then(Value::as_u64) {
+            if undeclared && min >= required.len() as u64 + 2 {
+                return Err(format!(
+                    "`minProperties` {min} at {at:?} cannot be enforced: the grammar engine counts an undeclared key written twice as two; declare the properties (with `additionalProperties: false`), or require all but one of them"
+                ));
+            }
+        }
         if let Some(Value::Object(properties)) = map.get("properties") {
-            let required: HashSet<&str> = match map.get("required") {
-                Some(Value::Array(names)) => names.iter().filter_map(Value::as_str).collect(),
-                _ => HashSet::new(),
-            };
             let optional = properties
                 .keys()
                 .filter(|k| !required.contains(k.as_str()))
@@ -286,6 +298,23 @@ fn percent_decoded(s: &str) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn min_properties_that_a_repeated_key_could_meet_are_refused() {
+        let open = json!({"type": "object", "additionalProperties": {"type": "integer"},
+            "minProperties": 3});
+        let e = check(&open).expect_err("two keys could be one repeated");
+        assert!(e.contains("`minProperties` 3"), "{e}");
+        check(&json!({"type": "object", "minProperties": 1})).expect("one key is one name");
+        let required = json!({"type": "object", "minProperties": 3, "required": ["a", "b"]});
+        check(&required).expect("the third key is a third name");
+        let closed = json!({"type": "object", "minProperties": 3, "additionalProperties": false,
+            "properties": {"a": {}, "b": {}, "c": {}, "d": {}}});
+        check(&closed).expect("declared properties are written once");
+        let patterned = json!({"additionalProperties": false, "minProperties": 2,
+            "patternProperties": {"^x": {}}});
+        assert!(check(&patterned).is_err());
+    }
 
     #[test]
     fn an_object_of_too_many_optional_properties_is_refused() {

@@ -247,6 +247,11 @@ pub fn explain(error: &str) -> String {
         rest = rest[i + "/$defs/function".len()..].trim_start_matches(|c: char| c.is_ascii_digit());
     }
     out.push_str(rest);
+    if out.starts_with("panic: ") {
+        // An internal assertion (a grammar of more than 65,535 symbols): its text would
+        // tell a client nothing.
+        return "the grammar engine could not compile it: the schema is too large".into();
+    }
     open_at_once(&out).unwrap_or(out)
 }
 
@@ -299,7 +304,7 @@ fn reroot(schema: &mut Value, root: &str) {
 /// (each branch sees every key of the object), or where `required` names a property
 /// that is not declared. Data (`const`, `enum`, `default`, `examples`) and the schemas
 /// whose meaning closing would turn around (`not`, `if`) are left as they are.
-fn close_objects(schema: &mut Value, in_all_of: bool) {
+pub fn close_objects(schema: &mut Value, in_all_of: bool) {
     let Some(obj) = schema.as_object_mut() else {
         return;
     };
@@ -385,6 +390,8 @@ mod tests {
         );
         assert!(!said.contains("left-recursive"), "{said}");
         assert_eq!(explain("`x`: bad"), "`x`: bad");
+        let panic = "panic: assertion failed: grammar.symbols.len() < u16::MAX as usize";
+        assert!(explain(panic).ends_with("the schema is too large"));
     }
 
     #[test]

@@ -145,7 +145,10 @@ impl ToolRequest {
             }
         }
         for (i, f) in functions.iter().enumerate() {
-            crate::schema_check::check(&f.parameters)
+            // As the call grammar holds it: objects closed to their declared properties.
+            let mut parameters = f.parameters.clone();
+            format::close_objects(&mut parameters, false);
+            crate::schema_check::check(&parameters)
                 .map_err(|m| ApiError::bad("tools", format!("{}: {m}", shape.parameters(i))))?;
         }
         // Every function's schema goes in one grammar, where their `$id`s are one
