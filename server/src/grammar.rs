@@ -221,6 +221,27 @@ impl Grammars {
         }
     }
 
+    /// A constraint that admits exactly the texts the regular expression `rx` matches
+    /// whole (after a thinking block when `thinking` says where the answer starts).
+    pub fn regex(
+        &self,
+        param: &'static str,
+        rx: &str,
+        thinking: Option<Start>,
+    ) -> Result<Constraint, String> {
+        match thinking {
+            // Lark's `/.../` ends at an unescaped slash.
+            Some(start) => {
+                let rx = rx.replace('/', "\\/");
+                self.lark(param, start.grammar(&format!("answer: /{rx}/\n")))
+            }
+            None => {
+                let key = format!("regex:{rx}");
+                self.compile(param, key, || TopLevelGrammar::from_regex(rx))
+            }
+        }
+    }
+
     /// A constraint from a grammar in llguidance's Lark dialect (which embeds JSON
     /// schemas with `%json`): function calls use it.
     pub fn lark(&self, param: &'static str, grammar: String) -> Result<Constraint, String> {

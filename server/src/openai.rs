@@ -76,10 +76,10 @@ pub struct UnsupportedChatFields {
     pub function_call: Option<Value>,
 }
 
-/// Other servers' ways of asking for constrained output (vLLM's `guided_*` and
-/// `structured_outputs`, llama.cpp's and SGLang's `json_schema`, `grammar`, `regex`):
-/// refused by name with the field to use, never ignored (free text would reach a client
-/// that parses it as JSON). In both endpoints' requests.
+/// Other servers' ways of asking for constrained output: vLLM's `guided_*` and
+/// `structured_outputs`, llama.cpp's `json_schema`, SGLang's `regex`. A JSON schema, a
+/// regular expression or a choice of strings is enforced as vLLM enforces it; a grammar
+/// is refused by name (`validate::guided`). In both endpoints' requests.
 #[derive(Debug, Default, Deserialize)]
 pub struct OtherConstraintFields {
     #[serde(default)]
@@ -98,45 +98,6 @@ pub struct OtherConstraintFields {
     pub grammar: Option<Value>,
     #[serde(default)]
     pub regex: Option<Value>,
-}
-
-impl OtherConstraintFields {
-    /// The first field given, and what to send instead.
-    pub fn given(&self, chat: bool) -> Option<(&'static str, &'static str)> {
-        let instead = match chat {
-            true => "`response_format` with a `json_schema`",
-            false => "/v1/chat/completions with `response_format`",
-        };
-        [
-            ("guided_json", &self.guided_json, instead),
-            (
-                "guided_regex",
-                &self.guided_regex,
-                "nothing here: regular expressions are not enforced",
-            ),
-            ("guided_choice", &self.guided_choice, instead),
-            (
-                "guided_grammar",
-                &self.guided_grammar,
-                "nothing here: grammars are not enforced",
-            ),
-            ("structured_outputs", &self.structured_outputs, instead),
-            ("json_schema", &self.json_schema, instead),
-            (
-                "grammar",
-                &self.grammar,
-                "nothing here: grammars are not enforced",
-            ),
-            (
-                "regex",
-                &self.regex,
-                "nothing here: regular expressions are not enforced",
-            ),
-        ]
-        .into_iter()
-        .find(|(_, value, _)| given(value))
-        .map(|(field, _, instead)| (field, instead))
-    }
 }
 
 /// `{"type": "function", "function": {name, description, parameters, strict}}`.

@@ -72,7 +72,6 @@ pub fn chat(
 ) -> Result<ValidRequest, ApiError> {
     check_model(info, req.model.as_deref())?;
     refuse_unsupported(&req.unsupported, info.reasoning)?;
-    refuse_other_constraints(&req.other_constraints, true)?;
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS).contains(&k) => {
             return Err(ApiError::bad(
@@ -95,7 +94,28 @@ pub fn chat(
         req.parallel_tool_calls,
         limits.max_tool_calls,
     )?;
-    let answer = response_format(req.response_format.as_ref())?.map(|s| ("response_format", s));
+    let mut answer = response_format(req.response_format.as_ref())?.map(|s| ("response_format", s));
+    // Another server's constraint: a schema is an answer's schema as `response_format`
+    // gives it (beside tools too); a regex or a choice is the whole answer's.
+    let mut text_rule = None;
+    if let Some((field, guided)) = guided(&req.other_constraints)? {
+        if answer.is_some() {
+            return Err(ApiError::bad(
+                field,
+                format!("give either `response_format` or `{field}`"),
+            ));
+        }
+        match guided {
+            Guided::Json(schema) => answer = Some((field, schema)),
+            _ if tools.as_ref().is_some_and(|t| t.active()) => {
+                return Err(ApiError::bad(
+                    field,
+                    format!("`{field}` constrains the whole answer, which cannot also call `tools`: send `tool_choice: \"none\"`"),
+                ))
+            }
+            other => text_rule = Some((field, other)),
+        }
+    }
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
     let rendering = rendering(req.template)?;
@@ -110,6 +130,9 @@ pub fn chat(
         &rendering,
         "messages",
     )?;
+    if let Some((field, guided)) = text_rule {
+        gen.constraint = Some(guided_constraint(info, field, &guided, thinking)?);
+    }
     gen.logprobs = logprobs;
     Ok(ValidRequest {
         gens: vec![gen],
@@ -174,17 +197,141 @@ fn refuse_unsupported(f: &UnsupportedChatFields, thinking: bool) -> Result<(), A
     Ok(())
 }
 
-/// Another server's constraint field: a 400 naming it and what to send instead.
-fn refuse_other_constraints(f: &OtherConstraintFields, chat: bool) -> Result<(), ApiError> {
-    match f.given(chat) {
-        Some((field, instead)) => Err(ApiError::bad(
-            field,
-            format!(
-                "`{field}` (another server's constrained output) is not supported; send {instead}"
-            ),
-        )),
-        None => Ok(()),
+/// What another server's constrained-output field asks for.
+#[derive(Debug, Clone)]
+pub enum Guided {
+    /// A JSON schema (`guided_json`, `structured_outputs.json`, llama.cpp's `json_schema`).
+    Json(Value),
+    /// A regular expression the whole answer matches (`guided_regex`, SGLang's `regex`).
+    Regex(String),
+    /// One of these strings, exactly (`guided_choice`).
+    Choice(Vec<String>),
+}
+
+/// The constraint another server's field asks for, and the field; at most one may be
+/// given. Grammars (vLLM's `guided_grammar`, llama.cpp's GBNF `grammar`) are refused by
+/// name: their dialects are not this server's.
+pub fn guided(f: &OtherConstraintFields) -> Result<Option<(&'static str, Guided)>, ApiError> {
+    let given: Vec<(&'static str, &Value)> = [
+        ("guided_json", &f.guided_json),
+        ("guided_regex", &f.guided_regex),
+        ("guided_choice", &f.guided_choice),
+        ("guided_grammar", &f.guided_grammar),
+        ("structured_outputs", &f.structured_outputs),
+        ("json_schema", &f.json_schema),
+        ("grammar", &f.grammar),
+        ("regex", &f.regex),
+    ]
+    .into_iter()
+    .filter_map(|(field, v)| v.as_ref().filter(|v| !v.is_null()).map(|v| (field, v)))
+    .collect();
+    let Some(&(field, value)) = given.first() else {
+        return Ok(None);
+    };
+    if let Some((other, _)) = given.get(1) {
+        return Err(ApiError::bad(
+            other,
+            format!("give one constraint: `{field}` and `{other}` were both given"),
+        ));
     }
+    let bad = |message: String| ApiError::bad(field, message);
+    let schema = |v: &Value| match v {
+        Value::Object(_) => Ok(v.clone()),
+        Value::String(s) => serde_json::from_str::<Value>(s)
+            .ok()
+            .filter(Value::is_object)
+            .ok_or_else(|| {
+                bad(format!(
+                    "`{field}` must be a JSON schema (an object, or its text)"
+                ))
+            }),
+        _ => Err(bad(format!(
+            "`{field}` must be a JSON schema (an object, or its text)"
+        ))),
+    };
+    let regex = |v: &Value| match v {
+        Value::String(s) => Ok(Guided::Regex(s.clone())),
+        _ => Err(bad(format!(
+            "`{field}` must be a regular expression (a string)"
+        ))),
+    };
+    let choice = |v: &Value| match v.as_array() {
+        Some(items) if !items.is_empty() && items.iter().all(Value::is_string) => {
+            Ok(Guided::Choice(
+                items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
+            ))
+        }
+        _ => Err(bad(format!(
+            "`{field}` must be a non-empty list of strings"
+        ))),
+    };
+    let grammar = || {
+        bad(format!(
+            "`{field}` (a grammar) is not supported: send a JSON schema (`response_format`) or a regular expression (`guided_regex`)"
+        ))
+    };
+    let guided = match field {
+        "guided_json" | "json_schema" => Guided::Json(schema(value)?),
+        "guided_regex" | "regex" => regex(value)?,
+        "guided_choice" => choice(value)?,
+        "structured_outputs" => {
+            let Some(o) = value.as_object() else {
+                return Err(bad("`structured_outputs` must be an object".into()));
+            };
+            let set: Vec<(&String, &Value)> = o.iter().filter(|(_, v)| !v.is_null()).collect();
+            match set.as_slice() {
+                [(k, v)] if k.as_str() == "json" => Guided::Json(schema(v)?),
+                [(k, v)] if k.as_str() == "regex" => regex(v)?,
+                [(k, v)] if k.as_str() == "choice" => choice(v)?,
+                [(k, v)] if k.as_str() == "json_object" && **v == json!(true) => {
+                    Guided::Json(json!({"type": "object"}))
+                }
+                [(k, _)] if matches!(k.as_str(), "grammar" | "structural_tag") => {
+                    return Err(grammar())
+                }
+                _ => {
+                    return Err(bad(
+                        "`structured_outputs` must set one of `json`, `regex`, `choice` or `json_object`".into(),
+                    ))
+                }
+            }
+        }
+        _ => return Err(grammar()),
+    };
+    Ok(Some((field, guided)))
+}
+
+/// The constraint `guided` asks for, errors naming `field`; after a thinking block when
+/// `thinking` says where the answer starts.
+fn guided_constraint(
+    info: &ModelInfo,
+    field: &'static str,
+    guided: &Guided,
+    thinking: Option<Start>,
+) -> Result<Constraint, ApiError> {
+    let rx = match guided {
+        Guided::Json(schema) => return json_constraint(info, field, schema.clone(), thinking),
+        Guided::Regex(rx) => rx.clone(),
+        Guided::Choice(choices) => choices
+            .iter()
+            .map(|c| regex_syntax::escape(c))
+            .collect::<Vec<_>>()
+            .join("|"),
+    };
+    let grammars = info.grammars.as_ref().map_err(|e| {
+        ApiError::bad(
+            field,
+            format!("structured output is unavailable for this model: {e}"),
+        )
+    })?;
+    grammars.regex(field, &rx, thinking).map_err(|e| {
+        let e = tools::format::explain(&e);
+        ApiError::bad(field, format!("`{field}` cannot be enforced: {e}"))
+    })
 }
 
 /// A chat-shaped request once its endpoint's own fields are read (`/v1/chat/completions`
@@ -724,7 +871,7 @@ pub fn completion(
     req: CompletionRequest,
 ) -> Result<ValidRequest, ApiError> {
     check_model(info, req.model.as_deref())?;
-    refuse_other_constraints(&req.other_constraints, false)?;
+    let guided = guided(&req.other_constraints)?;
     let text_format = req.response_format.as_ref().and_then(|f| f.get("type"));
     if given(&req.response_format) && text_format != Some(&json!("text")) {
         return Err(ApiError::bad(
@@ -816,6 +963,13 @@ pub fn completion(
             )?;
         gens.push(gen);
         echoes.extend(echoed);
+    }
+    // Compiled once; each prompt's sequence gets a copy.
+    if let Some((field, guided)) = &guided {
+        let constraint = guided_constraint(info, field, guided, None)?;
+        for gen in &mut gens {
+            gen.constraint = Some(constraint.fork());
+        }
     }
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, req.stream_options.as_ref())?;

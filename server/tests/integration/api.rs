@@ -361,32 +361,120 @@ async fn fields_asking_for_what_is_not_served_are_refused_by_name() {
     assert_eq!(status, 200, "{v}");
 }
 
-/// Other servers' constrained output (vLLM's `guided_*`, llama.cpp's `json_schema` and
-/// `grammar`), and chat's constraints sent to completions, would be free text to a
-/// client that parses JSON: a 400 naming the field, on either endpoint.
+/// Other servers' constrained output is enforced as they enforce it: vLLM's `guided_*`
+/// and `structured_outputs`, llama.cpp's `json_schema`, SGLang's `regex`, on either
+/// endpoint; a grammar, two constraints at once, or a text rule beside tools are a 400
+/// naming the field, as are chat's constraints sent to completions.
 #[tokio::test]
-async fn other_servers_constraint_fields_are_refused_by_name() {
+async fn other_servers_constraint_fields_are_enforced_or_refused_by_name() {
     let _turn = common::together().await;
     let url = base().await;
-    let schema = json!({"type": "object"});
-    let fields = [
-        ("guided_json", schema.clone()),
-        ("guided_regex", json!("[0-9]+")),
-        ("guided_choice", json!(["yes", "no"])),
-        ("guided_grammar", json!("root ::= \"a\"")),
-        ("structured_outputs", json!({"json": schema})),
-        ("json_schema", schema.clone()),
-        ("grammar", json!("root ::= \"a\"")),
-        ("regex", json!("a+")),
+    let question = "Is the sky blue? Answer in a word.";
+    let schema = json!({"type": "object", "properties": {"n": {"type": "integer"}},
+        "required": ["n"], "additionalProperties": false});
+    let choices = json!(["yes / sure", "no"]);
+    for seed in 0..3 {
+        let sampled = json!({"max_tokens": 24, "temperature": 1.0, "seed": seed});
+        let with = |field: &str, value: Value| {
+            let mut body = sampled.clone();
+            body[field] = value;
+            body
+        };
+        for (field, value) in [
+            ("guided_choice", choices.clone()),
+            ("structured_outputs", json!({"choice": choices})),
+        ] {
+            let (status, v) = post(
+                &url,
+                "/v1/chat/completions",
+                &chat(question, with(field, value)),
+            )
+            .await;
+            assert_eq!(status, 200, "{v}");
+            let text = v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or_default();
+            assert!(text == "yes / sure" || text == "no", "{field}: {v}");
+            assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        }
+        for (field, value) in [
+            ("guided_regex", json!("[0-9]{3}-[a-z]{2}")),
+            ("regex", json!("[0-9]{3}-[a-z]{2}")),
+        ] {
+            let (status, v) = post(
+                &url,
+                "/v1/chat/completions",
+                &chat(question, with(field, value)),
+            )
+            .await;
+            assert_eq!(status, 200, "{v}");
+            let text = v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or_default();
+            let b = text.as_bytes();
+            let shape = b.len() == 6
+                && b[..3].iter().all(u8::is_ascii_digit)
+                && b[3] == b'-'
+                && b[4..].iter().all(u8::is_ascii_lowercase);
+            assert!(shape, "{field}: {v}");
+        }
+        for (field, value) in [
+            ("guided_json", schema.clone()),
+            ("json_schema", json!(schema.to_string())),
+            ("structured_outputs", json!({"json": schema})),
+        ] {
+            let (status, v) = post(
+                &url,
+                "/v1/chat/completions",
+                &chat(question, with(field, value)),
+            )
+            .await;
+            assert_eq!(status, 200, "{v}");
+            let text = v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or_default();
+            let parsed: Value =
+                serde_json::from_str(text).unwrap_or_else(|_| panic!("{field}: {v}"));
+            assert!(
+                parsed["n"].is_i64() && parsed.as_object().map(|o| o.len()) == Some(1),
+                "{v}"
+            );
+        }
+    }
+    // Completions: every prompt of a batch is held to it.
+    let body = json!({"prompt": ["The sky is", "Grass is"], "max_tokens": 5,
+        "guided_choice": ["blue", "green"]});
+    let (status, v) = post(&url, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    for c in v["choices"].as_array().expect("choices") {
+        assert!(c["text"] == "blue" || c["text"] == "green", "{v}");
+    }
+    let refused = [
+        (
+            "guided_grammar",
+            json!({"guided_grammar": "root ::= \"a\""}),
+        ),
+        ("grammar", json!({"grammar": "root ::= \"a\""})),
+        (
+            "structured_outputs",
+            json!({"structured_outputs": {"grammar": "root ::= \"a\""}}),
+        ),
+        ("guided_choice", json!({"guided_choice": []})),
+        ("regex", json!({"guided_choice": ["a"], "regex": "a"})),
+        (
+            "guided_json",
+            json!({"guided_json": schema, "response_format": {"type": "json_object"}}),
+        ),
+        (
+            "guided_regex",
+            json!({"guided_regex": "a+", "tools": [{"type": "function", "function": {"name": "f"}}]}),
+        ),
     ];
-    for (field, value) in fields {
-        let mut body = json!({"max_tokens": 2});
-        body[field] = value;
-        let (status, v) = post(&url, "/v1/chat/completions", &chat("Hi", body.clone())).await;
-        assert_eq!((status, &v["error"]["param"]), (400, &json!(field)), "{v}");
-        body["prompt"] = json!("Hi");
-        let (status, v) = post(&url, "/v1/completions", &body).await;
-        assert_eq!((status, &v["error"]["param"]), (400, &json!(field)), "{v}");
+    for (param, fields) in refused {
+        let mut body = fields.clone();
+        body["max_tokens"] = json!(2);
+        let (status, v) = post(&url, "/v1/chat/completions", &chat("Hi", body)).await;
+        assert_eq!((status, &v["error"]["param"]), (400, &json!(param)), "{v}");
     }
     for (field, value) in [
         ("response_format", json!({"type": "json_object"})),
@@ -394,6 +482,7 @@ async fn other_servers_constraint_fields_are_refused_by_name() {
             "tools",
             json!([{"type": "function", "function": {"name": "f"}}]),
         ),
+        ("grammar", json!("root ::= \"a\"")),
     ] {
         let mut body = json!({"prompt": "Hi", "max_tokens": 2});
         body[field] = value;
