@@ -529,8 +529,8 @@ pub mod whole {
             Some(f) if n.is_f64() && f.fract() != 0.0 => {
                 Err(format!("expected an integer, got `{n}`"))
             }
-            // 2^63 is exact as a double, and every whole double below it converts exactly.
-            Some(f) if n.is_f64() && f.abs() < 9.223_372_036_854_775_808e18 => Ok(f as i64),
+            // `i64::MAX as f64` is 2^63, and every whole double below it converts exactly.
+            Some(f) if n.is_f64() && f.abs() < i64::MAX as f64 => Ok(f as i64),
             _ => Err(format!("`{n}` is out of range (a 64-bit integer)")),
         }
     }

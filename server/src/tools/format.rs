@@ -368,7 +368,6 @@ fn starts_with(text: &str, opener: &str) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tools::FunctionSpec;
 
     #[test]
     fn the_format_comes_from_the_template() {
