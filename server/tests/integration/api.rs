@@ -374,43 +374,28 @@ async fn other_servers_constraint_fields_are_enforced_or_refused_by_name() {
         "required": ["n"], "additionalProperties": false});
     let choices = json!(["yes / sure", "no"]);
     for seed in 0..3 {
-        let sampled = json!({"max_tokens": 24, "temperature": 1.0, "seed": seed});
-        let with = |field: &str, value: Value| {
-            let mut body = sampled.clone();
+        // The answer's text when `field` is `value`.
+        let answer = |field: &'static str, value: Value| {
+            let mut body = json!({"max_tokens": 24, "temperature": 1.0, "seed": seed});
             body[field] = value;
-            body
+            let url = url.clone();
+            async move {
+                let (status, v) = post(&url, "/v1/chat/completions", &chat(question, body)).await;
+                assert_eq!(status, 200, "{field}: {v}");
+                let text = v["choices"][0]["message"]["content"].as_str();
+                (text.unwrap_or_default().to_string(), v)
+            }
         };
         for (field, value) in [
             ("guided_choice", choices.clone()),
             ("structured_outputs", json!({"choice": choices})),
         ] {
-            let (status, v) = post(
-                &url,
-                "/v1/chat/completions",
-                &chat(question, with(field, value)),
-            )
-            .await;
-            assert_eq!(status, 200, "{v}");
-            let text = v["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap_or_default();
+            let (text, v) = answer(field, value).await;
             assert!(text == "yes / sure" || text == "no", "{field}: {v}");
             assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
         }
-        for (field, value) in [
-            ("guided_regex", json!("[0-9]{3}-[a-z]{2}")),
-            ("regex", json!("[0-9]{3}-[a-z]{2}")),
-        ] {
-            let (status, v) = post(
-                &url,
-                "/v1/chat/completions",
-                &chat(question, with(field, value)),
-            )
-            .await;
-            assert_eq!(status, 200, "{v}");
-            let text = v["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap_or_default();
+        for field in ["guided_regex", "regex"] {
+            let (text, v) = answer(field, json!("[0-9]{3}-[a-z]{2}")).await;
             let b = text.as_bytes();
             let shape = b.len() == 6
                 && b[..3].iter().all(u8::is_ascii_digit)
@@ -423,22 +408,11 @@ async fn other_servers_constraint_fields_are_enforced_or_refused_by_name() {
             ("json_schema", json!(schema.to_string())),
             ("structured_outputs", json!({"json": schema})),
         ] {
-            let (status, v) = post(
-                &url,
-                "/v1/chat/completions",
-                &chat(question, with(field, value)),
-            )
-            .await;
-            assert_eq!(status, 200, "{v}");
-            let text = v["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap_or_default();
+            let (text, v) = answer(field, value).await;
             let parsed: Value =
-                serde_json::from_str(text).unwrap_or_else(|_| panic!("{field}: {v}"));
-            assert!(
-                parsed["n"].is_i64() && parsed.as_object().map(|o| o.len()) == Some(1),
-                "{v}"
-            );
+                serde_json::from_str(&text).unwrap_or_else(|_| panic!("{field}: {v}"));
+            let keys = parsed.as_object().map(|o| o.len());
+            assert!(parsed["n"].is_i64() && keys == Some(1), "{v}");
         }
     }
     // Completions: every prompt of a batch is held to it.
