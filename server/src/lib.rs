@@ -271,7 +271,8 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             config.max_request_bytes,
             refuse_oversized,
-        ));
+        ))
+        .layer(axum::middleware::from_fn(refuse_over_limit));
     // Inside the request-id layer, so a preflight CORS answers is counted and echoed too.
     let app = match auth::cors(config.cors_origin.as_deref()) {
         Some(cors) => app.layer(cors),
@@ -348,6 +349,15 @@ async fn refuse_oversized(State(limit): State<usize>, req: Request, next: Next) 
     match declared {
         Some(n) if n > limit as u64 => ApiError::PayloadTooLarge.into_response(),
         _ => next.run(req).await,
+    }
+}
+
+/// A request that came on a connection over `--max-connections` (not a probe) is refused
+/// here, inside the request-id and CORS layers, so that its 503 carries their headers.
+async fn refuse_over_limit(req: Request, next: Next) -> Response {
+    match req.extensions().get::<serve::OverLimit>() {
+        Some(&serve::OverLimit(max)) => serve::refusal_error(max).into_response(),
+        None => next.run(req).await,
     }
 }
 

@@ -158,27 +158,33 @@ const OVER_LIMIT_HEAD: Duration = Duration::from_secs(1);
 const OVER_LIMIT_ALL: Duration = Duration::from_secs(3);
 
 /// A connection over `--max-connections`: its request's head is read first (a client
-/// that has not sent its request yet would take an early answer for a protocol error);
-/// a probe is answered by the app, anything else with a 503 in the error envelope
-/// (counted as refused). Either way the connection is then closed, after what else the
-/// client sent is read off briefly: closing with it unread would reset the connection
-/// before the client reads the answer.
+/// that has not sent its request yet would take an early answer for a protocol error).
+/// A probe is answered by the app; anything else is refused with a 503 in the error
+/// envelope (counted as refused), also made by the app, so that it carries the request
+/// id and CORS headers every answer carries (a browser could not read it otherwise).
+/// Either way the connection is then closed, after what else the client sent is read off
+/// briefly: closing with it unread would reset the connection before the client reads
+/// the answer.
 async fn over_limit(mut stream: TcpStream, app: Router, max: usize, refused: Counter) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let answer = async {
         let head = read_head(&mut stream).await;
-        let answered = match probe(&head) {
-            Some(request) => answer_probe(app, request).await,
+        let request = parse_head(&head);
+        let probe = request.as_ref().is_some_and(is_probe);
+        if !probe {
+            refused.inc();
+            tracing::debug!(max, "connection refused: --max-connections reached");
+        }
+        let answered = match request {
+            Some(mut request) => {
+                if !probe {
+                    request.extensions_mut().insert(OverLimit(max));
+                }
+                answer_once(app, request).await
+            }
             None => None,
         };
-        let reply = match answered {
-            Some(reply) => reply,
-            None => {
-                refused.inc();
-                tracing::debug!(max, "connection refused: --max-connections reached");
-                refusal(max)
-            }
-        };
+        let reply = answered.unwrap_or_else(|| refusal(max));
         stream.write_all(&reply).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 4096];
@@ -187,6 +193,11 @@ async fn over_limit(mut stream: TcpStream, app: Router, max: usize, refused: Cou
     };
     let _ = tokio::time::timeout(OVER_LIMIT_ALL, answer).await;
 }
+
+/// Marks a request that came over `--max-connections` and is not a probe: the app
+/// answers it with [`refusal_error`] rather than routing it.
+#[derive(Clone, Copy)]
+pub(crate) struct OverLimit(pub(crate) usize);
 
 /// What the client sends within [`OVER_LIMIT_HEAD`], up to the end of the request's
 /// head (64 KiB at most).
@@ -206,29 +217,32 @@ async fn read_head(stream: &mut TcpStream) -> Vec<u8> {
     head
 }
 
-/// The request in `head` when it is a whole `GET` or `HEAD` of one of [`PROBES`] (its
-/// headers kept, so that `--api-key` still guards what it guards), else `None`.
-fn probe(head: &[u8]) -> Option<hyper::Request<Body>> {
+/// The request in `head`, without its body, when its head is whole (its headers kept, so
+/// that `--api-key` still guards what it guards and CORS sees its origin), else `None`.
+fn parse_head(head: &[u8]) -> Option<hyper::Request<Body>> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut parsed = httparse::Request::new(&mut headers);
-    if !parsed.parse(head).ok()?.is_complete() || !matches!(parsed.method?, "GET" | "HEAD") {
+    if !parsed.parse(head).ok()?.is_complete() {
         return None;
     }
-    let target = parsed.path?;
-    let path = target.split('?').next().unwrap_or(target);
-    if !PROBES.contains(&path) {
-        return None;
-    }
-    let mut request = hyper::Request::builder().method(parsed.method?).uri(target);
+    let mut request = hyper::Request::builder()
+        .method(parsed.method?)
+        .uri(parsed.path?);
     for h in parsed.headers.iter() {
         request = request.header(h.name, h.value);
     }
     request.body(Body::empty()).ok()
 }
 
-/// A probe's answer from the app, as bytes to write on a connection that then closes
+/// A `GET` or `HEAD` of one of [`PROBES`].
+fn is_probe(request: &hyper::Request<Body>) -> bool {
+    matches!(*request.method(), hyper::Method::GET | hyper::Method::HEAD)
+        && PROBES.contains(&request.uri().path())
+}
+
+/// The app's answer to `request`, as bytes to write on a connection that then closes
 /// (`None` if its body could not be read whole).
-async fn answer_probe(app: Router, request: hyper::Request<Body>) -> Option<Vec<u8>> {
+async fn answer_once(app: Router, request: hyper::Request<Body>) -> Option<Vec<u8>> {
     let head_only = request.method() == hyper::Method::HEAD;
     let Ok(response) = app.oneshot(request).await;
     let (parts, body) = response.into_parts();
@@ -261,11 +275,15 @@ async fn answer_probe(app: Router, request: hyper::Request<Body>) -> Option<Vec<
 }
 
 /// The 503 that a connection over `--max-connections` gets.
-fn refusal(max: usize) -> Vec<u8> {
-    let error = crate::error::ApiError::Unavailable(format!(
+pub(crate) fn refusal_error(max: usize) -> crate::error::ApiError {
+    crate::error::ApiError::Unavailable(format!(
         "too many open connections (--max-connections {max}); retry later"
-    ));
-    let body = serde_json::to_string(&error.body()).unwrap_or_default();
+    ))
+}
+
+/// [`refusal_error`] as bytes, for a connection whose request's head could not be read.
+fn refusal(max: usize) -> Vec<u8> {
+    let body = serde_json::to_string(&refusal_error(max).body()).unwrap_or_default();
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()

@@ -150,12 +150,13 @@ async fn a_coded_body_is_415_and_a_body_left_half_sent_is_499() {
     }
 }
 
-/// One connection over `--max-connections` is answered 503 in the error envelope, but a
-/// probe over the limit is answered; once a connection closes, a new one is served.
+/// One connection over `--max-connections` is answered 503 in the error envelope, with
+/// the request id and CORS headers of any answer, but a probe over the limit is
+/// answered; once a connection closes, a new one is served.
 #[tokio::test]
 async fn the_connection_over_the_limit_is_refused_with_503() {
     let _turn = common::alone().await;
-    let url = start(config(&["--max-connections", "2"]));
+    let url = start(config(&["--max-connections", "2", "--cors-origin", "*"]));
     wait_ready(&url).await;
     // `wait_ready` used pooled connections of its own: let them go.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -166,11 +167,17 @@ async fn the_connection_over_the_limit_is_refused_with_503() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r = reqwest::Client::new()
         .get(format!("{url}/v1/models"))
+        .header("x-request-id", "over-the-limit")
+        .header("origin", "http://page.example")
         .send()
         .await
         .expect("answered");
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
+    // A browser reads the refusal only with the CORS header; a client or a log
+    // correlates it by its request id.
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    assert_eq!(r.headers()["x-request-id"], "over-the-limit");
     let v: Value = r.json().await.expect("envelope");
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("--max-connections 2"), "{v}");
