@@ -359,6 +359,15 @@ def test_odd_but_valid_shapes_and_clear_refusals(client):
     assert "`tools[0].function` is required" in refused("/chat/completions", {
         "messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]},
         "tools")
+    # A schema the engine cannot enforce is blamed on its function, by field and name.
+    spell = {"type": "function", "function": {"name": "spell", "parameters": {
+        "type": "object", "properties": {"word": {"type": "string", "pattern": "(a|b)\\1"}}}}}
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    message = refused("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                            "tools": [weather, spell]}, "tools")
+    assert '`tools[1].function.parameters` (function "spell")' in message, message
+    assert "backreferences" in message, message
     # One sample per choice: `best_of` other than 1 is refused, not silently ignored.
     refused("/completions", {"prompt": "Hi", "best_of": 2}, "best_of")
     refused("/completions", {"prompt": "Hi", "best_of": 0}, "best_of")

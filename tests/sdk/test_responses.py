@@ -370,6 +370,9 @@ def test_asking_for_no_reasoning_is_served(client):
 @pytest.mark.parametrize("fields,needle", [
     ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]},
      "`tools[0].parameters`"),
+    ({"tools": [WEATHER, {"type": "function", "name": "spell", "parameters": {
+        "type": "object", "properties": {"word": {"type": "string", "pattern": "(?=a)b"}}}}]},
+     '`tools[1].parameters` (function "spell") cannot be enforced'),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, '{"type": "function", "name": ...}'),
     ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "mode": "auto"}},
      "allowed_tools"),

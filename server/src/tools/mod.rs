@@ -68,7 +68,8 @@ pub enum Shape {
 }
 
 impl Shape {
-    fn parameters(self, i: usize) -> String {
+    /// The field of the `i`th function's `parameters`, as the endpoint spells it.
+    pub fn parameters(self, i: usize) -> String {
         match self {
             Shape::Chat => format!("`tools[{i}].function.parameters`"),
             Shape::Responses => format!("`tools[{i}].parameters`"),
@@ -92,6 +93,8 @@ pub struct ToolRequest {
     pub parallel: bool,
     /// Most calls in one answer when several are allowed (`--max-tool-calls`).
     pub max_calls: usize,
+    /// The endpoint's shapes, to name a function's fields as the client sent them.
+    pub shape: Shape,
 }
 
 impl ToolRequest {
@@ -203,6 +206,7 @@ impl ToolRequest {
             choice,
             parallel: parallel.unwrap_or(true),
             max_calls: max_calls.max(1),
+            shape,
         }))
     }
 

@@ -177,6 +177,7 @@ mod tests {
             choice,
             parallel: true,
             max_calls: 8,
+            shape: crate::tools::Shape::Chat,
         }
     }
 
