@@ -53,9 +53,13 @@ impl Live {
     }
 
     /// A new watcher; it counts until dropped. Its first `next` returns the latest
-    /// snapshot at once.
+    /// snapshot at once, if someone else was watching when it came; else the next one the
+    /// worker builds: the last one kept was left when the last watcher went, and may be
+    /// minutes old.
     pub fn subscribe(self: &Arc<Self>) -> Watcher {
-        self.watchers.fetch_add(1, Ordering::AcqRel);
+        if self.watchers.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.tx.send_replace(None);
+        }
         let mut rx = self.tx.subscribe();
         rx.mark_changed();
         Watcher {
@@ -143,7 +147,8 @@ pub struct Totals {
     pub cache_hit_rate: f64,
 }
 
-/// The recent steps, as the worker records them while watched.
+/// The recent steps, recorded whether watched or not (one push per step), so that a
+/// watcher who arrives sees the steps and rates of the last seconds.
 #[derive(Debug, Default)]
 pub struct StepLog {
     steps: VecDeque<(Instant, StepSnapshot)>,
@@ -220,8 +225,19 @@ mod tests {
         live.publish(snapshot(1));
         live.publish(snapshot(2));
         assert_eq!(w.next().await.expect("a snapshot").at_ms, 2);
+        // A second watcher arriving sees the latest at once.
+        let mut second = live.subscribe();
+        assert_eq!(second.next().await.expect("the latest").at_ms, 2);
         drop(w);
+        drop(second);
         assert!(!live.watched());
+        // One arriving after everyone left is not shown what was left behind: it waits
+        // for the worker's next snapshot.
+        let mut late = live.subscribe();
+        let waited = tokio::time::timeout(Duration::from_millis(50), late.next()).await;
+        assert!(waited.is_err(), "a stale snapshot was handed out");
+        live.publish(snapshot(3));
+        assert_eq!(late.next().await.expect("a fresh snapshot").at_ms, 3);
     }
 
     #[test]

@@ -594,9 +594,7 @@ impl Worker {
         if let Some(b) = &mut self.step_budget {
             b.observe(plan.decode_cost, plan.cost - plan.decode_cost, ms);
         }
-        if self.live.watched() {
-            self.step_log.push(StepSnapshot { ms, ..step });
-        }
+        self.step_log.push(StepSnapshot { ms, ..step });
     }
 
     /// A request for several choices prefills its prompt once: when its first sequence

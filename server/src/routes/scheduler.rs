@@ -15,6 +15,12 @@ use crate::{sse, AppState};
 
 pub async fn stream(State(app): State<AppState>) -> Result<Response, ApiError> {
     let engine = app.engine()?;
+    // As `/health` while draining: a watcher is told, not handed an empty stream.
+    if engine.stats.draining.load(Ordering::Acquire) {
+        return Err(ApiError::Unavailable(
+            "the server is shutting down".to_string(),
+        ));
+    }
     let watcher = engine.live.subscribe();
     let stats = engine.stats.clone();
     let events =

@@ -809,6 +809,12 @@ async fn shutdown_drains_then_ends_streams_with_an_error_event() {
     let r = send_chat(&url, &chat("Hi", json!({}))).await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
+    // The scheduler view says so too (it answered 200 with an empty stream, and its page
+    // showed "live" with frozen rows for the whole drain).
+    let r = reqwest::get(format!("{url}/scheduler/stream"))
+        .await
+        .expect("answered");
+    assert_eq!(r.status(), 503);
     let (status, refused) = queued.await.unwrap();
     assert_eq!(status, 503);
     assert!(

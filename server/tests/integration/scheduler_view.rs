@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 
 #[tokio::test]
 async fn snapshots_show_requests_by_id_and_are_rate_limited() {
-    let _turn = common::together().await;
+    // Alone: what a watcher arriving later is shown is checked against what ran.
+    let _turn = common::alone().await;
     let url = base().await;
     let secret = "zanzibar-periwinkle";
     let mut running = Vec::new();
@@ -90,4 +91,42 @@ async fn snapshots_show_requests_by_id_and_are_rate_limited() {
     for r in running {
         r.await.expect("request");
     }
+
+    // Watched by no one, the engine finishes those and serves one more (its prompt in
+    // one prefill step, a single token). A watcher arriving now is shown the engine as
+    // it is, and the steps taken while no one watched: not the snapshot and the steps
+    // left behind when the last watcher went.
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&chat("One word, please.", json!({"max_tokens": 1})))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200);
+    let r = reqwest::get(format!("{url}/scheduler/stream"))
+        .await
+        .expect("view opens");
+    let mut body = r.bytes_stream();
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let piece = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .expect("a snapshot within the idle wake")
+            .expect("open")
+            .expect("alive");
+        text.push_str(&String::from_utf8_lossy(&piece));
+    }
+    let first: Value = text
+        .split("\n\n")
+        .next()
+        .and_then(|e| e.strip_prefix("data: "))
+        .map(|e| serde_json::from_str(e).expect("a JSON snapshot"))
+        .expect("an event");
+    assert_eq!(first["sequences"], json!([]), "a stale snapshot: {first}");
+    let last = first["steps"]
+        .as_array()
+        .and_then(|s| s.last())
+        .expect("steps");
+    assert_eq!(last["sequences"], 1, "the steps left behind: {last}");
+    assert!(last["prefill_tokens"].as_u64() > Some(0), "{last}");
 }
