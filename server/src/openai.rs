@@ -214,6 +214,9 @@ pub struct WireSampling {
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
+    /// vLLM's: with `include_usage`, every chunk carries the usage so far.
+    #[serde(default)]
+    pub continuous_usage_stats: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -282,7 +285,9 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
-    pub prompt_tokens_details: PromptTokensDetails,
+    /// Absent only in a stream's running usage, before the cached share is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
     /// A thinking model's (absent for other models).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub completion_tokens_details: Option<CompletionTokensDetails>,
@@ -306,9 +311,23 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
-            prompt_tokens_details: PromptTokensDetails { cached_tokens },
+            prompt_tokens_details: Some(PromptTokensDetails { cached_tokens }),
             completion_tokens_details: None,
         }
+    }
+
+    /// A stream's usage so far (vLLM's continuous usage): how many prompt tokens the
+    /// prefix cache served is said only at the end.
+    pub fn running(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self {
+            prompt_tokens_details: None,
+            ..Self::new(prompt_tokens, completion_tokens, 0)
+        }
+    }
+
+    /// Prompt tokens the prefix cache served (0 where not known).
+    pub fn cached_tokens(&self) -> usize {
+        self.prompt_tokens_details.map_or(0, |d| d.cached_tokens)
     }
 
     /// With `reasoning_tokens` more of the completion tokens counted as reasoning.

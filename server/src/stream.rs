@@ -36,6 +36,8 @@ pub struct ChunkMeta {
     pub model: String,
     pub created: u64,
     pub include_usage: bool,
+    /// vLLM's `continuous_usage_stats`: every chunk carries the usage so far.
+    pub continuous_usage: Option<Continuous>,
     /// Choices in the response: `per_prompt` for each prompt.
     pub n: usize,
     pub per_prompt: usize,
@@ -57,8 +59,11 @@ impl ChunkMeta {
         self.echo.get(index / self.per_prompt.max(1))
     }
 
-    fn usage_field(&self, usage: Option<Usage>) -> Option<Option<Usage>> {
-        self.include_usage.then_some(usage)
+    /// A choice chunk's `usage`: absent without `include_usage`, `null` but with
+    /// continuous usage, where it is the choice's so far.
+    fn usage_field(&self) -> Option<Option<Usage>> {
+        let now = self.continuous_usage.as_ref().and_then(|c| c.now);
+        self.include_usage.then_some(now)
     }
 
     /// A chunk with one choice.
@@ -90,7 +95,7 @@ impl ChunkMeta {
                     logprobs,
                     finish_reason,
                 }],
-                usage: self.usage_field(None),
+                usage: self.usage_field(),
             }),
         }
     }
@@ -114,7 +119,7 @@ impl ChunkMeta {
                 logprobs,
                 finish_reason,
             }],
-            usage: self.usage_field(None),
+            usage: self.usage_field(),
         })
     }
 
@@ -172,6 +177,43 @@ impl ChunkMeta {
     }
 }
 
+/// vLLM's continuous usage: per choice, its prompt and its tokens so far, as every chunk
+/// of that choice reports them (as vLLM does, without the cached tokens' detail, known
+/// only at the end).
+pub struct Continuous {
+    /// Per prompt.
+    prompt_tokens: Vec<usize>,
+    /// Per choice, its tokens so far.
+    generated: Vec<usize>,
+    /// The usage the chunks now being built carry.
+    now: Option<Usage>,
+}
+
+impl Continuous {
+    pub fn new(prompt_tokens: Vec<usize>) -> Self {
+        Self {
+            prompt_tokens,
+            generated: Vec::new(),
+            now: None,
+        }
+    }
+
+    /// Choice `index` (of `per_prompt` a prompt) has `tokens` more: the chunks built
+    /// next carry its usage so far.
+    fn count(&mut self, index: usize, per_prompt: usize, tokens: usize) {
+        if self.generated.len() <= index {
+            self.generated.resize(index + 1, 0);
+        }
+        self.generated[index] += tokens;
+        let prompt = (self.prompt_tokens.get(index / per_prompt.max(1))).map_or(0, |&p| p);
+        self.now = Some(Usage::running(prompt, self.generated[index]));
+    }
+
+    fn so_far(&self, index: usize) -> usize {
+        self.generated.get(index).copied().unwrap_or(0)
+    }
+}
+
 /// Usage of a whole request from its choices': each prompt once (as its first choice
 /// counted it), every choice's tokens.
 #[derive(Debug, Clone, Copy)]
@@ -191,14 +233,14 @@ impl UsageSum {
     fn add(&mut self, index: usize, u: Usage) {
         let first = index.is_multiple_of(self.per_prompt);
         let (prompt, cached) = match first {
-            true => (u.prompt_tokens, u.prompt_tokens_details.cached_tokens),
+            true => (u.prompt_tokens, u.cached_tokens()),
             false => (0, 0),
         };
         let sum = self.sum;
         let mut next = Usage::new(
             sum.prompt_tokens + prompt,
             sum.completion_tokens + u.completion_tokens,
-            sum.prompt_tokens_details.cached_tokens + cached,
+            sum.cached_tokens() + cached,
         );
         for d in [sum.completion_tokens_details, u.completion_tokens_details]
             .into_iter()
@@ -292,9 +334,13 @@ pub fn events(
 
 /// Chat: each choice's role chunk. Completions with `echo`: each choice's prompt.
 fn opening(st: &mut State) -> String {
-    let meta = &st.meta;
     let mut out = String::new();
-    for index in 0..meta.n {
+    for index in 0..st.meta.n {
+        let per_prompt = st.meta.per_prompt;
+        if let Some(c) = &mut st.meta.continuous_usage {
+            c.count(index, per_prompt, 0);
+        }
+        let meta = &st.meta;
         match (meta.shape, meta.echo(index)) {
             // An answer that can only be calls has no content (`null`, as its
             // unstreamed message says); any other may be text.
@@ -320,6 +366,19 @@ async fn next_event(st: &mut State) -> String {
         Some(event) => Some(event),
         None => st.rx.recv().await,
     };
+    let per_prompt = st.meta.per_prompt;
+    if let (Some(c), Some(event)) = (&mut st.meta.continuous_usage, &event) {
+        match *event {
+            Event::Text { index, tokens, .. } => c.count(index, per_prompt, tokens),
+            Event::Prompt { index, .. } => c.count(index, per_prompt, 0),
+            // Tokens whose text is never sent (a stop string's) count from here on.
+            Event::Done { index, usage, .. } => {
+                let more = usage.completion_tokens.saturating_sub(c.so_far(index));
+                c.count(index, per_prompt, more)
+            }
+            Event::Error(_) => {}
+        }
+    }
     let meta = &st.meta;
     match event {
         Some(Event::Text {

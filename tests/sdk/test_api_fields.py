@@ -137,6 +137,46 @@ def test_n_choices_stream(client):
     assert usage.completion_tokens >= 3
 
 
+def test_continuous_usage_stats_count_each_choice_as_it_goes(client):
+    # vLLM's `continuous_usage_stats`: every chunk carries its choice's usage so far.
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    stream = chat(client, "Say hello.", n=2, temperature=1, seed=3, max_tokens=8, stream=True,
+                  stream_options=options)
+    seen, last, total = {0: [], 1: []}, None, None
+    for chunk in stream:
+        if not chunk.choices:
+            total = chunk.usage
+            continue
+        for c in chunk.choices:
+            assert chunk.usage is not None, chunk
+            seen[c.index].append(chunk.usage.completion_tokens)
+            # What the prefix cache served is known only at the end.
+            assert chunk.usage.prompt_tokens_details is None, chunk.usage
+            last = chunk.usage
+    assert last.prompt_tokens == total.prompt_tokens
+    assert total.prompt_tokens_details is not None
+    for counts in seen.values():
+        assert counts[0] == 0 and counts == sorted(counts), counts
+    # Each choice's last chunk counts all its tokens; the totals add them up.
+    assert seen[0][-1] + seen[1][-1] == total.completion_tokens, (seen, total)
+    # A batch of prompts: each choice with its own prompt's length.
+    stream = client.completions.create(model=MODEL, prompt=["Hi", "Once upon a time there was"],
+                                       max_tokens=3, stream=True, stream_options=options)
+    prompts = {}
+    for chunk in stream:
+        for c in chunk.choices:
+            prompts[c.index] = chunk.usage.prompt_tokens
+    assert prompts[0] < prompts[1], prompts
+    # Without `include_usage`, no usage at all; with it alone, only the last chunk's.
+    plain = chat(client, "Say hello.", max_tokens=3, stream=True,
+                 stream_options={"continuous_usage_stats": True})
+    assert all(chunk.usage is None for chunk in plain)
+    chunks = list(chat(client, "Say hello.", max_tokens=3, stream=True,
+                       stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and not chunks[-1].choices
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
 def test_penalties_reduce_repetition(client):
     prompt = "banana banana banana banana banana banana banana banana"
 

@@ -234,7 +234,7 @@ impl From<crate::openai::Usage> for ResponseUsage {
         Self {
             input_tokens: u.prompt_tokens,
             input_tokens_details: InputTokensDetails {
-                cached_tokens: u.prompt_tokens_details.cached_tokens,
+                cached_tokens: u.cached_tokens(),
                 cache_write_tokens: 0,
             },
             output_tokens: u.completion_tokens,

@@ -67,6 +67,7 @@ async fn respond(
     // A batch of prompts is answered as one request: prompt i's choices are i·n … .
     let per_prompt = valid.gens.first().map_or(1, |g| g.n);
     let n = per_prompt * valid.gens.len();
+    let prompt_tokens: Vec<usize> = valid.gens.iter().map(|g| g.prompt.len()).collect();
     let mut rxs = engine.submit_all(valid.gens)?;
     let mut rx = match rxs.len() {
         1 => rxs.pop().expect("one prompt"),
@@ -80,6 +81,9 @@ async fn respond(
             model,
             created,
             include_usage: valid.include_usage,
+            continuous_usage: valid
+                .continuous_usage
+                .then(|| stream::Continuous::new(prompt_tokens)),
             n,
             per_prompt,
             logprobs: valid.logprobs,

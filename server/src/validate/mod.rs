@@ -46,6 +46,9 @@ pub struct ValidRequest {
     pub gens: Vec<GenRequest>,
     pub stream: bool,
     pub include_usage: bool,
+    /// With `include_usage`, every chunk carries the usage so far (vLLM's
+    /// `continuous_usage_stats`).
+    pub continuous_usage: bool,
     /// Log-probabilities go into the response.
     pub logprobs: bool,
     /// Completions with `echo`: each prompt as its choices repeat it first (else empty).
@@ -120,7 +123,7 @@ pub fn chat(
         }
     }
     let stream = req.stream.unwrap_or(false);
-    let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
+    let (include_usage, continuous_usage) = stream_usage(stream, req.stream_options.as_ref())?;
     let rendering = rendering(req.template)?;
     let (mut gen, reader, thinking) = conversation(
         info,
@@ -141,6 +144,7 @@ pub fn chat(
         gens: vec![gen],
         stream,
         include_usage,
+        continuous_usage,
         logprobs: logprobs.is_some(),
         echo: Vec::new(),
         tools: reader,
@@ -838,11 +842,12 @@ pub fn completion(
         }
     }
     let stream = req.stream.unwrap_or(false);
-    let include_usage = stream_usage(stream, req.stream_options.as_ref())?;
+    let (include_usage, continuous_usage) = stream_usage(stream, req.stream_options.as_ref())?;
     Ok(ValidRequest {
         gens,
         stream,
         include_usage,
+        continuous_usage,
         logprobs: logprobs.is_some(),
         echo: echoes,
         tools: None,
@@ -927,18 +932,23 @@ fn tokenize_prompt(
         .map_err(|e| ApiError::Internal(format!("tokenization failed: {e}")))
 }
 
+/// `stream_options`: whether the usage comes in a last chunk, and whether every chunk
+/// also carries it so far (vLLM's `continuous_usage_stats`, with `include_usage` only).
 fn stream_usage(
     stream: bool,
     options: Option<&crate::openai::StreamOptions>,
-) -> Result<bool, ApiError> {
+) -> Result<(bool, bool), ApiError> {
     let include = options.and_then(|o| o.include_usage).unwrap_or(false);
+    let continuous = options
+        .and_then(|o| o.continuous_usage_stats)
+        .unwrap_or(false);
     if include && !stream {
         return Err(ApiError::bad(
             "stream_options",
             "`stream_options` is only allowed when `stream` is true",
         ));
     }
-    Ok(include)
+    Ok((include, include && continuous))
 }
 
 /// A sampling field's value as sent, and as the sampler's 32-bit float holds it where
