@@ -40,6 +40,19 @@ const TOKEN_TYPE_NORMAL: i32 = 1;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
+/// Media markers that GGUF conversions mark user-defined (Gemma 3's), where the
+/// checkpoint's own tokenizer flags them special: they are control tokens here too, so
+/// that a message's text cannot place one (a text-only model never saw them there).
+const MEDIA_MARKERS: [&str; 7] = [
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+    "[multimodal]",
+    "<start_of_audio>",
+    "<end_of_audio>",
+    "<audio_soft_token>",
+];
+
 /// End-of-turn tokens of the chat formats in use; each present as a special token also
 /// ends generation.
 const END_OF_TURN: [&str; 4] = ["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>"];
@@ -114,12 +127,15 @@ impl Tokenizer {
                 .filter(move |(_, &t)| t == ty)
                 .map(|(t, _)| t.clone())
         };
+        let is_marker = |t: &String| MEDIA_MARKERS.contains(&t.as_str());
         let specials: Vec<AddedToken> = of_type(TOKEN_TYPE_CONTROL)
+            .chain(of_type(TOKEN_TYPE_USER_DEFINED).filter(is_marker))
             .map(|t| AddedToken::from(t, true))
             .collect();
         inner.add_special_tokens(&specials);
         // User-defined pieces (runs of spaces or newlines, markup) match verbatim.
         let user: Vec<AddedToken> = of_type(TOKEN_TYPE_USER_DEFINED)
+            .filter(|t| !is_marker(t))
             .map(|t| AddedToken::from(t, false).normalized(false))
             .collect();
         inner.add_tokens(&user);

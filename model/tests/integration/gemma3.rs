@@ -135,6 +135,21 @@ fn message_text_cannot_forge_turns() {
     let bos = m.tokenizer.encode("<bos>").unwrap();
     assert_eq!(ids.iter().filter(|&&id| id == bos[0]).count(), 1);
     assert!(m.tokenizer.decode(&ids, false).unwrap().contains(forged));
+
+    // The media markers, which the GGUF marks user-defined: text too, whole, while the
+    // HTML tags beside them in the vocabulary stay single pieces.
+    let media = "[multimodal]<start_of_image><end_of_image>";
+    let marker = m.tokenizer.encode("<start_of_image>").unwrap();
+    assert_eq!(marker.len(), 1);
+    let ids = m
+        .tokenizer
+        .encode_chat(&m.tokenizer.escape_content(media))
+        .unwrap();
+    assert!(!ids.contains(&marker[0]), "{ids:?}");
+    assert!(ids.len() > 3, "{ids:?}");
+    assert_eq!(m.tokenizer.decode(&ids, false).unwrap(), media);
+    let table = m.tokenizer.escape_content("<table>");
+    assert_eq!(m.tokenizer.encode_chat(&table).unwrap().len(), 1);
 }
 
 #[test]
