@@ -10,7 +10,8 @@
 //! so they are released as replacement characters, and ids that decode to nothing
 //! (special tokens, which are skipped) are let go at once. Each step therefore decodes
 //! a handful of ids whatever was generated before, and [`IncrementalDecoder::flush`]
-//! returns whatever is still held when generation ends.
+//! returns whatever is still held when generation ends ([`IncrementalDecoder::flush_whole`]
+//! less a character the end cut short).
 
 use crate::error::{ModelError, Result};
 use crate::tokenizer::Tokenizer;
@@ -57,6 +58,53 @@ impl IncrementalDecoder {
         }
         let text = decode(tokenizer, &self.ids)?;
         self.release(tokenizer, text)
+    }
+
+    /// [`Self::flush`], less a character the end cut short (its first bytes came, its
+    /// last never will): the text holds whole characters only, as vLLM's does. `bytes`
+    /// gives an id's bytes, which tell such a character from bytes that are invalid
+    /// wherever they stand (those stay, as replacement characters).
+    pub fn flush_whole(
+        &mut self,
+        tokenizer: &Tokenizer,
+        bytes: impl Fn(u32) -> Vec<u8>,
+    ) -> Result<String> {
+        let held: Vec<u8> = self.ids[self.emitted..]
+            .iter()
+            .flat_map(|&id| bytes(id))
+            .collect();
+        // The bytes after the last invalid ones that start a character but end early.
+        let mut rest = held.as_slice();
+        let cut = loop {
+            match std::str::from_utf8(rest) {
+                Ok(_) => break 0,
+                Err(e) => match e.error_len() {
+                    None => break rest.len() - e.valid_up_to(),
+                    Some(n) => rest = &rest[e.valid_up_to() + n..],
+                },
+            }
+        };
+        // The ids that hold just those bytes are dropped. Where an id holds some of them
+        // and bytes before them (a byte-level piece such as " \xF0"), it is kept and the
+        // one replacement character a byte-level decoder makes of the cut bytes is cut.
+        let mut tail_bytes = 0;
+        let mut tail_ids = 0;
+        for &id in self.ids[self.emitted..].iter().rev() {
+            if tail_bytes >= cut {
+                break;
+            }
+            tail_bytes += bytes(id).len();
+            tail_ids += 1;
+        }
+        if cut > 0 && tail_bytes == cut {
+            self.ids.truncate(self.ids.len() - tail_ids);
+            return self.flush(tokenizer);
+        }
+        let text = self.flush(tokenizer)?;
+        Ok(match cut {
+            0 => text,
+            _ => text.strip_suffix('\u{fffd}').unwrap_or(&text).to_string(),
+        })
     }
 
     /// Ids not yet emitted (bounded by [`MAX_HELD`]).
@@ -204,5 +252,39 @@ mod tests {
     fn a_character_cut_by_the_end_is_flushed() {
         let t = tokenizer();
         assert_eq!(run(&t, &[257, 0xE6, 0x97]).0, " hello\u{fffd}");
+    }
+
+    /// This vocabulary's bytes: ids 0..256 are the bytes, then the named pieces.
+    fn bytes_of(id: u32) -> Vec<u8> {
+        match id {
+            0..=255 => vec![id as u8],
+            257 => b" hello".to_vec(),
+            258 => b" world".to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn run_whole(t: &Tokenizer, ids: &[u32]) -> String {
+        let mut d = IncrementalDecoder::new();
+        let mut out = String::new();
+        for &id in ids {
+            out.push_str(&d.step(t, id).expect("step"));
+        }
+        out + &d.flush_whole(t, bytes_of).expect("flush")
+    }
+
+    #[test]
+    fn flushed_whole_a_cut_character_is_left_out_and_invalid_bytes_stay() {
+        let t = tokenizer();
+        // "日" is E6 97 A5: cut after two of its bytes, after one, or not at all.
+        assert_eq!(run_whole(&t, &[257, 0xE6, 0x97]), " hello");
+        assert_eq!(run_whole(&t, &[257, 0xE6]), " hello");
+        assert_eq!(run_whole(&t, &[257, 0xE6, 0x97, 0xA5]), " hello日");
+        // Bytes that no character starts with are not a cut character.
+        assert_eq!(run_whole(&t, &[257, 0xFF]), " hello\u{fffd}");
+        assert_eq!(run_whole(&t, &[257, 0x97]), " hello\u{fffd}");
+        // Invalid bytes, then a cut character: the invalid ones stay.
+        assert_eq!(run_whole(&t, &[257, 0xFF, 0xE6, 0x97]), " hello\u{fffd}");
+        assert_eq!(run_whole(&t, &[0xE6, 0xE6, 0xE6]), "\u{fffd}\u{fffd}");
     }
 }

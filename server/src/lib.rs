@@ -585,7 +585,7 @@ fn start_engine(
             max_seq_tokens,
             seq_limit,
             created: openai::unix_now(),
-            grammars,
+            grammars: grammars.clone(),
             reasoning,
         }),
         max_queue: config.max_queue,
@@ -601,6 +601,7 @@ fn start_engine(
         backend,
         argmax_on_device: !config.no_device_argmax,
         tokenizer,
+        grammars: grammars.ok(),
         scheduler: Scheduler::new(SchedulerConfig {
             max_running: config.max_running.max(1),
             max_batch_tokens: config.max_batch_tokens,

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::engine::{Event, Failure, FinishReason, Stats, Submission, TokenLogprob};
-use crate::grammar::{Constraint, Rejection};
+use crate::grammar::{Constraint, Grammars, Rejection};
 use crate::live::{
     self, Live, QueueSnapshot, SeqSnapshot, Snapshot, StepLog, StepSnapshot, Totals,
 };
@@ -157,6 +157,9 @@ pub(crate) struct Worker {
     /// are (on a device; `--no-device-argmax` turns it off).
     pub argmax_on_device: bool,
     pub tokenizer: Arc<Tokenizer>,
+    /// Each token's bytes (from the grammar engine's vocabulary, where it loaded): what
+    /// tells a character cut by the end from invalid bytes.
+    pub grammars: Option<Arc<Grammars>>,
     pub scheduler: Scheduler,
     /// `--max-step-ms`: the budget of each step from the time steps take.
     pub step_budget: Option<StepBudget>,
@@ -743,8 +746,14 @@ impl Worker {
     }
 
     fn complete(&mut self, id: SeqId, mut seq: Seq, finish: FinishReason) {
-        // Ids the decoder still holds (a character cut by the end) are text too.
-        let held = match seq.decoder.flush(&self.tokenizer) {
+        // Ids the decoder still holds are text too, less a character the end cut short.
+        let flushed = match &self.grammars {
+            Some(g) => seq
+                .decoder
+                .flush_whole(&self.tokenizer, |id| g.token_bytes(id).to_vec()),
+            None => seq.decoder.flush(&self.tokenizer),
+        };
+        let held = match flushed {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(request_id = %seq.request_id, error = %e, "detokenization failed");

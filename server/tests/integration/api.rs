@@ -840,6 +840,49 @@ async fn forced_invalid_bytes_come_back_whole() {
     assert_eq!(streamed, text);
 }
 
+/// A character cut by `max_tokens` (its first bytes drawn, its last never) is left out
+/// of the text, streamed or not, as vLLM leaves it; its token is still counted and its
+/// log-probability still gives its bytes.
+#[tokio::test]
+async fn a_character_cut_by_the_end_is_left_out() {
+    let _turn = common::together().await;
+    let url = base().await;
+    // The first token of "🦀" (F0 9F A6 80) holds only some of its bytes.
+    let (_, v) = post(
+        &url,
+        "/tokenize",
+        &json!({"prompt": "🦀", "add_special_tokens": false}),
+    )
+    .await;
+    let first = v["tokens"][0].as_u64().expect("a token");
+    let (_, v) = post(&url, "/detokenize", &json!({"tokens": [first]})).await;
+    assert_eq!(v["prompt"], "\u{fffd}", "not a piece of a character: {v}");
+    let body = |stream: bool| {
+        chat(
+            "Hi",
+            json!({"max_tokens": 1, "temperature": 0, "logprobs": true, "stream": stream,
+                   "logit_bias": {first.to_string(): 100}}),
+        )
+    };
+    let (status, v) = post(&url, "/v1/chat/completions", &body(false)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "", "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 1);
+    let bytes = &v["choices"][0]["logprobs"]["content"][0]["bytes"];
+    assert_eq!(bytes[0], 0xF0, "{v}");
+    let events = common::stream_events(&url, "/v1/chat/completions", &body(true)).await;
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|e| {
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(streamed, "", "{events:?}");
+}
+
 /// A list of prompts is a batch: prompt i's choices are numbered from i·n, each echoes its
 /// own prompt with its own log-probabilities, and usage counts every prompt once.
 #[tokio::test]
