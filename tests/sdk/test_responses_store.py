@@ -179,6 +179,33 @@ def test_200_concurrent_stored_requests_leave_200_rows(tmp_path):
     assert count == 200
 
 
+def test_a_store_that_cannot_be_written_still_answers(tmp_path):
+    # Another process holds the database's write lock past the busy timeout (as a full
+    # disk fails a write): the answer still reaches the client, marked not stored,
+    # unstreamed and streamed, and is not retrievable.
+    server = Server(tmp_path)
+    try:
+        lock = sqlite3.connect(tmp_path / "chorus.sqlite3", timeout=0, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        r = server.client.responses.create(model=MODEL, input="hi", max_output_tokens=4)
+        assert r.status == "incomplete" and r.output_text, r
+        assert r.store is False
+        events = list(server.client.responses.create(model=MODEL, input="hi",
+                                                     max_output_tokens=4, stream=True))
+        assert events[-1].type == "response.incomplete", events[-1]
+        assert events[-1].response.store is False
+        lock.execute("ROLLBACK")
+        lock.close()
+        with pytest.raises(openai.NotFoundError):
+            server.client.responses.retrieve(r.id)
+        # The lock gone, responses are stored again.
+        stored = server.client.responses.create(model=MODEL, input="hi", max_output_tokens=4)
+        assert stored.store is True
+        assert server.client.responses.retrieve(stored.id).id == stored.id
+    finally:
+        server.stop()
+
+
 def test_no_store_keeps_nothing_and_refuses_chains(tmp_path):
     server = Server(tmp_path, "--no-store")
     try:

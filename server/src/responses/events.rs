@@ -371,10 +371,7 @@ async fn next(st: &mut State) -> String {
             out.push_str(&st.close_items(&answer.0));
             finish(&mut st.s.response, answer, usage, &st.s.metrics);
             if let Some(k) = &st.s.keep {
-                if let Err(e) = keep(k, &st.s.response).await {
-                    out.push_str(&st.fail(e));
-                    return out;
-                }
+                keep(k, &mut st.s.response).await;
             }
             st.ended = true;
             let last = match st.s.response.status.as_str() {

@@ -502,7 +502,17 @@ pub fn finish(
 }
 
 /// Writes a finished response to the store (durably, before the client hears it ended).
-pub async fn keep(keep: &Keep, response: &ResponseObject) -> Result<(), ApiError> {
+/// A write that fails (a full disk, a database another process holds locked) loses only
+/// the stored copy: the answer is still the client's, marked `store: false` (as a
+/// `--no-store` server marks it), and the failure is logged.
+pub async fn keep(keep: &Keep, response: &mut ResponseObject) {
+    if let Err(e) = write(keep, response).await {
+        tracing::error!(response_id = %response.id, error = %e, "the response could not be stored; answered as not stored");
+        response.store = false;
+    }
+}
+
+async fn write(keep: &Keep, response: &ResponseObject) -> Result<(), ApiError> {
     let unwritable = |e: serde_json::Error| ApiError::Internal(format!("cannot store: {e}"));
     let row = Row {
         id: response.id.clone(),

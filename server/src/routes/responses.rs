@@ -69,7 +69,7 @@ pub async fn create(
     );
     finish(&mut response, answer, done.usage, app.metrics());
     if let Some(keep) = &prepared.keep {
-        responses::keep(keep, &response).await?;
+        responses::keep(keep, &mut response).await;
     }
     Ok(Json(response).into_response())
 }
