@@ -7,7 +7,10 @@
 # until ctrl-c (or SIGTERM), which stops everything. Progress and the router's address go
 # to standard error; logs and the worker list are in $CLUSTER_DIR.
 #
-# The chorus flags go to every worker (--port and --state-dir are set per worker).
+# The chorus flags go to every worker (--port and --state-dir are set per worker). With
+# an API key (--api-key, or CHORUS_API_KEY), the router is given it too: smg then asks it
+# of clients and sends it to the workers (their /v1/models, which it discovers them by,
+# is behind the key).
 # Environment:
 #   CLUSTER_POLICY   the router's --policy (cache_aware; round_robin, power_of_two, ...)
 #   CLUSTER_HOST     address every process binds (127.0.0.1)
@@ -73,12 +76,27 @@ fi
 free_port() {
   python3 -c 'import socket, sys; s = socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "$host"
 }
-# get URL: the body of a 2xx answer from URL, or nothing.
+# The workers' API key, if they are given one.
+key=${CHORUS_API_KEY:-}
+args=("$@")
+for i in "${!args[@]}"; do
+  case ${args[$i]} in
+    --api-key) key=${args[$((i + 1))]:-} ;;
+    --api-key=*) key=${args[$i]#--api-key=} ;;
+  esac
+done
+router_key=()
+[ -n "$key" ] && router_key=(--api-key "$key")
+
+# get URL: the body of a 2xx answer from URL (asked with the key, if any), or nothing.
 get() {
-  python3 - "$1" <<'PY' 2>/dev/null || true
-import sys, urllib.request
+  CLUSTER_KEY=$key python3 - "$1" <<'PY' 2>/dev/null || true
+import os, sys, urllib.request
+request = urllib.request.Request(sys.argv[1])
+if os.environ["CLUSTER_KEY"]:
+    request.add_header("Authorization", "Bearer " + os.environ["CLUSTER_KEY"])
 try:
-    print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())
+    print(urllib.request.urlopen(request, timeout=2).read().decode())
 except Exception:
     pass
 PY
@@ -153,7 +171,7 @@ metrics_port=$(free_port)
 # shellcheck disable=SC2086 # SMG_ARGS is a list of flags
 .venv/bin/smg launch --host "$host" --port "$router_port" --worker-urls "${urls[@]}" \
   --policy "$policy" --prometheus-host "$host" --prometheus-port "$metrics_port" \
-  ${SMG_ARGS:-} >"$dir/router.log" 2>&1 &
+  ${router_key[@]+"${router_key[@]}"} ${SMG_ARGS:-} >"$dir/router.log" 2>&1 &
 pids+=("$!")
 router_pid=$!
 router="http://$host:$router_port"
