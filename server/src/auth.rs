@@ -72,7 +72,11 @@ pub fn cors(origin: Option<&str>) -> Option<CorsLayer> {
             // to send is allowed; the key check still applies to the request itself.
             .allow_headers(AllowHeaders::mirror_request())
             .max_age(std::time::Duration::from_secs(600))
-            .expose_headers([header::HeaderName::from_static("x-request-id")]),
+            // The request id, and when to try again after a 429 or a 503.
+            .expose_headers([
+                header::HeaderName::from_static("x-request-id"),
+                header::RETRY_AFTER,
+            ]),
     )
 }
 

@@ -112,7 +112,8 @@ impl ApiError {
             ApiError::ClientLeft => ("invalid_request_error", Some("client_closed_request")),
             ApiError::Overloaded { .. } => ("server_overloaded", Some("overloaded")),
             ApiError::Unavailable(_) => ("service_unavailable", Some("unavailable")),
-            ApiError::Internal(_) => ("internal_error", Some("internal_error")),
+            // OpenAI's type for its 500s.
+            ApiError::Internal(_) => ("server_error", Some("internal_error")),
         };
         let param = match self {
             ApiError::BadRequest { param, .. } | ApiError::NotFound { param, .. } => {

@@ -19,8 +19,11 @@ use crate::AppState;
 
 pub async fn health(State(app): State<AppState>) -> Response {
     match app.engine() {
+        // Draining or loading: passing states, said with a `Retry-After` as every other
+        // 503 of this server says it.
         Ok(engine) if engine.stats.draining.load(Ordering::Acquire) => (
             StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "1")],
             Json(json!({"status": "draining", "message": "the server is shutting down"})),
         )
             .into_response(),
@@ -44,6 +47,7 @@ pub async fn health(State(app): State<AppState>) -> Response {
             .into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "1")],
             Json(json!({"status": "loading", "message": e.to_string()})),
         )
             .into_response(),

@@ -178,6 +178,12 @@ async fn the_connection_over_the_limit_is_refused_with_503() {
     // correlates it by its request id.
     assert_eq!(r.headers()["access-control-allow-origin"], "*");
     assert_eq!(r.headers()["x-request-id"], "over-the-limit");
+    // And may read when to try again.
+    let exposed = r.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    assert!(exposed.contains("retry-after"), "{exposed}");
     let v: Value = r.json().await.expect("envelope");
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("--max-connections 2"), "{v}");

@@ -805,6 +805,7 @@ async fn shutdown_drains_then_ends_streams_with_an_error_event() {
         .await
         .expect("answered");
     assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "draining");
     let r = send_chat(&url, &chat("Hi", json!({}))).await;
     assert_eq!(r.status(), 503);
