@@ -236,6 +236,7 @@ impl Engine {
             self.stats.queued.fetch_sub(count, Ordering::AcqRel);
             return Err(ApiError::Overloaded {
                 queued,
+                asked: count,
                 retry_after_s: 1,
             });
         }
@@ -359,10 +360,14 @@ mod tests {
         let (engine, rx) = engine();
         // Every slot busy, two may wait: a batch of three is refused before any is sent.
         engine.stats.running.store(4, Ordering::Release);
+        let refused = engine.submit_all(vec![request(), request(), request()]);
         assert!(matches!(
-            engine.submit_all(vec![request(), request(), request()]),
-            Err(ApiError::Overloaded { .. })
+            refused,
+            Err(ApiError::Overloaded { asked: 3, .. })
         ));
+        // Said so: no request waits, yet it is refused.
+        let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("batch of 3 prompts"), "{message}");
         assert_eq!(engine.stats.queued.load(Ordering::Acquire), 0);
         assert!(rx.try_recv().is_err());
         let events = engine

@@ -52,8 +52,14 @@ pub enum ApiError {
     /// answer, which is only counted (as nginx's 499).
     #[error("the client closed the connection before its request body arrived")]
     ClientLeft,
-    #[error("the server is at capacity ({queued} requests waiting); retry later")]
-    Overloaded { queued: usize, retry_after_s: u64 },
+    /// `asked`: the places the refused request needed (a completions batch, one per
+    /// prompt).
+    #[error("the server is at capacity ({queued} requests waiting{}); retry later", batch(*asked))]
+    Overloaded {
+        queued: usize,
+        asked: usize,
+        retry_after_s: u64,
+    },
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -208,6 +214,15 @@ impl From<crate::store::StoreError> for ApiError {
 
 /// An id a client sent, quoted for a message: a long one is cut (an id of 100 KB would
 /// otherwise come back whole in every error about it).
+/// What an over-capacity message adds for a batch, which may be refused with no request
+/// waiting: it needs a place for each of its prompts at once.
+fn batch(asked: usize) -> String {
+    match asked {
+        0 | 1 => String::new(),
+        n => format!(", and this batch of {n} prompts needs {n} places at once"),
+    }
+}
+
 pub fn quoted_id(id: &str) -> String {
     const SHOWN: usize = 64;
     match id.char_indices().nth(SHOWN) {

@@ -68,6 +68,7 @@ impl Prep {
                 if queued >= self.max_waiting {
                     return Err(ApiError::Overloaded {
                         queued,
+                        asked: 1,
                         retry_after_s: 1,
                     });
                 }
