@@ -246,6 +246,35 @@ impl Metrics {
     }
 }
 
+/// An OpenMetrics page in Prometheus' classic text format (0.0.4): a counter's `# TYPE`
+/// and `# HELP` name its samples (`x_total`, where OpenMetrics names the family `x`), and
+/// the lines 0.0.4 does not have (`# UNIT`, `# EOF`) go. Samples are the same in both.
+pub fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let described = ["# TYPE ", "# HELP "].into_iter().find_map(|kind| {
+            let rest = line.strip_prefix(kind)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{kind}{name}_total {tail}"))
+        });
+        match described {
+            Some(renamed) => out.push_str(&renamed),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// `value` as an OpenMetrics label value: the encoder writes label values as given, and
 /// a `"`, `\` or line feed left bare would end the label early and break the whole page
 /// for its scraper.
@@ -275,5 +304,45 @@ mod tests {
             "{text}"
         );
         assert_eq!(label_value("a\nb"), r"a\nb");
+    }
+
+    /// In the classic format every sample's family is typed under the sample's own name
+    /// (a counter's `_total`, a histogram's base name), and nothing 0.0.4 lacks is left.
+    #[test]
+    fn the_classic_text_types_every_sample_by_its_name() {
+        let metrics = Metrics::new("m");
+        metrics.prompt_tokens.inc_by(3);
+        metrics.ttft.observe(0.2);
+        let text = classic_text(&metrics.render(None, 0));
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE chorus_prompt_tokens_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP chorus_prompt_tokens_total "),
+            "{text}"
+        );
+        assert!(text.contains("\nchorus_prompt_tokens_total 3\n"), "{text}");
+        assert!(
+            text.contains("# TYPE vllm:prompt_tokens_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE chorus_time_to_first_token_seconds histogram\n"));
+        let typed: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+            .collect();
+        for sample in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = sample.split(['{', ' ']).next().unwrap_or_default();
+            let family = ["_bucket", "_sum", "_count"]
+                .into_iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(f)))
+                .unwrap_or(name);
+            assert!(typed.contains(&family), "{sample} has no # TYPE line");
+        }
     }
 }

@@ -54,16 +54,29 @@ pub async fn health(State(app): State<AppState>) -> Response {
     }
 }
 
-pub async fn metrics(State(app): State<AppState>) -> Response {
+/// OpenMetrics to a scraper that asks for it (Prometheus does), else Prometheus' classic
+/// text format 0.0.4, as vLLM serves by default: in it a counter is typed by its
+/// sample's name (`x_total`), so a 0.0.4 parser (older agents, sidecars) reads it as
+/// the counter it is rather than as untyped.
+pub async fn metrics(State(app): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     let stats = app.engine().ok().map(|e| e.stats.as_ref());
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
+    let page = app.metrics().render(stats, app.prep().waiting());
+    let openmetrics = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (content_type, page) = match openmetrics {
+        true => (
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        app.metrics().render(stats, app.prep().waiting()),
-    )
-        .into_response()
+            page,
+        ),
+        false => (
+            "text/plain; version=0.0.4; charset=utf-8",
+            crate::metrics::classic_text(&page),
+        ),
+    };
+    ([(axum::http::header::CONTENT_TYPE, content_type)], page).into_response()
 }
 
 /// `GET /v1/loads`: this server's load, one entry (chorus has no data-parallel ranks), in

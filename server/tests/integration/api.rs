@@ -664,11 +664,30 @@ async fn served_one_chat() -> String {
 async fn metrics_expose_the_designed_names_and_count_requests() {
     let _turn = common::together().await;
     let url = served_one_chat().await;
-    let r = reqwest::get(format!("{url}/metrics")).await.unwrap();
+    // OpenMetrics to a scraper that asks for it, as Prometheus does.
+    let r = reqwest::Client::new()
+        .get(format!("{url}/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3",
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let ctype = r.headers()["content-type"].to_str().unwrap().to_string();
     assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    assert!(r.text().await.unwrap().ends_with("# EOF\n"));
+    // Else the classic text format, as vLLM serves it.
+    let r = reqwest::get(format!("{url}/metrics")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let ctype = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
     let text = r.text().await.unwrap();
+    assert!(
+        text.contains("# TYPE chorus_requests_total counter"),
+        "{text}"
+    );
     for name in [
         "chorus_requests_total",
         "chorus_request_queue_depth",
