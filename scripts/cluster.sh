@@ -10,7 +10,7 @@
 # The chorus flags go to every worker (--port and --state-dir are set per worker). With
 # an API key (--api-key, or CHORUS_API_KEY), the router is given it too: smg then asks it
 # of clients and sends it to the workers (their /v1/models, which it discovers them by,
-# is behind the key).
+# is behind the key). smg takes the key only as a flag: it shows in the process list.
 # Environment:
 #   CLUSTER_POLICY   the router's --policy (cache_aware; round_robin, power_of_two, ...)
 #   CLUSTER_HOST     address every process binds (127.0.0.1)

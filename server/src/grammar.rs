@@ -216,7 +216,9 @@ impl Grammars {
             Some(start) => self.lark(param, start.grammar(&format!("answer: %json {schema}\n"))),
             None => {
                 let key = format!("json:{schema}");
-                self.compile(param, key, || TopLevelGrammar::from_json_schema(schema))
+                self.compile(param, Some(key), || {
+                    TopLevelGrammar::from_json_schema(schema)
+                })
             }
         }
     }
@@ -237,7 +239,7 @@ impl Grammars {
             }
             None => {
                 let key = format!("regex:{rx}");
-                self.compile(param, key, || TopLevelGrammar::from_regex(rx))
+                self.compile(param, Some(key), || TopLevelGrammar::from_regex(rx))
             }
         }
     }
@@ -246,20 +248,32 @@ impl Grammars {
     /// schemas with `%json`): function calls use it.
     pub fn lark(&self, param: &'static str, grammar: String) -> Result<Constraint, String> {
         let key = format!("lark:{grammar}");
-        self.compile(param, key, || TopLevelGrammar::from_lark(grammar))
+        self.compile(param, Some(key), || TopLevelGrammar::from_lark(grammar))
     }
 
-    /// Compiles the grammar, or copies the compiled one kept under `key`.
+    /// Whether `schema` compiles, without keeping it: a diagnosis (which of a request's
+    /// functions the engine refuses) must not push other requests' grammars out of the
+    /// cache.
+    pub fn check_json_schema(&self, schema: Value) -> Result<(), String> {
+        crate::schema_check::check(&schema)?;
+        let schema = compact(schema);
+        self.compile("", None, || TopLevelGrammar::from_json_schema(schema))
+            .map(|_| ())
+    }
+
+    /// Compiles the grammar, or copies the compiled one kept under `key` (and keeps it
+    /// there); without a key, compiles it and keeps nothing.
     fn compile(
         &self,
         param: &'static str,
-        key: String,
+        key: Option<String>,
         grammar: impl FnOnce() -> TopLevelGrammar + Send,
     ) -> Result<Constraint, String> {
-        if let Ok(mut kept) = self.compiled.lock() {
+        let kept = key.as_ref().and_then(|_| self.compiled.lock().ok());
+        if let (Some(key), Some(mut kept)) = (&key, kept) {
             let hit = kept
                 .iter()
-                .position(|(k, _, _)| *k == key)
+                .position(|(k, _, _)| k == key)
                 .and_then(|i| kept.remove(i));
             if let Some(hit) = hit {
                 let (matcher, first) = (hit.1.deep_clone(), hit.2.clone());
@@ -302,7 +316,8 @@ impl Grammars {
                 .map_err(|_| "the grammar compile panicked".to_string())?
         });
         let (matcher, first) = compiled?;
-        if let Ok(mut kept) = self.compiled.lock() {
+        let kept = key.and_then(|key| Some((key, self.compiled.lock().ok()?)));
+        if let Some((key, mut kept)) = kept {
             if kept.len() == COMPILED_KEPT {
                 kept.pop_front();
             }

@@ -356,7 +356,14 @@ async fn refuse_oversized(State(limit): State<usize>, req: Request, next: Next) 
 /// here, inside the request-id and CORS layers, so that its 503 carries their headers.
 async fn refuse_over_limit(req: Request, next: Next) -> Response {
     match req.extensions().get::<serve::OverLimit>() {
-        Some(&serve::OverLimit(max)) => serve::refusal_error(max).into_response(),
+        Some(over) => {
+            over.refused.inc();
+            tracing::debug!(
+                max = over.max,
+                "connection refused: --max-connections reached"
+            );
+            serve::refusal_error(over.max).into_response()
+        }
         None => next.run(req).await,
     }
 }

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -30,6 +30,9 @@ pub const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// The worker's side and the watchers' side of the view.
 pub struct Live {
     watchers: AtomicUsize,
+    /// Held while a watcher arrives, so that the first of several arriving together
+    /// drops the kept snapshot before any of them can be handed it.
+    arriving: Mutex<()>,
     tx: watch::Sender<Option<Arc<Snapshot>>>,
 }
 
@@ -37,6 +40,7 @@ impl Default for Live {
     fn default() -> Self {
         Self {
             watchers: AtomicUsize::new(0),
+            arriving: Mutex::new(()),
             tx: watch::channel(None).0,
         }
     }
@@ -57,11 +61,13 @@ impl Live {
     /// worker builds: the last one kept was left when the last watcher went, and may be
     /// minutes old.
     pub fn subscribe(self: &Arc<Self>) -> Watcher {
+        let arriving = self.arriving.lock().unwrap_or_else(|e| e.into_inner());
         if self.watchers.fetch_add(1, Ordering::AcqRel) == 0 {
             self.tx.send_replace(None);
         }
         let mut rx = self.tx.subscribe();
         rx.mark_changed();
+        drop(arriving);
         Watcher {
             live: self.clone(),
             rx,

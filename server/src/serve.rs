@@ -169,22 +169,23 @@ async fn over_limit(mut stream: TcpStream, app: Router, max: usize, refused: Cou
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let answer = async {
         let head = read_head(&mut stream).await;
-        let request = parse_head(&head);
-        let probe = request.as_ref().is_some_and(is_probe);
-        if !probe {
-            refused.inc();
-            tracing::debug!(max, "connection refused: --max-connections reached");
-        }
-        let answered = match request {
+        let answered = match parse_head(&head) {
             Some(mut request) => {
-                if !probe {
-                    request.extensions_mut().insert(OverLimit(max));
+                if !is_probe(&request) {
+                    request.extensions_mut().insert(OverLimit {
+                        max,
+                        refused: refused.clone(),
+                    });
                 }
                 answer_once(app, request).await
             }
             None => None,
         };
-        let reply = answered.unwrap_or_else(|| refusal(max));
+        let reply = answered.unwrap_or_else(|| {
+            refused.inc();
+            tracing::debug!(max, "connection refused: --max-connections reached");
+            refusal(max)
+        });
         stream.write_all(&reply).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 4096];
@@ -195,9 +196,13 @@ async fn over_limit(mut stream: TcpStream, app: Router, max: usize, refused: Cou
 }
 
 /// Marks a request that came over `--max-connections` and is not a probe: the app
-/// answers it with [`refusal_error`] rather than routing it.
-#[derive(Clone, Copy)]
-pub(crate) struct OverLimit(pub(crate) usize);
+/// answers it with [`refusal_error`] rather than routing it, and counts it in `refused`
+/// there (a CORS preflight is answered before, and is not refused).
+#[derive(Clone)]
+pub(crate) struct OverLimit {
+    pub(crate) max: usize,
+    pub(crate) refused: Counter,
+}
 
 /// What the client sends within [`OVER_LIMIT_HEAD`], up to the end of the request's
 /// head (64 KiB at most).

@@ -15,7 +15,7 @@ pub const DONE: &str = "data: [DONE]\n\n";
 pub fn frame<T: Serialize>(value: &T) -> String {
     // serde_json never emits raw newlines: strings escape them.
     let json = serde_json::to_string(value).unwrap_or_else(|e| {
-        format!(r#"{{"error":{{"message":"serialization failed: {e}","type":"internal_error","param":null,"code":null}}}}"#)
+        format!(r#"{{"error":{{"message":"serialization failed: {e}","type":"server_error","param":null,"code":null}}}}"#)
     });
     format!("data: {json}\n\n")
 }

@@ -15,10 +15,16 @@ use crate::{sse, AppState};
 
 pub async fn stream(State(app): State<AppState>) -> Result<Response, ApiError> {
     let engine = app.engine()?;
-    // As `/health` while draining: a watcher is told, not handed an empty stream.
+    // As `/health` says while draining or with the inference thread gone: a watcher is
+    // told, not handed a stream that never sends.
     if engine.stats.draining.load(Ordering::Acquire) {
         return Err(ApiError::Unavailable(
             "the server is shutting down".to_string(),
+        ));
+    }
+    if !engine.is_alive() {
+        return Err(ApiError::Unavailable(
+            "the inference thread has stopped".to_string(),
         ));
     }
     let watcher = engine.live.subscribe();

@@ -189,19 +189,25 @@ pub fn json_constraint(
         })
 }
 
+/// Most functions compiled one by one to find the one the engine refuses: past them the
+/// error says only that the functions' `parameters` cannot be enforced.
+const FUNCTIONS_DIAGNOSED: usize = 32;
+
 /// The first callable function whose `parameters`, alone and closed as the call grammar
 /// holds them, cannot be compiled, named as sent with the engine's reason; `None` when
-/// each compiles alone. Only asked once the calls' grammar has failed.
+/// each compiles alone. Only asked once the calls' grammar has failed; nothing compiled
+/// here is kept in the grammar cache.
 pub fn unenforceable_function(grammars: &Grammars, tools: &ToolRequest) -> Option<String> {
     tools
         .functions
         .iter()
         .enumerate()
         .filter(|(_, f)| tools.callable().any(|c| c.name == f.name))
+        .take(FUNCTIONS_DIAGNOSED)
         .find_map(|(i, f)| {
             let mut parameters = f.parameters.clone();
             tools::format::close_objects(&mut parameters, false);
-            let e = grammars.json_schema("tools", parameters, None).err()?;
+            let e = grammars.check_json_schema(parameters).err()?;
             Some(format!(
                 "{} (function {:?}) cannot be enforced: {}",
                 tools.shape.parameters(i),

@@ -225,8 +225,8 @@ async fn the_connection_over_the_limit_is_refused_with_503() {
         assert!(Instant::now() < deadline, "slots were not given back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Refused before routing, so counted as refused connections (the one above, and
-    // any the loop met before the slots came back).
+    // Refused without being routed, and counted as refused connections (the one above,
+    // and any the loop met before the slots came back).
     let metrics = metrics(&url).await;
     let refused = metrics
         .lines()
