@@ -846,17 +846,7 @@ async fn forced_invalid_bytes_come_back_whole() {
         ),
     )
     .await;
-    let streamed: String = events
-        .iter()
-        .filter(|e| e.as_str() != "[DONE]")
-        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-        .filter_map(|e| {
-            e["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect();
-    assert_eq!(streamed, text);
+    assert_eq!(common::streamed_content(&events), text);
 }
 
 /// A character cut by `max_tokens` (its first bytes drawn, its last never) is left out
@@ -890,16 +880,7 @@ async fn a_character_cut_by_the_end_is_left_out() {
     let bytes = &v["choices"][0]["logprobs"]["content"][0]["bytes"];
     assert_eq!(bytes[0], 0xF0, "{v}");
     let events = common::stream_events(&url, "/v1/chat/completions", &body(true)).await;
-    let streamed: String = events
-        .iter()
-        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-        .filter_map(|e| {
-            e["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect();
-    assert_eq!(streamed, "", "{events:?}");
+    assert_eq!(common::streamed_content(&events), "", "{events:?}");
 }
 
 /// A list of prompts is a batch: prompt i's choices are numbered from i·n, each echoes its

@@ -225,6 +225,20 @@ pub async fn stream_events(url: &str, path: &str, body: &Value) -> Vec<String> {
     parse_sse(&text)
 }
 
+/// The text a streamed chat completion's events carry: every chunk's `delta.content`
+/// joined (the role chunk, the finish chunk and `[DONE]` add nothing).
+pub fn streamed_content(events: &[String]) -> String {
+    events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|e| {
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
 /// Splits an SSE body into event payloads, asserting the framing on the way.
 pub fn parse_sse(text: &str) -> Vec<String> {
     assert!(
