@@ -269,29 +269,57 @@ impl Grammars {
         key: Option<String>,
         grammar: impl FnOnce() -> TopLevelGrammar + Send,
     ) -> Result<Constraint, String> {
-        let kept = key.as_ref().and_then(|_| self.compiled.lock().ok());
-        if let (Some(key), Some(mut kept)) = (&key, kept) {
-            let hit = kept
-                .iter()
-                .position(|(k, _, _)| k == key)
-                .and_then(|i| kept.remove(i));
-            if let Some(hit) = hit {
-                let (matcher, first) = (hit.1.deep_clone(), hit.2.clone());
-                kept.push_back(hit);
-                return Ok(Constraint {
-                    matcher,
-                    param,
-                    beside: None,
-                    allowed: None,
-                    first: Some(first),
-                });
+        let (matcher, first) = match key.as_deref().and_then(|key| self.kept(key)) {
+            Some(hit) => hit,
+            None => {
+                let (matcher, first) = self.compile_now(grammar)?;
+                if let Some(key) = key {
+                    self.keep(key, &matcher, &first);
+                }
+                (matcher, first)
             }
+        };
+        Ok(Constraint {
+            matcher,
+            param,
+            beside: None,
+            allowed: None,
+            first: Some(first),
+        })
+    }
+
+    /// A copy of the grammar compiled under `key`, which becomes the most recently used.
+    fn kept(&self, key: &str) -> Option<(Matcher, SimpleVob)> {
+        let mut kept = self.compiled.lock().ok()?;
+        let at = kept.iter().position(|(k, _, _)| k == key)?;
+        let hit = kept.remove(at)?;
+        let copy = (hit.1.deep_clone(), hit.2.clone());
+        kept.push_back(hit);
+        Some(copy)
+    }
+
+    /// Keeps a copy of a compiled grammar under `key`, forgetting the least recently
+    /// used beyond [`COMPILED_KEPT`].
+    fn keep(&self, key: String, matcher: &Matcher, first: &SimpleVob) {
+        let Ok(mut kept) = self.compiled.lock() else {
+            return;
+        };
+        if kept.len() == COMPILED_KEPT {
+            kept.pop_front();
         }
+        kept.push_back((key, matcher.deep_clone(), first.clone()));
+    }
+
+    /// Compiles `grammar` and computes its first mask.
+    fn compile_now(
+        &self,
+        grammar: impl FnOnce() -> TopLevelGrammar + Send,
+    ) -> Result<(Matcher, SimpleVob), String> {
         // The engine compiles references recursively: on a thread of its own whose stack
         // holds many times the nesting `schema_check` lets through (a pool thread's
         // 2 MiB overflowed at about 800 levels, which aborts the process).
         let factory = &self.factory;
-        let compiled = std::thread::scope(|scope| {
+        std::thread::scope(|scope| {
             std::thread::Builder::new()
                 .name("chorus-grammar".into())
                 .stack_size(COMPILE_STACK)
@@ -314,21 +342,6 @@ impl Grammars {
                 .map_err(|e| format!("could not start the grammar compile: {e}"))?
                 .join()
                 .map_err(|_| "the grammar compile panicked".to_string())?
-        });
-        let (matcher, first) = compiled?;
-        let kept = key.and_then(|key| Some((key, self.compiled.lock().ok()?)));
-        if let Some((key, mut kept)) = kept {
-            if kept.len() == COMPILED_KEPT {
-                kept.pop_front();
-            }
-            kept.push_back((key, matcher.deep_clone(), first.clone()));
-        }
-        Ok(Constraint {
-            matcher,
-            param,
-            beside: None,
-            allowed: None,
-            first: Some(first),
         })
     }
 
