@@ -139,7 +139,7 @@ pub struct Config {
     /// all of --max-batch-tokens). While streams decode, a step's durations are fitted
     /// as fixed + per decode unit + per prefill unit, and prefill chunks get what fits in
     /// the target beside the decoders (at least a thirty-second of --max-batch-tokens,
-    /// more to compute every queued prompt within 12 steps); while nothing decodes, a step
+    /// more to compute every queued prompt within --prefill-horizon steps); while nothing decodes, a step
     /// is budgeted as without it. A token's cost then counts the history it attends to
     /// (--context-cost, from the model's shape when 0).
     #[arg(long, env = "CHORUS_MAX_STEP_MS", default_value_t = 150, value_parser = seconds())]
@@ -152,6 +152,13 @@ pub struct Config {
     /// budgeted as without one.
     #[arg(long, env = "CHORUS_MAX_STEP_RATIO", default_value_t = 3.0)]
     pub max_step_ratio: f64,
+
+    /// With --max-step-ms: the most steps within which a queued prompt is computed when
+    /// --max-batch-tokens allows, however long that makes a step. Higher keeps steps
+    /// nearer the target under a burst of prompts (a slower machine's inter-token tail)
+    /// and delays first tokens; lower does the opposite (benches/RESULTS.md).
+    #[arg(long, env = "CHORUS_PREFILL_HORIZON", default_value_t = crate::scheduler::PREFILL_HORIZON, value_parser = count(1))]
+    pub prefill_horizon: usize,
 
     /// Memory for the KV cache, in MiB; fixes how many tokens can be held at once (the
     /// default model: 69,904, so that 16 conversations of 2,000+ tokens keep their

@@ -614,6 +614,7 @@ fn start_engine(
             max_batch_tokens: config.max_batch_tokens,
             num_blocks,
             context_cost,
+            prefill_horizon: config.prefill_horizon,
         }),
         step_budget: (config.max_step_ms > 0).then(|| {
             StepBudget::new(config.max_step_ms, config.max_batch_tokens)

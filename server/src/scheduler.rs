@@ -33,11 +33,12 @@ pub type SeqId = u64;
 pub const SCORED_TOKEN_COST: usize = 2;
 
 /// Under a tight step budget, the most steps within which a prompt is computed after it
-/// was queued, when `--max-batch-tokens` allows (see [`Scheduler::schedule_within`]).
+/// was queued, when `--max-batch-tokens` allows (see [`Scheduler::schedule_within`]): the
+/// default of `--prefill-horizon`.
 pub const PREFILL_HORIZON: usize = 12;
 
 /// Under a tight step budget, a prompt is spread over this many times the steps its
-/// prefill would fill alone (up to [`PREFILL_HORIZON`]): a short fresh prompt's first
+/// prefill would fill alone (up to the horizon): a short fresh prompt's first
 /// token comes a step or two later than without a target, a long chat's new turn is
 /// spread thin enough to leave the decoders' steps near it.
 pub const PREFILL_STRETCH: usize = 4;
@@ -62,6 +63,9 @@ pub struct SchedulerConfig {
     /// Context positions whose attention costs as much as computing one token (0: a
     /// token costs 1 wherever it is).
     pub context_cost: usize,
+    /// Under a step-time target, the most steps within which a queued prompt is
+    /// computed ([`PREFILL_HORIZON`] by default).
+    pub prefill_horizon: usize,
 }
 
 /// One sequence's share of a step.
@@ -395,7 +399,6 @@ impl Scheduler {
         self.alloc.total()
     }
 
-    /// Decides this step's batch and advances every scheduled sequence's progress.
     /// What the live view shows: every running and waiting sequence's progress and
     /// blocks, and the pool's state. Read-only, and computed only when asked for.
     pub fn view(&self) -> (Vec<SeqView>, PoolView) {
@@ -445,7 +448,7 @@ impl Scheduler {
     /// its horizon when `--max-batch-tokens` allows: a burst of prompts is worked off
     /// together rather than one horizon after another. A prompt's horizon is
     /// [`PREFILL_STRETCH`] times the steps it would fill alone, when `step_units` (the
-    /// prefill units one target-long step holds) is known, and at most [`PREFILL_HORIZON`].
+    /// prefill units one target-long step holds) is known, and at most `prefill_horizon`.
     pub fn schedule_within(&mut self, budget: usize, step_units: Option<usize>) -> Plan {
         let owed = self.owed(step_units);
         self.plan(budget, Some(owed))
@@ -459,11 +462,12 @@ impl Scheduler {
         // before it are: the rate that meets every deadline is the largest of their
         // cumulative costs over the steps each has left.
         let (mut owed, mut queued_cost) = (0, 0);
+        let most = self.cfg.prefill_horizon.max(1);
         for (id, start, cost) in self.prompts() {
             let e = &self.entries[&id];
             let horizon = e.horizon.unwrap_or_else(|| match step_units {
-                Some(units) => (PREFILL_STRETCH * cost.div_ceil(units.max(1))).min(PREFILL_HORIZON),
-                None => PREFILL_HORIZON,
+                Some(units) => (PREFILL_STRETCH * cost.div_ceil(units.max(1))).min(most),
+                None => most,
             });
             let steps_left = horizon.saturating_sub(e.queued_steps).max(1);
             queued_cost += cost;
@@ -914,6 +918,7 @@ mod tests {
             max_batch_tokens: 32,
             num_blocks: 5,
             context_cost: 0,
+            prefill_horizon: PREFILL_HORIZON,
         });
         let p: Vec<u32> = (0..20).collect();
         let q: Vec<u32> = (1000..1060).collect();
@@ -938,6 +943,7 @@ mod tests {
             max_batch_tokens: 32,
             num_blocks: 5,
             context_cost: 0,
+            prefill_horizon: PREFILL_HORIZON,
         });
         full.add(1, &p, 40).unwrap();
         full.schedule();
@@ -954,6 +960,7 @@ mod tests {
             max_batch_tokens: 9,
             num_blocks: 3,
             context_cost: 0,
+            prefill_horizon: PREFILL_HORIZON,
         });
         s.add(1, &(0..16).collect::<Vec<u32>>(), 24).unwrap();
         s.schedule();
@@ -983,6 +990,7 @@ mod tests {
             max_batch_tokens: 64,
             num_blocks: 8,
             context_cost: 0,
+            prefill_horizon: PREFILL_HORIZON,
         });
         let prompt: Vec<u32> = (0..20).collect();
         s.add(1, &prompt, 40).unwrap();
@@ -1025,6 +1033,7 @@ mod tests {
             max_batch_tokens,
             num_blocks,
             context_cost: 0,
+            prefill_horizon: PREFILL_HORIZON,
         })
     }
 
@@ -1064,6 +1073,7 @@ mod tests {
                 max_batch_tokens: 4,
                 num_blocks: 100,
                 context_cost: 1,
+                prefill_horizon: PREFILL_HORIZON,
             });
             s.add(1, &toks(1, 12), 50).unwrap();
             let mut computed = 0;
@@ -1213,6 +1223,27 @@ mod tests {
             steps += 1;
         }
         assert_eq!(steps, PREFILL_HORIZON, "{steps} steps");
+    }
+
+    /// `--prefill-horizon` spreads the same prompt over its steps instead: thinner
+    /// chunks, steps nearer the target, a later first token.
+    #[test]
+    fn a_longer_horizon_spreads_a_prompt_thinner() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            prefill_horizon: 3 * PREFILL_HORIZON,
+            ..sched(8, 64, 100).cfg
+        });
+        s.add(1, &toks(1, 2), 100).unwrap();
+        step(&mut s);
+        s.add(2, &toks(2, 400), 500).unwrap();
+        // 400 tokens owed over 36 steps.
+        assert_eq!(lens(&step_within(&mut s, 2)), vec![(1, 1), (2, 12)]);
+        let mut steps = 1;
+        while s.entries[&2].ids.len() - s.entries[&2].computed > 1 {
+            step_within(&mut s, 2);
+            steps += 1;
+        }
+        assert_eq!(steps, 3 * PREFILL_HORIZON, "{steps} steps");
     }
 
     /// Under a tight budget a burst of prompts is worked off together, each within
@@ -1445,6 +1476,7 @@ mod tests {
             max_batch_tokens: 128,
             num_blocks: 400,
             context_cost: 1024,
+            prefill_horizon: PREFILL_HORIZON,
         });
         // A 2,048-token history, all computed: the next turn's 100 tokens start there.
         let history = toks(1, 2048);
