@@ -50,6 +50,56 @@ fn every_kernel_equals_the_reference() {
     }
 }
 
+/// Integer sums at their largest: every weight at its format's top (15 for Q4, 127 for
+/// Q8) and every activation limb at ±127, so that any partial sum a kernel keeps in 16
+/// bits would overflow if its bound were wrong; every kernel still equals the reference.
+#[test]
+fn kernels_hold_the_largest_sums() {
+    let (n, k) = (STRIP, 4 * QK);
+    // One -1 per block gives Q4_1 its minimum; the rest sit at the top step.
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| if i % QK == 0 { -1.0 } else { 1.0 })
+        .collect();
+    // Per block: a 1 fixes the step at 1/127; 100.496/127 then rounds to a high limb of
+    // 100 and a residual limb of 127.
+    let top = |sign: f32, residual: bool| {
+        (0..k).map(move |i| match (i % QK, residual) {
+            (0, _) | (_, false) => sign,
+            _ => sign * 100.496 / 127.0,
+        })
+    };
+    let x: Vec<f32> = [(1.0, false), (-1.0, false), (1.0, true), (-1.0, true)]
+        .into_iter()
+        .flat_map(|(sign, residual)| top(sign, residual))
+        .collect();
+    let rows = x.len() / k;
+    // The rows do reach the limbs' extremes: ±127 in every high limb of the first two,
+    // in every residual limb past each block's first of the last two.
+    let acts = Acts::quantize(&x, rows, k, true);
+    assert!(acts.q[..2 * k].iter().all(|q| q.unsigned_abs() == 127));
+    let mut residuals = acts.q2[2 * k..]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % QK != 0);
+    assert!(residuals.all(|(_, q)| q.unsigned_abs() == 127));
+    for (dtype, two) in DTYPES.into_iter().flat_map(|d| [(d, false), (d, true)]) {
+        let linear = |isa| {
+            Int8Linear::from_parts(&[quantized(&w, n, k, dtype)], two)
+                .unwrap()
+                .unwrap()
+                .with_isa(isa)
+        };
+        let want = linear(Isa::Scalar).forward(&x, rows);
+        for isa in Isa::available() {
+            assert_eq!(
+                linear(isa).forward(&x, rows),
+                want,
+                "{isa:?} on {dtype:?}, two limbs: {two}"
+            );
+        }
+    }
+}
+
 /// The result is the weights' dot product with rounded activations: within a small
 /// fraction of the f32 product's typical magnitude with one limb, and a much smaller one
 /// with two.
