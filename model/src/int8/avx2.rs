@@ -1,6 +1,5 @@
 //! AVX2: `vpmaddubsw` multiplies 32 unsigned weight bytes by broadcast activation bytes
-//! into 16-bit pair sums, `vpmaddwd` by ones widens them to 8 column sums (for Q4 once a
-//! block, after its four vectors' pair sums are added in 16 bits). Q8 weights
+//! into 16-bit pair sums, `vpmaddwd` by ones widens them to 8 column sums. Q8 weights
 //! go through the sign trick (`|w|` times `x · sign(w)`), as the unsigned `q + 128`
 //! would overflow the 16-bit pair sums; `128 · Σ x` then restores `Σ (q + 128) x` (with two
 //! limbs, `Σ x` is the combined sum, added after the limbs are combined).
@@ -72,8 +71,7 @@ unsafe fn kernel<const R: usize, const G: usize, const Q8: bool, const TWO: bool
     let mask = _mm256_set1_epi8(0x0F);
     let flip = _mm256_set1_epi8(-128);
     let ones = _mm256_set1_epi16(1);
-    // Per group, half and row.
-    let mut acc = [[[_mm256_setzero_ps(); R]; 2]; G];
+    let mut acc = [[[_mm256_setzero_ps(); 2]; G]; R];
     for b in 0..kb {
         let (mut quads, mut quads2) = ([[0i32; 8]; R], [[0i32; 8]; R]);
         let (mut scale, mut sx, mut offset) = ([0.0f32; R], [0.0f32; R], [0i32; R]);
@@ -88,8 +86,10 @@ unsafe fn kernel<const R: usize, const G: usize, const Q8: bool, const TWO: bool
             (scale[r], sx[r]) = (x.scale[at], x.sx[at]);
             offset[r] = if Q8 { 128 * x.qsum[at] } else { 0 };
         }
-        for (g, halves) in acc.iter_mut().enumerate() {
-            for (h, acc) in halves.iter_mut().enumerate() {
+        let mut isum = [[[_mm256_setzero_si256(); 2]; G]; R];
+        let mut isum2 = [[[_mm256_setzero_si256(); 2]; G]; R];
+        for g in 0..G {
+            for h in 0..2 {
                 let base = (b * GROUPS + g0 + g) * gb + h * 32;
                 // Vector `v`'s half `h`. A macro, not a closure, so that it is compiled
                 // with this function's target features.
@@ -101,52 +101,52 @@ unsafe fn kernel<const R: usize, const G: usize, const Q8: bool, const TWO: bool
                         unsafe { _mm256_loadu_si256(strip.q.as_ptr().add(base + $v * 64).cast()) }
                     };
                 }
-                // Per row, the 8 columns' integer sums of each limb.
-                let mut isum = [[_mm256_setzero_si256(); 2]; R];
                 if Q8 {
                     for v in 0..8 {
                         let w = _mm256_xor_si256(load!(v), flip);
                         let aw = _mm256_abs_epi8(w);
                         for r in 0..R {
-                            for (limb, quads) in [&quads, &quads2].into_iter().enumerate() {
-                                if limb == 1 && !TWO {
-                                    continue;
-                                }
-                                let xs = _mm256_sign_epi8(_mm256_set1_epi32(quads[r][v]), w);
+                            let xs = _mm256_sign_epi8(_mm256_set1_epi32(quads[r][v]), w);
+                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones);
+                            isum[r][g][h] = _mm256_add_epi32(isum[r][g][h], p);
+                            if TWO {
+                                let xs = _mm256_sign_epi8(_mm256_set1_epi32(quads2[r][v]), w);
                                 let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones);
-                                isum[r][limb] = _mm256_add_epi32(isum[r][limb], p);
+                                isum2[r][g][h] = _mm256_add_epi32(isum2[r][g][h], p);
                             }
                         }
                     }
                 } else {
-                    // Pair sums are at most 2 · 15 · 127 = 3,810: the eight of a column (two
-                    // nibbles of four vectors) add up within 16 bits (30,480), so each limb
-                    // is widened once, not once per vector.
-                    let mut pairs = [[_mm256_setzero_si256(); 2]; R];
                     for v in 0..4 {
                         let w = load!(v);
                         let lo = _mm256_and_si256(w, mask);
                         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask);
-                        for r in 0..R {
-                            for (limb, quads) in [&quads, &quads2].into_iter().enumerate() {
-                                if limb == 1 && !TWO {
-                                    continue;
+                        // Pair sums are at most 2 · 15 · 127 each, so two add up without
+                        // 16-bit overflow.
+                        macro_rules! dot {
+                            ($quads:expr, $isum:expr) => {
+                                for r in 0..R {
+                                    let pl =
+                                        _mm256_maddubs_epi16(lo, _mm256_set1_epi32($quads[r][v]));
+                                    let ph = _mm256_maddubs_epi16(
+                                        hi,
+                                        _mm256_set1_epi32($quads[r][v + 4]),
+                                    );
+                                    let p = _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones);
+                                    $isum[r][g][h] = _mm256_add_epi32($isum[r][g][h], p);
                                 }
-                                let pl = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quads[r][v]));
-                                let ph =
-                                    _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quads[r][v + 4]));
-                                let sum =
-                                    _mm256_add_epi16(pairs[r][limb], _mm256_add_epi16(pl, ph));
-                                pairs[r][limb] = sum;
-                            }
+                            };
                         }
-                    }
-                    for r in 0..R {
-                        for limb in 0..2 {
-                            isum[r][limb] = _mm256_madd_epi16(pairs[r][limb], ones);
+                        dot!(quads, isum);
+                        if TWO {
+                            dot!(quads2, isum2);
                         }
                     }
                 }
+            }
+        }
+        for g in 0..G {
+            for h in 0..2 {
                 let col = b * STRIP + (g0 + g) * GROUP + h * 8;
                 // SAFETY: `col + 8 <= kb * STRIP`, the checked length of `d` (and of `m`
                 // for Q4); f16 is a plain 16-bit value.
@@ -160,22 +160,22 @@ unsafe fn kernel<const R: usize, const G: usize, const Q8: bool, const TWO: bool
                     (d, m)
                 };
                 for r in 0..R {
-                    let [mut s, s2] = isum[r];
+                    let mut s = isum[r][g][h];
                     if TWO {
                         s = _mm256_slli_epi32::<{ LIMB_SHIFT as i32 }>(s);
-                        s = _mm256_add_epi32(s, s2);
+                        s = _mm256_add_epi32(s, isum2[r][g][h]);
                     }
                     s = _mm256_add_epi32(s, _mm256_set1_epi32(offset[r]));
                     let t = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(scale[r]));
-                    acc[r] = _mm256_fmadd_ps(d, t, acc[r]);
-                    acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[r]), acc[r]);
+                    acc[r][g][h] = _mm256_fmadd_ps(d, t, acc[r][g][h]);
+                    acc[r][g][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[r]), acc[r][g][h]);
                 }
             }
         }
     }
-    for (g, halves) in acc.iter().enumerate() {
-        for (h, rows) in halves.iter().enumerate() {
-            for (r, &v) in rows.iter().enumerate() {
+    for (r, row) in acc.iter().enumerate() {
+        for (g, halves) in row.iter().enumerate() {
+            for (h, &v) in halves.iter().enumerate() {
                 let at = r * STRIP + (g0 + g) * GROUP + h * 8;
                 // SAFETY: `at + 8 <= R * STRIP <= out.len()` (checked).
                 unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(at), v) };
