@@ -139,9 +139,9 @@ pub struct Config {
     /// all of --max-batch-tokens). While streams decode, a step's durations are fitted
     /// as fixed + per decode unit + per prefill unit, and prefill chunks get what fits in
     /// the target beside the decoders (at least a thirty-second of --max-batch-tokens,
-    /// more to compute every queued prompt within --prefill-horizon steps); while nothing decodes, a step
-    /// is budgeted as without it. A token's cost then counts the history it attends to
-    /// (--context-cost, from the model's shape when 0).
+    /// more to compute every queued prompt within --prefill-horizon steps); while
+    /// nothing decodes, a step is budgeted as without it. A token's cost then counts the
+    /// history it attends to (--context-cost, from the model's shape when 0).
     #[arg(long, env = "CHORUS_MAX_STEP_MS", default_value_t = 150, value_parser = seconds())]
     pub max_step_ms: u64,
 
