@@ -168,6 +168,8 @@ pub struct Plan {
 struct Entry {
     /// Tokens known: prompt plus generated.
     ids: Vec<u32>,
+    /// Of `ids`, the prompt's: those after it were generated.
+    prompt_len: usize,
     /// Tokens whose keys and values are in the cache.
     computed: usize,
     blocks: Vec<u32>,
@@ -266,6 +268,7 @@ impl Scheduler {
             id,
             Entry {
                 ids: prompt.to_vec(),
+                prompt_len: prompt.len(),
                 computed: 0,
                 blocks: Vec::new(),
                 hashes: Vec::new(),
@@ -313,6 +316,7 @@ impl Scheduler {
         let mut blocks = p.blocks[..full].to_vec();
         let entry = Entry {
             ids: p.ids.clone(),
+            prompt_len: p.prompt_len,
             computed: p.computed,
             blocks: Vec::new(),
             hashes: p.hashes.iter().take(full).copied().collect(),
@@ -404,9 +408,12 @@ impl Scheduler {
     pub fn view(&self) -> (Vec<SeqView>, PoolView) {
         let seq = |id: SeqId, running: bool| {
             let e = &self.entries[&id];
+            let generated = e.ids.len() > e.prompt_len;
             let state = match (running, e.started, e.ids.len() - e.computed) {
-                // 0: its token of this step is being drawn.
-                (true, _, 0 | 1) => SeqState::Decode,
+                // 0: its token of this step is being drawn; 1: its last sampled token is
+                // next, unless that one is the prompt's last (the rest found cached).
+                (true, _, 0) => SeqState::Decode,
+                (true, _, 1) if generated => SeqState::Decode,
                 (true, _, _) => SeqState::Prefill,
                 (false, true, _) => SeqState::Preempted,
                 (false, false, _) => SeqState::Waiting,
@@ -1465,6 +1472,21 @@ mod tests {
         assert!(pool.cached_free >= 2, "{pool:?}");
         assert_eq!(pool.map.matches('c').count(), pool.cached_free);
         assert!(find(&seqs, 1).is_none());
+    }
+
+    /// A prompt whose chunks leave its last token for the next step is still in
+    /// prefill: one token left is a decoder's only once it has sampled one.
+    #[test]
+    fn one_prompt_token_left_is_prefill() {
+        let mut s = sched(4, 40, 20);
+        s.add(1, &toks(1, 41), 100).unwrap();
+        let state = |s: &Scheduler| s.view().0[0].state;
+        assert_eq!(lens(&s.schedule()), vec![(1, 40)]);
+        assert_eq!(state(&s), SeqState::Prefill);
+        assert_eq!(lens(&s.schedule()), vec![(1, 1)]);
+        assert_eq!(state(&s), SeqState::Decode);
+        s.append_token(1, 0);
+        assert_eq!(state(&s), SeqState::Decode);
     }
 
     /// With a context cost, a new turn after a long history is prefilled in smaller
