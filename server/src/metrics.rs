@@ -129,7 +129,7 @@ impl Metrics {
         let request_duration = histogram(
             registry,
             "request_duration_seconds",
-            "From arrival to the last token",
+            "From arrival to the end: the last token, an error, or the client leaving",
             0.01,
         );
         let batch_tokens = histogram(registry, "batch_tokens", "Tokens in one forward step", 1.0);
@@ -188,7 +188,7 @@ impl Metrics {
             between,
             inter_token.clone(),
         );
-        let e2e = "From arrival to the last token";
+        let e2e = "From arrival to the end: the last token, an error, or the client leaving";
         alias(
             vllm,
             "e2e_request_latency_seconds",

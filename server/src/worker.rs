@@ -332,7 +332,15 @@ impl Worker {
         }
     }
 
+    /// Frees an ended sequence, however it ended (finished, failed, cancelled, timed out,
+    /// refused at shutdown): each counts in the request-duration histogram, so a client
+    /// that gives up on a slow answer is seen there too. Each choice counts once, those
+    /// it had yet to fork included.
     fn retire(&mut self, id: SeqId, seq: &Seq) {
+        let took = seq.arrived.elapsed().as_secs_f64();
+        for _ in 0..=seq.unforked {
+            self.metrics.request_duration.observe(took);
+        }
         if !seq.started {
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
         }
@@ -776,9 +784,6 @@ impl Worker {
         }
         let cached = self.scheduler.cached_tokens(id);
         let usage = Usage::new(seq.prompt_len, seq.generated, cached);
-        self.metrics
-            .request_duration
-            .observe(seq.arrived.elapsed().as_secs_f64());
         let _ = seq.events.send(Event::Done {
             index: seq.index,
             finish,

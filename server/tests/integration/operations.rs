@@ -453,6 +453,13 @@ async fn a_batch_whose_client_leaves_leaves_nothing_running() {
         .find_map(|l| l.strip_prefix(left))
         .and_then(|v| v.parse::<f64>().ok());
     assert!(counted >= Some(1.0), "no {left} in:\n{text}");
+    // Every sequence left behind (8 prompts, 2 choices, twice) counts in the
+    // request-duration histogram, as a finished one does.
+    let ended = text
+        .lines()
+        .find_map(|l| l.strip_prefix("chorus_request_duration_seconds_count "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(ended, Some(32.0), "{text}");
     assert_serves(&url).await;
 }
 
