@@ -191,6 +191,11 @@ pub struct Config {
     #[arg(long, env = "CHORUS_BODY_TIMEOUT", default_value_t = 30, value_parser = seconds_from(1))]
     pub body_timeout: u64,
 
+    /// Seconds a response may wait for its client to take any of its bytes (a client that
+    /// stopped reading) before the connection is closed and its generation stopped.
+    #[arg(long, env = "CHORUS_SEND_TIMEOUT", default_value_t = 60, value_parser = seconds_from(1))]
+    pub send_timeout: u64,
+
     /// Most client connections open at once; one more is answered 503 and closed.
     #[arg(long, env = "CHORUS_MAX_CONNECTIONS", default_value_t = 2048, value_parser = count(1))]
     pub max_connections: usize,

@@ -462,6 +462,7 @@ pub async fn run(
     };
     let limits = serve::ConnLimits {
         idle: std::time::Duration::from_secs(config.idle_timeout),
+        send: std::time::Duration::from_secs(config.send_timeout),
         max_connections: serve::fit_open_files(config.max_connections.max(1)),
         // The grace period is over when accepting stops (streams still running get an
         // error event then); a connection still open a few seconds later (a client not

@@ -4,7 +4,10 @@
 //! written for `--idle-timeout`; idle connections are closed, whether the client never
 //! sent a byte, trickles its headers, or keeps an unused keep-alive connection open.
 //! A request that takes long to answer is never cut by it; a request body that takes
-//! long to arrive is (`--body-timeout`, in [`crate::routes::JsonBody`]).
+//! long to arrive is (`--body-timeout`, in [`crate::routes::JsonBody`]), and so is a
+//! response its client stops reading: once the socket takes none of its bytes for
+//! `--send-timeout` (nginx's `send_timeout`), the connection is closed, which drops the
+//! response and so stops its generation and frees what was waiting to be sent.
 //!
 //! At most `--max-connections` connections are served at once: one more is answered 503
 //! and closed at once, unless its request is a probe (`GET` or `HEAD` of `/health`,
@@ -38,6 +41,8 @@ use tower::ServiceExt;
 pub struct ConnLimits {
     /// `--idle-timeout`.
     pub idle: Duration,
+    /// `--send-timeout`.
+    pub send: Duration,
     /// `--max-connections`.
     pub max_connections: usize,
     /// After shutdown: how long open connections may take to finish.
@@ -85,6 +90,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let idle_timeout = limits.idle;
+    let send_timeout = limits.send;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     // HTTP/1.1 only: the header and idle timeouts are HTTP/1's (an h2 connection
     // trickling a HEADERS frame or pinging escaped both and held a slot for ever).
@@ -112,7 +118,7 @@ pub async fn serve(
                     continue;
                 };
                 let requests = Arc::new(AtomicUsize::new(0));
-                let io = IdleIo::new(stream, requests.clone(), idle_timeout);
+                let io = TimedIo::new(stream, requests.clone(), idle_timeout, send_timeout);
                 let app = app.clone();
                 let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                     let guard = InFlight::new(requests.clone());
@@ -338,21 +344,28 @@ impl http_body::Body for Guarded {
     }
 }
 
-/// The connection's socket, failing reads once the connection has been idle too long.
-struct IdleIo {
+/// The connection's socket, failing reads once the connection has been idle too long,
+/// and writes once the client has taken none of the response for the send timeout.
+struct TimedIo {
     inner: TcpStream,
     requests: Arc<AtomicUsize>,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    send: Duration,
+    /// Armed when a write finds the socket full (the client is not reading), disarmed by
+    /// the next write that goes through.
+    stalled: Option<Pin<Box<Sleep>>>,
 }
 
-impl IdleIo {
-    fn new(inner: TcpStream, requests: Arc<AtomicUsize>, idle: Duration) -> Self {
+impl TimedIo {
+    fn new(inner: TcpStream, requests: Arc<AtomicUsize>, idle: Duration, send: Duration) -> Self {
         Self {
             inner,
             requests,
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
+            send,
+            stalled: None,
         }
     }
 
@@ -360,9 +373,43 @@ impl IdleIo {
         let at = Instant::now() + self.idle;
         self.deadline.as_mut().reset(at);
     }
+
+    /// A write's outcome under the send timeout: bytes taken reset both clocks; a write
+    /// the socket cannot take starts the send clock (its timer wakes the connection), and
+    /// fails the write once it has run out.
+    fn watch_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match result {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.touch();
+                self.stalled = None;
+            }
+            Poll::Pending => {
+                let send = self.send;
+                let stalled = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(send)));
+                if stalled.as_mut().poll(cx).is_ready() {
+                    tracing::info!(
+                        send_timeout_s = send.as_secs(),
+                        "client took none of its response for --send-timeout; closing"
+                    );
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client took none of the response for --send-timeout",
+                    )));
+                }
+            }
+            Poll::Ready(_) => {}
+        }
+        result
+    }
 }
 
-impl AsyncRead for IdleIo {
+impl AsyncRead for TimedIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -393,7 +440,7 @@ impl AsyncRead for IdleIo {
     }
 }
 
-impl AsyncWrite for IdleIo {
+impl AsyncWrite for TimedIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -401,10 +448,7 @@ impl AsyncWrite for IdleIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write(cx, data);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
-        }
-        result
+        this.watch_write(cx, result)
     }
 
     fn poll_write_vectored(
@@ -414,10 +458,7 @@ impl AsyncWrite for IdleIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
-        }
-        result
+        this.watch_write(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {

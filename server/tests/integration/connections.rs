@@ -64,6 +64,88 @@ async fn a_withheld_body_is_cut_by_the_body_timeout() {
     assert!(took < Duration::from_secs(10), "closed after {took:?}");
 }
 
+/// A client that stops reading its stream but keeps the connection open is cut after
+/// `--send-timeout`: its generation stops and its slot is freed. Before, it ran on to
+/// `max_tokens`, every event kept for a reader that never came.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_by_the_send_timeout() {
+    let _turn = common::alone().await;
+    let url = start(config(&["--send-timeout", "2"]));
+    wait_ready(&url).await;
+    let addr = addr(&url);
+    // Large events (eight choices, twenty alternatives a token) fill the socket's
+    // buffers (megabytes on Linux) soon.
+    let (n, max_tokens) = (8, 2000);
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": "Count to a million."}],
+        "stream": true, "max_tokens": max_tokens, "ignore_eos": true, "n": n,
+        "logprobs": true, "top_logprobs": 20,
+    })
+    .to_string();
+    // A small receive window, so that the sender's buffers stay small too and fill soon.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("receive buffer");
+    let s = socket
+        .connect(addr.parse().expect("address"))
+        .await
+        .expect("connect");
+    let mut s = s.into_std().expect("std stream");
+    s.set_nonblocking(false).expect("blocking");
+    let mut held = tokio::task::spawn_blocking(move || {
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).expect("headers");
+        s.write_all(body.as_bytes()).expect("body");
+        let mut first = [0u8; 12];
+        s.read_exact(&mut first).expect("the answer starts");
+        assert_eq!(&first, b"HTTP/1.1 200");
+        s
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    loop {
+        let h = common::health(&url).await;
+        if h["running"] == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "still running {:?} after the client stopped reading: {h}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = metrics(&url).await;
+    let generated: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("chorus_generation_tokens_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the generated-tokens counter");
+    assert!(
+        generated < f64::from(n * max_tokens / 2),
+        "{generated} tokens generated for a client that stopped reading"
+    );
+    // The connection was closed: what was sent can still be read, then the end.
+    tokio::task::spawn_blocking(move || {
+        held.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let read = held.read_to_end(&mut rest);
+        let still_open = read.as_ref().is_err_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )
+        });
+        assert!(!still_open, "the connection is still open: {read:?}");
+    })
+    .await
+    .unwrap();
+}
+
 /// The server speaks HTTP/1.1 only: an HTTP/2 preface (h2c with prior knowledge) is
 /// closed at once. Before the fix it was served as h2, where neither the header nor the
 /// idle timeout applies, so a few clients trickling a HEADERS frame held every slot.
