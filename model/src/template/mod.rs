@@ -20,8 +20,9 @@ const TEMPLATE_NAME: &str = "chat";
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 /// Gemma's turn format: roles `user` and `model`, system text folded into the next user
-/// turn.
-const GEMMA: &str = "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = ns.system + m['content'] + '\\n\\n' %}{% else %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + ns.system + (m['content'] | trim) + '<end_of_turn>\\n' }}{% set ns.system = '' %}{% endif %}{% endfor %}{% if ns.system %}{{ '<start_of_turn>user\\n' + ns.system | trim + '<end_of_turn>\\n' }}{% endif %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}";
+/// turn, or a user turn of its own where a model turn (or none) follows it: never words
+/// the model is shown to have said.
+const GEMMA: &str = "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = ns.system + m['content'] + '\\n\\n' %}{% else %}{% if ns.system and m['role'] != 'user' %}{{ '<start_of_turn>user\\n' + ns.system | trim + '<end_of_turn>\\n' }}{% set ns.system = '' %}{% endif %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + ns.system + (m['content'] | trim) + '<end_of_turn>\\n' }}{% set ns.system = '' %}{% endif %}{% endfor %}{% if ns.system %}{{ '<start_of_turn>user\\n' + ns.system | trim + '<end_of_turn>\\n' }}{% endif %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}";
 
 /// The template to use when a model file carries none.
 pub fn fallback_template(arch: Arch) -> &'static str {
@@ -251,8 +252,9 @@ mod tests {
         );
     }
 
-    /// Gemma's turns have no system role: system text opens the next turn, and system
-    /// text with no turn after it is a user turn of its own (it was dropped).
+    /// Gemma's turns have no system role: system text opens the next user turn, and
+    /// system text with no user turn next is a user turn of its own (with no turn after
+    /// it, it was dropped; before a model turn, it was shown as the model's words).
     #[test]
     fn gemma_keeps_system_text_wherever_it_is() {
         let t = ChatTemplate::new(GEMMA.into(), "<bos>", "<eos>").expect("template");
@@ -270,6 +272,24 @@ mod tests {
             rendered,
             "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n\
              <start_of_turn>user\nAnswer in French.<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let rendered = t
+            .render(
+                &[
+                    ChatMessage::new("user", "Hi"),
+                    ChatMessage::new("system", "Be brief."),
+                    ChatMessage::new("assistant", "Hello"),
+                    ChatMessage::new("user", "Bye"),
+                ],
+                true,
+            )
+            .expect("render");
+        assert_eq!(
+            rendered,
+            "<bos><start_of_turn>user\nHi<end_of_turn>\n\
+             <start_of_turn>user\nBe brief.<end_of_turn>\n\
+             <start_of_turn>model\nHello<end_of_turn>\n\
+             <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
         );
     }
 
