@@ -59,9 +59,12 @@ pub fn given(field: &Option<Value>) -> bool {
 }
 
 /// Chat fields asking for what this server does not do: audio, web search, reasoning,
-/// and the deprecated `functions`/`function_call` (superseded by `tools`).
+/// the deprecated `functions`/`function_call` (superseded by `tools`), and vLLM's chat
+/// `echo` (the last message repeated before the answer).
 #[derive(Debug, Default, Deserialize)]
 pub struct UnsupportedChatFields {
+    #[serde(default)]
+    pub echo: Option<Value>,
     #[serde(default)]
     pub modalities: Option<Value>,
     #[serde(default)]

@@ -190,6 +190,12 @@ fn refuse_unsupported(f: &UnsupportedChatFields, thinking: bool) -> Result<(), A
             ),
         ));
     }
+    if given(&f.echo) && f.echo != Some(json!(false)) {
+        return Err(ApiError::bad(
+            "echo",
+            "`echo` is not supported in chat (a completions field): the answer is the new text alone, with `continue_final_message` the continuation; prepend the last message to it yourself",
+        ));
+    }
     for (field, value) in [
         ("functions", &f.functions),
         ("function_call", &f.function_call),
