@@ -98,6 +98,11 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
                         Ok(match (role.as_str(), text) {
                             ("assistant", Part::InputText { text }) => Part::output_text(text),
                             ("assistant", part) => part,
+                            (_, Part::Refusal { .. }) => {
+                                return Err(bad(format!(
+                                    "`input[{i}].content[{j}]`: only assistant messages carry a refusal"
+                                )))
+                            }
                             (_, part) => Part::InputText {
                                 text: part.text().to_string(),
                             },
@@ -298,15 +303,17 @@ pub fn check_items(history: &[Item], previous: &[Item], items: &[Item]) -> Resul
     Ok(())
 }
 
-/// A text content part (`input_text`, `output_text` or `text`).
+/// A text content part (`input_text`, `output_text` or `text`), or an assistant's
+/// `refusal` (what it said, as chat reads one).
 fn text_part(at: &str, p: &Value) -> Result<Part, ApiError> {
     let kind = p.get("type").and_then(Value::as_str);
-    let text = p.get("text").and_then(Value::as_str).map(str::to_string);
-    match (kind, text) {
-        (Some("input_text" | "text"), Some(text)) => Ok(Part::InputText { text }),
-        (Some("output_text"), Some(text)) => Ok(Part::output_text(text)),
-        (kind, _) => Err(bad(format!(
-            "`{at}`: only text parts (\"input_text\", \"output_text\") with a `text` field are supported, got type {}",
+    let field = |name: &str| p.get(name).and_then(Value::as_str).map(str::to_string);
+    match (kind, field("text"), field("refusal")) {
+        (Some("input_text" | "text"), Some(text), _) => Ok(Part::InputText { text }),
+        (Some("output_text"), Some(text), _) => Ok(Part::output_text(text)),
+        (Some("refusal"), _, Some(refusal)) => Ok(Part::Refusal { refusal }),
+        (kind, _, _) => Err(bad(format!(
+            "`{at}`: only text parts (\"input_text\", \"output_text\") with a `text` field, or an assistant's \"refusal\", are supported, got type {}",
             kind.map_or_else(|| "nothing".to_string(), |k| format!("{k:?}"))
         ))),
     }
@@ -472,6 +479,26 @@ mod tests {
         assert!(
             matches!(&wire[0].content, Some(MessageContent::Text(t)) if t == "Repeat exactly:\napple")
         );
+    }
+
+    /// An assistant's refusal in a history sent back (as OpenAI returned it) is what it
+    /// said, kept as a refusal part; another role's is refused where it was written.
+    #[test]
+    fn an_assistants_refusal_is_what_it_said() {
+        let items = read(Some(json!([
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+            {"role": "user", "content": "Why?"},
+        ])))
+        .unwrap();
+        assert!(matches!(&items[0], Item::Message { content, .. }
+            if content == &[Part::Refusal { refusal: "I can't.".into() }]));
+        let wire = messages(None, &items);
+        assert!(matches!(&wire[0].content, Some(MessageContent::Text(t)) if t == "I can't."));
+        let e = read(Some(json!([
+            {"role": "user", "content": [{"type": "refusal", "refusal": "no"}]},
+        ])))
+        .unwrap_err();
+        assert!(e.to_string().contains("`input[0].content[0]`"), "{e}");
     }
 
     #[test]

@@ -114,12 +114,17 @@ pub enum Part {
         annotations: Vec<Value>,
         logprobs: Vec<Value>,
     },
+    /// An assistant's refusal, as OpenAI returns it (in a history sent back).
+    Refusal {
+        refusal: String,
+    },
 }
 
 impl Part {
     pub fn text(&self) -> &str {
         match self {
             Part::InputText { text } | Part::OutputText { text, .. } => text,
+            Part::Refusal { refusal } => refusal,
         }
     }
 
