@@ -39,6 +39,8 @@ def test_text_response_and_its_usage(client):
                                 temperature=0)
     assert r.id.startswith("resp_") and r.object == "response"
     assert r.status in ("completed", "incomplete")
+    if r.status == "completed":
+        assert r.created_at <= r.completed_at <= r.created_at + 120
     assert r.output[0].type == "message" and r.output[0].role == "assistant"
     assert r.output[0].content[0].type == "output_text"
     assert r.output_text.strip()
@@ -93,6 +95,8 @@ def test_cut_short_is_incomplete(client):
     assert r.status == "incomplete"
     assert r.incomplete_details.reason == "max_output_tokens"
     assert r.usage.output_tokens == 3
+    # Only a completed response says when it completed.
+    assert r.completed_at is None
 
 
 def test_structured_output_follows_the_schema(client):
@@ -108,6 +112,7 @@ def test_structured_output_follows_the_schema(client):
         text={"format": {"type": "json_schema", "name": "person", "schema": schema,
                          "strict": True}})
     assert r.status == "completed", r
+    assert r.created_at <= r.completed_at <= r.created_at + 120
     jsonschema.validate(json.loads(r.output_text), schema)
     assert r.text.format.type == "json_schema"
 

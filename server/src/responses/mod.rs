@@ -140,6 +140,7 @@ pub fn prepare(
         id: wire::new_id("resp"),
         object: "response".into(),
         created_at: crate::openai::unix_now(),
+        completed_at: None,
         status: "in_progress".into(),
         error: None,
         incomplete_details: None,
@@ -494,6 +495,7 @@ pub fn finish(
         .count();
     metrics.tool_calls.inc_by(calls as u64);
     response.status = if cut { "incomplete" } else { "completed" }.into();
+    response.completed_at = (!cut).then(crate::openai::unix_now);
     response.incomplete_details = cut.then(|| IncompleteDetails {
         reason: "max_output_tokens".into(),
     });

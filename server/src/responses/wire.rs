@@ -173,6 +173,10 @@ pub struct ResponseObject {
     pub id: String,
     pub object: String,
     pub created_at: u64,
+    /// When it completed (Unix seconds); `null` until then, and for one that ended
+    /// otherwise. Absent in responses stored before it.
+    #[serde(default)]
+    pub completed_at: Option<u64>,
     /// `in_progress`, `completed`, `incomplete` or `failed`.
     pub status: String,
     pub error: Option<ResponseError>,
