@@ -1123,10 +1123,15 @@ fn generation(
         None => 0,
         Some(m) if m >= 0 && m as u64 <= max_tokens as u64 => m as usize,
         Some(m) => {
+            // The bound as the client knows it: its own field, or the room it was cut to.
+            let bound = match requested {
+                Some((field, n)) if n as u64 == max_tokens as u64 => format!("`{field}` {n}"),
+                _ => format!("{max_tokens}, the context left after the prompt"),
+            };
             return Err(ApiError::bad(
                 "min_tokens",
-                format!("`min_tokens` must be in [0, max_tokens = {max_tokens}], got {m}"),
-            ))
+                format!("`min_tokens` must be in [0, {bound}], got {m}"),
+            ));
         }
     };
     let stop = match &s.stop {

@@ -330,6 +330,36 @@ async fn null_and_unknown_fields_are_tolerated() {
     assert_eq!(v["choices"][0]["finish_reason"], "length");
 }
 
+/// A `min_tokens` over its bound says which bound: the client's own `max_tokens`, or
+/// the context left when it set none (it named a `max_tokens` the client never sent).
+#[tokio::test]
+async fn min_tokens_over_its_bound_names_the_bound() {
+    let _turn = common::together().await;
+    let url = base().await;
+    let cases = [
+        (json!({"max_tokens": 5, "min_tokens": 9}), "`max_tokens` 5"),
+        (
+            json!({"max_completion_tokens": 5, "min_tokens": 9}),
+            "`max_completion_tokens` 5",
+        ),
+        (
+            json!({"min_tokens": 1_000_000}),
+            "the context left after the prompt",
+        ),
+        (
+            json!({"max_tokens": 1_000_000, "min_tokens": 1_000_000}),
+            "the context left after the prompt",
+        ),
+    ];
+    for (fields, bound) in cases {
+        let (status, v) = post(&url, "/v1/chat/completions", &chat("Hi", fields)).await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["param"], "min_tokens", "{v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(bound), "{message}");
+    }
+}
+
 #[tokio::test]
 async fn fields_asking_for_what_is_not_served_are_refused_by_name() {
     let _turn = common::together().await;
