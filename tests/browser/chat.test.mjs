@@ -34,6 +34,20 @@ function nextChatBody(page) {
   });
 }
 
+/** The raw body text of the next chat request `page` sends (JSON.parse would round
+ *  its large integers). */
+function nextChatText(page) {
+  return new Promise((resolve) => {
+    const seen = (req) => {
+      if (req.method() === "POST" && req.url().endsWith("/v1/chat/completions")) {
+        page.off("request", seen);
+        resolve(req.postData());
+      }
+    };
+    page.on("request", seen);
+  });
+}
+
 /** Waits until the last answer on `page` has its stats line. */
 async function answered(page) {
   await page.waitForFunction(
@@ -91,6 +105,32 @@ try {
     assert.match(stats, /\d+ tokens · TTFT \d+ ms · [\d.]+ tok\/s · finish: (stop|length)/);
     assert.ok(seen.size >= 2, `text arrived in ${seen.size} update(s)`);
     assert.equal(await page.isEnabled("#send"), true);
+  });
+
+  await step("a seed past 2^53 is sent as typed, and the largest one is served", async () => {
+    await setField(page, "set-max-tokens", 4);
+    for (const seed of ["9007199254740993", "9223372036854775807"]) {
+      await setField(page, "set-seed", seed);
+      await page.fill("#input", "Hi");
+      const sent = nextChatText(page);
+      await page.press("#input", "Enter");
+      assert.ok((await sent).includes(`"seed":${seed}}`), await sent);
+      await answered(page);
+      assert.match(await lastStats(page).textContent(), /finish: (stop|length)/);
+    }
+    await setField(page, "set-seed", "");
+  });
+
+  await step("a stream closed without [DONE] is marked interrupted", async () => {
+    const cut = 'data: {"id":"c","object":"chat.completion.chunk","created":0,"model":"m","choices":[{"index":0,"delta":{"content":"Half an"},"finish_reason":null}]}\n\n';
+    await page.route("**/v1/chat/completions", (route) =>
+      route.fulfill({ status: 200, contentType: "text/event-stream", body: cut }));
+    await page.fill("#input", "Hi");
+    await page.press("#input", "Enter");
+    await answered(page);
+    assert.equal(await lastAnswer(page).textContent(), "Half an");
+    assert.match(await lastStats(page).textContent(), /finish: interrupted/);
+    await page.unroute("**/v1/chat/completions");
   });
 
   await step("Stop ends a long answer and the server frees the sequence", async () => {
