@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
-use super::wire::{new_id, Item, Part};
+use super::wire::{new_id, Item, Part, ReasoningText};
 use crate::error::ApiError;
 use crate::openai::{MessageContent, WireCalledFunction, WireMessage, WireToolCall};
 use crate::tools::{Broken, Ledger};
@@ -171,14 +171,15 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
         // A thinking model's reasoning, sent back as it came: the template shows it
         // where it keeps reasoning (in the assistant turn that follows).
         Some("reasoning") => {
-            let texts = |key: &str| -> Result<Vec<String>, ApiError> {
+            // Each part as sent, once it is known to carry its text.
+            let parts = |key: &str| -> Result<Vec<Value>, ApiError> {
                 match map.get(key) {
                     None | Some(Value::Null) => Ok(Vec::new()),
                     Some(Value::Array(parts)) => parts
                         .iter()
                         .enumerate()
                         .map(|(j, p)| match p.get("text").and_then(Value::as_str) {
-                            Some(text) => Ok(text.to_string()),
+                            Some(_) => Ok(p.clone()),
                             None => Err(bad(format!(
                                 "`input[{i}].{key}[{j}]` must be a part with a `text` field"
                             ))),
@@ -187,14 +188,18 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
                     Some(_) => Err(bad(format!("`input[{i}].{key}` must be a list of parts"))),
                 }
             };
-            let summary = texts("summary")?;
-            let content = texts("content")?;
-            // The reasoning itself, else its summary (what other servers return).
-            let text = match content.is_empty() {
-                true => summary.join("\n"),
-                false => content.join("\n"),
-            };
-            Ok(Item::reasoning(id("rs"), text))
+            let summary = parts("summary")?;
+            let content = parts("content")?
+                .iter()
+                .map(|p| ReasoningText {
+                    text: p["text"].as_str().unwrap_or_default().to_string(),
+                })
+                .collect();
+            Ok(Item::Reasoning {
+                id: id("rs"),
+                summary,
+                content,
+            })
         }
         Some(other) => Err(bad(format!(
             "`input[{i}]` has type {other:?}; this server takes \"message\", \"function_call\", \"function_call_output\" and \"reasoning\" items"
@@ -346,8 +351,14 @@ pub fn messages<'a>(
             });
         }
         match item {
-            Item::Reasoning { content, .. } => {
-                let text: Vec<&str> = content.iter().map(|p| p.text.as_str()).collect();
+            Item::Reasoning {
+                summary, content, ..
+            } => {
+                // The reasoning itself, else its summary (what other servers return).
+                let text: Vec<&str> = match content.is_empty() {
+                    false => content.iter().map(|p| p.text.as_str()).collect(),
+                    true => summary.iter().filter_map(|p| p["text"].as_str()).collect(),
+                };
                 reasoning = Some(text.join("\n"));
                 continue;
             }
@@ -556,6 +567,30 @@ mod tests {
             ]
         );
         assert!(matches!(&wire[5].content, Some(MessageContent::Text(t)) if t.is_empty()));
+    }
+
+    /// A reasoning item is listed back as it was sent (its summary parts too), and the
+    /// template gets its reasoning, else its summary.
+    #[test]
+    fn reasoning_is_kept_as_sent_and_read_from_its_summary_without_content() {
+        let summary = json!([{"type": "summary_text", "text": "think"}, {"type": "summary_text", "text": "more"}]);
+        let items = read(Some(json!([
+            {"type": "reasoning", "id": "rs_1", "summary": summary.clone()},
+            {"role": "assistant", "content": "ok"},
+            {"type": "reasoning", "id": "rs_2", "summary": summary.clone(),
+             "content": [{"type": "reasoning_text", "text": "whole"}]},
+            {"role": "assistant", "content": "fine"},
+        ])))
+        .unwrap();
+        let listed = serde_json::to_value(&items[0]).unwrap();
+        assert_eq!(listed["summary"], summary, "{listed}");
+        assert_eq!(listed["content"], json!([]), "{listed}");
+        let wire = messages(None, &items);
+        let reasoning: Vec<Option<&str>> = wire
+            .iter()
+            .map(|m| m.reasoning_content.as_deref())
+            .collect();
+        assert_eq!(reasoning, [Some("think\nmore"), Some("whole")]);
     }
 
     #[test]

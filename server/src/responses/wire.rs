@@ -90,7 +90,8 @@ pub enum Item {
     /// A thinking model's reasoning, before the answer it led to.
     Reasoning {
         id: String,
-        /// Always empty: the reasoning is given whole in `content`, not summarized.
+        /// The summary parts (`summary_text`) as a client sent them; empty in the
+        /// reasoning this server writes, which gives it whole in `content`.
         summary: Vec<Value>,
         content: Vec<ReasoningText>,
     },
