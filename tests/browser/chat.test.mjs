@@ -22,16 +22,8 @@ async function health() {
 }
 
 /** The body of the next chat request `page` sends. */
-function nextChatBody(page) {
-  return new Promise((resolve) => {
-    const seen = (req) => {
-      if (req.method() === "POST" && req.url().endsWith("/v1/chat/completions")) {
-        page.off("request", seen);
-        resolve(JSON.parse(req.postData()));
-      }
-    };
-    page.on("request", seen);
-  });
+async function nextChatBody(page) {
+  return JSON.parse(await nextChatText(page));
 }
 
 /** The raw body text of the next chat request `page` sends (JSON.parse would round

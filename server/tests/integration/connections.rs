@@ -16,14 +16,19 @@ fn addr(url: &str) -> String {
     url.trim_start_matches("http://").to_string()
 }
 
+/// The head of a chat POST to `addr` whose body is `length` bytes.
+fn chat_head(addr: &str, length: usize) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+}
+
 /// Sends a POST whose headers promise `declared` body bytes and then only `sent` of
 /// them; returns the stream, still open on our side.
 fn withhold_body(addr: &str, declared: usize, sent: usize) -> TcpStream {
     let mut s = TcpStream::connect(addr).expect("connect");
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
-    );
-    s.write_all(head.as_bytes()).expect("headers");
+    s.write_all(chat_head(addr, declared).as_bytes())
+        .expect("headers");
     s.write_all(&vec![b' '; sent]).expect("some body");
     s
 }
@@ -92,11 +97,8 @@ async fn a_client_that_stops_reading_is_cut_by_the_send_timeout() {
     let mut s = s.into_std().expect("std stream");
     s.set_nonblocking(false).expect("blocking");
     let mut held = tokio::task::spawn_blocking(move || {
-        let head = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).expect("headers");
+        s.write_all(chat_head(&addr, body.len()).as_bytes())
+            .expect("headers");
         s.write_all(body.as_bytes()).expect("body");
         let mut first = [0u8; 12];
         s.read_exact(&mut first).expect("the answer starts");
