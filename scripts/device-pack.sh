@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepares .device/ (ignored by git) for scripts/device-check.sh on a GPU machine, which
 # has no Rust and no network: the CUDA build of chorus, the CUDA build of the device
-# tests, chorus-bench, the Python `gguf` package and a small GGUF whose tokenizer the
-# 1B-shape random model reuses. Everything travels compressed; the device tool carries
+# tests and of chorus-model's unit tests, chorus-bench, the Python `gguf` package and a
+# small GGUF whose tokenizer the 1B-shape random model reuses. Everything travels compressed; the device tool carries
 # at most 64 MiB. Then, with the device tool: run `bash scripts/device-check.sh` with
 # carry [".device"].
 #
@@ -23,20 +23,28 @@ else
 fi
 export CARGO_TARGET_DIR=$target
 rm -rf .device && mkdir -p .device/py
-echo "device-pack: building chorus and the device tests ${features[*]}" >&2
-# One invocation for both, so that cargo unifies features once and candle's CUDA kernels
-# compile once per target dir.
-tests=$(cargo build --release "${features[@]}" -p chorus-server -p chorus-model --bin chorus \
-  --test device --message-format=json | python3 -c '
+echo "device-pack: building chorus and the tests ${features[*]}" >&2
+# The artifacts' paths: the test binaries' names carry a hash.
+executable() {
+  python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "device" and m.get("executable"):
-        print(m["executable"])')
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$1"
+}
+# One invocation for chorus and the device tests, so that cargo unifies features once and
+# candle's CUDA kernels compile once per target dir; then chorus-model's unit tests (a
+# kernel's GPU test is one of them), which reuse them.
+device_tests=$(cargo build --release "${features[@]}" -p chorus-server -p chorus-model --bin chorus \
+  --test device --message-format=json | executable device)
+unit_tests=$(cargo test --no-run --release "${features[@]}" -p chorus-model --lib \
+  --message-format=json | executable chorus_model)
 cargo build --release -p chorus-bench
 pack() { strip -o ".device/$2" "$1" && gzip -f ".device/$2"; }
 pack "$target/release/chorus" chorus
-pack "$tests" device-tests
+pack "$device_tests" device-tests
+pack "$unit_tests" unit-tests
 pack "$target/release/chorus-bench" chorus-bench
 # The gguf package is pure Python; numpy, pyyaml and tqdm are in the GPU machine's image.
 [ -x .venv/bin/python ] || { python3 -m venv .venv && .venv/bin/pip install --quiet gguf==0.19.0 numpy; }

@@ -394,10 +394,10 @@ mod tests {
         )
         .unwrap();
         let slots = blocks * BLOCK_SIZE;
-        let ids: Vec<u32> = (0..slots as u32)
-            .flat_map(|s| std::iter::repeat_n(s, kv_dim))
-            .collect();
-        let ids = Tensor::from_vec(ids, (slots, kv_dim), &dev).unwrap();
+        let ids = Tensor::arange(0, slots as u32, &dev)
+            .unwrap()
+            .reshape((slots, 1))
+            .unwrap();
         let random = || Tensor::randn(0f32, 1., (slots, kv_dim), &dev).unwrap();
         kv.write(0, &ids, &random(), &random()).unwrap();
         let tables: [&[u32]; 3] = [&[0, 1, 2], &[3, 4], &[5]];

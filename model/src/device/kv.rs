@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::kv_write::{KvWrite, KvWriteKernel};
 use crate::attention::RowSpan;
 use crate::error::{ModelError, Result};
 use crate::kv::{KvShape, BLOCK_SIZE};
@@ -15,6 +16,9 @@ pub(crate) struct DeviceKv {
     num_blocks: usize,
     /// `(keys, values)` of each layer.
     layers: Vec<(Tensor, Tensor)>,
+    /// Our write kernel on a CUDA device; `None` on the CPU (the op's reference writes)
+    /// and on a GPU whose NVRTC or driver refused it (candle's `scatter_set` writes).
+    kernel: Option<KvWriteKernel>,
 }
 
 impl DeviceKv {
@@ -40,7 +44,11 @@ impl DeviceKv {
                 ))
             })
             .collect::<Result<_>>()?;
-        Ok(Self { num_blocks, layers })
+        Ok(Self {
+            num_blocks,
+            layers,
+            kernel: write_kernel(device),
+        })
     }
 
     pub(crate) fn num_blocks(&self) -> usize {
@@ -52,12 +60,25 @@ impl DeviceKv {
         self.num_blocks as u32
     }
 
-    /// Writes `k` and `v` (`[rows, kv_dim]`, f32) into layer `layer` at `slots`
-    /// (`[rows, kv_dim]` u32, each row's slot repeated across the row).
+    /// Writes `k` and `v` (`[rows, kv_dim]`, f32; a row's values side by side, the rows
+    /// any distance apart) into layer `layer` at `slots` (`[rows, 1]` u32).
     pub(crate) fn write(&self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
         let (keys, values) = &self.layers[layer];
-        keys.scatter_set(slots, &k.to_dtype(keys.dtype())?.contiguous()?, 0)?;
-        values.scatter_set(slots, &v.to_dtype(values.dtype())?.contiguous()?, 0)?;
+        let op = KvWrite {
+            kernel: self.kernel.as_ref(),
+        };
+        for (cache, new) in [(keys, k), (values, v)] {
+            if op.kernel.is_some() || cache.device().is_cpu() {
+                let new = match new.stride().last() {
+                    Some(1) => new.to_dtype(DType::F32)?,
+                    _ => new.to_dtype(DType::F32)?.contiguous()?,
+                };
+                cache.inplace_op3(&new, slots, &op)?;
+            } else {
+                let slots = slots.broadcast_as(new.shape())?.contiguous()?;
+                cache.scatter_set(&slots, &new.to_dtype(cache.dtype())?.contiguous()?, 0)?;
+            }
+        }
         Ok(())
     }
 
@@ -89,6 +110,23 @@ impl DeviceKv {
         }
         Ok(())
     }
+}
+
+/// Our KV write kernel, compiled and loaded at start on a CUDA device; if NVRTC or the
+/// driver refuses it, candle's `scatter_set` writes instead and the log says why.
+fn write_kernel(device: &Device) -> Option<KvWriteKernel> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return match KvWriteKernel::compile().and_then(|k| k.load(d).map(|()| k)) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::warn!(error = %e, "no KV write kernel: candle's scatter writes the cache instead");
+                None
+            }
+        };
+    }
+    let _ = device;
+    None
 }
 
 /// The cache slot of position `pos` of a sequence with block table `blocks`.

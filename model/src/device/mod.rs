@@ -9,6 +9,7 @@
 //!
 //! - [`weights`]: projections dense in the compute type or in quantized blocks.
 //! - [`kv`]: the block pool as device memory.
+//! - [`kv_write`]: a step's keys and values into the pool, as one candle op.
 //! - [`calibrate`]: `--device-weights auto`, which weight form each step size uses.
 //! - [`attention`]: a step's attention plan: decoding rows through [`paged`], the rest
 //!   by gathering each sequence's blocks.
@@ -28,6 +29,7 @@ mod calibrate;
 mod cuda;
 mod graphs;
 mod kv;
+mod kv_write;
 mod paged;
 mod weights;
 
@@ -428,7 +430,6 @@ impl DeviceModel {
         let cfg = &self.cfg;
         let (q_dim, kv_dim, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
         let rows = inputs.ids.dim(0)?;
-        let slots = inputs.slots.broadcast_as((rows, kv_dim))?.contiguous()?;
         let mut x = self.embed.index_select(&inputs.ids, 0)?;
         if cfg.embed_scale != 1.0 {
             x = (x * f64::from(cfg.embed_scale))?;
@@ -459,7 +460,7 @@ impl DeviceModel {
             }
             let q = rope.apply(cfg.rope_style, &q, rows, cfg.heads, hd)?;
             let k = rope.apply(cfg.rope_style, &k, rows, cfg.kv_heads, hd)?;
-            self.kv.write(li, &slots, &k, &v)?;
+            self.kv.write(li, &inputs.slots, &k, &v)?;
             let attn = inputs
                 .attention
                 .forward(&q, &self.kv, li, window, self.dtype)?;

@@ -3,6 +3,9 @@
 //! - `paged_attention.cu`: decode attention reading the paged cache in place (the
 //!   [`super::paged`] op's CUDA side). Its tests run the same source on the host through
 //!   `host_emulation.cpp`, so CI checks the kernel's logic without a GPU.
+//! - `kv_write.cu`: writing a step's keys and values into the paged cache (the
+//!   [`super::kv_write`] op's CUDA side); `kv_write` (feature `cuda`) compiles and
+//!   launches it.
 //! - `launch` (feature `cuda`): compiling it and launching it on candle's CUDA device.
 //! - `graph` (feature `cuda`): capturing a step as a CUDA graph and replaying it
 //!   ([`super::graphs`]).
@@ -10,6 +13,8 @@
 
 #[cfg(feature = "cuda")]
 pub(crate) mod graph;
+#[cfg(feature = "cuda")]
+mod kv_write;
 #[cfg(feature = "cuda")]
 mod launch;
 #[cfg(feature = "cuda")]
@@ -20,6 +25,8 @@ mod tests;
 #[cfg(feature = "cuda")]
 pub(crate) use graph::Graph;
 #[cfg(feature = "cuda")]
+pub(crate) use kv_write::KvWriteKernel;
+#[cfg(feature = "cuda")]
 pub(crate) use launch::PagedKernel;
 
 use candle_core::DType;
@@ -29,6 +36,10 @@ use crate::kv::BLOCK_SIZE;
 /// The kernel's source.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the launch's, and the tests'
 pub(crate) const PAGED_ATTENTION: &str = include_str!("paged_attention.cu");
+
+/// The KV write kernels' source.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the launch's, and the tests'
+pub(crate) const KV_WRITE: &str = include_str!("kv_write.cu");
 
 /// Static shared memory a block may use without opting in to more.
 const SHARED_LIMIT: usize = 48 * 1024;

@@ -328,5 +328,91 @@ fn nvrtc_compiles_the_kernel() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let kv_write = super::KvWriteKernel::compile().unwrap_or_else(|e| panic!("{e}"));
+    for entry in ["kv_write_bf16", "kv_write_f16"] {
+        assert!(
+            kv_write.ptx().contains(&format!(".entry {entry}")),
+            "{entry}"
+        );
+    }
+    let ptx = dir.join("kv_write.ptx");
+    std::fs::write(&ptx, kv_write.ptx()).unwrap();
+    let out = Command::new("ptxas")
+        .args(["-arch=sm_90", "-o"])
+        .arg(dir.join("kv_write.cubin"))
+        .arg(&ptx)
+        .output()
+        .expect("ptxas on PATH (scripts/cuda-env.sh)");
+    assert!(
+        out.status.success(),
+        "ptxas rejected the KV write kernel: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// On a GPU (`CHORUS_TEST_CUDA=1`, as `scripts/device-check.sh` runs it): the KV write
+/// kernel writes what the op's reference writes on the CPU, bit for bit, in both cache
+/// types: thousands of rows from a strided view (the values' place in the QKV
+/// projection), rounding ties, infinities and values past f16's range among them, and
+/// the slots no row names left as they were.
+#[cfg(feature = "cuda")]
+#[test]
+fn the_kv_write_kernel_matches_the_reference_on_a_gpu() {
+    use crate::device::kv_write::KvWrite;
+    if !std::env::var("CHORUS_TEST_CUDA").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: CHORUS_TEST_CUDA=1 asks for a GPU");
+        return;
+    }
+    let gpu = Device::new_cuda(0).unwrap();
+    let Device::Cuda(cuda) = &gpu else {
+        unreachable!("new_cuda gives a CUDA device")
+    };
+    let kernel = super::KvWriteKernel::compile().unwrap();
+    kernel.load(cuda).unwrap();
+    let (rows, kv_dim, cache_slots) = (3001, 512, 4096);
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut wide: Vec<f32> = (0..rows * 3 * kv_dim).map(|_| rng.normal()).collect();
+    wide[kv_dim..kv_dim + 5].copy_from_slice(&[
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f81_8000),
+        f32::NEG_INFINITY,
+        1e6,
+        1e-7,
+    ]);
+    // Distinct slots, in no order.
+    let mut slots: Vec<u32> = (0..cache_slots as u32).collect();
+    for i in (1..slots.len()).rev() {
+        slots.swap(i, rng.below(i + 1));
+    }
+    slots.truncate(rows);
+    let before: Vec<f32> = (0..cache_slots * kv_dim).map(|_| rng.normal()).collect();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        t.to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    for dtype in [DType::BF16, DType::F16] {
+        let written = |dev: &Device, kernel| {
+            let wide = Tensor::from_slice(&wide, (rows, 3 * kv_dim), dev).unwrap();
+            let src = wide.narrow(1, kv_dim, kv_dim).unwrap();
+            let ids = Tensor::from_slice(&slots, (rows, 1), dev).unwrap();
+            let cache = Tensor::from_slice(&before, (cache_slots, kv_dim), dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            cache.inplace_op3(&src, &ids, &KvWrite { kernel }).unwrap();
+            bits(&cache)
+        };
+        let reference = written(&Device::Cpu, None);
+        let ours = written(&gpu, Some(&kernel));
+        let differ = reference.iter().zip(&ours).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differ, 0,
+            "{dtype:?}: {differ} values differ from the reference"
+        );
+    }
 }
