@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
-use super::wire::{new_id, Item, Part, ReasoningText};
+use super::wire::{new_id, CallOutput, Item, Part, ReasoningText};
 use crate::error::ApiError;
 use crate::openai::{MessageContent, WireCalledFunction, WireMessage, WireToolCall};
 use crate::tools::{Broken, Ledger};
@@ -145,16 +145,14 @@ fn item(i: usize, v: Value) -> Result<Item, ApiError> {
         }
         Some("function_call_output") => {
             let output = match map.get("output") {
-                Some(Value::String(s)) => s.clone(),
-                // Parts joined by a newline, as a message's are.
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .enumerate()
-                    .map(|(j, p)| {
-                        text_part(&format!("input[{i}].output[{j}]"), p).map(|t| t.text().to_string())
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-                    .join("\n"),
+                Some(Value::String(s)) => CallOutput::Text(s.clone()),
+                Some(Value::Array(parts)) => CallOutput::Parts(
+                    parts
+                        .iter()
+                        .enumerate()
+                        .map(|(j, p)| text_part(&format!("input[{i}].output[{j}]"), p))
+                        .collect::<Result<_, _>>()?,
+                ),
                 _ => {
                     return Err(bad(format!(
                         "`input[{i}].output` must be a string or a list of text parts"
@@ -408,7 +406,7 @@ pub fn messages<'a>(
                 call_id, output, ..
             } => out.push(WireMessage {
                 tool_call_id: Some(call_id.clone()),
-                ..wire_message("tool", output.clone())
+                ..wire_message("tool", output.text())
             }),
         }
     }
@@ -475,6 +473,41 @@ mod tests {
         );
         assert_eq!(wire[5].tool_call_id.as_deref(), Some("c2"));
         assert!(matches!(&wire[5].content, Some(MessageContent::Text(t)) if t == "sun"));
+    }
+
+    /// A function call's output sent as a list of parts is listed back as that list (it
+    /// came back as one string), and the model reads the parts' text a line each; an
+    /// output stored as a string before still reads as one.
+    #[test]
+    fn a_call_output_of_parts_is_kept_as_parts() {
+        let items = read(Some(json!([
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": [
+                {"type": "input_text", "text": "line one"},
+                {"type": "input_text", "text": "line two"},
+            ]},
+        ])))
+        .unwrap();
+        let listed = serde_json::to_value(&items[1]).unwrap();
+        assert_eq!(
+            listed["output"],
+            json!([
+                {"type": "input_text", "text": "line one"},
+                {"type": "input_text", "text": "line two"},
+            ])
+        );
+        let wire = messages(None, &items);
+        assert!(
+            matches!(&wire[1].content, Some(MessageContent::Text(t)) if t == "line one\nline two")
+        );
+        let back: Item = serde_json::from_value(listed).unwrap();
+        assert_eq!(back, items[1]);
+        let stored = json!({"type": "function_call_output", "id": "fco_1", "call_id": "c1",
+                            "output": "rain", "status": "completed"});
+        let stored: Item = serde_json::from_value(stored).unwrap();
+        assert!(
+            matches!(stored, Item::FunctionCallOutput { output: CallOutput::Text(t), .. } if t == "rain")
+        );
     }
 
     /// A message's text parts stay apart, a newline between them, as chat's do (they

@@ -98,13 +98,14 @@ mod tests {
     #![allow(clippy::unwrap_used)] // test code: a failure here is a test failure
 
     use super::*;
+    use crate::responses::wire::CallOutput;
 
     fn items(n: usize) -> Vec<Item> {
         (0..n)
             .map(|i| Item::FunctionCallOutput {
                 id: format!("i{i}"),
                 call_id: format!("c{i}"),
-                output: String::new(),
+                output: CallOutput::Text(String::new()),
                 status: "completed".into(),
             })
             .collect()

@@ -84,7 +84,7 @@ pub enum Item {
     FunctionCallOutput {
         id: String,
         call_id: String,
-        output: String,
+        output: CallOutput,
         status: String,
     },
     /// A thinking model's reasoning, before the answer it led to.
@@ -119,6 +119,26 @@ pub enum Part {
     Refusal {
         refusal: String,
     },
+}
+
+/// A function call's output as the client sent it: text, or a list of text parts, which
+/// `input_items` lists back as a list and the model reads joined by newlines (as a
+/// message's parts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CallOutput {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+impl CallOutput {
+    /// What the model reads.
+    pub fn text(&self) -> String {
+        match self {
+            CallOutput::Text(text) => text.clone(),
+            CallOutput::Parts(parts) => parts.iter().map(Part::text).collect::<Vec<_>>().join("\n"),
+        }
+    }
 }
 
 impl Part {
