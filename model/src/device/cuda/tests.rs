@@ -298,8 +298,8 @@ fn mis_sized_buffers_are_refused() {
     );
 }
 
-/// NVRTC compiles the kernel for every shape, and `ptxas` assembles it for the
-/// H100/H200 (sm_90) as the driver would. No GPU needed: run with NVRTC's `lib` folder
+/// NVRTC compiles the paged kernel for every shape, and the KV write kernels, and
+/// `ptxas` assembles them for the H100/H200 (sm_90) as the driver would. No GPU needed: run with NVRTC's `lib` folder
 /// on `LD_LIBRARY_PATH` and `ptxas` on `PATH`, as `scripts/cuda-env.sh` sets up.
 #[cfg(feature = "cuda")]
 #[test]
@@ -313,42 +313,42 @@ fn nvrtc_compiles_the_kernel() {
             cache,
         };
         let kernel = super::PagedKernel::compile(shape).unwrap_or_else(|e| panic!("{e}"));
-        assert!(kernel.ptx().contains(".entry paged_decode_attention"));
-        let ptx = dir.join("kernel.ptx");
-        std::fs::write(&ptx, kernel.ptx()).unwrap();
-        let out = Command::new("ptxas")
-            .args(["-arch=sm_90", "-o"])
-            .arg(dir.join("kernel.cubin"))
-            .arg(&ptx)
-            .output()
-            .expect("ptxas on PATH (scripts/cuda-env.sh)");
-        assert!(
-            out.status.success(),
-            "ptxas rejected the kernel for {shape:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        assemble(
+            &dir,
+            kernel.ptx(),
+            &["paged_decode_attention"],
+            &format!("{shape:?}"),
         );
     }
     let kv_write = super::KvWriteKernel::compile().unwrap_or_else(|e| panic!("{e}"));
-    for entry in ["kv_write_bf16", "kv_write_f16"] {
-        assert!(
-            kv_write.ptx().contains(&format!(".entry {entry}")),
-            "{entry}"
-        );
+    assemble(
+        &dir,
+        kv_write.ptx(),
+        &["kv_write_bf16", "kv_write_f16"],
+        "the KV write",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Checks that `ptx` holds each of `entries` and that `ptxas` assembles it for sm_90.
+#[cfg(feature = "cuda")]
+fn assemble(dir: &Path, ptx: &str, entries: &[&str], what: &str) {
+    for entry in entries {
+        assert!(ptx.contains(&format!(".entry {entry}")), "{what}: {entry}");
     }
-    let ptx = dir.join("kv_write.ptx");
-    std::fs::write(&ptx, kv_write.ptx()).unwrap();
+    let file = dir.join("kernel.ptx");
+    std::fs::write(&file, ptx).unwrap();
     let out = Command::new("ptxas")
         .args(["-arch=sm_90", "-o"])
-        .arg(dir.join("kv_write.cubin"))
-        .arg(&ptx)
+        .arg(dir.join("kernel.cubin"))
+        .arg(&file)
         .output()
         .expect("ptxas on PATH (scripts/cuda-env.sh)");
     assert!(
         out.status.success(),
-        "ptxas rejected the KV write kernel: {}",
+        "ptxas rejected the kernel for {what}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// On a GPU (`CHORUS_TEST_CUDA=1`, as `scripts/device-check.sh` runs it): the KV write
