@@ -69,9 +69,10 @@ impl DeviceKv {
         };
         for (cache, new) in [(keys, k), (values, v)] {
             if op.kernel.is_some() || cache.device().is_cpu() {
+                let new = new.to_dtype(DType::F32)?;
                 let new = match new.stride().last() {
-                    Some(1) => new.to_dtype(DType::F32)?,
-                    _ => new.to_dtype(DType::F32)?.contiguous()?,
+                    Some(1) => new,
+                    _ => new.contiguous()?,
                 };
                 cache.inplace_op3(&new, slots, &op)?;
             } else {

@@ -361,15 +361,9 @@ pub fn messages<'a>(
                 continue;
             }
             Item::Message { role, content, .. } => {
-                // Parts joined by a newline, as chat's are (as vLLM joins them).
-                let text = content
-                    .iter()
-                    .map(Part::text)
-                    .collect::<Vec<_>>()
-                    .join("\n");
                 out.push(WireMessage {
                     reasoning_content: reasoning.take(),
-                    ..wire_message(role, text)
+                    ..wire_message(role, Part::joined(content))
                 });
             }
             Item::FunctionCall {

@@ -136,12 +136,18 @@ impl CallOutput {
     pub fn text(&self) -> String {
         match self {
             CallOutput::Text(text) => text.clone(),
-            CallOutput::Parts(parts) => parts.iter().map(Part::text).collect::<Vec<_>>().join("\n"),
+            CallOutput::Parts(parts) => Part::joined(parts),
         }
     }
 }
 
 impl Part {
+    /// The parts' text, a newline between them, as chat joins a message's parts (and
+    /// vLLM does).
+    pub fn joined(parts: &[Part]) -> String {
+        parts.iter().map(Part::text).collect::<Vec<_>>().join("\n")
+    }
+
     pub fn text(&self) -> &str {
         match self {
             Part::InputText { text } | Part::OutputText { text, .. } => text,
